@@ -72,7 +72,7 @@ class RawTable:
 
     @property
     def columns(self) -> list[str]:
-        return self.required + self.optional + self.extra_int64 + ([MM_EMB_COLUMN] if self.mm_emb_dim else [])
+        return self.required + self.optional + self.extra_int64 + ([MM_EMB_COLUMN] if self.mm_emb_value_type else [])
 
 
 def table_files(raw_dir: Path, name: str) -> list[Path]:
