@@ -24,9 +24,8 @@ def print_dataset_summary(manifest: dict[str, Any], out_dir: Path) -> None:
     print(f"\nDataset: {out_dir}")
     print(f"{'table':<12} {'rows in':>12} {'rows out':>12} {'quarantined':>12}")
     for name, t in manifest["tables"].items():
-        print(
-            f"{name:<12} {_fmt_int(t['rows_in']):>12} {_fmt_int(t['rows_out']):>12} {_fmt_int(t['rows_quarantined']):>12}"
-        )
+        counts = (_fmt_int(t[k]) for k in ("rows_in", "rows_out", "rows_quarantined"))
+        print(f"{name:<12} " + " ".join(f"{c:>12}" for c in counts))
         for reason, n in t["quarantine_reasons"].items():
             print(f"{'':<12}   - {reason}: {n:,}")
     print("vocab sizes (incl. padding + OOV): " + ", ".join(f"{k}={v:,}" for k, v in manifest["vocab_sizes"].items()))

@@ -79,13 +79,13 @@ MM_EMB_COLUMN = "mm_emb"
 MM_EMB_VALUE_TYPES = (pa.float32(), pa.int8())
 
 
-def mm_emb_type(dim: int, value_type: pa.DataType = pa.float32()) -> pa.DataType:
-    """The Arrow type of the multimodal embedding column."""
-    return pa.list_(pa.field("item", value_type), dim)
+def mm_emb_type(dim: int, value_type: pa.DataType | None = None) -> pa.DataType:
+    """The Arrow type of the multimodal embedding column (float32 unless `value_type` says int8)."""
+    return pa.list_(pa.field("item", value_type or pa.float32()), dim)
 
 
 def vocab_space(column: str) -> str:
-    """The id space of a raw id column: `user_id` -> `user`, `cate_id` -> `cate`, `brand_id` -> `brand`, `age` -> `age`."""
+    """The id space of a raw id column: `user_id` -> `user`, `brand_id` -> `brand`, `age` -> `age`."""
     return column[: -len("_id")] if column.endswith("_id") and len(column) > 3 else column
 
 
