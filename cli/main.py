@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ray").setLevel(max(level, logging.WARNING) if args.quiet else level)
     from pipelines.config import ConfigError
     from pipelines.validate import DataError
 
