@@ -10,8 +10,9 @@ The job reads like the data flow::
     split     time boundaries of train/valid/test (explicit, or impression-time quantiles)
     stage B   Ray hash shuffle by user_id (groupby -> map_groups): per user, sort behaviors by (ts, input
               order), drop duplicates, and give every impression hist_len = #behaviors with ts strictly
-              before its ts (searchsorted, side='left': ties count as after)       -> _work/users/
-    write     sequences/ (one row per user), samples/{train,valid,test}/ (exploded), duplicate quarantine
+              before its ts (searchsorted, side='left': ties count as after)
+              and in the same reduce tasks write sequences/ (one row per user), samples/{train,valid,test}/,
+              and the quarantined duplicates
     manifest  row counts in/out/quarantined per table (they must reconcile), vocab sizes, percentiles, config
 
 Everything is written into a sibling temporary directory and moved into place at the end, so a failed build never
@@ -346,30 +347,64 @@ def user_row(g: pa.Table, user_vocab: np.ndarray, sample_extra_columns: list[str
     return pa.table(cols)
 
 
-def explode_samples(users: pa.Table, *, spec: dict[str, Any]) -> pa.Table:
-    """User rows -> one row per sample, with its split ('train' | 'valid' | 'test') by time."""
+def explode_samples(users: pa.Table, sample_extra_columns: list[str]) -> pa.Table:
+    """User rows -> one row per sample."""
     parents = pc.list_parent_indices(users["s_ts"])
-    ts = pc.list_flatten(users["s_ts"])
-    valid_start, test_start = spec["valid_start_ts"], spec["test_start_ts"]
-    ts_np = np.asarray(ts)
-    split = np.where(ts_np >= test_start, "test", np.where(ts_np >= valid_start, "valid", "train"))
     cols = {
         "user_idx": users["user_idx"].take(parents),
         "item_idx": pc.list_flatten(users["s_item_idx"]),
         "cate_idx": pc.list_flatten(users["s_cate_idx"]),
-        "ts": ts,
+        "ts": pc.list_flatten(users["s_ts"]),
         "label": pc.list_flatten(users["s_label"]),
         "hist_len": pc.list_flatten(users["s_hist_len"]),
     }
-    for col in spec["sample_extra_columns"]:
+    for col in sample_extra_columns:
         cols[col] = pc.list_flatten(users[f"s_{col}"])
-    cols["split"] = pa.array(split)
     return pa.table(cols)
 
 
-def sequence_rows(users: pa.Table) -> pa.Table:
+def duplicate_rows(users: pa.Table, files: dict[str, list[str]]) -> dict[str, pa.Table]:
+    """User rows -> the quarantined duplicates of each table (raw ids, ts, reason, source file and row)."""
+    parents = pc.list_parent_indices(users["dup_kind"])
+    kind = np.asarray(pc.list_flatten(users["dup_kind"]))
+    out = {}
+    tables = ((KIND_BEHAVIOR, "behaviors", R_DUP_BEHAVIOR), (KIND_IMPRESSION, "impressions", R_DUP_IMPRESSION))
+    for k, name, reason in tables:
+        sel = pa.array(kind == k)
+        n = int(np.sum(kind == k))
+        if n:
+            out[name] = pa.table(
+                {
+                    "user_id": users["user_id"].take(parents).filter(sel),
+                    "item_id": pc.list_flatten(users["dup_item_id"]).filter(sel),
+                    "ts": pc.list_flatten(users["dup_ts"]).filter(sel),
+                    "reason": pa.array([reason] * n, pa.string()),
+                    "source_file": pa.array(files[name]).take(pc.list_flatten(users["dup_source_file"]).filter(sel)),
+                    "source_row": pc.list_flatten(users["dup_source_row"]).filter(sel),
+                }
+            )
+    return out
+
+
+def write_user_outputs(users: pa.Table, *, spec: dict[str, Any]) -> pa.Table:
+    """The last step of the shuffle's reduce tasks: write this block of users' sequences, samples (by split) and
+    duplicates. Files are named by the block's first user_idx, so a retried task overwrites its own files."""
+    if users.num_rows == 0:
+        return pa.table({"sequences": pa.array([], pa.int64())})
+    out = Path(spec["out"])
+    name = f"part-{pc.min(users['user_idx']).as_py():09d}.parquet"
     keep = ["user_idx", "item_idx", "cate_idx", "ts"] + (["btype"] if "btype" in users.column_names else [])
-    return users.select(keep)
+    pq.write_table(users.select(keep).sort_by("user_idx"), out / "sequences" / name)
+    samples = explode_samples(users, spec["sample_extra_columns"])
+    ts = np.asarray(samples["ts"])
+    split_of = np.where(ts >= spec["test_start_ts"], 2, np.where(ts >= spec["valid_start_ts"], 1, 0))
+    for code, split in enumerate(SPLITS):
+        part = samples.filter(pa.array(split_of == code))
+        if part.num_rows:
+            pq.write_table(part, out / "samples" / split / name, row_group_size=spec["rows_per_row_group"])
+    for table, rows in duplicate_rows(users, spec["files"]).items():
+        pq.write_table(rows, out / "quarantine" / table / f"duplicates-{name}")
+    return pa.table({"sequences": [users.num_rows]})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -439,55 +474,16 @@ def _percentiles(values: np.ndarray) -> dict[str, float]:
     return {f"p{p:g}": float(np.percentile(values, p)) for p in LENGTH_PERCENTILES} | {"mean": float(values.mean())}
 
 
-def _move_hive_dirs(samples: Path) -> None:
-    """Ray's partitioned write names folders `split=train`; the contract names them `train`."""
-    for split in SPLITS:
-        src = samples / f"split={split}"
-        dst = samples / split
-        if src.exists():
-            src.rename(dst)
-        else:
-            dst.mkdir(parents=True, exist_ok=True)
-
-
 def _quarantine_counts(qroot: Path) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for table_dir in sorted(p for p in qroot.iterdir() if p.is_dir()) if qroot.exists() else []:
+        if not any(table_dir.glob("*.parquet")):
+            table_dir.rmdir()
+            continue
         reasons = pads.dataset(table_dir, format="parquet").to_table(columns=["reason"])["reason"]
         vc = pc.value_counts(reasons)
         counts[table_dir.name] = {r["values"].as_py(): r["counts"].as_py() for r in vc}
     return counts
-
-
-def _write_duplicates(users_dir: Path, qroot: Path, tables: dict[str, RawTable]) -> None:
-    cols = ["user_id", "dup_kind", "dup_item_id", "dup_ts", "dup_source_file", "dup_source_row"]
-    users = pads.dataset(users_dir, format="parquet").to_table(columns=cols)
-    parents = pc.list_parent_indices(users["dup_kind"])
-    if len(parents) == 0:
-        return
-    flat = {c: pc.list_flatten(users[c]) for c in cols[1:]}
-    flat["user_id"] = users["user_id"].take(parents)
-    kind = np.asarray(flat["dup_kind"])
-    for k, name, reason in (
-        (KIND_BEHAVIOR, "behaviors", R_DUP_BEHAVIOR),
-        (KIND_IMPRESSION, "impressions", R_DUP_IMPRESSION),
-    ):
-        sel = pa.array(kind == k)
-        if not np.any(kind == k):
-            continue
-        files = pa.array([str(f.path) for f in tables[name].files])
-        tbl = pa.table(
-            {
-                "user_id": flat["user_id"].filter(sel),
-                "item_id": flat["dup_item_id"].filter(sel),
-                "ts": flat["dup_ts"].filter(sel),
-                "reason": pa.array([reason] * int(np.sum(kind == k)), pa.string()),
-                "source_file": files.take(flat["dup_source_file"].filter(sel)),
-                "source_row": flat["dup_source_row"].filter(sel),
-            }
-        )
-        (qroot / name).mkdir(parents=True, exist_ok=True)
-        pq.write_table(tbl, qroot / name / "duplicates.parquet")
 
 
 def build_dataset(
@@ -584,25 +580,26 @@ def _build_into(
             "valid_start_ts": valid_start,
             "test_start_ts": test_start,
         }
-        log.info("stage B: shuffling by user into %d partitions", partitions)
-        users = (
+        spec_b |= {
+            "out": str(out),
+            "files": {name: [str(f.path) for f in t.files] for name, t in tables.items()},
+            "rows_per_row_group": cfg.output.rows_per_row_group,
+        }
+        for d in [out / "sequences", *(out / "samples" / split for split in SPLITS)]:
+            d.mkdir(parents=True)
+        for name in ("behaviors", "impressions"):
+            (qroot / name).mkdir(parents=True, exist_ok=True)
+        log.info("stage B: shuffling by user into %d partitions, writing sequences and samples", partitions)
+        (
             ray.data.read_parquet(str(work / "rows"))
             .groupby("user_id", num_partitions=partitions)
             .map_groups(per_user, batch_format="pyarrow", fn_kwargs={"spec": spec_b})
-        )
-        users.write_parquet(str(work / "users"))
-
-        log.info("writing sequences and samples")
-        users = ray.data.read_parquet(str(work / "users"))
-        users.map_batches(sequence_rows, batch_format="pyarrow").write_parquet(str(out / "sequences"))
-        users.map_batches(explode_samples, batch_format="pyarrow", fn_kwargs={"spec": spec_b}).write_parquet(
-            str(out / "samples"), partition_cols=["split"], max_rows_per_file=cfg.output.rows_per_file
+            .map_batches(write_user_outputs, batch_size=None, batch_format="pyarrow", fn_kwargs={"spec": spec_b})
+            .materialize()
         )
     finally:
         if started:
             ray.shutdown()
-    _move_hive_dirs(out / "samples")
-    _write_duplicates(work / "users", qroot, tables)
 
     for space, vocab in vocabs.items():
         write_vocab(out / "vocab" / f"{space}.parquet", vocab)

@@ -46,7 +46,7 @@ class RayConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    rows_per_file: int = 1_000_000
+    rows_per_row_group: int = 131_072
     overwrite: bool = False
 
 

@@ -1,0 +1,535 @@
+"""Shared helpers of the importers: errors, output directory, typed table writers, rejects, stable ids, sampling.
+
+Every importer writes the raw contract of `features.schema` (see that module's docstring) into RAW_DIR, plus
+`source.json` and, when some input rows could not be parsed, `import_rejects.csv`
+(`source_file, source_row, reason, raw`). The helpers here make the types exact (`to_raw_table`), make rejected
+rows visible instead of dropped (`Rejects`), and make every random choice a pure function of the row it belongs to
+(`sample_negatives`), so that an import is deterministic whatever the batch boundaries or the row order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.schema import MM_EMB_COLUMN, MM_EMB_VALUE_TYPES, RAW_SPECS, SCHEMA_VERSION, mm_emb_type
+
+log = logging.getLogger(__name__)
+
+REJECTS_FILE = "import_rejects.csv"
+SOURCE_FILE = "source.json"
+# Every name an importer may write into RAW_DIR. Only these are replaced on a re-import; nothing else is touched.
+OWNED_OUTPUTS = (
+    "items.parquet",
+    "items",
+    "behaviors.parquet",
+    "behaviors",
+    "impressions.parquet",
+    "impressions",
+    SOURCE_FILE,
+    REJECTS_FILE,
+    "id_map.parquet",
+    ".import_tmp",
+)
+PARQUET_COMPRESSION = "zstd"
+ID_MASK_63 = (1 << 63) - 1
+_FLOAT32 = pa.float32()
+
+
+class ImportSourceError(ValueError):
+    """The source given to an importer is missing, incomplete or not in the expected format.
+
+    The message names the file, what was expected and how to fix it.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def require_src(src: str | Path, importer: str) -> Path:
+    """The source path, resolved; a clear error when it does not exist."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise ImportSourceError(
+            f"ctr import {importer}: source path {str(path)!r} does not exist. "
+            f"Pass the folder (or file) that holds the downloaded {importer} data."
+        )
+    return path.resolve()
+
+
+def require_columns(actual: Iterable[str], expected: Sequence[str], file: Path | str, fix: str) -> None:
+    """Raise `ImportSourceError` naming the file and the missing columns when `expected` is not a subset."""
+    actual = list(actual)
+    missing = [c for c in expected if c not in actual]
+    if missing:
+        raise ImportSourceError(
+            f"{file}: missing column(s) {missing}; expected at least {list(expected)}, found {actual}. {fix}"
+        )
+
+
+def read_text_lines(path: Path) -> Iterable[tuple[int, str]]:
+    """(1-based line number, line without the newline) for a text file, gzip-compressed when it ends in `.gz`."""
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:  # type: ignore[operator]
+        for lineno, line in enumerate(fh, start=1):
+            yield lineno, line.rstrip("\r\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Output directory and typed tables
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create RAW_DIR; remove a previous import's outputs (only the names in `OWNED_OUTPUTS`)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ImportSourceError(f"output path {str(out)!r} exists and is not a directory; pass a folder for --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OWNED_OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    return out.resolve()
+
+
+def tmp_dir(out: Path) -> Path:
+    """A scratch folder inside RAW_DIR, removed by `cleanup_tmp`."""
+    t = out / ".import_tmp"
+    t.mkdir(parents=True, exist_ok=True)
+    return t
+
+
+def cleanup_tmp(out: Path) -> None:
+    shutil.rmtree(out / ".import_tmp", ignore_errors=True)
+
+
+def raw_schema(
+    table: str,
+    *,
+    btype: bool = False,
+    extra_int64: Sequence[str] = (),
+    mm_emb_dim: int | None = None,
+    mm_emb_value_type: pa.DataType = _FLOAT32,
+) -> pa.Schema:
+    """The exact Arrow schema of a raw table: required columns, then btype, extra int64 columns, then mm_emb."""
+    spec = RAW_SPECS[table]
+    fields = [pa.field(name, typ, nullable=False) for name, typ in spec.required.items()]
+    if btype:
+        fields.append(pa.field("btype", spec.optional["btype"]))
+    if extra_int64:
+        if not spec.extra_int64_allowed:
+            raise ValueError(f"raw table {table!r} takes no extra columns (got {list(extra_int64)})")
+        fields.extend(pa.field(name, pa.int64()) for name in extra_int64)
+    if mm_emb_dim is not None:
+        if table != "items":
+            raise ValueError("mm_emb belongs to the items table")
+        if mm_emb_value_type not in MM_EMB_VALUE_TYPES:
+            raise ValueError(f"mm_emb values must be one of {MM_EMB_VALUE_TYPES}, got {mm_emb_value_type}")
+        fields.append(pa.field(MM_EMB_COLUMN, mm_emb_type(mm_emb_dim, mm_emb_value_type)))
+    return pa.schema(fields)
+
+
+def to_raw_table(data: pl.DataFrame | pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast `data` to exactly `schema` (column order and types); raises on a lossy cast or a null id."""
+    table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+    cols = []
+    for f in schema:
+        if f.name not in table.column_names:
+            raise ValueError(f"internal: column {f.name!r} missing when writing {schema.names}")
+        col = table.column(f.name)
+        if col.type != f.type or str(col.type) != str(f.type):  # str: list field names count too
+            col = col.cast(f.type, safe=True)
+        if not f.nullable and col.null_count:
+            raise ValueError(f"internal: column {f.name!r} has {col.null_count} nulls")
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def write_raw_table(data: pl.DataFrame | pa.Table, path: Path, schema: pa.Schema) -> int:
+    """Write one raw table with its exact schema; returns the number of rows."""
+    table = to_raw_table(data, schema)
+    pq.write_table(table, path, compression=PARQUET_COMPRESSION)
+    return table.num_rows
+
+
+class RawTableWriter:
+    """Streams batches of one raw table into a single Parquet file with the exact schema."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.schema = schema
+        self.rows = 0
+        self._writer = pq.ParquetWriter(path, schema, compression=PARQUET_COMPRESSION)
+
+    def write(self, data: pl.DataFrame | pa.Table) -> None:
+        table = to_raw_table(data, self.schema)
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.rows += table.num_rows
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> RawTableWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rejected input rows
+# --------------------------------------------------------------------------------------------------------------
+
+REJECT_COLUMNS = {"source_file": pl.String, "source_row": pl.Int64, "reason": pl.String, "raw": pl.String}
+
+
+@dataclass
+class Rejects:
+    """Input rows an importer could not parse: never dropped silently, written to `import_rejects.csv`."""
+
+    out: Path
+    frames: list[pl.DataFrame] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # CSVs already written by streaming sinks (same columns)
+
+    def add(self, source_file: str, source_row: int, reason: str, raw: str) -> None:
+        self.frames.append(
+            pl.DataFrame(
+                {"source_file": [source_file], "source_row": [source_row], "reason": [reason], "raw": [raw]},
+                schema=REJECT_COLUMNS,
+            )
+        )
+
+    def add_frame(self, df: pl.DataFrame) -> None:
+        if df.height:
+            self.frames.append(df.select(pl.col(c).cast(t) for c, t in REJECT_COLUMNS.items()))
+
+    def add_file(self, path: Path) -> None:
+        self.files.append(path)
+
+    def collect(self) -> pl.DataFrame:
+        parts = list(self.frames)
+        for f in self.files:
+            if f.exists() and f.stat().st_size:
+                parts.append(pl.read_csv(f, schema=REJECT_COLUMNS))
+        if not parts:
+            return pl.DataFrame(schema=REJECT_COLUMNS)
+        return pl.concat(parts, how="vertical")
+
+    def finish(self) -> dict[str, Any]:
+        """Write `import_rejects.csv` when there is anything to write; the summary block of the rejects."""
+        df = self.collect()
+        path = self.out / REJECTS_FILE
+        if df.height:
+            df.write_csv(path)
+            reasons = df.group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+            by_reason = {r: int(n) for r, n in reasons.iter_rows()}
+            log.warning("%d input rows rejected, written to %s: %s", df.height, path, by_reason)
+        else:
+            by_reason = {}
+        return {"count": int(df.height), "reasons": by_reason, "file": REJECTS_FILE if df.height else None}
+
+
+def parse_columns(
+    df: pl.DataFrame,
+    types: dict[str, pl.DataType],
+    *,
+    source_file: str,
+    first_row: int,
+    checks: Sequence[tuple[pl.Expr, str]] = (),
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Cast string columns to `types`; rows where a cast fails (or a value is missing) are rejected.
+
+    `df` holds strings as read. `first_row` is the source row number of df's first row (e.g. 2 for a CSV with a
+    header), so `source_row` is the file's line number. `checks` are (expression that is True when the parsed row is
+    bad, reason) applied after the casts, in order. Returns (parsed rows with the other columns untouched, rejects in
+    the `import_rejects.csv` layout).
+    """
+    raw_cols = list(df.columns)
+    df = df.with_row_index("_row", offset=first_row)
+    reason: pl.Expr = pl.lit(None, dtype=pl.String)
+    casts = {}
+    for col, typ in reversed(list(types.items())):
+        casted = pl.col(col).str.strip_chars().cast(typ, strict=False)
+        casts[col] = casted
+        reason = (
+            pl.when(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
+            .then(pl.lit(f"missing {col}"))
+            .when(casted.is_null())
+            .then(pl.format("unparsable {}: '{}'", pl.lit(col), pl.col(col)))
+            .otherwise(reason)
+        )
+    raw = pl.concat_str([pl.col(c).fill_null("") for c in raw_cols], separator=",")
+    df = df.with_columns(reason.alias("_reason"), raw.alias("_raw"))
+    parsed = df.with_columns(**{c: e for c, e in casts.items()})
+    for bad, why in checks:
+        parsed = parsed.with_columns(
+            pl.when(pl.col("_reason").is_null() & bad.fill_null(False))
+            .then(pl.lit(why))
+            .otherwise(pl.col("_reason"))
+            .alias("_reason")
+        )
+    rejects = parsed.filter(pl.col("_reason").is_not_null()).select(
+        pl.lit(source_file).alias("source_file"),
+        pl.col("_row").cast(pl.Int64).alias("source_row"),
+        pl.col("_reason").alias("reason"),
+        pl.col("_raw").alias("raw"),
+    )
+    good = parsed.filter(pl.col("_reason").is_null()).drop("_row", "_reason", "_raw")
+    return good, rejects
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ids
+# --------------------------------------------------------------------------------------------------------------
+
+
+def stable_id(value: str) -> int:
+    """Stable int64 id of a string: the first 8 bytes of BLAKE2b(utf-8), little-endian, masked to 63 bits (>= 0)."""
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ID_MASK_63
+
+
+def stable_ids(values: pl.Series, space: str) -> tuple[pl.Series, pl.DataFrame]:
+    """Map a string column to stable int64 ids (`stable_id`); also the (space, raw, id) map of its distinct values.
+
+    Raises if two distinct strings of the space hash to the same id (probability ~ n^2 / 2^64).
+    """
+    uniq = values.drop_nulls().unique().sort()
+    ids = pl.Series("id", [stable_id(v) for v in uniq.to_list()], dtype=pl.Int64)
+    mapping = pl.DataFrame({"space": pl.Series([space] * len(uniq), dtype=pl.String), "raw": uniq, "id": ids})
+    if mapping["id"].n_unique() != mapping.height:
+        dup = mapping.filter(pl.col("id").is_duplicated()).head(4).to_dicts()
+        raise ValueError(f"stable id collision in space {space!r}: {dup}")
+    mapped = values.to_frame("raw").join(mapping.select("raw", "id"), on="raw", how="left", maintain_order="left")
+    return mapped["id"], mapping
+
+
+def code_map(values: Iterable[str], start: int = 1) -> dict[str, int]:
+    """Sorted distinct strings -> consecutive int codes from `start` (0 is left for unknown/none)."""
+    return {v: i for i, v in enumerate(sorted(set(values)), start=start)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Items from (item, category) observations
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_item_cates(pairs: pl.LazyFrame | pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """One category per item from (item_id, cate_id[, n]) observations: the most frequent, ties the smallest.
+
+    Returns (items frame item_id, cate_id sorted by item_id; number of items seen with more than one category).
+    """
+    lf = pairs.lazy()
+    if "n" not in lf.collect_schema().names():
+        lf = lf.group_by("item_id", "cate_id").len("n")
+    else:
+        lf = lf.group_by("item_id", "cate_id").agg(pl.col("n").sum())
+    counts = lf.collect(engine="streaming")
+    conflicts = int(counts.group_by("item_id").len().filter(pl.col("len") > 1).height)
+    items = (
+        counts.sort(["item_id", "n", "cate_id"], descending=[False, True, False])
+        .unique(subset="item_id", keep="first", maintain_order=True)
+        .select("item_id", "cate_id")
+    )
+    return items, conflicts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Negative sampling: a pure function of (seed, user, item, ts, k), independent of row order and batching
+# --------------------------------------------------------------------------------------------------------------
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer over uint64 arrays (wrap-around arithmetic)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _key(seed: int, *cols: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = _mix64(np.full(len(cols[0]), np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + _GOLDEN, dtype=np.uint64))
+        for c in cols:
+            h = _mix64(h ^ (c.astype(np.int64).view(np.uint64) + _GOLDEN))
+    return h
+
+
+@dataclass
+class NegativeSample:
+    user_id: np.ndarray
+    item_id: np.ndarray
+    ts: np.ndarray
+    pos_index: np.ndarray  # row of the positive each negative belongs to
+    unsampleable: int  # (positive, k) pairs for which no valid negative was found within max_attempts
+
+
+def sample_negatives(
+    user_id: np.ndarray,
+    item_id: np.ndarray,
+    ts: np.ndarray,
+    candidates: np.ndarray,
+    weights: np.ndarray | None,
+    neg_per_pos: int,
+    seed: int,
+    exclude_pairs: pl.DataFrame | None = None,
+    max_attempts: int = 64,
+) -> NegativeSample:
+    """`neg_per_pos` negatives per positive (user, item, ts), at the positive's ts.
+
+    A negative is drawn from `candidates` (uniformly, or proportionally to `weights`) and redrawn while it equals the
+    positive's item or, when given, is one of the user's (user_id, item_id) rows in `exclude_pairs`. The draw is a
+    hash of (seed, user, item, ts, k, attempt) (splitmix64), so the result does not depend on the order of rows or
+    on how they are batched. Output rows are ordered positive-major, k-minor.
+    """
+    n = len(user_id)
+    if neg_per_pos <= 0 or n == 0 or len(candidates) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return NegativeSample(empty, empty, empty, empty, 0 if neg_per_pos <= 0 else n * max(neg_per_pos, 0))
+    u = np.repeat(np.asarray(user_id, dtype=np.int64), neg_per_pos)
+    t = np.repeat(np.asarray(ts, dtype=np.int64), neg_per_pos)
+    pos = np.repeat(np.asarray(item_id, dtype=np.int64), neg_per_pos)
+    k = np.tile(np.arange(neg_per_pos, dtype=np.int64), n)
+    base = _key(seed, u, pos, t, k)
+    cand = np.asarray(candidates, dtype=np.int64)
+    cdf = None
+    if weights is not None:
+        cdf = np.cumsum(np.asarray(weights, dtype=np.float64))
+    out = np.empty(len(u), dtype=np.int64)
+    todo = np.arange(len(u))
+    for attempt in range(max_attempts):
+        if len(todo) == 0:
+            break
+        with np.errstate(over="ignore"):
+            h = _mix64(base[todo] + np.uint64(attempt) * _GOLDEN)
+        r = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))  # uniform in [0, 1)
+        if cdf is None:
+            idx = np.minimum((r * len(cand)).astype(np.int64), len(cand) - 1)
+        else:
+            idx = np.minimum(np.searchsorted(cdf, r * cdf[-1], side="right"), len(cand) - 1)
+        draw = cand[idx]
+        bad = draw == pos[todo]
+        if exclude_pairs is not None and exclude_pairs.height:
+            hit = (
+                pl.DataFrame({"user_id": u[todo], "item_id": draw})
+                .join(
+                    exclude_pairs.select("user_id", "item_id").with_columns(pl.lit(True).alias("_hit")),
+                    on=["user_id", "item_id"],
+                    how="left",
+                    maintain_order="left",
+                )["_hit"]
+                .fill_null(False)
+                .to_numpy()
+            )
+            bad |= hit
+        out[todo[~bad]] = draw[~bad]
+        todo = todo[bad]
+    keep = np.ones(len(u), dtype=bool)
+    keep[todo] = False
+    pos_index = np.repeat(np.arange(n, dtype=np.int64), neg_per_pos)
+    return NegativeSample(u[keep], out[keep], t[keep], pos_index[keep], int(len(todo)))
+
+
+def interleave(positives: pl.DataFrame, neg: NegativeSample) -> pl.DataFrame:
+    """Impressions: each positive (label 1) followed by its negatives (label 0), columns user_id, item_id, ts, label."""
+    cols = {"user_id": pl.Int64, "item_id": pl.Int64, "ts": pl.Int64}
+    pos = positives.select(pl.col(c).cast(t) for c, t in cols.items()).with_columns(
+        pl.lit(1, pl.Int8).alias("label"),
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("_p"),
+        pl.lit(-1, pl.Int64).alias("_k"),
+    )
+    negs = pl.DataFrame(
+        {"user_id": neg.user_id, "item_id": neg.item_id, "ts": neg.ts, "_p": neg.pos_index},
+        schema={**cols, "_p": pl.Int64},
+    ).with_columns(pl.lit(0, pl.Int8).alias("label"), pl.int_range(pl.len(), dtype=pl.Int64).alias("_k"))
+    both = pl.concat([pos, negs.select(pos.columns)], how="vertical")
+    return both.sort(["_p", "_k"]).drop("_p", "_k")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# source.json and the summary
+# --------------------------------------------------------------------------------------------------------------
+
+
+def count_distinct_users(out: Path) -> int:
+    """Distinct user ids over behaviors and impressions as written."""
+    frames = [pl.scan_parquet(out / f"{t}.parquet").select("user_id") for t in ("behaviors", "impressions")]
+    return int(pl.concat(frames).select(pl.col("user_id").n_unique()).collect(engine="streaming").item())
+
+
+def finish_import(
+    out: Path,
+    *,
+    importer: str,
+    src: Path,
+    protocol: str,
+    options: dict[str, Any],
+    rows: dict[str, int],
+    rejects: Rejects,
+    extra: dict[str, Any] | None = None,
+    recommended_split: dict[str, Any] | None = None,
+    source_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `source.json`; return the summary (rows per table, users, items, rejected rows, importer extras).
+
+    `source_extra` adds keys to source.json only (e.g. the code tables of string attributes).
+    """
+    summary: dict[str, Any] = {
+        "importer": importer,
+        "out_dir": str(out),
+        "rows": dict(rows),
+        "users": count_distinct_users(out),
+        "items": int(rows.get("items", 0)),
+        "rejected": rejects.finish(),
+    }
+    if extra:
+        summary.update(extra)
+    source = {
+        "schema_version": SCHEMA_VERSION,
+        "importer": importer,
+        "source": str(src),
+        "protocol": " ".join(protocol.split()),
+        "options": options,
+        "counts": {k: v for k, v in summary.items() if k not in ("importer", "out_dir")},
+        "recommended_split": recommended_split,
+        **(source_extra or {}),
+    }
+    (out / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=False, default=_json_default) + "\n")
+    cleanup_tmp(out)
+    log.info("ctr import %s: %s", importer, summary)
+    return summary
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
