@@ -85,6 +85,15 @@ def _has_header(path: Path) -> bool:
     return first.startswith("user")
 
 
+def _btype(behavior: pl.Expr) -> pl.Expr:
+    """Behavior string -> int8 code, null when unknown (a when-chain: `replace_strict` is not streamed)."""
+    names = list(BTYPES)
+    expr = pl.when(behavior == names[0]).then(pl.lit(BTYPES[names[0]], pl.Int8))
+    for name in names[1:]:
+        expr = expr.when(behavior == name).then(pl.lit(BTYPES[name], pl.Int8))
+    return expr.otherwise(pl.lit(None, pl.Int8))
+
+
 def _parse(path: Path, ts_range: tuple[int, int] | None) -> pl.LazyFrame:
     """One row per line: parsed fields plus `reason` (null when the row is valid)."""
     lf = pl.scan_csv(
@@ -107,7 +116,7 @@ def _parse(path: Path, ts_range: tuple[int, int] | None) -> pl.LazyFrame:
         field(0).cast(pl.Int64, strict=False).alias("user_id"),
         field(1).cast(pl.Int64, strict=False).alias("item_id"),
         field(2).cast(pl.Int64, strict=False).alias("cate_id"),
-        field(3).replace_strict(BTYPES, default=None, return_dtype=pl.Int8).alias("btype"),
+        _btype(field(3)).alias("btype"),
         field(4).cast(pl.Int64, strict=False).alias("ts"),
         field(3).alias("_behavior"),
     )
@@ -236,6 +245,7 @@ def import_taobao_userbehavior(
     for code, n in btype_counts.iter_rows():
         by_btype[inv[int(code)]] = int(n)
     extra = {
+        "header_line_skipped": _has_header(path),
         "behaviors_by_type": by_btype,
         "categories": int(items["cate_id"].n_unique()),
         "items_with_conflicting_categories": conflicts,
