@@ -53,9 +53,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from pipelines.config import parse_set
     from pipelines.importers import IMPORTERS
 
-    summary = IMPORTERS[args.source](args.src, args.out)
+    summary = IMPORTERS[args.source](args.src, args.out, **parse_set(args.option or []))
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -104,10 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="raw directory to write")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("import", help="convert a public dataset into raw tables")
-    p.add_argument("source", choices=["taobao-mm", "amazon", "taobao-userbehavior", "movielens"])
+    from pipelines.importers import PROTOCOLS
+
+    p = sub.add_parser(
+        "import",
+        help="convert a public dataset into raw tables",
+        description="Protocols:\n\n" + "\n\n".join(f"{k}: {v}" for k, v in PROTOCOLS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", choices=sorted(PROTOCOLS))
     p.add_argument("src", help="the source file or folder")
     p.add_argument("--out", required=True, help="raw directory to write")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="importer option, e.g. neg_per_pos=2")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("build", help="raw tables -> dataset directory (Ray Data job)")
@@ -133,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ray").setLevel(max(level, logging.WARNING) if args.quiet else level)
     from pipelines.config import ConfigError
+    from pipelines.importers import ImportSourceError
     from pipelines.validate import DataError
 
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError) as exc:
+    except (DataError, ConfigError, ImportSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
