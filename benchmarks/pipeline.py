@@ -7,7 +7,7 @@ For each world (the demo preset, and a world 10x larger in users and items) it r
   sample, the last 1000 behaviors (item, cate, ts) materialized into the sample row.
 
 Reported per job: wall seconds, behaviors/s and samples/s (input rows over wall time), bytes written, and peak
-memory of the job's whole process tree (sum of PSS, sampled every 0.2 s: Ray's workers and object store included).
+memory of the job's whole process tree (sum of PSS, sampled every 0.5 s: Ray's workers and object store included).
 The naive baseline is skipped when its output would not fit on disk; the projected size is then reported instead
 (computed as samples x mean(min(hist_len, 1000)) x 16 bytes, and labelled as a projection).
 
@@ -62,7 +62,7 @@ def run_measured(cmd: list[str], log_path: Path) -> dict:
                     peak = max(peak, _tree_pss(ps))
                 except psutil.NoSuchProcess:
                     return
-                time.sleep(0.2)
+                time.sleep(0.5)
 
         th = threading.Thread(target=sample, daemon=True)
         th.start()
