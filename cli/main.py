@@ -1,4 +1,4 @@
-"""The `ctr` command line: generate, import, build, demo.
+"""The `ctr` command line: generate, import, build, train, evaluate, report, demo.
 
 Each subcommand is a thin layer over one library function; the heavy imports (Ray, torch) happen inside the
 subcommand so that `ctr --help` is instant.
@@ -74,22 +74,77 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ctr.train.config import resolve_train_config
+    from ctr.train.trainer import train
+
+    cfg, _ = resolve_train_config(args.model, Path(args.config) if args.config else None, args.set)
+    run = train(Path(args.data), Path(args.out), cfg, nproc=args.nproc, resume=args.resume)
+    summary = json.loads((run / "train_summary.json").read_text())
+    print(f"trained {cfg.model['name']}: {summary['steps']} steps, best valid GAUC {summary['best_valid_gauc']:.4f}")
+    print(f"run directory: {run}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ctr.evaluation.predict import evaluate_run
+
+    for run in args.run:
+        m = evaluate_run(Path(run), args.split)
+        line = f"{run}: {args.split} AUC {m['auc']:.4f} GAUC {m['gauc']:.4f} logloss {m['logloss']:.4f}"
+        if m.get("oracle"):
+            line += f" (oracle AUC {m['oracle']['auc']:.4f} GAUC {m['oracle']['gauc']:.4f})"
+        print(line)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ctr.report.render import render_report
+
+    paths = render_report([Path(r) for r in args.runs], Path(args.out))
+    print(f"report: {paths['html']}")
+    return 0
+
+
+DEMO_QUICK_SETS = ["train.max_steps=30", "train.log_every=5", "data.batch_size=128", "data.num_workers=0"]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ctr.evaluation.predict import evaluate_run
+    from ctr.models import model_names
+    from ctr.report.render import render_report
+    from ctr.train.config import resolve_train_config
+    from ctr.train.trainer import train
     from pipelines.build import build_dataset
     from pipelines.config import load_build_config
     from pipelines.synthetic import generate
 
     out = Path(args.out)
     preset = "tiny" if args.quick else "demo"
-    raw, data = out / "raw", out / "data"
+    raw, data, runs_dir = out / "raw", out / "data", out / "runs"
+    models = args.models.split(",") if args.models else model_names()
     t0 = time.time()
-    print(f"[1/2] generating the synthetic world (preset {preset}, seed {args.seed}) into {raw}")
+    print(f"[1/5] generating the synthetic world (preset {preset}, seed {args.seed}) into {raw}")
     summary = generate(preset, args.seed, raw)
-    print(json.dumps(summary, indent=2))
-    print(f"[2/2] building the dataset into {data}")
+    print(f"      {summary['rows']['behaviors']:,} behaviors, {summary['rows']['impressions']:,} impressions, "
+          f"oracle AUC {summary['oracle_auc']:.4f}")
+    print(f"[2/5] building the dataset into {data}")
     manifest = build_dataset(raw, data, load_build_config(None, ["output.overwrite=true"]))
     print_dataset_summary(manifest, data)
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; manifest: {data / 'manifest.json'}")
+    sets = (DEMO_QUICK_SETS if args.quick else []) + [f"train.seed={args.seed}"] + list(args.set or [])
+    runs = []
+    for i, name in enumerate(models, 1):
+        print(f"[3/5] training {name} ({i}/{len(models)})")
+        cfg, _ = resolve_train_config(name, None, sets)
+        runs.append(train(data, runs_dir / name, cfg, nproc=args.nproc))
+    print("[4/5] evaluating every model on the test split")
+    for run in runs:
+        m = evaluate_run(run, "test")
+        print(f"      {run.name:<12} AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}")
+    print("[5/5] writing the report")
+    paths = render_report(runs, out / "report")
+    print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    print(f"report: {paths['html']}")
     return 0
 
 
@@ -128,10 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default: generate -> build")
+    p = sub.add_parser("train", help="train one model on a dataset directory")
+    p.add_argument("--data", required=True, help="dataset directory (from ctr build)")
+    p.add_argument("--model", help="registered model name (see configs/models/)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--config", help="YAML layered over configs/models/NAME.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    p.add_argument("--nproc", type=int, default=1, help="workers (torch.distributed: gloo on CPU, nccl on GPU)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints (same --nproc)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a split with a run's best weights: predictions + metrics")
+    p.add_argument("--run", required=True, action="append", help="run directory (repeatable)")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="HTML + Markdown report comparing runs")
+    p.add_argument("runs", nargs="+", help="run directories (evaluated)")
+    p.add_argument("--out", required=True, help="report directory")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the main job: generate -> build -> train every model -> evaluate -> report")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny world (seconds)")
+    p.add_argument("--quick", action="store_true", help="tiny world, few steps (a minute)")
+    p.add_argument("--models", help="comma-separated model names (default: every registered model)")
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="training override for every model")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -141,13 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ray").setLevel(max(level, logging.WARNING) if args.quiet else level)
+    # TorchRec and FBGEMM log every table's arguments at INFO on the root logger: keep them at WARNING.
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+        for ours in ("ctr", "features", "pipelines", "cli"):
+            logging.getLogger(ours).setLevel(level)
+    from ctr.train.config import ConfigError as TrainConfigError
     from pipelines.config import ConfigError
     from pipelines.importers import ImportSourceError
     from pipelines.validate import DataError
 
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, ImportSourceError) as exc:
+    except (DataError, ConfigError, TrainConfigError, ImportSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,158 @@
+"""What every model shares: parameters, the embedding tables, the batch -> logit contract, and the registry.
+
+A model is built from (its params, the dataset's `DatasetInfo`), tells the loader which sequence views and sparse
+features it needs (`views()`, `features()`), and maps a `Batch` to `ModelOutput(logit [B], aux_loss)`.
+
+Embedding tables are one TorchRec `EmbeddingCollection` (`self.embedding`): one table per id space, shared by every
+feature of that space: the target `item`, the behaviors `hist_item`, DIEN's sampled `hist_neg_item` all look up the
+`item` table (one `EmbeddingConfig` with several `feature_names`). `DistributedModelParallel` finds the collection
+and shards it; the rest of the model is dense and trained by a normal optimizer. TorchRec asks every table of one
+collection to share one dimension, so `embedding_dim` is per model, not per table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from features.loader import Batch, DatasetInfo, SequenceView, sparse_feature_names
+
+
+class ModelParams(BaseModel):
+    """Parameters every model has. Subclasses add their own; unknown keys are errors (they name the key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_dim: int = 16
+    use_user: bool = False  # embed user_idx (a huge, sparse table; off by default as in most CTR baselines)
+    use_context: bool = True  # embed the context columns of the samples (e.g. user_segment)
+
+
+@dataclass
+class ModelOutput:
+    logit: torch.Tensor  # [B], pre-sigmoid
+    aux_loss: torch.Tensor | None = None  # already weighted; added to the CTR loss
+
+
+class CTRModel(nn.Module):
+    """Base class: builds the shared embedding collection; subclasses define `views` and `forward`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[ModelParams]] = ModelParams
+
+    def __init__(self, params: ModelParams, info: DatasetInfo, device: torch.device | None = None) -> None:
+        super().__init__()
+        from torchrec import EmbeddingCollection, EmbeddingConfig
+
+        self.params = params
+        self.info = info
+        self.dim = params.embedding_dim
+        spaces: dict[str, list[str]] = {}
+        for feat in self.features():
+            spaces.setdefault(self.space_of(feat), []).append(feat)
+        self.embedding = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=space,
+                    embedding_dim=self.dim,
+                    num_embeddings=info.vocab_sizes[space],
+                    feature_names=feats,
+                )
+                for space, feats in spaces.items()
+            ],
+            device=device or torch.device("cpu"),
+        )
+
+    # ---- what the loader must deliver -------------------------------------------------------------------------
+    def views(self) -> tuple[SequenceView, ...]:
+        """The sequence views this model reads (see features.loader)."""
+        raise NotImplementedError
+
+    def context_features(self) -> list[str]:
+        return [c.removesuffix("_idx") for c in self.info.context_columns] if self.params.use_context else []
+
+    def features(self) -> list[str]:
+        """Sparse features, in KeyedJaggedTensor order."""
+        ctx = self.context_features()
+        names = sparse_feature_names(self.views(), [f"{c}_idx" for c in ctx])
+        return [n for n in names if n != "user" or self.params.use_user]
+
+    @staticmethod
+    def space_of(feature: str) -> str:
+        """The id space (= table) of a sparse feature: `hist_neg_item` -> `item`, `user_segment` -> itself."""
+        for space in ("item", "cate"):
+            if feature == space or feature.endswith("_" + space):
+                return space
+        return feature
+
+    # ---- helpers for subclasses -----------------------------------------------------------------------------
+    def lookup(self, batch: Batch) -> dict[str, Any]:
+        """feature -> JaggedTensor of embeddings (values [sum lengths, dim])."""
+        return self.embedding(batch.sparse)
+
+    @staticmethod
+    def single(jt: Any) -> torch.Tensor:
+        """A feature with exactly one id per sample -> [B, dim]."""
+        return jt.values()
+
+    @staticmethod
+    def padded(jt: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jagged [sum L, dim] -> right-padded [B, max_len, dim] and a bool mask [B, max_len] (True = real).
+
+        Each row is oldest first, so the newest behavior is at position length - 1.
+        """
+        lengths = jt.lengths().long()
+        values = jt.values()
+        b = lengths.shape[0]
+        width = max(1, min(max_len, int(lengths.max()) if b else 1))
+        offsets = torch.zeros(b + 1, dtype=torch.long, device=values.device)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        pos = torch.arange(width, device=values.device)
+        mask = pos.unsqueeze(0) < lengths.unsqueeze(1)
+        index = (offsets[:-1].unsqueeze(1) + pos.unsqueeze(0))[mask]
+        out = values.new_zeros(b, width, values.shape[-1])
+        out[mask] = values[index]
+        return out, mask
+
+    def context_vector(self, emb: dict[str, Any]) -> list[torch.Tensor]:
+        """The embedded user (if used) and context features, each [B, dim]."""
+        parts = [self.single(emb["user"])] if self.params.use_user else []
+        return parts + [self.single(emb[c]) for c in self.context_features()]
+
+    def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+MODELS: dict[str, type[CTRModel]] = {}
+
+
+def register(cls: type[CTRModel]) -> type[CTRModel]:
+    """Class decorator: make a model available to `ctr train --model NAME` under `cls.name`."""
+    if cls.name in MODELS:
+        raise ValueError(f"model name {cls.name!r} registered twice")
+    MODELS[cls.name] = cls
+    return cls
+
+
+def get_model_class(name: str) -> type[CTRModel]:
+    from . import _import_all
+
+    _import_all()
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def model_names() -> list[str]:
+    from . import _import_all
+
+    _import_all()
+    return sorted(MODELS)
+
+
+ModelFactory = Callable[[ModelParams, DatasetInfo], CTRModel]

@@ -1,0 +1,1 @@
+"""Blocks shared by the models: MLP, Dice, target-attention variants, AUGRU, SimTier, GSU strategies."""

@@ -1,0 +1,55 @@
+"""Activations by name, including Dice (DIN paper) in its batch-statistics form and MUSE's LayerNorm form."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Dice(nn.Module):
+    """Dice (DIN, Zhou et al. 2018): f(s) = p(s)·s + (1 − p(s))·α·s, p(s) = σ((s − E[s]) / sqrt(Var[s] + ε)).
+
+    `mode="batch"` (the paper): E and Var are batch statistics in training and moving averages at inference (a
+    BatchNorm without affine parameters). `mode="layer"` (MUSE's code): p = σ(LayerNorm(s)) per sample, ε = 1e-12.
+    α is learned per unit; the paper does not give its start value, MUSE's code starts it at −0.25, we start at 0.
+    Works on [B, H] and [B, L, H] (statistics over every position).
+    """
+
+    def __init__(self, units: int, mode: str = "batch", eps: float = 1e-8, alpha_init: float = 0.0) -> None:
+        super().__init__()
+        if mode not in ("batch", "layer"):
+            raise ValueError(f"Dice mode must be 'batch' or 'layer', got {mode!r}")
+        self.mode = mode
+        self.alpha = nn.Parameter(torch.full((units,), alpha_init))
+        if mode == "batch":
+            self.norm: nn.Module = nn.BatchNorm1d(units, eps=eps, affine=False)
+        else:
+            self.norm = nn.LayerNorm(units, eps=1e-12, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "batch" and x.dim() == 3:
+            b, n, h = x.shape
+            p = torch.sigmoid(self.norm(x.reshape(b * n, h)).reshape(b, n, h))
+        else:
+            p = torch.sigmoid(self.norm(x))
+        return p * x + (1 - p) * self.alpha * x
+
+
+def make_activation(name: str, units: int) -> nn.Module:
+    """`relu`, `prelu`, `sigmoid`, `tanh`, `silu`, `dice` (batch statistics) or `dice_ln` (MUSE's LayerNorm Dice)."""
+    name = name.lower()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "prelu":
+        return nn.PReLU(units)
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "silu":
+        return nn.SiLU()
+    if name == "dice":
+        return Dice(units, mode="batch")
+    if name == "dice_ln":
+        return Dice(units, mode="layer", alpha_init=-0.25)
+    raise ValueError(f"unknown activation {name!r}; choose relu, prelu, sigmoid, tanh, silu, dice, dice_ln")

@@ -1,0 +1,195 @@
+"""Process groups and sharded state: one process or N workers through torch.distributed (gloo on CPU, nccl on GPU).
+
+`launch(fn, nproc, ...)` runs `fn(ctx, ...)` in N spawned workers that meet through a file store in the run
+directory (no port to pick). Under `torchrun` (RANK / WORLD_SIZE in the environment) it joins that job instead.
+A single process still gets a 1-rank group, so the same DistributedModelParallel code path runs everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_reduce_int(self, value: int, op: str) -> int:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` on rank 0 (None elsewhere)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out if self.is_main else None
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _init(rank: int, world_size: int, init_method: str | None) -> DistContext:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"backend": "nccl" if cuda else "gloo", "rank": rank, "world_size": world_size}
+        if init_method:
+            kwargs["init_method"] = init_method
+        dist.init_process_group(**kwargs)
+    return DistContext(rank=rank, world_size=world_size, device=device)
+
+
+def _worker(rank: int, world_size: int, init_method: str, fn: Callable[..., Any], args: tuple) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rank == 0:  # our progress on rank 0 only; TorchRec/FBGEMM INFO chatter stays off
+        for ours in ("ctr", "features"):
+            logging.getLogger(ours).setLevel(logging.INFO)
+    ctx = _init(rank, world_size, init_method)
+    try:
+        fn(ctx, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], nproc: int, rendezvous_dir: Path, *args: Any) -> None:
+    """Run `fn(ctx, *args)` on `nproc` ranks (or join a torchrun job when RANK/WORLD_SIZE are set)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        ctx = _init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None)
+        try:
+            fn(ctx, *args)
+        finally:
+            dist.destroy_process_group()
+        return
+    rendezvous_dir.mkdir(parents=True, exist_ok=True)
+    store = rendezvous_dir / ".dist_store"
+    if store.exists():
+        store.unlink()
+    init_method = f"file://{store}"
+    try:
+        if nproc == 1:
+            ctx = _init(0, 1, init_method)
+            try:
+                fn(ctx, *args)
+            finally:
+                dist.destroy_process_group()
+        else:
+            mp.start_processes(
+                _worker, args=(nproc, init_method, fn, args), nprocs=nproc, join=True, start_method="spawn"
+            )
+    finally:
+        if store.exists():
+            store.unlink()
+        shutil.rmtree(rendezvous_dir / ".dist_tmp", ignore_errors=True)
+
+
+# ---- sharded state ---------------------------------------------------------------------------------------------
+
+
+def _is_sharded(t: Any) -> bool:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return isinstance(t, ShardedTensor)
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_state_dict(module: torch.nn.Module, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights as plain CPU tensors on rank 0 (sharded tables gathered); None on other ranks.
+
+    Collective: every rank must call it. The result loads into the unsharded model (same keys), so evaluation and
+    export do not depend on how many workers trained it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, t in module.state_dict().items():
+        if _is_sharded(t):
+            full = torch.empty(t.size(), dtype=t.dtype) if ctx.is_main else None
+            with warnings.catch_warnings():  # "ShardedTensor is deprecated": it is what TorchRec 1.8 hands us
+                warnings.simplefilter("ignore", FutureWarning)
+                t.gather(dst=0, out=full)
+            if ctx.is_main:
+                out[key] = full  # type: ignore[assignment]
+        elif _is_dtensor(t):
+            full_t = t.full_tensor().cpu()
+            if ctx.is_main:
+                out[key] = full_t
+        elif ctx.is_main:
+            out[key] = t.detach().cpu().clone()
+    return out if ctx.is_main else None
+
+
+def local_state(obj: Any) -> Any:
+    """A state dict with every ShardedTensor replaced by a copy of this rank's local shards (for per-rank saves)."""
+    if _is_sharded(obj):
+        return [s.tensor.detach().cpu().clone() for s in obj.local_shards()]
+    if _is_dtensor(obj):
+        return obj.to_local().detach().cpu().clone()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: local_state(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(local_state(v) for v in obj)
+    return obj
+
+
+def copy_local_state(live: Any, saved: Any, where: str = "") -> None:
+    """Copy a `local_state` snapshot back into the live tensors it was taken from (in place)."""
+    if _is_sharded(live):
+        for shard, tensor in zip(live.local_shards(), saved, strict=True):
+            shard.tensor.copy_(tensor)
+    elif _is_dtensor(live):
+        live.to_local().copy_(saved)
+    elif isinstance(live, torch.Tensor):
+        live.copy_(saved)
+    elif isinstance(live, dict):
+        missing = set(live) ^ set(saved)
+        if missing:
+            raise ValueError(f"checkpoint does not match the model at {where or '<root>'}: keys {sorted(missing)[:5]}")
+        for k in live:
+            copy_local_state(live[k], saved[k], f"{where}.{k}" if where else str(k))
+    elif isinstance(live, list | tuple):
+        for i, (a, b) in enumerate(zip(live, saved, strict=True)):
+            copy_local_state(a, b, f"{where}[{i}]")
