@@ -126,8 +126,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     print(f"[1/5] generating the synthetic world (preset {preset}, seed {args.seed}) into {raw}")
     summary = generate(preset, args.seed, raw)
-    print(f"      {summary['rows']['behaviors']:,} behaviors, {summary['rows']['impressions']:,} impressions, "
-          f"oracle AUC {summary['oracle_auc']:.4f}")
+    print(
+        f"      {summary['rows']['behaviors']:,} behaviors, {summary['rows']['impressions']:,} impressions, "
+        f"oracle AUC {summary['oracle_auc']:.4f}"
+    )
     print(f"[2/5] building the dataset into {data}")
     manifest = build_dataset(raw, data, load_build_config(None, ["output.overwrite=true"]))
     print_dataset_summary(manifest, data)

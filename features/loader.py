@@ -132,7 +132,9 @@ def split_units(data_dir: Path, split: str) -> list[tuple[str, int, int]]:
     """The row groups of a split as (file, row_group, num_rows), in file order."""
     folder = Path(data_dir) / "samples" / split
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such split folder; expected samples/{{train,valid,test}} from `ctr build`")
+        raise FileNotFoundError(
+            f"{folder}: no such split folder; expected samples/{{train,valid,test}} from `ctr build`"
+        )
     units = []
     for f in sorted(folder.glob("*.parquet")):
         md = pq.ParquetFile(f).metadata

@@ -24,3 +24,24 @@ def ray_local():
     ctx.print_on_execution_start = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, ray_local) -> Path:
+    """The tiny synthetic world, generated and built once per test session and shared by pytest-xdist workers
+    (a file lock in the common temp root), for the loader, model and trainer tests. Treat it as read-only."""
+    from filelock import FileLock
+
+    from pipelines.build import build_dataset
+    from pipelines.config import load_build_config
+    from pipelines.synthetic import generate
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's root, shared by every xdist worker (popen-gw0, popen-gw1, ...)
+    data = root / "tiny-data"
+    with FileLock(str(root / "tiny-data.lock")):
+        if not (data / "manifest.json").exists():
+            generate("tiny", 0, root / "tiny-raw")
+            build_dataset(root / "tiny-raw", data, load_build_config(None, ["output.overwrite=true"]))
+    return data

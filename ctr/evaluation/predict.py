@@ -51,8 +51,15 @@ def predict_split(run_dir: Path, split: str = "test", *, batch_size: int = 2048,
         cols["label"].append(batch.dense["label"].numpy())
         if info.has_p_true:
             cols["p_true"].append(batch.dense["p_true"].numpy())
-    types = {"user_idx": pa.int32(), "item_idx": pa.int32(), "ts": pa.int64(), "label": pa.int8(),
-             "score": pa.float32(), "hist_len": pa.int32(), "p_true": pa.float64()}
+    types = {
+        "user_idx": pa.int32(),
+        "item_idx": pa.int32(),
+        "ts": pa.int64(),
+        "label": pa.int8(),
+        "score": pa.float32(),
+        "hist_len": pa.int32(),
+        "p_true": pa.float64(),
+    }
     table = pa.table(
         {k: pa.array(np.concatenate(v) if v else np.zeros(0), type=types[k]).cast(types[k]) for k, v in cols.items()}
     )

@@ -35,8 +35,12 @@ class SumPool(CTRModel):
         self.p = params
         n_in = 4 * self.dim + self.dim * len(self.context_features()) + (self.dim if params.use_user else 0)
         self.tower = MLP(
-            n_in, params.hidden, activation=params.activation, batch_norm=params.batch_norm,
-            dropout=params.dropout, out_dim=1,
+            n_in,
+            params.hidden,
+            activation=params.activation,
+            batch_norm=params.batch_norm,
+            dropout=params.dropout,
+            out_dim=1,
         )
 
     def views(self) -> tuple[SequenceView, ...]:

@@ -145,9 +145,9 @@ def full_state_dict(module: torch.nn.Module, ctx: DistContext) -> dict[str, torc
     out: dict[str, torch.Tensor] = {}
     for key, t in module.state_dict().items():
         if _is_sharded(t):
-            full = torch.empty(t.size(), dtype=t.dtype) if ctx.is_main else None
             with warnings.catch_warnings():  # "ShardedTensor is deprecated": it is what TorchRec 1.8 hands us
                 warnings.simplefilter("ignore", FutureWarning)
+                full = torch.empty(t.size(), dtype=t.dtype) if ctx.is_main else None
                 t.gather(dst=0, out=full)
             if ctx.is_main:
                 out[key] = full  # type: ignore[assignment]

@@ -287,13 +287,24 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
         else:
             state["bad_evals"] += 1
         tlog.write(
-            {"kind": "eval", "split": "valid", "step": state["step"], "epoch": state["epoch"], **metrics,
-             "best": improved, "seconds": round(time.time() - t0, 2)}
+            {
+                "kind": "eval",
+                "split": "valid",
+                "step": state["step"],
+                "epoch": state["epoch"],
+                **metrics,
+                "best": improved,
+                "seconds": round(time.time() - t0, 2),
+            }
         )
         if ctx.is_main:
             log.info(
                 "valid @ step %d: AUC %.4f GAUC %.4f logloss %.4f%s",
-                state["step"], metrics["auc"], metrics["gauc"], metrics["logloss"], " (best)" if improved else "",
+                state["step"],
+                metrics["auc"],
+                metrics["gauc"],
+                metrics["logloss"],
+                " (best)" if improved else "",
             )
         return state["bad_evals"] >= cfg.train.patience
 
@@ -307,15 +318,21 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
         train_loader.set_epoch(epoch)
         steps_hint = train_loader.num_rows() // cfg.data.batch_size
         bar = tqdm(
-            total=steps_hint, initial=state["batch_in_epoch"], desc=f"epoch {epoch}", unit="step",
-            disable=not ctx.is_main, mininterval=2.0, file=sys.stderr, dynamic_ncols=True,
+            total=steps_hint,
+            initial=state["batch_in_epoch"],
+            desc=f"epoch {epoch}",
+            unit="step",
+            disable=not ctx.is_main,
+            mininterval=2.0,
+            file=sys.stderr,
+            dynamic_ncols=True,
         )
         it = iter(train_loader)
         for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was already trained on
             next(it, None)
         window_loss, window_samples, t_window = 0.0, 0, time.time()
         epoch_done = False
-        while True:
+        while not (max_steps is not None and state["step"] >= max_steps):
             batch = next(it, None)
             if ctx.all_reduce_int(0 if batch is None else 1, "min") == 0:
                 epoch_done = True  # the first rank to run dry ends the epoch for all (same steps everywhere)
@@ -338,7 +355,9 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
             if state["step"] % cfg.train.log_every == 0:
                 dt = max(time.time() - t_window, 1e-9)
                 rec = {
-                    "kind": "train", "step": state["step"], "epoch": epoch,
+                    "kind": "train",
+                    "step": state["step"],
+                    "epoch": epoch,
                     "loss": window_loss / max(window_samples, 1),
                     "aux_loss": float(out.aux_loss.detach()) if out.aux_loss is not None else None,
                     "samples_per_s": window_samples * ctx.world_size / dt,
@@ -351,9 +370,10 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
                 save_checkpoint()
             if cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
                 stop = validate()
-            if stop or (max_steps is not None and state["step"] >= max_steps):
-                stop = True
+            if stop:
                 break
+        if max_steps is not None and state["step"] >= max_steps:
+            stop = True
         bar.close()
         if not cfg.train.eval_every or state["step"] % cfg.train.eval_every != 0:
             stop = validate() or stop
@@ -367,8 +387,11 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
     tlog.close()
     if ctx.is_main:
         summary = {
-            "steps": state["step"], "epochs_done": state["epoch"], "best_valid_gauc": state["best_gauc"],
-            "best_step": state["best_step"], "world_size": ctx.world_size,
+            "steps": state["step"],
+            "epochs_done": state["epoch"],
+            "best_valid_gauc": state["best_gauc"],
+            "best_step": state["best_step"],
+            "world_size": ctx.world_size,
         }
         (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("training done: %s", summary)

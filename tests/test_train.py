@@ -1,0 +1,141 @@
+"""The trainer: a run directory end to end, exact resume, 2 processes against 1, and config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cli.main import main as ctr
+from ctr.evaluation.predict import evaluate_run
+from ctr.train.config import ConfigError, resolve_train_config
+from ctr.train.trainer import train
+
+QUICK = ["data.num_workers=0", "data.batch_size=128", "train.log_every=5"]
+
+
+def _train(data: Path, run: Path, sets: list[str], model: str = "sum_pool", **kw) -> Path:
+    cfg, _ = resolve_train_config(model, None, QUICK + sets)
+    return train(data, run, cfg, **kw)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_end_to_end(tiny_data, tmp_path):
+    run = _train(tiny_data, tmp_path / "run", ["train.max_steps=25", "train.eval_every=10"])
+    recs = _records(run)
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert [r["step"] for r in train_recs] == [5, 10, 15, 20, 25]
+    assert all(r["samples_per_s"] > 0 and np.isfinite(r["loss"]) for r in train_recs)
+    assert [r["step"] for r in evals] == [10, 20, 25]  # every 10 steps, and where training stopped
+    assert all(
+        r["samples"] == json.loads((tiny_data / "manifest.json").read_text())["split"]["valid"]["rows"] for r in evals
+    )
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 25 and summary["best_step"] in (10, 20, 25)
+
+    metrics = evaluate_run(run, "test")
+    pred = pq.read_table(run / "predictions.parquet")
+    manifest = json.loads((tiny_data / "manifest.json").read_text())
+    assert pred.num_rows == manifest["split"]["test"]["rows"]
+    assert set(pred.column_names) >= {"user_idx", "item_idx", "ts", "label", "score", "hist_len", "p_true"}
+    assert 0.0 < metrics["auc"] < 1.0 and "oracle" in metrics
+    assert json.loads((run / "metrics.json").read_text())["model"] == "sum_pool"
+
+
+def _last_state(run: Path, rank: int = 0) -> dict:
+    return torch.load(run / "checkpoints" / f"last-rank{rank}.pt", weights_only=False)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = (a[k][0], b[k][0]) if isinstance(a[k], list) else (a[k], b[k])
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    straight = _train(tiny_data, tmp_path / "a", ["train.max_steps=16", "train.eval_every=100"])
+    _train(tiny_data, tmp_path / "b", ["train.max_steps=8", "train.eval_every=100", "train.checkpoint_every=4"])
+    resumed = _train(tiny_data, tmp_path / "b", ["train.max_steps=16", "train.eval_every=100"], resume=True)
+    a, b = _last_state(straight), _last_state(resumed)
+    assert a["state"]["step"] == b["state"]["step"] == 16
+    _assert_same_state(a["model"], b["model"])
+    _assert_same_state(a["sparse_opt"], b["sparse_opt"])
+
+
+def test_resume_needs_a_checkpoint(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="--resume"):
+        _train(tiny_data, tmp_path / "none", ["train.max_steps=2"], resume=True)
+
+
+def test_two_processes_match_one(tiny_data, tmp_path):
+    """Same data, same global batch (2 x 128 vs 1 x 256): the validation metrics agree closely.
+
+    Not bit-exact: the tables are initialized shard by shard, and the 2-rank epoch ends when the first rank runs dry.
+    """
+    sets = ["train.epochs=2", "optim.dense_lr=0.003"]
+    one = _train(tiny_data, tmp_path / "one", [*sets, "data.batch_size=256"], nproc=1)
+    two = _train(tiny_data, tmp_path / "two", [*sets, "data.batch_size=128"], nproc=2)
+    e1 = [r for r in _records(one) if r["kind"] == "eval"]
+    e2 = [r for r in _records(two) if r["kind"] == "eval"]
+    assert len(e1) == len(e2) == 2
+    assert e1[-1]["samples"] == e2[-1]["samples"]  # every validation sample scored once, across ranks
+    steps1 = [r["step"] for r in e1]
+    steps2 = [r["step"] for r in e2]
+    # ranks hold unequal row groups and an epoch ends when the first rank runs dry: a few steps fewer at most
+    assert all(0 <= a - b <= 0.1 * a for a, b in zip(steps1, steps2, strict=True)), (steps1, steps2)
+    assert abs(e1[-1]["auc"] - e2[-1]["auc"]) < 0.03, (e1[-1], e2[-1])
+    assert abs(e1[-1]["logloss"] - e2[-1]["logloss"]) < 0.02, (e1[-1], e2[-1])
+    s1 = evaluate_run(one, "test")
+    s2 = evaluate_run(two, "test")
+    assert abs(s1["auc"] - s2["auc"]) < 0.03
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="optim.dens_lr"):
+        resolve_train_config("sum_pool", None, ["optim.dens_lr=0.1"])
+    with pytest.raises(ConfigError, match="model.hiden"):
+        resolve_train_config("sum_pool", None, ["model.hiden=[8]"])
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        resolve_train_config("sum_pool", None, ["data.batch_size=-1"])
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
+        resolve_train_config("nope", None, [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2]\n")
+    with pytest.raises(ConfigError, match="train"):
+        resolve_train_config("sum_pool", bad, [])
+
+
+def test_config_layering(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("optim:\n  dense_lr: 0.01\nmodel:\n  hidden: [32]\n")
+    cfg, params = resolve_train_config("sum_pool", user, ["optim.dense_lr=0.02"])
+    assert cfg.optim.dense_lr == 0.02  # --set wins over the file
+    assert params.hidden == [32]  # the file wins over the model defaults
+    assert cfg.model["name"] == "sum_pool"
+
+
+def test_cli_train_bad_config_exits_2(tiny_data, tmp_path, capsys):
+    code = ctr(
+        [
+            "train",
+            "--data",
+            str(tiny_data),
+            "--model",
+            "sum_pool",
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "train.epochz=3",
+        ]
+    )
+    assert code == 2
+    assert "train.epochz" in capsys.readouterr().err
