@@ -1,0 +1,153 @@
+"""DIEN: Deep Interest Evolution Network (Zhou et al., "Deep Interest Evolution Network for Click-Through Rate
+Prediction", AAAI 2019).
+
+Over the view ``hist`` (the last `seq_len` behaviors, with one sampled non-clicked item per position)::
+
+    e_a = [e(item); e(cate)]                               target, [B, 2d]
+    e_t = [e(hist_item_t); e(hist_cate_t)]                 behaviors, [B, L, 2d]; ê_t the sampled negatives
+    h_t = GRU(e_t)                                         interest extractor, [B, L, H]
+    L_aux = mean over real (t, t+1) of −log σ(h_t · e_{t+1}) − log(1 − σ(h_t · ê_{t+1}))
+    a_t = softmax_t(h_t W e_a)                             attention over the real positions
+    h'_t = AUGRU(h_t, a_t)                                 interest evolving layer; h'_T its final state
+    logit = MLP([e_a; Σ_t e_t; e_a ⊙ Σ_t e_t; h'_T; context])
+    loss  = BCE(logit, y) + aux_alpha · L_aux              (the trainer adds `aux_loss`, already weighted)
+
+Defaults and where they come from (paper = the AAAI paper; official = mouna99/dien ``script/model.py`` and
+``script/utils.py``, model ``Model_DIN_V2_Gru_Vec_attGru_Neg``):
+
+* ``gru_hidden: null`` = the behavior width 2d (official: HIDDEN_SIZE 36 = 2 × 18). The paper's auxiliary loss is
+  the inner product ``h_t · e_{t+1}``, so with ``aux_net: dot`` the GRU width *must* equal 2d (checked).
+* ``aux_net: dot`` (paper Eq. 4). ``aux_net: mlp`` is the official ``auxiliary_net``: ``[h_t; e_{t+1}]`` → 100
+  sigmoid → 50 sigmoid → click probability (a 2-way softmax there, one sigmoid logit here). The official net starts
+  with a ``tf.layers.batch_normalization`` left in inference mode (``training`` is never passed), i.e. a fixed
+  affine map; it is omitted.
+* ``aux_alpha: 1.0`` (official; the paper's α is a hyper-parameter). The paper sums over t and averages over
+  samples; we take the mean over every real (sample, t) pair, as the brief asks (the official code's mean divides by
+  B × (L − 1), padding included). FuxiCTR's default is 0 (no auxiliary loss).
+* ``attention: bilinear`` (paper Eq. 5, FuxiCTR's default). ``attention: din`` is the official
+  ``din_fcn_attention``: query ``PReLU(Dense_H(e_a))``, activation unit ``attention_hidden`` [80, 40] with
+  ``attention_activation`` sigmoid, masked softmax, no scaling.
+* ``augru: paper`` (paper Eq. 6-8, FuxiCTR's ``AUGRUCell``: ``u' = a·u``, attention 0 keeps the state).
+  ``augru: official`` is the TF ``VecAttGRUCell`` (``u' = (1 − a)·u`` in TF's convention, where attention 0 is a
+  plain GRU step); see `ctr.modules.augru`.
+* Tower ``hidden: [200, 80]``, ``activation: dice`` (official ``build_fcn_net`` with Dice; 2-way softmax there, one
+  logit here). ``input_batch_norm: false``: the official code's BatchNorm on the tower input is also left in
+  inference mode; the paper has none.
+* The official tower also takes the user id embedding (here ``use_user``) and trains with Adam lr 1e-3 halved every
+  epoch, batch 128, maxlen 100 (the trainer's business). Padded positions never change the GRU/AUGRU states.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationInfo, field_validator
+from torch import nn
+
+from features.loader import Batch, SequenceView
+
+from ..modules.attention import BilinearAttention, DienDinAttention
+from ..modules.augru import AUGRU, InterestExtractor
+from ..modules.mlp import MLP
+from .base import CTRModel, ModelOutput, ModelParams, register
+
+
+class DIENParams(ModelParams):
+    seq_len: int = 50
+    aux_alpha: float = 1.0
+    aux_net: Literal["dot", "mlp"] = "dot"
+    gru_hidden: int | None = None  # None = 2 * embedding_dim (required by aux_net: dot); after aux_* for its check
+    aux_hidden: list[int] = [100, 50]  # aux_net: mlp (official)
+    aux_activation: str = "sigmoid"
+    attention: Literal["bilinear", "din"] = "bilinear"
+    attention_hidden: list[int] = [80, 40]  # attention: din (official)
+    attention_activation: Literal["sigmoid", "relu", "prelu", "dice"] = "sigmoid"
+    augru: Literal["paper", "official"] = "paper"
+    hidden: list[int] = [200, 80]
+    activation: str = "dice"
+    batch_norm: bool = False  # BatchNorm after every hidden Linear of the tower
+    input_batch_norm: bool = False
+    dropout: float = 0.0
+
+    @field_validator("gru_hidden")
+    @classmethod
+    def _dot_needs_matching_width(cls, v: int | None, info: ValidationInfo) -> int | None:
+        width = 2 * info.data.get("embedding_dim", 16)
+        if v is not None and v != width and info.data.get("aux_net") == "dot" and info.data.get("aux_alpha", 0) > 0:
+            raise ValueError(
+                f"aux_net 'dot' takes h_t · e_(t+1), so gru_hidden must equal the behavior width 2 * embedding_dim "
+                f"= {width}, got {v}; leave it null or use aux_net 'mlp'"
+            )
+        return v
+
+
+@register
+class DIEN(CTRModel):
+    name = "dien"
+    Params = DIENParams
+
+    def __init__(self, params: DIENParams, info, device=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(params, info, device)
+        self.p = params
+        d = 2 * self.dim
+        h = params.gru_hidden or d
+        self.extractor = InterestExtractor(d, h)
+        self.aux_mlp = None
+        if params.aux_net == "mlp":
+            self.aux_mlp = MLP(h + d, params.aux_hidden, activation=params.aux_activation, out_dim=1)
+        if params.attention == "bilinear":
+            self.attention: nn.Module = BilinearAttention(d, h)
+        else:
+            self.attention = DienDinAttention(d, h, params.attention_hidden, params.attention_activation)
+        self.augru = AUGRU(h, h, form=params.augru)
+        n_ctx = len(self.context_features()) + (1 if params.use_user else 0)
+        n_in = 3 * d + h + self.dim * n_ctx
+        self.input_norm = nn.BatchNorm1d(n_in) if params.input_batch_norm else nn.Identity()
+        self.tower = MLP(
+            n_in, params.hidden, activation=params.activation, batch_norm=params.batch_norm,
+            dropout=params.dropout, out_dim=1,
+        )  # fmt: skip
+
+    def views(self) -> tuple[SequenceView, ...]:
+        return (SequenceView("hist", self.params.seq_len, negatives=True),)  # type: ignore[attr-defined]
+
+    def _behaviors(self, emb: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        item, mask = self.padded(emb[f"{prefix}_item"], self.p.seq_len)
+        cate, _ = self.padded(emb[f"{prefix}_cate"], self.p.seq_len)
+        return torch.cat([item, cate], dim=-1), mask
+
+    def auxiliary_loss(
+        self, states: torch.Tensor, clicked: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Unweighted L_aux: h_t against the next clicked behavior and the next sampled one, mean over real pairs.
+
+        states [B, L, H], clicked / sampled [B, L, 2d], mask [B, L]; the pair (t, t+1) is real when t+1 is.
+        """
+        valid = mask[:, 1:]
+        h, pos, neg = states[:, :-1][valid], clicked[:, 1:][valid], sampled[:, 1:][valid]
+        if self.aux_mlp is None:
+            pos_logit, neg_logit = (h * pos).sum(-1), (h * neg).sum(-1)
+        else:
+            pos_logit = self.aux_mlp(torch.cat([h, pos], dim=-1)).squeeze(-1)
+            neg_logit = self.aux_mlp(torch.cat([h, neg], dim=-1)).squeeze(-1)
+        # −log σ(x) = softplus(−x), −log(1 − σ(x)) = softplus(x)
+        losses = F.softplus(-pos_logit) + F.softplus(neg_logit)
+        return losses.sum() / max(1, losses.numel())
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        emb = self.lookup(batch)
+        target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
+        beh, mask = self._behaviors(emb, "hist")
+        interests = self.extractor(beh, mask)  # [B, L, H]
+        aux = None
+        if self.training and self.p.aux_alpha > 0:
+            neg, _ = self._behaviors(emb, "hist_neg")
+            aux = self.p.aux_alpha * self.auxiliary_loss(interests, beh, neg, mask)
+        _, att = self.attention(target, interests, mask)
+        _, final = self.augru(interests, att, mask)
+        summed = beh.sum(1)  # padded positions are zeros
+        x = torch.cat([target, summed, target * summed, final, *self.context_vector(emb)], dim=-1)
+        logit = self.tower(self.input_norm(x)).squeeze(-1)
+        return ModelOutput(logit=logit, aux_loss=aux)

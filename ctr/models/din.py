@@ -1,0 +1,104 @@
+"""DIN: Deep Interest Network (Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018).
+
+Input over the view ``hist`` (the last `seq_len` behaviors, default 50)::
+
+    e_t = [e(item); e(cate)]                       target ad, [B, 2d]
+    E_i = [e(hist_item_i); e(hist_cate_i)]         behaviors, [B, L, 2d]
+    s_i = MLP_au([e_t; E_i; e_t − E_i; e_t ⊙ E_i])  activation unit (`ctr.modules.attention.DinAttention`)
+    u   = Σ_i w_i E_i                              w_i = s_i (paper) | masked softmax(s_i / sqrt(2d)) (official)
+    logit = MLP([u; e_t; u ⊙ e_t; context]) (+ b_item)
+
+Defaults and where they come from:
+
+* ``softmax: false``: the paper (after Eq. 3) drops the softmax to keep the intensity of user interest; FuxiCTR's
+  ``din_use_softmax`` defaults to False too. The official demo code (zhougr1993/DeepInterestNetwork
+  ``din/model.py``) masks, divides by sqrt(H) and takes a softmax: ``softmax: true``.
+* Activation unit ``attention_hidden: [80, 40]`` (official code; FuxiCTR LongCTR uses [64]). The paper's Fig. 2
+  draws the unit with PReLU/Dice, and a single hidden layer (recalled as 36 units, not re-verified), so the default
+  ``attention_activation: dice``; the official code uses ``sigmoid``.
+* Tower ``hidden: [200, 80]`` with ``activation: dice`` and a 1-logit output: the paper's Fig. 2 (200 → 80 → 2
+  softmax, PReLU/Dice; one sigmoid logit is the same model). The official code uses 80 → 40 sigmoid/Dice.
+* ``input_batch_norm: false``: the paper has no BatchNorm; the official code puts one on the tower input
+  (``true``). The official code also maps ``u`` through ``Dense_128(BN(u))`` before the tower; not reproduced.
+* ``item_bias: false``: the official code adds a learned per-item bias to the logit (``true``); a dense
+  ``nn.Embedding(n_items, 1)``, trained by the dense optimizer.
+* The tower's input uses ``[u; e_t; u ⊙ e_t]`` (official code; the paper concatenates the pooled user vector with
+  the ad and the other features), plus the context embeddings of this library.
+* Not reproduced: the paper's mini-batch aware L2 regularization, and the official SGD schedule (lr 1.0 → 0.1).
+
+``backend: kernel`` computes the attention with the fused `kernels.din_attention` on the jagged behaviors (Triton
+on CUDA, its PyTorch reference elsewhere) instead of the readable padded module; same parameters, same output.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from features.loader import Batch, SequenceView
+
+from ..modules.attention import DinAttention
+from ..modules.mlp import MLP
+from .base import CTRModel, ModelOutput, ModelParams, register
+
+
+class DINParams(ModelParams):
+    seq_len: int = 50
+    attention_hidden: list[int] = [80, 40]
+    attention_activation: Literal["sigmoid", "relu", "prelu", "dice"] = "dice"
+    softmax: bool = False  # paper: raw weights; official code: masked softmax of scores / sqrt(2d)
+    hidden: list[int] = [200, 80]
+    activation: str = "dice"
+    batch_norm: bool = False  # BatchNorm after every hidden Linear of the tower
+    input_batch_norm: bool = False  # official code: BatchNorm on the tower input
+    dropout: float = 0.0
+    item_bias: bool = False  # official code: a learned per-item bias added to the logit
+    backend: Literal["module", "kernel"] = "module"
+
+
+@register
+class DIN(CTRModel):
+    name = "din"
+    Params = DINParams
+
+    def __init__(self, params: DINParams, info, device=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(params, info, device)
+        self.p = params
+        d = 2 * self.dim  # behavior / target width: [item; cate]
+        self.attention = DinAttention(d, params.attention_hidden, params.attention_activation, softmax=params.softmax)
+        n_ctx = len(self.context_features()) + (1 if params.use_user else 0)
+        n_in = 3 * d + self.dim * n_ctx
+        self.input_norm = nn.BatchNorm1d(n_in) if params.input_batch_norm else nn.Identity()
+        self.tower = MLP(
+            n_in, params.hidden, activation=params.activation, batch_norm=params.batch_norm,
+            dropout=params.dropout, out_dim=1,
+        )  # fmt: skip
+        self.item_bias = None
+        if params.item_bias:
+            self.item_bias = nn.Embedding(info.vocab_sizes["item"], 1)
+            nn.init.zeros_(self.item_bias.weight)
+
+    def views(self) -> tuple[SequenceView, ...]:
+        return (SequenceView("hist", self.params.seq_len),)  # type: ignore[attr-defined]
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        emb = self.lookup(batch)
+        target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
+        if self.p.backend == "kernel":
+            hist_item = emb["hist_item"]
+            keys = torch.cat([hist_item.values(), emb["hist_cate"].values()], dim=-1)
+            lengths = hist_item.lengths().long()
+            offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=keys.device)
+            torch.cumsum(lengths, 0, out=offsets[1:])
+            pooled = self.attention.forward_jagged(target, keys, offsets, max_len=self.p.seq_len)
+        else:
+            item, mask = self.padded(emb["hist_item"], self.p.seq_len)
+            cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)
+            pooled, _ = self.attention(target, torch.cat([item, cate], dim=-1), mask)
+        x = torch.cat([pooled, target, pooled * target, *self.context_vector(emb)], dim=-1)
+        logit = self.tower(self.input_norm(x)).squeeze(-1)
+        if self.item_bias is not None:
+            logit = logit + self.item_bias(batch.sparse["item"].values()).squeeze(-1)
+        return ModelOutput(logit=logit)

@@ -1,0 +1,177 @@
+"""Target attention over a right-padded behavior sequence: DIN's activation unit, DIEN's bilinear attention and the
+DIN-style attention of DIEN's official code.
+
+Every module here takes the target ``query [B, Dq]``, the behaviors ``keys [B, L, D]`` (right-padded, oldest first)
+and a bool ``mask [B, L]`` (True = a real behavior) and returns ``(pooled [B, Dv], weights [B, L])``; the weights are
+0 at masked positions and a row without behaviors pools to zeros.
+
+* `DinAttention` (DIN, Zhou et al., KDD 2018, Eq. 3): ``s_i = MLP([q; k_i; q − k_i; q ⊙ k_i]) → 1``, ``pooled = Σ_i
+  w_i v_i``. The paper uses the raw scores as weights (``softmax=False``: "the normalization with softmax is
+  abandoned" to keep the intensity of user interest); the official code (zhougr1993/DeepInterestNetwork
+  ``din/model.py``) masks, divides by sqrt(D) and takes a softmax (``softmax=True``, ``scale=None``). The MLP runs on
+  the real behaviors only (``keys[mask]``), so padding never reaches Dice's batch statistics.
+  `DinAttention.forward_jagged` computes the same thing with the fused `kernels.din_attention` on jagged keys.
+* `BilinearAttention` (DIEN, Zhou et al., AAAI 2019, Eq. 5): ``a_t = softmax_t(h_t W e_target)`` over the real
+  positions.
+* `DienDinAttention` (DIEN official code, mouna99/dien ``script/utils.py::din_fcn_attention``): the query is
+  ``PReLU(Dense_H(e_target))`` (PReLU slope starts at 0.1), then a DIN activation unit [80, 40] sigmoid over
+  ``[q; h; q − h; q ⊙ h]`` and a masked softmax *without* the 1/sqrt(D) scaling (commented out there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .activations import Dice, make_activation
+
+DIN_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to ``mask``; 0 at masked positions, all zeros for an empty row."""
+    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(filled, dim=-1) * mask.to(scores.dtype)
+
+
+def pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``Σ_i w_i v_i``: weights [B, L], values [B, L, Dv] -> [B, Dv]."""
+    return torch.bmm(weights.unsqueeze(1), values).squeeze(1)
+
+
+class DinAttention(nn.Module):
+    """DIN's local activation unit and weighted sum pooling (see the module docstring).
+
+    Args:
+        dim: D, the width of the query and the keys (the unit takes ``q − k`` and ``q ⊙ k``).
+        hidden: hidden sizes of the activation unit MLP ([80, 40] in the official DIN and DIEN code).
+        activation: hidden activation: ``sigmoid`` (official code), ``relu``, ``prelu`` or ``dice`` (the paper's
+            Fig. 2 shows PReLU/Dice in the activation unit).
+        softmax: False (paper): the raw scores are the weights. True (official code): masked softmax of
+            ``scores · scale``.
+        scale: the score multiplier before the softmax; None = 1/sqrt(D) (official DIN code).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (80, 40),
+        activation: str = "dice",
+        softmax: bool = False,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in DIN_ACTIVATIONS:
+            raise ValueError(f"DinAttention activation must be one of {DIN_ACTIVATIONS}, got {activation!r}")
+        if not hidden:
+            raise ValueError("DinAttention needs at least one hidden layer")
+        self.dim = dim
+        self.activation = activation
+        self.softmax = softmax
+        self.scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+        widths = [4 * dim, *hidden]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        self.acts = nn.ModuleList(make_activation(activation, h) for h in hidden)
+        self.out = nn.Linear(widths[-1], 1)
+
+    # ---- the readable form ----------------------------------------------------------------------------------
+    def unit(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The activation unit on rows: q, k [N, D] -> scores [N]."""
+        x = torch.cat([q, k, q - k, q * k], dim=-1)
+        for linear, act in zip(self.linears, self.acts, strict=True):
+            x = act(linear(x))
+        return self.out(x).squeeze(-1)
+
+    def scores(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Raw scores [B, L] (0 at masked positions); the MLP sees the real behaviors only."""
+        b, n, d = keys.shape
+        scores = keys.new_zeros(b, n)
+        if bool(mask.any()):
+            q = query.unsqueeze(1).expand(b, n, d)[mask]
+            scores = scores.masked_scatter(mask, self.unit(q, keys[mask]))
+        return scores
+
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [B, D], keys [B, L, D], mask [B, L] -> (pooled [B, Dv], weights [B, L])."""
+        s = self.scores(query, keys, mask)
+        weights = masked_softmax(s * self.scale, mask) if self.softmax else s * mask.to(s.dtype)
+        return pool(weights, keys if values is None else values), weights
+
+    # ---- the fused kernel on jagged keys --------------------------------------------------------------------
+    def forward_jagged(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        offsets: torch.Tensor,
+        values: torch.Tensor | None = None,
+        *,
+        max_len: int | None = None,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        """The same pooled output from `kernels.din_attention` (Triton on CUDA, its PyTorch reference elsewhere).
+
+        query [B, D], keys [N, D] jagged by int64 ``offsets [B + 1]`` -> pooled [B, Dv]. Uses this module's
+        parameters and, for Dice, its BatchNorm buffers (batch statistics over the real behaviors in training,
+        running statistics in eval, updated in place like the module does).
+        """
+        from kernels import din_attention
+
+        weights = [lin.weight.t() for lin in self.linears] + [self.out.weight.t()]
+        biases = [lin.bias for lin in self.linears] + [self.out.bias]
+        alphas = running = None
+        dice_momentum, dice_eps = 0.1, 1e-8
+        if self.activation == "prelu":
+            alphas = [act.weight for act in self.acts]
+        elif self.activation == "dice":
+            dices: list[Dice] = list(self.acts)  # type: ignore[arg-type]
+            alphas = [act.alpha for act in dices]
+            norms: list[nn.BatchNorm1d] = [act.norm for act in dices]  # type: ignore[misc]
+            running = [(bn.running_mean, bn.running_var) for bn in norms]
+            dice_momentum, dice_eps = float(norms[0].momentum or 0.1), float(norms[0].eps)
+        return din_attention(
+            query, keys, offsets, weights, biases, values=values, activation=self.activation, alphas=alphas,
+            dice_running=running, dice_training=self.training and self.activation == "dice",
+            dice_momentum=dice_momentum, dice_eps=dice_eps, softmax=self.softmax, softmax_scale=self.scale,
+            max_len=max_len, backend=backend,
+        )  # fmt: skip
+
+
+class BilinearAttention(nn.Module):
+    """DIEN's attention (paper Eq. 5): ``a_t = exp(h_t W e_a) / Σ_j exp(h_j W e_a)`` over the real positions.
+
+    ``W`` maps the target (``query_dim``) to the key space (``key_dim``), without a bias (Eq. 5 has none).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(query_dim, key_dim, bias=False)
+
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.bmm(keys, self.proj(query).unsqueeze(-1)).squeeze(-1)  # [B, L]
+        weights = masked_softmax(scores, mask)
+        return pool(weights, keys if values is None else values), weights
+
+
+class DienDinAttention(nn.Module):
+    """DIEN official code's attention (``din_fcn_attention``): query ``PReLU(Dense_Dk(e_target))``, then a DIN
+    activation unit (default [80, 40] sigmoid) and a masked softmax without scaling."""
+
+    def __init__(
+        self, query_dim: int, key_dim: int, hidden: Sequence[int] = (80, 40), activation: str = "sigmoid"
+    ) -> None:
+        super().__init__()
+        self.proj = nn.Linear(query_dim, key_dim)
+        self.prelu = nn.PReLU(key_dim, init=0.1)
+        self.unit = DinAttention(key_dim, hidden, activation, softmax=True, scale=1.0)
+
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.unit(self.prelu(self.proj(query)), keys, mask, values)

@@ -1,0 +1,93 @@
+"""DIEN's recurrent layers over right-padded sequences: the GRU interest extractor and the AUGRU interest evolver.
+
+Inputs are right-padded ``[B, L, D]`` (oldest first, the newest real behavior at ``length − 1``) with a bool mask
+``[B, L]``. Positions at or beyond a row's length never change its state: the extractor is causal, so its outputs at
+real positions do not depend on the padding (padded outputs are zeroed), and the AUGRU keeps the previous state
+where the mask is False (as TF's ``dynamic_rnn(sequence_length=...)`` in DIEN's official code).
+
+AUGRU (DIEN, Zhou et al., AAAI 2019, Eq. 6-8), ``form="paper"`` (also FuxiCTR's ``AUGRUCell``)::
+
+    r = σ(W_r x + U_r h + b_r)            u = σ(W_u x + U_u h + b_u)
+    h̃ = tanh(W_h x + r ⊙ (U_h h) + b_h)
+    u' = a · u                            h_new = (1 − u') ⊙ h + u' ⊙ h̃
+
+so a = 0 keeps the state and a = 1 is a plain GRU step. ``form="official"`` is the TF ``VecAttGRUCell`` of
+mouna99/dien ``script/utils.py`` (TF's GRU conventions: the reset gate multiplies the state *before* the candidate's
+matrix, the gate biases start at 1.0)::
+
+    r, u = σ(W [x; h] + b)                h̃ = tanh(W_c [x; r ⊙ h] + b_c)
+    u' = (1 − a) · u                      h_new = u' ⊙ h + (1 − u') ⊙ h̃
+
+there a = 0 is a plain (TF-convention) GRU step and a = 1 replaces the state by the candidate.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+class InterestExtractor(nn.Module):
+    """DIEN's interest extractor: a one-layer GRU over the behaviors; outputs ``h_t`` [B, L, H], 0 where masked."""
+
+    def __init__(self, input_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(input_dim, hidden_dim, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Right padding + a causal recurrence: h_t at a real position sees only x_0..x_t, all real.
+        out, _ = self.gru(x)
+        return out * mask.unsqueeze(-1).to(out.dtype)
+
+
+class AUGRU(nn.Module):
+    """GRU with an attentional update gate (see the module docstring); a loop over time, vectorized over the batch.
+
+    forward(x [B, L, D], att [B, L], mask [B, L], h0 [B, H] | None) -> (states [B, L, H], final [B, H]); ``final``
+    is the state after each row's last real position (``h0``, default zeros, for an empty row).
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, form: Literal["paper", "official"] = "paper") -> None:
+        super().__init__()
+        if form not in ("paper", "official"):
+            raise ValueError(f"AUGRU form must be 'paper' or 'official', got {form!r}")
+        self.form = form
+        self.hidden_dim = hidden_dim
+        self.x2h = nn.Linear(input_dim, 3 * hidden_dim)  # [r | u | candidate] input parts and every bias
+        self.h2h = nn.Linear(hidden_dim, 3 * hidden_dim, bias=False)  # [U_r | U_u | U_h]
+        if form == "official":
+            with torch.no_grad():
+                self.x2h.bias[: 2 * hidden_dim].fill_(1.0)  # TF GRU: gate biases start at 1
+
+    def forward(
+        self, x: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = x.shape[0]
+        hd = self.hidden_dim
+        h = x.new_zeros(b, hd) if h0 is None else h0
+        gx = self.x2h(x)  # [B, L, 3H], every input projection at once
+        w_gates, w_cand = self.h2h.weight[: 2 * hd], self.h2h.weight[2 * hd :]
+        # unbind once: indexing [:, t] in the loop would cost a full-size zero gradient per step in backward
+        gx_steps = gx.unbind(1)
+        att_steps = att.unsqueeze(-1).to(x.dtype).unbind(1)
+        keep_steps = mask.unsqueeze(-1).unbind(1)
+        states = []
+        for t in range(len(gx_steps)):
+            gx_r, gx_u, gx_c = gx_steps[t].split(hd, dim=-1)
+            if self.form == "paper":
+                gh_r, gh_u, gh_c = torch.mm(h, self.h2h.weight.t()).split(hd, dim=-1)
+                r, u = torch.sigmoid(gx_r + gh_r), torch.sigmoid(gx_u + gh_u)
+                cand = torch.tanh(gx_c + r * gh_c)
+                u = att_steps[t] * u
+                new = (1 - u) * h + u * cand
+            else:
+                gh_r, gh_u = torch.mm(h, w_gates.t()).split(hd, dim=-1)
+                r, u = torch.sigmoid(gx_r + gh_r), torch.sigmoid(gx_u + gh_u)
+                cand = torch.tanh(gx_c + torch.mm(r * h, w_cand.t()))
+                u = (1 - att_steps[t]) * u
+                new = u * h + (1 - u) * cand
+            h = torch.where(keep_steps[t], new, h)
+            states.append(h)
+        return torch.stack(states, dim=1), h

@@ -1,0 +1,406 @@
+"""The models (sum_pool, DIN, DIEN) and their blocks (DIN attention, bilinear attention, GRU extractor, AUGRU).
+
+Data: the session's tiny synthetic dataset (`tiny_data` in conftest.py: preset tiny, seed 0, built once); set
+``CTR_TEST_MODELS_DATA`` to a built dataset directory to skip the build while iterating. Torch runs on one thread
+here: on a small shared CPU, oversubscribed intra-op threads make these small ops many times slower.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctr.models import get_model_class
+from ctr.modules.attention import BilinearAttention, DienDinAttention, DinAttention
+from ctr.modules.augru import AUGRU, InterestExtractor
+from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader
+
+# tests/conftest.py puts tests/ on sys.path, where tests/kernels would shadow the `kernels` package as a namespace
+# package under a plain `pytest` (no repository root on sys.path); a regular package anywhere on the path wins.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None) is None:
+    for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+        del sys.modules[_name]
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def info(request) -> DatasetInfo:
+    prebuilt = os.environ.get("CTR_TEST_MODELS_DATA")
+    return DatasetInfo.load(prebuilt or request.getfixturevalue("tiny_data"))
+
+
+_BATCHES: dict[tuple, list[Batch]] = {}
+
+
+def batches(info: DatasetInfo, model, n: int = STEPS) -> list[Batch]:
+    """The first `n` shuffled training batches of 256 for this model's views and features (cached)."""
+    key = (str(info.data_dir), model.views(), tuple(model.features()))
+    if key not in _BATCHES or len(_BATCHES[key]) < n:
+        loader = SplitLoader(info, "train", LoaderConfig(batch_size=256, views=model.views(), shuffle=True),
+                             model.features())  # fmt: skip
+        _BATCHES[key] = [b for _, b in zip(range(n), loader, strict=False)]
+    return _BATCHES[key][:n]
+
+
+def build(info: DatasetInfo, name: str, seed: int = 0, **params):
+    torch.manual_seed(seed)
+    cls = get_model_class(name)
+    return cls(cls.Params(**params), info)
+
+
+def subset(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The same samples as `rows` of `batch`, as a batch of their own (so padded to their own longest history)."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    def take(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long)
+        offsets[1:] = lengths.long().cumsum(0)
+        parts = [values[offsets[r] : offsets[r + 1]] for r in rows.tolist()]
+        return torch.cat(parts), lengths[rows]
+
+    kjt = batch.sparse
+    values, lengths = [], []
+    for key in kjt.keys():
+        v, n = take(kjt[key].values(), kjt[key].lengths())
+        values.append(v)
+        lengths.append(n)
+    sparse = KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
+    dense = {}
+    for k, v in batch.dense.items():
+        if k.endswith("_ts_gap"):
+            dense[k] = take(v, batch.dense[k.removesuffix("_ts_gap") + "_lengths"])[0]
+        else:
+            dense[k] = v[rows]
+    return Batch(sparse=sparse, dense=dense, size=len(rows))
+
+
+def loss_of(out, batch: Batch) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
+    return loss + out.aux_loss if out.aux_loss is not None else loss
+
+
+# ---- models end to end ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sum_pool", "din", "dien"])
+def test_training_loss_decreases(info, name):
+    model = build(info, name)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for batch in batches(info, model):
+        out = model(batch)
+        assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all()
+        if name == "dien":
+            assert out.aux_loss is not None and out.aux_loss.dim() == 0 and out.aux_loss.item() > 0
+        else:
+            assert out.aux_loss is None
+        loss = loss_of(out, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert len(losses) == STEPS
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.02, (first, last)
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("din", {"softmax": True, "attention_activation": "sigmoid", "item_bias": True, "input_batch_norm": True}),
+        ("din", {"attention_activation": "prelu", "activation": "prelu", "backend": "kernel"}),
+        ("dien", {"attention": "din", "augru": "official", "aux_net": "mlp"}),
+        ("dien", {"aux_net": "mlp", "gru_hidden": 24, "input_batch_norm": True}),
+    ],
+)
+def test_variants_run(info, name, params):
+    """The official-code options build, train a few steps and give finite outputs."""
+    model = build(info, name, **params)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for batch in batches(info, model, 3):
+        out = model(batch)
+        loss = loss_of(out, batch)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = model(batch)
+    assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all() and out.aux_loss is None
+
+
+@pytest.mark.parametrize(
+    "name, params", [("sum_pool", {}), ("din", {}), ("din", {"softmax": True}), ("din", {"backend": "kernel"}),
+                     ("dien", {}), ("dien", {"attention": "din", "augru": "official"})],
+)  # fmt: skip
+def test_eval_and_padding_invariance(info, name, params):
+    """eval() works, is deterministic and per-sample: the short histories give the same logits when they are
+    padded to the batch's longest history (within the full batch) as when padded only to their own."""
+    model = build(info, name, **params)
+    # a few training steps first, so Dice / BatchNorm running statistics are not at their initial values
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for batch in batches(info, model, 3):
+        loss = loss_of(model(batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    batch = batches(info, model, 4)[3]
+    with torch.no_grad():
+        full = model(batch)
+        again = model(batch)
+    assert full.aux_loss is None
+    assert full.logit.shape == (batch.size,)
+    torch.testing.assert_close(full.logit, again.logit, rtol=0, atol=0)
+
+    lengths = batch.dense["hist_lengths"]
+    rows = torch.argsort(lengths)[:16]
+    assert int(lengths[rows].max()) < int(lengths.max()), "the batch needs histories shorter than its longest"
+    with torch.no_grad():
+        part = model(subset(batch, rows))
+    torch.testing.assert_close(part.logit, full.logit[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_models_do_not_read_p_true(info):
+    for name in ("sum_pool", "din", "dien"):
+        model = build(info, name).eval()
+        batch = batches(info, model, 1)[0]
+        assert "p_true" in batch.dense
+        dense = {k: v for k, v in batch.dense.items() if k != "p_true"}
+        with torch.no_grad():
+            a = model(batch).logit
+            b = model(Batch(sparse=batch.sparse, dense=dense, size=batch.size)).logit
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_din_softmax_flag_changes_behavior(info):
+    raw = build(info, "din", softmax=False).eval()
+    soft = build(info, "din", softmax=True).eval()
+    soft.load_state_dict(raw.state_dict())  # same parameters, only the weighting differs
+    batch = batches(info, raw, 1)[0]
+    with torch.no_grad():
+        assert not torch.allclose(raw(batch).logit, soft(batch).logit)
+
+    torch.manual_seed(1)
+    keys, query = torch.randn(4, 7, 6), torch.randn(4, 6)
+    mask = torch.arange(7) < torch.tensor([7, 3, 1, 0]).unsqueeze(1)
+    att = DinAttention(6, [8, 4], "sigmoid", softmax=False)
+    _, w_raw = att(query, keys, mask)
+    att.softmax = True
+    _, w_soft = att(query, keys, mask)
+    torch.testing.assert_close(w_soft.sum(1), torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    # raw weights are the activation unit's scores, not normalized; softmax(scores / sqrt(D)) otherwise
+    scores = att.scores(query, keys, mask)
+    torch.testing.assert_close(w_raw, scores * mask)
+    expect = torch.softmax((scores / 6**0.5).masked_fill(~mask, -torch.inf), 1)[:3]
+    torch.testing.assert_close(w_soft[:3], expect)
+    assert (w_raw[~mask] == 0).all() and (w_soft[~mask] == 0).all()
+
+
+def test_dien_aux_loss_only_in_training(info):
+    model = build(info, "dien")
+    batch = batches(info, model, 1)[0]
+    out = model.train()(batch)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0 and out.aux_loss.requires_grad
+    # at start the embeddings are tiny, so h_t . e ~ 0 and each pair costs about 2 log 2
+    assert abs(out.aux_loss.item() - 2 * torch.log(torch.tensor(2.0)).item()) < 0.1
+    assert model.eval()(batch).aux_loss is None
+    assert build(info, "dien", aux_alpha=0.0).train()(batch).aux_loss is None
+    half = build(info, "dien", aux_alpha=0.5).train()(batch).aux_loss
+    torch.testing.assert_close(half, 0.5 * out.aux_loss)
+
+
+def test_dien_dot_aux_needs_matching_width():
+    cls = get_model_class("dien")
+    with pytest.raises(ValueError, match="gru_hidden"):
+        cls.Params(embedding_dim=8, gru_hidden=12)
+    cls.Params(embedding_dim=8, gru_hidden=16)
+    cls.Params(embedding_dim=8, gru_hidden=12, aux_net="mlp")
+
+
+def test_dien_aux_loss_matches_the_formula():
+    """L_aux = mean over real (t, t+1) of -log σ(h_t·e_{t+1}) - log(1 - σ(h_t·ê_{t+1}))."""
+    torch.manual_seed(0)
+    h, e, n = torch.randn(3, 5, 4), torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    lengths = [5, 2, 0]
+    mask = torch.arange(5) < torch.tensor(lengths).unsqueeze(1)
+    terms = []
+    for b, length in enumerate(lengths):
+        for t in range(length - 1):
+            terms.append(-F.logsigmoid(h[b, t] @ e[b, t + 1]) - torch.log1p(-torch.sigmoid(h[b, t] @ n[b, t + 1])))
+    expect = torch.stack(terms).mean()
+    model = get_model_class("dien").auxiliary_loss
+    fake = type("M", (), {"aux_mlp": None})()
+    torch.testing.assert_close(model(fake, h, e, n, mask), expect)
+
+
+# ---- DIN attention: module vs fused kernel -----------------------------------------------------------------------
+
+
+def _jagged(keys: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask = torch.arange(keys.shape[1]) < lengths.unsqueeze(1)
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = lengths.cumsum(0)
+    return keys[mask], offsets, mask
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_din_attention_kernel_matches_module(activation, softmax, training):
+    torch.manual_seed(0)
+    lengths = torch.tensor([5, 0, 3, 7, 1, 7])
+    module = DinAttention(6, [8, 4], activation, softmax=softmax).double()
+    if activation == "dice":  # non-trivial running statistics for eval mode
+        for act in module.acts:
+            act.norm.running_mean.normal_()
+            act.norm.running_var.uniform_(0.5, 1.5)
+            act.alpha.data.normal_()
+    kernel = copy.deepcopy(module)
+    module.train(training)
+    kernel.train(training)
+    query = torch.randn(6, 6, dtype=torch.float64)
+    keys = torch.randn(6, 7, 6, dtype=torch.float64)
+    flat, offsets, mask = _jagged(keys, lengths)
+
+    q1, k1 = query.clone().requires_grad_(), keys.clone().requires_grad_()
+    out_m, _ = module(q1, k1, mask)
+    q2, k2 = query.clone().requires_grad_(), flat.clone().requires_grad_()
+    out_k = kernel.forward_jagged(q2, k2, offsets, backend="reference")
+    torch.testing.assert_close(out_k, out_m)
+
+    grad = torch.randn_like(out_m)
+    out_m.backward(grad)
+    out_k.backward(grad)
+    torch.testing.assert_close(q2.grad, q1.grad)
+    torch.testing.assert_close(k2.grad, k1.grad[mask])
+    for (name, p_m), p_k in zip(module.named_parameters(), kernel.parameters(), strict=True):
+        torch.testing.assert_close(p_k.grad, p_m.grad, msg=name)
+    for (name, b_m), b_k in zip(module.named_buffers(), kernel.buffers(), strict=True):
+        if b_m.is_floating_point():  # Dice's running statistics move the same way
+            torch.testing.assert_close(b_k, b_m, msg=name)
+
+
+def test_din_kernel_backend_matches_module_backend(info):
+    module = build(info, "din")
+    kernel = build(info, "din", backend="kernel")
+    kernel.load_state_dict(module.state_dict())
+    batch = batches(info, module, 1)[0]
+    for train in (True, False):
+        module.train(train)
+        kernel.train(train)
+        out_m, out_k = module(batch).logit, kernel(batch).logit
+        torch.testing.assert_close(out_k, out_m, rtol=1e-5, atol=1e-5)
+        if train:
+            out_m.sum().backward()
+            out_k.sum().backward()
+            # float32 sums over ~10k behaviors (Dice's batch statistics): compare relative to each gradient's scale;
+            # the float64 test above checks the kernel exactly
+            for (name, p_m), p_k in zip(module.named_parameters(), kernel.parameters(), strict=True):
+                scale = p_m.grad.abs().max().item()
+                torch.testing.assert_close(p_k.grad, p_m.grad, rtol=1e-3, atol=1e-3 * scale + 1e-7, msg=name)
+
+
+# ---- DIEN blocks -------------------------------------------------------------------------------------------------
+
+
+def test_bilinear_attention_is_a_masked_softmax():
+    torch.manual_seed(0)
+    att = BilinearAttention(6, 4)
+    keys, query = torch.randn(3, 5, 4), torch.randn(3, 6)
+    mask = torch.arange(5) < torch.tensor([5, 2, 0]).unsqueeze(1)
+    pooled, w = att(query, keys, mask)
+    torch.testing.assert_close(w.sum(1), torch.tensor([1.0, 1.0, 0.0]))
+    assert (w[~mask] == 0).all()
+    expect = torch.softmax(keys[1, :2] @ att.proj.weight @ query[1], 0)
+    torch.testing.assert_close(w[1, :2], expect)
+    torch.testing.assert_close(pooled[2], torch.zeros(4))
+
+    din = DienDinAttention(6, 4)
+    _, w2 = din(query, keys, mask)
+    torch.testing.assert_close(w2.sum(1), torch.tensor([1.0, 1.0, 0.0]))
+    assert (w2[~mask] == 0).all()
+
+
+def test_interest_extractor_ignores_padding():
+    torch.manual_seed(0)
+    gru = InterestExtractor(4, 6)
+    x = torch.randn(3, 5, 4)
+    mask = torch.arange(5) < torch.tensor([5, 2, 0]).unsqueeze(1)
+    noisy = torch.where(mask.unsqueeze(-1), x, torch.randn_like(x) * 10)
+    a, b = gru(x, mask), gru(noisy, mask)
+    torch.testing.assert_close(a, b)
+    assert (a[~mask] == 0).all()
+    torch.testing.assert_close(a[1, :2], gru(x[1:2, :2], mask[1:2, :2])[0])
+
+
+@pytest.mark.parametrize("form", ["paper", "official"])
+def test_augru_state_is_kept_past_the_length(form):
+    torch.manual_seed(0)
+    cell = AUGRU(4, 6, form=form)
+    x, att = torch.randn(3, 5, 4), torch.rand(3, 5)
+    lengths = torch.tensor([5, 2, 0])
+    mask = torch.arange(5) < lengths.unsqueeze(1)
+    h0 = torch.randn(3, 6)
+    states, final = cell(x, att, mask, h0)
+    assert states.shape == (3, 5, 6) and final.shape == (3, 6)
+    # padded inputs and attention do not matter
+    noisy_x = torch.where(mask.unsqueeze(-1), x, torch.randn_like(x) * 10)
+    noisy_a = torch.where(mask, att, torch.rand_like(att))
+    states2, final2 = cell(noisy_x, noisy_a, mask, h0)
+    torch.testing.assert_close(states2, states)
+    torch.testing.assert_close(final2, final)
+    # the final state is the state at the last real position, and equals running the unpadded row alone
+    torch.testing.assert_close(final[1], states[1, 1])
+    torch.testing.assert_close(states[1, 2:], states[1, 1].expand(3, 6))
+    torch.testing.assert_close(final[2], h0[2])
+    _, alone = cell(x[1:2, :2], att[1:2, :2], mask[1:2, :2], h0[1:2])
+    torch.testing.assert_close(alone[0], final[1])
+
+
+def test_augru_zero_attention_keeps_the_initial_state():
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 6, 5), torch.ones(4, 6, dtype=torch.bool)
+    h0 = torch.randn(4, 3)
+    paper = AUGRU(5, 3, form="paper")
+    states, final = paper(x, torch.zeros(4, 6), mask, h0)
+    torch.testing.assert_close(final, h0)
+    torch.testing.assert_close(states, h0.unsqueeze(1).expand(4, 6, 3))
+    # attention 1 is a plain GRU step (PyTorch's convention, same parameters)
+    gru = torch.nn.GRU(5, 3, batch_first=True)
+    with torch.no_grad():
+        gru.weight_ih_l0.copy_(paper.x2h.weight)
+        gru.bias_ih_l0.copy_(paper.x2h.bias)
+        gru.weight_hh_l0.copy_(paper.h2h.weight)
+        gru.bias_hh_l0.zero_()
+    # PyTorch's GRU gate order is (r, z, n) with h' = (1 - z) n + z h; ours is u = z' = 1 - z: compare via a flip
+    with torch.no_grad():
+        gru.weight_ih_l0[3:6].neg_()
+        gru.bias_ih_l0[3:6].neg_()
+        gru.weight_hh_l0[3:6].neg_()
+    expect, _ = gru(x, h0.unsqueeze(0))
+    got, _ = paper(x, torch.ones(4, 6), mask, h0)
+    torch.testing.assert_close(got, expect)
+    # the official TF form does not keep the state at attention 0 (it is a plain GRU step there)
+    official = AUGRU(5, 3, form="official")
+    _, moved = official(x, torch.zeros(4, 6), mask, h0)
+    assert not torch.allclose(moved, h0)
