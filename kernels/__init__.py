@@ -1,0 +1,24 @@
+"""Fused kernels for lifelong user modeling, each a public dispatch function over a PyTorch reference and a Triton
+kernel: Triton on CUDA tensors, the reference elsewhere; ``backend=`` or ``$KERNELS_BACKEND`` (``triton`` |
+``reference`` | ``auto``) overrides. Inputs are jagged: values ``[total_L, ...]`` plus int64 offsets ``[B + 1]``.
+
+- ``gsu_topk``: top-K behaviors of a lifelong prefix by cosine / dot product / category match (GSU).
+- ``target_attention``: softmax attention of target queries over jagged keys/values, with bias and temperature.
+- ``din_attention``: DIN's activation-unit MLP, weighting and pooling, without the ``[B, L, 4D]`` input.
+
+This package imports only torch (and Triton, lazily, on the first Triton call); see ``_backend`` for the rules.
+"""
+
+from ._backend import requested_backend, resolve_backend, triton_available
+from .din_attention import din_attention
+from .gsu_topk import gsu_topk
+from .target_attention import target_attention
+
+__all__ = [
+    "din_attention",
+    "gsu_topk",
+    "requested_backend",
+    "resolve_backend",
+    "target_attention",
+    "triton_available",
+]

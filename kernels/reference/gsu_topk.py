@@ -1,0 +1,107 @@
+"""GSU top-K, PyTorch reference: score every behavior of each sample's jagged prefix, keep the best K.
+
+Scores (float32; computed in float64 when an input is float64, float32 otherwise):
+
+- ``cosine``: ``<t, e_i> / (max(||t||, eps) * max(||e_i||, eps))``, eps = 1e-12 (F.normalize's convention), with
+  ``e_i`` a dequantized table row (``table[id_i] * scale``) or a row of the jagged ``behavior_vectors``. A behavior
+  whose vector is all zero scores ``zero_vector_score`` when given (MUSE's code uses -1.1), else 0.
+- ``dot``: ``<t, e_i>`` (SIM soft search).
+- ``category``: 1 where ``behavior_category == target_category``, else excluded (SIM hard search).
+
+A behavior is a candidate when its score is neither -inf nor NaN. Order: score descending, then position descending
+(the more recent behavior wins a tie). Slots beyond the number of candidates hold position -1 and score 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._jagged import segment_ids
+
+EPS = 1e-12
+
+
+def gsu_scores_reference(
+    offsets: torch.Tensor,
+    mode: str,
+    target: torch.Tensor | None = None,
+    behavior_ids: torch.Tensor | None = None,
+    vectors: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    scale_per_row: bool = False,
+    zero_vector_score: float | None = None,
+    target_category: torch.Tensor | None = None,
+    behavior_category: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The score of every behavior, ``[total_L]`` float32; -inf marks an excluded behavior.
+
+    ``vectors`` is the table (rows picked by ``behavior_ids``) or, without ids, the jagged ``[total_L, D]`` vectors;
+    ``scale`` (1 element, or one per row of ``vectors``) dequantizes them.
+    """
+    if mode == "category":
+        assert behavior_category is not None and target_category is not None
+        sample = segment_ids(offsets, behavior_category.shape[0])
+        same = behavior_category.long() == target_category.long()[sample]
+        return torch.where(same, 1.0, float("-inf")).to(torch.float32)
+
+    assert target is not None and vectors is not None
+    acc = torch.float64 if torch.float64 in (target.dtype, vectors.dtype) else torch.float32
+    rows = behavior_ids.long() if behavior_ids is not None else torch.arange(vectors.shape[0], device=vectors.device)
+    behavior = vectors[rows].to(acc)  # [total_L, D]
+    if scale is not None:
+        behavior = behavior * (scale[rows].to(acc)[:, None] if scale_per_row else scale.reshape(()).to(acc))
+    query = target.to(acc)
+    sample = segment_ids(offsets, behavior.shape[0])
+    dot = (behavior * query[sample]).sum(-1)
+    if mode == "dot":
+        return dot.to(torch.float32)
+    query_inv = 1.0 / torch.sqrt((query * query).sum(-1)).clamp_min(EPS)
+    behavior_sq = (behavior * behavior).sum(-1)
+    score = dot * query_inv[sample] * (1.0 / torch.sqrt(behavior_sq).clamp_min(EPS))
+    if zero_vector_score is not None:
+        score = torch.where(behavior_sq == 0, torch.as_tensor(zero_vector_score, dtype=acc), score)
+    return score.to(torch.float32)
+
+
+def gsu_topk_reference(
+    offsets: torch.Tensor,
+    k: int,
+    mode: str,
+    target: torch.Tensor | None = None,
+    behavior_ids: torch.Tensor | None = None,
+    vectors: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    scale_per_row: bool = False,
+    zero_vector_score: float | None = None,
+    target_category: torch.Tensor | None = None,
+    behavior_category: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K positions ``[B, K]`` int64 (index within the sample, -1 = empty) and scores ``[B, K]`` float32."""
+    scores = gsu_scores_reference(
+        offsets,
+        mode,
+        target,
+        behavior_ids,
+        vectors,
+        scale,
+        scale_per_row,
+        zero_vector_score,
+        target_category,
+        behavior_category,
+    )
+    scores = torch.where(torch.isnan(scores), float("-inf"), scores)
+    batch = offsets.numel() - 1
+    total = scores.shape[0]
+    sample = segment_ids(offsets, total)
+    position = torch.arange(total, device=scores.device) - offsets[sample]
+    width = max(int((offsets[1:] - offsets[:-1]).max()) if batch > 0 else 0, k, 1)
+
+    padded = torch.full((batch, width), float("-inf"), dtype=torch.float32, device=scores.device)
+    padded[sample, position] = scores
+    # Newest first, so that a stable sort by score keeps the newer of two equal scores in front.
+    newest_first = padded.flip(1)
+    order = torch.sort(newest_first, dim=1, descending=True, stable=True).indices[:, :k]
+    top_scores = newest_first.gather(1, order)
+    top_positions = (width - 1) - order
+    empty = top_scores == float("-inf")
+    return torch.where(empty, -1, top_positions), torch.where(empty, 0.0, top_scores)

@@ -1,0 +1,178 @@
+"""Jagged softmax target attention: one or a few target queries per sample over its behaviors (ESU, LAIN, MUSE)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._backend import resolve_backend
+from ._jagged import check_mask, check_offsets, check_rows, jagged_max_len
+from .reference.target_attention import target_attention_reference
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_MAX_HEAD_DIM = 256
+TRITON_MAX_QUERIES = 64
+_OP = "target_attention"
+
+
+class _TargetAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        bias: torch.Tensor | None,
+        temperature: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        scale: float,
+        max_len: int,
+    ) -> torch.Tensor:
+        from .triton.target_attention import target_attention_fwd_triton
+
+        out, lse = target_attention_fwd_triton(query, keys, values, offsets, bias, temperature, mask, scale, max_len)
+        ctx.save_for_backward(query, keys, values, offsets, bias, temperature, mask, out, lse)
+        ctx.scale = scale
+        ctx.max_len = max_len
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):  # type: ignore[override]
+        from .triton.target_attention import target_attention_bwd_triton
+
+        query, keys, values, offsets, bias, temperature, mask, out, lse = ctx.saved_tensors
+        dq, dk, dv, dbias, dtau = target_attention_bwd_triton(
+            grad_out, query, keys, values, offsets, bias, temperature, mask, ctx.scale, ctx.max_len, out, lse
+        )
+        need = ctx.needs_input_grad
+        return (
+            dq if need[0] else None,
+            dk if need[1] else None,
+            dv if need[2] else None,
+            None,
+            dbias if need[4] else None,
+            dtau if need[5] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def target_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    max_len: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Softmax attention of each sample's target queries over its jagged behaviors.
+
+    ``logit_i = (scale * <q, k_i> + bias_i) / temperature_b``, softmax over the sample's behaviors, output
+    ``sum_i softmax_i * v_i``; a sample without behaviors (or with all of them masked out) gets zeros.
+    Differentiable in query, keys, values, bias and temperature (first order: the backward is a fused kernel).
+
+    Args:
+        query: ``[B, Q, H, Dk]`` (Q target queries, H heads), or ``[B, Q, Dk]`` for one head.
+        keys: ``[total_L, H, Dk]`` (or ``[total_L, Dk]``), jagged by ``offsets``.
+        values: ``[total_L, H, Dv]`` (or ``[total_L, Dv]``). query, keys and values share one float dtype
+            (float32, float16, bfloat16, float64; 16-bit inputs accumulate in float32).
+        offsets: int64 ``[B + 1]``.
+        bias: optional additive logit bias per behavior, ``[total_L]`` (shared by the queries) or
+            ``[total_L, Q]``; shared by the heads (time gap, GSU similarity, ...). Must be finite.
+        temperature: optional ``[B]`` positive per-sample temperature (LAIN); divides the whole logit.
+        mask: optional bool ``[total_L]``; False drops the behavior (no weight, zero gradients), e.g. the empty
+            slots of a fixed-K GSU result laid out as ``offsets = arange(B + 1) * K``.
+        scale: multiplies ``<q, k>``; default ``1 / sqrt(Dk)`` (MUSE's SA-TA uses 1.0).
+        max_len: the longest sample, if the caller knows it (skips a host sync and the checks of the offsets, of
+            the bias' finiteness and of the temperature's sign).
+        backend: ``"triton"``, ``"reference"`` or ``"auto"`` (default: ``$KERNELS_BACKEND``, else auto).
+
+    Returns:
+        ``[B, Q, H, Dv]`` (or ``[B, Q, Dv]`` for 3-D inputs) in the query's dtype.
+    """
+    batch = check_offsets(_OP, offsets)
+    single_head = query.dim() == 3
+    if single_head:
+        if keys.dim() != 2 or values.dim() != 2:
+            raise ValueError(f"{_OP}: a 3-D query [B, Q, D] needs 2-D keys and values [total_L, D]")
+        query, keys, values = query.unsqueeze(2), keys.unsqueeze(1), values.unsqueeze(1)
+    elif query.dim() != 4 or keys.dim() != 3 or values.dim() != 3:
+        raise ValueError(
+            f"{_OP}: expected query [B, Q, H, Dk] with keys [N, H, Dk] and values [N, H, Dv] (or 3-D/2-D/2-D), "
+            f"got {tuple(query.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}"
+        )
+    check_rows(_OP, "query", query, batch, 4)
+    _, n_query, n_head, dk = query.shape
+    total = keys.shape[0]
+    if keys.shape[1:] != (n_head, dk) or values.shape[0] != total or values.shape[1] != n_head:
+        raise ValueError(
+            f"{_OP}: keys must be [N, {n_head}, {dk}] and values [N, {n_head}, Dv] with the same N, "
+            f"got {tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+    if query.dtype not in FLOAT_DTYPES or keys.dtype != query.dtype or values.dtype != query.dtype:
+        raise ValueError(
+            f"{_OP}: query, keys and values must share one dtype of {FLOAT_DTYPES}, "
+            f"got {query.dtype}, {keys.dtype}, {values.dtype}"
+        )
+    if bias is not None:
+        if not bias.dtype.is_floating_point:
+            raise ValueError(f"{_OP}: bias must be floating point, got {bias.dtype}")
+        if not ((bias.dim() == 1 and bias.shape[0] == total) or (bias.dim() == 2 and bias.shape == (total, n_query))):
+            raise ValueError(f"{_OP}: bias must be [{total}] or [{total}, {n_query}], got {tuple(bias.shape)}")
+    if temperature is not None:
+        if not temperature.dtype.is_floating_point:
+            raise ValueError(f"{_OP}: temperature must be floating point, got {temperature.dtype}")
+        check_rows(_OP, "temperature", temperature, batch, 1)
+    if mask is not None:
+        check_mask(_OP, mask, total)
+    dv = values.shape[-1]
+    scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    longest = jagged_max_len(_OP, offsets, total, max_len)
+    if max_len is None and (bias is not None or temperature is not None):
+        # Checked with the offsets (one more host sync); a caller passing max_len vouches for them too.
+        checks = []
+        if bias is not None:
+            checks.append(torch.isfinite(bias.detach()).all())
+        if temperature is not None:
+            checks.append((temperature.detach() > 0).all())
+        ok = torch.stack(checks).tolist()
+        if bias is not None and not ok[0]:
+            raise ValueError(f"{_OP}: bias must be finite (use mask to drop behaviors)")
+        if temperature is not None and not ok[-1]:
+            raise ValueError(f"{_OP}: temperature must be positive")
+
+    unsupported = None
+    if max(dk, dv) > TRITON_MAX_HEAD_DIM:
+        unsupported = f"head dim {max(dk, dv)} > {TRITON_MAX_HEAD_DIM}"
+    elif n_query > TRITON_MAX_QUERIES:
+        unsupported = f"{n_query} queries > {TRITON_MAX_QUERIES}"
+    impl = resolve_backend(_OP, (query, keys, values, offsets, bias, temperature, mask), backend, unsupported)
+    if impl == "triton":
+        out = _TargetAttentionTriton.apply(
+            _last_dim_contiguous(query),
+            _last_dim_contiguous(keys),
+            _last_dim_contiguous(values),
+            offsets,
+            bias,
+            temperature.contiguous() if temperature is not None else None,
+            mask.contiguous() if mask is not None else None,
+            scale,
+            longest,
+        )
+    else:
+        out = target_attention_reference(query, keys, values, offsets, bias, temperature, scale, mask)
+    return out.squeeze(2) if single_head else out
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -1,0 +1,218 @@
+"""gsu_topk: the reference against a brute-force definition, and Triton against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels import gsu_topk
+from kernels._backend import triton_available
+
+requires_triton = pytest.mark.skipif(not triton_available(), reason="triton does not import")
+
+
+def offsets_from(lengths: list[int]) -> torch.Tensor:
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return offsets
+
+
+def brute_force(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, Python's sort by (score, position) descending over the non-excluded behaviors."""
+    batch = offsets.numel() - 1
+    positions = torch.full((batch, k), -1, dtype=torch.int64)
+    values = torch.zeros(batch, k)
+    for b in range(batch):
+        sample = scores[offsets[b] : offsets[b + 1]].tolist()
+        ranked = sorted(((s, i) for i, s in enumerate(sample) if s == s and s != float("-inf")), reverse=True)[:k]
+        for slot, (s, i) in enumerate(ranked):
+            positions[b, slot], values[b, slot] = i, s
+    return positions, values
+
+
+def cosine_scores(target: torch.Tensor, vectors: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    sample = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+    t = torch.nn.functional.normalize(target.double(), dim=-1, eps=1e-12)[sample]
+    v = torch.nn.functional.normalize(vectors.double(), dim=-1, eps=1e-12)
+    return (t * v).sum(-1).float()
+
+
+# ---------------------------------------------------------------- reference semantics
+
+
+def test_reference_cosine_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    offsets = offsets_from([5, 0, 1, 12])
+    table = torch.randn(20, 8, generator=g)
+    ids = torch.randint(0, 20, (18,), generator=g)
+    target = torch.randn(4, 8, generator=g)
+    pos, score = gsu_topk(offsets, 6, mode="cosine", target=target, behavior_ids=ids, table=table, backend="reference")
+    want_pos, want_score = brute_force(cosine_scores(target, table[ids], offsets), offsets, 6)
+    assert torch.equal(pos, want_pos)
+    torch.testing.assert_close(score, want_score, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_ties_go_to_the_most_recent():
+    # Every behavior of sample 0 is the same item: all scores tie, so the newest K win, newest first.
+    offsets = offsets_from([6, 3])
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    ids = torch.tensor([0, 0, 0, 0, 0, 0, 1, 0, 1])
+    target = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    pos, score = gsu_topk(offsets, 4, mode="dot", target=target, behavior_ids=ids, table=table, backend="reference")
+    assert pos.tolist() == [[5, 4, 3, 2], [2, 0, 1, -1]]
+    assert score.tolist() == [[1.0] * 4, [2.0, 2.0, 0.0, 0.0]]
+
+
+def test_reference_category_keeps_the_newest_matches():
+    offsets = offsets_from([7, 0, 2])
+    cats = torch.tensor([3, 1, 3, 3, 2, 3, 1, 5, 5])
+    pos, score = gsu_topk(
+        offsets,
+        3,
+        mode="category",
+        target_category=torch.tensor([3, 3, 4]),
+        behavior_category=cats,
+        backend="reference",
+    )
+    assert pos.tolist() == [[5, 3, 2], [-1, -1, -1], [-1, -1, -1]]
+    assert score.tolist() == [[1.0, 1.0, 1.0], [0.0] * 3, [0.0] * 3]
+
+
+def test_reference_int8_scales_and_zero_vectors():
+    g = torch.Generator().manual_seed(1)
+    offsets = offsets_from([9])
+    table = torch.randint(-100, 100, (9, 16), generator=g, dtype=torch.int8)
+    table[4] = 0  # an item without multimodal coverage
+    row_scale = torch.rand(9, generator=g) + 0.1
+    target = torch.randn(1, 16, generator=g)
+    ids = torch.arange(9)
+    common = {"mode": "cosine", "target": target, "behavior_ids": ids, "table": table, "backend": "reference"}
+    plain = gsu_topk(offsets, 9, **common)
+    # A positive scale, global or per row, does not change a cosine.
+    for scale in (0.02, row_scale):
+        scaled = gsu_topk(offsets, 9, scale=scale, **common)
+        assert torch.equal(scaled[0], plain[0])
+        torch.testing.assert_close(scaled[1], plain[1])
+    assert 4 in plain[0][0].tolist() and plain[1][0][plain[0][0] == 4].item() == 0.0
+    low = gsu_topk(offsets, 9, zero_vector_score=-1.1, **common)
+    assert low[0][0, -1].item() == 4 and low[1][0, -1].item() == pytest.approx(-1.1)
+    # The dot product does see a per-row scale.
+    dot = gsu_topk(offsets, 9, mode="dot", target=target, behavior_ids=ids, table=table, scale=row_scale)
+    want = (table.float() * row_scale[:, None]) @ target[0]
+    assert torch.equal(dot[0][0], brute_force(want, offsets, 9)[0][0])
+
+
+def test_reference_k_larger_than_every_sample_and_k_zero():
+    offsets = offsets_from([0, 1, 2])
+    vectors = torch.tensor([[1.0], [1.0], [2.0]])
+    target = torch.ones(3, 1)
+    pos, score = gsu_topk(offsets, 300, mode="dot", target=target, behavior_vectors=vectors, backend="reference")
+    assert pos.shape == (3, 300) and score.dtype == torch.float32
+    assert pos[:, :3].tolist() == [[-1, -1, -1], [0, -1, -1], [1, 0, -1]]
+    assert (pos[:, 3:] == -1).all()
+    empty = gsu_topk(offsets, 0, mode="dot", target=target, behavior_vectors=vectors)
+    assert empty[0].shape == (3, 0)
+
+
+def test_validation_errors():
+    offsets = offsets_from([2])
+    with pytest.raises(ValueError, match="mode"):
+        gsu_topk(offsets, 1, mode="l2")
+    with pytest.raises(ValueError, match="exactly one"):
+        gsu_topk(offsets, 1, target=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="D="):
+        gsu_topk(offsets, 1, target=torch.ones(1, 3), behavior_vectors=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="offsets"):
+        gsu_topk(offsets_from([3]), 1, target=torch.ones(1, 2), behavior_vectors=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="int64"):
+        gsu_topk(offsets.int(), 1, target=torch.ones(1, 2), behavior_vectors=torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"behavior_ids must be in \[0, 4\)"):
+        gsu_topk(offsets, 1, target=torch.ones(1, 2), behavior_ids=torch.tensor([0, 4]), table=torch.ones(4, 2))
+    with pytest.raises(ValueError, match="category mode needs"):
+        gsu_topk(offsets, 1, mode="category", target_category=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="k must be"):
+        gsu_topk(offsets, -1, target=torch.ones(1, 2), behavior_vectors=torch.ones(2, 2))
+
+
+# ---------------------------------------------------------------- Triton against the reference
+
+
+def both(offsets: torch.Tensor, k: int, exact: bool = True, **kwargs) -> None:
+    """Positions must agree exactly; scores bit for bit when the arithmetic is exact (small integers, float64),
+    else to float32 rounding (the summation order differs)."""
+    want = gsu_topk(offsets, k, backend="reference", **kwargs)
+    got = gsu_topk(offsets, k, backend="triton", **kwargs)
+    assert torch.equal(got[0], want[0]), (got[0], want[0])
+    if exact:
+        assert torch.equal(got[1], want[1]), (got[1], want[1])
+    else:
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+
+
+lengths_st = st.lists(st.sampled_from([0, 1, 2, 5, 16, 17, 33, 50]), min_size=1, max_size=3)
+
+
+@requires_triton
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=lengths_st,
+    k=st.sampled_from([1, 3, 8, 16]),
+    mode=st.sampled_from(["cosine", "dot", "category"]),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.int8]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_matches_reference(lengths, k, mode, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    offsets = offsets_from(lengths)
+    total, batch, dim = sum(lengths), len(lengths), 5
+    if mode == "category":
+        cats = torch.randint(0, 3, (total,), generator=g)
+        both(offsets, k, mode=mode, target_category=torch.randint(0, 3, (batch,), generator=g), behavior_category=cats)
+        return
+    # Small integers: many exact ties (recency decides), and exact arithmetic in every dtype.
+    table = torch.randint(-2, 3, (13, dim), generator=g).to(dtype)
+    target = torch.randint(-2, 3, (batch, dim), generator=g).double()
+    ids = torch.randint(0, 13, (total,), generator=g, dtype=torch.int32)
+    both(offsets, k, mode=mode, target=target, behavior_ids=ids, table=table)
+
+
+@requires_triton
+def test_triton_random_float64_cosine_with_row_scales_and_jagged_vectors():
+    g = torch.Generator().manual_seed(7)
+    offsets = offsets_from([40, 3, 0])
+    vectors = torch.randn(43, 24, dtype=torch.float64, generator=g)
+    vectors[5] = 0
+    target = torch.randn(3, 24, dtype=torch.float64, generator=g)
+    scale = torch.rand(43, dtype=torch.float64, generator=g) + 0.5
+    both(offsets, 7, mode="cosine", target=target, behavior_vectors=vectors, scale=scale, zero_vector_score=-1.1)
+
+
+@requires_triton
+def test_triton_int8_table_with_global_scale_dot():
+    g = torch.Generator().manual_seed(3)
+    offsets = offsets_from([37, 21])
+    table = torch.randint(-128, 128, (50, 32), generator=g, dtype=torch.int8)
+    ids = torch.randint(0, 50, (58,), generator=g)
+    target = torch.randn(2, 32, generator=g)
+    both(offsets, 5, exact=False, mode="dot", target=target, behavior_ids=ids, table=table, scale=0.0125)
+
+
+@requires_triton
+def test_triton_k_larger_than_lengths_single_split():
+    offsets = offsets_from([3, 0, 1])
+    g = torch.Generator().manual_seed(4)
+    vectors = torch.randn(4, 3, generator=g)
+    target = torch.randn(3, 3, generator=g)
+    both(offsets, 8, mode="dot", target=target, behavior_vectors=vectors)
+
+
+def test_triton_falls_back_beyond_max_k(caplog):
+    offsets = offsets_from([3])
+    vectors = torch.eye(3)
+    target = torch.ones(1, 3)
+    with caplog.at_level("WARNING"):
+        pos, _ = gsu_topk(offsets, 257, mode="dot", target=target, behavior_vectors=vectors, backend="triton")
+    assert pos[0, :3].tolist() == [2, 1, 0]
+    assert "k=257" in caplog.text
