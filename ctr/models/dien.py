@@ -35,6 +35,18 @@ Defaults and where they come from (paper = the AAAI paper; official = mouna99/di
   inference mode; the paper has none.
 * The official tower also takes the user id embedding (here ``use_user``) and trains with Adam lr 1e-3 halved every
   epoch, batch 128, maxlen 100 (the trainer's business). Padded positions never change the GRU/AUGRU states.
+
+LAIN (``lain: {enabled: true, ...}``; registered as ``dien_lain``; `ctr.modules.lain`, Zhang et al., AAAI 2026):
+the full prefix length ``L = hist_len`` conditions the attention that drives the AUGRU (models.md §6.4)::
+
+    h = SLE(L);  [P(h); e_1..e_T]  --GRU-->  [h_P; h_1..h_T]      k prompt tokens first (mask 1): the extractor
+                                                                 reads them before the oldest behavior
+    a = softmax(score(W_q[e_a; h], W_k[h_t; h]) / τ(L))          over prompts + behaviors; score = bilinear | din
+    h'_T = AUGRU([h_P; h_1..h_T], a)
+
+The auxiliary loss is taken over the behavior positions only (pairs of real behaviors, as without LAIN), and the
+tower's sum-pooled behaviors exclude the prompts. ``lain.enabled: false`` (the default) builds no LAIN parameter
+and runs the code above unchanged.
 """
 
 from __future__ import annotations
@@ -43,13 +55,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from features.loader import Batch, SequenceView
 
-from ..modules.attention import BilinearAttention, DienDinAttention
+from ..modules.attention import BilinearAttention, DienDinAttention, masked_softmax
 from ..modules.augru import AUGRU, InterestExtractor
+from ..modules.lain import LainConditioner, LainParams, median_hist_len, prepend_prompts
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams, register
 
@@ -70,6 +83,7 @@ class DIENParams(ModelParams):
     batch_norm: bool = False  # BatchNorm after every hidden Linear of the tower
     input_batch_norm: bool = False
     dropout: float = 0.0
+    lain: LainParams = Field(default_factory=LainParams)  # LAIN plug-in (off: the model above, unchanged)
 
     @field_validator("gru_hidden")
     @classmethod
@@ -109,6 +123,9 @@ class DIEN(CTRModel):
             n_in, params.hidden, activation=params.activation, batch_norm=params.batch_norm,
             dropout=params.dropout, out_dim=1,
         )  # fmt: skip
+        self.lain: LainConditioner | None = None
+        if params.lain.enabled:  # built last: the backbone's parameters start as a plain DIEN's with the same seed
+            self.lain = LainConditioner(params.lain, {"hist": (d, h)}, d, median_hist_len(info.manifest))
 
     def views(self) -> tuple[SequenceView, ...]:
         return (SequenceView("hist", self.params.seq_len, negatives=True),)  # type: ignore[attr-defined]
@@ -137,6 +154,8 @@ class DIEN(CTRModel):
         return losses.sum() / max(1, losses.numel())
 
     def forward(self, batch: Batch) -> ModelOutput:
+        if self.lain is not None:
+            return self._forward_lain(batch)
         emb = self.lookup(batch)
         target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
         beh, mask = self._behaviors(emb, "hist")
@@ -151,3 +170,46 @@ class DIEN(CTRModel):
         x = torch.cat([target, summed, target * summed, final, *self.context_vector(emb)], dim=-1)
         logit = self.tower(self.input_norm(x)).squeeze(-1)
         return ModelOutput(logit=logit, aux_loss=aux)
+
+    def _forward_lain(self, batch: Batch) -> ModelOutput:
+        """`forward` with LAIN's prompts before the behaviors and its conditioned, tempered attention."""
+        assert self.lain is not None
+        emb = self.lookup(batch)
+        target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
+        beh, mask = self._behaviors(emb, "hist")
+        length = batch.dense["hist_len"]
+        h = self.lain.encode(length)
+        seq, seq_mask = prepend_prompts(self.lain.prompts(h), beh, mask)
+        k = seq.shape[1] - beh.shape[1]
+        interests = self.extractor(seq, seq_mask)  # [B, k + L, H]
+        aux = None
+        if self.training and self.p.aux_alpha > 0:
+            neg, _ = self._behaviors(emb, "hist_neg")
+            aux = self.p.aux_alpha * self.auxiliary_loss(interests[:, k:], beh, neg, mask)
+        query = self.lain.condition_query(target, h, "hist")
+        keys = self.lain.condition_key(interests, h, "hist")
+        if isinstance(self.attention, BilinearAttention):
+            scores = torch.bmm(keys, self.attention.proj(query).unsqueeze(-1)).squeeze(-1)
+        else:
+            assert isinstance(self.attention, DienDinAttention)
+            unit = self.attention.unit
+            scores = unit.scores(self.attention.prelu(self.attention.proj(query)), keys, seq_mask) * unit.scale
+        att = masked_softmax(self.lain.temper(scores, length), seq_mask)
+        _, final = self.augru(interests, att, seq_mask)
+        summed = beh.sum(1)  # the behaviors only, not the prompts
+        x = torch.cat([target, summed, target * summed, final, *self.context_vector(emb)], dim=-1)
+        logit = self.tower(self.input_norm(x)).squeeze(-1)
+        return ModelOutput(logit=logit, aux_loss=aux)
+
+
+class DIENLainParams(DIENParams):
+    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
+
+
+@register
+class DIENLain(DIEN):
+    """DIEN + LAIN (Zhang et al., AAAI 2026): the same model with ``lain.enabled: true`` by default, registered
+    under its own name so that runs and reports show it beside its backbone."""
+
+    name = "dien_lain"
+    Params = DIENLainParams

@@ -28,6 +28,18 @@ Defaults and where they come from:
 
 ``backend: kernel`` computes the attention with the fused `kernels.din_attention` on the jagged behaviors (Triton
 on CUDA, its PyTorch reference elsewhere) instead of the readable padded module; same parameters, same output.
+
+LAIN (``lain: {enabled: true, ...}``; registered as ``din_lain``; `ctr.modules.lain`, Zhang et al., AAAI 2026):
+the full prefix length ``L = hist_len`` conditions the activation unit, as models.md §6.4 proposes for DIN::
+
+    h = SLE(L);  E' = [P(h); E]  (k prompt tokens, mask 1)
+    s_i = MLP_au([q'; k'_i; q' − k'_i; q' ⊙ k'_i]),  q' = W_q[e_t; h],  k'_i = W_k[E'_i; h]
+    u = Σ_i w_i E'_i,  w_i = s_i / τ(L) (paper form) | masked softmax(s_i / (sqrt(2d) τ(L))) (official form)
+
+With the paper's raw weights, τ is a length-dependent gain on ``u`` rather than a sharpness (there is no softmax
+to flatten); with ``softmax: true`` it is the temperature of the notes. The tower is unchanged (it sees ``u``, the
+original ``e_t`` and the context). LAIN needs ``backend: module`` (the fused kernel takes one scale per batch).
+``lain.enabled: false`` (the default) builds no LAIN parameter and runs the code above unchanged.
 """
 
 from __future__ import annotations
@@ -35,11 +47,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from features.loader import Batch, SequenceView
 
-from ..modules.attention import DinAttention
+from ..modules.attention import DinAttention, masked_softmax, pool
+from ..modules.lain import LainConditioner, LainParams, median_hist_len, prepend_prompts
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams, register
 
@@ -56,6 +70,13 @@ class DINParams(ModelParams):
     dropout: float = 0.0
     item_bias: bool = False  # official code: a learned per-item bias added to the logit
     backend: Literal["module", "kernel"] = "module"
+    lain: LainParams = Field(default_factory=LainParams)  # LAIN plug-in (off: the model above, unchanged)
+
+    @model_validator(mode="after")
+    def _lain_needs_module_backend(self) -> DINParams:
+        if self.lain.enabled and self.backend == "kernel":
+            raise ValueError("lain.enabled needs backend 'module' (the fused kernel has no per-sample temperature)")
+        return self
 
 
 @register
@@ -79,6 +100,9 @@ class DIN(CTRModel):
         if params.item_bias:
             self.item_bias = nn.Embedding(info.vocab_sizes["item"], 1)
             nn.init.zeros_(self.item_bias.weight)
+        self.lain: LainConditioner | None = None
+        if params.lain.enabled:  # built last: the backbone's parameters start as a plain DIN's with the same seed
+            self.lain = LainConditioner(params.lain, {"hist": (d, d)}, d, median_hist_len(info.manifest))
 
     def views(self) -> tuple[SequenceView, ...]:
         return (SequenceView("hist", self.params.seq_len),)  # type: ignore[attr-defined]
@@ -86,7 +110,9 @@ class DIN(CTRModel):
     def forward(self, batch: Batch) -> ModelOutput:
         emb = self.lookup(batch)
         target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
-        if self.p.backend == "kernel":
+        if self.lain is not None:
+            pooled = self._lain_attention(emb, target, batch.dense["hist_len"])
+        elif self.p.backend == "kernel":
             hist_item = emb["hist_item"]
             keys = torch.cat([hist_item.values(), emb["hist_cate"].values()], dim=-1)
             lengths = hist_item.lengths().long()
@@ -102,3 +128,31 @@ class DIN(CTRModel):
         if self.item_bias is not None:
             logit = logit + self.item_bias(batch.sparse["item"].values()).squeeze(-1)
         return ModelOutput(logit=logit)
+
+    def _lain_attention(self, emb: dict, target: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """DinAttention.forward with LAIN's prompts, QK conditioning and temperature (see the module docstring)."""
+        assert self.lain is not None
+        item, mask = self.padded(emb["hist_item"], self.p.seq_len)
+        cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)
+        h = self.lain.encode(length)
+        keys, mask = prepend_prompts(self.lain.prompts(h), torch.cat([item, cate], dim=-1), mask)
+        query = self.lain.condition_query(target, h, "hist")
+        scores = self.lain.temper(self.attention.scores(query, self.lain.condition_key(keys, h, "hist"), mask), length)
+        if self.attention.softmax:
+            weights = masked_softmax(scores * self.attention.scale, mask)
+        else:
+            weights = scores * mask.to(scores.dtype)
+        return pool(weights, keys)
+
+
+class DINLainParams(DINParams):
+    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
+
+
+@register
+class DINLain(DIN):
+    """DIN + LAIN (Zhang et al., AAAI 2026): the same model with ``lain.enabled: true`` by default, registered
+    under its own name so that runs and reports show it beside its backbone."""
+
+    name = "din_lain"
+    Params = DINLainParams
