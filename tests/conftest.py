@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests' own helpers (rawlog)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from paths import SHARED_DATA  # noqa: E402,F401  (re-exported for older imports)
 
 
 @pytest.fixture(scope="session")

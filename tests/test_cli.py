@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SHARED_DATA
+from paths import SHARED_DATA
 
 from cli.main import main as ctr
 

@@ -11,6 +11,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from paths import SHARED_DATA
 
 from features.schema import MM_EMB_COLUMN, MM_EMB_VALUE_TYPES, RAW_SPECS
 from pipelines.importers import IMPORTERS, PROTOCOLS, ImportSourceError
@@ -20,7 +21,7 @@ from pipelines.importers.movielens import import_movielens
 from pipelines.importers.taobao_mm import import_taobao_mm
 from pipelines.importers.taobao_userbehavior import import_taobao_userbehavior
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def shared(name: str) -> Path:
