@@ -212,6 +212,8 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
         SequenceStore.open(info.data_dir)
     ctx.barrier()
 
+    if ctx.device.type == "cpu" and ctx.world_size > 1:  # N ranks on one host: split the cores, do not oversubscribe
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
     seed_everything(cfg.train.seed)
     model = build_model(cfg, params, info, device=torch.device("meta"))
     apply_optimizer_in_backward(
