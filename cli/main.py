@@ -120,6 +120,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 DEMO_QUICK_SETS = ["train.max_steps=30", "train.log_every=5", "data.batch_size=128", "data.num_workers=0"]
+# The full demo trains every registered model on the same budget (about half an epoch of the demo world each), so
+# the whole job stays within 20 minutes on 2 cores; `--set train.max_steps=null` trains full epochs.
+DEMO_SETS = ["train.max_steps=400", "data.batch_size=512", "train.log_every=20"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -130,6 +133,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ctr.train.trainer import train
     from pipelines.build import build_dataset
     from pipelines.config import load_build_config
+    from pipelines.sid import build_semantic_ids
     from pipelines.synthetic import generate
 
     out = Path(args.out)
@@ -146,7 +150,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[2/5] building the dataset into {data}")
     manifest = build_dataset(raw, data, load_build_config(None, ["output.overwrite=true"]))
     print_dataset_summary(manifest, data)
-    sets = (DEMO_QUICK_SETS if args.quick else []) + [f"train.seed={args.seed}"] + list(args.set or [])
+    print(f"      semantic IDs for R2LED: {data / 'items.parquet'}")
+    build_semantic_ids(data, seed=args.seed)
+    sets = (DEMO_QUICK_SETS if args.quick else DEMO_SETS) + [f"train.seed={args.seed}"] + list(args.set or [])
     runs = []
     for i, name in enumerate(models, 1):
         print(f"[3/5] training {name} ({i}/{len(models)})")
