@@ -53,14 +53,15 @@ class CTRModel(nn.Module):
         self.info = info
         self.dim = params.embedding_dim
         spaces: dict[str, list[str]] = {}
-        for feat in self.features():
+        for feat in self.embedding_features():
             spaces.setdefault(self.space_of(feat), []).append(feat)
         self.embedding = EmbeddingCollection(
             tables=[
                 EmbeddingConfig(
                     name=space,
                     embedding_dim=self.dim,
-                    num_embeddings=info.vocab_sizes[space],
+                    # a DARE attention table (`item_att`) has as many rows as its id space (`item`)
+                    num_embeddings=info.vocab_sizes[space if space in info.vocab_sizes else space.removesuffix("_att")],
                     feature_names=feats,
                 )
                 for space, feats in spaces.items()
@@ -82,10 +83,16 @@ class CTRModel(nn.Module):
         names = sparse_feature_names(self.views(), [f"{c}_idx" for c in ctx])
         return [n for n in names if n != "user" or self.params.use_user]
 
+    def embedding_features(self) -> list[str]:
+        """Every feature the embedding collection looks up: `features()` (what the loader delivers) plus any feature
+        a model builds itself in `forward` (DARE's attention copies `item_att`, `long_item_att`, ...)."""
+        return self.features()
+
     @staticmethod
     def space_of(feature: str) -> str:
-        """The id space (= table) of a sparse feature: `hist_neg_item` -> `item`, `user_segment` -> itself."""
-        for space in ("item", "cate"):
+        """The id space (= table) of a sparse feature: `hist_neg_item` -> `item`, `user_segment` -> itself, and
+        DARE's attention features `long_item_att` -> `item_att` (a second table over the `item` ids)."""
+        for space in ("item_att", "cate_att", "item", "cate"):
             if feature == space or feature.endswith("_" + space):
                 return space
         return feature

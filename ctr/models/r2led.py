@@ -1,0 +1,317 @@
+"""R2LED: multi-granularity semantic-ID retrieval and refinement for lifelong user modeling (Liu et al., arXiv
+2602.06622, Feb 2026). Built on the two-stage frame (``ctr/models/two_stage.py``); blocks in ``ctr/modules/r2led.py``.
+
+What the paper specifies (models.md §5.1: abstract level; the code, abananbao/R2LED, could not be read)
+    * A two-stage "retrieval-refinement" model over the lifelong sequence, built on **Semantic IDs** (SIDs) for
+      their multi-granularity and lightness.
+    * **Multi-route Mixed Retrieval**: several parallel recall routes capture interests at several granularities;
+      a mixed retrieval retrieves candidates from both a **collaborative** and a **semantic** view.
+    * **Bi-level Fusion Refinement**: a **gate for SID-level fusion** (to bridge the semantic and collaborative
+      spaces) and a **target-aware cross-attention for route-level fusion**.
+
+Documented choices (models.md §5.2 [INF]; each is a parameter, see ``configs/models/r2led.yaml``)
+    * SIDs: RQ-KMeans over ``items.parquet``'s ``mm_emb``, 3 levels x 256 codes (+1 reserved code), from
+      ``ctr sid --data DATA_DIR`` (``pipelines/sid.py``). Read at construction into non-persistent buffers
+      (``sid_codes``, ``sid_prefix``: item_idx -> codes / prefix numbers; rows 0 and 1 (padding, OOV) and items
+      without an embedding get the reserved code, which never matches in a route). A dataset without them is an
+      error that says to run ``ctr sid``. ``sid_levels`` keeps the coarsest levels only.
+    * Routes (``routes:``, each with its own K; default five, 180 behaviors in all):
+        - ``sid1`` / ``sid2`` / ``sid3`` (``kind: prefix``, level l, K = 50 / 20 / 10): behaviors whose SID prefix of
+          length l equals the target's, the K most recent (SIM hard with category := SID prefix, through
+          ``kernels.gsu_topk`` category mode on the prefix numbers). ``rank: collab`` ranks the matched candidates
+          by the collaborative score instead (a "mixed" route: semantic filter, collaborative ranking).
+        - ``collab`` (``kind: collab``, K = 50): cosine of the live ID embeddings ``[e(item); e(cate)]`` of target and
+          behavior (MUSE's SIM-soft baseline: no projection, no auxiliary loss; the selection has no gradient, the
+          embeddings learn through the ESU). Needs the whole searched prefix embedded.
+        - ``semantic`` (``kind: semantic``, K = 50): cosine of the SID embeddings ``Σ_l E_l[c_l]`` (ungated, learned
+          with the model; ``semantic_source: mm`` uses the frozen multimodal vectors instead, as MUSE's GSU).
+      Every route keeps the best K, equal scores to the more recent behavior; routes may overlap (each refines its
+      own list).
+    * SID-level fusion (`SIDFusion`), per item (target, retrieved and short-term behaviors): a softmax gate over
+      the SID levels ``β = softmax(W_β[e_id; E_0[c_0]; ..; E_{L-1}[c_{L-1}]])``, ``e_sid = Σ_l β_l E_l[c_l]``, then
+      an element-wise ID/SID gate ``g = σ(W_g[e_id; e_sid] + b)``, ``e = g ⊙ e_id + (1 − g) ⊙ e_sid`` (models.md
+      §5.2 4(a) plus the level gate). ``E_l`` are plain dense ``nn.Embedding(K + 1, 2d)`` tables inside the model
+      (<= 257 rows each: trained by the dense optimizer, not TorchRec tables), reserved row = zero padding row.
+      ``level_gate: false`` sums the levels uniformly; ``sid_fusion: add | id`` are ablations.
+    * Route-level refinement: per route, SIM's ESU: ``z_j = [e_j; e(Δt_j)]`` (log2-seconds time-gap buckets) and
+      multi-head target attention (2 heads x 32, ``W_o`` back to 2d; one module per route unless
+      ``share_route_attention``), giving ``u_r``. Then the target attends over the non-empty routes
+      (`RouteFusion`: ``softmax_r((W_q e_t)·(W_k(u_r + p_r))/sqrt(2d))``, ``p_r`` a learned route embedding, values
+      ``W_v u_r``); ``route_fusion: gate | concat`` are alternatives.
+    * Short-term branch: DIN attention ([80, 40] Dice, no softmax) over the last S = 50 fused behaviors (the frame's).
+    * Tower ``[e_t; u_short; u_short ⊙ e_t; u_long; u_long ⊙ e_t; context] -> [200, 80] Dice -> 1`` with ``e_t`` the
+      fused target; BCE only (no SID-specific auxiliary loss: none is known).
+    * Not supported: ``dare: true``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+import kernels
+from features.loader import Batch, DatasetInfo
+
+from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
+from ..modules.gsu import CosineGSU, Selection, gather_slots, lengths_to_offsets, load_mm_table
+from ..modules.r2led import PrefixGSU, RouteFusion, SIDFusion, load_sid_codes, prefix_codes, vector_topk
+from .base import ModelOutput, register
+from .two_stage import TwoStageModel, TwoStageParams, fixed_slots, to_slots
+
+
+class RouteParams(BaseModel):
+    """One recall route."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Literal["prefix", "collab", "semantic"]
+    level: int | None = Field(None, ge=1, description="prefix: the SID prefix length (1 = coarsest)")
+    k: int | None = Field(None, ge=1, description="top-K of this route; null = the model's k")
+    rank: Literal["recency", "collab"] = "recency"  # prefix only: order of the matched behaviors
+    score: Literal["cosine", "dot"] = "cosine"  # collab / semantic, and prefix with rank: collab
+
+    @model_validator(mode="after")
+    def _check(self) -> RouteParams:
+        if self.kind == "prefix" and self.level is None:
+            raise ValueError(f"route {self.name!r}: kind prefix needs level (the SID prefix length, >= 1)")
+        if self.kind != "prefix" and (self.level is not None or self.rank != "recency"):
+            raise ValueError(f"route {self.name!r}: level and rank apply to kind prefix only")
+        return self
+
+
+def default_routes() -> list[RouteParams]:
+    return [
+        RouteParams(name="sid1", kind="prefix", level=1, k=50),
+        RouteParams(name="sid2", kind="prefix", level=2, k=20),
+        RouteParams(name="sid3", kind="prefix", level=3, k=10),
+        RouteParams(name="collab", kind="collab", k=50),
+        RouteParams(name="semantic", kind="semantic", k=50),
+    ]
+
+
+class R2LEDParams(TwoStageParams):
+    sid_levels: int | None = Field(None, ge=1, description="SID levels used (coarsest first); null = all")
+    routes: list[RouteParams] = Field(default_factory=default_routes)
+    semantic_source: Literal["sid", "mm"] = "sid"  # the semantic route's vectors: SID embeddings or frozen mm_emb
+    level_gate: bool = True  # softmax gate over the SID levels (false: uniform sum)
+    sid_fusion: Literal["gate", "add", "id"] = "gate"  # ID/SID fusion of every item representation
+    sid_init_std: float = Field(0.01, gt=0)
+    route_fusion: Literal["attention", "gate", "concat"] = "attention"
+    share_route_attention: bool = False
+    time_buckets: int = Field(32, ge=0, description="log2-seconds time-gap buckets in the route ESU; 0 = none")
+    time_dim: int | None = None  # None = embedding_dim
+    esu_heads: int = 2
+    esu_head_dim: int = 32
+
+    @model_validator(mode="after")
+    def _check(self) -> R2LEDParams:
+        if not self.routes:
+            raise ValueError("r2led needs at least one route")
+        names = [r.name for r in self.routes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"route names must be unique, got {names}")
+        if self.dare:
+            raise ValueError("r2led does not support dare: true")
+        return self
+
+
+@dataclass
+class RouteInput:
+    """What the refinement sees. B samples, R routes, ΣK = sum of the routes' K, S short slots, 2d wide."""
+
+    emb: dict[str, Any]
+    selections: list[Selection]
+    slices: list[tuple[int, int]]  # the columns of each route in the ΣK slots
+    target: torch.Tensor  # [B, 2d] fused (ID + SID) target
+    long: torch.Tensor  # [B, ΣK, 2d] fused retrieved behaviors (zeros in empty slots)
+    long_mask: torch.Tensor  # [B, ΣK]
+    long_gap: torch.Tensor  # [B, ΣK] seconds before the sample (0 in empty slots)
+    long_items: torch.Tensor  # [B, ΣK] item index (0 in empty slots)
+    short: torch.Tensor  # [B, S, 2d] fused
+    short_mask: torch.Tensor  # [B, S]
+
+
+@register
+class R2LED(TwoStageModel):
+    name = "r2led"
+    Params = R2LEDParams
+
+    def __init__(self, params: R2LEDParams, info: DatasetInfo, device: torch.device | None = None) -> None:
+        codes, num_codes = load_sid_codes(info, params.sid_levels)  # first: a dataset without SIDs fails fast
+        super().__init__(params, info, device)
+        levels = codes.shape[1]
+        for r in params.routes:
+            if r.kind == "prefix" and r.level is not None and r.level > levels:
+                raise ValueError(f"route {r.name!r}: level {r.level} > the {levels} SID levels in use")
+        self.register_buffer("sid_codes", codes, persistent=False)
+        self.register_buffer("sid_prefix", prefix_codes(codes, num_codes), persistent=False)
+        d = 2 * self.dim
+        self.sid = SIDFusion(
+            d, levels, num_codes, level_gate=params.level_gate, mode=params.sid_fusion, init_std=params.sid_init_std
+        )
+        self.prefix_gsu = PrefixGSU(params.kernel_backend)
+        uses_mm = params.semantic_source == "mm" and any(r.kind == "semantic" for r in params.routes)
+        self.mm_gsu = CosineGSU(load_mm_table(info), backend=params.kernel_backend) if uses_mm else None
+        self.route_k = [r.k if r.k is not None else params.k for r in params.routes]
+        self.embeds_prefix_routes = any(r.kind == "collab" or r.rank == "collab" for r in params.routes)
+        t = params.time_dim or self.dim
+        self.time = TimeGapEmbedding(params.time_buckets, t) if params.time_buckets else None
+        z = d + (t if self.time is not None else 0)
+        n_att = 1 if params.share_route_attention else len(params.routes)
+        self.route_attention = nn.ModuleList(
+            MultiHeadTargetAttention(
+                d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.kernel_backend
+            )
+            for _ in range(n_att)
+        )
+        self.route_fusion = RouteFusion(d, d, len(params.routes), params.route_fusion)
+        self.cross_long = params.target_cross and self.route_fusion.out_dim == d
+        self.long_dim = self.route_fusion.out_dim + (d if self.cross_long else 0)
+        self.build_tower()
+
+    @property
+    def rp(self) -> R2LEDParams:
+        return self.p  # type: ignore[return-value]
+
+    # ---- retrieval -------------------------------------------------------------------------------------------------
+    def route_selections(
+        self,
+        ids: dict[str, Any],
+        offsets: torch.Tensor,
+        target_id: torch.Tensor | None = None,
+        long_id: torch.Tensor | None = None,
+    ) -> list[Selection]:
+        """Every route's top-K over the `long` view (positions within each sample's prefix). ``target_id [B, 2d]``
+        and ``long_id [total_L, 2d]`` (the ID embeddings) are needed by the collaborative scores."""
+        items = ids["long_item"].values().long()
+        target_items = ids["item"].values().long()
+        backend = self.rp.kernel_backend
+        semantic: tuple[torch.Tensor, torch.Tensor] | None = None
+        out = []
+        for r, k in zip(self.rp.routes, self.route_k, strict=True):
+            if r.kind == "prefix":
+                assert r.level is not None
+                tp, bp = self.sid_prefix[target_items, r.level - 1], self.sid_prefix[items, r.level - 1]
+                if r.rank == "collab":
+                    sel = self.prefix_gsu(offsets, tp, bp, k, target_id, long_id, r.score)
+                else:
+                    sel = self.prefix_gsu(offsets, tp, bp, k)
+            elif r.kind == "collab":
+                assert target_id is not None and long_id is not None
+                sel = vector_topk(offsets, target_id, long_id, k, r.score, backend)
+            elif self.mm_gsu is not None:
+                positions, scores = kernels.gsu_topk(
+                    offsets, k, mode=r.score, target=self.mm_gsu.vectors(target_items), behavior_ids=items,
+                    table=self.mm_gsu.table, backend=backend,
+                )  # fmt: skip
+                sel = Selection(positions, scores)
+            else:
+                if semantic is None:
+                    with torch.no_grad():
+                        semantic = (
+                            self.sid.sid_embedding(self.sid_codes[target_items]),
+                            self.sid.sid_embedding(self.sid_codes[items]),
+                        )
+                sel = vector_topk(offsets, semantic[0], semantic[1], k, r.score, backend)
+            out.append(sel)
+        return out
+
+    def select_routes(self, batch: Batch) -> tuple[list[Selection], torch.Tensor]:
+        """The retrieval alone (for inspection and tests): (one selection per route, offsets of the `long` view)."""
+        ids = batch.sparse.to_dict()
+        offsets = lengths_to_offsets(ids["long_item"].lengths())
+        target_id = long_id = None
+        if self.embeds_prefix_routes:
+            emb = self.embed(ids)
+            target_id, long_id = self.pair(emb, ""), self.pair(emb, "long_")
+        return self.route_selections(ids, offsets, target_id, long_id), offsets
+
+    def select(self, batch: Batch) -> tuple[Selection, torch.Tensor]:
+        """Every route's slots side by side (``[B, ΣK]``; routes may select the same behavior)."""
+        sels, offsets = self.select_routes(batch)
+        return Selection(torch.cat([s.positions for s in sels], 1), torch.cat([s.scores for s in sels], 1)), offsets
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+    def prepare_routes(self, batch: Batch) -> RouteInput:
+        """Retrieval, one embedding lookup, SID-level fusion of the target, the retrieved and the short behaviors."""
+        from torchrec.sparse.jagged_tensor import JaggedTensor
+
+        ids = batch.sparse.to_dict()
+        long_item = ids["long_item"]
+        offsets = lengths_to_offsets(long_item.lengths())
+        if self.embeds_prefix_routes:
+            emb = self.embed(ids)
+            target_id, long_all = self.pair(emb, ""), self.pair(emb, "long_")
+            sels = self.route_selections(ids, offsets, target_id, long_all)
+        else:
+            sels = self.route_selections(ids, offsets)
+        joint = Selection(torch.cat([s.positions for s in sels], 1), torch.cat([s.scores for s in sels], 1))
+        rows, mask = joint.rows(offsets), joint.mask
+        if self.embeds_prefix_routes:
+            long_id = gather_slots(long_all, rows, mask)
+        else:  # embed only the retrieved behaviors (row-major over [B, ΣK]: grouped by sample)
+            picked = dict(ids)
+            n = mask.sum(1).int()
+            for f in ("long_item", "long_cate"):
+                picked[f] = JaggedTensor(values=ids[f].values()[rows[mask]], lengths=n)
+            emb = self.embed(picked)
+            target_id = self.pair(emb, "")
+            long_id = to_slots(self.pair(emb, "long_"), mask)
+        long_items = gather_slots(long_item.values().long(), rows, mask)
+        s = self.rp.short_len
+        short_mask = torch.arange(s, device=mask.device).unsqueeze(0) < emb["short_item"].lengths().long().unsqueeze(1)
+        short_id = to_slots(self.pair(emb, "short_"), short_mask)
+        short_items, _ = fixed_slots(ids["short_item"], s)
+        slices, start = [], 0
+        for k in self.route_k:
+            slices.append((start, start + k))
+            start += k
+        return RouteInput(
+            emb=emb,
+            selections=sels,
+            slices=slices,
+            target=self.sid(target_id, self.sid_codes[ids["item"].values().long()]),
+            long=self.sid(long_id, self.sid_codes[long_items]),
+            long_mask=mask,
+            long_gap=gather_slots(batch.dense["long_ts_gap"], rows, mask),
+            long_items=long_items,
+            short=self.sid(short_id, self.sid_codes[short_items.long()]),
+            short_mask=short_mask,
+        )
+
+    def route_outputs(self, inp: RouteInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per route, the target attention over its retrieved behaviors: (``u [B, R, 2d]``, non-empty ``[B, R]``)."""
+        z = inp.long
+        if self.time is not None:
+            z = torch.cat([z, self.time(inp.long_gap, inp.long_mask)], dim=-1)
+        outs, nonempty = [], []
+        for r, (a, b) in enumerate(inp.slices):
+            att = self.route_attention[0 if self.rp.share_route_attention else r]
+            m = inp.long_mask[:, a:b]
+            outs.append(att(inp.target, z[:, a:b], m, values=z[:, a:b]))
+            nonempty.append(m.any(1))
+        return torch.stack(outs, 1), torch.stack(nonempty, 1)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        assert self.tower is not None
+        inp = self.prepare_routes(batch)
+        u_routes, nonempty = self.route_outputs(inp)
+        u_long, _ = self.route_fusion(inp.target, u_routes, nonempty)
+        u_short, _ = self.short_attention(inp.target, inp.short, inp.short_mask)
+        parts = [inp.target, u_short]
+        if self.p.target_cross:
+            parts.append(u_short * inp.target)
+        parts.append(u_long)
+        if self.cross_long:
+            parts.append(u_long * inp.target)
+        parts += self.context_vector(inp.emb)
+        logit = self.tower(torch.cat(parts, dim=-1)).squeeze(-1)
+        return ModelOutput(logit=logit)
+
+
+__all__ = ["R2LED", "R2LEDParams", "RouteParams"]

@@ -1,0 +1,145 @@
+"""SIM: Search-based user Interest Model (Pi et al., "Search-based User Interest Modeling with Lifelong Sequential
+Behavior Data for Click-Through Rate Prediction", CIKM 2020, arXiv 2006.05639). Two models:
+
+* ``sim_hard``: the GSU keeps the K most recent behaviors of the target's category (`CategoryGSU`; the paper's
+  hard search, served by the "User Behavior Tree" user -> category -> behaviors).
+* ``sim_soft``: the GSU keeps the top K of ``r_i = (W_b e_i) · (W_a e_t)`` (`InnerProductGSU`; the paper serves it
+  with MIPS, we take the exact top-K). The search embeddings are trained by the paper's auxiliary CTR task on the
+  whole searched sequence: ``U_r = Σ_i r_i e_i``, ``p_aux = σ(MLP([U_r; e_t]))``, ``L = β·L_ESU + α·BCE(p_aux, y)``
+  (α = β = 1 in the paper and in FuxiCTR). The auxiliary loss is returned in training only.
+
+ESU (both, §4.2): every selected behavior is ``z_j = [e_j; e(Δt_j)]`` with ``Δt_j`` the bucketized time gap to the
+target (log2 seconds, `ctr.modules.esu.TimeGapEmbedding`; ``time_buckets: 0`` drops it), then multi-head target
+attention ``head_h = softmax_j((W_q^h e_t)·(W_k^h z_j)/sqrt(d_h)) W_v^h z_j`` (FuxiCTR ``MultiHeadTargetAttention``:
+2 heads of 32, ``W_o`` back to 2d), and the tower gets ``[e_t; U_short; U_long; context]`` (two-stage base).
+
+Where reference code differs (see models.md §3):
+
+* FuxiCTR ``LongCTR/SIM``: soft search only; shared embeddings with ``W_a``/``W_b`` (as here); the aux pooling is the
+  unnormalized ``Σ qk_i E_i`` (``aux_pooling: sum``, the default); **no time embeddings** (``time_buckets: 0``);
+  DNN [64, 32] ReLU, emb 4 in the template.
+* SIM-TF (tttwwy/sim): first-stage dot attention thresholded at the k-th score, DIN-style ESU plus a mean pool;
+  short = last 10 of 100, top 50.
+* MUSE's SIM baselines: the SIM GSU followed by MUSE's ESU (SA-TA + SimTier); MUSE's SIM-soft is the cosine of the
+  live ID embeddings, no ``W_a``/``W_b``, no aux loss. Not reproduced here (use ``muse`` for that ESU).
+* The paper does not state whether the soft-search embeddings are shared with the ESU; we share them (FuxiCTR);
+  with ``dare: true`` the search uses DARE's attention tables (a separate embedding space) and the pooled values
+  the representation tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from features.loader import Batch, DatasetInfo
+
+from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
+from ..modules.gsu import CategoryGSU, InnerProductGSU, Selection
+from ..modules.mlp import MLP
+from .base import register
+from .two_stage import StageInput, TwoStageModel, TwoStageParams
+
+
+class SIMParams(TwoStageParams):
+    time_buckets: int = Field(32, ge=0, description="log2-seconds time-gap buckets in the ESU; 0 = no time embedding")
+    time_dim: int | None = None  # None = embedding_dim
+    esu_heads: int = 2  # FuxiCTR SIM: 2 heads, attention_dim 64
+    esu_head_dim: int = 32
+
+
+class SIMSoftParams(SIMParams):
+    gsu_dim: int = 64  # width of W_a e_t and W_b e_i (FuxiCTR attention_dim)
+    aux_alpha: float = Field(1.0, ge=0, description="weight of the soft-search auxiliary CTR loss; 0 = off")
+    aux_pooling: Literal["sum", "mean"] = "sum"  # paper / FuxiCTR: Σ r_i e_i; mean divides by the length
+    aux_hidden: list[int] = [200, 80]
+    aux_activation: str = "relu"
+
+
+class _SIMBase(TwoStageModel):
+    """SIM's ESU (time-aware multi-head target attention) over whatever the subclass's GSU selected."""
+
+    def __init__(self, params: SIMParams, info: DatasetInfo, device: torch.device | None = None) -> None:
+        super().__init__(params, info, device)
+        d = 2 * self.dim
+        t = params.time_dim or self.dim
+        self.time = TimeGapEmbedding(params.time_buckets, t) if params.time_buckets else None
+        self.time_att = TimeGapEmbedding(params.time_buckets, t) if params.time_buckets and params.dare else None
+        z = d + (t if self.time is not None else 0)
+        self.esu = MultiHeadTargetAttention(
+            d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.kernel_backend
+        )
+        self.long_dim = 2 * d if params.target_cross else d
+        self.build_tower()
+
+    def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
+        mask = inp.long_mask
+        keys, values = inp.long_att, inp.long
+        if self.time is not None:
+            t = self.time(inp.long_gap, mask)
+            t_att = self.time_att(inp.long_gap, mask) if self.time_att is not None else t
+            keys, values = torch.cat([keys, t_att], -1), torch.cat([values, t], -1)
+        u = self.esu(inp.target_att, keys, mask, values=values)
+        return [u, u * inp.target] if self.p.target_cross else [u]
+
+
+@register
+class SIMHard(_SIMBase):
+    name = "sim_hard"
+    Params = SIMParams
+
+    def __init__(self, params: SIMParams, info: DatasetInfo, device: torch.device | None = None) -> None:
+        super().__init__(params, info, device)
+        self.gsu = CategoryGSU(params.kernel_backend)
+
+    def search(
+        self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
+    ) -> tuple[Selection, torch.Tensor | None]:
+        return self.gsu(offsets, ids["cate"].values(), ids["long_cate"].values(), self.p.k), None
+
+
+@register
+class SIMSoft(_SIMBase):
+    name = "sim_soft"
+    Params = SIMSoftParams
+    embeds_prefix = True
+
+    def __init__(self, params: SIMSoftParams, info: DatasetInfo, device: torch.device | None = None) -> None:
+        super().__init__(params, info, device)
+        d = 2 * self.dim
+        self.gsu = InnerProductGSU(d, d, params.gsu_dim, params.kernel_backend)
+        self.aux_mlp = (
+            MLP(2 * d, params.aux_hidden, activation=params.aux_activation, out_dim=1) if params.aux_alpha > 0 else None
+        )
+
+    def search(
+        self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
+    ) -> tuple[Selection, torch.Tensor | None]:
+        assert emb is not None
+        p: SIMSoftParams = self.p  # type: ignore[assignment]
+        target_att = self.pair(emb, "", att=True)
+        behaviors_att = self.pair(emb, "long_", att=True)
+        selection = self.gsu(offsets, target_att, behaviors_att, p.k)
+        aux = None
+        if self.training and self.aux_mlp is not None:
+            r = self.gsu.relevance(target_att, behaviors_att, offsets)  # [total_L], with gradient
+            behaviors = self.pair(emb, "long_") if p.dare else behaviors_att
+            lengths = offsets[1:] - offsets[:-1]
+            sample = torch.repeat_interleave(
+                torch.arange(batch.size, device=r.device), lengths, output_size=behaviors.shape[0]
+            )
+            pooled = behaviors.new_zeros(batch.size, behaviors.shape[-1]).index_add_(
+                0, sample, r.unsqueeze(-1) * behaviors
+            )
+            if p.aux_pooling == "mean":
+                pooled = pooled / lengths.clamp(min=1).unsqueeze(-1).to(pooled.dtype)
+            target = self.pair(emb, "") if p.dare else target_att
+            aux_logit = self.aux_mlp(torch.cat([pooled, target], dim=-1)).squeeze(-1)
+            aux = p.aux_alpha * F.binary_cross_entropy_with_logits(aux_logit, batch.dense["label"])
+        return selection, aux
+
+
+__all__ = ["SIMHard", "SIMParams", "SIMSoft", "SIMSoftParams"]

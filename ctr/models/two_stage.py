@@ -1,0 +1,304 @@
+"""The shared frame of two-stage lifelong models (SIM, MUSE): GSU over the whole prefix, ESU over the top K, a
+short-term DIN branch over the last S, a tower.
+
+Data (two loader views, both oldest first, never at or after the sample's ts)::
+
+    long   = the last `max_len` behaviors of the prefix [0, hist_len)    -> the GSU searches all of them
+    short  = the last `short_len` behaviors                              -> DIN attention (the short-term branch)
+
+Forward::
+
+    Selection = GSU(target, long)                      positions [B, K] best first, -1 = empty  (kernels.gsu_topk)
+    E_K       = embeddings of the K selected behaviors [B, K, 2d] (+ their time gaps [B, K])
+    u_long    = ESU(e_t, E_K)                          subclass: SIM multi-head TA + time buckets, MUSE SA-TA + SimTier
+    u_short   = DIN(e_t, E_short)                      `ctr.modules.attention.DinAttention`
+    logit     = MLP([e_t; u_short; u_short ⊙ e_t; u_long...; context])
+
+Only the K selected behaviors are embedded when the GSU works on ids (SIM hard: categories; MUSE: a frozen table):
+the model rebuilds the KeyedJaggedTensor with the selected ids in place of the whole `long` prefix (same keys, so a
+sharded collection sees the same features) and looks up once. A GSU on learned embeddings (SIM soft) embeds the
+whole prefix (`embeds_prefix = True`).
+
+DARE (Feng et al., ICLR 2025, ``dare: true``): separate *attention* and *representation* embedding tables. The
+attention tables are extra TorchRec tables `item_att` / `cate_att` (sized like `item` / `cate`) in the same
+collection; their features (`item_att`, `long_item_att`, `short_item_att`, ...) are copies of the id features that
+this model adds itself before the lookup (`embedding_features()`), so the loader is unchanged. The GSU's learned
+scores, the ESU's and the short branch's attention scores use the attention embeddings; the pooled values and the
+target in the tower use the representation embeddings. DARE's own model has no projection matrices (dot products
+of the raw attention embeddings); we keep each model's projections.
+
+Defaults (``configs/models/sim_*.yaml``, ``muse.yaml``) and sources:
+
+* ``k: 50``, ``short_len: 50``: FuxiCTR / LongCTR SIM and TWIN (topk 50, short 50), MUSE (K = 50, recent 50).
+* ``max_len: 10000``: the papers search up to ~54K (SIM) and 100K (MUSE production); 10K keeps a CPU epoch short
+  while covering the p99 history of the demo world. The loader reads ``seq[max(0, hist_len - max_len):hist_len]``.
+* short branch: DIN's activation unit [80, 40] Dice, no softmax (paper form, as ``din.yaml``), so that a two-stage
+  model contains the DIN baseline it is compared with.
+* ``target_cross: true``: the tower also gets ``u ⊙ e_t`` for the short and the long interest (DIN official code,
+  DARE's "target representation").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from features.loader import Batch, DatasetInfo, SequenceView
+
+from ..modules.activations import make_activation
+from ..modules.attention import DinAttention
+from ..modules.gsu import Selection, gather_slots, lengths_to_offsets
+from ..modules.mlp import MLP
+from .base import CTRModel, ModelOutput, ModelParams
+
+ATT_SUFFIX = "_att"
+ATT_SOURCES = ("item", "cate", "long_item", "long_cate", "short_item", "short_cate")
+
+
+class TwoStageParams(ModelParams):
+    max_len: int = 10000  # behaviors the GSU searches (the last max_len of the prefix)
+    k: int = 50  # GSU top-K
+    short_len: int = 50  # S, the short-term branch
+    dare: bool = False  # separate attention / representation embedding tables (DARE)
+    short_attention_hidden: list[int] = [80, 40]
+    short_attention_activation: Literal["sigmoid", "relu", "prelu", "dice"] = "dice"
+    short_softmax: bool = False  # DIN paper: raw weights; official DIN code: masked softmax
+    target_cross: bool = True
+    hidden: list[int] = [200, 80]
+    activation: str = "dice"
+    batch_norm: bool = False
+    dropout: float = 0.0
+    kernel_backend: Literal["auto", "triton", "reference"] | None = None  # None: $KERNELS_BACKEND, else auto
+
+
+@dataclass
+class StageInput:
+    """What the ESU and the tower see. Shapes: B samples, K GSU slots, S short slots, 2d = [item; cate]."""
+
+    batch: Batch
+    emb: dict[str, Any]  # feature -> JaggedTensor of embeddings (target, context, selected / whole long, short)
+    target: torch.Tensor  # [B, 2d] representation of the target
+    target_att: torch.Tensor  # [B, 2d] attention embedding of the target (== target without DARE)
+    target_ids: torch.Tensor  # [B] item index
+    selection: Selection
+    long: torch.Tensor  # [B, K, 2d] selected behaviors (zeros in empty slots)
+    long_att: torch.Tensor  # [B, K, 2d]
+    long_ids: torch.Tensor  # [B, K] item index (0 in empty slots)
+    long_gap: torch.Tensor  # [B, K] seconds from the behavior to the sample (0 in empty slots)
+    long_offsets: torch.Tensor  # [B + 1] of the whole searched prefix
+    short: torch.Tensor  # [B, S, 2d] the last S behaviors, oldest first, right-padded with zeros
+    short_att: torch.Tensor  # [B, S, 2d]
+    short_ids: torch.Tensor  # [B, S] item index (0 = padding)
+    short_mask: torch.Tensor  # [B, S]
+    aux_loss: torch.Tensor | None = None
+
+    @property
+    def long_mask(self) -> torch.Tensor:
+        return self.selection.mask
+
+
+def to_slots(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Jagged ``values [N, D]`` whose rows fill the True positions of ``mask [B, W]`` in row-major order (each row's
+    real positions first) -> ``[B, W, D]`` with zeros elsewhere."""
+    out = values.new_zeros(*mask.shape, values.shape[-1])
+    out[mask] = values
+    return out
+
+
+def fixed_slots(jt: Any, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A jagged JaggedTensor (oldest first, at most ``width`` per row) -> right-padded ``[B, width, ...]`` and mask."""
+    lengths = jt.lengths().long()
+    mask = torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    values = jt.values()
+    if values.dim() == 1:
+        out = values.new_zeros(*mask.shape)
+        out[mask] = values
+        return out, mask
+    return to_slots(values, mask), mask
+
+
+class TwoStageModel(CTRModel):
+    """Base class of SIM / MUSE: subclasses implement `search` (the GSU) and `long_interest` (the ESU), set
+    `long_dim` and call `build_tower()` at the end of their ``__init__``."""
+
+    Params: ClassVar[type[ModelParams]] = TwoStageParams
+    embeds_prefix: ClassVar[bool] = False  # True: the GSU needs learned embeddings of the whole prefix (SIM soft)
+
+    def __init__(self, params: TwoStageParams, info: DatasetInfo, device: torch.device | None = None) -> None:
+        super().__init__(params, info, device)
+        self.p = params
+        self._lookup_features = self.embedding_features()
+        d = 2 * self.dim
+        self.short_attention = DinAttention(
+            d, params.short_attention_hidden, params.short_attention_activation, softmax=params.short_softmax
+        )
+        self.n_context = len(self.context_features()) + (1 if params.use_user else 0)
+        self.tower: nn.Module | None = None
+        self.long_dim = 0
+
+    # ---- data contract -------------------------------------------------------------------------------------------
+    def views(self) -> tuple[SequenceView, ...]:
+        p: TwoStageParams = self.params  # type: ignore[assignment]
+        return (SequenceView("long", p.max_len), SequenceView("short", p.short_len))
+
+    def embedding_features(self) -> list[str]:
+        feats = self.features()
+        if self.params.dare:  # type: ignore[attr-defined]
+            feats = feats + [f + ATT_SUFFIX for f in feats if f in ATT_SOURCES]
+        return feats
+
+    # ---- pieces for subclasses ------------------------------------------------------------------------------------
+    def build_tower(self, in_dim: int | None = None, head: Callable[[int], nn.Module] | None = None) -> None:
+        """The tower MLP (``hidden``, ``activation``, ...) then one logit (or ``head(width)``). Its input defaults to
+        `tower_input`'s ``[e_t; u_short; (u_short ⊙ e_t); long parts (long_dim); context]``."""
+        d = 2 * self.dim
+        if in_dim is None:
+            in_dim = (3 if self.p.target_cross else 2) * d + self.long_dim + self.dim * self.n_context
+        mlp = MLP(
+            in_dim, self.p.hidden, activation=self.p.activation, batch_norm=self.p.batch_norm, dropout=self.p.dropout,
+            out_dim=None if head is not None else 1,
+        )  # fmt: skip
+        self.tower = nn.Sequential(mlp, head(mlp.out_dim)) if head is not None else mlp
+
+    def embed(self, ids: dict[str, Any]) -> dict[str, Any]:
+        """Look up every embedding feature (DARE's ``*_att`` from their source ids) in one collection call."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        jts = [ids[f.removesuffix(ATT_SUFFIX) if f.endswith(ATT_SUFFIX) else f] for f in self._lookup_features]
+        kjt = KeyedJaggedTensor(
+            keys=list(self._lookup_features),
+            values=torch.cat([jt.values().long() for jt in jts]),
+            lengths=torch.cat([jt.lengths().int() for jt in jts]),
+        )
+        return self.embedding(kjt)
+
+    def pair(self, emb: dict[str, Any], prefix: str, att: bool = False) -> torch.Tensor:
+        """``[e(item); e(cate)]`` of a feature pair, jagged values ``[N, 2d]`` (``prefix`` "" for the target)."""
+        suffix = ATT_SUFFIX if att and self.p.dare else ""
+        return torch.cat([emb[f"{prefix}item{suffix}"].values(), emb[f"{prefix}cate{suffix}"].values()], dim=-1)
+
+    def search(
+        self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
+    ) -> tuple[Selection, torch.Tensor | None]:
+        """The GSU: (selection over the `long` view, auxiliary loss or None). ``emb`` is given when
+        `embeds_prefix` (the whole prefix embedded), else None."""
+        raise NotImplementedError
+
+    def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
+        """The ESU: the long-term parts of the tower input (widths summing to `long_dim`)."""
+        raise NotImplementedError
+
+    def short_interest(self, inp: StageInput) -> torch.Tensor:
+        """DIN attention of the target over the last S behaviors: ``[B, 2d]``."""
+        pooled, _ = self.short_attention(inp.target_att, inp.short_att, inp.short_mask, values=inp.short)
+        return pooled
+
+    # ---- the shared forward ----------------------------------------------------------------------------------------
+    def select(self, batch: Batch) -> tuple[Selection, torch.Tensor]:
+        """The GSU alone (for inspection and tests): (selection, offsets of the `long` view)."""
+        ids = batch.sparse.to_dict()
+        offsets = lengths_to_offsets(ids["long_item"].lengths())
+        emb = self.embed(ids) if self.embeds_prefix else None
+        selection, _ = self.search(batch, ids, offsets, emb)
+        return selection, offsets
+
+    def prepare(self, batch: Batch) -> StageInput:
+        """GSU, then one embedding lookup (target, context, selected or whole long, short) -> `StageInput`."""
+        ids = batch.sparse.to_dict()
+        long_item = ids["long_item"]
+        offsets = lengths_to_offsets(long_item.lengths())
+        if self.embeds_prefix:
+            emb = self.embed(ids)
+            selection, aux = self.search(batch, ids, offsets, emb)
+            rows, mask = selection.rows(offsets), selection.mask
+            long = gather_slots(self.pair(emb, "long_"), rows, mask)
+            long_att = gather_slots(self.pair(emb, "long_", att=True), rows, mask) if self.p.dare else long
+        else:
+            from torchrec.sparse.jagged_tensor import JaggedTensor
+
+            selection, aux = self.search(batch, ids, offsets, None)
+            rows, mask = selection.rows(offsets), selection.mask
+            n = mask.sum(1).int()
+            picked = dict(ids)
+            for f in ("long_item", "long_cate"):
+                picked[f] = JaggedTensor(values=ids[f].values()[rows[mask]], lengths=n)
+            emb = self.embed(picked)
+            long = to_slots(self.pair(emb, "long_"), mask)
+            long_att = to_slots(self.pair(emb, "long_", att=True), mask) if self.p.dare else long
+        target = self.pair(emb, "")
+        target_att = self.pair(emb, "", att=True) if self.p.dare else target
+        short, short_mask = fixed_slots(_pair_jt(emb, "short_", ""), self.p.short_len)
+        short_att = fixed_slots(_pair_jt(emb, "short_", ATT_SUFFIX), self.p.short_len)[0] if self.p.dare else short
+        short_ids, _ = fixed_slots(ids["short_item"], self.p.short_len)
+        return StageInput(
+            batch=batch,
+            emb=emb,
+            target=target,
+            target_att=target_att,
+            target_ids=ids["item"].values(),
+            selection=selection,
+            long=long,
+            long_att=long_att,
+            long_ids=gather_slots(long_item.values(), rows, mask),
+            long_gap=gather_slots(batch.dense["long_ts_gap"], rows, mask),
+            long_offsets=offsets,
+            short=short,
+            short_att=short_att,
+            short_ids=short_ids,
+            short_mask=short_mask,
+            aux_loss=aux,
+        )
+
+    def tower_input(self, inp: StageInput) -> torch.Tensor:
+        u_short = self.short_interest(inp)
+        parts = [inp.target, u_short]
+        if self.p.target_cross:
+            parts.append(u_short * inp.target)
+        parts += self.long_interest(inp)
+        parts += self.context_vector(inp.emb)
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        assert self.tower is not None, "a TwoStageModel subclass must call build_tower() in __init__"
+        inp = self.prepare(batch)
+        logit = self.tower(self.tower_input(inp)).squeeze(-1)
+        return ModelOutput(logit=logit, aux_loss=inp.aux_loss if self.training else None)
+
+
+class _PairJT:
+    """The minimal JaggedTensor interface `fixed_slots` needs, over ``[e(item); e(cate)]``."""
+
+    def __init__(self, item: Any, cate: Any) -> None:
+        self._values = torch.cat([item.values(), cate.values()], dim=-1)
+        self._lengths = item.lengths()
+
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    def lengths(self) -> torch.Tensor:
+        return self._lengths
+
+
+def _pair_jt(emb: dict[str, Any], prefix: str, suffix: str) -> _PairJT:
+    return _PairJT(emb[f"{prefix}item{suffix}"], emb[f"{prefix}cate{suffix}"])
+
+
+class DiceHead(nn.Module):
+    """MUSE code's output: ``Linear(→2)`` then LayerNorm-Dice on the two logits; returns ``z1 − z0`` (a 2-way softmax
+    over (z0, z1) is the sigmoid of the difference, so BCE on it equals the release's 2-logit cross-entropy)."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, 2)
+        self.dice = make_activation("dice_ln", 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.dice(self.linear(x))
+        return (z[..., 1] - z[..., 0]).unsqueeze(-1)
+
+
+__all__ = ["DiceHead", "StageInput", "TwoStageModel", "TwoStageParams", "fixed_slots", "to_slots"]

@@ -1,0 +1,254 @@
+"""General Search Units (GSU): pick the top-K behaviors of a whole lifelong prefix for the ESU.
+
+Every strategy scores the behaviors of each sample's jagged prefix (values ``[total_L, ...]`` plus int64 ``offsets
+[B + 1]``, oldest first) against the sample's target and keeps the best K through the fused ``kernels.gsu_topk``
+(forward only: the selection carries no gradient; the Triton kernel on CUDA, its PyTorch reference elsewhere). The
+result is a `Selection`: positions ``[B, K]`` within each sample, best first, ``-1`` in empty slots (a sample with
+fewer than K candidates), and the scores; equal scores go to the more recent behavior.
+
+* `CategoryGSU` (SIM hard search, Pi et al., CIKM 2020, §4.1): ``r_i = 1[cate_i = cate_target]``; the K most recent
+  behaviors of the target's category (SIM's "User Behavior Tree" user -> category -> behaviors). MUSE's
+  ``utils.py::sim_hard_top_k`` does the same (stable argsort of the match mask, newest first, zero-padded).
+* `InnerProductGSU` (SIM soft search, §4.1): ``r_i = (W_b e_i) · (W_a e_t)`` with ``W_a``, ``W_b`` linear maps
+  without bias (FuxiCTR ``LongCTR/SIM``); served with MIPS in the paper, an exact top-K here. Its `relevance` gives
+  the same scores *with* gradient for SIM's auxiliary CTR task (see ``ctr/models/sim.py``).
+* `CosineGSU` (MUSE, Wu et al., arXiv 2512.07216, §4): ``r_i = cos(v_t, v_i)`` on frozen multimodal item vectors
+  (float32 or int8 rows of ``items.parquet``'s ``mm_emb``; no learnable parameters). MUSE's code
+  (``utils.py::sim_mm_top_k``) scores an all-zero vector (padding or no embedding) ``-1.1`` so that it is picked
+  last: ``zero_vector_score=-1.1``; the default keeps the plain cosine (0) of the paper.
+
+`load_mm_table` reads the frozen table: a plain tensor (not a TorchRec table), meant for
+``register_buffer(..., persistent=False)`` so that checkpoints stay small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+import kernels
+from features.loader import DatasetInfo
+
+
+@dataclass
+class Selection:
+    """The GSU's top-K of each sample: positions ``[B, K]`` int64 within the sample (best first, ``-1`` = empty
+    slot; the real ones come first) and their scores ``[B, K]`` float32 (0 in empty slots)."""
+
+    positions: torch.Tensor
+    scores: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[B, K]`` bool, True where a behavior was selected (left-aligned)."""
+        return self.positions >= 0
+
+    @property
+    def k(self) -> int:
+        return int(self.positions.shape[1])
+
+    def rows(self, offsets: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` rows of the jagged values (``offsets[b] + position``); empty slots point at the sample's first
+        row (or row 0), so gather with them and then zero with `mask`."""
+        start = offsets[:-1].unsqueeze(1)
+        rows = start + self.positions.clamp(min=0)
+        total = int(offsets[-1]) if offsets.numel() else 0
+        return rows.clamp(max=max(total - 1, 0))
+
+
+def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """int ``[B]`` -> int64 ``[B + 1]``."""
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths.long(), 0, out=offsets[1:])
+    return offsets
+
+
+def gather_slots(values: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Jagged ``values [total_L, ...]`` at ``rows [B, K]`` -> ``[B, K, ...]``, zero where ``mask`` is False."""
+    if values.shape[0] == 0:
+        return values.new_zeros(*rows.shape, *values.shape[1:])
+    out = values[rows]
+    m = mask.reshape(*mask.shape, *([1] * (values.dim() - 1)))
+    return torch.where(m, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+class CategoryGSU(nn.Module):
+    """SIM hard search: the K most recent behaviors of the target's category (no parameters).
+
+    ``prefilter`` (default): first keep the behaviors of the target's category (one vectorized compare, like SIM's
+    user -> category index), then run ``kernels.gsu_topk`` on those candidates only and map the positions back. Same
+    result; on the CPU reference it avoids sorting every sample padded to the longest prefix of the batch.
+    ``backend`` (all GSUs): passed to ``kernels.gsu_topk`` (None = ``$KERNELS_BACKEND``, else auto).
+    """
+
+    def __init__(self, backend: str | None = None, prefilter: bool = True) -> None:
+        super().__init__()
+        self.backend = backend
+        self.prefilter = prefilter
+
+    def forward(
+        self,
+        offsets: torch.Tensor,
+        target_category: torch.Tensor,
+        behavior_category: torch.Tensor,
+        k: int,
+        max_len: int | None = None,
+    ) -> Selection:
+        if not self.prefilter:
+            positions, scores = kernels.gsu_topk(
+                offsets, k, mode="category", target_category=target_category,
+                behavior_category=behavior_category, max_len=max_len, backend=self.backend,
+            )  # fmt: skip
+            return Selection(positions, scores)
+        b = offsets.numel() - 1
+        n = behavior_category.shape[0]
+        sample = torch.repeat_interleave(
+            torch.arange(b, device=offsets.device), offsets[1:] - offsets[:-1], output_size=n
+        )
+        candidates = torch.nonzero(behavior_category.long() == target_category.long()[sample]).squeeze(1)
+        sub_offsets = lengths_to_offsets(torch.bincount(sample[candidates], minlength=b))
+        local, scores = kernels.gsu_topk(
+            sub_offsets, k, mode="category", target_category=target_category,
+            behavior_category=behavior_category[candidates], backend=self.backend,
+        )  # fmt: skip
+        if candidates.numel() == 0:
+            return Selection(local, scores)
+        rows = candidates[(sub_offsets[:-1].unsqueeze(1) + local.clamp(min=0)).clamp(max=candidates.numel() - 1)]
+        positions = torch.where(local >= 0, rows - offsets[:-1].unsqueeze(1), -1)
+        return Selection(positions, scores)
+
+
+class InnerProductGSU(nn.Module):
+    """SIM soft search: ``r_i = (W_b e_i) · (W_a e_t)`` (``W_a``, ``W_b``: Linear without bias, as in FuxiCTR).
+
+    Args:
+        target_dim: width of ``e_t``.
+        behavior_dim: width of ``e_i``.
+        dim: the common search space (FuxiCTR's ``attention_dim``, 64).
+    """
+
+    def __init__(self, target_dim: int, behavior_dim: int, dim: int = 64, backend: str | None = None) -> None:
+        super().__init__()
+        self.backend = backend
+        self.w_a = nn.Linear(target_dim, dim, bias=False)
+        self.w_b = nn.Linear(behavior_dim, dim, bias=False)
+
+    def query(self, target: torch.Tensor) -> torch.Tensor:
+        """``W_bᵀ W_a e_t`` ``[B, behavior_dim]``: ``r_i = e_i · query`` equals ``(W_b e_i) · (W_a e_t)`` without
+        projecting the (up to 100K) behaviors."""
+        return self.w_a(target) @ self.w_b.weight
+
+    def relevance(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``r_i`` for every jagged behavior, ``[total_L]``, differentiable (the auxiliary CTR task)."""
+        q = self.query(target)
+        sample = torch.repeat_interleave(
+            torch.arange(q.shape[0], device=q.device), offsets[1:] - offsets[:-1], output_size=behaviors.shape[0]
+        )
+        return (behaviors * q[sample]).sum(-1)
+
+    def forward(
+        self, offsets: torch.Tensor, target: torch.Tensor, behaviors: torch.Tensor, k: int, max_len: int | None = None
+    ) -> Selection:
+        with torch.no_grad():
+            q = self.query(target).float()
+        positions, scores = kernels.gsu_topk(
+            offsets,
+            k,
+            mode="dot",
+            target=q,
+            behavior_vectors=behaviors.detach().float(),
+            max_len=max_len,
+            backend=self.backend,
+        )
+        return Selection(positions, scores)
+
+
+class CosineGSU(nn.Module):
+    """MUSE's GSU: cosine of frozen multimodal vectors (``table [N, D]`` float32 or int8, row = item index).
+
+    The table is a non-persistent buffer: it moves with ``.to(device)`` but is not saved in checkpoints (it is
+    reloaded from ``items.parquet`` when the model is built).
+    """
+
+    def __init__(self, table: torch.Tensor, zero_vector_score: float | None = None, backend: str | None = None) -> None:
+        super().__init__()
+        self.register_buffer("table", table, persistent=False)
+        self.zero_vector_score = zero_vector_score
+        self.backend = backend
+
+    def vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 rows for ``ids`` (int8 is cast without rescaling: the cosine is scale-invariant)."""
+        return self.table[ids.long()].float()
+
+    def cosine(self, target_ids: torch.Tensor, behavior_ids: torch.Tensor) -> torch.Tensor:
+        """``cos(v_target, v_behavior)``: target ids ``[B]``, behavior ids ``[B, ...]`` -> ``[B, ...]`` (0 for a zero
+        vector)."""
+        t = nn.functional.normalize(self.vectors(target_ids), dim=-1)
+        v = nn.functional.normalize(self.vectors(behavior_ids), dim=-1)
+        t = t.reshape(t.shape[0], *([1] * (v.dim() - 2)), t.shape[-1])
+        return (v * t).sum(-1)
+
+    def jagged_cosine(
+        self, target_ids: torch.Tensor, behavior_ids: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor:
+        """Cosine of every jagged behavior with its sample's target, ``[total_L]``."""
+        t = nn.functional.normalize(self.vectors(target_ids), dim=-1)
+        v = nn.functional.normalize(self.vectors(behavior_ids), dim=-1)
+        sample = torch.repeat_interleave(
+            torch.arange(t.shape[0], device=t.device), offsets[1:] - offsets[:-1], output_size=v.shape[0]
+        )
+        return (v * t[sample]).sum(-1)
+
+    def forward(
+        self,
+        offsets: torch.Tensor,
+        target_ids: torch.Tensor,
+        behavior_ids: torch.Tensor,
+        k: int,
+        max_len: int | None = None,
+    ) -> Selection:
+        positions, scores = kernels.gsu_topk(
+            offsets, k, mode="cosine", target=self.vectors(target_ids), behavior_ids=behavior_ids, table=self.table,
+            zero_vector_score=self.zero_vector_score, max_len=max_len, backend=self.backend,
+        )  # fmt: skip
+        return Selection(positions, scores)
+
+
+def load_mm_table(info: DatasetInfo) -> torch.Tensor:
+    """The frozen multimodal table of a dataset: ``[vocab_sizes["item"], D]`` float32 or int8 (as stored), row =
+    ``item_idx``; padding, out-of-vocabulary and items without an embedding (null ``mm_emb``) are zero rows."""
+    meta = info.manifest.get("mm_emb")
+    if not meta:
+        raise ValueError(
+            f"{info.data_dir}: the dataset has no multimodal item embeddings (manifest mm_emb is empty); "
+            "build it from items with an mm_emb column (fixed_size_list<float32 | int8>[D])"
+        )
+    dim = int(meta["dim"])
+    t = pq.read_table(info.data_dir / "items.parquet", columns=["item_idx", "mm_emb"])
+    col = t["mm_emb"].combine_chunks()
+    if isinstance(col, pa.ChunkedArray):  # pragma: no cover - combine_chunks on a column gives one chunk
+        col = col.chunk(0)
+    value_type = col.type.value_type
+    np_dtype = np.int8 if value_type == pa.int8() else np.float32
+    valid = np.asarray(pc.is_valid(col)) if col.null_count else np.ones(len(col), dtype=bool)
+    flat = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False).astype(np_dtype, copy=False)
+    table = np.zeros((info.vocab_sizes["item"], dim), dtype=np_dtype)
+    table[t["item_idx"].to_numpy()[valid]] = flat.reshape(-1, dim)
+    return torch.from_numpy(table)
+
+
+__all__ = [
+    "CategoryGSU",
+    "CosineGSU",
+    "InnerProductGSU",
+    "Selection",
+    "gather_slots",
+    "lengths_to_offsets",
+    "load_mm_table",
+]

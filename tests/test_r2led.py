@@ -1,0 +1,373 @@
+"""R2LED (ctr/models/r2led.py) and its blocks (ctr/modules/r2led.py): SID tables, routes against brute force,
+training, no look-ahead, the missing-SID error, eval determinism, variants.
+
+Data: a COPY of the session's tiny dataset (`tiny_data`, shared and read-only) with semantic IDs built into it
+(`ctr sid`); set ``CTR_TEST_MODELS_DATA`` to a built dataset directory to copy that one instead of building the tiny
+world. Torch runs on one thread (see tests/test_models.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+# tests/kernels would shadow the `kernels` package under a plain `pytest` (see tests/test_models.py)
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None) is None:
+    for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+        del sys.modules[_name]
+
+from ctr.models import get_model_class  # noqa: E402
+from ctr.modules.gsu import lengths_to_offsets  # noqa: E402
+from ctr.modules.r2led import (  # noqa: E402
+    PrefixGSU,
+    RouteFusion,
+    SemanticIDsMissing,
+    load_sid_codes,
+    prefix_codes,
+    vector_topk,
+)
+from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader  # noqa: E402
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def source_dir(request) -> Path:
+    return Path(os.environ.get("CTR_TEST_MODELS_DATA") or request.getfixturevalue("tiny_data"))
+
+
+@pytest.fixture(scope="module")
+def info(source_dir, tmp_path_factory) -> DatasetInfo:
+    """The tiny world copied aside (the fixture stays untouched), with `ctr sid`'s semantic IDs."""
+    from pipelines.sid import build_semantic_ids
+
+    data = tmp_path_factory.mktemp("r2led") / "data"
+    shutil.copytree(source_dir, data)
+    build_semantic_ids(data, levels=3, codebook_size=256)
+    return DatasetInfo.load(data)
+
+
+_BATCHES: dict[tuple, list[Batch]] = {}
+
+
+def batches(info: DatasetInfo, model, n: int = STEPS) -> list[Batch]:
+    key = (str(info.data_dir), model.views(), tuple(model.features()))
+    if key not in _BATCHES or len(_BATCHES[key]) < n:
+        cfg = LoaderConfig(batch_size=256, views=model.views(), shuffle=True)
+        _BATCHES[key] = [b for _, b in zip(range(n), SplitLoader(info, "train", cfg, model.features()), strict=False)]
+    return _BATCHES[key][:n]
+
+
+def build(info: DatasetInfo, seed: int = 0, **params):
+    torch.manual_seed(seed)
+    cls = get_model_class("r2led")
+    return cls(cls.Params(**params), info)
+
+
+def train_steps(model, bs: list[Batch]) -> list[float]:
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for batch in bs:
+        out = model(batch)
+        assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all()
+        loss = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ---- semantic-ID tables -------------------------------------------------------------------------------------------
+
+
+def test_sid_codes_and_prefix_numbers(info):
+    codes, num_codes = load_sid_codes(info)
+    assert num_codes == 257 and codes.shape == (info.vocab_sizes["item"], 3)
+    assert (codes[:2] == 256).all()  # padding and OOV rows: the reserved code
+    t = pq.read_table(info.data_dir / "items.parquet", columns=["item_idx", "sid_0", "sid_1", "sid_2"])
+    idx = t["item_idx"].to_numpy()
+    for j in range(3):
+        assert np.array_equal(codes[idx, j].numpy(), t[f"sid_{j}"].to_numpy())
+    # prefix numbers: equal exactly when the prefixes are equal; -1 once a reserved code occurs
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randint(0, 4, (200, 3), generator=gen)
+    c[::17, 1] = 3  # reserved code of a 4-code toy
+    p = prefix_codes(c, 4)
+    for level in range(3):
+        for a in range(0, 200, 7):
+            for b in range(200):
+                reserved = bool((c[a, : level + 1] == 3).any() or (c[b, : level + 1] == 3).any())
+                same = bool((c[a, : level + 1] == c[b, : level + 1]).all())
+                if reserved:
+                    assert p[a, level] == -1 or p[b, level] == -1
+                else:
+                    assert bool(p[a, level] == p[b, level]) == same
+
+
+# ---- routes against brute force -----------------------------------------------------------------------------------
+
+
+def brute_topk(lengths: list[int], scores: list[list[float | None]], k: int) -> list[list[int]]:
+    """Per sample: candidates (score not None) by score descending, then position descending; padded with -1."""
+    out = []
+    for n, s in zip(lengths, scores, strict=True):
+        cand = [(s[i], i) for i in range(n) if s[i] is not None]
+        cand.sort(key=lambda t: (-t[0], -t[1]))
+        pos = [i for _, i in cand[:k]]
+        out.append(pos + [-1] * (k - len(pos)))
+    return out
+
+
+def random_lengths(gen: torch.Generator) -> list[int]:
+    return [0, 1, 5, 0, 17, 3, 40, 2] + torch.randint(0, 30, (6,), generator=gen).tolist()
+
+
+def cos64(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    na, nb = a.norm().clamp_min(1e-12), b.norm().clamp_min(1e-12)
+    return float((a @ b) / (na * nb))
+
+
+@pytest.mark.parametrize("rank", ["recency", "collab"])
+@pytest.mark.parametrize("k", [1, 4, 50])
+def test_prefix_route_matches_brute_force(k, rank):
+    gen = torch.Generator().manual_seed(10 + k)
+    lengths = random_lengths(gen)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    n = int(offsets[-1])
+    behavior = torch.randint(0, 4, (n,), generator=gen)
+    behavior[behavior == 3] = -1  # reserved prefixes: never matched, not even by a reserved target
+    target = torch.randint(0, 4, (len(lengths),), generator=gen)
+    target[target == 3] = -1
+    palette = torch.randn(4, 6, generator=gen)  # few distinct vectors: equal scores, recency breaks the tie
+    vecs = palette[torch.randint(0, 4, (n,), generator=gen)]
+    tvec = torch.randn(len(lengths), 6, generator=gen)
+    gsu = PrefixGSU()
+    if rank == "collab":
+        sel = gsu(offsets, target, behavior, k, tvec, vecs, "cosine")
+    else:
+        sel = gsu(offsets, target, behavior, k)
+    scores = []
+    for b, m in enumerate(lengths):
+        row = []
+        for i in range(m):
+            j = int(offsets[b]) + i
+            match = int(target[b]) >= 0 and int(behavior[j]) == int(target[b])
+            row.append(None if not match else (round(cos64(tvec[b], vecs[j]), 6) if rank == "collab" else 1.0))
+        scores.append(row)
+    assert sel.positions.tolist() == brute_topk(lengths, scores, k)
+    assert sel.positions.shape == (len(lengths), k)
+
+
+@pytest.mark.parametrize("score", ["cosine", "dot"])
+@pytest.mark.parametrize("k", [1, 6, 50])
+def test_vector_route_matches_brute_force(k, score):
+    gen = torch.Generator().manual_seed(100 + k)
+    lengths = random_lengths(gen)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    palette = torch.randn(5, 8, generator=gen)
+    palette[0] = 0  # a zero vector (an item without SID embedding): cosine 0
+    vecs = palette[torch.randint(0, 5, (int(offsets[-1]),), generator=gen)]
+    target = torch.randn(len(lengths), 8, generator=gen)
+    sel = vector_topk(offsets, target, vecs, k, score)
+
+    def s(b: int, j: int) -> float:
+        v = cos64(target[b], vecs[j]) if score == "cosine" else float(target[b].double() @ vecs[j].double())
+        return round(v, 5)
+
+    scores = [[s(b, int(offsets[b]) + i) for i in range(m)] for b, m in enumerate(lengths)]
+    assert sel.positions.tolist() == brute_topk(lengths, scores, k)
+
+
+def test_routes_empty_batch():
+    offsets = torch.zeros(3, dtype=torch.int64)
+    sel = PrefixGSU()(offsets, torch.tensor([1, 2]), torch.zeros(0, dtype=torch.int64), 5)
+    assert sel.positions.tolist() == [[-1] * 5] * 2
+    sel = vector_topk(offsets, torch.randn(2, 4), torch.zeros(0, 4), 3)
+    assert sel.positions.tolist() == [[-1] * 3] * 2
+
+
+def test_route_fusion_masks_empty_routes():
+    torch.manual_seed(0)
+    fusion = RouteFusion(6, 4, 3, "attention")
+    outs = torch.randn(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    u, w = fusion(torch.randn(2, 6), outs, mask)
+    assert w is not None and w[0, 1] == 0 and torch.isclose(w[0].sum(), torch.tensor(1.0))
+    assert (w[1] == 0).all() and (u[1] == 0).all()  # no route retrieved anything: zeros
+
+
+# ---- the model end to end -----------------------------------------------------------------------------------------
+
+
+def test_training_loss_decreases(info):
+    model = build(info)
+    losses = train_steps(model, batches(info, model))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.02, (first, last)
+
+
+def test_routes_retrieve_only_the_past(info):
+    """Every retrieved behavior is a real position of the searched prefix, strictly before the sample (ts gap > 0);
+    a prefix route retrieves the most recent behaviors sharing the target's SID prefix."""
+    model = build(info).eval()
+    batch = batches(info, model, 1)[0]
+    with torch.no_grad():
+        sels, offsets = model.select_routes(batch)
+    lengths = batch.dense["long_lengths"]
+    gaps = batch.dense["long_ts_gap"]
+    items = batch.sparse["long_item"].values()
+    target = batch.sparse["item"].values()
+    assert int(lengths.max()) > 50
+    for route, k, sel in zip(model.rp.routes, model.route_k, sels, strict=True):
+        pos, mask = sel.positions, sel.mask
+        assert pos.shape == (batch.size, k)
+        assert ((pos < lengths.unsqueeze(1)) | ~mask).all() and (pos >= -1).all()
+        assert (mask.sum(1) <= lengths.clamp(max=k)).all()
+        rows = offsets[:-1].unsqueeze(1) + pos.clamp(min=0)
+        assert (gaps[rows][mask] > 0).all(), route.name
+        if route.kind == "prefix":
+            prefix = model.sid_prefix[:, route.level - 1]
+            for b in range(batch.size):
+                t = int(prefix[target[b]])
+                same = [i for i in range(int(lengths[b])) if t >= 0 and int(prefix[items[offsets[b] + i]]) == t]
+                assert pos[b][mask[b]].tolist() == same[::-1][:k]
+        else:  # a score route keeps K whenever the prefix has K behaviors
+            torch.testing.assert_close(mask.sum(1), lengths.clamp(max=k))
+    assert any(bool(s.mask.any()) for s in sels[:3])  # the SID routes do match on this data
+
+
+def test_eval_is_deterministic_and_per_sample(info):
+    model = build(info)
+    train_steps(model, batches(info, model, 2))
+    model.eval()
+    batch = batches(info, model, 3)[2]
+    with torch.no_grad():
+        a, b = model(batch).logit, model(batch).logit
+    assert torch.equal(a, b)
+    rows = torch.argsort(batch.dense["long_lengths"])[:12]  # includes samples without any behavior
+    with torch.no_grad():
+        part = model(subset(batch, rows)).logit
+    torch.testing.assert_close(part, a[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_missing_semantic_ids_is_a_clear_error(info, source_dir, tmp_path):
+    # the dataset as `ctr build` wrote it (no semantic IDs at all); only read here
+    with pytest.raises(SemanticIDsMissing, match=r"ctr sid --data"):
+        build(DatasetInfo.load(source_dir))
+    # a manifest that says there are SIDs, an items.parquet without the columns
+    data = tmp_path / "data"
+    data.mkdir()
+    for sub in ("samples", "sequences", "vocab"):
+        (data / sub).symlink_to(info.data_dir / sub)
+    shutil.copy(info.data_dir / "manifest.json", data / "manifest.json")
+    t = pq.read_table(info.data_dir / "items.parquet")
+    pq.write_table(t.drop_columns(["sid_1", "sid_2"]), data / "items.parquet")
+    with pytest.raises(SemanticIDsMissing, match=r"sid_1.*ctr sid --data"):
+        build(DatasetInfo.load(data))
+    assert build(DatasetInfo.load(data), sid_levels=1, routes=[{"name": "a", "kind": "prefix", "level": 1}])
+    with pytest.raises(ValueError, match="level 2"):
+        build(info, sid_levels=1, routes=[{"name": "a", "kind": "prefix", "level": 2}])
+
+
+def test_sid_tables_are_buffers_not_saved(info):
+    model = build(info)
+    state = model.state_dict()
+    assert not any(k.startswith(("sid_codes", "sid_prefix")) for k in state)
+    assert "sid.tables.0.weight" in state and state["sid.tables.0.weight"].shape == (257, 32)
+    assert (state["sid.tables.0.weight"][256] == 0).all()  # the reserved code is the zero padding row
+    other = build(info, seed=1)
+    other.load_state_dict(state)
+    model.eval()
+    other.eval()
+    batch = batches(info, model, 1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).logit, other(batch).logit)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"routes": [{"name": "s1", "kind": "prefix", "level": 1, "rank": "collab"}, {"name": "c", "kind": "collab"}]},
+        {"semantic_source": "mm", "route_fusion": "gate", "share_route_attention": True, "time_buckets": 0},
+        {"route_fusion": "concat", "level_gate": False, "sid_fusion": "add", "sid_levels": 2,
+         "routes": [{"name": "s2", "kind": "prefix", "level": 2, "k": 5}, {"name": "m", "kind": "semantic", "k": 7}]},
+        {"sid_fusion": "id", "routes": [{"name": "s1", "kind": "prefix", "level": 1}]},
+    ],
+)  # fmt: skip
+def test_variants_run(info, params):
+    model = build(info, **params)
+    losses = train_steps(model, batches(info, model, 3))
+    assert all(math.isfinite(v) for v in losses)
+    model.eval()
+    with torch.no_grad():
+        out = model(batches(info, model, 1)[0])
+    assert torch.isfinite(out.logit).all() and out.aux_loss is None
+
+
+def test_params_validation():
+    cls = get_model_class("r2led").Params
+    with pytest.raises(ValueError, match="needs level"):
+        cls(routes=[{"name": "a", "kind": "prefix"}])
+    with pytest.raises(ValueError, match="unique"):
+        cls(routes=[{"name": "a", "kind": "collab"}, {"name": "a", "kind": "semantic"}])
+    with pytest.raises(ValueError, match="dare"):
+        cls(dare=True)
+
+
+def test_config_resolves():
+    from ctr.train.config import resolve_train_config
+
+    cfg, params = resolve_train_config("r2led", None, ["model.k=7"])
+    assert cfg.model["name"] == "r2led" and params.k == 7
+    assert [r.name for r in params.routes] == ["sid1", "sid2", "sid3", "collab", "semantic"]
+    assert params == get_model_class("r2led").Params(k=7)  # the YAML repeats the code's defaults
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+
+
+def subset(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The samples `rows` of a batch (sparse features and per-view dense tensors sliced consistently)."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    rows = rows.long()
+    jts = batch.sparse.to_dict()
+    keys, values, lengths = [], [], []
+    for key, jt in jts.items():
+        off = lengths_to_offsets(jt.lengths())
+        keys.append(key)
+        values.append(torch.cat([jt.values()[off[r] : off[r + 1]] for r in rows.tolist()] or [jt.values()[:0]]))
+        lengths.append(jt.lengths()[rows])
+    sparse = KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths).int())
+    dense = {}
+    for key, v in batch.dense.items():
+        if key.endswith("_ts_gap"):
+            view_lengths = batch.dense[key.removesuffix("_ts_gap") + "_lengths"]
+            off = lengths_to_offsets(view_lengths)
+            dense[key] = torch.cat([v[off[r] : off[r + 1]] for r in rows.tolist()] or [v[:0]])
+        else:
+            dense[key] = v[rows]
+    return Batch(sparse=sparse, dense=dense, size=int(rows.numel()))

@@ -1,0 +1,425 @@
+"""Two-stage lifelong models (SIM hard / soft, MUSE) and their blocks (GSU strategies, SimTier, SA-TA, DARE tables).
+
+Data: the session's tiny synthetic dataset (`tiny_data` in conftest.py); set ``CTR_TEST_MODELS_DATA`` to a built
+dataset directory to skip the build while iterating. Torch runs on one thread (see tests/test_models.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+# tests/kernels would shadow the `kernels` package under a plain `pytest` (see tests/test_models.py)
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None) is None:
+    for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+        del sys.modules[_name]
+
+from ctr.models import get_model_class  # noqa: E402
+from ctr.modules.esu import SimilarityAwareTargetAttention, SimTier, time_gap_bucket  # noqa: E402
+from ctr.modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, lengths_to_offsets, load_mm_table  # noqa: E402
+from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader  # noqa: E402
+
+STEPS = 30
+MODELS = ("sim_hard", "sim_soft", "muse")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def info(request) -> DatasetInfo:
+    prebuilt = os.environ.get("CTR_TEST_MODELS_DATA")
+    return DatasetInfo.load(prebuilt or request.getfixturevalue("tiny_data"))
+
+
+_BATCHES: dict[tuple, list[Batch]] = {}
+
+
+def batches(info: DatasetInfo, model, n: int = STEPS) -> list[Batch]:
+    key = (str(info.data_dir), model.views(), tuple(model.features()))
+    if key not in _BATCHES or len(_BATCHES[key]) < n:
+        cfg = LoaderConfig(batch_size=256, views=model.views(), shuffle=True)
+        _BATCHES[key] = [b for _, b in zip(range(n), SplitLoader(info, "train", cfg, model.features()), strict=False)]
+    return _BATCHES[key][:n]
+
+
+def build(info: DatasetInfo, name: str, seed: int = 0, **params):
+    torch.manual_seed(seed)
+    cls = get_model_class(name)
+    return cls(cls.Params(**params), info)
+
+
+def loss_of(out, batch: Batch) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
+    return loss + out.aux_loss if out.aux_loss is not None else loss
+
+
+def train_steps(model, bs: list[Batch]) -> list[float]:
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for batch in bs:
+        out = model(batch)
+        assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all()
+        loss = loss_of(out, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"]).item())
+    return losses
+
+
+# ---- GSU strategies against brute force ---------------------------------------------------------------------------
+
+
+def brute_topk(lengths: list[int], scores: list[list[float | None]], k: int) -> list[list[int]]:
+    """Per sample: candidates (score not None) by score descending, then position descending; padded with -1."""
+    out = []
+    for n, s in zip(lengths, scores, strict=True):
+        cand = [(s[i], i) for i in range(n) if s[i] is not None]
+        cand.sort(key=lambda t: (-t[0], -t[1]))
+        pos = [i for _, i in cand[:k]]
+        out.append(pos + [-1] * (k - len(pos)))
+    return out
+
+
+def random_lengths(gen: torch.Generator) -> list[int]:
+    return [0, 1, 5, 0, 17, 3, 40, 2] + torch.randint(0, 30, (6,), generator=gen).tolist()
+
+
+@pytest.mark.parametrize("prefilter", [True, False])
+@pytest.mark.parametrize("k", [1, 4, 20, 50])
+def test_category_gsu_matches_brute_force(k, prefilter):
+    gen = torch.Generator().manual_seed(k)
+    lengths = random_lengths(gen)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    cates = torch.randint(1, 4, (int(offsets[-1]),), generator=gen)
+    target = torch.randint(1, 4, (len(lengths),), generator=gen)
+    sel = CategoryGSU(prefilter=prefilter)(offsets, target, cates, k)
+    scores = [
+        [1.0 if int(cates[offsets[b] + i]) == int(target[b]) else None for i in range(n)] for b, n in enumerate(lengths)
+    ]
+    assert sel.positions.tolist() == brute_topk(lengths, scores, k)
+    # hard search = the K most recent of the target's category, newest first
+    assert sel.mask.sum().item() == sum(min(k, sum(s is not None for s in row)) for row in scores)
+
+
+@pytest.mark.parametrize("k", [1, 6, 50])
+def test_inner_product_gsu_matches_brute_force(k):
+    gen = torch.Generator().manual_seed(100 + k)
+    lengths = random_lengths(gen)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    torch.manual_seed(k)
+    gsu = InnerProductGSU(6, 4, dim=5)
+    target = torch.randn(len(lengths), 6, generator=gen)
+    # few distinct behavior vectors, so that equal scores happen and recency must break them
+    palette = torch.randn(5, 4, generator=gen)
+    behaviors = palette[torch.randint(0, 5, (int(offsets[-1]),), generator=gen)]
+    sel = gsu(offsets, target, behaviors, k)
+    w_a, w_b = gsu.w_a.weight.double(), gsu.w_b.weight.double()
+    scores = [
+        [float((w_b @ behaviors[offsets[b] + i].double()) @ (w_a @ target[b].double())) for i in range(n)]
+        for b, n in enumerate(lengths)
+    ]
+    # group float-equal scores exactly as the module computes them (identical vectors give bit-identical scores)
+    rounded = [[round(s, 9) for s in row] for row in scores]
+    assert sel.positions.tolist() == brute_topk(lengths, rounded, k)
+    # the differentiable relevance equals the search score
+    r = gsu.relevance(target, behaviors, offsets)
+    flat = torch.tensor([s for row in scores for s in row], dtype=torch.float32)
+    torch.testing.assert_close(r.detach(), flat, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("zero_score", [None, -1.1])
+@pytest.mark.parametrize("k", [3, 50])
+def test_cosine_gsu_matches_brute_force(dtype, zero_score, k):
+    gen = torch.Generator().manual_seed(7 + k)
+    lengths = random_lengths(gen)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    rows = torch.randn(9, 8, generator=gen)
+    rows[0] = 0  # padding row
+    rows[4] = 0  # an item without an embedding
+    table = (rows * 40).round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else rows
+    gsu = CosineGSU(table, zero_vector_score=zero_score)
+    ids = torch.randint(0, 9, (int(offsets[-1]),), generator=gen)  # repeated ids: exact ties
+    target = torch.randint(1, 9, (len(lengths),), generator=gen)
+    target[target == 4] = 5
+    sel = gsu(offsets, target, ids, k)
+    t = table.double()
+
+    def cos(a: int, b: int) -> float:
+        if not bool(t[b].any()):
+            return 0.0 if zero_score is None else zero_score
+        return float(F.cosine_similarity(t[a], t[b], dim=0))
+
+    scores = [
+        [round(cos(int(target[b]), int(ids[offsets[b] + i])), 6) for i in range(n)] for b, n in enumerate(lengths)
+    ]
+    assert sel.positions.tolist() == brute_topk(lengths, scores, k)
+    got = sel.scores[sel.mask]
+    want = torch.tensor([scores[b][p] for b, row in enumerate(sel.positions.tolist()) for p in row if p >= 0])
+    torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefilter", [True, False])
+def test_gsu_empty_batch_and_k_beyond_length(prefilter):
+    gsu = CategoryGSU(prefilter=prefilter)
+    offsets = torch.tensor([0, 0, 0], dtype=torch.int64)
+    sel = gsu(offsets, torch.tensor([1, 2]), torch.zeros(0, dtype=torch.int64), 5)
+    assert sel.positions.tolist() == [[-1] * 5] * 2 and not sel.mask.any()
+    offsets = torch.tensor([0, 3, 3], dtype=torch.int64)
+    sel = gsu(offsets, torch.tensor([3, 1]), torch.tensor([3, 2, 3]), 4)
+    assert sel.positions.tolist() == [[2, 0, -1, -1], [-1] * 4]  # newest first, then empty slots
+    sel = gsu(offsets, torch.tensor([5, 1]), torch.tensor([3, 2, 3]), 2)  # no candidate at all
+    assert sel.positions.tolist() == [[-1, -1], [-1, -1]]
+
+
+# ---- ESU blocks ---------------------------------------------------------------------------------------------------
+
+
+def test_time_gap_buckets():
+    gap = torch.tensor([1, 2, 3, 60, 3600, 86400, 10**12])
+    assert time_gap_bucket(gap, 32).tolist() == [1, 2, 2, 6, 12, 17, 31]
+
+
+def test_simtier_paper_and_code():
+    sim = torch.tensor([[-1.0, -0.95, 0.0, 0.05, 0.999, 1.0, 0.3]])
+    mask = torch.tensor([[True, True, True, True, True, True, False]])
+    paper = SimTier("paper", tiers=20)
+    c = paper(sim, mask)
+    assert c.shape == (1, 20) and c.sum().item() == 6
+    assert c[0, 0] == 2 and c[0, 10] == 2 and c[0, 19] == 2  # [-1,-0.9), [0,0.1), [0.9,1]
+    code = SimTier("code", eps=0.1)
+    assert code.out_dim == 22
+    out = code(sim, torch.ones_like(mask))
+    tiers = (torch.ceil(sim * 10).long() + 10)[0].tolist()  # the release: ceil(10 cos) + 10
+    counts = torch.zeros(22)
+    for t in tiers:
+        counts[t] += 1
+    torch.testing.assert_close(out[0], torch.log1p(counts) * code.weight)
+    # jagged form over a whole prefix gives the same histogram
+    jag = code.forward_jagged(sim[0], torch.tensor([0, 7]))
+    torch.testing.assert_close(jag, out)
+
+
+def test_sata_paper_formula():
+    torch.manual_seed(0)
+    att = SimilarityAwareTargetAttention(6, 6, dim=4, heads=1, mode="paper")
+    with torch.no_grad():
+        att.gamma.copy_(torch.tensor([[0.5], [2.0], [-1.0]]))
+    q, keys, r = torch.randn(2, 6), torch.randn(2, 5, 6), torch.rand(2, 5)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    out, w = att(q, keys, r, mask)
+    for b in range(2):
+        n = int(mask[b].sum())
+        a_id = (att.w_k(keys[b, :n]) @ att.w_q(q[b])) / 2.0  # sqrt(4)
+        alpha = 0.5 * a_id + 2.0 * r[b, :n] - a_id * r[b, :n]
+        wb = torch.softmax(alpha, 0)
+        torch.testing.assert_close(w[b, 0, :n], wb)
+        torch.testing.assert_close(out[b], wb @ att.w_v(keys[b, :n]))
+        assert (w[b, 0, n:] == 0).all()
+
+
+# ---- models end to end --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_loss_decreases(info, name):
+    model = build(info, name)
+    losses = train_steps(model, batches(info, model))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.02, (first, last)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_selection_is_inside_the_prefix(info, name):
+    """Every selected behavior is a real position of the searched prefix, strictly before the sample (ts gap > 0),
+    with no duplicate; SIM hard picks the most recent behaviors of the target's category."""
+    model = build(info, name).eval()
+    batch = batches(info, model, 1)[0]
+    with torch.no_grad():
+        sel, offsets = model.select(batch)
+    lengths = batch.dense["long_lengths"]
+    assert int(lengths.max()) > model.p.k  # the batch has users with more behaviors than K
+    assert sel.positions.shape == (batch.size, model.p.k)
+    pos, mask = sel.positions, sel.mask
+    assert ((pos < lengths.unsqueeze(1)) | ~mask).all() and (pos >= -1).all()
+    assert (mask.sum(1) <= lengths.clamp(max=model.p.k)).all()
+    rows = offsets[:-1].unsqueeze(1) + pos.clamp(min=0)
+    assert (batch.dense["long_ts_gap"][rows][mask] > 0).all()
+    for b in range(batch.size):
+        p = pos[b][mask[b]].tolist()
+        assert len(set(p)) == len(p)
+    if name == "sim_hard":
+        cates = batch.sparse["long_cate"].values()
+        target = batch.sparse["cate"].values()
+        for b in range(batch.size):
+            same = [i for i in range(int(lengths[b])) if int(cates[offsets[b] + i]) == int(target[b])]
+            assert pos[b][mask[b]].tolist() == same[::-1][: model.p.k]
+    if name != "sim_hard":  # a score-based GSU keeps K whenever the prefix has K behaviors
+        torch.testing.assert_close(mask.sum(1), lengths.clamp(max=model.p.k))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_is_per_sample(info, name):
+    """In eval, a sample's logit does not depend on the other samples of its batch (jagged GSU, padding)."""
+    model = build(info, name)
+    train_steps(model, batches(info, model, 2))
+    model.eval()
+    batch = batches(info, model, 3)[2]
+    with torch.no_grad():
+        full = model(batch).logit
+        assert model(batch).aux_loss is None
+    lengths = batch.dense["long_lengths"]
+    rows = torch.argsort(lengths)[:12]
+    with torch.no_grad():
+        part = model(subset(batch, rows)).logit
+    torch.testing.assert_close(part, full[rows], rtol=1e-5, atol=1e-5)
+    empty = torch.nonzero(lengths == 0).flatten()[:4]  # samples without any behavior: a batch of only those
+    assert empty.numel() > 0
+    with torch.no_grad():
+        alone = model(subset(batch, empty)).logit
+    torch.testing.assert_close(alone, full[empty], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dare_tables(info, name):
+    """dare: true adds attention tables `item_att` / `cate_att` (sized like `item` / `cate`) fed from the same ids,
+    the loader is unchanged, and they learn."""
+    model = build(info, name, dare=True)
+    tables = {c.name: c for c in model.embedding.embedding_configs()}
+    assert tables["item_att"].num_embeddings == info.vocab_sizes["item"]
+    assert tables["cate_att"].num_embeddings == info.vocab_sizes["cate"]
+    assert "long_item_att" in tables["item_att"].feature_names
+    assert model.features() == build(info, name).features()  # the loader delivers the same features
+    before = model.embedding.embeddings["item_att"].weight.detach().clone()
+    losses = train_steps(model, batches(info, model, 3))
+    assert all(math.isfinite(v) for v in losses)
+    assert not torch.equal(before, model.embedding.embeddings["item_att"].weight.detach())
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("sim_hard", {"time_buckets": 0, "short_softmax": True}),
+        ("sim_soft", {"aux_pooling": "mean", "aux_alpha": 0.5}),
+        ("muse", {"simtier_scope": "prefix", "short_simtier": True, "sata_heads": 2}),
+        ("muse", {"mode": "code", "hidden": [256, 128, 64], "activation": "dice_ln"}),
+    ],
+)
+def test_variants_run(info, name, params):
+    model = build(info, name, **params)
+    losses = train_steps(model, batches(info, model, 3))
+    assert all(math.isfinite(v) for v in losses)
+    model.eval()
+    with torch.no_grad():
+        out = model(batches(info, model, 1)[0])
+    assert torch.isfinite(out.logit).all() and out.aux_loss is None
+
+
+def test_sim_soft_aux_loss(info):
+    model = build(info, "sim_soft")
+    batch = batches(info, model, 1)[0]
+    out = model.train()(batch)
+    assert out.aux_loss is not None and out.aux_loss.requires_grad and out.aux_loss.item() > 0
+    out.aux_loss.backward()
+    assert model.gsu.w_a.weight.grad is not None and model.gsu.w_a.weight.grad.abs().sum() > 0
+    assert build(info, "sim_soft", aux_alpha=0.0).train()(batch).aux_loss is None
+
+
+def test_muse_table_is_frozen_and_not_saved(info):
+    model = build(info, "muse")
+    assert model.gsu.table.dtype == torch.float32 and not model.gsu.table.requires_grad
+    assert model.gsu.table.shape == (info.vocab_sizes["item"], info.manifest["mm_emb"]["dim"])
+    assert not any("table" in k for k in model.state_dict())
+    items = pq.read_table(info.data_dir / "items.parquet", columns=["item_idx", "mm_emb"]).slice(0, 3).to_pylist()
+    for row in items:
+        torch.testing.assert_close(model.gsu.table[row["item_idx"]], torch.tensor(row["mm_emb"]))
+
+
+@pytest.fixture(scope="module")
+def int8_info(info, tmp_path_factory) -> DatasetInfo:
+    """The tiny world with its multimodal table quantized to int8 (x / max|x| * 127), the rest linked."""
+    root = tmp_path_factory.mktemp("int8-world")
+    for sub in ("samples", "sequences", "vocab"):
+        (root / sub).symlink_to(info.data_dir / sub)
+    t = pq.read_table(info.data_dir / "items.parquet")
+    emb = np.asarray(t["mm_emb"].combine_chunks().flatten()).reshape(t.num_rows, -1)
+    q = np.clip(np.round(emb / np.abs(emb).max() * 127), -127, 127).astype(np.int8)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(q.ravel(), type=pa.int8()), q.shape[1])
+    pq.write_table(t.set_column(t.schema.get_field_index("mm_emb"), "mm_emb", col), root / "items.parquet")
+    manifest = dict(info.manifest)
+    manifest["mm_emb"] = {**manifest["mm_emb"], "dtype": "int8"}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return DatasetInfo.load(root)
+
+
+def test_muse_int8_table(info, int8_info):
+    model = build(int8_info, "muse")
+    assert model.gsu.table.dtype == torch.int8
+    assert load_mm_table(int8_info).dtype == torch.int8
+    bs = batches(int8_info, model, 3)
+    losses = train_steps(model, bs)
+    assert all(math.isfinite(v) for v in losses)
+    # the int8 GSU picks what a float GSU over the same (cast) vectors picks
+    model.eval()
+    with torch.no_grad():
+        sel, _ = model.select(bs[0])
+        model.gsu.table = model.gsu.table.float()
+        sel_f, _ = model.select(bs[0])
+    assert torch.equal(sel.positions, sel_f.positions)
+
+
+def test_configs_resolve():
+    from ctr.train.config import resolve_train_config
+
+    for name in MODELS:
+        cfg, params = resolve_train_config(name, None, ["model.k=7"])
+        assert cfg.model["name"] == name and params.k == 7 and params.max_len == 10000
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+
+
+def subset(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The samples `rows` of `batch` as a batch of their own."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    def take(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = lengths_to_offsets(lengths)
+        parts = [values[offsets[r] : offsets[r + 1]] for r in rows.tolist()]
+        return torch.cat(parts), lengths[rows]
+
+    kjt = batch.sparse
+    values, lengths = [], []
+    for key in kjt.keys():
+        v, n = take(kjt[key].values(), kjt[key].lengths())
+        values.append(v)
+        lengths.append(n)
+    sparse = KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
+    dense = {}
+    for k, v in batch.dense.items():
+        if k.endswith("_ts_gap"):
+            dense[k] = take(v, batch.dense[k.removesuffix("_ts_gap") + "_lengths"])[0]
+        else:
+            dense[k] = v[rows]
+    return Batch(sparse=sparse, dense=dense, size=len(rows))
