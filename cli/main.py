@@ -120,8 +120,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 DEMO_QUICK_SETS = ["train.max_steps=30", "train.log_every=5", "data.batch_size=128", "data.num_workers=0"]
-# The full demo trains every registered model on the same budget (250 x 512 samples, about a third of an epoch of the demo world), so
-# the whole job stays within 20 minutes on 2 cores; `--set train.max_steps=null` trains full epochs.
+# The full demo trains every registered model on the same budget (250 steps x 512 samples, about a third of an
+# epoch of the demo world), so the whole job stays near 20 minutes on 2 cores; `--set train.max_steps=null` trains
+# full epochs.
 DEMO_SETS = ["train.max_steps=250", "data.batch_size=512", "train.log_every=20"]
 
 
