@@ -279,6 +279,10 @@ def sparse_feature_names(views: Sequence[SequenceView], context_columns: Sequenc
     return names
 
 
+def _as_is(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return arrays
+
+
 class BatchCollator:
     """numpy arrays from a worker -> Batch with a KeyedJaggedTensor holding exactly `features` (in that order)."""
 
@@ -344,15 +348,19 @@ class SplitLoader:
         self.stream.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
+        # Workers send plain numpy arrays (pickled through the pipe) and the Batch / KeyedJaggedTensor is made here:
+        # torch tensors from a worker travel by file-descriptor passing, whose resource-sharer thread can deadlock a
+        # worker forked while another DataLoader's feeder thread holds its lock (seen in `ctr demo`'s evaluation).
         loader = DataLoader(
             self.stream,
             batch_size=None,
             num_workers=self.cfg.num_workers,
-            collate_fn=self.collate,
+            collate_fn=_as_is,
             persistent_workers=False,
             prefetch_factor=4 if self.cfg.num_workers else None,
         )
-        return iter(loader)
+        for arrays in loader:
+            yield self.collate(arrays)
 
     def num_rows(self) -> int:
         return self.stream.rank_rows()
