@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests' own helpers (rawlog)
 
@@ -45,3 +46,20 @@ def tiny_data(tmp_path_factory, ray_local) -> Path:
             generate("tiny", 0, root / "tiny-raw")
             build_dataset(root / "tiny-raw", data, load_build_config(None, ["output.overwrite=true"]))
     return data
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small ops on a small shared CPU run many times faster on one intra-op thread than on oversubscribed two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def info(request):
+    prebuilt = os.environ.get("CTR_TEST_MODELS_DATA")
+    from features.loader import DatasetInfo
+
+    return DatasetInfo.load(prebuilt or request.getfixturevalue("tiny_data"))

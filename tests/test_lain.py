@@ -6,11 +6,10 @@ to skip the build. Torch runs on one thread (see tests/test_models.py).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import STEPS, batches, build  # noqa: E402
 
 from ctr.models import get_model_class
 from ctr.modules.lain import (
@@ -21,41 +20,9 @@ from ctr.modules.lain import (
     prepend_prompts,
 )
 from ctr.train.config import resolve_train_config
-from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader
+from features.loader import Batch
 
-STEPS = 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def info(request) -> DatasetInfo:
-    prebuilt = os.environ.get("CTR_TEST_MODELS_DATA")
-    return DatasetInfo.load(prebuilt or request.getfixturevalue("tiny_data"))
-
-
-_BATCHES: dict[tuple, list[Batch]] = {}
-
-
-def batches(info: DatasetInfo, model, n: int = STEPS) -> list[Batch]:
-    key = (str(info.data_dir), model.views(), tuple(model.features()))
-    if key not in _BATCHES or len(_BATCHES[key]) < n:
-        loader = SplitLoader(info, "train", LoaderConfig(batch_size=256, views=model.views(), shuffle=True),
-                             model.features())  # fmt: skip
-        _BATCHES[key] = [b for _, b in zip(range(n), loader, strict=False)]
-    return _BATCHES[key][:n]
-
-
-def build(info: DatasetInfo, name: str, seed: int = 0, **params):
-    torch.manual_seed(seed)
-    cls = get_model_class(name)
-    return cls(cls.Params(**params), info)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_dense(batch: Batch, **dense: torch.Tensor) -> Batch:

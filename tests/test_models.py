@@ -8,18 +8,20 @@ here: on a small shared CPU, oversubscribed intra-op threads make these small op
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import STEPS, batches, build  # noqa: E402
 
 from ctr.models import get_model_class
 from ctr.modules.attention import BilinearAttention, DienDinAttention, DinAttention
 from ctr.modules.augru import AUGRU, InterestExtractor
-from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader
+from features.loader import Batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # tests/conftest.py puts tests/ on sys.path, where tests/kernels would shadow the `kernels` package as a namespace
 # package under a plain `pytest` (no repository root on sys.path); a regular package anywhere on the path wins.
@@ -29,41 +31,6 @@ if _ROOT not in sys.path:
 if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None) is None:
     for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         del sys.modules[_name]
-
-STEPS = 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def info(request) -> DatasetInfo:
-    prebuilt = os.environ.get("CTR_TEST_MODELS_DATA")
-    return DatasetInfo.load(prebuilt or request.getfixturevalue("tiny_data"))
-
-
-_BATCHES: dict[tuple, list[Batch]] = {}
-
-
-def batches(info: DatasetInfo, model, n: int = STEPS) -> list[Batch]:
-    """The first `n` shuffled training batches of 256 for this model's views and features (cached)."""
-    key = (str(info.data_dir), model.views(), tuple(model.features()))
-    if key not in _BATCHES or len(_BATCHES[key]) < n:
-        loader = SplitLoader(info, "train", LoaderConfig(batch_size=256, views=model.views(), shuffle=True),
-                             model.features())  # fmt: skip
-        _BATCHES[key] = [b for _, b in zip(range(n), loader, strict=False)]
-    return _BATCHES[key][:n]
-
-
-def build(info: DatasetInfo, name: str, seed: int = 0, **params):
-    torch.manual_seed(seed)
-    cls = get_model_class(name)
-    return cls(cls.Params(**params), info)
 
 
 def subset(batch: Batch, rows: torch.Tensor) -> Batch:

@@ -28,6 +28,8 @@ if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None
     for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         del sys.modules[_name]
 
+from model_helpers import batches  # noqa: E402
+
 from ctr.models import get_model_class  # noqa: E402
 from ctr.modules.gsu import lengths_to_offsets  # noqa: E402
 from ctr.modules.r2led import (  # noqa: E402
@@ -38,17 +40,9 @@ from ctr.modules.r2led import (  # noqa: E402
     prefix_codes,
     vector_topk,
 )
-from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader  # noqa: E402
+from features.loader import Batch, DatasetInfo  # noqa: E402
 
-STEPS = 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +59,6 @@ def info(source_dir, tmp_path_factory) -> DatasetInfo:
     shutil.copytree(source_dir, data)
     build_semantic_ids(data, levels=3, codebook_size=256)
     return DatasetInfo.load(data)
-
-
-_BATCHES: dict[tuple, list[Batch]] = {}
-
-
-def batches(info: DatasetInfo, model, n: int = STEPS) -> list[Batch]:
-    key = (str(info.data_dir), model.views(), tuple(model.features()))
-    if key not in _BATCHES or len(_BATCHES[key]) < n:
-        cfg = LoaderConfig(batch_size=256, views=model.views(), shuffle=True)
-        _BATCHES[key] = [b for _, b in zip(range(n), SplitLoader(info, "train", cfg, model.features()), strict=False)]
-    return _BATCHES[key][:n]
 
 
 def build(info: DatasetInfo, seed: int = 0, **params):

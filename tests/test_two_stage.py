@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -27,44 +26,16 @@ if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None
     for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         del sys.modules[_name]
 
-from ctr.models import get_model_class  # noqa: E402
+from model_helpers import batches, build  # noqa: E402
+
 from ctr.modules.esu import SimilarityAwareTargetAttention, SimTier, time_gap_bucket  # noqa: E402
 from ctr.modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, lengths_to_offsets, load_mm_table  # noqa: E402
-from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader  # noqa: E402
+from features.loader import Batch, DatasetInfo  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 30
 MODELS = ("sim_hard", "sim_soft", "muse")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def info(request) -> DatasetInfo:
-    prebuilt = os.environ.get("CTR_TEST_MODELS_DATA")
-    return DatasetInfo.load(prebuilt or request.getfixturevalue("tiny_data"))
-
-
-_BATCHES: dict[tuple, list[Batch]] = {}
-
-
-def batches(info: DatasetInfo, model, n: int = STEPS) -> list[Batch]:
-    key = (str(info.data_dir), model.views(), tuple(model.features()))
-    if key not in _BATCHES or len(_BATCHES[key]) < n:
-        cfg = LoaderConfig(batch_size=256, views=model.views(), shuffle=True)
-        _BATCHES[key] = [b for _, b in zip(range(n), SplitLoader(info, "train", cfg, model.features()), strict=False)]
-    return _BATCHES[key][:n]
-
-
-def build(info: DatasetInfo, name: str, seed: int = 0, **params):
-    torch.manual_seed(seed)
-    cls = get_model_class(name)
-    return cls(cls.Params(**params), info)
 
 
 def loss_of(out, batch: Batch) -> torch.Tensor:
