@@ -60,10 +60,17 @@ Notation: T topics, C categories, N items, d = `latent_dim`, D = `mm_dim`, sigmo
 
 (f) Click model. For an impression (u, i, t), with H_u(t) = {behaviors of u with ts < t} (strictly before: a
     behavior at the same second counts as after), n = |H_u(t)| (= hist_len), n_c = |{b in H_u(t): c(b) = c(i)}|:
-        A_lt = log(1 + n_c) / log(1 + n + kappa),                                   kappa = `lt_kappa`
+        M    = sum_{b in H_u(t)} exp((<zhat_i, zhat_b> - 1) / tau),                tau = `lt_tau`
+        A_lt = log(1 + M) / log(1 + n + kappa),                                     kappa = `lt_kappa`
         A_st = (1/m) sum_{b in R} <zhat_i, zhat_b>,  R = the last m = min(S, n) behaviors of H_u(t) (0 if n = 0),
                S = `short_window`
         p_true = sigmoid(b0 + w_lt A_lt + w_st A_st + w_pop pop_i + user_bias_u),     label ~ Bernoulli(p_true).
+    M is a soft count of the past behaviors semantically close to the target: a behavior on the target item itself
+    counts 1, a typical behavior of the same category about 0.25 (0.05..0.6: it depends on where both items sit in
+    the category), one of another category of the same topic a few hundredths, an unrelated one ~0. So the category is a
+    good but coarse proxy of long-term affinity, and the fine part is visible only through content (mm_emb, a noisy
+    view of z) or through well-trained item embeddings -- which rare items do not have. `lt_mode="category"` gives
+    the generator-version-1 world instead: M = n_c, the exact count of same-category behaviors.
     A_lt spans the WHOLE history before t (dormant interests count), A_st only the recent past. Every term is a
     function of behaviors strictly before t and of static item/user attributes (no look-ahead), so a model that sees
     sequence[0:hist_len] can in principle reach the oracle AUC of p_true. See `impression_features`.
@@ -102,7 +109,8 @@ from features.schema import MM_EMB_COLUMN, mm_emb_type
 logger = logging.getLogger(__name__)
 
 GENERATOR_NAME = "lifelong-ctr.synthetic"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+LT_MODES = ("semantic", "category")
 T0 = 1_577_836_800  # 2020-01-01 00:00:00 UTC: the earliest possible timestamp
 DAY = 86_400
 
@@ -170,12 +178,14 @@ class SyntheticConfig:
     imp_p_st: float = 0.25
     imp_p_pop: float = 0.25
     # (f) click model
-    b0: float = -4.6
-    w_lt: float = 3.5
+    b0: float = -4.75
+    w_lt: float = 4.5
     w_st: float = 2.5
     w_pop: float = 0.15
     short_window: int = 20
     lt_kappa: float = 10.0
+    lt_mode: str = "semantic"
+    lt_tau: float = 0.1
     # execution (part of the world: chunking decides the random streams)
     chunk_behaviors: int = 1_000_000
     chunk_users: int = 4096
@@ -229,6 +239,10 @@ def resolve_config(preset: str, **overrides: Any) -> SyntheticConfig:
     if "btype_probs" in overrides:
         overrides["btype_probs"] = tuple(overrides["btype_probs"])
     cfg = replace(PRESETS[preset], **overrides)
+    if cfg.lt_mode not in LT_MODES:
+        raise ValueError(f"lt_mode must be one of {LT_MODES}, got {cfg.lt_mode!r}")
+    if cfg.lt_tau <= 0:
+        raise ValueError(f"lt_tau must be > 0, got {cfg.lt_tau}")
     if cfg.n_cates < cfg.n_topics or cfg.n_items < cfg.n_cates:
         raise ValueError("need n_items >= n_cates >= n_topics")
     return cfg
@@ -449,13 +463,19 @@ def impression_features(
     *,
     short_window: int = 20,
     kappa: float = 10.0,
+    lt_mode: str = "semantic",
+    lt_tau: float = 0.1,
 ) -> dict[str, np.ndarray]:
     """The features behind p_true, from behaviors strictly before each impression (ties count as after).
 
     `beh_*` must be sorted by (user, ts) (ties in input order); users and items are non-negative integer indices
-    (`item_cate[item]`, `item_unit[item]`). Returns `hist_len` = n, `n_same_cate` = n_c, `a_lt`, `a_st` (formulas
-    in the module docstring, signal (f)). Vectorized: a few sorts and searchsorted calls, a loop over the S slots.
+    (`item_cate[item]`, `item_unit[item]`). Returns `hist_len` = n, `n_same_cate` = n_c, `lt_mass` = M (the
+    semantic mass; equal to n_c in `lt_mode="category"`), `a_lt`, `a_st` (formulas in the module docstring,
+    signal (f)). Vectorized: a few sorts and searchsorted calls, a loop over the S slots, and for the semantic
+    mass one matrix product per user (impressions x behaviors, in column blocks).
     """
+    if lt_mode not in LT_MODES:
+        raise ValueError(f"lt_mode must be one of {LT_MODES}, got {lt_mode!r}")
     beh_user = np.asarray(beh_user, dtype=np.int64)
     beh_ts = np.asarray(beh_ts, dtype=np.int64)
     beh_item = np.asarray(beh_item, dtype=np.int64)
@@ -465,7 +485,13 @@ def impression_features(
     n_imp = len(imp_user)
     if len(beh_user) == 0:
         z = np.zeros(n_imp, dtype=np.int64)
-        return {"hist_len": z, "n_same_cate": z.copy(), "a_lt": np.zeros(n_imp), "a_st": np.zeros(n_imp)}
+        return {
+            "hist_len": z,
+            "n_same_cate": z.copy(),
+            "lt_mass": np.zeros(n_imp),
+            "a_lt": np.zeros(n_imp),
+            "a_st": np.zeros(n_imp),
+        }
     t_min = min(int(beh_ts.min()), int(imp_ts.min()) if n_imp else int(beh_ts.min()))
     t_max = max(int(beh_ts.max()), int(imp_ts.max()) if n_imp else int(beh_ts.max()))
     tb = (t_max - t_min + 1).bit_length()
@@ -491,7 +517,11 @@ def impression_features(
     lo = np.searchsorted(key_g, slot << tb, side="left")
     hi = np.searchsorted(key_g, (slot << tb) | (imp_ts - t_min), side="left")
     n_same = np.where(found, hi - lo, 0)
-    a_lt = np.log1p(n_same) / np.log1p(hist_len + kappa)
+    if lt_mode == "category":
+        mass = n_same.astype(np.float64)
+    else:
+        mass = semantic_mass(beh_user, beh_item, imp_user, imp_item, hist_len, item_unit, lt_tau)
+    a_lt = np.log1p(mass) / np.log1p(hist_len + kappa)
     # A_st: mean cosine of the target with the last min(S, n) behaviors before t
     target = item_unit[imp_item]
     acc = np.zeros(n_imp)
@@ -501,7 +531,48 @@ def impression_features(
         acc += np.where(ok, np.einsum("ij,ij->i", item_unit[beh_item[b]], target), 0.0)
     m = np.minimum(hist_len, short_window)
     a_st = np.where(m > 0, acc / np.maximum(m, 1), 0.0)
-    return {"hist_len": hist_len, "n_same_cate": n_same, "a_lt": a_lt, "a_st": a_st}
+    return {"hist_len": hist_len, "n_same_cate": n_same, "lt_mass": mass, "a_lt": a_lt, "a_st": a_st}
+
+
+def semantic_mass(
+    beh_user: np.ndarray,
+    beh_item: np.ndarray,
+    imp_user: np.ndarray,
+    imp_item: np.ndarray,
+    hist_len: np.ndarray,
+    item_unit: np.ndarray,
+    tau: float,
+    block: int = 8192,
+) -> np.ndarray:
+    """M = sum over the first `hist_len` behaviors b of the impression's user of exp((<zhat_i, zhat_b> - 1) / tau).
+
+    `beh_user` sorted (each user's behaviors contiguous, in time order). One (impressions x behaviors) product per
+    user that has both, over column blocks of `block` behaviors so a whale's 100K history stays within memory.
+    """
+    mass = np.zeros(len(imp_user))
+    if len(beh_user) == 0 or len(imp_user) == 0:
+        return mass
+    order = np.argsort(imp_user, kind="stable")
+    users, first = np.unique(imp_user[order], return_index=True)
+    last = np.append(first[1:], len(order))
+    b_lo = np.searchsorted(beh_user, users, side="left")
+    b_hi = np.searchsorted(beh_user, users, side="right")
+    for k in np.flatnonzero(b_hi > b_lo):
+        rows = order[first[k] : last[k]]
+        n = hist_len[rows]
+        top = int(n.max())
+        if top == 0:
+            continue
+        target = item_unit[imp_item[rows]]
+        acc = np.zeros(len(rows))
+        for j0 in range(0, top, block):
+            j1 = min(j0 + block, top)
+            sim = target @ item_unit[beh_item[b_lo[k] + j0 : b_lo[k] + j1]].T
+            kern = np.exp((sim - 1.0) / tau)
+            kern[np.arange(j0, j1)[None, :] >= n[:, None]] = 0.0
+            acc += kern.sum(axis=1)
+        mass[rows] = acc
+    return mass
 
 
 def click_probability(
@@ -653,6 +724,8 @@ def simulate_chunk(
         items.unit,
         short_window=cfg.short_window,
         kappa=cfg.lt_kappa,
+        lt_mode=cfg.lt_mode,
+        lt_tau=cfg.lt_tau,
     )
     p_true = click_probability(cfg, feats["a_lt"], feats["a_st"], items.pop_score[imp_item], users.bias[i_glob])
     label = (rng.random(ni) < p_true).astype(np.int8)
@@ -796,8 +869,13 @@ def generate(preset: str, seed: int, out_dir: str | Path, **overrides: Any) -> d
         "seed": seed,
         "params": asdict(cfg),
         "click_model": "p_true = sigmoid(b0 + w_lt*A_lt + w_st*A_st + w_pop*pop + user_bias); "
-        "A_lt = log1p(n_same_cate)/log1p(hist_len + lt_kappa); A_st = mean cosine(target, last short_window "
-        "behaviors); all over behaviors with ts < impression ts",
+        + (
+            "A_lt = log1p(M)/log1p(hist_len + lt_kappa), M = sum over past behaviors of "
+            "exp((cosine(z_target, z_b) - 1)/lt_tau); "
+            if cfg.lt_mode == "semantic"
+            else "A_lt = log1p(n_same_cate)/log1p(hist_len + lt_kappa); "
+        )
+        + "A_st = mean cosine(target, last short_window behaviors); all over behaviors with ts < impression ts",
         "rows": summary["rows"],
         "summary": summary,
     }

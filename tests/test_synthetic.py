@@ -216,24 +216,30 @@ def test_p_true_only_depends_on_the_past(world: dict) -> None:
         u, t, item = imp["u"][j], imp["ts"][j], imp["i"][j]
         rows = np.flatnonzero((beh["u"] == u) & (beh["ts"] < t))  # file order = (ts, input order)
         n = len(rows)
-        n_c = int((items.item_cate[beh["i"][rows]] == items.item_cate[item]).sum())
-        a_lt = np.log1p(n_c) / np.log1p(n + cfg.lt_kappa)
+        assert cfg.lt_mode == "semantic"
+        mass = float(np.exp((items.unit[beh["i"][rows]] @ items.unit[item] - 1.0) / cfg.lt_tau).sum())
+        a_lt = np.log1p(mass) / np.log1p(n + cfg.lt_kappa)
         recent = beh["i"][rows[-cfg.short_window :]]
         a_st = float(np.mean(items.unit[recent] @ items.unit[item])) if n else 0.0
         logit = cfg.b0 + cfg.w_lt * a_lt + cfg.w_st * a_st + cfg.w_pop * items.pop_score[item] + users.bias[u]
         assert imp["p_true"][j] == pytest.approx(1.0 / (1.0 + np.exp(-logit)), rel=1e-9, abs=1e-12)
 
 
-def _brute_features(beh_user, beh_ts, beh_item, u, t, item, item_cate, unit, short_window, kappa):
+def _brute_features(beh_user, beh_ts, beh_item, u, t, item, item_cate, unit, short_window, kappa, mode, tau):
     rows = np.flatnonzero((beh_user == u) & (beh_ts < t))
     n_c = int((item_cate[beh_item[rows]] == item_cate[item]).sum())
+    if mode == "category":
+        mass = float(n_c)
+    else:
+        mass = sum(float(np.exp((unit[b] @ unit[item] - 1.0) / tau)) for b in beh_item[rows])
     recent = beh_item[rows[-short_window:]]
     a_st = float(np.mean(unit[recent] @ unit[item])) if len(rows) else 0.0
-    return len(rows), n_c, np.log1p(n_c) / np.log1p(len(rows) + kappa), a_st
+    return len(rows), n_c, mass, np.log1p(mass) / np.log1p(len(rows) + kappa), a_st
 
 
+@pytest.mark.parametrize("mode", ["semantic", "category"])
 @pytest.mark.parametrize("seed", range(5))
-def test_impression_features_on_random_logs_with_ties(seed: int) -> None:
+def test_impression_features_on_random_logs_with_ties(seed: int, mode: str) -> None:
     rng = np.random.default_rng(seed)
     n_users, n_items, n_beh, n_imp = 6, 12, 300, 80
     item_cate = rng.integers(0, 4, n_items)
@@ -249,13 +255,25 @@ def test_impression_features_on_random_logs_with_ties(seed: int) -> None:
         rng.integers(0, 12, n_imp),
     )
     f = impression_features(
-        beh_user, beh_ts, beh_item, imp_user, imp_ts, imp_item, item_cate, unit, short_window=5, kappa=3.0
+        beh_user,
+        beh_ts,
+        beh_item,
+        imp_user,
+        imp_ts,
+        imp_item,
+        item_cate,
+        unit,
+        short_window=5,
+        kappa=3.0,
+        lt_mode=mode,
+        lt_tau=0.3,
     )
     for j in range(n_imp):
-        n, n_c, a_lt, a_st = _brute_features(
-            beh_user, beh_ts, beh_item, imp_user[j], imp_ts[j], imp_item[j], item_cate, unit, 5, 3.0
+        n, n_c, mass, a_lt, a_st = _brute_features(
+            beh_user, beh_ts, beh_item, imp_user[j], imp_ts[j], imp_item[j], item_cate, unit, 5, 3.0, mode, 0.3
         )
         assert (f["hist_len"][j], f["n_same_cate"][j]) == (n, n_c)
+        assert f["lt_mass"][j] == pytest.approx(mass, rel=1e-12, abs=1e-12)
         assert f["a_lt"][j] == pytest.approx(a_lt) and f["a_st"][j] == pytest.approx(a_st, abs=1e-12)
     p = click_probability(PRESETS["tiny"], f["a_lt"], f["a_st"], np.zeros(n_imp), np.zeros(n_imp))
     assert ((p > 0) & (p < 1)).all()
