@@ -5,9 +5,13 @@ length bucket; AUC on long-tail target items. Long tail = test samples whose tar
 popular items that together hold 80% of the *training* impressions (popularity is counted on the train split only,
 so the test split does not define its own tail). Then the claims of the lifelong-models issue, each checked:
 
-- every two-stage model beats DIN over the last 50 on AUC and GAUC;
+- every two-stage model (LAIN variants included) beats DIN over the last 50 on AUC and GAUC;
 - MUSE beats SIM-hard on long-tail target items;
 - each LAIN variant improves the shortest length bucket over its backbone without losing the longest.
+
+A claim "a beats b" holds when the measured difference is > 0. Each difference comes with a paired bootstrap 95%
+interval over users (`ctr.evaluation.metrics.paired_bootstrap`, 200 resamples): "significant" when it excludes 0.
+"Without losing the longest" holds unless the longest bucket's AUC is significantly lower (interval below 0).
 
     python benchmarks/quality.py --demo out/demo [--results benchmarks/results/demo-quality.json]
 """
@@ -25,10 +29,18 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ctr.evaluation.metrics import LENGTH_BUCKET_LABELS, auc, gauc, to_jsonable  # noqa: E402
+from ctr.evaluation.metrics import (  # noqa: E402
+    LENGTH_BUCKET_LABELS,
+    auc,
+    gauc,
+    length_buckets,
+    paired_bootstrap,
+    to_jsonable,
+)
 
-TWO_STAGE = ("sim_hard", "sim_soft", "muse", "r2led")
-LAIN = {"din_lain": "din", "dien_lain": "dien"}
+BACKBONES_TWO_STAGE = ("sim_hard", "sim_soft", "muse", "r2led")
+TWO_STAGE = BACKBONES_TWO_STAGE + tuple(f"{n}_lain" for n in BACKBONES_TWO_STAGE)
+LAIN = {f"{n}_lain": n for n in ("din", "dien", *BACKBONES_TWO_STAGE)}
 
 
 def long_tail_items(data: Path, head_share: float = 0.8) -> np.ndarray:
@@ -50,6 +62,7 @@ def main() -> int:
     demo = Path(args.demo)
     tail = long_tail_items(demo / "data")
     rows: dict[str, dict] = {}
+    preds: dict[str, dict[str, np.ndarray]] = {}
     for run in sorted((demo / "runs").iterdir()):
         if not (run / "predictions.parquet").exists():
             continue
@@ -57,6 +70,8 @@ def main() -> int:
         y, s = np.asarray(t["label"]), np.asarray(t["score"])
         u, item = np.asarray(t["user_idx"]), np.asarray(t["item_idx"])
         in_tail = tail[np.minimum(item, len(tail) - 1)]
+        bucket = np.asarray(length_buckets(np.asarray(t["hist_len"])))
+        preds[run.name] = {"y": y, "s": s, "u": u, "tail": in_tail, "bucket": bucket}
         m = json.loads((run / "metrics.json").read_text())
         populated = [b for b in LENGTH_BUCKET_LABELS if (m["buckets"][b]["samples"] or 0) > 0]
         rows[run.name] = {
@@ -78,38 +93,65 @@ def main() -> int:
                 "gauc": gauc(y[in_tail], s[in_tail], u[in_tail]).value,
             },
         }
+
+    def delta(a: str, b: str, metric: str = "auc", subset: str | None = None, bucket: str | None = None) -> dict:
+        pa, pb = preds[a], preds[b]
+        keep = np.ones(len(pa["y"]), dtype=bool)
+        if subset == "tail":
+            keep = pa["tail"]
+        if bucket is not None:
+            keep = pa["bucket"] == LENGTH_BUCKET_LABELS.index(bucket)
+        d = paired_bootstrap(pa["y"][keep], pa["s"][keep], pb["s"][keep], pa["u"][keep], metric=metric)  # type: ignore[arg-type]
+        return {"delta": d.delta, "ci95": [d.lo, d.hi], "significant": d.significant}
+
+    def fmt(d: dict) -> str:
+        return f"{d['delta']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+
     checks = []
-    din = rows.get("din")
-    for name in TWO_STAGE:
-        if name in rows and din:
-            r = rows[name]
+    if "din" in rows:
+        for name in TWO_STAGE:
+            if name not in rows:
+                continue
+            da, dg = delta(name, "din"), delta(name, "din", "gauc")
             checks.append(
                 {
                     "claim": f"{name} beats din (last 50) on AUC and GAUC",
-                    "holds": bool(r["auc"] > din["auc"] and r["gauc"] > din["gauc"]),
-                    "values": f"AUC {r['auc']:.4f} vs {din['auc']:.4f}, GAUC {r['gauc']:.4f} vs {din['gauc']:.4f}",
+                    "holds": bool(da["delta"] > 0 and dg["delta"] > 0),
+                    "significant": bool(da["significant"] and dg["significant"]),
+                    "auc_delta": da,
+                    "gauc_delta": dg,
+                    "values": f"AUC {rows[name]['auc']:.4f} vs {rows['din']['auc']:.4f}, delta {fmt(da)}; "
+                    f"GAUC {rows[name]['gauc']:.4f} vs {rows['din']['gauc']:.4f}, delta {fmt(dg)}",
                 }
             )
     if "muse" in rows and "sim_hard" in rows:
         a, b = rows["muse"]["long_tail"], rows["sim_hard"]["long_tail"]
+        dt = delta("muse", "sim_hard", subset="tail")
         checks.append(
             {
                 "claim": "muse beats sim_hard on long-tail target items (AUC)",
-                "holds": bool(a["auc"] > b["auc"]),
-                "values": f"AUC {a['auc']:.4f} vs {b['auc']:.4f} on {a['samples']:,} samples",
+                "holds": bool(dt["delta"] > 0),
+                "significant": dt["significant"],
+                "auc_delta": dt,
+                "values": f"AUC {a['auc']:.4f} vs {b['auc']:.4f} on {a['samples']:,} samples, delta {fmt(dt)}",
             }
         )
     for lain, base in LAIN.items():
         if lain in rows and base in rows:
             ls, bs = rows[lain]["shortest_bucket"], rows[base]["shortest_bucket"]
             ll, bl = rows[lain]["longest_bucket"], rows[base]["longest_bucket"]
+            d_short = delta(lain, base, bucket=ls["bucket"])
+            d_long = delta(lain, base, bucket=ll["bucket"])
             checks.append(
                 {
                     "claim": f"{lain} improves the shortest bucket ({ls['bucket']}) over {base} "
                     f"without losing the longest ({ll['bucket']})",
-                    "holds": bool(ls["auc"] > bs["auc"] and ll["auc"] >= bl["auc"]),
-                    "values": f"shortest AUC {ls['auc']:.4f} vs {bs['auc']:.4f}; longest AUC {ll['auc']:.4f} vs "
-                    f"{bl['auc']:.4f}",
+                    "holds": bool(d_short["delta"] > 0 and d_long["ci95"][1] >= 0),
+                    "significant": d_short["significant"],
+                    "shortest_auc_delta": d_short,
+                    "longest_auc_delta": d_long,
+                    "values": f"shortest AUC {ls['auc']:.4f} vs {bs['auc']:.4f}, delta {fmt(d_short)}; "
+                    f"longest AUC {ll['auc']:.4f} vs {bl['auc']:.4f}, delta {fmt(d_long)}",
                 }
             )
     out = {
@@ -128,8 +170,12 @@ def main() -> int:
             f"{r['longest_bucket']['auc']:.4f} ({r['longest_bucket']['bucket']}) | {r['long_tail']['auc']:.4f} |"
         )
     print()
+    print("Deltas: a - b with a paired bootstrap 95% interval over users (200 resamples).")
     for c in checks:
-        print(f"- {'holds' if c['holds'] else 'DOES NOT HOLD'}: {c['claim']} ({c['values']})")
+        verdict = "holds" if c["holds"] else "DOES NOT HOLD"
+        if c["holds"]:
+            verdict += " (significant)" if c["significant"] else " (not significant)"
+        print(f"- {verdict}: {c['claim']} ({c['values']})")
     return 0
 
 

@@ -304,3 +304,25 @@ def test_evaluate_predictions_writes_json_and_names_missing_column(tmp_path):
     df.drop("hist_len").write_parquet(bad)
     with pytest.raises(ValueError, match=r"bad\.parquet.*hist_len"):
         evaluate_predictions(bad, None)
+
+
+def test_paired_bootstrap():
+    from ctr.evaluation.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(300), 20)
+    y = (rng.random(users.size) < 0.3).astype(np.int8)
+    good = y + rng.normal(0, 1.0, users.size)  # informative
+    noise = rng.normal(0, 1.0, users.size)  # random
+    same = paired_bootstrap(y, good, 3 * good + 1, users)  # a monotone transform: the same ranking
+    assert same.delta == 0 and same.lo == 0 and same.hi == 0 and not same.significant
+    for metric in ("auc", "gauc"):
+        d = paired_bootstrap(y, good, noise, users, metric=metric, resamples=50)
+        assert d.lo < d.delta < d.hi and d.significant and d.lo > 0.1
+        flipped = paired_bootstrap(y, noise, good, users, metric=metric, resamples=50)
+        assert flipped.delta == pytest.approx(-d.delta) and flipped.hi < 0
+    again = paired_bootstrap(y, good, noise, users, resamples=50)
+    assert again == paired_bootstrap(y, good, noise, users, resamples=50)  # seeded
+    # a small true difference on few users is not significant
+    slight = paired_bootstrap(y[:200], good[:200], good[:200] + rng.normal(0, 0.3, 200), users[:200], resamples=100)
+    assert slight.lo < 0 < slight.hi and not slight.significant
