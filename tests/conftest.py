@@ -48,6 +48,31 @@ def tiny_data(tmp_path_factory, ray_local) -> Path:
     return data
 
 
+@pytest.fixture(scope="session")
+def sid_data(tmp_path_factory, request) -> Path:
+    """A copy of the tiny dataset (or ``$CTR_TEST_MODELS_DATA``) with `ctr sid`'s semantic IDs (3 x 256, what R2LED
+    needs), built once per session and shared by the xdist workers like `tiny_data`. Treat it as read-only."""
+    import shutil
+
+    from filelock import FileLock
+
+    from pipelines.sid import build_semantic_ids
+
+    source = Path(os.environ.get("CTR_TEST_MODELS_DATA") or request.getfixturevalue("tiny_data"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    data = root / "tiny-data-sid"
+    with FileLock(str(root / "tiny-data-sid.lock")):
+        done = root / "tiny-data-sid.done"
+        if not done.exists():
+            shutil.rmtree(data, ignore_errors=True)
+            shutil.copytree(source, data, ignore=shutil.ignore_patterns("_cache"))
+            build_semantic_ids(data, levels=3, codebook_size=256)
+            done.touch()
+    return data
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small ops on a small shared CPU run many times faster on one intra-op thread than on oversubscribed two."""

@@ -118,9 +118,7 @@ def test_embedding_dimension_differs_between_files(raw, tmp_path):
     (raw / "items").mkdir()
     pq.write_table(items.slice(0, 25), raw / "items" / "a.parquet")
     wide = np.ones((25, 8), np.float32)
-    other = items.slice(25).set_column(
-        3, "mm_emb", pa.FixedSizeListArray.from_arrays(pa.array(wide.ravel()), 8)
-    )
+    other = items.slice(25).set_column(3, "mm_emb", pa.FixedSizeListArray.from_arrays(pa.array(wide.ravel()), 8))
     pq.write_table(other, raw / "items" / "b.parquet")
     _expect_error(raw, tmp_path / "data", "b.parquet", "differs from")
 
@@ -171,8 +169,18 @@ def _bad_rows_world(root: Path) -> dict[str, dict[str, int]]:
     users = [1, 2, 3]
     b = {
         "user_id": [1, 1, 2, 2, 3, None, 1, 2, 3, 3],
-        "item_id": [good_items[0], good_items[1], good_items[2], good_items[2], good_items[3], good_items[0],
-                    int(item_ids[3]), 99999, good_items[4], good_items[4]],
+        "item_id": [
+            good_items[0],
+            good_items[1],
+            good_items[2],
+            good_items[2],
+            good_items[3],
+            good_items[0],
+            int(item_ids[3]),
+            99999,
+            good_items[4],
+            good_items[4],
+        ],
         "ts": [10, 20, 10, 10, 5, 7, 8, 9, -3, None],
     }
     # row 3 duplicates row 2; row 5 null user; row 6 item quarantined (NaN emb); row 7 unknown; row 8 negative ts;
@@ -180,8 +188,9 @@ def _bad_rows_world(root: Path) -> dict[str, dict[str, int]]:
     pq.write_table(pa.table({k: pa.array(v, pa.int64()) for k, v in b.items()}), root / "behaviors.parquet")
     imp = {
         "user_id": pa.array(users + [1, 2, 3, 1, 1, 2], pa.int64()),
-        "item_id": pa.array(good_items[:3] + [good_items[0], good_items[5], 12345, good_items[6], None,
-                                               good_items[7]], pa.int64()),
+        "item_id": pa.array(
+            good_items[:3] + [good_items[0], good_items[5], 12345, good_items[6], None, good_items[7]], pa.int64()
+        ),
         "ts": pa.array([30, 30, 30, 30, 31, 31, 32, 33, -1], pa.int64()),
         "label": pa.array([1, 0, 1, 1, 2, 0, None, 0, 0], pa.int8()),
     }
@@ -189,12 +198,28 @@ def _bad_rows_world(root: Path) -> dict[str, dict[str, int]]:
     # row 7 null item; row 8 negative ts
     pq.write_table(pa.table(imp), root / "impressions.parquet")
     return {
-        "items": {V.R_EMB_NONFINITE: 2, V.R_EMB_DIM: 1, V.R_NULL.format(col="item_id"): 1,
-                  V.R_NULL.format(col="cate_id"): 1, V.R_DUP_ITEM: 1},
-        "behaviors": {V.R_DUP_BEHAVIOR: 1, V.R_NULL.format(col="user_id"): 1, V.R_UNKNOWN_ITEM: 2,
-                      V.R_NEGATIVE_TS: 1, V.R_NULL.format(col="ts"): 1},
-        "impressions": {V.R_DUP_IMPRESSION: 1, V.R_LABEL: 1, V.R_UNKNOWN_ITEM: 1, V.R_NULL.format(col="label"): 1,
-                        V.R_NULL.format(col="item_id"): 1, V.R_NEGATIVE_TS: 1},
+        "items": {
+            V.R_EMB_NONFINITE: 2,
+            V.R_EMB_DIM: 1,
+            V.R_NULL.format(col="item_id"): 1,
+            V.R_NULL.format(col="cate_id"): 1,
+            V.R_DUP_ITEM: 1,
+        },
+        "behaviors": {
+            V.R_DUP_BEHAVIOR: 1,
+            V.R_NULL.format(col="user_id"): 1,
+            V.R_UNKNOWN_ITEM: 2,
+            V.R_NEGATIVE_TS: 1,
+            V.R_NULL.format(col="ts"): 1,
+        },
+        "impressions": {
+            V.R_DUP_IMPRESSION: 1,
+            V.R_LABEL: 1,
+            V.R_UNKNOWN_ITEM: 1,
+            V.R_NULL.format(col="label"): 1,
+            V.R_NULL.format(col="item_id"): 1,
+            V.R_NEGATIVE_TS: 1,
+        },
     }
 
 

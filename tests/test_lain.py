@@ -1,7 +1,9 @@
-"""LAIN (ctr/modules/lain.py) and its DIN / DIEN wiring (``din_lain``, ``dien_lain``).
+"""LAIN (ctr/modules/lain.py) and its wiring into every backbone: ``din_lain``, ``dien_lain`` and the two-stage
+``sim_hard_lain``, ``sim_soft_lain``, ``muse_lain``, ``r2led_lain`` (ctr/models/two_stage.py).
 
-Data: the session's tiny synthetic dataset (`tiny_data`); set ``CTR_TEST_MODELS_DATA`` to a built dataset directory
-to skip the build. Torch runs on one thread (see tests/test_models.py).
+Data: the session's tiny synthetic dataset with semantic IDs (conftest's `sid_data`, which R2LED needs); set
+``CTR_TEST_MODELS_DATA`` to a built dataset directory to skip the build. Torch runs on one thread (see
+tests/test_models.py).
 """
 
 from __future__ import annotations
@@ -20,9 +22,20 @@ from ctr.modules.lain import (
     prepend_prompts,
 )
 from ctr.train.config import resolve_train_config
-from features.loader import Batch
+from features.loader import Batch, DatasetInfo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAIN_MODELS = ["din_lain", "dien_lain", "sim_hard_lain", "sim_soft_lain", "muse_lain", "r2led_lain"]
+
+
+@pytest.fixture(scope="module")
+def info(sid_data) -> DatasetInfo:
+    return DatasetInfo.load(sid_data)
+
+
+def view_prefixes(model) -> list[str]:
+    return [f"{v.name}_" for v in model.views()]
 
 
 def with_dense(batch: Batch, **dense: torch.Tensor) -> Batch:
@@ -151,12 +164,18 @@ BACKBONES = [
     ("din", {"softmax": True, "attention_activation": "sigmoid"}),
     ("dien", {}),
     ("dien", {"attention": "din", "augru": "official"}),
+    ("sim_hard", {}),
+    ("sim_hard", {"dare": True, "time_buckets": 0, "short_softmax": True}),
+    ("sim_soft", {}),
+    ("muse", {}),
+    ("muse", {"dare": True, "short_simtier": True}),
+    ("r2led", {}),
 ]
 
 
 def test_defaults_unchanged(info):
     """The backbones build no LAIN parameter by default; the LAIN variants are registered with LAIN on."""
-    for name in ("din", "dien"):
+    for name in [m.removesuffix("_lain") for m in LAIN_MODELS]:
         model = build(info, name)
         assert model.lain is None and model.p.lain.enabled is False
         assert not any(k.startswith("lain.") for k in model.state_dict())
@@ -170,6 +189,8 @@ def test_defaults_unchanged(info):
     cls = get_model_class("din")
     with pytest.raises(ValueError, match="backend"):
         cls.Params(backend="kernel", lain={"enabled": True})
+    with pytest.raises(ValueError, match="paper"):
+        get_model_class("muse").Params(mode="code", lain={"enabled": True})
 
 
 @pytest.mark.parametrize("name, params", BACKBONES)
@@ -192,13 +213,14 @@ def test_switched_off_equals_the_backbone(info, name, params):
         assert not torch.allclose(lain(batch).logit, backbone(batch).logit, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["din_lain", "dien_lain"])
+@pytest.mark.parametrize("name", LAIN_MODELS)
 def test_outputs_depend_on_hist_len(info, name):
     model = build(info, name).eval()
     backbone = build(info, name.removesuffix("_lain")).eval()
     batch = batches(info, model, 1)[0]
     length = batch.dense["hist_len"]
-    assert (length >= batch.dense["hist_lengths"]).all()  # the full prefix, not the truncated view
+    for prefix in view_prefixes(model):
+        assert (length >= batch.dense[f"{prefix}lengths"]).all()  # the full prefix, not the truncated views
     other = with_dense(batch, hist_len=length * 7 + 3)
     with torch.no_grad():
         assert not torch.allclose(model(batch).logit, model(other).logit, atol=1e-6)
@@ -212,7 +234,7 @@ def test_outputs_depend_on_hist_len(info, name):
             assert not torch.equal(m(batch).logit, m(other).logit), ablation
 
 
-@pytest.mark.parametrize("name", ["din_lain", "dien_lain"])
+@pytest.mark.parametrize("name", LAIN_MODELS)
 def test_training_loss_decreases(info, name):
     model = build(info, name).train()
     batch_list = batches(info, model)
@@ -222,11 +244,14 @@ def test_training_loss_decreases(info, name):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.02, (first, last)
     moved = [k for k, v in model.lain.state_dict().items() if not torch.equal(v, before[k])]
-    for part in ("encoder.", "prompt_head.", "query_proj.hist.h.", "key_proj.hist.h.", "tau."):
+    parts = ["encoder.", "prompt_head.", "tau."]
+    for branch in model.lain.query_proj:  # DIN / DIEN: hist; two-stage: short and long
+        parts += [f"query_proj.{branch}.h.", f"key_proj.{branch}.h."]
+    for part in parts:
         assert any(k.startswith(part) for k in moved), part  # every LAIN component receives gradients
 
 
-@pytest.mark.parametrize("name", ["din_lain", "dien_lain"])
+@pytest.mark.parametrize("name", LAIN_MODELS)
 def test_padding_invariance_and_empty_histories(info, name):
     """In eval, a sample's logit does not depend on the other samples of its batch (how far it is padded, their
     prompts); a sample without history still gets its prompts and a finite logit."""
@@ -236,7 +261,8 @@ def test_padding_invariance_and_empty_histories(info, name):
     batch = batches(info, model, 4)[3]
     with torch.no_grad():
         full = model(batch).logit
-    lengths = batch.dense["hist_lengths"]
+    prefixes = view_prefixes(model)
+    lengths = batch.dense[f"{prefixes[0]}lengths"]
     rows = torch.argsort(lengths)[:16]
     assert int(lengths[rows].max()) < int(lengths.max())
     with torch.no_grad():
@@ -250,12 +276,13 @@ def test_padding_invariance_and_empty_histories(info, name):
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     kjt = one.sparse
-    keep = [k for k in kjt.keys() if not k.startswith("hist_")]
+    keep = [k for k in kjt.keys() if not k.startswith(tuple(prefixes))]
     values = torch.cat([kjt[k].values() for k in keep])
     lengths_all = torch.cat([kjt[k].lengths() if k in keep else torch.zeros(1, dtype=kjt[k].lengths().dtype)
                              for k in kjt.keys()])  # fmt: skip
     dense = {k: (torch.zeros_like(v[:0]) if k.endswith("_ts_gap") else v) for k, v in one.dense.items()}
-    dense["hist_lengths"] = torch.zeros_like(one.dense["hist_lengths"])
+    for prefix in prefixes:
+        dense[f"{prefix}lengths"] = torch.zeros_like(one.dense[f"{prefix}lengths"])
     empty = Batch(KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=lengths_all), dense, 1)
     with torch.no_grad():
         out = model(empty).logit
@@ -274,3 +301,10 @@ def test_config_resolution():
     assert not din.lain.enabled
     _, on = resolve_train_config("din", None, ["model.lain.enabled=true"])
     assert on.lain.enabled
+    # the two-stage variants: their backbone's file (base:) plus the shared LAIN block
+    for name in ("sim_hard", "sim_soft", "muse", "r2led"):
+        cfg, variant = resolve_train_config(f"{name}_lain")
+        backbone_cfg, backbone = resolve_train_config(name)
+        assert cfg.model["name"] == f"{name}_lain" and variant.lain.enabled and not backbone.lain.enabled
+        assert variant.model_dump(exclude={"lain"}) == backbone.model_dump(exclude={"lain"})
+        assert cfg.data == backbone_cfg.data and cfg.optim == backbone_cfg.optim

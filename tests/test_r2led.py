@@ -51,14 +51,9 @@ def source_dir(request) -> Path:
 
 
 @pytest.fixture(scope="module")
-def info(source_dir, tmp_path_factory) -> DatasetInfo:
-    """The tiny world copied aside (the fixture stays untouched), with `ctr sid`'s semantic IDs."""
-    from pipelines.sid import build_semantic_ids
-
-    data = tmp_path_factory.mktemp("r2led") / "data"
-    shutil.copytree(source_dir, data)
-    build_semantic_ids(data, levels=3, codebook_size=256)
-    return DatasetInfo.load(data)
+def info(sid_data) -> DatasetInfo:
+    """The tiny world with `ctr sid`'s semantic IDs (conftest's `sid_data`; the `tiny_data` fixture stays as built)."""
+    return DatasetInfo.load(sid_data)
 
 
 def build(info: DatasetInfo, seed: int = 0, **params):

@@ -52,8 +52,8 @@ from torch import nn
 
 from features.loader import Batch, SequenceView
 
-from ..modules.attention import DinAttention, masked_softmax, pool
-from ..modules.lain import LainConditioner, LainParams, median_hist_len, prepend_prompts
+from ..modules.attention import DinAttention
+from ..modules.lain import LainConditioner, LainParams, lain_din_attention, median_hist_len
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams, register
 
@@ -134,15 +134,8 @@ class DIN(CTRModel):
         assert self.lain is not None
         item, mask = self.padded(emb["hist_item"], self.p.seq_len)
         cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)
-        h = self.lain.encode(length)
-        keys, mask = prepend_prompts(self.lain.prompts(h), torch.cat([item, cate], dim=-1), mask)
-        query = self.lain.condition_query(target, h, "hist")
-        scores = self.lain.temper(self.attention.scores(query, self.lain.condition_key(keys, h, "hist"), mask), length)
-        if self.attention.softmax:
-            weights = masked_softmax(scores * self.attention.scale, mask)
-        else:
-            weights = scores * mask.to(scores.dtype)
-        return pool(weights, keys)
+        keys = torch.cat([item, cate], dim=-1)
+        return lain_din_attention(self.attention, self.lain, self.lain.encode(length), length, target, keys, mask)
 
 
 class DINLainParams(DINParams):

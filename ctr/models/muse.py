@@ -28,6 +28,9 @@ official code alimama-tech/MUSE). See models.md §4.
 
 ``dare: true``: α_ID (and the DIN short branch's scores) use DARE's attention tables, the values the
 representation tables.
+
+``muse_lain`` (``lain.enabled: true``, paper mode only): LAIN's prompts, conditioning and τ(L) in SA-TA and in the
+short DIN branch (ctr/models/two_stage.py); the prompts' ``R`` is 0 and SimTier counts behaviors only.
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from features.loader import Batch, DatasetInfo
 
 from ..modules.esu import LinearTargetAttention, SimilarityAwareTargetAttention, SimTier, masked_mean
 from ..modules.gsu import CosineGSU, Selection, load_mm_table
+from ..modules.lain import LainParams
 from .base import register
 from .two_stage import DiceHead, StageInput, TwoStageModel, TwoStageParams
 
@@ -54,6 +58,14 @@ class MUSEParams(TwoStageParams):
     sata_dim: int | None = None  # None = 2 * embedding_dim (MUSE: 2D)
     sata_heads: int = 1
     gsu_zero_vector_score: float | None = None  # None: 0 (paper), -1.1 in code mode (the release)
+
+    @model_validator(mode="after")
+    def _lain_needs_paper_mode(self) -> MUSEParams:
+        if self.lain.enabled and self.mode == "code":
+            raise ValueError(
+                "lain.enabled needs mode 'paper' (the release's code mode has no masks and its own short attention)"
+            )
+        return self
 
 
 @register
@@ -113,7 +125,10 @@ class MUSE(TwoStageModel):
     def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
         """Paper mode: ``[u_ID; (u_ID ⊙ e_t); SimTier_K; (SimTier_S)]``."""
         r = self.gsu.cosine(inp.target_ids, inp.long_ids) * inp.long_mask
-        u, _ = self.sata(inp.target_att, inp.long_att, r, inp.long_mask, values=inp.long)
+        br = self.lain_branch(inp.lc, inp.target_att, inp.long_att, inp.long_mask, inp.long)
+        if br.prompts:  # LAIN's prompt slots have no multimodal similarity: R = 0 there
+            r = torch.cat([r.new_zeros(r.shape[0], br.prompts), r], dim=1)
+        u, _ = self.sata(br.query, br.keys, r, br.mask, values=br.values, temperature=br.temperature)
         parts = [u, u * inp.target] if self.cross_long else [u]
         return parts + self.similarity_parts(inp, mask_padding=True)
 
@@ -132,4 +147,16 @@ class MUSE(TwoStageModel):
         return torch.cat([*parts, tiers[1], tiers[0]], dim=-1)
 
 
-__all__ = ["MUSE", "MUSEParams"]
+class MUSELainParams(MUSEParams):
+    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
+
+
+@register
+class MUSELain(MUSE):
+    """MUSE + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default (see ctr/models/two_stage.py)."""
+
+    name = "muse_lain"
+    Params = MUSELainParams
+
+
+__all__ = ["MUSE", "MUSELain", "MUSELainParams", "MUSEParams"]

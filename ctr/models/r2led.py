@@ -58,9 +58,10 @@ from features.loader import Batch, DatasetInfo
 
 from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
 from ..modules.gsu import CosineGSU, Selection, gather_slots, lengths_to_offsets, load_mm_table
+from ..modules.lain import LainParams
 from ..modules.r2led import PrefixGSU, RouteFusion, SIDFusion, load_sid_codes, prefix_codes, vector_topk
 from .base import ModelOutput, register
-from .two_stage import TwoStageModel, TwoStageParams, fixed_slots, to_slots
+from .two_stage import LengthContext, TwoStageModel, TwoStageParams, fixed_slots, to_slots
 
 
 class RouteParams(BaseModel):
@@ -134,6 +135,7 @@ class RouteInput:
     long_items: torch.Tensor  # [B, ΣK] item index (0 in empty slots)
     short: torch.Tensor  # [B, S, 2d] fused
     short_mask: torch.Tensor  # [B, S]
+    lc: LengthContext | None = None  # LAIN's length state (None without LAIN)
 
 
 @register
@@ -172,6 +174,7 @@ class R2LED(TwoStageModel):
         self.route_fusion = RouteFusion(d, d, len(params.routes), params.route_fusion)
         self.cross_long = params.target_cross and self.route_fusion.out_dim == d
         self.long_dim = self.route_fusion.out_dim + (d if self.cross_long else 0)
+        self.lain_long_key_dim = z
         self.build_tower()
 
     @property
@@ -282,6 +285,7 @@ class R2LED(TwoStageModel):
             long_items=long_items,
             short=self.sid(short_id, self.sid_codes[short_items.long()]),
             short_mask=short_mask,
+            lc=self.length_context(batch),
         )
 
     def route_outputs(self, inp: RouteInput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +297,8 @@ class R2LED(TwoStageModel):
         for r, (a, b) in enumerate(inp.slices):
             att = self.route_attention[0 if self.rp.share_route_attention else r]
             m = inp.long_mask[:, a:b]
-            outs.append(att(inp.target, z[:, a:b], m, values=z[:, a:b]))
+            br = self.lain_branch(inp.lc, inp.target, z[:, a:b], m)  # LAIN: the prompts open every route's list
+            outs.append(att(br.query, br.keys, br.mask, values=br.values, temperature=br.temperature))
             nonempty.append(m.any(1))
         return torch.stack(outs, 1), torch.stack(nonempty, 1)
 
@@ -302,7 +307,7 @@ class R2LED(TwoStageModel):
         inp = self.prepare_routes(batch)
         u_routes, nonempty = self.route_outputs(inp)
         u_long, _ = self.route_fusion(inp.target, u_routes, nonempty)
-        u_short, _ = self.short_attention(inp.target, inp.short, inp.short_mask)
+        u_short = self.attend_short(inp.lc, inp.target, inp.short, inp.short_mask)
         parts = [inp.target, u_short]
         if self.p.target_cross:
             parts.append(u_short * inp.target)
@@ -314,4 +319,18 @@ class R2LED(TwoStageModel):
         return ModelOutput(logit=logit)
 
 
-__all__ = ["R2LED", "R2LEDParams", "RouteParams"]
+class R2LEDLainParams(R2LEDParams):
+    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
+
+
+@register
+class R2LEDLain(R2LED):
+    """R2LED + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default; the prompts open every route's
+    list, each route attention is conditioned (one ``long`` branch) and tempered, the short branch as in the frame
+    (ctr/models/two_stage.py). The GSU routes and the route-level fusion are not modulated."""
+
+    name = "r2led_lain"
+    Params = R2LEDLainParams
+
+
+__all__ = ["R2LED", "R2LEDLain", "R2LEDParams", "RouteParams"]

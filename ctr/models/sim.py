@@ -39,6 +39,7 @@ from features.loader import Batch, DatasetInfo
 
 from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
 from ..modules.gsu import CategoryGSU, InnerProductGSU, Selection
+from ..modules.lain import LainParams
 from ..modules.mlp import MLP
 from .base import register
 from .two_stage import StageInput, TwoStageModel, TwoStageParams
@@ -73,7 +74,8 @@ class _SIMBase(TwoStageModel):
             d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.kernel_backend
         )
         self.long_dim = 2 * d if params.target_cross else d
-        self.build_tower()
+        self.lain_long_key_dim = z
+        # the subclass builds its GSU, then calls build_tower() (LAIN, when on, is built last)
 
     def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
         mask = inp.long_mask
@@ -82,7 +84,8 @@ class _SIMBase(TwoStageModel):
             t = self.time(inp.long_gap, mask)
             t_att = self.time_att(inp.long_gap, mask) if self.time_att is not None else t
             keys, values = torch.cat([keys, t_att], -1), torch.cat([values, t], -1)
-        u = self.esu(inp.target_att, keys, mask, values=values)
+        br = self.lain_branch(inp.lc, inp.target_att, keys, mask, values)
+        u = self.esu(br.query, br.keys, br.mask, values=br.values, temperature=br.temperature)
         return [u, u * inp.target] if self.p.target_cross else [u]
 
 
@@ -94,6 +97,7 @@ class SIMHard(_SIMBase):
     def __init__(self, params: SIMParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
         self.gsu = CategoryGSU(params.kernel_backend)
+        self.build_tower()
 
     def search(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
@@ -114,6 +118,7 @@ class SIMSoft(_SIMBase):
         self.aux_mlp = (
             MLP(2 * d, params.aux_hidden, activation=params.aux_activation, out_dim=1) if params.aux_alpha > 0 else None
         )
+        self.build_tower()
 
     def search(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
@@ -142,4 +147,28 @@ class SIMSoft(_SIMBase):
         return selection, aux
 
 
-__all__ = ["SIMHard", "SIMParams", "SIMSoft", "SIMSoftParams"]
+class SIMHardLainParams(SIMParams):
+    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
+
+
+class SIMSoftLainParams(SIMSoftParams):
+    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
+
+
+@register
+class SIMHardLain(SIMHard):
+    """SIM hard + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default (see ctr/models/two_stage.py)."""
+
+    name = "sim_hard_lain"
+    Params = SIMHardLainParams
+
+
+@register
+class SIMSoftLain(SIMSoft):
+    """SIM soft + LAIN: ``lain.enabled: true`` by default (see ctr/models/two_stage.py)."""
+
+    name = "sim_soft_lain"
+    Params = SIMSoftLainParams
+
+
+__all__ = ["SIMHard", "SIMHardLain", "SIMParams", "SIMSoft", "SIMSoftLain", "SIMSoftParams"]

@@ -27,6 +27,17 @@ scores, the ESU's and the short branch's attention scores use the attention embe
 target in the tower use the representation embeddings. DARE's own model has no projection matrices (dot products
 of the raw attention embeddings); we keep each model's projections.
 
+LAIN (``lain: {enabled: true, ...}``; registered as ``sim_hard_lain``, ``sim_soft_lain``, ``muse_lain``,
+``r2led_lain``; `ctr.modules.lain`, Zhang et al., AAAI 2026) plugs into both attention branches (models.md §6.4):
+the length ``L = hist_len`` (the whole prefix, not the searched window) is encoded once per batch (`LengthContext`);
+the prompts ``P(L)`` are prepended to the short sequence and, **after** retrieval, to the K selected behaviors (so
+the GSU, which is not modulated, cannot filter them out; in a key wider than the behavior embedding, e.g. SIM's
+``[e; e(Δt)]``, the prompt's extra part is zero); the query and keys of the short branch (``short``) and of the ESU
+(``long``) are conditioned on ``h_len``; the ESU's softmax logits and the short branch's activation-unit scores are
+divided by ``τ(L)``. Values are the prompt-extended behaviors. Similarity features (MUSE's ``R`` for the prompts is
+0; SimTier) count behaviors only. LAIN is built after the rest of the model, so the backbone's parameters start as
+the plain model's with the same seed, and ``lain.active = False`` computes exactly the backbone.
+
 Defaults (``configs/models/sim_*.yaml``, ``muse.yaml``) and sources:
 
 * ``k: 50``, ``short_len: 50``: FuxiCTR / LongCTR SIM and TWIN (topk 50, short 50), MUSE (K = 50, recent 50).
@@ -45,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from features.loader import Batch, DatasetInfo, SequenceView
@@ -52,6 +64,7 @@ from features.loader import Batch, DatasetInfo, SequenceView
 from ..modules.activations import make_activation
 from ..modules.attention import DinAttention
 from ..modules.gsu import Selection, gather_slots, lengths_to_offsets
+from ..modules.lain import LainConditioner, LainParams, lain_din_attention, median_hist_len, prepend_prompts
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams
 
@@ -73,6 +86,34 @@ class TwoStageParams(ModelParams):
     batch_norm: bool = False
     dropout: float = 0.0
     kernel_backend: Literal["auto", "triton", "reference"] | None = None  # None: $KERNELS_BACKEND, else auto
+    lain: LainParams = Field(default_factory=LainParams)  # LAIN plug-in (off: the model above, unchanged)
+
+
+@dataclass
+class LengthContext:
+    """LAIN's per-batch length state: L [B] (the whole prefix), h_len [B, d_len], the prompts [B, k, 2d] or None."""
+
+    length: torch.Tensor
+    h: torch.Tensor
+    prompts: torch.Tensor | None
+
+
+@dataclass
+class BranchInput:
+    """One attention branch after LAIN: the query, keys, values and mask (prompts first), and τ(L) or None."""
+
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+    temperature: torch.Tensor | None
+    prompts: int  # slots prepended before the behaviors
+
+
+def _pad_width(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the last dimension of ``x`` to ``width``."""
+    extra = width - x.shape[-1]
+    return x if extra == 0 else torch.cat([x, x.new_zeros(*x.shape[:-1], extra)], dim=-1)
 
 
 @dataclass
@@ -95,6 +136,7 @@ class StageInput:
     short_ids: torch.Tensor  # [B, S] item index (0 = padding)
     short_mask: torch.Tensor  # [B, S]
     aux_loss: torch.Tensor | None = None
+    lc: LengthContext | None = None  # LAIN's length state (None without LAIN or when switched off)
 
     @property
     def long_mask(self) -> torch.Tensor:
@@ -139,6 +181,8 @@ class TwoStageModel(CTRModel):
         self.n_context = len(self.context_features()) + (1 if params.use_user else 0)
         self.tower: nn.Module | None = None
         self.long_dim = 0
+        self.lain: LainConditioner | None = None
+        self.lain_long_key_dim = d  # width of the ESU's attention keys (SIM: [e; e(Δt)]), for LAIN's K' = W_k[K; h]
 
     # ---- data contract -------------------------------------------------------------------------------------------
     def views(self) -> tuple[SequenceView, ...]:
@@ -163,6 +207,63 @@ class TwoStageModel(CTRModel):
             out_dim=None if head is not None else 1,
         )  # fmt: skip
         self.tower = nn.Sequential(mlp, head(mlp.out_dim)) if head is not None else mlp
+        if self.p.lain.enabled:  # built last: the backbone's parameters start as the plain model's with the same seed
+            branches = {"short": (d, d), "long": (d, self.lain_long_key_dim)}
+            self.lain = LainConditioner(self.p.lain, branches, d, median_hist_len(self.info.manifest))
+
+    # ---- LAIN ------------------------------------------------------------------------------------------------------
+    def length_context(self, batch: Batch) -> LengthContext | None:
+        """LAIN's length encoding and prompts for this batch; None without LAIN or when it is switched off."""
+        if self.lain is None or not self.lain.active:
+            return None
+        length = batch.dense["hist_len"]
+        h = self.lain.encode(length)
+        return LengthContext(length=length, h=h, prompts=self.lain.prompts(h))
+
+    def lain_branch(
+        self,
+        lc: LengthContext | None,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        mask: torch.Tensor,
+        values: torch.Tensor | None = None,
+        branch: str = "long",
+    ) -> BranchInput:
+        """An ESU's inputs with LAIN applied: ``[P; keys]`` / ``[P; values]`` (prompts zero-padded to each width),
+        ``Q'``, ``K'`` and τ(L). Without LAIN (``lc`` None) the inputs come back unchanged, τ None."""
+        values = keys if values is None else values
+        if lc is None:
+            return BranchInput(query, keys, values, mask, None, 0)
+        assert self.lain is not None
+        n = 0
+        if lc.prompts is not None:
+            n = lc.prompts.shape[1]
+            values = prepend_prompts(_pad_width(lc.prompts, values.shape[-1]), values, mask)[0]
+            keys, mask = prepend_prompts(_pad_width(lc.prompts, keys.shape[-1]), keys, mask)
+        return BranchInput(
+            query=self.lain.condition_query(query, lc.h, branch),
+            keys=self.lain.condition_key(keys, lc.h, branch),
+            values=values,
+            mask=mask,
+            temperature=self.lain.temperature(lc.length),
+            prompts=n,
+        )
+
+    def attend_short(
+        self,
+        lc: LengthContext | None,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        mask: torch.Tensor,
+        values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The short-term DIN attention ``[B, 2d]``, with LAIN's prompts, conditioning and τ when ``lc`` is given."""
+        if lc is None:
+            return self.short_attention(query, keys, mask, values=values)[0]
+        assert self.lain is not None
+        return lain_din_attention(
+            self.short_attention, self.lain, lc.h, lc.length, query, keys, mask, values=values, branch="short"
+        )
 
     def embed(self, ids: dict[str, Any]) -> dict[str, Any]:
         """Look up every embedding feature (DARE's ``*_att`` from their source ids) in one collection call."""
@@ -194,8 +295,7 @@ class TwoStageModel(CTRModel):
 
     def short_interest(self, inp: StageInput) -> torch.Tensor:
         """DIN attention of the target over the last S behaviors: ``[B, 2d]``."""
-        pooled, _ = self.short_attention(inp.target_att, inp.short_att, inp.short_mask, values=inp.short)
-        return pooled
+        return self.attend_short(inp.lc, inp.target_att, inp.short_att, inp.short_mask, values=inp.short)
 
     # ---- the shared forward ----------------------------------------------------------------------------------------
     def select(self, batch: Batch) -> tuple[Selection, torch.Tensor]:
@@ -251,6 +351,7 @@ class TwoStageModel(CTRModel):
             short_ids=short_ids,
             short_mask=short_mask,
             aux_loss=aux,
+            lc=self.length_context(batch),
         )
 
     def tower_input(self, inp: StageInput) -> torch.Tensor:
@@ -301,4 +402,13 @@ class DiceHead(nn.Module):
         return (z[..., 1] - z[..., 0]).unsqueeze(-1)
 
 
-__all__ = ["DiceHead", "StageInput", "TwoStageModel", "TwoStageParams", "fixed_slots", "to_slots"]
+__all__ = [
+    "BranchInput",
+    "DiceHead",
+    "LengthContext",
+    "StageInput",
+    "TwoStageModel",
+    "TwoStageParams",
+    "fixed_slots",
+    "to_slots",
+]

@@ -90,12 +90,23 @@ class MultiHeadTargetAttention(nn.Module):
         self.out_dim = out_dim or inner
 
     def forward(
-        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        mask: torch.Tensor,
+        values: torch.Tensor | None = None,
+        temperature: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query ``[B, Dq]``, keys ``[B, K, Dk]``, mask ``[B, K]`` (values ``[B, K, Dv]``) -> ``[B, out_dim]``."""
+        """query ``[B, Dq]``, keys ``[B, K, Dk]``, mask ``[B, K]`` (values ``[B, K, Dv]``) -> ``[B, out_dim]``.
+
+        ``temperature [B]`` (LAIN's τ(L)) divides each sample's logits: applied to ``W_q e_t`` (the logits are linear
+        in the query), so the fused kernel's fixed scale still holds."""
         b, k, _ = keys.shape
         h, d = self.heads, self.head_dim
-        q = self.w_q(query).reshape(b, 1, h, d)
+        q = self.w_q(query)
+        if temperature is not None:
+            q = q / temperature.to(q.dtype).unsqueeze(-1)
+        q = q.reshape(b, 1, h, d)
         kk = self.w_k(keys).reshape(b * k, h, d)
         vv = self.w_v(keys if values is None else values).reshape(b * k, h, d)
         offsets = torch.arange(b + 1, device=keys.device, dtype=torch.int64) * k
@@ -201,9 +212,10 @@ class SimilarityAwareTargetAttention(nn.Module):
         sim: torch.Tensor,
         mask: torch.Tensor,
         values: torch.Tensor | None = None,
+        temperature: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """query ``[B, Dq]``, keys ``[B, K, Dk]``, sim ``R [B, K]``, mask ``[B, K]`` -> (``[B, dim]``, weights
-        ``[B, H, K]``)."""
+        ``[B, H, K]``). ``temperature [B]`` (LAIN's τ(L)) divides the fused logits α before the softmax."""
         b, k, _ = keys.shape
         h, d = self.heads, self.head_dim
         q = self.act(self.w_q(query)).reshape(b, h, 1, d)
@@ -218,6 +230,8 @@ class SimilarityAwareTargetAttention(nn.Module):
             r = sim.unsqueeze(1) / self.tau.reshape(1, h, 1)
         g = self.gamma.reshape(3, 1, h, 1)
         alpha = g[0] * alpha_id + g[1] * r + g[2] * alpha_id * r
+        if temperature is not None:
+            alpha = alpha / temperature.to(alpha.dtype).reshape(b, 1, 1)
         if self.mode == "paper":
             weights = masked_softmax(alpha, mask.unsqueeze(1).expand(b, h, k))
         else:

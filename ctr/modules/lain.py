@@ -60,6 +60,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from .attention import DinAttention, masked_softmax, pool
 from .mlp import MLP
 
 DEFAULT_L0 = 100.0  # pivot length when neither `l0` nor the manifest's median hist_len is known
@@ -262,6 +263,34 @@ class LainConditioner(nn.Module):
         """scores [B, L] / τ(L) (unchanged when off)."""
         tau = self.temperature(length)
         return scores if tau is None else scores / tau.unsqueeze(-1).to(scores.dtype)
+
+
+def lain_din_attention(
+    attention: DinAttention,
+    lain: LainConditioner,
+    length_emb: torch.Tensor,
+    length: torch.Tensor,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None = None,
+    branch: str = "hist",
+) -> torch.Tensor:
+    """`DinAttention.forward` with LAIN: ``[P; keys]`` (and ``[P; values]``), ``Q'``/``K'`` conditioning of `branch`,
+    the activation-unit scores divided by τ(L), then the attention's own weighting (raw or masked softmax).
+
+    query ``[B, Dq]``, keys ``[B, L, D]``, mask ``[B, L]``, values ``[B, L, D]`` (None = the keys) -> ``[B, D]``.
+    """
+    prompts = lain.prompts(length_emb)
+    seq, seq_mask = prepend_prompts(prompts, keys, mask)
+    vals = seq if values is None else prepend_prompts(prompts, values, mask)[0]
+    q = lain.condition_query(query, length_emb, branch)
+    scores = lain.temper(attention.scores(q, lain.condition_key(seq, length_emb, branch), seq_mask), length)
+    if attention.softmax:
+        weights = masked_softmax(scores * attention.scale, seq_mask)
+    else:
+        weights = scores * seq_mask.to(scores.dtype)
+    return pool(weights, vals)
 
 
 def median_hist_len(manifest: Mapping[str, object]) -> float | None:

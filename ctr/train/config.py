@@ -95,6 +95,29 @@ def model_defaults_path(name: str) -> Path:
     return CONFIG_ROOT / f"{name}.yaml"
 
 
+def model_defaults(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """configs/models/NAME.yaml, layered over the files it names in ``base:`` (one name or a list, applied in order),
+    so a variant states only what differs: ``sim_hard_lain.yaml`` is ``base: [sim_hard, _lain]`` (the backbone's
+    defaults, then the shared LAIN block of ``_lain.yaml``). No file: ``{"model": {"name": NAME}}``."""
+    path = model_defaults_path(name)
+    if not path.exists():
+        return {"model": {"name": name}}
+    data = _read_yaml(path)
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    out: dict[str, Any] = {}
+    for base in bases:
+        if not isinstance(base, str) or not model_defaults_path(base).exists():
+            raise ConfigError(f"{path}: base must name files of {CONFIG_ROOT} (without .yaml), got {base!r}")
+        if base in _seen or base == name:
+            raise ConfigError(f"{path}: base {base!r} makes a cycle ({' -> '.join((*_seen, name, base))})")
+        out = _merge(out, model_defaults(base, (*_seen, name)))
+    return _merge(out, data)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
@@ -122,8 +145,7 @@ def resolve_train_config(
         cls = get_model_class(name)
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from e
-    defaults_path = model_defaults_path(name)
-    defaults = _read_yaml(defaults_path) if defaults_path.exists() else {"model": {"name": name}}
+    defaults = model_defaults(name)
     merged = _merge(_merge(defaults, user), sets)
     merged.setdefault("model", {})["name"] = name
     try:
