@@ -102,12 +102,16 @@ def naive_baseline(raw: str, out: str) -> None:
         s = imp.filter(pl.col("user_id").is_in(ids)).sort("ts").collect()
         # join_asof: the number of behaviors strictly before each sample (the last one with b.ts < s.ts)
         s = s.join_asof(
-            b.select("user_id", "ts", "pos").sort("ts"), on="ts", by="user_id", strategy="backward",
+            b.select("user_id", "ts", "pos").sort("ts"),
+            on="ts",
+            by="user_id",
+            strategy="backward",
             allow_exact_matches=False,
         ).with_columns(pl.col("pos").fill_null(0).alias("hist_len"))
         seqs = b.group_by("user_id").agg("item_id", "cate_id", "ts")
-        s = s.join(seqs.rename({"ts": "seq_ts", "item_id": "seq_item", "cate_id": "seq_cate"}), on="user_id",
-                   how="left")
+        s = s.join(
+            seqs.rename({"ts": "seq_ts", "item_id": "seq_item", "cate_id": "seq_cate"}), on="user_id", how="left"
+        )
         start = (pl.col("hist_len") - SEQ_LEN).clip(lower_bound=0)
         length = pl.col("hist_len") - start
         s = s.with_columns(
@@ -212,8 +216,12 @@ def main() -> None:
     results: list[dict] = []
     for scale in args.scales:
         bench_world(scale, args.seed, work, results)
-    machine = {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-               "platform": platform.platform(), "python": platform.python_version()}
+    machine = {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     print(table(results))

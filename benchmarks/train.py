@@ -36,10 +36,31 @@ def bench_one(data: Path, out: Path, model: str, length: int, nproc: int, steps:
     shutil.rmtree(run, ignore_errors=True)
     log_every = max(1, steps // 6)
     cmd = [
-        _ctr(), "-q", "train", "--data", str(data), "--model", model, "--out", str(run), "--nproc", str(nproc),
-        "--set", f"model.seq_len={length}", "--set", f"train.max_steps={steps}", "--set", f"data.batch_size={batch}",
-        "--set", f"train.log_every={log_every}", "--set", "train.eval_every=1000000000",
-        "--set", "train.eval_max_batches=1", "--set", "data.num_workers=1",
+        _ctr(),
+        "-q",
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        model,
+        "--out",
+        str(run),
+        "--nproc",
+        str(nproc),
+        "--set",
+        f"model.seq_len={length}",
+        "--set",
+        f"train.max_steps={steps}",
+        "--set",
+        f"data.batch_size={batch}",
+        "--set",
+        f"train.log_every={log_every}",
+        "--set",
+        "train.eval_every=1000000000",
+        "--set",
+        "train.eval_max_batches=1",
+        "--set",
+        "data.num_workers=1",
     ]
     measured = run_measured(cmd, out / f"{run.name}.log")
     recs = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
