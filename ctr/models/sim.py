@@ -13,6 +13,10 @@ target (log2 seconds, `ctr.modules.esu.TimeGapEmbedding`; ``time_buckets: 0`` dr
 attention ``head_h = softmax_j((W_q^h e_t)·(W_k^h z_j)/sqrt(d_h)) W_v^h z_j`` (FuxiCTR ``MultiHeadTargetAttention``:
 2 heads of 32, ``W_o`` back to 2d), and the tower gets ``[e_t; U_short; U_long; context]`` (two-stage base).
 
+LAIN (``sim_hard_lain``, ``sim_soft_lain``): the prompts open the K selected behaviors (zero time embedding) and the
+short sequence; the ESU's query/keys are conditioned on the length and its logits divided by τ(L) (applied to the
+query, so the fused attention kernel still serves it); see ctr/models/two_stage.py.
+
 Where reference code differs (see models.md §3):
 
 * FuxiCTR ``LongCTR/SIM``: soft search only; shared embeddings with ``W_a``/``W_b`` (as here); the aux pooling is the
