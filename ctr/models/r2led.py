@@ -248,23 +248,24 @@ class R2LED(TwoStageModel):
         long_item = ids["long_item"]
         offsets = lengths_to_offsets(long_item.lengths())
         if self.embeds_prefix_routes:
-            emb = self.embed(ids)
-            target_id, long_all = self.pair(emb, ""), self.pair(emb, "long_")
-            sels = self.route_selections(ids, offsets, target_id, long_all)
+            # The collaborative scores need the whole prefix embedded, but a top-K has no gradient: look it up
+            # without autograd (a forward only: no backward and no fused-optimizer update over ~10^5 rows).
+            with torch.no_grad():
+                emb_all = self.embed(ids)
+                sels = self.route_selections(ids, offsets, self.pair(emb_all, ""), self.pair(emb_all, "long_"))
+            del emb_all
         else:
             sels = self.route_selections(ids, offsets)
         joint = Selection(torch.cat([s.positions for s in sels], 1), torch.cat([s.scores for s in sels], 1))
         rows, mask = joint.rows(offsets), joint.mask
-        if self.embeds_prefix_routes:
-            long_id = gather_slots(long_all, rows, mask)
-        else:  # embed only the retrieved behaviors (row-major over [B, ΣK]: grouped by sample)
-            picked = dict(ids)
-            n = mask.sum(1).int()
-            for f in ("long_item", "long_cate"):
-                picked[f] = JaggedTensor(values=ids[f].values()[rows[mask]], lengths=n)
-            emb = self.embed(picked)
-            target_id = self.pair(emb, "")
-            long_id = to_slots(self.pair(emb, "long_"), mask)
+        # embed (with gradient) only the retrieved behaviors (row-major over [B, ΣK]: grouped by sample)
+        picked = dict(ids)
+        n = mask.sum(1).int()
+        for f in ("long_item", "long_cate"):
+            picked[f] = JaggedTensor(values=ids[f].values()[rows[mask]], lengths=n)
+        emb = self.embed(picked)
+        target_id = self.pair(emb, "")
+        long_id = to_slots(self.pair(emb, "long_"), mask)
         long_items = gather_slots(long_item.values().long(), rows, mask)
         s = self.rp.short_len
         short_mask = torch.arange(s, device=mask.device).unsqueeze(0) < emb["short_item"].lengths().long().unsqueeze(1)
