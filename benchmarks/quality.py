@@ -63,6 +63,7 @@ def main() -> int:
     tail = long_tail_items(demo / "data")
     rows: dict[str, dict] = {}
     preds: dict[str, dict[str, np.ndarray]] = {}
+    oracle = None
     for run in sorted((demo / "runs").iterdir()):
         if not (run / "predictions.parquet").exists():
             continue
@@ -74,9 +75,13 @@ def main() -> int:
         preds[run.name] = {"y": y, "s": s, "u": u, "tail": in_tail, "bucket": bucket}
         m = json.loads((run / "metrics.json").read_text())
         populated = [b for b in LENGTH_BUCKET_LABELS if (m["buckets"][b]["samples"] or 0) > 0]
+        oracle = m.get("oracle")
         rows[run.name] = {
             "auc": m["auc"],
             "gauc": m["gauc"],
+            "logloss": m["logloss"],
+            "gauc_users_used": m["gauc_users_used"],
+            "gauc_users_skipped": m["gauc_users_skipped"],
             "shortest_bucket": {
                 "bucket": populated[0],
                 "auc": m["buckets"][populated[0]]["auc"],
@@ -156,20 +161,29 @@ def main() -> int:
             )
     out = {
         "demo": str(demo),
+        "oracle": oracle,
         "long_tail_definition": "target items outside the head holding 80% of train impressions",
         "models": rows,
         "checks": checks,
     }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(to_jsonable(out), indent=2) + "\n")
-    print("| model | test AUC | test GAUC | AUC 0-50 | AUC longest bucket | long-tail AUC |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r in rows.items():
+    print("| model | test AUC | test GAUC | logloss | AUC shortest bucket | AUC longest bucket | AUC long-tail |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in sorted(rows.items(), key=lambda kv: -kv[1]["auc"]):
+        sb, lb = r["shortest_bucket"], r["longest_bucket"]
         print(
-            f"| {name} | {r['auc']:.4f} | {r['gauc']:.4f} | {r['shortest_bucket']['auc']:.4f} | "
-            f"{r['longest_bucket']['auc']:.4f} ({r['longest_bucket']['bucket']}) | {r['long_tail']['auc']:.4f} |"
+            f"| {name} | {r['auc']:.4f} | {r['gauc']:.4f} | {r['logloss']:.4f} | {sb['auc']:.4f} ({sb['bucket']}) | "
+            f"{lb['auc']:.4f} ({lb['bucket']}) | {r['long_tail']['auc']:.4f} |"
         )
-    print()
+    if oracle:
+        print(f"| oracle (p_true) | {oracle['auc']:.4f} | {oracle['gauc']:.4f} | {oracle['logloss']:.4f} | | | |")
+    any_row = next(iter(rows.values()))
+    print(
+        f"\nGAUC over {any_row['gauc_users_used']:,} test users with both classes "
+        f"({any_row['gauc_users_skipped']:,} single-class users skipped); long-tail targets: "
+        f"{any_row['long_tail']['samples']:,} test samples.\n"
+    )
     print("Deltas: a - b with a paired bootstrap 95% interval over users (200 resamples).")
     for c in checks:
         verdict = "holds" if c["holds"] else "DOES NOT HOLD"
