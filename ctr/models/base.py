@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from torch import nn
 
 from features.loader import Batch, DatasetInfo, SequenceView, sparse_feature_names
@@ -144,6 +144,22 @@ def register(cls: type[CTRModel]) -> type[CTRModel]:
         raise ValueError(f"model name {cls.name!r} registered twice")
     MODELS[cls.name] = cls
     return cls
+
+
+def register_lain_variant(backbone: type[CTRModel], name: str) -> type[CTRModel]:
+    """Register `name`: `backbone` with the LAIN plug-in on by default (``lain.enabled: true``; the backbone's Params
+    must have a ``lain`` field). The same model and code, under its own name so that runs and reports show it beside
+    its backbone; ``configs/models/NAME.yaml`` layers the backbone's defaults and ``_lain.yaml``."""
+    from ..modules.lain import LainParams
+
+    params = create_model(
+        f"{backbone.Params.__name__}Lain",
+        __base__=backbone.Params,
+        lain=(LainParams, Field(default_factory=lambda: LainParams(enabled=True))),
+    )
+    doc = f"{backbone.__name__} + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default."
+    attrs = {"name": name, "Params": params, "__doc__": doc, "__module__": backbone.__module__}
+    return register(type(f"{backbone.__name__}Lain", (backbone,), attrs))
 
 
 def get_model_class(name: str) -> type[CTRModel]:

@@ -64,7 +64,7 @@ from ..modules.attention import BilinearAttention, DienDinAttention, masked_soft
 from ..modules.augru import AUGRU, InterestExtractor
 from ..modules.lain import LainConditioner, LainParams, median_hist_len, prepend_prompts
 from ..modules.mlp import MLP
-from .base import CTRModel, ModelOutput, ModelParams, register
+from .base import CTRModel, ModelOutput, ModelParams, register, register_lain_variant
 
 
 class DIENParams(ModelParams):
@@ -202,14 +202,4 @@ class DIEN(CTRModel):
         return ModelOutput(logit=logit, aux_loss=aux)
 
 
-class DIENLainParams(DIENParams):
-    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
-
-
-@register
-class DIENLain(DIEN):
-    """DIEN + LAIN (Zhang et al., AAAI 2026): the same model with ``lain.enabled: true`` by default, registered
-    under its own name so that runs and reports show it beside its backbone."""
-
-    name = "dien_lain"
-    Params = DIENLainParams
+DIENLain = register_lain_variant(DIEN, "dien_lain")

@@ -55,7 +55,7 @@ from features.loader import Batch, SequenceView
 from ..modules.attention import DinAttention
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, median_hist_len
 from ..modules.mlp import MLP
-from .base import CTRModel, ModelOutput, ModelParams, register
+from .base import CTRModel, ModelOutput, ModelParams, register, register_lain_variant
 
 
 class DINParams(ModelParams):
@@ -138,14 +138,4 @@ class DIN(CTRModel):
         return lain_din_attention(self.attention, self.lain, self.lain.encode(length), length, target, keys, mask)
 
 
-class DINLainParams(DINParams):
-    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
-
-
-@register
-class DINLain(DIN):
-    """DIN + LAIN (Zhang et al., AAAI 2026): the same model with ``lain.enabled: true`` by default, registered
-    under its own name so that runs and reports show it beside its backbone."""
-
-    name = "din_lain"
-    Params = DINLainParams
+DINLain = register_lain_variant(DIN, "din_lain")

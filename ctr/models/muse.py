@@ -44,8 +44,7 @@ from features.loader import Batch, DatasetInfo
 
 from ..modules.esu import LinearTargetAttention, SimilarityAwareTargetAttention, SimTier, masked_mean
 from ..modules.gsu import CosineGSU, Selection, load_mm_table
-from ..modules.lain import LainParams
-from .base import register
+from .base import register, register_lain_variant
 from .two_stage import DiceHead, StageInput, TwoStageModel, TwoStageParams
 
 
@@ -147,16 +146,7 @@ class MUSE(TwoStageModel):
         return torch.cat([*parts, tiers[1], tiers[0]], dim=-1)
 
 
-class MUSELainParams(MUSEParams):
-    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
+MUSELain = register_lain_variant(MUSE, "muse_lain")
 
 
-@register
-class MUSELain(MUSE):
-    """MUSE + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default (see ctr/models/two_stage.py)."""
-
-    name = "muse_lain"
-    Params = MUSELainParams
-
-
-__all__ = ["MUSE", "MUSELain", "MUSELainParams", "MUSEParams"]
+__all__ = ["MUSE", "MUSELain", "MUSEParams"]

@@ -42,6 +42,9 @@ Documented choices (models.md §5.2 [INF]; each is a parameter, see ``configs/mo
     * Tower ``[e_t; u_short; u_short ⊙ e_t; u_long; u_long ⊙ e_t; context] -> [200, 80] Dice -> 1`` with ``e_t`` the
       fused target; BCE only (no SID-specific auxiliary loss: none is known).
     * Not supported: ``dare: true``.
+    * ``r2led_lain`` (LAIN, ctr/models/two_stage.py): the length prompts open every route's list, each route
+      attention is conditioned (one ``long`` branch shared by the routes) and tempered, the short branch as in the
+      frame; the routes' retrieval and the route-level fusion are not modulated.
 """
 
 from __future__ import annotations
@@ -58,9 +61,8 @@ from features.loader import Batch, DatasetInfo
 
 from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
 from ..modules.gsu import CosineGSU, Selection, gather_slots, lengths_to_offsets, load_mm_table
-from ..modules.lain import LainParams
 from ..modules.r2led import PrefixGSU, RouteFusion, SIDFusion, load_sid_codes, prefix_codes, vector_topk
-from .base import ModelOutput, register
+from .base import ModelOutput, register, register_lain_variant
 from .two_stage import LengthContext, TwoStageModel, TwoStageParams, fixed_slots, to_slots
 
 
@@ -320,18 +322,7 @@ class R2LED(TwoStageModel):
         return ModelOutput(logit=logit)
 
 
-class R2LEDLainParams(R2LEDParams):
-    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
-
-
-@register
-class R2LEDLain(R2LED):
-    """R2LED + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default; the prompts open every route's
-    list, each route attention is conditioned (one ``long`` branch) and tempered, the short branch as in the frame
-    (ctr/models/two_stage.py). The GSU routes and the route-level fusion are not modulated."""
-
-    name = "r2led_lain"
-    Params = R2LEDLainParams
+R2LEDLain = register_lain_variant(R2LED, "r2led_lain")
 
 
 __all__ = ["R2LED", "R2LEDLain", "R2LEDParams", "RouteParams"]

@@ -43,9 +43,8 @@ from features.loader import Batch, DatasetInfo
 
 from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
 from ..modules.gsu import CategoryGSU, InnerProductGSU, Selection
-from ..modules.lain import LainParams
 from ..modules.mlp import MLP
-from .base import register
+from .base import register, register_lain_variant
 from .two_stage import StageInput, TwoStageModel, TwoStageParams
 
 
@@ -151,28 +150,10 @@ class SIMSoft(_SIMBase):
         return selection, aux
 
 
-class SIMHardLainParams(SIMParams):
-    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
+SIMHardLain = register_lain_variant(SIMHard, "sim_hard_lain")
 
 
-class SIMSoftLainParams(SIMSoftParams):
-    lain: LainParams = Field(default_factory=lambda: LainParams(enabled=True))
-
-
-@register
-class SIMHardLain(SIMHard):
-    """SIM hard + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default (see ctr/models/two_stage.py)."""
-
-    name = "sim_hard_lain"
-    Params = SIMHardLainParams
-
-
-@register
-class SIMSoftLain(SIMSoft):
-    """SIM soft + LAIN: ``lain.enabled: true`` by default (see ctr/models/two_stage.py)."""
-
-    name = "sim_soft_lain"
-    Params = SIMSoftLainParams
+SIMSoftLain = register_lain_variant(SIMSoft, "sim_soft_lain")
 
 
 __all__ = ["SIMHard", "SIMHardLain", "SIMParams", "SIMSoft", "SIMSoftLain", "SIMSoftParams"]
