@@ -174,3 +174,18 @@ def test_report_renders_in_headless_browser(report, tmp_path):
     for fig_id in FIGURE_IDS:
         assert re.search(rf'<figure id="{fig_id}"><img[^>]*src="data:image/png;base64,', dom), fig_id
     assert "GAUC definition" in dom and "SIM soft" in dom
+
+
+def test_lain_variants_share_their_backbones_colour(tmp_path):
+    from ctr.report.render import RunData, _disambiguate
+
+    def run(name: str, label: str | None = None) -> RunData:
+        return RunData(tmp_path / (label or name), label or name, {"model": {"name": name}}, None, None, None)
+
+    runs = [run("din"), run("din_lain"), run("muse_lain"), run("sim_hard"), run("sim_hard", "sim_hard (seed 1)")]
+    _disambiguate(runs)
+    din, din_lain, muse_lain, sim_a, sim_b = runs
+    assert din_lain.color == din.color and din_lain.variant and din_lain.linestyle == "--" and din_lain.hatch
+    assert not din.variant and din.linestyle == "-" and din.hatch is None
+    assert not muse_lain.variant  # its backbone is not in the report: a colour and a style of its own
+    assert len({din.color, muse_lain.color, sim_a.color, sim_b.color}) == 4  # two runs of one model stay apart

@@ -62,6 +62,7 @@ PALETTE: tuple[str, ...] = (
     "#17BECF",
 )
 ORACLE_COLOR = "#111111"
+LAIN_SUFFIX = "_lain"
 DPI = 110
 _MAX_ROC_SAMPLES = 5_000_000  # above this, the ROC/reliability plots use a fixed-seed subsample (exact metrics don't)
 
@@ -82,6 +83,15 @@ class RunData:
     train_log: list[dict[str, Any]] | None
     notes: list[str] = field(default_factory=list)
     color: str = PALETTE[0]
+    variant: bool = False  # a plug-in variant (``*_lain``) drawn in its backbone's colour, dashed / hatched
+
+    @property
+    def linestyle(self) -> str:
+        return "--" if self.variant else "-"
+
+    @property
+    def hatch(self) -> str | None:
+        return "//" if self.variant else None
 
     @property
     def model_name(self) -> str:
@@ -207,8 +217,16 @@ def _disambiguate(runs: list[RunData]) -> None:
         seen[r.label] = n + 1
         if n:
             r.label = f"{r.label} #{n + 1}"
-    for i, r in enumerate(runs):
-        r.color = PALETTE[i % len(PALETTE)]
+    # one colour per model family: a LAIN variant takes its backbone's colour (dashed lines, hatched bars) when the
+    # backbone is in the report too, so 13 models need 7 colours and each pair reads at a glance
+    names = {r.model_name for r in runs}
+    family: dict[str, str] = {}
+    for r in runs:
+        base = r.model_name.removesuffix(LAIN_SUFFIX)
+        r.variant = r.model_name != base and base in names
+        key = base if r.variant else r.label  # the backbone's label is its model name unless disambiguated
+        family.setdefault(key, PALETTE[len(family) % len(PALETTE)])
+        r.color = family[key]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -290,6 +308,15 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _legend_above(fig: Figure, handles: list[Any], names: list[str]) -> None:
+    """One legend for the whole figure, above it (its bottom at the figure's top, so more rows push it up instead
+    of covering the subplot titles; `_png` saves with a tight bounding box that includes it)."""
+    fig.legend(
+        handles, names, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(names), 6), frameon=False,
+        fontsize=9,
+    )  # fmt: skip
+
+
 def _style(ax: Any) -> None:
     ax.grid(True, color="#e3e6eb", linewidth=0.8)
     ax.set_axisbelow(True)
@@ -322,7 +349,10 @@ def _fig_model_comparison(runs: Sequence[RunData]) -> _Fig:
     oracle_vals: list[float] = []
     for i, r in enumerate(runs):
         x = np.arange(len(metrics)) - 0.4 + width * (i + 0.5)
-        bars = ax.bar(x, np.nan_to_num(vals[i], nan=0.0), width * 0.92, color=r.color, label=r.label)
+        bars = ax.bar(
+            x, np.nan_to_num(vals[i], nan=0.0), width * 0.92, color=r.color, hatch=r.hatch, edgecolor="white",
+            label=r.label,
+        )  # fmt: skip
         for b, v in zip(bars, vals[i], strict=True):
             if not math.isnan(v):  # value inside the bar top, so that it never collides with the oracle line
                 ax.annotate(
@@ -411,7 +441,10 @@ def _fig_roc(runs: Sequence[RunData]) -> _Fig:
         y = df["label"].to_numpy()
         fpr, tpr = roc_curve_points(y, df["score"].to_numpy(), max_points=300)
         if fpr.size:
-            ax.plot(fpr, tpr, color=r.color, linewidth=1.8, label=f"{r.label} (AUC {_fmt(r.metrics.get('auc'), 3)})")
+            ax.plot(
+                fpr, tpr, r.linestyle, color=r.color, linewidth=1.8,
+                label=f"{r.label} (AUC {_fmt(r.metrics.get('auc'), 3)})",
+            )  # fmt: skip
         if "p_true" in df.columns and df["p_true"].null_count() < df.height:
             key = (r.predictions.height, round(_num((_oracle(r) or {}).get("auc")), 9))  # type: ignore[union-attr]
             oracles.setdefault(key, r)
@@ -519,7 +552,7 @@ def _fig_length_buckets(runs: Sequence[RunData]) -> _Fig:
         for r in runs:
             b = r.metrics.get("buckets") or {}  # type: ignore[union-attr]
             y = [_num((b.get(k) or {}).get(metric)) for k in labels]
-            ax.plot(x, y, "o-", color=r.color, label=r.label, linewidth=1.8, markersize=5)
+            ax.plot(x, y, "o" + r.linestyle, color=r.color, label=r.label, linewidth=1.8, markersize=5)
         for r in runs:
             ob = r.metrics.get("oracle_buckets") if r.metrics else None
             if not isinstance(ob, dict):
@@ -551,17 +584,8 @@ def _fig_length_buckets(runs: Sequence[RunData]) -> _Fig:
         ax.set_ylabel(metric.upper())
         ax.set_title(title)
         _style(ax)
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        names,
-        loc="upper center",
-        ncol=min(len(names), 6),
-        frameon=False,
-        fontsize=9,
-        bbox_to_anchor=(0.5, 1.08),
-    )
     fig.tight_layout()
+    _legend_above(fig, *axes[0].get_legend_handles_labels())
     out.png = _png(fig)
     return out
 
@@ -609,13 +633,13 @@ def _fig_training_curves(runs: Sequence[RunData]) -> _Fig:
         if steps.size:
             if steps.size > 50:
                 ax_loss.plot(steps, loss, color=r.color, alpha=0.25, linewidth=0.8)
-                ax_loss.plot(steps, _ema(loss, steps.size), color=r.color, linewidth=1.8, label=r.label)
+                ax_loss.plot(steps, _ema(loss, steps.size), r.linestyle, color=r.color, linewidth=1.8, label=r.label)
             else:
-                ax_loss.plot(steps, loss, "o-", color=r.color, linewidth=1.6, markersize=3, label=r.label)
+                ax_loss.plot(steps, loss, "o" + r.linestyle, color=r.color, linewidth=1.6, markersize=3, label=r.label)
         vsteps, vg = _series(r.train_log, "eval", "gauc")  # type: ignore[arg-type]
         if vsteps.size:
             any_val = True
-            ax_val.plot(vsteps, vg, "o-", color=r.color, linewidth=1.6, markersize=4, label=r.label)
+            ax_val.plot(vsteps, vg, "o" + r.linestyle, color=r.color, linewidth=1.6, markersize=4, label=r.label)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss (logloss)")
     ax_loss.set_title("Training loss")
@@ -631,17 +655,9 @@ def _fig_training_curves(runs: Sequence[RunData]) -> _Fig:
     handles, names = ax_loss.get_legend_handles_labels()
     if not handles:
         handles, names = ax_val.get_legend_handles_labels()
-    if handles:
-        fig.legend(
-            handles,
-            names,
-            loc="upper center",
-            ncol=min(len(names), 6),
-            frameon=False,
-            fontsize=9,
-            bbox_to_anchor=(0.5, 1.08),
-        )
     fig.tight_layout()
+    if handles:
+        _legend_above(fig, handles, names)
     out.png = _png(fig)
     lacking = [r.label for r in runs if not r.train_log]
     if lacking:
