@@ -139,3 +139,18 @@ def test_cli_train_bad_config_exits_2(tiny_data, tmp_path, capsys):
     )
     assert code == 2
     assert "train.epochz" in capsys.readouterr().err
+
+
+def _world_size(ctx, out: list) -> None:
+    out.append(ctx.world_size)
+
+
+def test_launch_with_a_relative_run_directory(tmp_path, monkeypatch):
+    """`make demo` trains into the relative out/demo/runs/NAME: the rendezvous URL must still name a local file."""
+    from ctr.train.distributed import launch
+
+    monkeypatch.chdir(tmp_path)
+    seen: list = []
+    launch(_world_size, 1, Path("out") / "runs" / "m", seen)
+    assert seen == [1]
+    assert not (tmp_path / "out" / "runs" / "m" / ".dist_store").exists()  # cleaned up

@@ -98,10 +98,11 @@ def launch(fn: Callable[..., Any], nproc: int, rendezvous_dir: Path, *args: Any)
             dist.destroy_process_group()
         return
     rendezvous_dir.mkdir(parents=True, exist_ok=True)
-    store = rendezvous_dir / ".dist_store"
+    store = rendezvous_dir.resolve() / ".dist_store"
     if store.exists():
         store.unlink()
-    init_method = f"file://{store}"
+    # an absolute file:/// URL: with a relative run dir, "file://out/demo/..." would name a host "out"
+    init_method = store.as_uri()
     try:
         if nproc == 1:
             ctx = _init(0, 1, init_method)
