@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import multiprocessing.context
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +330,16 @@ class BatchCollator:
         return Batch(sparse=sparse, dense=dense, size=size)
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """The DataLoader workers' start method: forkserver (a clean single-threaded server forks them; this module and
+    numpy are preloaded there, so a worker starts in milliseconds), or spawn where forkserver does not exist."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["numpy", "pyarrow.parquet", __name__])
+    return ctx
+
+
 @dataclass
 class SplitLoader:
     """A DataLoader over one split for one rank, yielding `Batch`es; `set_epoch` reshuffles."""
@@ -351,6 +363,9 @@ class SplitLoader:
         # Workers send plain numpy arrays (pickled through the pipe) and the Batch / KeyedJaggedTensor is made here:
         # torch tensors from a worker travel by file-descriptor passing, whose resource-sharer thread can deadlock a
         # worker forked while another DataLoader's feeder thread holds its lock (seen in `ctr demo`'s evaluation).
+        # Workers start from a forkserver, never by forking this process: it may run other threads (Ray's, tqdm's,
+        # an earlier loader's feeder), and a child forked while one of them holds a lock waits on it forever (seen:
+        # a worker stuck inside numpy's header parsing after `ctr demo` had built its dataset with Ray in-process).
         loader = DataLoader(
             self.stream,
             batch_size=None,
@@ -358,6 +373,7 @@ class SplitLoader:
             collate_fn=_as_is,
             persistent_workers=False,
             prefetch_factor=4 if self.cfg.num_workers else None,
+            multiprocessing_context=_worker_context() if self.cfg.num_workers else None,
         )
         for arrays in loader:
             yield self.collate(arrays)
