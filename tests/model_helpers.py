@@ -7,6 +7,7 @@ The fixtures `info` (the tiny dataset, or ``$CTR_TEST_MODELS_DATA`` to skip its 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ctr.models import get_model_class
 from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader
@@ -33,3 +34,50 @@ def build(info: DatasetInfo, name: str, seed: int = 0, **params):
     torch.manual_seed(seed)
     cls = get_model_class(name)
     return cls(cls.Params(**params), info)
+
+
+def loss_of(out, batch: Batch) -> torch.Tensor:
+    """The training loss: BCE on the logits plus the model's auxiliary loss, if any."""
+    loss = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
+    return loss + out.aux_loss if out.aux_loss is not None else loss
+
+
+def train_steps(model, batch_list: list[Batch], with_aux: bool = False) -> list[float]:
+    """One Adam step (lr 1e-3) per batch, checking logits are finite and one per sample; returns the per-step BCE
+    (plus the auxiliary loss when `with_aux`)."""
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for batch in batch_list:
+        out = model(batch)
+        assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all()
+        loss = loss_of(out, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bce = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
+        losses.append(loss.item() if with_aux else bce.item())
+    return losses
+
+
+def subset(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The samples `rows` of `batch` as a batch of their own (so padded to their own longest history)."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    def take(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long)
+        offsets[1:] = lengths.long().cumsum(0)
+        return torch.cat([values[offsets[r] : offsets[r + 1]] for r in rows.tolist()]), lengths[rows]
+
+    kjt = batch.sparse
+    parts = [take(kjt[key].values(), kjt[key].lengths()) for key in kjt.keys()]
+    sparse = KeyedJaggedTensor(
+        keys=kjt.keys(), values=torch.cat([v for v, _ in parts]), lengths=torch.cat([n for _, n in parts])
+    )
+    dense = {}
+    for k, v in batch.dense.items():
+        if k.endswith("_ts_gap"):
+            dense[k] = take(v, batch.dense[k.removesuffix("_ts_gap") + "_lengths"])[0]
+        else:
+            dense[k] = v[rows]
+    return Batch(sparse=sparse, dense=dense, size=len(rows))

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from model_helpers import STEPS, batches, build  # noqa: E402
+from model_helpers import STEPS, batches, build, subset, train_steps  # noqa: E402
 
 from ctr.models import get_model_class
 from ctr.modules.lain import (
@@ -40,46 +39,6 @@ def view_prefixes(model) -> list[str]:
 
 def with_dense(batch: Batch, **dense: torch.Tensor) -> Batch:
     return Batch(sparse=batch.sparse, dense={**batch.dense, **dense}, size=batch.size)
-
-
-def subset(batch: Batch, rows: torch.Tensor) -> Batch:
-    """The samples `rows` of `batch` as a batch of their own (padded to their own longest history)."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    def take(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long)
-        offsets[1:] = lengths.long().cumsum(0)
-        return torch.cat([values[offsets[r] : offsets[r + 1]] for r in rows.tolist()]), lengths[rows]
-
-    kjt = batch.sparse
-    parts = [take(kjt[key].values(), kjt[key].lengths()) for key in kjt.keys()]
-    sparse = KeyedJaggedTensor(
-        keys=kjt.keys(), values=torch.cat([v for v, _ in parts]), lengths=torch.cat([n for _, n in parts])
-    )
-    dense = {}
-    for k, v in batch.dense.items():
-        if k.endswith("_ts_gap"):
-            dense[k] = take(v, batch.dense[k.removesuffix("_ts_gap") + "_lengths"])[0]
-        else:
-            dense[k] = v[rows]
-    return Batch(sparse=sparse, dense=dense, size=len(rows))
-
-
-def loss_of(out, batch: Batch) -> torch.Tensor:
-    loss = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
-    return loss + out.aux_loss if out.aux_loss is not None else loss
-
-
-def train_steps(model, batch_list: list[Batch]) -> list[float]:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for batch in batch_list:
-        loss = loss_of(model(batch), batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 # ---- the module -------------------------------------------------------------------------------------------------
@@ -239,7 +198,7 @@ def test_training_loss_decreases(info, name):
     model = build(info, name).train()
     batch_list = batches(info, model)
     before = {k: v.clone() for k, v in model.lain.state_dict().items()}
-    losses = train_steps(model, batch_list)
+    losses = train_steps(model, batch_list, with_aux=True)
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.02, (first, last)

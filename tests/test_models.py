@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import STEPS, batches, build  # noqa: E402
+from model_helpers import STEPS, batches, build, loss_of, subset  # noqa: E402
 
 from ctr.models import get_model_class
 from ctr.modules.attention import BilinearAttention, DienDinAttention, DinAttention
@@ -31,37 +31,6 @@ if _ROOT not in sys.path:
 if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None) is None:
     for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         del sys.modules[_name]
-
-
-def subset(batch: Batch, rows: torch.Tensor) -> Batch:
-    """The same samples as `rows` of `batch`, as a batch of their own (so padded to their own longest history)."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    def take(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long)
-        offsets[1:] = lengths.long().cumsum(0)
-        parts = [values[offsets[r] : offsets[r + 1]] for r in rows.tolist()]
-        return torch.cat(parts), lengths[rows]
-
-    kjt = batch.sparse
-    values, lengths = [], []
-    for key in kjt.keys():
-        v, n = take(kjt[key].values(), kjt[key].lengths())
-        values.append(v)
-        lengths.append(n)
-    sparse = KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
-    dense = {}
-    for k, v in batch.dense.items():
-        if k.endswith("_ts_gap"):
-            dense[k] = take(v, batch.dense[k.removesuffix("_ts_gap") + "_lengths"])[0]
-        else:
-            dense[k] = v[rows]
-    return Batch(sparse=sparse, dense=dense, size=len(rows))
-
-
-def loss_of(out, batch: Batch) -> torch.Tensor:
-    loss = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
-    return loss + out.aux_loss if out.aux_loss is not None else loss
 
 
 # ---- models end to end ----------------------------------------------------------------------------------------

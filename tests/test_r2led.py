@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.nn.functional as F
 
 # tests/kernels would shadow the `kernels` package under a plain `pytest` (see tests/test_models.py)
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -28,7 +27,7 @@ if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None
     for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         del sys.modules[_name]
 
-from model_helpers import batches  # noqa: E402
+from model_helpers import batches, subset, train_steps  # noqa: E402
 
 from ctr.models import get_model_class  # noqa: E402
 from ctr.modules.gsu import lengths_to_offsets  # noqa: E402
@@ -40,7 +39,7 @@ from ctr.modules.r2led import (  # noqa: E402
     prefix_codes,
     vector_topk,
 )
-from features.loader import Batch, DatasetInfo  # noqa: E402
+from features.loader import DatasetInfo  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,21 +59,6 @@ def build(info: DatasetInfo, seed: int = 0, **params):
     torch.manual_seed(seed)
     cls = get_model_class("r2led")
     return cls(cls.Params(**params), info)
-
-
-def train_steps(model, bs: list[Batch]) -> list[float]:
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for batch in bs:
-        out = model(batch)
-        assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all()
-        loss = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 # ---- semantic-ID tables -------------------------------------------------------------------------------------------
@@ -325,27 +309,3 @@ def test_config_resolves():
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-
-
-def subset(batch: Batch, rows: torch.Tensor) -> Batch:
-    """The samples `rows` of a batch (sparse features and per-view dense tensors sliced consistently)."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    rows = rows.long()
-    jts = batch.sparse.to_dict()
-    keys, values, lengths = [], [], []
-    for key, jt in jts.items():
-        off = lengths_to_offsets(jt.lengths())
-        keys.append(key)
-        values.append(torch.cat([jt.values()[off[r] : off[r + 1]] for r in rows.tolist()] or [jt.values()[:0]]))
-        lengths.append(jt.lengths()[rows])
-    sparse = KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths).int())
-    dense = {}
-    for key, v in batch.dense.items():
-        if key.endswith("_ts_gap"):
-            view_lengths = batch.dense[key.removesuffix("_ts_gap") + "_lengths"]
-            off = lengths_to_offsets(view_lengths)
-            dense[key] = torch.cat([v[off[r] : off[r + 1]] for r in rows.tolist()] or [v[:0]])
-        else:
-            dense[key] = v[rows]
-    return Batch(sparse=sparse, dense=dense, size=int(rows.numel()))

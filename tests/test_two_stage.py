@@ -26,36 +26,16 @@ if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None
     for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         del sys.modules[_name]
 
-from model_helpers import batches, build  # noqa: E402
+from model_helpers import batches, build, subset, train_steps  # noqa: E402
 
 from ctr.modules.esu import SimilarityAwareTargetAttention, SimTier, time_gap_bucket  # noqa: E402
 from ctr.modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, lengths_to_offsets, load_mm_table  # noqa: E402
-from features.loader import Batch, DatasetInfo  # noqa: E402
+from features.loader import DatasetInfo  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 30
 MODELS = ("sim_hard", "sim_soft", "muse")
-
-
-def loss_of(out, batch: Batch) -> torch.Tensor:
-    loss = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
-    return loss + out.aux_loss if out.aux_loss is not None else loss
-
-
-def train_steps(model, bs: list[Batch]) -> list[float]:
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for batch in bs:
-        out = model(batch)
-        assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all()
-        loss = loss_of(out, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"]).item())
-    return losses
 
 
 # ---- GSU strategies against brute force ---------------------------------------------------------------------------
@@ -369,28 +349,3 @@ def test_configs_resolve():
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-
-
-def subset(batch: Batch, rows: torch.Tensor) -> Batch:
-    """The samples `rows` of `batch` as a batch of their own."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    def take(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = lengths_to_offsets(lengths)
-        parts = [values[offsets[r] : offsets[r + 1]] for r in rows.tolist()]
-        return torch.cat(parts), lengths[rows]
-
-    kjt = batch.sparse
-    values, lengths = [], []
-    for key in kjt.keys():
-        v, n = take(kjt[key].values(), kjt[key].lengths())
-        values.append(v)
-        lengths.append(n)
-    sparse = KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
-    dense = {}
-    for k, v in batch.dense.items():
-        if k.endswith("_ts_gap"):
-            dense[k] = take(v, batch.dense[k.removesuffix("_ts_gap") + "_lengths"])[0]
-        else:
-            dense[k] = v[rows]
-    return Batch(sparse=sparse, dense=dense, size=len(rows))
