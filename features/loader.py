@@ -13,16 +13,25 @@ up to max_len for a GSU). Each view gives jagged `<view>_item` / `<view>_cate` (
 oldest first inside each jagged row (the newest is last).
 
 Order and sharding. A split is a list of row groups ("units"). Training shuffles the units with a seed and the
-epoch, reads them in windows of `shuffle_window` units and permutes the rows inside each window; evaluation reads
-them in file order. Rank r of W takes units r, r + W, ...; inside a rank, DataLoader worker w takes every
-`num_workers`-th of the rank's units, and the DataLoader interleaves workers in a fixed order, so a seed fixes the
-whole batch order. Ranks can get a few batches more or fewer than each other; the trainer handles that (it stops a
-training epoch when the first rank runs dry and pads evaluation with a dummy batch), so no sample is duplicated or
-dropped in evaluation.
+epoch; the epoch's row order is the concatenation of the (shuffled) units. Rank r of W takes the contiguous rows
+[r·N/W, (r+1)·N/W) of that order (N rows in the split), so ranks differ by at most one row and every row belongs to
+exactly one rank whatever W is (sharding by rows, not by units: with units[r::W], unequal row groups or a W that
+does not divide their number left rows out of every epoch). A rank's share is a list of "pieces" (a unit, or the
+part of one that falls in the rank's range); DataLoader worker w takes every `num_workers`-th piece, reads them in
+windows of `shuffle_window` pieces and permutes the rows inside each window (training only); the DataLoader
+interleaves workers in a fixed order, so a seed fixes the whole batch order. Ranks can get a batch more or fewer
+than each other; the trainer pads a rank that ran dry with a zero-weight batch (training) or a dummy batch whose
+scores are dropped (evaluation), so nothing is dropped or seen twice.
+
+Memory is bounded by work, not by who the users are: besides `batch_size` samples, a batch holds at most
+`max_behaviors` padded behaviors, Σ over views of (samples × the longest slice of that view in the batch), the size
+of the dense [B, L, ·] tensors a model builds. A batch over the budget is cut into consecutive smaller batches (one
+sample at least each), so one 100K-behavior user shares a batch with few others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -38,7 +47,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .schema import FIRST_IDX
+from .errors import DatasetError
+from .procs import die_with_parent
+from .schema import FIRST_IDX, SCHEMA_VERSION
 from .sequence_store import SequenceStore
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,7 @@ class LoaderConfig:
     num_workers: int = 0
     shuffle_window: int = 8  # row groups mixed together when shuffling
     drop_last: bool = False
+    max_behaviors: int | None = None  # padded behaviors per batch (samples x longest slice, summed over views)
 
 
 @dataclass
@@ -83,10 +95,18 @@ class DatasetInfo:
         data_dir = Path(data_dir)
         path = data_dir / "manifest.json"
         if not path.exists():
-            raise FileNotFoundError(
-                f"{path}: no manifest.json; DATA_DIR must be a dataset directory written by `ctr build`"
+            raise DatasetError(
+                f"{path}: no manifest.json; DATA_DIR must be a dataset directory written by `ctr build` "
+                "(a build that did not finish leaves none)"
             )
         m = json.loads(path.read_text())
+        version = m.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise DatasetError(
+                f"{path}: dataset schema version {version}, this code reads version {SCHEMA_VERSION}. How to fix: "
+                f"rebuild it with this version: ctr build --raw {m.get('raw_dir', 'RAW_DIR')} --out {data_dir} "
+                "--overwrite"
+            )
         return cls(
             data_dir=data_dir,
             manifest=m,
@@ -96,6 +116,15 @@ class DatasetInfo:
             split_rows={s: int(v["rows"]) for s, v in m["split"].items() if isinstance(v, dict)},
             has_p_true=bool(m.get("has_p_true")),
         )
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the manifest's content: changes with every build of the dataset and with `ctr sid`."""
+        return manifest_fingerprint(self.manifest)
+
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -229,20 +258,57 @@ class SampleStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def rank_units(self) -> list[tuple[str, int, int]]:
+    def epoch_units(self) -> list[tuple[str, int, int]]:
+        """The split's units in this epoch's order (shuffled by seed and epoch when training)."""
         units = list(self.units)
         if self.cfg.shuffle:
             order = np.random.default_rng([self.cfg.seed, self.epoch]).permutation(len(units))
             units = [units[i] for i in order]
-        return units[self.rank :: self.world_size]
+        return units
+
+    def rank_pieces(self) -> list[tuple[str, int, int, int]]:
+        """This rank's share of the epoch as (file, row_group, first_row, stop_row) pieces: the contiguous rows
+        [rank·N/W, (rank+1)·N/W) of the epoch order."""
+        units = self.epoch_units()
+        total = sum(u[2] for u in units)
+        lo, hi = total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
+        pieces, start = [], 0
+        for f, g, n in units:
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                pieces.append((f, g, a - start, b - start))
+            start += n
+        return pieces
 
     def rank_rows(self) -> int:
-        return sum(u[2] for u in self.rank_units())
+        return sum(b - a for _, _, a, b in self.rank_pieces())
+
+    def _cost(self, hist_len: np.ndarray) -> np.ndarray:
+        """Per sample, its slice length in each view: [n, views]."""
+        lengths = np.array([v.length for v in self.cfg.views], dtype=np.int64)
+        return np.minimum(hist_len.astype(np.int64)[:, None], lengths[None, :])
+
+    def budget_cuts(self, hist_len: np.ndarray) -> list[int]:
+        """End positions of consecutive chunks of a batch whose padded size (rows × longest slice, summed over
+        views) stays within `max_behaviors`; one sample at least per chunk."""
+        budget = self.cfg.max_behaviors
+        n = len(hist_len)
+        if budget is None or not self.cfg.views or n == 0:
+            return [n]
+        cost = self._cost(hist_len)
+        cuts, start = [], 0
+        while start < n:
+            running = np.maximum.accumulate(cost[start:], axis=0).sum(axis=1)  # padded width of [start, i]
+            padded = running * np.arange(1, n - start + 1)
+            fits = int(np.searchsorted(padded > budget, True))  # padded is nondecreasing: first overflow
+            start += max(1, fits)
+            cuts.append(start)
+        return cuts
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         wi = get_worker_info()
         worker, n_workers = (wi.id, wi.num_workers) if wi is not None else (0, 1)
-        units = self.rank_units()[worker::n_workers]
+        pieces = self.rank_pieces()[worker::n_workers]
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
         bs = self.cfg.batch_size
         window = self.cfg.shuffle_window if self.cfg.shuffle else 1
@@ -252,13 +318,17 @@ class SampleStream(IterableDataset):
 
         def flush(table: pa.Table) -> Iterator[dict[str, np.ndarray]]:
             cols = {c: table[c].to_numpy() for c in self.columns}
-            yield self.assembler.assemble(cols, rng)
+            start = 0
+            for stop in self.budget_cuts(cols["hist_len"]):
+                yield self.assembler.assemble({c: v[start:stop] for c, v in cols.items()}, rng)
+                start = stop
 
-        for start in range(0, len(units), window):
+        for start in range(0, len(pieces), window):
             parts = []
-            for f, g, _ in units[start : start + window]:
+            for f, g, a, b in pieces[start : start + window]:
                 pf = files.get(f) or files.setdefault(f, pq.ParquetFile(f))
-                parts.append(pf.read_row_group(g, columns=self.columns))
+                part = pf.read_row_group(g, columns=self.columns)
+                parts.append(part if (a, b) == (0, part.num_rows) else part.slice(a, b - a))
             table = pa.concat_tables([*pending, *parts]) if pending else pa.concat_tables(parts)
             if self.cfg.shuffle:
                 table = table.take(pa.array(rng.permutation(table.num_rows)))
@@ -279,6 +349,10 @@ def sparse_feature_names(views: Sequence[SequenceView], context_columns: Sequenc
         if v.negatives:
             names += [f"{v.name}_neg_item", f"{v.name}_neg_cate"]
     return names
+
+
+def _worker_init(_worker_id: int) -> None:
+    die_with_parent()  # a loader worker's parent is the forkserver, which exits when its client dies
 
 
 def _as_is(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -374,6 +448,7 @@ class SplitLoader:
             persistent_workers=False,
             prefetch_factor=4 if self.cfg.num_workers else None,
             multiprocessing_context=_worker_context() if self.cfg.num_workers else None,
+            worker_init_fn=_worker_init if self.cfg.num_workers else None,
         )
         for arrays in loader:
             yield self.collate(arrays)

@@ -18,6 +18,7 @@ moved into place, and rebuilt when the dataset's manifest says it was built agai
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -71,7 +72,16 @@ class SequenceStore:
         want = _fingerprint(data_dir)
         meta_path = cache / "meta.json"
         if not (meta_path.exists() and json.loads(meta_path.read_text()) == want):
-            _build_cache(data_dir, cache, want)
+            # Built once: two processes opening a fresh dataset (ranks, loader workers, an evaluation) take turns on
+            # a lock file, and the second finds the first's cache when it gets the lock.
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(cache.parent / f".{cache.name}.lock", "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    if not (meta_path.exists() and json.loads(meta_path.read_text()) == want):
+                        _build_cache(data_dir, cache, want)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
         arrays = {
             name: np.load(cache / f"{name}.npy", mmap_mode="r")
             for name in ("offsets", *_COLUMNS)

@@ -107,14 +107,77 @@ def test_shuffle_is_deterministic_under_a_seed(tiny_data):
     assert _keys(loader) != a  # a new epoch, a new order
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_partition_the_split(tiny_data, world):
+def _split_keys(data, split: str) -> Counter:
+    cols = pq.read_table(data / "samples" / split, columns=["user_idx", "item_idx", "ts"])
+    return Counter(zip(*(cols[c].to_pylist() for c in ("user_idx", "item_idx", "ts")), strict=True))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_partition_the_split_by_rows(tiny_data, world, workers):
+    """Every train sample exactly once per epoch over W ranks (any W), ranks within one row of each other."""
     per_rank = [
-        Counter(_keys(_loader(tiny_data, shuffle=True, seed=1, rank=r, world_size=world))) for r in range(world)
+        Counter(_keys(_loader(tiny_data, shuffle=True, seed=1, rank=r, world_size=world, num_workers=workers)))
+        for r in range(world)
     ]
-    total = sum(per_rank, Counter())
-    assert total == Counter(_keys(_loader(tiny_data, shuffle=True, seed=1)))  # disjoint, and nothing lost
-    assert all(per_rank)
+    assert sum(per_rank, Counter()) == _split_keys(tiny_data, "train")  # nothing lost, nothing twice
+    assert all(max(c.values()) == 1 for c in per_rank)
+    sizes = [c.total() for c in per_rank]
+    assert max(sizes) - min(sizes) <= 1, sizes
+    streams = [
+        SampleStream(DatasetInfo.load(tiny_data), "train", LoaderConfig(shuffle=True, seed=1), rank=r, world_size=world)
+        for r in range(world)
+    ]
+    assert [st.rank_rows() for st in streams] == sizes
+
+
+def test_more_ranks_than_row_groups(tiny_data):
+    info = DatasetInfo.load(tiny_data)
+    n_units = len(SampleStream(info, "valid", LoaderConfig()).units)
+    world = n_units + 3
+    per_rank = [Counter(_keys(_loader(tiny_data, "valid", rank=r, world_size=world))) for r in range(world)]
+    assert sum(per_rank, Counter()) == _split_keys(tiny_data, "valid")
+    assert all(per_rank), "every rank gets rows when there are more ranks than row groups"
+
+
+def test_behavior_budget_caps_padded_batches(tiny_data):
+    """A batch never holds more than max_behaviors padded behaviors, and the budget loses or repeats nothing."""
+    views = (SequenceView("long", 100_000),)
+    info = DatasetInfo.load(tiny_data)
+    features = sparse_feature_names(views, info.context_columns)
+    budget = 4_000
+    capped = SplitLoader(info, "valid", LoaderConfig(batch_size=256, views=views, max_behaviors=budget), features)
+    sizes = []
+    for b in capped:
+        lengths = b.dense["long_lengths"].numpy()
+        assert b.size == 1 or b.size * int(lengths.max()) <= budget
+        sizes.append(b.size)
+    assert Counter(_keys(capped)) == _split_keys(tiny_data, "valid")
+    plain = [b.size for b in SplitLoader(info, "valid", LoaderConfig(batch_size=256, views=views), features)]
+    assert len(sizes) > len(plain) and sum(sizes) == sum(plain)
+
+
+def test_budget_cuts_are_greedy_and_exact():
+    views = (SequenceView("long", 100), SequenceView("short", 10))
+    info = DatasetInfo(
+        data_dir=None,
+        manifest={},
+        vocab_sizes={"item": 10},
+        context_columns=[],  # type: ignore[arg-type]
+        item_attributes=[],
+        split_rows={},
+        has_p_true=False,
+    )
+    stream = SampleStream.__new__(SampleStream)
+    stream.cfg = LoaderConfig(views=views, max_behaviors=330)
+    stream.info = info
+    hist = np.array([5, 200, 3, 1, 1, 1000, 0, 0])
+    # widths: [5+5], then 100+10 per row once a 200 joins: rows 0-2 cost 3 x 110 = 330 fits, a 4th would not
+    assert stream.budget_cuts(hist) == [3, 6, 8]
+    stream.cfg = LoaderConfig(views=views, max_behaviors=50)
+    assert stream.budget_cuts(hist) == [1, 2, 5, 6, 8]  # a row over the budget alone goes alone
+    stream.cfg = LoaderConfig(views=views)
+    assert stream.budget_cuts(hist) == [8]
 
 
 def test_workers_keep_a_fixed_order(tiny_data):

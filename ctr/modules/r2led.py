@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import kernels
+from features.errors import UserError
 from features.loader import DatasetInfo
 
 from .attention import masked_softmax
@@ -49,7 +50,7 @@ from .gsu import Selection, lengths_to_offsets
 SID_HINT = "run `ctr sid --data {data}` first (it adds sid_0 .. sid_{{L-1}} to items.parquet)"
 
 
-class SemanticIDsMissing(ValueError):
+class SemanticIDsMissing(UserError, ValueError):
     """The dataset has no semantic IDs (items.parquet without ``sid_*`` columns or manifest without the block)."""
 
 

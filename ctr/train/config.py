@@ -13,10 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from features.errors import UserError
+
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; the message names the key."""
 
 
@@ -29,6 +31,10 @@ class DataSection(_Section):
     eval_batch_size: int = Field(2048, gt=0)
     num_workers: int = Field(1, ge=0)
     shuffle_window: int = Field(8, gt=0, description="row groups mixed together when shuffling")
+    # Memory is bounded by work, not by who the users are: a batch also holds at most this many padded behaviors
+    # (samples x the longest slice, summed over the model's views); null = no cap.
+    max_batch_behaviors: int | None = Field(1_000_000, gt=0, description="padded behaviors per training batch")
+    eval_max_batch_behaviors: int | None = Field(1_000_000, gt=0, description="padded behaviors per eval batch")
 
 
 class OptimSection(_Section):
@@ -50,6 +56,8 @@ class TrainSection(_Section):
     log_every: int = Field(20, gt=0)
     checkpoint_every: int | None = Field(None, description="also checkpoint every N steps (for --resume)")
     eval_max_batches: int | None = Field(None, description="cap validation batches (quick runs only)")
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoint generations kept (newest first)")
+    record_samples: bool = Field(False, description="write the (user, item, ts) each rank trained on, per epoch")
 
 
 class TrainConfig(_Section):

@@ -7,9 +7,11 @@ A single process still gets a 1-rank group, so the same DistributedModelParallel
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import signal
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from features.errors import UserError
+from features.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +43,20 @@ class DistContext:
             dist.barrier()
 
     def all_reduce_int(self, value: int, op: str) -> int:
+        """`value` reduced over ranks with op "min", "max" or "sum"."""
         if self.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+        dist.all_reduce(t, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
         return int(t.item())
+
+    def all_reduce_float(self, value: float) -> float:
+        """The sum of `value` over ranks."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item())
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on rank 0 (None elsewhere)."""
@@ -76,16 +90,67 @@ def _init(rank: int, world_size: int, init_method: str | None) -> DistContext:
     return DistContext(rank=rank, world_size=world_size, device=device)
 
 
-def _worker(rank: int, world_size: int, init_method: str, fn: Callable[..., Any], args: tuple) -> None:
+class WorkerError(UserError):
+    """An expected failure inside a training process (a config or data problem found by a rank), or a rank that was
+    killed; the message names the rank and, for a kill, the signal."""
+
+
+def _worker(rank: int, world_size: int, init_method: str, error_dir: str, fn: Callable[..., Any], args: tuple) -> None:
+    die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if rank == 0:  # our progress on rank 0 only; TorchRec/FBGEMM INFO chatter stays off
         for ours in ("ctr", "features"):
             logging.getLogger(ours).setLevel(logging.INFO)
-    ctx = _init(rank, world_size, init_method)
     try:
-        fn(ctx, *args)
-    finally:
-        dist.destroy_process_group()
+        ctx = _init(rank, world_size, init_method)
+        try:
+            fn(ctx, *args)
+        finally:
+            dist.destroy_process_group()
+    except UserError as exc:  # the parent turns it into one line, not a traceback per rank
+        Path(error_dir, f"rank{rank}.json").write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+        raise
+
+
+def _stop(processes: list[Any]) -> None:
+    """Terminate, then kill, every process still alive (a failed or interrupted multi-process run)."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def _run_ranks(fn: Callable[..., Any], nproc: int, init_method: str, error_dir: Path, args: tuple) -> None:
+    """Spawn the ranks and wait; on any failure (a rank's exception, a rank killed, SIGTERM/Ctrl-C here) stop the
+    others, then raise: a WorkerError when the cause is known (a UserError in a rank, a signal)."""
+    context = mp.start_processes(
+        _worker, args=(nproc, init_method, str(error_dir), fn, args), nprocs=nproc, join=False, start_method="spawn"
+    )
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessRaisedException as exc:
+        _stop(context.processes)
+        errors = sorted(error_dir.glob("rank*.json"))
+        if errors:
+            first = json.loads(errors[0].read_text())
+            raise WorkerError(f"{errors[0].stem}: {first['message']}") from exc
+        raise
+    except mp.ProcessExitedException as exc:
+        _stop(context.processes)
+        name = signal.Signals(exc.signal_number).name if exc.signal_number else f"exit code {exc.exit_code}"
+        hint = " (the kernel's OOM killer sends SIGKILL when memory runs out)" if exc.signal_number == 9 else ""
+        raise WorkerError(
+            f"training process rank {exc.error_index} was stopped by {name}{hint}; the other ranks were stopped too. "
+            "How to fix: find the cause, then continue with --resume (from the last complete checkpoint)"
+        ) from exc
+    except BaseException:
+        _stop(context.processes)
+        raise
 
 
 def launch(fn: Callable[..., Any], nproc: int, rendezvous_dir: Path, *args: Any) -> None:
@@ -101,6 +166,9 @@ def launch(fn: Callable[..., Any], nproc: int, rendezvous_dir: Path, *args: Any)
     store = rendezvous_dir.resolve() / ".dist_store"
     if store.exists():
         store.unlink()
+    error_dir = rendezvous_dir / ".dist_errors"
+    shutil.rmtree(error_dir, ignore_errors=True)
+    error_dir.mkdir()
     # an absolute file:/// URL: with a relative run dir, "file://out/demo/..." would name a host "out"
     init_method = store.as_uri()
     try:
@@ -111,12 +179,11 @@ def launch(fn: Callable[..., Any], nproc: int, rendezvous_dir: Path, *args: Any)
             finally:
                 dist.destroy_process_group()
         else:
-            mp.start_processes(
-                _worker, args=(nproc, init_method, fn, args), nprocs=nproc, join=True, start_method="spawn"
-            )
+            _run_ranks(fn, nproc, init_method, error_dir, args)
     finally:
         if store.exists():
             store.unlink()
+        shutil.rmtree(error_dir, ignore_errors=True)
         shutil.rmtree(rendezvous_dir / ".dist_tmp", ignore_errors=True)
 
 
