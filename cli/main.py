@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +94,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ctr.train.trainer import train
 
     cfg, _ = resolve_train_config(args.model, Path(args.config) if args.config else None, args.set)
-    run = train(Path(args.data), Path(args.out), cfg, nproc=args.nproc, resume=args.resume)
+    run = train(Path(args.data), Path(args.out), cfg, nproc=args.nproc, resume=args.resume, overwrite=args.overwrite)
     summary = json.loads((run / "train_summary.json").read_text())
-    print(f"trained {cfg.model['name']}: {summary['steps']} steps, best valid GAUC {summary['best_valid_gauc']:.4f}")
+    if summary.get("best_valid_gauc") is None:
+        print(f"trained {cfg.model['name']}: {summary['steps']} steps; no validation split, kept the last model")
+    else:
+        print(
+            f"trained {cfg.model['name']}: {summary['steps']} steps, best valid GAUC {summary['best_valid_gauc']:.4f}"
+        )
     print(f"run directory: {run}")
     return 0
 
@@ -134,11 +141,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ctr.train.trainer import train
     from pipelines.build import build_dataset
     from pipelines.config import load_build_config
+    from pipelines.outdirs import prepare_demo_dir
     from pipelines.sid import build_semantic_ids
     from pipelines.synthetic import generate
 
     out = Path(args.out)
     preset = "tiny" if args.quick else "demo"
+    # only an empty directory or an earlier demo's (demo.json) is reused; its parts follow each command's own rules
+    prepare_demo_dir(out, {"preset": preset, "seed": args.seed, "models": args.models, "quick": args.quick})
     raw, data, runs_dir = out / "raw", out / "data", out / "runs"
     models = args.models.split(",") if args.models else model_names()
     t0 = time.time()
@@ -158,7 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for i, name in enumerate(models, 1):
         print(f"[3/5] training {name} ({i}/{len(models)})")
         cfg, _ = resolve_train_config(name, None, sets)
-        runs.append(train(data, runs_dir / name, cfg, nproc=args.nproc))
+        runs.append(train(data, runs_dir / name, cfg, nproc=args.nproc, overwrite=True))
     print("[4/5] evaluating every model on the test split")
     for run in runs:
         m = evaluate_run(run, "test")
@@ -174,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctr", description="CTR prediction from lifelong user behavior.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="write the synthetic lifelong world as raw tables")
@@ -211,8 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=20, help="Lloyd iterations per level")
-    p.add_argument("--missing", choices=["category", "reserved"], default="category",
-                   help="code of items without an embedding: their category's mean, or a reserved code")
+    p.add_argument(
+        "--missing",
+        choices=["category", "reserved"],
+        default="category",
+        help="code of items without an embedding: their category's mean, or a reserved code",
+    )
     p.set_defaults(func=cmd_sid)
 
     p = sub.add_parser("train", help="train one model on a dataset directory")
@@ -221,8 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--config", help="YAML layered over configs/models/NAME.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
-    p.add_argument("--nproc", type=int, default=1, help="workers (torch.distributed: gloo on CPU, nccl on GPU)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints (same --nproc)")
+    p.add_argument(
+        "--nproc", type=_positive_int, default=1, help="processes (torch.distributed: gloo on CPU, nccl on GPU)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint (same --nproc)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR (its outputs cleared)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a split with a run's best weights: predictions + metrics")
@@ -240,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny world, few steps (a minute)")
     p.add_argument("--models", help="comma-separated model names (default: every registered model)")
-    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--nproc", type=_positive_int, default=1)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="training override for every model")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -256,16 +274,34 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
         for ours in ("ctr", "features", "pipelines", "cli"):
             logging.getLogger(ours).setLevel(level)
-    from ctr.train.config import ConfigError as TrainConfigError
-    from pipelines.config import ConfigError
-    from pipelines.importers import ImportSourceError
-    from pipelines.validate import DataError
+    from features.errors import UserError
 
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: training processes are stopped, temporary files removed.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, TrainConfigError, ImportSourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 if __name__ == "__main__":

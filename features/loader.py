@@ -31,11 +31,13 @@ sample at least each), so one 100K-behavior user shares a batch with few others.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import multiprocessing
 import multiprocessing.context
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import DatasetError
-from .procs import die_with_parent
+from .procs import die_with_parent, exit_when_gone
 from .schema import FIRST_IDX, SCHEMA_VERSION
 from .sequence_store import SequenceStore
 
@@ -351,8 +353,11 @@ def sparse_feature_names(views: Sequence[SequenceView], context_columns: Sequenc
     return names
 
 
-def _worker_init(_worker_id: int) -> None:
-    die_with_parent()  # a loader worker's parent is the forkserver, which exits when its client dies
+def _worker_init(client_pid: int, _worker_id: int) -> None:
+    """A loader worker's parent is the forkserver, not the process that iterates the loader: it exits with that
+    process (checked every second), however that process ends, so a killed training leaves no worker behind."""
+    die_with_parent()
+    exit_when_gone(client_pid)
 
 
 def _as_is(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -448,7 +453,10 @@ class SplitLoader:
             persistent_workers=False,
             prefetch_factor=4 if self.cfg.num_workers else None,
             multiprocessing_context=_worker_context() if self.cfg.num_workers else None,
-            worker_init_fn=_worker_init if self.cfg.num_workers else None,
+            worker_init_fn=functools.partial(_worker_init, os.getpid()) if self.cfg.num_workers else None,
+            # its own generator: iter() of a DataLoader otherwise draws a seed from torch's global RNG, which would
+            # shift the dropout stream of a resumed run (which opens the loader after restoring that RNG)
+            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.stream.epoch),
         )
         for arrays in loader:
             yield self.collate(arrays)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -20,3 +23,20 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except OSError:  # pragma: no cover - no glibc
         log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+
+
+def exit_when_gone(pid: int, interval: float = 1.0) -> None:
+    """A daemon thread that ends this process (os._exit) when process `pid` no longer exists: for children whose
+    parent is not the process they serve (forkserver children), where PR_SET_PDEATHSIG watches the wrong process."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # pid reused by another user's process: ours is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-when-{pid}-gone", daemon=True).start()

@@ -36,8 +36,14 @@ def predict_split(run_dir: Path, split: str = "test", *, batch_size: int = 2048,
     """Score `split` with the run's model; writes the predictions Parquet file and returns its path."""
     from ctr.train.trainer import load_trained
 
-    model, _cfg, info = load_trained(run_dir)
-    lcfg = LoaderConfig(batch_size=batch_size, views=model.views(), shuffle=False, num_workers=num_workers)
+    model, cfg, info = load_trained(run_dir)
+    lcfg = LoaderConfig(
+        batch_size=batch_size,
+        views=model.views(),
+        shuffle=False,
+        num_workers=num_workers,
+        max_behaviors=cfg.data.eval_max_batch_behaviors,  # memory bounded by behaviors, not by who the users are
+    )
     loader = SplitLoader(info, split, lcfg, model.features())
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user_idx", "item_idx", "ts", "label", "score", "hist_len")}
     if info.has_p_true:

@@ -35,10 +35,12 @@ from ctr.evaluation.metrics import (
     to_jsonable,
 )
 from ctr.report.template import page
+from features.outputs import check_no_overlap, claim_output_dir
 
 __all__ = ["FIGURE_IDS", "RunData", "load_run", "render_report"]
 
 log = logging.getLogger(__name__)
+REPORT_MARKER = "report.md"  # what says that a directory is a report that `ctr report` wrote
 
 FIGURE_IDS: tuple[str, ...] = (
     "fig-model-comparison",
@@ -889,17 +891,26 @@ def render_report(run_dirs: list[Path], out_dir: Path, title: str = "CTR model c
     Writes ``report.html`` (one self-contained file: inline CSS, plots as base64 PNG, nothing fetched), ``report.md``
     (the same tables, links to the PNGs), one PNG per figure, and ``metrics.json`` ({model label: metrics}).
     Returns {"html", "markdown", "metrics", <figure id>...: path}.
+
+    ``out_dir`` must be new, empty, or a report directory written before (it holds report.md, which is written first,
+    as a placeholder, and last); it may not be, contain or lie inside a run directory. Only the report's own files
+    are rewritten; anything else in ``out_dir`` is left alone.
     """
     if not run_dirs:
         raise ValueError("render_report: no run directories given")
+    out_dir = Path(out_dir)
+    for d in run_dirs:
+        check_no_overlap(out_dir, {"run directory": Path(d)}, "--out")
+    claim_output_dir(out_dir, REPORT_MARKER, overwrite=True, what="report directory (written by ctr report)")
     runs = [load_run(Path(d)) for d in run_dirs]
     _disambiguate(runs)
     colors = {r.label: r.color for r in runs}
     for r in runs:
         for note in r.notes:
             log.info("%s: %s", r.label, note)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    md_path = out_dir / REPORT_MARKER
+    md_path.write_text("# report being written (ctr report has not finished)\n", encoding="utf-8")  # claims out_dir
 
     figs = [f(runs) for f in _FIGURES]
     paths: dict[str, Path] = {}
@@ -1002,7 +1013,6 @@ probability / observed CTR (1 is calibrated).</p>
     md += ["## Runs and data", "", _md_table(runs_table), ""]
     if notes:
         md += ["### Missing or partial inputs", ""] + [f"- {lbl}: {n}" for lbl, n in notes] + [""]
-    md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
     paths["markdown"] = md_path
 
