@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -95,6 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, _ = resolve_train_config(args.model, Path(args.config) if args.config else None, args.set)
     run = train(Path(args.data), Path(args.out), cfg, nproc=args.nproc, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # one process of a torchrun job: rank 0 writes the summary and reports
     summary = json.loads((run / "train_summary.json").read_text())
     if summary.get("best_valid_gauc") is None:
         print(f"trained {cfg.model['name']}: {summary['steps']} steps; no validation split, kept the last model")

@@ -16,7 +16,19 @@ The job reads like the data flow::
     manifest  row counts in/out/quarantined per table (they must reconcile), vocab sizes, percentiles, config
 
 Everything is written into a sibling temporary directory and moved into place at the end, so a failed build never
-leaves a dataset directory that looks complete.
+leaves a dataset directory that looks complete (see `pipelines.outdirs` for the lock, the stale siblings and what
+`--overwrite` may replace).
+
+Faults: every Ray task of stage A and stage B writes files named by what it processes (stage A: its task id; stage
+B: the first user_idx of its block), through a temporary file and a rename, so a task that Ray runs again after
+its worker or node died overwrites its own files with the same content. Ray reruns such a task: stage A's map tasks
+are submitted by Ray Data with max_retries=-1, stage B runs fused into the shuffle's reduce tasks, which Ray retries
+3 times (Ray 2.60 defaults; Ray 2.60 deprecates changing them per call). An exception raised by our code (a
+DataError) is not retried (DataContext.retried_map_errors is False by default) and fails the build
+(max_errored_blocks=0). tests/test_build_faults.py kills a worker in each stage (the `_fault_point` hooks).
+
+On a cluster (`--address`) the tasks read --raw and write into the staged --out themselves: both must be on a
+filesystem that every node sees at the same path.
 """
 
 from __future__ import annotations
@@ -26,9 +38,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from features.outputs import check_identifier, check_no_overlap, claim_output_dir, ensure_under
 from features.schema import (
     FIRST_IDX,
     MM_EMB_COLUMN,
@@ -48,6 +61,14 @@ from features.schema import (
     vocab_space,
 )
 from pipelines.config import BuildConfig
+from pipelines.outdirs import (
+    OutputLock,
+    clean_stale_siblings,
+    read_source,
+    sibling,
+    sweep_tmp_files,
+    write_parquet_atomic,
+)
 from pipelines.validate import (
     R_DUP_BEHAVIOR,
     R_DUP_IMPRESSION,
@@ -66,6 +87,36 @@ log = logging.getLogger(__name__)
 KIND_BEHAVIOR = 0
 KIND_IMPRESSION = 1
 LENGTH_PERCENTILES = (50, 90, 99, 99.9, 100)
+DATASET_MARKER = "manifest.json"
+DATASET_WHAT = "dataset directory (written by ctr build)"
+
+# Test-only fault injection (tests/test_build_faults.py): with LIFELONG_CTR_FAULT_KILL_STAGE=A (or B, or "A,B") and
+# LIFELONG_CTR_FAULT_DIR=DIR in the environment of the Ray workers, the first task to reach the fault point of that
+# stage (the one that creates DIR/fault-<stage>) kills its own worker with SIGKILL, or with
+# LIFELONG_CTR_FAULT_ACTION=hang sleeps there (so that a test can kill the whole build mid-way). Every later attempt
+# and every other task runs normally; while DIR does not exist the hook does nothing. Unset (always, outside tests),
+# the hook costs an environment lookup.
+FAULT_STAGE_ENV = "LIFELONG_CTR_FAULT_KILL_STAGE"
+FAULT_DIR_ENV = "LIFELONG_CTR_FAULT_DIR"
+FAULT_ACTION_ENV = "LIFELONG_CTR_FAULT_ACTION"
+
+
+def _fault_point(stage: str) -> None:
+    stages = os.environ.get(FAULT_STAGE_ENV)
+    marker_dir = os.environ.get(FAULT_DIR_ENV)
+    if not stages or not marker_dir or stage not in stages.split(","):
+        return
+    try:
+        fd = os.open(os.path.join(marker_dir, f"fault-{stage}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return  # a task already took this stage's fault (this may be its retry)
+    except FileNotFoundError:
+        return  # DIR does not exist (yet): the hook is not armed
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    if os.environ.get(FAULT_ACTION_ENV) == "hang":
+        time.sleep(600)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -212,9 +263,9 @@ def work_schema(context_cols: list[str], has_btype: bool, has_p_true: bool) -> p
     return pa.schema(fields)
 
 
-def _validate_rows(task: dict[str, Any], *, spec: dict[str, Any]) -> pa.Table | None:
-    """One Ray task: read a file's row groups, quarantine bad rows (written by the task, named by task id so a
-    retried task overwrites its own file), return the kept rows in the work schema."""
+def _validate_rows(task: dict[str, Any], *, spec: dict[str, Any]) -> pa.Table:
+    """One Ray task: read a file's row groups, write the kept rows (work schema) to rows/ and the bad rows to
+    quarantine/, both named by the task id (a retried task overwrites its own files); return a one-row summary."""
     import ray
 
     kind = task["kind"]
@@ -259,15 +310,18 @@ def _validate_rows(task: dict[str, Any], *, spec: dict[str, Any]) -> pa.Table | 
             else:
                 cols[idx_column(col)] = pa.nulls(n, pa.int32())
         kept.append(pa.table(cols, schema=schema))
+    part = f"part-{task['task_id']:05d}.parquet"
     if rejected:
         qdir = Path(spec["quarantine_dir"]) / name
         qdir.mkdir(parents=True, exist_ok=True)
         bad = pa.concat_tables(rejected)
-        pq.write_table(
-            _quarantine_table(bad, pa.chunked_array(reasons).combine_chunks(), table_spec["files"]),
-            qdir / f"part-{task['task_id']:05d}.parquet",
+        write_parquet_atomic(
+            _quarantine_table(bad, pa.chunked_array(reasons).combine_chunks(), table_spec["files"]), qdir / part
         )
-    return pa.concat_tables(kept) if kept else schema.empty_table()
+    rows = pa.concat_tables(kept) if kept else schema.empty_table()
+    write_parquet_atomic(rows, Path(spec["rows_dir"]) / part)
+    _fault_point("A")
+    return pa.table({"task_id": pa.array([task["task_id"]], pa.int64()), "rows": pa.array([rows.num_rows], pa.int64())})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -394,16 +448,17 @@ def write_user_outputs(users: pa.Table, *, spec: dict[str, Any]) -> pa.Table:
     out = Path(spec["out"])
     name = f"part-{pc.min(users['user_idx']).as_py():09d}.parquet"
     keep = ["user_idx", "item_idx", "cate_idx", "ts"] + (["btype"] if "btype" in users.column_names else [])
-    pq.write_table(users.select(keep).sort_by("user_idx"), out / "sequences" / name)
+    write_parquet_atomic(users.select(keep).sort_by("user_idx"), out / "sequences" / name)
+    _fault_point("B")
     samples = explode_samples(users, spec["sample_extra_columns"])
     ts = np.asarray(samples["ts"])
     split_of = np.where(ts >= spec["test_start_ts"], 2, np.where(ts >= spec["valid_start_ts"], 1, 0))
     for code, split in enumerate(SPLITS):
         part = samples.filter(pa.array(split_of == code))
         if part.num_rows:
-            pq.write_table(part, out / "samples" / split / name, row_group_size=spec["rows_per_row_group"])
+            write_parquet_atomic(part, out / "samples" / split / name, row_group_size=spec["rows_per_row_group"])
     for table, rows in duplicate_rows(users, spec["files"]).items():
-        pq.write_table(rows, out / "quarantine" / table / f"duplicates-{name}")
+        write_parquet_atomic(rows, out / "quarantine" / table / f"duplicates-{name}")
     return pa.table({"sequences": [users.num_rows]})
 
 
@@ -463,8 +518,10 @@ def _split_boundaries(cfg: BuildConfig, rows_dir: Path) -> tuple[int, int]:
         raise DataError("every impression was quarantined: nothing to build samples from (see quarantine/)")
     q_valid = 1.0 - cfg.split.valid_fraction - cfg.split.test_fraction
     q_test = 1.0 - cfg.split.test_fraction
-    valid_start = int(np.quantile(ts, q_valid, method="higher")) if cfg.split.valid_fraction else int(ts.max()) + 1
     test_start = int(np.quantile(ts, q_test, method="higher")) if cfg.split.test_fraction else int(ts.max()) + 1
+    # no validation split: valid is the empty range [test_start, test_start), not [max + 1, ...) which would have
+    # emptied the test split too (everything silently in train)
+    valid_start = int(np.quantile(ts, q_valid, method="higher")) if cfg.split.valid_fraction else test_start
     return valid_start, max(test_start, valid_start)
 
 
@@ -489,30 +546,40 @@ def _quarantine_counts(qroot: Path) -> dict[str, dict[str, int]]:
 def build_dataset(
     raw_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, address: str | None = None
 ) -> dict[str, Any]:
-    """Build the dataset directory `out_dir` from raw tables in `raw_dir`; returns the manifest."""
+    """Build the dataset directory `out_dir` from raw tables in `raw_dir`; returns the manifest.
+
+    `out_dir` may not exist, be empty, or (with `cfg.output.overwrite`) hold a dataset that `ctr build` wrote
+    (its manifest.json); it may not be, contain or lie inside `raw_dir`. The build holds `OutputLock(out_dir)`
+    throughout, writes into a sibling `.NAME.tmp-*` and publishes it by a rename.
+    """
     t0 = time.time()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    check_no_overlap(out_dir, {"raw directory (--raw)": raw_dir}, "--out")
+
+    def claim() -> bool:
+        return claim_output_dir(out_dir, DATASET_MARKER, overwrite=cfg.output.overwrite, what=DATASET_WHAT)
+
+    claim()  # fail fast, before scanning the raw files
     tables = scan_raw(raw_dir)
-    if out_dir.exists() and not cfg.output.overwrite:
-        raise data_error(
-            str(out_dir), "the output directory already exists", "choose another --out, or --set output.overwrite=true"
-        )
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        manifest = _build_into(raw_dir, tmp, tables, cfg, address)
-        manifest["build_seconds"] = round(time.time() - t0, 2)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False))
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with OutputLock(out_dir, "dataset directory"):
+        clean_stale_siblings(out_dir)  # we hold the lock: whoever left them is gone
+        claim()
+        tmp = sibling(out_dir, "tmp")
+        tmp.mkdir(parents=True)
+        try:
+            manifest = _build_into(raw_dir, tmp, tables, cfg, address)
+            manifest["build_seconds"] = round(time.time() - t0, 2)
+            (tmp / DATASET_MARKER).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+            if claim():  # again: someone may have put a file into --out while we were building
+                old = sibling(out_dir, "old")
+                out_dir.rename(old)
+                tmp.rename(out_dir)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(out_dir)  # rename(2) replaces an empty directory
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("dataset written to %s in %.1f s", out_dir, time.time() - t0)
     return manifest
 
@@ -525,6 +592,7 @@ def _build_into(
     (out / "vocab").mkdir()
     qroot = out / "quarantine"
     work = out / "_work"
+    (work / "rows").mkdir(parents=True)
     log.info("items: validating %d rows", tables["items"].rows)
     items = build_items(tables["items"], out)
     vocabs: dict[str, np.ndarray] = dict(items["vocabs"])
@@ -539,11 +607,13 @@ def _build_into(
     has_btype = "btype" in tables["behaviors"].optional
     has_p_true = "p_true" in imp.optional
     schema = work_schema(imp.extra_int64, has_btype, has_p_true)
+    vocab_paths = {space: _vocab_path(out, space) for space in [*vocabs, "user"]}  # before the expensive stages
 
     started = _init_ray(cfg, address)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = log.isEnabledFor(logging.INFO)
+        ctx.max_errored_blocks = 0  # a task that fails for good fails the build (no block is silently dropped)
         num_cpus = int(ray.cluster_resources().get("CPU", 1))
         partitions = cfg.ray.num_partitions or 2 * num_cpus
 
@@ -559,13 +629,18 @@ def _build_into(
             "vocab_ref": ray.put((item_vocab, cate_of_item, ctx_vocabs)),
             "work_schema": schema,
             "quarantine_dir": str(qroot),
+            "rows_dir": str(work / "rows"),
         }
         tasks = _row_tasks(tables, cfg.ray.rows_per_task)
         log.info("stage A: validating behaviors + impressions in %d tasks", len(tasks))
-        rows = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-            lambda batch: _validate_rows_batch(batch, spec_a), batch_size=1, batch_format="pyarrow"
+        done = (
+            ray.data.from_items(tasks, override_num_blocks=len(tasks))
+            .map_batches(_validate_rows_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec_a})
+            .take_all()
         )
-        rows.write_parquet(str(work / "rows"))
+        if sorted(d["task_id"] for d in done) != list(range(len(tasks))):
+            raise RuntimeError(f"stage A: {len(done)} task results for {len(tasks)} tasks")
+        sweep_tmp_files(work / "rows")
 
         # users
         user_ids = pads.dataset(work / "rows", format="parquet").to_table(columns=["user_id"])["user_id"]
@@ -601,14 +676,22 @@ def _build_into(
         if started:
             ray.shutdown()
 
+    sweep_tmp_files(out)  # temporary files of task attempts that were killed
     for space, vocab in vocabs.items():
-        write_vocab(out / "vocab" / f"{space}.parquet", vocab)
+        write_vocab(vocab_paths[space], vocab)
     manifest = _manifest(raw_dir, out, tables, cfg, items, vocabs, valid_start, test_start)
     shutil.rmtree(work)
     return manifest
 
 
-def _validate_rows_batch(batch: pa.Table, spec: dict[str, Any]) -> pa.Table:
+def _vocab_path(out: Path, space: str) -> Path:
+    """vocab/<space>.parquet: the space is named after a raw column (checked at scan); checked again here, where
+    it becomes a path."""
+    check_identifier(space, f"vocabulary {space!r}")
+    return ensure_under(out / "vocab" / f"{space}.parquet", out / "vocab")
+
+
+def _validate_rows_batch(batch: pa.Table, *, spec: dict[str, Any]) -> pa.Table:
     """map_batches adapter: one task description per batch."""
     return _validate_rows(batch.to_pylist()[0], spec=spec)
 
@@ -631,9 +714,11 @@ def _manifest(
     hist_lens = []
     for split in SPLITS:
         d = out / "samples" / split
-        tbl = pads.dataset(d, format="parquet").to_table(columns=["label", "hist_len", "ts"]) if any(
-            d.glob("*.parquet")
-        ) else None
+        tbl = (
+            pads.dataset(d, format="parquet").to_table(columns=["label", "hist_len", "ts"])
+            if any(d.glob("*.parquet"))
+            else None
+        )
         n = tbl.num_rows if tbl is not None else 0
         splits[split] = {
             "rows": n,
@@ -644,9 +729,11 @@ def _manifest(
         }
         if n:
             hist_lens.append(np.asarray(tbl["hist_len"]))
-    rows_out = {"items": items["rows_out"], "behaviors": int(seq_len.sum()), "impressions": sum(
-        s["rows"] for s in splits.values()
-    )}
+    rows_out = {
+        "items": items["rows_out"],
+        "behaviors": int(seq_len.sum()),
+        "impressions": sum(s["rows"] for s in splits.values()),
+    }
     table_counts = {}
     for name, t in tables.items():
         q = sum(qcounts.get(name, {}).values())
@@ -664,13 +751,12 @@ def _manifest(
             raise RuntimeError(
                 f"row counts of {name} do not reconcile: in {t.rows} != out {rows_out[name]} + quarantined {q}"
             )
-    source = raw_dir / "source.json"
     return {
         "schema_version": SCHEMA_VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code_version": code_version(),
         "raw_dir": str(raw_dir.resolve()),
-        "source": json.loads(source.read_text()) if source.exists() else None,
+        "source": read_source(raw_dir),
         "tables": table_counts,
         "vocab_sizes": {space: len(v) + FIRST_IDX for space, v in vocabs.items()},
         "item_attributes": items["attributes"],

@@ -105,6 +105,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.schema import MM_EMB_COLUMN, mm_emb_type
+from pipelines.outdirs import OutputLock, prepare_raw_dir
 
 logger = logging.getLogger(__name__)
 
@@ -777,28 +778,28 @@ def _percentiles(x: np.ndarray) -> dict[str, float]:
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(np.max(x))}
 
 
-def _clear_parts(directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob("part-*.parquet"):
-        old.unlink()
-
-
 def generate(preset: str, seed: int, out_dir: str | Path, **overrides: Any) -> dict[str, Any]:
     """Write the synthetic raw directory `out_dir` and return its summary (rows, lengths, CTR, oracle AUC).
 
-    `overrides` replace preset parameters by name (see `SyntheticConfig`). Existing `part-*.parquet` files in
-    `behaviors/` and `impressions/` are removed first, so a rerun never mixes worlds.
+    `overrides` replace preset parameters by name (see `SyntheticConfig`). `out_dir` must be new, empty, or a raw
+    directory that `ctr generate` or `ctr import` wrote (it holds source.json); anything else is an OutputError.
+    Generating again into a raw directory replaces its tables and source.json (only those, see
+    `pipelines.outdirs.RAW_OUTPUTS`), so a rerun never mixes worlds; until the new source.json is written the
+    directory is marked incomplete and `ctr build` refuses it.
     """
     t_start = time.perf_counter()
     cfg = resolve_config(preset, **overrides)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out_dir, "raw directory"):
+        return _generate_into(prepare_raw_dir(out_dir, "ctr generate"), cfg, preset, seed, t_start)
+
+
+def _generate_into(out: Path, cfg: SyntheticConfig, preset: str, seed: int, t_start: float) -> dict[str, Any]:
     items = build_items(cfg, seed)
     users = build_users(cfg, items, seed)
     pq.write_table(_items_table(items, cfg), out / "items.parquet")
     beh_dir, imp_dir = out / "behaviors", out / "impressions"
-    _clear_parts(beh_dir)
-    _clear_parts(imp_dir)
+    beh_dir.mkdir()
+    imp_dir.mkdir()
     chunks = plan_chunks(users.lengths, cfg.chunk_behaviors, cfg.chunk_users)
     n_beh = 0
     labels, p_true, pop, hist_len = [], [], [], []

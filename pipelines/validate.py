@@ -3,7 +3,10 @@
 What is an error (the build stops with a message naming the file, column, row where known, what was expected and
 how to fix it): a path that does not exist, a table with no files or no rows, a file that is not readable Parquet,
 a missing required column, an unexpected column, a column of the wrong type (a float timestamp included), an
-embedding dimension that differs between files.
+embedding dimension that differs between files, an extra (categorical) column whose name is not an identifier
+`[A-Za-z_][A-Za-z0-9_]*` (it names a vocabulary file) or whose id space is taken (user, item, cate, or the same
+name as an extra column of the other table), and a raw directory whose source.json says that the generate/import
+that wrote it did not finish.
 
 What goes to quarantine (the row is kept aside with a `reason`, and counted): null ids, null or negative
 timestamps, null labels or labels outside {0, 1}, NaN/inf or wrong-dimension embeddings, duplicate item ids,
@@ -12,6 +15,7 @@ behaviors and impressions of items that are not in the item table, duplicate beh
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.schema import MM_EMB_COLUMN, MM_EMB_VALUE_TYPES, RAW_SPECS, RAW_TABLES
+from features.errors import UserError
+from features.outputs import IDENTIFIER
+from features.schema import MM_EMB_COLUMN, MM_EMB_VALUE_TYPES, RAW_SPECS, RAW_TABLES, idx_column, vocab_space
+from pipelines.outdirs import read_source
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input that cannot be quarantined row by row. The message says where, what was expected, how to fix."""
 
 
@@ -42,6 +49,8 @@ R_DUP_ITEM = "duplicate item_id (an earlier row of the item table has it)"
 R_UNKNOWN_ITEM = "item_id not in the item table (or the item's row was quarantined)"
 R_DUP_BEHAVIOR = "duplicate behavior row (same user_id, item_id, ts, btype as an earlier row)"
 R_DUP_IMPRESSION = "duplicate impression (same user_id, item_id, ts as an earlier row)"
+
+RESERVED_SPACES = ("user", "item", "cate")  # the id spaces of the required id columns
 
 _INTEGER_TYPES = (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(), pa.uint32())
 
@@ -126,6 +135,44 @@ def _check_mm_emb(path: Path, t: pa.DataType) -> tuple[int | None, pa.DataType]:
     )
 
 
+def _check_name(path: Path, col: str, table: str) -> None:
+    """An extra integer column names a vocabulary file (vocab/<space>.parquet) and a dataset column (<space>_idx):
+    it must be a plain identifier, so that no name from data becomes a path outside the dataset."""
+    if not IDENTIFIER.match(col):
+        raise data_error(
+            f"{path}, column {col!r}",
+            f"the {table} table's extra column name is not an identifier ([A-Za-z_][A-Za-z0-9_]*); it would become "
+            "part of a file name (vocab/<name>.parquet)",
+            "rename the column to letters, digits and underscores (not starting with a digit), e.g. "
+            f"{_suggest_identifier(col)!r}",
+        )
+
+
+def _suggest_identifier(col: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_]+", "_", col).strip("_") or "attr"
+    return s if not s[0].isdigit() else f"c_{s}"
+
+
+def _check_spaces(tables: dict[str, RawTable]) -> None:
+    """The extra columns of items (attributes) and impressions (context) each get their own vocabulary: their id
+    spaces must differ from each other and from the built-in ones (user, item, cate)."""
+    seen: dict[str, str] = {space: "built in" for space in RESERVED_SPACES}
+    for name in ("items", "impressions"):
+        t = tables[name]
+        for col in t.extra_int64:
+            space = vocab_space(col)
+            where = f"{name} column {col!r}"
+            if space in seen:
+                raise data_error(
+                    f"{t.files[0].path}, column {col!r}",
+                    f"its id space {space!r} (vocab/{space}.parquet, column {idx_column(col)}) is also that of "
+                    f"{'the ' + space + ' ids' if seen[space] == 'built in' else seen[space]}",
+                    "rename one of the columns (an item attribute and an impression context column cannot share a "
+                    "name, and user/item/cate are taken)",
+                )
+            seen[space] = where
+
+
 def _read_schema(path: Path) -> tuple[pa.Schema, list[int]]:
     if path.stat().st_size == 0:
         raise data_error(str(path), "the file is empty (0 bytes)", "remove it or write the table again")
@@ -170,6 +217,7 @@ def scan_table(raw_dir: Path, name: str) -> RawTable:
             elif name == "items" and col == MM_EMB_COLUMN:
                 dim, value_type = _check_mm_emb(path, t)
             elif spec.extra_int64_allowed and t in _INTEGER_TYPES:
+                _check_name(path, col, name)
                 extra.append(col)
             else:
                 allowed = list(spec.required) + list(spec.optional)
@@ -213,7 +261,10 @@ def scan_raw(raw_dir: str | Path) -> dict[str, RawTable]:
         raise data_error(str(raw_dir), "the raw directory does not exist", "check the path given to --raw")
     if not raw_dir.is_dir():
         raise data_error(str(raw_dir), "not a directory", "--raw takes the directory holding the raw tables")
-    return {name: scan_table(raw_dir, name) for name in RAW_TABLES}
+    read_source(raw_dir)  # an unfinished generate/import is an error, not half a dataset
+    tables = {name: scan_table(raw_dir, name) for name in RAW_TABLES}
+    _check_spaces(tables)
+    return tables
 
 
 def iter_row_batches(path: Path, row_groups: list[int], columns: list[str]) -> Iterator[tuple[int, pa.Table]]:

@@ -137,9 +137,9 @@ def test_explicit_split_and_existing_output(tmp_path, ray_local):
     manifest = build_dataset(raw, tmp_path / "data", _cfg("split.valid_start_ts=20", "split.test_start_ts=30"))
     assert manifest["split"]["valid_start_ts"] == 20 and manifest["split"]["test_start_ts"] == 30
     assert pq.read_table(tmp_path / "data" / "samples" / "test").column("ts").to_numpy().min() >= 30
-    from pipelines.validate import DataError
+    from features.outputs import OutputError
 
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(OutputError, match="already there.*--overwrite"):
         build_dataset(raw, tmp_path / "data", _cfg())
     build_dataset(raw, tmp_path / "data", _cfg("output.overwrite=true"))
     assert not list(tmp_path.glob(".data.*"))

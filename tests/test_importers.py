@@ -402,7 +402,7 @@ def test_taobao_userbehavior_bad_lines(tmp_path: Path) -> None:
         "3,14,102,fav,abc\n"
         "3,15,102,fav,1007\n"
     )
-    s = import_taobao_userbehavior(tmp_path, tmp_path / "raw", neg_per_pos=2)
+    s = import_taobao_userbehavior(src, tmp_path / "raw", neg_per_pos=2)  # --out may not lie inside a source folder
     assert s["rows"]["behaviors"] == 5
     assert s["rejected"]["count"] == 6
     assert s["rejected"]["reasons"] == {

@@ -23,31 +23,21 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.errors import UserError
 from features.schema import MM_EMB_COLUMN, MM_EMB_VALUE_TYPES, RAW_SPECS, SCHEMA_VERSION, mm_emb_type
+from pipelines.outdirs import RAW_OUTPUTS, SOURCE_FILE, prepare_raw_dir
 
 log = logging.getLogger(__name__)
 
 REJECTS_FILE = "import_rejects.csv"
-SOURCE_FILE = "source.json"
 # Every name an importer may write into RAW_DIR. Only these are replaced on a re-import; nothing else is touched.
-OWNED_OUTPUTS = (
-    "items.parquet",
-    "items",
-    "behaviors.parquet",
-    "behaviors",
-    "impressions.parquet",
-    "impressions",
-    SOURCE_FILE,
-    REJECTS_FILE,
-    "id_map.parquet",
-    ".import_tmp",
-)
+OWNED_OUTPUTS = RAW_OUTPUTS
 PARQUET_COMPRESSION = "zstd"
 ID_MASK_63 = (1 << 63) - 1
 _FLOAT32 = pa.float32()
 
 
-class ImportSourceError(ValueError):
+class ImportSourceError(UserError, ValueError):
     """The source given to an importer is missing, incomplete or not in the expected format.
 
     The message names the file, what was expected and how to fix it.
@@ -95,19 +85,11 @@ def read_text_lines(path: Path) -> Iterable[tuple[int, str]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create RAW_DIR; remove a previous import's outputs (only the names in `OWNED_OUTPUTS`)."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ImportSourceError(f"output path {str(out)!r} exists and is not a directory; pass a folder for --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in OWNED_OUTPUTS:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    return out.resolve()
+def prepare_out_dir(out_dir: str | Path, src: Path | None = None, importer: str = "") -> Path:
+    """Claim and create RAW_DIR (see `pipelines.outdirs.prepare_raw_dir`): it may not overlap the source `src`, and
+    must be new, empty, or a raw directory written before (source.json); only the names in `OWNED_OUTPUTS` are
+    replaced. Until `finish_import` ends the import, source.json marks the directory incomplete."""
+    return prepare_raw_dir(out_dir, f"ctr import {importer}".strip(), {"import source": src})
 
 
 def tmp_dir(out: Path) -> Path:

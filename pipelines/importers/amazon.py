@@ -292,7 +292,7 @@ def import_amazon(
             reviews_path,
             "The flat Amazon CSV is user_id,item_id,time,cate_id (integers, time in unix seconds).",
         )
-    out = prepare_out_dir(out_dir)
+    out = prepare_out_dir(out_dir, src_path, NAME)
     rejects = Rejects(out)
     extra: dict[str, Any] = {"flavour": flavour}
 

@@ -122,7 +122,7 @@ def import_movielens(src: str | Path, out_dir: str | Path, *, like_threshold: fl
     """Import MovieLens (GroupLens CSV or RecBole atomic) into RAW_DIR; returns the summary (see module docstring)."""
     src_path = require_src(src, NAME)
     flavour, files = _locate(src_path)
-    out = prepare_out_dir(out_dir)
+    out = prepare_out_dir(out_dir, src_path, NAME)
     rejects = Rejects(out)
     options = {"like_threshold": like_threshold}
     codes_out: dict[str, dict[str, int]] = {}

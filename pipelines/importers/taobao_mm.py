@@ -372,7 +372,7 @@ def import_taobao_mm(
     require_columns(item_cols, [ITEM, "206"], files["item_features"][0], "Item features are 205, 206, 213, 214.")
     item_attr_cols = [a for a in ITEM_ATTRS if a in item_cols]
 
-    out = prepare_out_dir(out_dir)
+    out = prepare_out_dir(out_dir, src_path, NAME)
     tmp = tmp_dir(out)
     rejects = Rejects(out)
     t_train, t_test = int(train_ts), int(train_ts) + int(test_gap_s)

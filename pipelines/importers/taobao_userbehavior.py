@@ -163,7 +163,7 @@ def import_taobao_userbehavior(
         raise ValueError(f"neg_per_pos must be >= 0, got {neg_per_pos}")
     src_path = require_src(src, NAME)
     path = _locate(src_path)
-    out = prepare_out_dir(out_dir)
+    out = prepare_out_dir(out_dir, src_path, NAME)
     tmp = tmp_dir(out)
     rejects = Rejects(out)
 
