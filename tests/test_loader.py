@@ -197,3 +197,18 @@ def test_drop_last_and_batch_sizes(tiny_data):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         DatasetInfo.load(tmp_path)
+
+
+def test_a_batch_of_one_whale_trains():
+    """The behavior budget can leave one sample in a batch: batch-norm layers (Dice, MLP) must accept it."""
+    import torch
+
+    from ctr.modules.mlp import MLP
+
+    mlp = MLP(3, [5, 4], activation="dice", batch_norm=True)
+    mlp.train()
+    before = [b.clone() for b in mlp.buffers()]
+    mlp(torch.randn(1, 3)).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, mlp.buffers(), strict=True))  # one value: no statistics
+    mlp(torch.randn(8, 3)).sum().backward()
+    assert not all(torch.equal(a, b) for a, b in zip(before, mlp.buffers(), strict=True))

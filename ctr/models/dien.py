@@ -60,6 +60,7 @@ from torch import nn
 
 from features.loader import Batch, SequenceView
 
+from ..modules.activations import BatchNorm1dAnySize
 from ..modules.attention import BilinearAttention, DienDinAttention, masked_softmax
 from ..modules.augru import AUGRU, InterestExtractor
 from ..modules.lain import LainConditioner, LainParams, median_hist_len, prepend_prompts
@@ -118,7 +119,7 @@ class DIEN(CTRModel):
         self.augru = AUGRU(h, h, form=params.augru)
         n_ctx = len(self.context_features()) + (1 if params.use_user else 0)
         n_in = 3 * d + h + self.dim * n_ctx
-        self.input_norm = nn.BatchNorm1d(n_in) if params.input_batch_norm else nn.Identity()
+        self.input_norm = BatchNorm1dAnySize(n_in) if params.input_batch_norm else nn.Identity()
         self.tower = MLP(
             n_in, params.hidden, activation=params.activation, batch_norm=params.batch_norm,
             dropout=params.dropout, out_dim=1,

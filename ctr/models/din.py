@@ -52,6 +52,7 @@ from torch import nn
 
 from features.loader import Batch, SequenceView
 
+from ..modules.activations import BatchNorm1dAnySize
 from ..modules.attention import DinAttention
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, median_hist_len
 from ..modules.mlp import MLP
@@ -91,7 +92,7 @@ class DIN(CTRModel):
         self.attention = DinAttention(d, params.attention_hidden, params.attention_activation, softmax=params.softmax)
         n_ctx = len(self.context_features()) + (1 if params.use_user else 0)
         n_in = 3 * d + self.dim * n_ctx
-        self.input_norm = nn.BatchNorm1d(n_in) if params.input_batch_norm else nn.Identity()
+        self.input_norm = BatchNorm1dAnySize(n_in) if params.input_batch_norm else nn.Identity()
         self.tower = MLP(
             n_in, params.hidden, activation=params.activation, batch_norm=params.batch_norm,
             dropout=params.dropout, out_dim=1,

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class BatchNorm1dAnySize(nn.BatchNorm1d):
+    """BatchNorm1d that accepts a training batch of one sample: it is normalized with the running statistics, which
+    it leaves unchanged (one value has no variance). Batches capped by a behavior budget can hold a single whale."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.size(0) == 1 and self.running_mean is not None:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
 
 
 class Dice(nn.Module):
@@ -22,7 +33,7 @@ class Dice(nn.Module):
         self.mode = mode
         self.alpha = nn.Parameter(torch.full((units,), alpha_init))
         if mode == "batch":
-            self.norm: nn.Module = nn.BatchNorm1d(units, eps=eps, affine=False)
+            self.norm: nn.Module = BatchNorm1dAnySize(units, eps=eps, affine=False)
         else:
             self.norm = nn.LayerNorm(units, eps=1e-12, elementwise_affine=False)
 

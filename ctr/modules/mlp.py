@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .activations import make_activation
+from .activations import BatchNorm1dAnySize, make_activation
 
 
 class MLP(nn.Module):
@@ -29,7 +29,7 @@ class MLP(nn.Module):
         for h in hidden:
             layers.append(nn.Linear(d, h))
             if batch_norm:
-                layers.append(nn.BatchNorm1d(h))
+                layers.append(BatchNorm1dAnySize(h))
             layers.append(make_activation(activation, h))
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
