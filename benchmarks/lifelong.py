@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import ROOT, run_measured  # noqa: E402
+from pipeline import ROOT, machine_info, run_measured  # noqa: E402
 
 MAX_LEN = 100_000
 
@@ -79,12 +76,7 @@ def main() -> int:
     manifest = json.loads((data / "manifest.json").read_text())
     metrics = {m: json.loads((runs / m / "metrics.json").read_text()) for m in args.models}
     result = {
-        "machine": {
-            "cpus": psutil.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "world": {
             "behaviors": manifest["tables"]["behaviors"]["rows_out"],
             "samples": {s: manifest["split"][s]["rows"] for s in ("train", "valid", "test")},

@@ -46,6 +46,16 @@ def _tree_pss(proc: psutil.Process) -> int:
     return total
 
 
+def machine_info() -> dict:
+    """Where a benchmark ran (kept with its results)."""
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
 def run_measured(cmd: list[str], log_path: Path) -> dict:
     """Run `cmd`, sampling the PSS of its process tree; returns wall seconds and peak bytes."""
     t0 = time.time()
@@ -216,12 +226,7 @@ def main() -> None:
     results: list[dict] = []
     for scale in args.scales:
         bench_world(scale, args.seed, work, results)
-    machine = {
-        "cpus": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+    machine = machine_info()
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     print(table(results))

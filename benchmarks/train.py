@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import ROOT, run_measured  # noqa: E402
+from pipeline import ROOT, machine_info, run_measured  # noqa: E402
 
 
 def _ctr() -> str:
@@ -108,12 +105,7 @@ def main() -> int:
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     result = {
-        "machine": {
-            "cpus": psutil.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "dataset": str(data),
         "results": rows,
     }

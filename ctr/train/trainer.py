@@ -13,9 +13,12 @@ Run directory::
 
     RUN_DIR/config.json        resolved config (+ dataset, world size, model name)
     RUN_DIR/train_log.jsonl    {"kind": "train", step, epoch, loss, samples_per_s, ...} and {"kind": "eval", ...}
-    RUN_DIR/model.pt           best weights, unsharded
-    RUN_DIR/checkpoints/       last-rank<r>.pt per rank (for --resume with the same N)
+    RUN_DIR/model.pt           best weights, unsharded (the last weights when the dataset has no validation split)
+    RUN_DIR/train_summary.json steps, epochs, best step and GAUC, which model was kept, the dataset fingerprint
+    RUN_DIR/checkpoints/       gen-<step>/rank<r>.pt + COMPLETE.json: one generation per checkpoint (checkpoint.py)
+    RUN_DIR/samples_seen/      epoch<e>-rank<r>.parquet, what each rank trained on (train.record_samples)
     RUN_DIR/tensorboard/       when tensorboard is installed
+    RUN_DIR/.lock              held while training (a second training into the directory fails at once)
 """
 
 from __future__ import annotations
