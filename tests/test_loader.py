@@ -212,3 +212,44 @@ def test_a_batch_of_one_whale_trains():
     assert all(torch.equal(a, b) for a, b in zip(before, mlp.buffers(), strict=True))  # one value: no statistics
     mlp(torch.randn(8, 3)).sum().backward()
     assert not all(torch.equal(a, b) for a, b in zip(before, mlp.buffers(), strict=True))
+
+
+_OPEN_STORE = """
+import sys, time
+from pathlib import Path
+import features.sequence_store as ss
+built = []
+inner = ss._build_cache
+def counting(*a, **k):
+    built.append(1)
+    time.sleep(1.0)  # hold the lock long enough for the other process to arrive
+    return inner(*a, **k)
+ss._build_cache = counting
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.01)
+store = ss.SequenceStore.open(sys.argv[1])
+print(len(built), store.n_behaviors)
+"""
+
+
+def test_sequence_store_cache_is_built_once_by_two_processes(tiny_data, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("_cache", ".*lock"))
+    go = tmp_path / "go"
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _OPEN_STORE, str(data), str(go)], cwd=root, stdout=subprocess.PIPE,
+                         text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    go.touch()
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(int(o[0]) for o in outs) == [0, 1]  # one built it, the other found it built when it got the lock
+    assert outs[0][1] == outs[1][1] == str(SequenceStore.open(tiny_data).n_behaviors)
