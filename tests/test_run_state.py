@@ -241,6 +241,8 @@ def test_no_validation_split_keeps_the_last_model(tmp_path, ray_local):
     assert summary["best_valid_gauc"] is None and summary["best_step"] == 6 and "last" in summary["model"]
     assert not [r for r in map(json.loads, (run / "train_log.jsonl").open()) if r["kind"] == "eval"]
     assert np.isfinite(evaluate_run(run, "test")["auc"])
+    with pytest.raises(DatasetError, match="valid split has no samples"):
+        evaluate_run(run, "valid")
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

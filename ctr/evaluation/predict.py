@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from features.errors import DatasetError
 from features.loader import LoaderConfig, SplitLoader
 
 from .evaluate import evaluate_predictions
@@ -37,6 +38,11 @@ def predict_split(run_dir: Path, split: str = "test", *, batch_size: int = 2048,
     from ctr.train.trainer import load_trained
 
     model, cfg, info = load_trained(run_dir)
+    if not info.split_rows.get(split):
+        raise DatasetError(
+            f"{info.data_dir}: the {split} split has no samples (see split in its manifest.json); nothing to evaluate. "
+            "How to fix: evaluate another --split, or rebuild with split fractions or boundaries that give it rows"
+        )
     lcfg = LoaderConfig(
         batch_size=batch_size,
         views=model.views(),
