@@ -290,6 +290,16 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
     train_cfg = loader_config(cfg, model, train=True)
     eval_cfg = loader_config(cfg, model, train=False)
     has_valid = bool(info.split_rows.get("valid"))
+    widest = cfg.data.batch_size * sum(v.length for v in train_cfg.views)
+    if ctx.is_main and train_cfg.max_behaviors and widest > train_cfg.max_behaviors:
+        log.warning(
+            "data.max_batch_behaviors=%d: a batch of %d samples can hold up to %d padded behaviors here, so batches of "
+            "long histories are cut into smaller ones, each a training step (train.max_steps counts them); raise "
+            "the cap to keep batches whole if memory allows",
+            train_cfg.max_behaviors,
+            cfg.data.batch_size,
+            widest,
+        )
     train_loader = SplitLoader(info, "train", train_cfg, features, rank=ctx.rank, world_size=ctx.world_size)
     valid_loader = SplitLoader(info, "valid", eval_cfg, features, rank=ctx.rank, world_size=ctx.world_size)
     dummy = _first_batch(info, "valid" if has_valid else "train", eval_cfg, features)
