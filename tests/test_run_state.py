@@ -43,7 +43,7 @@ def _split_keys(data: Path, split: str) -> Counter:
 
 
 @pytest.mark.parametrize("nproc", [3, 5])
-def test_training_sees_every_sample_once_per_epoch(tiny_data, tmp_path, nproc):
+def test_training_sees_every_sample_once_per_epoch(tiny_data, tmp_path, nproc, caplog):
     """What each rank trained on, recorded by the trainer: the union is the train split, nothing twice, for N that
     divides nothing (before: 67% of an epoch at N = 3, and ranks without row groups trained 0 steps)."""
     run = _train(tiny_data, tmp_path / "run", ["train.epochs=1", "train.record_samples=true"], nproc=nproc)
@@ -56,6 +56,8 @@ def test_training_sees_every_sample_once_per_epoch(tiny_data, tmp_path, nproc):
     assert seen == _split_keys(tiny_data, "train")
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["epochs_done"] == 1 and summary["world_size"] == nproc
+    if nproc > (os.cpu_count() or 1):  # more ranks than cores works (gloo), with a warning
+        assert f"--nproc {nproc} is more than" in caplog.text
 
 
 def _ctr_subprocess(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
