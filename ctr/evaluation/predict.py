@@ -35,7 +35,7 @@ def output_names(split: str) -> tuple[str, str]:
 @torch.no_grad()
 def predict_split(run_dir: Path, split: str = "test", *, batch_size: int = 2048, num_workers: int = 1) -> Path:
     """Score `split` with the run's model; writes the predictions Parquet file and returns its path."""
-    from ctr.train.trainer import load_trained
+    from ctr.train.rundir import load_trained
 
     model, cfg, info = load_trained(run_dir)
     if not info.split_rows.get(split):

@@ -9,16 +9,7 @@ Validation (every `train.eval_every` steps, or at each epoch's end) scores the w
 computes AUC and GAUC on rank 0; training stops early after `train.patience` validations without a better GAUC,
 and the best weights are exported unsharded as `model.pt` (what `ctr evaluate` loads, whatever N trained it).
 
-Run directory::
-
-    RUN_DIR/config.json        resolved config (+ dataset, world size, model name)
-    RUN_DIR/train_log.jsonl    {"kind": "train", step, epoch, loss, samples_per_s, ...} and {"kind": "eval", ...}
-    RUN_DIR/model.pt           best weights, unsharded (the last weights when the dataset has no validation split)
-    RUN_DIR/train_summary.json steps, epochs, best step and GAUC, which model was kept, the dataset fingerprint
-    RUN_DIR/checkpoints/       gen-<step>/rank<r>.pt + COMPLETE.json: one generation per checkpoint (checkpoint.py)
-    RUN_DIR/samples_seen/      epoch<e>-rank<r>.parquet, what each rank trained on (train.record_samples)
-    RUN_DIR/tensorboard/       when tensorboard is installed
-    RUN_DIR/.lock              held while training (a second training into the directory fails at once)
+The run directory's layout and readers are in `rundir.py`.
 """
 
 from __future__ import annotations
@@ -28,30 +19,27 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from features.errors import DatasetError
-from features.loader import Batch, DatasetInfo, LoaderConfig, SampleStream, SplitLoader
-from features.outputs import DirLock, check_no_overlap, claim_output_dir
+from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader
+from features.outputs import DirLock
 from features.sequence_store import SequenceStore
 
-from ..models import CTRModel, get_model_class
+from ..models import CTRModel
 from . import checkpoint
 from .config import ConfigError, TrainConfig
 from .distributed import DistContext, copy_local_state, full_state_dict, launch, local_state
+from .rundir import JsonlLog, build_model, claim_run, clear_run_outputs, model_params, write_json_atomic, write_seen
+from .validation import predict_distributed, validation_metrics
 
 log = logging.getLogger(__name__)
 # Advice aimed at TorchRec's own developers ("construct Topology via TopologyFactory", "dry run estimate"): noise here.
@@ -86,17 +74,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_params(cfg: TrainConfig) -> Any:
-    """The model's validated Params from the `model:` section of a resolved config."""
-    cls = get_model_class(cfg.model["name"])
-    return cls.Params.model_validate({k: v for k, v in cfg.model.items() if k != "name"})
-
-
-def build_model(cfg: TrainConfig, params: Any, info: DatasetInfo, device: torch.device | None = None) -> CTRModel:
-    cls = get_model_class(cfg.model["name"])
-    return cls(params, info, device=device)
-
-
 def loader_config(cfg: TrainConfig, model: CTRModel, *, train: bool) -> LoaderConfig:
     return LoaderConfig(
         batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
@@ -107,118 +84,6 @@ def loader_config(cfg: TrainConfig, model: CTRModel, *, train: bool) -> LoaderCo
         shuffle_window=cfg.data.shuffle_window,
         max_behaviors=cfg.data.max_batch_behaviors if train else cfg.data.eval_max_batch_behaviors,
     )
-
-
-class JsonlLog:
-    """Append-only per-step log (rank 0); also mirrors scalars to TensorBoard when it is installed."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.f = path.open("a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self.tb = None
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (a resumed run writes them again from its checkpoint on)."""
-        if not self.enabled:
-            return
-        assert self.f is not None
-        self.f.close()
-        path = Path(self.f.name)
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(kept))
-        self.f = path.open("a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        assert self.f is not None
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, int | float) and k not in ("step", "epoch") and math.isfinite(v):
-                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _batches_with_padding(loader: SplitLoader, ctx: DistContext, dummy: Batch | None) -> Iterator[tuple[Batch, bool]]:
-    """Yield (batch, real) until every rank is done; a rank that ran dry yields a dummy (real=False) so the
-    collectives inside the sharded forward stay matched across ranks. Evaluation only: nothing is dropped."""
-    it = iter(loader)
-    last = dummy
-    while True:
-        batch = next(it, None)
-        if ctx.all_reduce_int(0 if batch is None else 1, "max") == 0:
-            return
-        if batch is None:
-            if last is None:
-                raise RuntimeError("rank has no batch to pad with")
-            yield last, False
-        else:
-            last = batch
-            yield batch, True
-
-
-@torch.no_grad()
-def predict_distributed(
-    model: torch.nn.Module,
-    loader: SplitLoader,
-    ctx: DistContext,
-    dummy: Batch | None,
-    max_batches: int | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> dict[str, np.ndarray] | None:
-    """Score a split across ranks; rank 0 gets the concatenated arrays (others None)."""
-    model.eval()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("user_idx", "item_idx", "ts", "label", "hist_len", "score")}
-    has_p = loader.info.has_p_true
-    if has_p:
-        parts["p_true"] = []
-    for i, (batch, real) in enumerate(_batches_with_padding(loader, ctx, dummy)):
-        if max_batches is not None and i >= max_batches:
-            break  # every rank is at the same iteration here, so the cap keeps the collectives matched
-        out = model(batch.to(ctx.device))
-        if on_batch is not None:
-            on_batch(i)
-        if not real:
-            continue
-        parts["score"].append(torch.sigmoid(out.logit.float()).cpu().numpy())
-        for k in ("user_idx", "item_idx", "ts", "hist_len"):
-            parts[k].append(batch.dense[k].numpy())
-        parts["label"].append(batch.dense["label"].numpy().astype(np.int8))
-        if has_p:
-            parts["p_true"].append(batch.dense["p_true"].numpy())
-    local = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
-    gathered = ctx.gather_objects(local)
-    model.train()
-    if gathered is None:
-        return None
-    return {k: np.concatenate([g[k] for g in gathered]) for k in local}
-
-
-def validation_metrics(arrays: dict[str, np.ndarray]) -> dict[str, float]:
-    from ..evaluation.metrics import auc, gauc, logloss
-
-    g = gauc(arrays["label"], arrays["score"], arrays["user_idx"])
-    return {
-        "auc": float(auc(arrays["label"], arrays["score"])),
-        "gauc": float(g.value),
-        "logloss": float(logloss(arrays["label"], arrays["score"])),
-        "samples": int(len(arrays["label"])),
-    }
 
 
 def _first_batch(info: DatasetInfo, split: str, lcfg: LoaderConfig, features: list[str]) -> Batch:
@@ -502,7 +367,7 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
             stop = validate() or stop
         if epoch_done:
             if cfg.train.record_samples:
-                _write_seen(run, epoch, ctx.rank, seen)
+                write_seen(run, epoch, ctx.rank, seen)
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
             scheduler.step()
@@ -522,43 +387,6 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
         }
         (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("training done: %s", summary)
-
-
-def _write_seen(run: Path, epoch: int, rank: int, seen: dict[str, list[np.ndarray]]) -> None:
-    """What this rank trained on in one epoch (train.record_samples): the exactly-once audit of a run."""
-    folder = run / "samples_seen"
-    folder.mkdir(exist_ok=True)
-    table = pa.table({k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in seen.items()})
-    pq.write_table(table, folder / f"epoch{epoch}-rank{rank}.parquet")
-    for v in seen.values():
-        v.clear()
-
-
-RUN_OUTPUTS = (
-    "config.json",
-    "train_log.jsonl",
-    "model.pt",
-    ".model.pt.tmp",
-    "train_summary.json",
-    "checkpoints",
-    "tensorboard",
-    "samples_seen",
-    ".dist_store",
-    ".dist_errors",
-)
-
-
-def clear_run_outputs(run_dir: Path) -> None:
-    """Remove what `ctr train` and `ctr evaluate` wrote into a run directory (and nothing else)."""
-    for name in RUN_OUTPUTS:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    for pattern in ("predictions*.parquet", "metrics*.json"):
-        for p in run_dir.glob(pattern):
-            p.unlink()
 
 
 def train(
@@ -586,69 +414,25 @@ def train(
     info = DatasetInfo.load(data_dir)  # fail early on a bad dataset directory
     if not info.split_rows.get("train"):
         raise ConfigError(f"{data_dir}: the train split is empty; check split boundaries in its manifest")
-    check_no_overlap(run_dir, {"dataset directory": data_dir, "raw directory": info.manifest.get("raw_dir")})
     rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None  # under torchrun: one call per rank
     leader = rank in (None, "0")
-    if resume:
-        if not (run_dir / "config.json").exists():
-            raise ConfigError(f"--resume: {run_dir} holds no run (no config.json); train without --resume first")
-    elif leader and claim_output_dir(run_dir, "config.json", overwrite=overwrite, what="run directory"):
-        pass  # cleared below, under the lock
+    claim_run(run_dir, data_dir, info, resume=resume, overwrite=overwrite, leader=leader)
     run_dir.mkdir(parents=True, exist_ok=True)
     with DirLock(run_dir / (".lock" if rank is None else f".lock-rank{rank}"), "run directory"):
-        if leader and not resume:
-            clear_run_outputs(run_dir)
         resolved = {
             "config": cfg.model_dump(),
             "model": cfg.model,
             "run_name": cfg.run_name or cfg.model["name"],
             "data_dir": str(data_dir.resolve()),
             "dataset_fingerprint": info.fingerprint,
-            "nproc": nproc,
+            "nproc": int(os.environ.get("WORLD_SIZE", nproc)),
         }
         if leader:
-            if resume:
-                before = json.loads((run_dir / "config.json").read_text())
-                resolved["nproc"] = int(os.environ.get("WORLD_SIZE", nproc))
-                if before.get("dataset_fingerprint") not in (None, info.fingerprint):
-                    log.warning("--resume: %s changed since this run started; the checkpoint check decides", data_dir)
-            tmp = run_dir / ".config.json.tmp"
-            tmp.write_text(json.dumps(resolved, indent=2))
-            os.replace(tmp, run_dir / "config.json")
+            if not resume:
+                clear_run_outputs(run_dir)
+            write_json_atomic(run_dir / "config.json", resolved)
         launch(_train_worker, nproc, run_dir, str(data_dir), str(run_dir), json.dumps(resolved), resume)
     return run_dir
 
 
-def load_trained(run_dir: Path, data_dir: Path | None = None) -> tuple[CTRModel, TrainConfig, DatasetInfo]:
-    """The unsharded model of a run with its best weights (`model.pt`), ready for `eval()`.
-
-    The dataset must be the one the run was trained on (its manifest fingerprint, recorded in config.json): a
-    dataset rebuilt under a trained run has other vocabularies, and scoring it with the old model is silently wrong.
-    """
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.exists():
-        raise DatasetError(f"{config_path}: not found; RUN_DIR must be a run directory written by `ctr train`")
-    resolved = json.loads(config_path.read_text())
-    cfg = TrainConfig.model_validate(resolved["config"])
-    params = model_params(cfg)
-    info = DatasetInfo.load(data_dir or resolved["data_dir"])
-    trained_on = resolved.get("dataset_fingerprint")
-    if trained_on is None:
-        log.warning("%s: written before runs recorded their dataset; cannot check it is %s", config_path, info.data_dir)
-    elif trained_on != info.fingerprint:
-        raise DatasetError(
-            f"{info.data_dir}: not the dataset {run_dir} was trained on (manifest fingerprint {info.fingerprint[:12]}, "
-            f"the run recorded {trained_on[:12]}; built {info.manifest.get('created_at')}). The dataset was rebuilt "
-            "or changed (ctr sid?) after training. How to fix: train again on it (ctr train --overwrite), or "
-            "evaluate against the dataset the run was trained on"
-        )
-    model = build_model(cfg, params, info, device=torch.device("cpu"))
-    weights_path = run_dir / "model.pt"
-    if not weights_path.exists():
-        raise DatasetError(f"{weights_path}: no trained weights; run `ctr train` into {run_dir} first")
-    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-    model.eval()
-    return model, cfg, info
-
-
-__all__ = ["SampleStream", "load_trained", "predict_distributed", "train"]
+__all__ = ["train"]
