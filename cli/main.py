@@ -44,7 +44,11 @@ def print_dataset_summary(manifest: dict[str, Any], out_dir: Path) -> None:
         s = sp[split]
         ctr = f"{s['positive_rate']:.4f}" if s["positive_rate"] is not None else "-"
         print(f"  {split:<6} {s['rows']:>10,} samples, CTR {ctr}")
-    print(f"built in {manifest.get('build_seconds', 0):.1f} s")
+    seconds = manifest.get("build_seconds", 0)
+    behaviors = manifest["tables"]["behaviors"]["rows_in"]
+    samples = manifest["tables"]["impressions"]["rows_in"]
+    rate = f": {behaviors / seconds:,.0f} behaviors/s, {samples / seconds:,.0f} samples/s" if seconds else ""
+    print(f"built in {seconds:.1f} s{rate}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ class RayConfig(_Strict):
     object_store_mb: int = 1024
     rows_per_task: int = 500_000
     num_partitions: int | None = None
+    rows_per_partition: int = 4_000_000
 
 
 class OutputConfig(_Strict):

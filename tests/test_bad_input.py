@@ -17,6 +17,7 @@ from cli.main import main as ctr_main
 from pipelines import validate as V
 from pipelines.build import build_dataset
 from pipelines.config import load_build_config
+from pipelines.scan import scan_raw
 from pipelines.validate import DataError
 
 
@@ -80,7 +81,7 @@ def test_float_timestamps(raw, tmp_path):
 def test_narrow_integer_ids_are_accepted(raw):
     f = raw / "behaviors" / "part-0.parquet"
     _rewrite(f, lambda t: t.set_column(2, "ts", t["ts"].cast(pa.int32())))
-    assert V.scan_raw(raw)["behaviors"].rows == 80
+    assert scan_raw(raw)["behaviors"].rows == 80
 
 
 def test_empty_file(raw, tmp_path):

@@ -1,4 +1,5 @@
-"""Property tests of the strictly-before rule on random logs with ties (the per-user step of the builder)."""
+"""The reduce side of the builder (`pipelines.partition.reduce_partition`) on random logs with ties: the
+strictly-before rule, input order at ties, and equality with the readable per-user reference."""
 
 from __future__ import annotations
 
@@ -7,74 +8,120 @@ import pyarrow as pa
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipelines.build import KIND_BEHAVIOR, KIND_IMPRESSION, user_row, work_schema
+from pipelines.partition import reduce_partition, sort_key
+from pipelines.reference import reference_partition
+from pipelines.rows import block_schema
 
-USER_VOCAB = np.array([5, 42, 77], dtype=np.int64)
+CTX_VOCAB = {"slot": np.array([3, 7, 9], dtype=np.int64)}
 
 
 @st.composite
-def user_logs(draw):
+def partition_logs(draw, max_users: int = 4):
+    """Rows of a few users in a narrow time range (many ties), arriving in any order, with duplicates."""
+    n_users = draw(st.integers(1, max_users))
+    users = draw(st.lists(st.integers(-(2**40), 2**40), min_size=n_users, max_size=n_users, unique=True))
+    max_ts = draw(st.integers(0, 12))
     n_b = draw(st.integers(0, 40))
     n_i = draw(st.integers(0, 15))
-    assume(n_b + n_i > 0)  # a user exists because it has at least one row
-    max_ts = draw(st.integers(0, 12))  # a narrow time range forces many ties
-    b_ts = draw(st.lists(st.integers(0, max_ts), min_size=n_b, max_size=n_b))
-    b_item = draw(st.lists(st.integers(2, 6), min_size=n_b, max_size=n_b))
-    i_ts = draw(st.lists(st.integers(0, max_ts + 1), min_size=n_i, max_size=n_i))
-    i_item = draw(st.lists(st.integers(2, 6), min_size=n_i, max_size=n_i))
-    order = draw(st.permutations(range(n_b + n_i)))  # rows arrive in any order
-    return b_ts, b_item, i_ts, i_item, order
+    assume(n_b + n_i > 0)
+    row = st.tuples(st.sampled_from(users), st.integers(0, max_ts + 1), st.integers(2, 6), st.integers(0, 2))
+    beh = draw(st.lists(row, min_size=n_b, max_size=n_b))
+    imp = draw(st.lists(row, min_size=n_i, max_size=n_i))
+    slots = draw(st.lists(st.sampled_from([None, 3, 7, 8, 9]), min_size=n_i, max_size=n_i))
+    b_order = draw(st.permutations(range(n_b)))
+    i_order = draw(st.permutations(range(n_i)))
+    return beh, imp, slots, b_order, i_order
 
 
-def _work_table(b_ts, b_item, i_ts, i_item, order) -> pa.Table:
-    n_b, n_i = len(b_ts), len(i_ts)
-    kind = np.array([KIND_BEHAVIOR] * n_b + [KIND_IMPRESSION] * n_i, np.int8)
-    ts = np.array(b_ts + i_ts, np.int64)
-    item = np.array(b_item + i_item, np.int32)
-    n = n_b + n_i
-    cols = {
-        "kind": kind,
-        "user_id": np.full(n, 42, np.int64),
-        "item_id": item.astype(np.int64) * 1000,
-        "item_idx": item,
-        "cate_idx": item % 3 + 2,
-        "ts": ts,
-        "source_file": np.zeros(n, np.int32),
-        "source_row": np.arange(n, dtype=np.int64),  # input order = position before the shuffle below
-        "label": np.where(kind == KIND_IMPRESSION, 1, 0).astype(np.int8),
-        "btype": np.zeros(n, np.int8),
-    }
-    tbl = pa.table(cols, schema=work_schema([], has_btype=True, has_p_true=False))
-    return tbl.take(pa.array(np.asarray(order, np.int64))) if n else tbl
+def _tables(beh, imp, slots, b_order, i_order) -> tuple[pa.Table, pa.Table]:
+    """Block tables whose source_row is the input order; rows arrive permuted (the reduce side must not care)."""
+
+    def cols(rows, order, table):
+        n = len(rows)
+        c = {
+            "user_id": np.array([r[0] for r in rows], np.int64),
+            "item_id": np.array([r[2] * 1000 for r in rows], np.int64),
+            "item_idx": np.array([r[2] for r in rows], np.int32),
+            "cate_idx": np.array([r[2] % 3 + 2 for r in rows], np.int32),
+            "ts": np.array([r[1] for r in rows], np.int64),
+            "source_file": np.array([i % 2 for i in range(n)], np.int32),  # two files, interleaved rows
+            "source_row": np.arange(n, dtype=np.int64) // 2,
+        }
+        if table == "behaviors":
+            c["btype"] = pa.array([r[3] if r[3] else None for r in rows], pa.int8())  # null btype == 0
+        else:
+            c["label"] = np.array([r[3] % 2 for r in rows], np.int8)
+            c["p_true"] = np.linspace(0, 1, n)
+            c["slot"] = pa.array(slots, pa.int64())
+        tbl = pa.table(c, schema=block_schema(table, ["slot"], has_btype=True, has_p_true=True))
+        return tbl.take(pa.array(np.asarray(order, np.int64))) if n else tbl
+
+    return cols(beh, b_order, "behaviors"), cols(imp, i_order, "impressions")
 
 
 @settings(max_examples=300, deadline=None)
-@given(user_logs())
+@given(partition_logs())
+def test_equals_the_per_user_reference(log):
+    beh, imp = _tables(*log)
+    got = reduce_partition(beh, imp, CTX_VOCAB)
+    want = reference_partition(beh, imp, CTX_VOCAB)
+    assert got["sequences"].to_pydict() == want["sequences"]
+    samples = got["samples"].to_pydict()
+    assert sorted(zip(*samples.values(), strict=True), key=repr) == sorted(
+        zip(*(want["samples"][k] for k in samples), strict=True), key=repr
+    )
+    assert got["duplicates"].keys() == want["duplicates"].keys()
+    for name, rows in got["duplicates"].items():
+        assert rows.sort_by([("source_file", "ascending"), ("source_row", "ascending")]).equals(
+            want["duplicates"][name].sort_by([("source_file", "ascending"), ("source_row", "ascending")])
+        )
+
+
+@settings(max_examples=300, deadline=None)
+@given(partition_logs(max_users=1))
 def test_hist_len_is_count_strictly_before(log):
-    b_ts, b_item, i_ts, i_item, order = log
-    row = user_row(_work_table(*log), USER_VOCAB, []).to_pylist()[0]
-    distinct_b = sorted(set(zip(b_ts, b_item, strict=True)))
-    seq_ts = row["ts"]
-    assert seq_ts == sorted(seq_ts)
-    assert len(seq_ts) == len(distinct_b)
-    assert row["user_idx"] == 3  # rank of 42 in USER_VOCAB + 2
-    for ts, hist_len in zip(row["s_ts"], row["s_hist_len"], strict=True):
-        assert hist_len == sum(1 for t, _ in distinct_b if t < ts)
-        assert all(t < ts for t in seq_ts[:hist_len])  # nothing at or after the sample's ts is visible
-        assert all(t >= ts for t in seq_ts[hist_len:])
-    distinct_i = set(zip(i_ts, i_item, strict=True))
-    assert len(row["s_ts"]) == len(distinct_i)
-    assert len(row["dup_kind"]) == (len(b_ts) - len(distinct_b)) + (len(i_ts) - len(distinct_i))
+    beh_rows, imp_rows, *_ = log
+    beh, imp = _tables(*log)
+    out = reduce_partition(beh, imp, CTX_VOCAB)
+    seq = out["sequences"].to_pylist()[0]
+    distinct_b = {(ts, item, bt) for _, ts, item, bt in beh_rows}
+    assert seq["ts"] == sorted(seq["ts"]) and len(seq["ts"]) == len(distinct_b)
+    samples = out["samples"].to_pydict()
+    assert len(samples["ts"]) == len({(ts, item) for _, ts, item, _ in imp_rows})
+    for ts, hist_len in zip(samples["ts"], samples["hist_len"], strict=True):
+        assert hist_len == sum(1 for t, _, _ in distinct_b if t < ts)
+        assert all(t < ts for t in seq["ts"][:hist_len])  # nothing at or after the sample's ts is visible
+        assert all(t >= ts for t in seq["ts"][hist_len:])
 
 
 @settings(max_examples=100, deadline=None)
-@given(user_logs())
+@given(partition_logs(max_users=1))
 def test_ties_keep_input_order(log):
     """Behaviors at the same ts stay in input order (source_file, source_row), whatever order rows arrive in."""
-    b_ts, b_item, *_ = log
-    row = user_row(_work_table(*log), USER_VOCAB, []).to_pylist()[0]
-    first_seen: dict[tuple[int, int], int] = {}
-    for pos, key in enumerate(zip(b_ts, b_item, strict=True)):
-        first_seen.setdefault(key, pos)
-    expected = sorted(first_seen, key=lambda k: (k[0], first_seen[k]))
-    assert list(zip(row["ts"], row["item_idx"], strict=True)) == expected
+    beh, imp = _tables(*log)
+    seq = reduce_partition(beh, imp, CTX_VOCAB)["sequences"].to_pylist()
+    if not beh.num_rows:
+        return
+    rows = sorted(range(beh.num_rows), key=lambda i: (beh["source_file"][i].as_py(), beh["source_row"][i].as_py()))
+    first: dict[tuple, int] = {}
+    for rank, i in enumerate(rows):
+        key = (beh["ts"][i].as_py(), beh["item_idx"][i].as_py(), beh["btype"][i].as_py() or 0)
+        first.setdefault(key, rank)
+    expected = [(k[0], k[1]) for k in sorted(first, key=lambda k: (k[0], first[k]))]
+    assert list(zip(seq[0]["ts"], seq[0]["item_idx"], strict=True)) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(0, 2**63 - 1), st.integers(0, 1)), max_size=30))
+def test_sort_key_orders_like_the_tuple(rows):
+    """Packed keys sort like (user, ts, kind), also when the raw ranges need all 64 bits (dense ranks)."""
+    user = np.array([r[0] for r in rows], np.int64)
+    ts = np.array([r[1] for r in rows], np.int64)
+    kind = np.array([r[2] for r in rows], np.int8)
+    key, shift = sort_key(user, ts, kind)
+    by_key = sorted(range(len(rows)), key=lambda i: (key[i], i))
+    by_tuple = sorted(range(len(rows)), key=lambda i: (rows[i], i))
+    assert [rows[i] for i in by_key] == [rows[i] for i in by_tuple]
+    for i in range(len(rows)):  # the user part alone orders users
+        for j in range(len(rows)):
+            assert (key[i] >> shift < key[j] >> shift) == (rows[i][0] < rows[j][0])

@@ -180,7 +180,7 @@ def test_id_space_clashes_are_refused_at_scan(table, column, clash, user_raw, tm
 
 def test_build_checks_paths_from_names_even_past_the_scan(user_raw, tmp_path, ray_local, monkeypatch):
     """Defence in depth: with the scan's name check switched off, the vocabulary path is still refused."""
-    import pipelines.validate as V
+    import pipelines.scan as V
 
     monkeypatch.setattr(V, "_check_name", lambda *a: None)
     items = user_raw / "items.parquet"
