@@ -62,7 +62,7 @@ from pipelines.partition import HIST_BINS, histogram, quantile_rank, select_rank
 from pipelines.rows import LOG_TABLES, SAMPLE_PER_BUILD, block_schema, map_rows, row_tasks, sample_user_ids, user_bounds
 from pipelines.scan import RawTable, scan_raw
 from pipelines.validate import R_DUP_BEHAVIOR, R_DUP_IMPRESSION, DataError
-from pipelines.vocab import IdMap, vocab_path, write_vocab
+from pipelines.vocab import IdMap, ItemLookup, vocab_path, write_vocab
 
 __all__ = ["FAULT_ACTION_ENV", "FAULT_DIR_ENV", "FAULT_STAGE_ENV", "DATASET_MARKER", "build_dataset"]
 
@@ -149,7 +149,7 @@ def _init_ray(cfg: BuildConfig, address: str | None) -> bool:
     else:
         ray.init(
             num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-            object_store_memory=cfg.ray.object_store_mb * 2**20,
+            object_store_memory=cfg.ray.object_store_mb * 2**20 if cfg.ray.object_store_mb else None,
             include_dashboard=False,
             log_to_driver=False,
         )
@@ -225,10 +225,10 @@ def _build_into(
                 "context_columns": context_cols,
                 "quarantine_dir": str(qroot),
             }
-            lookups = ray.put((IdMap(vocabs["item"]), items["cate_of_item"]))
+            item_map = ray.put(IdMap(vocabs["item"]))
             map_fn = ray.remote(map_rows).options(num_returns=n_parts + 1)
             log.info("rows: %d tasks over %s log rows, %d user partitions", len(tasks), f"{log_rows:,}", n_parts)
-            outs = [map_fn.remote(t, spec_rows, lookups) for t in tasks]
+            outs = [map_fn.remote(t, spec_rows, item_map) for t in tasks]
             mapped = _gather([o[0] for o in outs], "rows", log_rows, lambda s: s["rows_in"])
         for s in mapped:
             for r, n in s["reasons"].items():
@@ -250,6 +250,7 @@ def _build_into(
             spec_sort = {
                 "block_schemas": schemas,
                 "context_vocabs_ref": ray.put(context_vocabs) if context_vocabs else None,
+                "items_ref": ray.put(ItemLookup(vocabs["item"], items["cate_of_item"])),
                 "files": files,
                 "quarantine_dir": str(qroot),
                 "ts_hist": None if explicit else (ts_lo, ts_width),

@@ -42,7 +42,7 @@ class SplitConfig(_Strict):
 
 class RayConfig(_Strict):
     num_cpus: int | None = None
-    object_store_mb: int = 1024
+    object_store_mb: int | None = None
     rows_per_task: int = 500_000
     num_partitions: int | None = None
     rows_per_partition: int = 4_000_000

@@ -37,8 +37,9 @@ import pyarrow.compute as pc
 from features.schema import FIRST_IDX, SPLITS, idx_column
 from pipelines.faults import fault_point
 from pipelines.outdirs import write_parquet_atomic
+from pipelines.rows import SOURCE_ROW_BITS
 from pipelines.validate import R_DUP_BEHAVIOR, R_DUP_IMPRESSION
-from pipelines.vocab import map_nullable, vocab_table
+from pipelines.vocab import ItemLookup, map_nullable, vocab_table
 
 HIST_BINS = 65_536  # bins per histogram round of the quantile selection
 MAX_BIN_VALUES = 1 << 20  # a bin with at most this many values is gathered and sorted instead of split again
@@ -50,13 +51,12 @@ def _bits(span: int) -> int:
 
 
 def _in_input_order(tbl: pa.Table) -> pa.Table:
-    """The rows of one log table sorted by (source_file, source_row), which they already are when they come from
-    the map tasks in task order (checked in one pass; sorted only if not, e.g. in tests)."""
-    f = np.asarray(tbl["source_file"], dtype=np.int64)
-    r = np.asarray(tbl["source_row"])
-    if len(f) < 2 or bool(np.all((f[1:] > f[:-1]) | ((f[1:] == f[:-1]) & (r[1:] > r[:-1])))):
+    """The rows of one log table sorted by `source` (file, row), which they already are when they come from the map
+    tasks in task order (checked in one pass; sorted only if not, e.g. in tests)."""
+    src = np.asarray(tbl["source"])
+    if len(src) < 2 or bool(np.all(src[1:] > src[:-1])):
         return tbl
-    return tbl.take(pa.array(np.lexsort((r, f))))
+    return tbl.take(pa.array(np.argsort(src, kind="stable")))
 
 
 def sort_key(user: np.ndarray, ts: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, int]:
@@ -91,7 +91,9 @@ def _list_column(offsets: np.ndarray, values: np.ndarray, typ: pa.DataType) -> p
     return pa.chunked_array(chunks, pa.list_(typ))
 
 
-def reduce_partition(beh: pa.Table, imp: pa.Table, context_vocabs: dict[str, np.ndarray]) -> dict[str, Any]:
+def reduce_partition(
+    beh: pa.Table, imp: pa.Table, items: ItemLookup, context_vocabs: dict[str, np.ndarray]
+) -> dict[str, Any]:
     """All kept rows of a set of users (block schemas of `pipelines.rows`) -> sequences, samples, duplicates.
 
     Returns {"sequences": user_id + list columns, one row per user (every user with a kept row, ascending),
@@ -103,6 +105,7 @@ def reduce_partition(beh: pa.Table, imp: pa.Table, context_vocabs: dict[str, np.
     user = np.concatenate([np.asarray(beh["user_id"]), np.asarray(imp["user_id"])])
     ts = np.concatenate([np.asarray(beh["ts"]), np.asarray(imp["ts"])])
     item = np.concatenate([np.asarray(beh["item_idx"]), np.asarray(imp["item_idx"])])
+    cate = items.cate_of_item[item]
     has_btype = "btype" in beh.column_names
     btype_b = np.asarray(beh["btype"].fill_null(0), dtype=np.int8) if has_btype else np.zeros(nb, np.int8)
     btype = np.concatenate([btype_b, np.zeros(ni, np.int8)])
@@ -146,7 +149,7 @@ def reduce_partition(beh: pa.Table, imp: pa.Table, context_vocabs: dict[str, np.
     seq_cols = {
         "user_id": pa.array(user[order[starts]], pa.int64()),
         "item_idx": _list_column(offsets, item[rows_b], pa.int32()),
-        "cate_idx": _list_column(offsets, np.asarray(beh["cate_idx"])[rows_b], pa.int32()),
+        "cate_idx": _list_column(offsets, cate[rows_b], pa.int32()),
         "ts": _list_column(offsets, ts[rows_b], pa.int64()),
     }
     if has_btype:
@@ -159,7 +162,7 @@ def reduce_partition(beh: pa.Table, imp: pa.Table, context_vocabs: dict[str, np.
     samples: dict[str, Any] = {
         "user_local": pa.array(user_run[pos_i].astype(np.int64)),
         "item_idx": pa.array(item[nb:][rows_i]),
-        "cate_idx": imp["cate_idx"].take(take_i),
+        "cate_idx": pa.array(cate[nb:][rows_i]),
         "ts": pa.array(ts[nb:][rows_i]),
         "label": imp["label"].take(take_i),
         "hist_len": pa.array(hist_len.astype(np.int32)),
@@ -176,8 +179,18 @@ def reduce_partition(beh: pa.Table, imp: pa.Table, context_vocabs: dict[str, np.
         ("impressions", imp, rows_d[rows_d >= nb] - nb, R_DUP_IMPRESSION),
     ):
         if len(rows):
-            t = tbl.select(["user_id", "item_id", "ts", "source_file", "source_row"]).take(pa.array(rows))
-            duplicates[name] = t.add_column(3, "reason", pa.array([reason] * len(rows), pa.string()))
+            t = tbl.select(["user_id", "item_idx", "ts", "source"]).take(pa.array(rows))
+            src = np.asarray(t["source"])
+            duplicates[name] = pa.table(
+                {
+                    "user_id": t["user_id"],
+                    "item_id": pa.array(items.vocab[np.asarray(t["item_idx"]) - FIRST_IDX]),
+                    "ts": t["ts"],
+                    "reason": pa.array([reason] * len(rows), pa.string()),
+                    "source_file": pa.array((src >> SOURCE_ROW_BITS).astype(np.int32)),
+                    "source_row": pa.array(src & ((1 << SOURCE_ROW_BITS) - 1)),
+                }
+            )
     return {"sequences": pa.table(seq_cols), "samples": pa.table(samples), "duplicates": duplicates}
 
 
@@ -193,7 +206,7 @@ def sort_task(part: int, spec: dict[str, Any], n_beh_blocks: int, *blocks: pa.Ta
     beh = pa.concat_tables([schemas["behaviors"].empty_table(), *blocks[:n_beh_blocks]])
     imp = pa.concat_tables([schemas["impressions"].empty_table(), *blocks[n_beh_blocks:]])
     context_vocabs = ray.get(spec["context_vocabs_ref"]) if spec["context_vocabs_ref"] is not None else {}
-    result = reduce_partition(beh, imp, context_vocabs)
+    result = reduce_partition(beh, imp, ray.get(spec["items_ref"]), context_vocabs)
     name = f"duplicates-part-{part:05d}.parquet"
     dup_counts = {}
     for table, rows in result.pop("duplicates").items():

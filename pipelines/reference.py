@@ -8,16 +8,24 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from features.schema import idx_column
+from features.schema import FIRST_IDX, idx_column
+from pipelines.rows import SOURCE_ROW_BITS
 from pipelines.validate import R_DUP_BEHAVIOR, R_DUP_IMPRESSION
+from pipelines.vocab import ItemLookup
 
 
-def reference_partition(beh: pa.Table, imp: pa.Table, context_vocabs: dict[str, np.ndarray]) -> dict[str, Any]:
+def reference_partition(
+    beh: pa.Table, imp: pa.Table, items: ItemLookup, context_vocabs: dict[str, np.ndarray]
+) -> dict[str, Any]:
     """Per user (ascending user_id): behaviors in (ts, input order), a behavior equal to an earlier one on
     (ts, item, btype) is a duplicate; impressions likewise on (ts, item); an impression's hist_len is the number of
     the user's kept behaviors with ts strictly before its ts."""
-    b_rows = sorted(beh.to_pylist(), key=lambda r: (r["source_file"], r["source_row"]))
-    i_rows = sorted(imp.to_pylist(), key=lambda r: (r["source_file"], r["source_row"]))
+    b_rows = sorted(beh.to_pylist(), key=lambda r: r["source"])  # input order: (file, row)
+    i_rows = sorted(imp.to_pylist(), key=lambda r: r["source"])
+    for r in b_rows + i_rows:
+        r["cate_idx"] = int(items.cate_of_item[r["item_idx"]])
+        r["item_id"] = int(items.vocab[r["item_idx"] - FIRST_IDX])
+        r["source_file"], r["source_row"] = r["source"] >> SOURCE_ROW_BITS, r["source"] & ((1 << SOURCE_ROW_BITS) - 1)
     users = sorted({r["user_id"] for r in b_rows} | {r["user_id"] for r in i_rows})
     has_btype = "btype" in beh.column_names
     seqs: dict[str, list] = {"user_id": [], "item_idx": [], "cate_idx": [], "ts": []} | (

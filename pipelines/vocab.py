@@ -7,6 +7,7 @@ through, an `IdMap`, which uses a dense lookup table when the ids are compact en
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,13 @@ class IdMap:
         inside = (off >= 0) & (off < len(self.lut))
         idx = np.where(inside, self.lut[np.where(inside, off, 0)], 1).astype(np.int32)
         return idx, idx != 1
+
+
+class ItemLookup(NamedTuple):
+    """What follows from an item idx: its raw id (vocab[idx - FIRST_IDX]) and its cate idx (cate_of_item[idx])."""
+
+    vocab: np.ndarray
+    cate_of_item: np.ndarray
 
 
 def map_nullable(vocab: np.ndarray, values: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 from pipelines.partition import reduce_partition, sort_key
 from pipelines.reference import reference_partition
-from pipelines.rows import block_schema
+from pipelines.rows import SOURCE_ROW_BITS, block_schema
+from pipelines.vocab import ItemLookup
 
 CTX_VOCAB = {"slot": np.array([3, 7, 9], dtype=np.int64)}
+ITEMS = ItemLookup(vocab=np.arange(2, 7, dtype=np.int64) * 1000, cate_of_item=np.array([0, 0, 4, 2, 3, 4, 2], np.int32))
 
 
 @st.composite
@@ -40,12 +42,10 @@ def _tables(beh, imp, slots, b_order, i_order) -> tuple[pa.Table, pa.Table]:
         n = len(rows)
         c = {
             "user_id": np.array([r[0] for r in rows], np.int64),
-            "item_id": np.array([r[2] * 1000 for r in rows], np.int64),
             "item_idx": np.array([r[2] for r in rows], np.int32),
-            "cate_idx": np.array([r[2] % 3 + 2 for r in rows], np.int32),
             "ts": np.array([r[1] for r in rows], np.int64),
-            "source_file": np.array([i % 2 for i in range(n)], np.int32),  # two files, interleaved rows
-            "source_row": np.arange(n, dtype=np.int64) // 2,
+            # two files, interleaved rows: (file i % 2, row i // 2)
+            "source": (np.arange(n, dtype=np.int64) % 2 << SOURCE_ROW_BITS) | (np.arange(n, dtype=np.int64) // 2),
         }
         if table == "behaviors":
             c["btype"] = pa.array([r[3] if r[3] else None for r in rows], pa.int8())  # null btype == 0
@@ -63,8 +63,8 @@ def _tables(beh, imp, slots, b_order, i_order) -> tuple[pa.Table, pa.Table]:
 @given(partition_logs())
 def test_equals_the_per_user_reference(log):
     beh, imp = _tables(*log)
-    got = reduce_partition(beh, imp, CTX_VOCAB)
-    want = reference_partition(beh, imp, CTX_VOCAB)
+    got = reduce_partition(beh, imp, ITEMS, CTX_VOCAB)
+    want = reference_partition(beh, imp, ITEMS, CTX_VOCAB)
     assert got["sequences"].to_pydict() == want["sequences"]
     samples = got["samples"].to_pydict()
     assert sorted(zip(*samples.values(), strict=True), key=repr) == sorted(
@@ -82,7 +82,7 @@ def test_equals_the_per_user_reference(log):
 def test_hist_len_is_count_strictly_before(log):
     beh_rows, imp_rows, *_ = log
     beh, imp = _tables(*log)
-    out = reduce_partition(beh, imp, CTX_VOCAB)
+    out = reduce_partition(beh, imp, ITEMS, CTX_VOCAB)
     seq = out["sequences"].to_pylist()[0]
     distinct_b = {(ts, item, bt) for _, ts, item, bt in beh_rows}
     assert seq["ts"] == sorted(seq["ts"]) and len(seq["ts"]) == len(distinct_b)
@@ -99,10 +99,10 @@ def test_hist_len_is_count_strictly_before(log):
 def test_ties_keep_input_order(log):
     """Behaviors at the same ts stay in input order (source_file, source_row), whatever order rows arrive in."""
     beh, imp = _tables(*log)
-    seq = reduce_partition(beh, imp, CTX_VOCAB)["sequences"].to_pylist()
+    seq = reduce_partition(beh, imp, ITEMS, CTX_VOCAB)["sequences"].to_pylist()
     if not beh.num_rows:
         return
-    rows = sorted(range(beh.num_rows), key=lambda i: (beh["source_file"][i].as_py(), beh["source_row"][i].as_py()))
+    rows = sorted(range(beh.num_rows), key=lambda i: beh["source"][i].as_py())  # input order
     first: dict[tuple, int] = {}
     for rank, i in enumerate(rows):
         key = (beh["ts"][i].as_py(), beh["item_idx"][i].as_py(), beh["btype"][i].as_py() or 0)
