@@ -189,9 +189,24 @@ def _build_into(
         d.mkdir(parents=True)
     for name in tables:
         (qroot / name).mkdir(parents=True)
-    with timer("items"):
+    started = _init_ray(cfg, address)
+    try:
+        return _stages(raw_dir, out, tables, cfg, timer)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _stages(raw_dir: Path, out: Path, tables: dict[str, RawTable], cfg: BuildConfig, timer: StageTimer) -> dict:
+    """The stages after the scan, in order, on a running Ray."""
+    import ray
+
+    qroot = out / "quarantine"
+    work = out / "_work"
+    with timer("items"):  # a task too: the catalog (64-dim embeddings: 128 MB at 500K items) stays off the driver
         log.info("items: validating %d rows", tables["items"].rows)
-        items = build_items(tables["items"], out)
+        build = ray.remote(build_items).remote(tables["items"], out)
+        items = _gather([build], "items", tables["items"].rows, lambda s: s["rows_in"])[0]
     vocabs: dict[str, np.ndarray] = dict(items["vocabs"])
     imp = tables["impressions"]
     context_cols = list(imp.extra_int64)
@@ -201,105 +216,100 @@ def _build_into(
     files = {name: [str(f.path) for f in t.files] for name, t in tables.items()}
     reasons: dict[str, dict[str, int]] = {"items": items["quarantine_reasons"], "behaviors": {}, "impressions": {}}
 
-    started = _init_ray(cfg, address)
-    try:
-        num_cpus = int(ray.cluster_resources().get("CPU", 1))
-        tasks = row_tasks(tables, cfg.ray.rows_per_task)
-        log_rows = sum(t["rows"] for t in tasks)
-        partitions = cfg.ray.num_partitions or max(2 * num_cpus, -(-log_rows // cfg.ray.rows_per_partition))
-        hash_refs = {name: [ray.remote(file_sha256).remote(p) for p in paths] for name, paths in files.items()}
+    num_cpus = int(ray.cluster_resources().get("CPU", 1))
+    tasks = row_tasks(tables, cfg.ray.rows_per_task)
+    log_rows = sum(t["rows"] for t in tasks)
+    partitions = cfg.ray.num_partitions or max(2 * num_cpus, -(-log_rows // cfg.ray.rows_per_partition))
+    hash_refs = {name: [ray.remote(file_sha256).remote(p) for p in paths] for name, paths in files.items()}
 
-        with timer("bounds"):
-            k = max(1, SAMPLE_PER_BUILD // len(tasks))
-            sample = ray.remote(sample_user_ids)
-            samples = _gather([sample.remote(t, k) for t in tasks], "user ids", log_rows, lambda s: s["rows"])
-            bounds = user_bounds([s["ids"] for s in samples], partitions)
-        n_parts = len(bounds) + 1
+    with timer("bounds"):
+        k = max(1, SAMPLE_PER_BUILD // len(tasks))
+        sample = ray.remote(sample_user_ids)
+        samples = _gather([sample.remote(t, k) for t in tasks], "user ids", log_rows, lambda s: s["rows"])
+        bounds = user_bounds([s["ids"] for s in samples], partitions)
+    n_parts = len(bounds) + 1
 
-        with timer("rows"):
-            spec_rows = {
-                "tables": {name: {"columns": t.columns, "required": t.required} for name, t in tables.items()},
-                "files": files,
-                "block_schemas": schemas,
-                "bounds": bounds,
-                "context_columns": context_cols,
-                "quarantine_dir": str(qroot),
-            }
-            item_map = ray.put(IdMap(vocabs["item"]))
-            map_fn = ray.remote(map_rows).options(num_returns=n_parts + 1)
-            log.info("rows: %d tasks over %s log rows, %d user partitions", len(tasks), f"{log_rows:,}", n_parts)
-            outs = [map_fn.remote(t, spec_rows, item_map) for t in tasks]
-            mapped = _gather([o[0] for o in outs], "rows", log_rows, lambda s: s["rows_in"])
-        for s in mapped:
-            for r, n in s["reasons"].items():
-                reasons[s["table"]][r] = reasons[s["table"]].get(r, 0) + n
-        context_vocabs = {
-            c: np.unique(np.concatenate([s["context_values"][c] for s in mapped if s["table"] == "impressions"]))
-            for c in context_cols
+    with timer("rows"):
+        spec_rows = {
+            "tables": {name: {"columns": t.columns, "required": t.required} for name, t in tables.items()},
+            "files": files,
+            "block_schemas": schemas,
+            "bounds": bounds,
+            "context_columns": context_cols,
+            "quarantine_dir": str(qroot),
         }
-        vocabs.update({c: v for c, v in context_vocabs.items()})
-        imp_summ = [s for s in mapped if s["table"] == "impressions" and s["rows_kept"]]
-        n_imp = sum(s["rows_kept"] for s in imp_summ)
-        if n_imp == 0:
-            raise DataError("every impression was quarantined: nothing to build samples from (see quarantine/)")
-        ts_lo, ts_hi = min(s["ts_min"] for s in imp_summ), max(s["ts_max"] for s in imp_summ)
-        ts_width = -(-(ts_hi - ts_lo + 1) // HIST_BINS)
-        explicit = cfg.split.valid_start_ts is not None
+        item_map = ray.put(IdMap(vocabs["item"]))
+        map_fn = ray.remote(map_rows).options(num_returns=n_parts + 1)
+        log.info("rows: %d tasks over %s log rows, %d user partitions", len(tasks), f"{log_rows:,}", n_parts)
+        outs = [map_fn.remote(t, spec_rows, item_map) for t in tasks]
+        mapped = _gather([o[0] for o in outs], "rows", log_rows, lambda s: s["rows_in"])
+    for s in mapped:
+        for r, n in s["reasons"].items():
+            reasons[s["table"]][r] = reasons[s["table"]].get(r, 0) + n
+    context_vocabs = {
+        c: np.unique(np.concatenate([s["context_values"][c] for s in mapped if s["table"] == "impressions"]))
+        for c in context_cols
+    }
+    vocabs.update({c: v for c, v in context_vocabs.items()})
+    imp_summ = [s for s in mapped if s["table"] == "impressions" and s["rows_kept"]]
+    n_imp = sum(s["rows_kept"] for s in imp_summ)
+    if n_imp == 0:
+        raise DataError("every impression was quarantined: nothing to build samples from (see quarantine/)")
+    ts_lo, ts_hi = min(s["ts_min"] for s in imp_summ), max(s["ts_max"] for s in imp_summ)
+    ts_width = -(-(ts_hi - ts_lo + 1) // HIST_BINS)
+    explicit = cfg.split.valid_start_ts is not None
 
-        with timer("partition"):
-            spec_sort = {
-                "block_schemas": schemas,
-                "context_vocabs_ref": ray.put(context_vocabs) if context_vocabs else None,
-                "items_ref": ray.put(ItemLookup(vocabs["item"], items["cate_of_item"])),
-                "files": files,
-                "quarantine_dir": str(qroot),
-                "ts_hist": None if explicit else (ts_lo, ts_width),
-            }
-            order = [t["task_id"] for t in tasks if t["table"] == "behaviors"]
-            order += [t["task_id"] for t in tasks if t["table"] == "impressions"]
-            n_beh = sum(1 for t in tasks if t["table"] == "behaviors")
-            sort_fn = ray.remote(sort_task).options(num_returns=2)
-            waves = [sort_fn.remote(p, spec_sort, n_beh, *(outs[t][1 + p] for t in order)) for p in range(n_parts)]
-            shuffle_bytes = sum(sum(s["block_bytes"]) for s in mapped)
-            rows_of_part = [sum(s["block_rows"][p] for s in mapped) for p in range(n_parts)]
-            del outs  # each block is freed once its partition's task has read it
-            sorted_parts = _gather(
-                [w[0] for w in waves], "partitions", sum(rows_of_part), lambda s: rows_of_part[s["part"]]
-            )
-            results = [w[1] for w in waves]
-        for s in sorted_parts:
-            for table, n in s["duplicates"].items():
-                reason = R_DUP_BEHAVIOR if table == "behaviors" else R_DUP_IMPRESSION
-                reasons[table][reason] = reasons[table].get(reason, 0) + n
-        user_counts = np.array([s["users"] for s in sorted_parts], np.int64)
-        user_offsets = np.concatenate([[0], np.cumsum(user_counts)[:-1]])
+    with timer("partition"):
+        spec_sort = {
+            "block_schemas": schemas,
+            "context_vocabs_ref": ray.put(context_vocabs) if context_vocabs else None,
+            "items_ref": ray.put(ItemLookup(vocabs["item"], items["cate_of_item"])),
+            "files": files,
+            "quarantine_dir": str(qroot),
+            "ts_hist": None if explicit else (ts_lo, ts_width),
+        }
+        order = [t["task_id"] for t in tasks if t["table"] == "behaviors"]
+        order += [t["task_id"] for t in tasks if t["table"] == "impressions"]
+        n_beh = sum(1 for t in tasks if t["table"] == "behaviors")
+        sort_fn = ray.remote(sort_task).options(num_returns=2)
+        waves = [sort_fn.remote(p, spec_sort, n_beh, *(outs[t][1 + p] for t in order)) for p in range(n_parts)]
+        shuffle_bytes = sum(sum(s["block_bytes"]) for s in mapped)
+        rows_of_part = [sum(s["block_rows"][p] for s in mapped) for p in range(n_parts)]
+        del outs  # each block is freed once its partition's task has read it
+        sorted_parts = _gather(
+            [w[0] for w in waves], "partitions", sum(rows_of_part), lambda s: rows_of_part[s["part"]]
+        )
+        results = [w[1] for w in waves]
+    for s in sorted_parts:
+        for table, n in s["duplicates"].items():
+            reason = R_DUP_BEHAVIOR if table == "behaviors" else R_DUP_IMPRESSION
+            reasons[table][reason] = reasons[table].get(reason, 0) + n
+    user_counts = np.array([s["users"] for s in sorted_parts], np.int64)
+    user_offsets = np.concatenate([[0], np.cumsum(user_counts)[:-1]])
 
-        with timer("split"):
-            if explicit:
-                valid_start, test_start = int(cfg.split.valid_start_ts), int(cfg.split.test_start_ts)  # type: ignore[arg-type]
-            else:
-                valid_start, test_start = _split_boundaries(cfg, n_imp, ts_lo, ts_hi, ts_width, sorted_parts, results)
+    with timer("split"):
+        if explicit:
+            valid_start, test_start = int(cfg.split.valid_start_ts), int(cfg.split.test_start_ts)  # type: ignore[arg-type]
+        else:
+            valid_start, test_start = _split_boundaries(cfg, n_imp, ts_lo, ts_hi, ts_width, sorted_parts, results)
 
-        with timer("write"):
-            spec_write = {
-                "out": str(out),
-                "users_dir": str(work / "users"),
-                "valid_start_ts": valid_start,
-                "test_start_ts": test_start,
-                "rows_per_row_group": cfg.output.rows_per_row_group,
-            }
-            write_fn = ray.remote(write_task)
-            written = _gather(
-                [write_fn.remote(p, results[p], int(user_offsets[p]), spec_write) for p in range(n_parts)],
-                "write",
-                sum(s["samples"] for s in sorted_parts),
-                lambda s: sum(x["rows"] for x in s["splits"].values()),
-            )
-            del results
-            sha256 = {name: ray.get(refs) for name, refs in hash_refs.items()}
-    finally:
-        if started:
-            ray.shutdown()
+    with timer("write"):
+        spec_write = {
+            "out": str(out),
+            "users_dir": str(work / "users"),
+            "valid_start_ts": valid_start,
+            "test_start_ts": test_start,
+            "rows_per_row_group": cfg.output.rows_per_row_group,
+        }
+        write_fn = ray.remote(write_task)
+        written = _gather(
+            [write_fn.remote(p, results[p], int(user_offsets[p]), spec_write) for p in range(n_parts)],
+            "write",
+            sum(s["samples"] for s in sorted_parts),
+            lambda s: sum(x["rows"] for x in s["splits"].values()),
+        )
+        del results
+        sha256 = {name: ray.get(refs) for name, refs in hash_refs.items()}
 
     with timer("manifest"):
         sweep_tmp_files(out)  # temporary files of task attempts that were killed
