@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -56,7 +57,7 @@ from features.schema import FIRST_IDX, SPLITS
 from pipelines.config import BuildConfig
 from pipelines.faults import FAULT_ACTION_ENV, FAULT_DIR_ENV, FAULT_STAGE_ENV
 from pipelines.items import build_items
-from pipelines.manifest import build_manifest, file_sha256
+from pipelines.manifest import build_manifest, file_sha256, merge_counts
 from pipelines.outdirs import OutputLock, clean_stale_siblings, sibling, sweep_tmp_files
 from pipelines.partition import HIST_BINS, histogram, quantile_rank, select_ranks, sort_task, values_in, write_task
 from pipelines.rows import LOG_TABLES, SAMPLE_PER_BUILD, block_schema, map_rows, row_tasks, sample_user_ids, user_bounds
@@ -128,6 +129,7 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.driver_peak_rss_mb: dict[str, float] = {}  # the driver's peak RSS so far, at the end of each stage
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -136,6 +138,7 @@ class StageTimer:
             yield
         finally:
             self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.time() - t0, 3)
+            self.driver_peak_rss_mb[stage] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _init_ray(cfg: BuildConfig, address: str | None) -> bool:
@@ -156,9 +159,11 @@ def _init_ray(cfg: BuildConfig, address: str | None) -> bool:
     return True
 
 
-def _gather(refs: list[Any], desc: str, total: int, rows_of: Any) -> list[Any]:
+def _gather(refs: list[Any], desc: str, total: int, rows_of: Any, fold: Any = None) -> list[Any]:
     """ray.get every ref in submission order, with a progress bar of rows (`rows_of(result)`) at rows/s; a task
-    that raised a UserError (bad input) re-raises it as it is, without Ray's wrapping."""
+    that raised a UserError (bad input) re-raises it as it is, without Ray's wrapping. `fold(result)`, when given,
+    sees each result as it arrives and may move its bulky parts into a running total (so that the driver holds one
+    total, not one per task)."""
     import ray
     from tqdm import tqdm
 
@@ -175,6 +180,8 @@ def _gather(refs: list[Any], desc: str, total: int, rows_of: Any) -> list[Any]:
                         raise exc.cause from None
                     raise
                 bar.update(rows_of(results[ref]))
+                if fold is not None:
+                    fold(results[ref])
     return [results[r] for r in refs]
 
 
@@ -276,8 +283,14 @@ def _stages(raw_dir: Path, out: Path, tables: dict[str, RawTable], cfg: BuildCon
         shuffle_bytes = sum(sum(s["block_bytes"]) for s in mapped)
         rows_of_part = [sum(s["block_rows"][p] for s in mapped) for p in range(n_parts)]
         del outs  # each block is freed once its partition's task has read it
+        ts_hist = np.zeros(HIST_BINS, np.int64)
+
+        def add_hist(summary: dict[str, Any]) -> None:
+            if "ts_hist" in summary:
+                ts_hist[:] += summary.pop("ts_hist")
+
         sorted_parts = _gather(
-            [w[0] for w in waves], "partitions", sum(rows_of_part), lambda s: rows_of_part[s["part"]]
+            [w[0] for w in waves], "partitions", sum(rows_of_part), lambda s: rows_of_part[s["part"]], add_hist
         )
         results = [w[1] for w in waves]
     for s in sorted_parts:
@@ -291,7 +304,7 @@ def _stages(raw_dir: Path, out: Path, tables: dict[str, RawTable], cfg: BuildCon
         if explicit:
             valid_start, test_start = int(cfg.split.valid_start_ts), int(cfg.split.test_start_ts)  # type: ignore[arg-type]
         else:
-            valid_start, test_start = _split_boundaries(cfg, n_imp, ts_lo, ts_hi, ts_width, sorted_parts, results)
+            valid_start, test_start = _split_boundaries(cfg, n_imp, ts_lo, ts_width, ts_hi, ts_hist, results)
 
     with timer("write"):
         spec_write = {
@@ -302,11 +315,18 @@ def _stages(raw_dir: Path, out: Path, tables: dict[str, RawTable], cfg: BuildCon
             "rows_per_row_group": cfg.output.rows_per_row_group,
         }
         write_fn = ray.remote(write_task)
+        lengths = {"sequence_length": (np.zeros(0, np.int64),) * 2, "hist_len": (np.zeros(0, np.int64),) * 2}
+
+        def add_lengths(summary: dict[str, Any]) -> None:
+            for key in lengths:
+                lengths[key] = merge_counts([lengths[key], summary.pop(key)])
+
         written = _gather(
             [write_fn.remote(p, results[p], int(user_offsets[p]), spec_write) for p in range(n_parts)],
             "write",
             sum(s["samples"] for s in sorted_parts),
             lambda s: sum(x["rows"] for x in s["splits"].values()),
+            add_lengths,
         )
         del results
         sha256 = {name: ray.get(refs) for name, refs in hash_refs.items()}
@@ -328,22 +348,33 @@ def _stages(raw_dir: Path, out: Path, tables: dict[str, RawTable], cfg: BuildCon
             "ray_cpus": num_cpus,
         }
         manifest = build_manifest(
-            raw_dir, out, tables, cfg, items, vocab_sizes, reasons, written, (valid_start, test_start), sha256, extra
+            raw_dir,
+            out,
+            tables,
+            cfg,
+            items,
+            vocab_sizes,
+            reasons,
+            written,
+            lengths,
+            (valid_start, test_start),
+            sha256,
+            extra,
         )
         shutil.rmtree(work)
     manifest["stages"] = dict(timer.seconds)
+    manifest["driver_peak_rss_mb"] = dict(timer.driver_peak_rss_mb)
     return manifest
 
 
 def _split_boundaries(
-    cfg: BuildConfig, n: int, lo: int, hi: int, width: int, sorted_parts: list[dict], results: list[Any]
+    cfg: BuildConfig, n: int, lo: int, width: int, hi: int, counts: np.ndarray, results: list[Any]
 ) -> tuple[int, int]:
     """The default split: impression-time quantiles 1 - valid - test and 1 - test, exactly as
     np.quantile(ts, q, method="higher") over every kept impression (before dedup), selected from the partitions'
     histograms (`partition.select_ranks`) without gathering the timestamps."""
     import ray
 
-    counts = np.sum([s["ts_hist"] for s in sorted_parts], axis=0)
     hist_remote, values_remote = ray.remote(_ts_histogram), ray.remote(_ts_values)
 
     def hist_fn(a: int, end: int, w: int) -> np.ndarray:
