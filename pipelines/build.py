@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -129,7 +128,7 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self.driver_peak_rss_mb: dict[str, float] = {}  # the driver's peak RSS so far, at the end of each stage
+        self.driver_rss_mb: dict[str, float | None] = {}  # the driver's RSS at the end of each stage
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -138,7 +137,16 @@ class StageTimer:
             yield
         finally:
             self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.time() - t0, 3)
-            self.driver_peak_rss_mb[stage] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            self.driver_rss_mb[stage] = _rss_mb()
+
+
+def _rss_mb() -> float | None:
+    """This process's resident set now (Linux /proc; ru_maxrss would not do: it is inherited across exec)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def _init_ray(cfg: BuildConfig, address: str | None) -> bool:
@@ -363,7 +371,7 @@ def _stages(raw_dir: Path, out: Path, tables: dict[str, RawTable], cfg: BuildCon
         )
         shutil.rmtree(work)
     manifest["stages"] = dict(timer.seconds)
-    manifest["driver_peak_rss_mb"] = dict(timer.driver_peak_rss_mb)
+    manifest["driver_rss_mb"] = dict(timer.driver_rss_mb)
     return manifest
 
 
