@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="importer option, e.g. neg_per_pos=2")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("build", help="raw tables -> dataset directory (Ray Data job)")
+    p = sub.add_parser("build", help="raw tables -> dataset directory (a Ray job)")
     p.add_argument("--raw", required=True, help="raw directory (items, behaviors, impressions)")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument("--config", help="YAML file layered over configs/build.yaml")
