@@ -69,6 +69,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from features.config import dump_yaml
     from pipelines.build import build_dataset
     from pipelines.config import load_build_config
 
@@ -76,6 +77,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides.append("output.overwrite=true")
     cfg = load_build_config(args.config, overrides)
+    if args.print_config:
+        print(dump_yaml(cfg.model_dump(mode="json")), end="")
+        return 0
+    _require(args, "build", "raw", "out")
     manifest = build_dataset(args.raw, args.out, cfg, address=args.address)
     print_dataset_summary(manifest, Path(args.out))
     return 0
@@ -96,9 +101,15 @@ def cmd_sid(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ctr.train.config import resolve_train_config
-    from ctr.train.trainer import train
+    from features.config import dump_yaml
 
     cfg, _ = resolve_train_config(args.model, Path(args.config) if args.config else None, args.set)
+    if args.print_config:
+        print(dump_yaml(cfg.model_dump(mode="json")), end="")
+        return 0
+    _require(args, "train", "data", "out")
+    from ctr.train.trainer import train
+
     run = train(Path(args.data), Path(args.out), cfg, nproc=args.nproc, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":
         return 0  # one process of a torchrun job: rank 0 writes the summary and reports
@@ -217,10 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("build", help="raw tables -> dataset directory (a Ray job)")
-    p.add_argument("--raw", required=True, help="raw directory (items, behaviors, impressions)")
-    p.add_argument("--out", required=True, help="dataset directory to write")
-    p.add_argument("--config", help="YAML file layered over configs/build.yaml")
+    p.add_argument("--raw", help="raw directory (items, behaviors, impressions)")
+    p.add_argument("--out", help="dataset directory to write")
+    p.add_argument("--config", help="YAML file layered over the defaults (see --print-config)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
     p.set_defaults(func=cmd_build)
@@ -240,14 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sid)
 
     p = sub.add_parser("train", help="train one model on a dataset directory")
-    p.add_argument("--data", required=True, help="dataset directory (from ctr build)")
-    p.add_argument("--model", help="registered model name (see configs/models/)")
-    p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--config", help="YAML layered over configs/models/NAME.yaml")
+    p.add_argument("--data", help="dataset directory (from ctr build)")
+    p.add_argument("--model", help="registered model name (see ctr/models/; --print-config shows its defaults)")
+    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--config", help="YAML layered over the model's defaults (see --print-config)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
     p.add_argument(
         "--nproc", type=_positive_int, default=1, help="processes (torch.distributed: gloo on CPU, nccl on GPU)"
     )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint (same --nproc)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR (its outputs cleared)")
     p.set_defaults(func=cmd_train)
@@ -301,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _terminate(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _require(args: argparse.Namespace, command: str, *names: str) -> None:
+    from features.errors import UserError
+
+    missing = [f"--{n}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise UserError(f"ctr {command}: {' and '.join(missing)} required (or --print-config to show the config)")
 
 
 def _positive_int(text: str) -> int:

@@ -1,27 +1,25 @@
-"""Configuration of the dataset builder: YAML defaults < user file < --set overrides, validated by pydantic."""
+"""Configuration of the dataset builder (`ctr build`): these defaults < ``--config FILE`` < ``--set key=value``.
+
+The grammar (layering, ``--set``, error messages) is `features.config`'s, shared by every command;
+`ctr build --print-config` prints the resolved config.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from features.errors import UserError
+from features.config import ConfigError, StrictModel, deep_merge, layers, parse_set, read_yaml, validate
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+__all__ = ["BuildConfig", "ConfigError", "deep_merge", "load_build_config", "parse_set", "read_yaml"]
 
 
-class ConfigError(UserError, ValueError):
-    """A configuration problem, with the offending key in the message."""
+class SplitConfig(StrictModel):
+    """Time-based split of impressions: explicit boundaries (seconds; valid_start_ts <= ts < test_start_ts is
+    validation, ts >= test_start_ts is test), or, when both are null, the exact time quantiles
+    1 - valid_fraction - test_fraction and 1 - test_fraction of the kept impressions."""
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SplitConfig(_Strict):
     valid_start_ts: int | None = None
     test_start_ts: int | None = None
     valid_fraction: float = 0.1
@@ -40,84 +38,36 @@ class SplitConfig(_Strict):
         return self
 
 
-class RayConfig(_Strict):
-    num_cpus: int | None = None
-    object_store_mb: int | None = None
-    rows_per_task: int = 500_000
-    num_partitions: int | None = None
-    rows_per_partition: int = 4_000_000
+class RayConfig(StrictModel):
+    num_cpus: int | None = Field(None, description="local Ray: null = all cores of this machine")
+    object_store_mb: int | None = Field(
+        None, description="local Ray object store, MiB (spills to disk beyond it); null = Ray's default, 30% of memory"
+    )
+    rows_per_task: int = Field(500_000, gt=0, description="raw rows validated per Ray task (whole row groups)")
+    num_partitions: int | None = Field(
+        None, gt=0, description="user partitions of the shuffle: null = max(2 x num_cpus, rows / rows_per_partition)"
+    )
+    rows_per_partition: int = Field(
+        4_000_000, gt=0, description="log rows per partition when num_partitions is null (a reduce task holds one)"
+    )
 
 
-class OutputConfig(_Strict):
-    rows_per_row_group: int = 131_072
-    overwrite: bool = False
+class OutputConfig(StrictModel):
+    rows_per_row_group: int = Field(
+        131_072, gt=0, description="Parquet row-group size of sample files (the loader streams row groups)"
+    )
+    overwrite: bool = Field(
+        False, description="replace an existing dataset directory (only one written by ctr build: manifest.json)"
+    )
 
 
-class BuildConfig(_Strict):
+class BuildConfig(StrictModel):
     split: SplitConfig = SplitConfig()
     ray: RayConfig = RayConfig()
     output: OutputConfig = OutputConfig()
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Merge `override` into a copy of `base`, recursing into nested mappings."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """Turn `["a.b=3", "c=x"]` into `{"a": {"b": 3}, "c": "x"}`; values are parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set split.test_fraction=0.2")
-        key, raw = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    return out
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level, found {type(data).__name__}")
-    return data
-
-
-def _explain(exc: ValidationError, source: str) -> ConfigError:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {key}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else ""))
-    return ConfigError(f"invalid build config ({source}):\n" + "\n".join(lines))
-
-
 def load_build_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BuildConfig:
-    """Resolve the build config: configs/build.yaml < `path` < `overrides` (`key=value` strings)."""
-    data = load_yaml(CONFIG_DIR / "build.yaml")
-    source = "configs/build.yaml"
-    if path is not None:
-        data = deep_merge(data, load_yaml(path))
-        source += f" < {path}"
-    if overrides:
-        data = deep_merge(data, parse_set(overrides))
-        source += " < --set"
-    try:
-        return BuildConfig.model_validate(data)
-    except ValidationError as exc:
-        raise _explain(exc, source) from None
+    """Resolve the build config: the defaults above < `path` < `overrides` (``key=value`` strings)."""
+    data, source = layers(path, overrides)
+    return validate(BuildConfig, data, "build", source)

@@ -149,7 +149,7 @@ def register(cls: type[CTRModel]) -> type[CTRModel]:
 def register_lain_variant(backbone: type[CTRModel], name: str) -> type[CTRModel]:
     """Register `name`: `backbone` with the LAIN plug-in on by default (``lain.enabled: true``; the backbone's Params
     must have a ``lain`` field). The same model and code, under its own name so that runs and reports show it beside
-    its backbone; ``configs/models/NAME.yaml`` layers the backbone's defaults and ``_lain.yaml``."""
+    its backbone (``ctr train --model NAME --print-config`` shows its defaults)."""
     from ..modules.lain import LainParams
 
     params = create_model(

@@ -22,8 +22,8 @@ official code alimama-tech/MUSE). See models.md §4.
 * short-term branch: ``MultiHeadAtt`` (linear q/k, unscaled softmax, keys as values, no mask) instead of DIN;
 * tower input ``[u_short; u_long; mean_K(F); mean_S(Sh); e_t; context; SimTier_rt; SimTier_uni]`` and a
   Dice-after-the-logits head (`DiceHead`). The release's tower is [256, 128, 64] LayerNorm-Dice with AdamW
-  2e-4 / SparseAdam 2e-3: set ``hidden: [256, 128, 64]``, ``activation: dice_ln``, ``optim.dense: adamw`` (the
-  comments in ``configs/models/muse.yaml``). Not reproduced: ``trunc_normal(0, 0.001)`` init of the tables, the
+  2e-4 / SparseAdam 2e-3: set ``hidden: [256, 128, 64]``, ``activation: dice_ln``, ``optim.dense: adamw`` (official
+  code). Not reproduced: ``trunc_normal(0, 0.001)`` init of the tables, the
   user attribute fields of Taobao-MM, the per-batch GAUC.
 
 ``dare: true``: α_ID (and the DIN short branch's scores) use DARE's attention tables, the values the

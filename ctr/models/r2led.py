@@ -9,7 +9,7 @@ What the paper specifies (models.md §5.1: abstract level; the code, abananbao/R
     * **Bi-level Fusion Refinement**: a **gate for SID-level fusion** (to bridge the semantic and collaborative
       spaces) and a **target-aware cross-attention for route-level fusion**.
 
-Documented choices (models.md §5.2 [INF]; each is a parameter, see ``configs/models/r2led.yaml``)
+Documented choices (models.md §5.2 [INF]; each is a parameter of ``R2LEDParams``)
     * SIDs: RQ-KMeans over ``items.parquet``'s ``mm_emb``, 3 levels x 256 codes (+1 reserved code), from
       ``ctr sid --data DATA_DIR`` (``pipelines/sid.py``). Read at construction into non-persistent buffers
       (``sid_codes``, ``sid_prefix``: item_idx -> codes / prefix numbers; rows 0 and 1 (padding, OOV) and items

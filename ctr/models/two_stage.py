@@ -38,7 +38,7 @@ divided by ``τ(L)``. Values are the prompt-extended behaviors. Similarity featu
 0; SimTier) count behaviors only. LAIN is built after the rest of the model, so the backbone's parameters start as
 the plain model's with the same seed, and ``lain.active = False`` computes exactly the backbone.
 
-Defaults (``configs/models/sim_*.yaml``, ``muse.yaml``) and sources:
+Defaults (the Params classes of ``sim.py`` and ``muse.py``) and sources:
 
 * ``k: 50``, ``short_len: 50``: FuxiCTR / LongCTR SIM and TWIN (topk 50, short 50), MUSE (K = 50, recent 50).
 * ``max_len: 10000``: the papers search up to ~54K (SIM) and 100K (MUSE production); 10K keeps a CPU epoch short
