@@ -100,32 +100,35 @@ def cmd_sid(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ctr.train.config import resolve_train_config
+    from ctr.config import resolve_train_config
     from features.config import dump_yaml
 
-    cfg, _ = resolve_train_config(args.model, Path(args.config) if args.config else None, args.set)
+    cfg, params = resolve_train_config(args.model, Path(args.config) if args.config else None, args.set)
     if args.print_config:
         print(dump_yaml(cfg.model_dump(mode="json")), end="")
         return 0
     _require(args, "train", "data", "out")
+    from ctr.runs import SUMMARY
     from ctr.train.trainer import train
 
-    run = train(Path(args.data), Path(args.out), cfg, nproc=args.nproc, resume=args.resume, overwrite=args.overwrite)
+    run = train(
+        Path(args.data), Path(args.out), cfg, params, nproc=args.nproc, resume=args.resume, overwrite=args.overwrite
+    )
     if os.environ.get("RANK", "0") != "0":
         return 0  # one process of a torchrun job: rank 0 writes the summary and reports
-    summary = json.loads((run / "train_summary.json").read_text())
-    if summary.get("best_valid_gauc") is None:
-        print(f"trained {cfg.model['name']}: {summary['steps']} steps; no validation split, kept the last model")
+    summary = json.loads((run / SUMMARY).read_text())
+    name, steps, score = cfg.model["name"], summary["steps"], summary.get("best_valid_score")
+    if score is None:
+        print(f"trained {name}: {steps} steps; no validation split, kept the last model")
     else:
-        print(
-            f"trained {cfg.model['name']}: {summary['steps']} steps, best valid GAUC {summary['best_valid_gauc']:.4f}"
-        )
+        metric = (summary["best_valid_metric"] or "score").upper()
+        print(f"trained {name}: {steps} steps, best valid {metric} {score:.4f}")
     print(f"run directory: {run}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ctr.evaluation.predict import evaluate_run
+    from ctr.evaluation.evaluate import evaluate_run
 
     for run in args.run:
         m = evaluate_run(Path(run), args.split)
@@ -154,10 +157,10 @@ DEMO_SETS = ["train.max_steps=250", "data.batch_size=512", "train.log_every=20",
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ctr.evaluation.predict import evaluate_run
+    from ctr.config import resolve_train_config
+    from ctr.evaluation.evaluate import evaluate_run
     from ctr.models import model_names
     from ctr.report.render import render_report
-    from ctr.train.config import resolve_train_config
     from ctr.train.trainer import train
     from pipelines.build import build_dataset
     from pipelines.config import load_build_config
@@ -187,8 +190,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     runs = []
     for i, name in enumerate(models, 1):
         print(f"[3/5] training {name} ({i}/{len(models)})")
-        cfg, _ = resolve_train_config(name, None, sets)
-        runs.append(train(data, runs_dir / name, cfg, nproc=args.nproc, overwrite=True))
+        cfg, params = resolve_train_config(name, None, sets)
+        runs.append(train(data, runs_dir / name, cfg, params, nproc=args.nproc, overwrite=True))
     print("[4/5] evaluating every model on the test split")
     for run in runs:
         m = evaluate_run(run, "test")

@@ -1,7 +1,7 @@
 """The one config grammar of every command: defaults < YAML file < `--set key=value`, validated by pydantic.
 
 Defaults live in exactly one place, the pydantic models themselves (`pipelines.config.BuildConfig`,
-`ctr.train.config.TrainConfig` and each model's ``Params``); `ctr build --print-config` and
+`ctr.config.TrainConfig` and each model's ``Params``); `ctr build --print-config` and
 `ctr train --model NAME --print-config` show them resolved. A YAML file and ``--set`` overrides are layered over
 them with `deep_merge`; `validate` turns pydantic's errors into one `ConfigError` that names each key, what was
 wrong and where the layers came from. Values of ``--set`` are parsed as YAML scalars or flow collections, so

@@ -36,10 +36,14 @@ def build(info: DatasetInfo, name: str, seed: int = 0, **params):
     return cls(cls.Params(**params), info)
 
 
-def loss_of(out, batch: Batch) -> torch.Tensor:
-    """The training loss: BCE on the logits plus the model's auxiliary loss, if any."""
-    loss = F.binary_cross_entropy_with_logits(out.logit, batch.dense["label"])
-    return loss + out.aux_loss if out.aux_loss is not None else loss
+def loss_of(model, out, batch: Batch) -> torch.Tensor:
+    """The training loss as the trainer takes it: the sum of the model's named terms (`CTRModel.loss`)."""
+    return sum(model.loss(out, batch).values())
+
+
+def aux_of(model, out, batch: Batch) -> torch.Tensor | None:
+    """The model's weighted auxiliary loss term, or None when it has none for this output."""
+    return model.loss(out, batch).get("aux")
 
 
 def train_steps(model, batch_list: list[Batch], with_aux: bool = False) -> list[float]:
@@ -51,7 +55,7 @@ def train_steps(model, batch_list: list[Batch], with_aux: bool = False) -> list[
     for batch in batch_list:
         out = model(batch)
         assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all()
-        loss = loss_of(out, batch)
+        loss = loss_of(model, out, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cli.main import main as ctr
-from ctr.train.config import resolve_train_config
+from ctr.config import resolve_train_config
 from features.config import ConfigError, parse_set
 from pipelines.config import BuildConfig, load_build_config
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import STEPS, batches, build, loss_of, subset  # noqa: E402
+from model_helpers import STEPS, aux_of, batches, build, loss_of, subset  # noqa: E402
 
 from ctr.models import get_model_class
 from ctr.modules.attention import BilinearAttention, DienDinAttention, DinAttention
@@ -45,11 +45,12 @@ def test_training_loss_decreases(info, name):
     for batch in batches(info, model):
         out = model(batch)
         assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all()
+        aux = aux_of(model, out, batch)
         if name == "dien":
-            assert out.aux_loss is not None and out.aux_loss.dim() == 0 and out.aux_loss.item() > 0
+            assert aux is not None and aux.dim() == 0 and aux.item() > 0
         else:
-            assert out.aux_loss is None
-        loss = loss_of(out, batch)
+            assert aux is None
+        loss = loss_of(model, out, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -74,14 +75,14 @@ def test_variants_run(info, name, params):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for batch in batches(info, model, 3):
         out = model(batch)
-        loss = loss_of(out, batch)
+        loss = loss_of(model, out, batch)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
     out = model(batch)
-    assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all() and out.aux_loss is None
+    assert out.logit.shape == (batch.size,) and torch.isfinite(out.logit).all() and not out.extras
 
 
 @pytest.mark.parametrize(
@@ -95,7 +96,7 @@ def test_eval_and_padding_invariance(info, name, params):
     # a few training steps first, so Dice / BatchNorm running statistics are not at their initial values
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for batch in batches(info, model, 3):
-        loss = loss_of(model(batch), batch)
+        loss = loss_of(model, model(batch), batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -104,7 +105,7 @@ def test_eval_and_padding_invariance(info, name, params):
     with torch.no_grad():
         full = model(batch)
         again = model(batch)
-    assert full.aux_loss is None
+    assert aux_of(model, full, batch) is None
     assert full.logit.shape == (batch.size,)
     torch.testing.assert_close(full.logit, again.logit, rtol=0, atol=0)
 
@@ -155,14 +156,17 @@ def test_din_softmax_flag_changes_behavior(info):
 def test_dien_aux_loss_only_in_training(info):
     model = build(info, "dien")
     batch = batches(info, model, 1)[0]
-    out = model.train()(batch)
-    assert out.aux_loss is not None and out.aux_loss.item() > 0 and out.aux_loss.requires_grad
+    aux = aux_of(model, model.train()(batch), batch)
+    assert aux is not None and aux.item() > 0 and aux.requires_grad
     # at start the embeddings are tiny, so h_t . e ~ 0 and each pair costs about 2 log 2
-    assert abs(out.aux_loss.item() - 2 * torch.log(torch.tensor(2.0)).item()) < 0.1
-    assert model.eval()(batch).aux_loss is None
-    assert build(info, "dien", aux_alpha=0.0).train()(batch).aux_loss is None
-    half = build(info, "dien", aux_alpha=0.5).train()(batch).aux_loss
-    torch.testing.assert_close(half, 0.5 * out.aux_loss)
+    assert abs(aux.item() - 2 * torch.log(torch.tensor(2.0)).item()) < 0.1
+    assert aux_of(model, model.eval()(batch), batch) is None
+    off = build(info, "dien", aux_alpha=0.0)
+    assert aux_of(off, off.train()(batch), batch) is None
+    half_model = build(info, "dien", aux_alpha=0.5)
+    half = aux_of(half_model, half_model.train()(batch), batch)
+    torch.testing.assert_close(half, 0.5 * aux)
+    assert set(model.loss(model.train()(batch), batch)) == {"ctr", "aux"}
 
 
 def test_dien_dot_aux_needs_matching_width():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ctr.evaluation.predict import evaluate_run
+from ctr.evaluation.evaluate import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.num_workers=0", "data.batch_size=128", "train.epochs=1", "optim.dense_lr=0.003", "train.log_every=10"]

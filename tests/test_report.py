@@ -177,7 +177,8 @@ def test_report_renders_in_headless_browser(report, tmp_path):
 
 
 def test_lain_variants_share_their_backbones_colour(tmp_path):
-    from ctr.report.render import RunData, _disambiguate
+    from ctr.report.loading import RunData
+    from ctr.report.loading import disambiguate as _disambiguate
 
     def run(name: str, label: str | None = None) -> RunData:
         return RunData(tmp_path / (label or name), label or name, {"model": {"name": name}}, None, None, None)

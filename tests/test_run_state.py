@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from cli.main import main as ctr
-from ctr.evaluation.predict import evaluate_run
+from ctr.config import ConfigError, resolve_train_config
+from ctr.evaluation.evaluate import evaluate_run
 from ctr.train.checkpoint import COMPLETE, latest_complete, load_rank
-from ctr.train.config import ConfigError, resolve_train_config
 from ctr.train.trainer import FAULT_ENV, train
 from features.errors import DatasetError, UserError
 from features.outputs import DirLock, OutputError
@@ -240,7 +240,7 @@ def test_no_validation_split_keeps_the_last_model(tmp_path, ray_local):
     assert split["valid"]["rows"] == 0 and split["test"]["rows"] > 0 and split["train"]["rows"] > 0
     run = _train(data, tmp_path / "run", ["train.epochs=2", "train.max_steps=6", "train.eval_every=2"])
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["best_valid_gauc"] is None and summary["best_step"] == 6 and "last" in summary["model"]
+    assert summary["best_valid_score"] is None and summary["best_step"] == 6 and "last" in summary["model"]
     assert not [r for r in map(json.loads, (run / "train_log.jsonl").open()) if r["kind"] == "eval"]
     assert np.isfinite(evaluate_run(run, "test")["auc"])
     with pytest.raises(DatasetError, match="valid split has no samples"):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cli.main import main as ctr
-from ctr.evaluation.predict import evaluate_run
-from ctr.train.config import ConfigError, resolve_train_config
+from ctr.config import ConfigError, resolve_train_config
+from ctr.evaluation.evaluate import evaluate_run
 from ctr.train.trainer import train
 
 QUICK = ["data.num_workers=0", "data.batch_size=128", "train.log_every=5"]

@@ -26,7 +26,7 @@ if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None
     for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         del sys.modules[_name]
 
-from model_helpers import batches, build, subset, train_steps  # noqa: E402
+from model_helpers import aux_of, batches, build, subset, train_steps  # noqa: E402
 
 from ctr.modules.esu import SimilarityAwareTargetAttention, SimTier, time_gap_bucket  # noqa: E402
 from ctr.modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, lengths_to_offsets, load_mm_table  # noqa: E402
@@ -239,7 +239,7 @@ def test_eval_is_per_sample(info, name):
     batch = batches(info, model, 3)[2]
     with torch.no_grad():
         full = model(batch).logit
-        assert model(batch).aux_loss is None
+        assert aux_of(model, model(batch), batch) is None
     lengths = batch.dense["long_lengths"]
     rows = torch.argsort(lengths)[:12]
     with torch.no_grad():
@@ -283,18 +283,20 @@ def test_variants_run(info, name, params):
     assert all(math.isfinite(v) for v in losses)
     model.eval()
     with torch.no_grad():
-        out = model(batches(info, model, 1)[0])
-    assert torch.isfinite(out.logit).all() and out.aux_loss is None
+        batch = batches(info, model, 1)[0]
+        out = model(batch)
+    assert torch.isfinite(out.logit).all() and aux_of(model, out, batch) is None
 
 
 def test_sim_soft_aux_loss(info):
     model = build(info, "sim_soft")
     batch = batches(info, model, 1)[0]
-    out = model.train()(batch)
-    assert out.aux_loss is not None and out.aux_loss.requires_grad and out.aux_loss.item() > 0
-    out.aux_loss.backward()
+    aux = aux_of(model, model.train()(batch), batch)
+    assert aux is not None and aux.requires_grad and aux.item() > 0
+    aux.backward()
     assert model.gsu.w_a.weight.grad is not None and model.gsu.w_a.weight.grad.abs().sum() > 0
-    assert build(info, "sim_soft", aux_alpha=0.0).train()(batch).aux_loss is None
+    off = build(info, "sim_soft", aux_alpha=0.0)
+    assert aux_of(off, off.train()(batch), batch) is None
 
 
 def test_muse_table_is_frozen_and_not_saved(info):
@@ -341,7 +343,7 @@ def test_muse_int8_table(info, int8_info):
 
 
 def test_configs_resolve():
-    from ctr.train.config import resolve_train_config
+    from ctr.config import resolve_train_config
 
     for name in MODELS:
         cfg, params = resolve_train_config(name, None, ["model.k=7"])

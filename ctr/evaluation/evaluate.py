@@ -15,7 +15,7 @@ import polars as pl
 
 from ctr.evaluation.metrics import Weighting, compute_metrics, to_jsonable
 
-__all__ = ["OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "evaluate_predictions", "read_predictions"]
+__all__ = ["OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "evaluate_predictions", "evaluate_run", "read_predictions"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,21 @@ def evaluate_predictions(
         out_path.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", out_path)
     return result
+
+
+def evaluate_run(run_dir: Path, split: str = "test", **kwargs: Any) -> dict[str, Any]:
+    """`ctr evaluate`: score `split` with the run's best weights (`predict_split`), then write its metrics file
+    with the run's identity added; returns the metrics."""
+    from ..runs import metrics_path, read_run_config
+    from .predict import predict_split
+
+    pred = predict_split(run_dir, split, **kwargs)
+    metrics = evaluate_predictions(pred, None, split=split)
+    resolved = read_run_config(run_dir)
+    metrics["model"] = resolved["model"]["name"]
+    metrics["run_name"] = resolved.get("run_name")
+    metrics_path(run_dir, split).write_text(json.dumps(to_jsonable(metrics), indent=2))
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

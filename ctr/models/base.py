@@ -1,7 +1,8 @@
 """What every model shares: parameters, the embedding tables, the batch -> logit contract, and the registry.
 
 A model is built from (its params, the dataset's `DatasetInfo`), tells the loader which sequence views and sparse
-features it needs (`views()`, `features()`), and maps a `Batch` to `ModelOutput(logit [B], aux_loss)`.
+features it needs (`views()`, `features()`), maps a `Batch` to `ModelOutput(logit [B], extras)`, and says what its
+training loss is: `loss(output, batch)` gives the named, weighted terms the trainer sums and logs.
 
 Embedding tables are one TorchRec `EmbeddingCollection` (`self.embedding`): one table per id space, shared by every
 feature of that space: the target `item`, the behaviors `hist_item`, DIEN's sampled `hist_neg_item` all look up the
@@ -12,11 +13,12 @@ collection to share one dimension, so `embedding_dim` is per model, not per tabl
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from torch import nn
 
@@ -36,7 +38,9 @@ class ModelParams(BaseModel):
 @dataclass
 class ModelOutput:
     logit: torch.Tensor  # [B], pre-sigmoid
-    aux_loss: torch.Tensor | None = None  # already weighted; added to the CTR loss
+    # What the model's `loss` needs beyond the logit, by name (SIM-soft's auxiliary logit, DIEN's unweighted
+    # interest-extractor loss); empty at evaluation.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class CTRModel(nn.Module):
@@ -131,6 +135,14 @@ class CTRModel(nn.Module):
         parts = [self.single(emb["user"])] if self.params.use_user else []
         return parts + [self.single(emb[c]) for c in self.context_features()]
 
+    def loss(self, out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """The training loss as named terms, each already weighted; the trainer sums them and logs each.
+
+        ``ctr`` is the binary cross-entropy of the logit against the click label (every model); a model with an
+        auxiliary objective adds its term (`DIEN`'s interest-extractor loss, SIM-soft's search CTR loss).
+        """
+        return {"ctr": F.binary_cross_entropy_with_logits(out.logit.float(), batch.dense["label"])}
+
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -155,11 +167,17 @@ def register_lain_variant(backbone: type[CTRModel], name: str) -> type[CTRModel]
     params = create_model(
         f"{backbone.Params.__name__}Lain",
         __base__=backbone.Params,
+        __module__=backbone.__module__,
         lain=(LainParams, Field(default_factory=lambda: LainParams(enabled=True))),
     )
     doc = f"{backbone.__name__} + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default."
     attrs = {"name": name, "Params": params, "__doc__": doc, "__module__": backbone.__module__}
-    return register(type(f"{backbone.__name__}Lain", (backbone,), attrs))
+    model = type(f"{backbone.__name__}Lain", (backbone,), attrs)
+    # Module attributes, so that pickle finds both classes (validated Params travel to spawned training ranks).
+    module = sys.modules[backbone.__module__]
+    setattr(module, params.__name__, params)
+    setattr(module, model.__name__, model)
+    return register(model)
 
 
 def get_model_class(name: str) -> type[CTRModel]:
@@ -176,6 +194,3 @@ def model_names() -> list[str]:
 
     _import_all()
     return sorted(MODELS)
-
-
-ModelFactory = Callable[[ModelParams, DatasetInfo], CTRModel]

@@ -10,7 +10,7 @@ Over the view ``hist`` (the last `seq_len` behaviors, with one sampled non-click
     a_t = softmax_t(h_t W e_a)                             attention over the real positions
     h'_t = AUGRU(h_t, a_t)                                 interest evolving layer; h'_T its final state
     logit = MLP([e_a; Σ_t e_t; e_a ⊙ Σ_t e_t; h'_T; context])
-    loss  = BCE(logit, y) + aux_alpha · L_aux              (the trainer adds `aux_loss`, already weighted)
+    loss  = BCE(logit, y) + aux_alpha · L_aux              (`DIEN.loss`: terms ``ctr`` and ``aux``)
 
 Defaults and where they come from (paper = the AAAI paper; official = mouna99/dien ``script/model.py`` and
 ``script/utils.py``, model ``Model_DIN_V2_Gru_Vec_attGru_Neg``):
@@ -154,6 +154,13 @@ class DIEN(CTRModel):
         losses = F.softplus(-pos_logit) + F.softplus(neg_logit)
         return losses.sum() / max(1, losses.numel())
 
+    def loss(self, out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """BCE + ``aux_alpha`` x the interest extractor's auxiliary loss (training only)."""
+        terms = super().loss(out, batch)
+        if "aux" in out.extras:
+            terms["aux"] = self.p.aux_alpha * out.extras["aux"]
+        return terms
+
     def forward(self, batch: Batch) -> ModelOutput:
         if self.lain is not None:
             return self._forward_lain(batch)
@@ -161,16 +168,16 @@ class DIEN(CTRModel):
         target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
         beh, mask = self._behaviors(emb, "hist")
         interests = self.extractor(beh, mask)  # [B, L, H]
-        aux = None
+        extras = {}
         if self.training and self.p.aux_alpha > 0:
             neg, _ = self._behaviors(emb, "hist_neg")
-            aux = self.p.aux_alpha * self.auxiliary_loss(interests, beh, neg, mask)
+            extras["aux"] = self.auxiliary_loss(interests, beh, neg, mask)
         _, att = self.attention(target, interests, mask)
         _, final = self.augru(interests, att, mask)
         summed = beh.sum(1)  # padded positions are zeros
         x = torch.cat([target, summed, target * summed, final, *self.context_vector(emb)], dim=-1)
         logit = self.tower(self.input_norm(x)).squeeze(-1)
-        return ModelOutput(logit=logit, aux_loss=aux)
+        return ModelOutput(logit=logit, extras=extras)
 
     def _forward_lain(self, batch: Batch) -> ModelOutput:
         """`forward` with LAIN's prompts before the behaviors and its conditioned, tempered attention."""
@@ -183,10 +190,10 @@ class DIEN(CTRModel):
         seq, seq_mask = prepend_prompts(self.lain.prompts(h), beh, mask)
         k = seq.shape[1] - beh.shape[1]
         interests = self.extractor(seq, seq_mask)  # [B, k + L, H]
-        aux = None
+        extras = {}
         if self.training and self.p.aux_alpha > 0:
             neg, _ = self._behaviors(emb, "hist_neg")
-            aux = self.p.aux_alpha * self.auxiliary_loss(interests[:, k:], beh, neg, mask)
+            extras["aux"] = self.auxiliary_loss(interests[:, k:], beh, neg, mask)
         query = self.lain.condition_query(target, h, "hist")
         keys = self.lain.condition_key(interests, h, "hist")
         if isinstance(self.attention, BilinearAttention):
@@ -200,7 +207,7 @@ class DIEN(CTRModel):
         summed = beh.sum(1)  # the behaviors only, not the prompts
         x = torch.cat([target, summed, target * summed, final, *self.context_vector(emb)], dim=-1)
         logit = self.tower(self.input_norm(x)).squeeze(-1)
-        return ModelOutput(logit=logit, aux_loss=aux)
+        return ModelOutput(logit=logit, extras=extras)
 
 
 DIENLain = register_lain_variant(DIEN, "dien_lain")

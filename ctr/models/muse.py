@@ -102,8 +102,8 @@ class MUSE(TwoStageModel):
 
     def search(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
-    ) -> tuple[Selection, torch.Tensor | None]:
-        return self.gsu(offsets, ids["item"].values(), ids["long_item"].values(), self.p.k), None
+    ) -> tuple[Selection, dict[str, torch.Tensor]]:
+        return self.gsu(offsets, ids["item"].values(), ids["long_item"].values(), self.p.k), {}
 
     def similarity_parts(self, inp: StageInput, mask_padding: bool) -> list[torch.Tensor]:
         """SimTier over the K retrieved (or the prefix), then over the recent S when configured."""

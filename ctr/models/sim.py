@@ -44,7 +44,7 @@ from features.loader import Batch, DatasetInfo
 from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
 from ..modules.gsu import CategoryGSU, InnerProductGSU, Selection
 from ..modules.mlp import MLP
-from .base import register, register_lain_variant
+from .base import ModelOutput, register, register_lain_variant
 from .two_stage import StageInput, TwoStageModel, TwoStageParams
 
 
@@ -104,8 +104,8 @@ class SIMHard(_SIMBase):
 
     def search(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
-    ) -> tuple[Selection, torch.Tensor | None]:
-        return self.gsu(offsets, ids["cate"].values(), ids["long_cate"].values(), self.p.k), None
+    ) -> tuple[Selection, dict[str, torch.Tensor]]:
+        return self.gsu(offsets, ids["cate"].values(), ids["long_cate"].values(), self.p.k), {}
 
 
 @register
@@ -125,13 +125,13 @@ class SIMSoft(_SIMBase):
 
     def search(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
-    ) -> tuple[Selection, torch.Tensor | None]:
+    ) -> tuple[Selection, dict[str, torch.Tensor]]:
         assert emb is not None
         p: SIMSoftParams = self.p  # type: ignore[assignment]
         target_att = self.pair(emb, "", att=True)
         behaviors_att = self.pair(emb, "long_", att=True)
         selection = self.gsu(offsets, target_att, behaviors_att, p.k)
-        aux = None
+        extras = {}
         if self.training and self.aux_mlp is not None:
             r = self.gsu.relevance(target_att, behaviors_att, offsets)  # [total_L], with gradient
             behaviors = self.pair(emb, "long_") if p.dare else behaviors_att
@@ -145,9 +145,16 @@ class SIMSoft(_SIMBase):
             if p.aux_pooling == "mean":
                 pooled = pooled / lengths.clamp(min=1).unsqueeze(-1).to(pooled.dtype)
             target = self.pair(emb, "") if p.dare else target_att
-            aux_logit = self.aux_mlp(torch.cat([pooled, target], dim=-1)).squeeze(-1)
-            aux = p.aux_alpha * F.binary_cross_entropy_with_logits(aux_logit, batch.dense["label"])
-        return selection, aux
+            extras["aux_logit"] = self.aux_mlp(torch.cat([pooled, target], dim=-1)).squeeze(-1)
+        return selection, extras
+
+    def loss(self, out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """BCE + ``aux_alpha`` x the BCE of the soft search's own CTR head (training only; paper Sec. 4.1)."""
+        terms = super().loss(out, batch)
+        if "aux_logit" in out.extras:
+            aux = F.binary_cross_entropy_with_logits(out.extras["aux_logit"], batch.dense["label"])
+            terms["aux"] = self.p.aux_alpha * aux  # type: ignore[attr-defined]
+        return terms
 
 
 SIMHardLain = register_lain_variant(SIMHard, "sim_hard_lain")

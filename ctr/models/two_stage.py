@@ -52,7 +52,7 @@ Defaults (the Params classes of ``sim.py`` and ``muse.py``) and sources:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -135,7 +135,7 @@ class StageInput:
     short_att: torch.Tensor  # [B, S, 2d]
     short_ids: torch.Tensor  # [B, S] item index (0 = padding)
     short_mask: torch.Tensor  # [B, S]
-    aux_loss: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the search's inputs to `loss` (training)
     lc: LengthContext | None = None  # LAIN's length state (None without LAIN or when switched off)
 
     @property
@@ -284,9 +284,9 @@ class TwoStageModel(CTRModel):
 
     def search(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
-    ) -> tuple[Selection, torch.Tensor | None]:
-        """The GSU: (selection over the `long` view, auxiliary loss or None). ``emb`` is given when
-        `embeds_prefix` (the whole prefix embedded), else None."""
+    ) -> tuple[Selection, dict[str, torch.Tensor]]:
+        """The GSU: (selection over the `long` view, what the model's `loss` needs of the search, by name).
+        ``emb`` is given when `embeds_prefix` (the whole prefix embedded), else None."""
         raise NotImplementedError
 
     def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
@@ -313,14 +313,14 @@ class TwoStageModel(CTRModel):
         offsets = lengths_to_offsets(long_item.lengths())
         if self.embeds_prefix:
             emb = self.embed(ids)
-            selection, aux = self.search(batch, ids, offsets, emb)
+            selection, extras = self.search(batch, ids, offsets, emb)
             rows, mask = selection.rows(offsets), selection.mask
             long = gather_slots(self.pair(emb, "long_"), rows, mask)
             long_att = gather_slots(self.pair(emb, "long_", att=True), rows, mask) if self.p.dare else long
         else:
             from torchrec.sparse.jagged_tensor import JaggedTensor
 
-            selection, aux = self.search(batch, ids, offsets, None)
+            selection, extras = self.search(batch, ids, offsets, None)
             rows, mask = selection.rows(offsets), selection.mask
             n = mask.sum(1).int()
             picked = dict(ids)
@@ -350,7 +350,7 @@ class TwoStageModel(CTRModel):
             short_att=short_att,
             short_ids=short_ids,
             short_mask=short_mask,
-            aux_loss=aux,
+            extras=extras,
             lc=self.length_context(batch),
         )
 
@@ -367,7 +367,7 @@ class TwoStageModel(CTRModel):
         assert self.tower is not None, "a TwoStageModel subclass must call build_tower() in __init__"
         inp = self.prepare(batch)
         logit = self.tower(self.tower_input(inp)).squeeze(-1)
-        return ModelOutput(logit=logit, aux_loss=inp.aux_loss if self.training else None)
+        return ModelOutput(logit=logit, extras=inp.extras if self.training else {})
 
 
 class _PairJT:

@@ -2,14 +2,16 @@
 
 Per rank: build the model (embedding tables on the meta device), attach the fused sparse optimizer to the
 EmbeddingCollection (`apply_optimizer_in_backward`), let the TorchRec planner shard it, wrap everything in
-DistributedModelParallel (tables sharded, dense part data-parallel), then loop: batch -> logits -> BCE (+ the
-model's auxiliary loss) -> backward (the sparse update happens inside) -> clip and step the dense optimizer.
+DistributedModelParallel (tables sharded, dense part data-parallel), then loop: batch -> logits -> the model's
+loss terms (`CTRModel.loss`: BCE, + an auxiliary term for DIEN and SIM-soft), summed -> backward (the sparse update
+happens inside) -> clip and step the dense optimizer.
 
 Validation (every `train.eval_every` steps, or at each epoch's end) scores the whole valid split across ranks and
-computes AUC and GAUC on rank 0; training stops early after `train.patience` validations without a better GAUC,
-and the best weights are exported unsharded as `model.pt` (what `ctr evaluate` loads, whatever N trained it).
+computes AUC and GAUC on rank 0; training stops early after `train.patience` validations without a better GAUC
+(AUC when no validation user has both classes), and the best weights are exported unsharded as `model.pt` (what
+`ctr evaluate` loads, whatever N trained it).
 
-The run directory's layout and readers are in `rundir.py`.
+The run directory's layout and readers are in `ctr/runs.py`.
 """
 
 from __future__ import annotations
@@ -28,17 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader
 from features.outputs import DirLock
 from features.sequence_store import SequenceStore
 
-from ..models import CTRModel
+from .. import runs
+from ..config import ConfigError, TrainConfig
+from ..models import CTRModel, ModelParams
+from ..runs import JsonlLog, build_model, claim_run, clear_run_outputs, model_params, write_json_atomic, write_seen
 from . import checkpoint
-from .config import ConfigError, TrainConfig
 from .distributed import DistContext, copy_local_state, full_state_dict, launch, local_state
-from .rundir import JsonlLog, build_model, claim_run, clear_run_outputs, model_params, write_json_atomic, write_seen
 from .validation import predict_distributed, validation_metrics
 
 log = logging.getLogger(__name__)
@@ -119,16 +121,21 @@ def _fault(where: str, count: int, ctx: DistContext) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, resume: bool) -> None:
+def _train_worker(
+    ctx: DistContext,
+    data_dir: str,
+    run_dir: str,
+    resolved: dict,
+    cfg: TrainConfig,
+    params: ModelParams,
+    resume: bool,
+) -> None:
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     run = Path(run_dir)
-    resolved = json.loads(cfg_json)
-    cfg = TrainConfig.model_validate(resolved["config"])
-    params = model_params(cfg)
     info = DatasetInfo.load(data_dir)
     SequenceStore.open(info.data_dir)  # built once under a lock, before the loader workers of every rank open it
     ctx.barrier()
@@ -136,7 +143,7 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
     if ctx.device.type == "cpu" and ctx.world_size > 1:  # N ranks on one host: split the cores, do not oversubscribe
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
     seed_everything(cfg.train.seed)
-    model = build_model(cfg, params, info, device=torch.device("meta"))
+    model = build_model(cfg.model["name"], params, info, device=torch.device("meta"))
     apply_optimizer_in_backward(
         _sparse_optimizer_class(cfg.optim.sparse), model.embedding.parameters(), {"lr": cfg.optim.sparse_lr}
     )
@@ -177,9 +184,10 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
             f" or {cfg.train.max_steps} steps" if cfg.train.max_steps else "",
         )
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_gauc": -math.inf, "best_step": -1, "bad_evals": 0}
-    state |= {"validations": 0}
-    ckpt_dir = run / "checkpoints"
+    # best_score: the best validation GAUC (AUC when no validation user has both classes; best_metric says which)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": -math.inf, "best_step": -1, "bad_evals": 0}
+    state |= {"validations": 0, "best_metric": None}
+    ckpt_dir = run / runs.CHECKPOINTS
     identity = {
         "world_size": ctx.world_size,
         "dataset_fingerprint": info.fingerprint,
@@ -201,6 +209,9 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
         dense_opt.load_state_dict(saved["dense_opt"])
         scheduler.load_state_dict(saved["scheduler"])
         state = dict(saved["state"])
+        if "best_gauc" in state:  # a checkpoint written before the score was named for what it holds
+            state["best_score"] = state.pop("best_gauc")
+            state.setdefault("best_metric", "gauc")
         checkpoint.set_rng_state(saved["rng"])
         if ctx.is_main:
             log.info(
@@ -211,7 +222,7 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
                 state["batch_in_epoch"],
             )
 
-    tlog = JsonlLog(run / "train_log.jsonl", ctx.is_main)
+    tlog = JsonlLog(run / runs.TRAIN_LOG, ctx.is_main)
     if resume:
         tlog.truncate_after(state["step"])  # records a killed run wrote after its last checkpoint come again
 
@@ -235,9 +246,9 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
     def export(weights: dict[str, torch.Tensor] | None) -> None:
         if ctx.is_main:
             assert weights is not None
-            tmp = run / ".model.pt.tmp"
+            tmp = run / f".{runs.MODEL}.tmp"
             torch.save(weights, tmp)
-            os.replace(tmp, run / "model.pt")
+            os.replace(tmp, run / runs.MODEL)
 
     def validate() -> bool:
         """Score the valid split; export on improvement; returns True when training should stop."""
@@ -251,10 +262,12 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
         )
         metrics = validation_metrics(arrays) if arrays is not None else None
         metrics = ctx.broadcast_object(metrics)
-        score = next((m for m in (metrics["gauc"], metrics["auc"]) if math.isfinite(m)), -math.inf)
-        improved = score > state["best_gauc"] or state["best_step"] < 0
+        metric = next((m for m in ("gauc", "auc") if math.isfinite(metrics[m])), None)
+        score = metrics[metric] if metric is not None else -math.inf
+        improved = score > state["best_score"] or state["best_step"] < 0
         if improved:
-            state["best_gauc"], state["best_step"], state["bad_evals"] = score, state["step"], 0
+            state["best_score"], state["best_step"], state["bad_evals"] = score, state["step"], 0
+            state["best_metric"] = metric
             export(full_state_dict(dmp, ctx))
         else:
             state["bad_evals"] += 1
@@ -303,7 +316,8 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
         it = iter(train_loader)
         for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was already trained on
             next(it, None)
-        window_loss, window_samples, t_window = 0.0, 0, time.time()
+        window_terms: dict[str, float] = {}
+        window_samples, t_window = 0, time.time()
         epoch_done = validated = False
         while not (max_steps is not None and state["step"] >= max_steps):
             batch = next(it, None)
@@ -322,8 +336,8 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
             step_batch = (batch if batch is not None else dummy).to(ctx.device)
             with frozen_buffers(dmp) if batch is None else nullcontext():
                 out = dmp(step_batch)
-                loss = F.binary_cross_entropy_with_logits(out.logit.float(), step_batch.dense["label"])
-                total = loss + out.aux_loss if out.aux_loss is not None else loss
+                terms = model.loss(out, step_batch)
+                total = sum(terms.values())
                 if weight != 1.0:
                     total = total * weight
                 dense_opt.zero_grad(set_to_none=True)
@@ -333,26 +347,28 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
             dense_opt.step()
             state["step"] += 1
             state["batch_in_epoch"] += 1
-            window_loss += float(loss.detach()) * n_local
+            for name, term in terms.items():
+                window_terms[name] = window_terms.get(name, 0.0) + float(term.detach()) * n_local
             window_samples += n_local
             bar.update(1)
             _fault("train", state["step"], ctx)
             if state["step"] % cfg.train.log_every == 0:
                 dt = max(time.time() - t_window, 1e-9)
-                loss_sum = ctx.all_reduce_float(window_loss)
                 samples = ctx.all_reduce_int(window_samples, "sum")
+                # "loss" is the CTR term (BCE) of every model; each other term's window mean is logged as loss_<name>
+                means = {n: ctx.all_reduce_float(v) / max(samples, 1) for n, v in sorted(window_terms.items())}
                 rec = {
                     "kind": "train",
                     "step": state["step"],
                     "epoch": epoch,
-                    "loss": loss_sum / max(samples, 1),
-                    "aux_loss": float(out.aux_loss.detach()) if out.aux_loss is not None else None,
+                    "loss": means.get("ctr", math.nan),
+                    **{f"loss_{n}": v for n, v in means.items() if n != "ctr"},
                     "samples_per_s": samples / dt,
                     "lr": dense_opt.param_groups[0]["lr"],
                 }
                 tlog.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
-                window_loss, window_samples, t_window = 0.0, 0, time.time()
+                window_terms, window_samples, t_window = {}, 0, time.time()
             validated = bool(cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0)
             if validated:
                 stop = validate()
@@ -379,13 +395,15 @@ def _train_worker(ctx: DistContext, data_dir: str, run_dir: str, cfg_json: str, 
         summary = {
             "steps": state["step"],
             "epochs_done": state["epoch"],
-            "best_valid_gauc": state["best_gauc"] if has_valid else None,
+            # the best validation score and what it is: GAUC, or AUC when no validation user had both classes
+            "best_valid_metric": state.get("best_metric") if has_valid else None,
+            "best_valid_score": state["best_score"] if has_valid else None,
             "best_step": state["best_step"] if has_valid else state["step"],
             "model": "best validation GAUC" if has_valid else "last (the dataset has no validation split)",
             "world_size": ctx.world_size,
             "dataset_fingerprint": info.fingerprint,
         }
-        (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (run / runs.SUMMARY).write_text(json.dumps(summary, indent=2))
         log.info("training done: %s", summary)
 
 
@@ -393,12 +411,16 @@ def train(
     data_dir: Path,
     run_dir: Path,
     cfg: TrainConfig,
+    params: ModelParams | None = None,
     *,
     nproc: int = 1,
     resume: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Train `cfg.model.name` on `data_dir` into `run_dir` with `nproc` ranks; returns run_dir.
+
+    `params` are the model's validated Params (`ctr.config.resolve_train_config` returns both); None validates
+    them from ``cfg.model``.
 
     A new run needs a new or empty `run_dir`; an earlier run there is replaced only with `overwrite` (its outputs
     are cleared first, so no prediction or metric of the old model stays beside the new one) and continued only
@@ -430,8 +452,10 @@ def train(
         if leader:
             if not resume:
                 clear_run_outputs(run_dir)
-            write_json_atomic(run_dir / "config.json", resolved)
-        launch(_train_worker, nproc, run_dir, str(data_dir), str(run_dir), json.dumps(resolved), resume)
+            write_json_atomic(run_dir / runs.CONFIG, resolved)
+        if params is None:
+            params = model_params(cfg.model)
+        launch(_train_worker, nproc, run_dir, str(data_dir), str(run_dir), resolved, cfg, params, resume)
     return run_dir
 
 

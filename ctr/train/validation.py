@@ -13,6 +13,8 @@ import torch
 
 from features.loader import Batch, SplitLoader
 
+from ..evaluation.metrics import auc, gauc, logloss
+from ..evaluation.scoring import Scores
 from .distributed import DistContext
 
 
@@ -45,25 +47,16 @@ def predict_distributed(
 ) -> dict[str, np.ndarray] | None:
     """Score a split across ranks; rank 0 gets the concatenated arrays (others None)."""
     model.eval()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("user_idx", "item_idx", "ts", "label", "hist_len", "score")}
-    has_p = loader.info.has_p_true
-    if has_p:
-        parts["p_true"] = []
+    scores = Scores(loader.info.has_p_true)
     for i, (batch, real) in enumerate(_batches_with_padding(loader, ctx, dummy)):
         if max_batches is not None and i >= max_batches:
             break  # every rank is at the same iteration here, so the cap keeps the collectives matched
         out = model(batch.to(ctx.device))
         if on_batch is not None:
             on_batch(i)
-        if not real:
-            continue
-        parts["score"].append(torch.sigmoid(out.logit.float()).cpu().numpy())
-        for k in ("user_idx", "item_idx", "ts", "hist_len"):
-            parts[k].append(batch.dense[k].numpy())
-        parts["label"].append(batch.dense["label"].numpy().astype(np.int8))
-        if has_p:
-            parts["p_true"].append(batch.dense["p_true"].numpy())
-    local = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
+        if real:
+            scores.add(out.logit, batch)
+    local = scores.arrays()
     gathered = ctx.gather_objects(local)
     model.train()
     if gathered is None:
@@ -72,8 +65,6 @@ def predict_distributed(
 
 
 def validation_metrics(arrays: dict[str, np.ndarray]) -> dict[str, float]:
-    from ..evaluation.metrics import auc, gauc, logloss
-
     g = gauc(arrays["label"], arrays["score"], arrays["user_idx"])
     return {
         "auc": float(auc(arrays["label"], arrays["score"])),

@@ -1,14 +1,17 @@
 """The run directory: what `ctr train` writes and `ctr evaluate` / `ctr report` read, in one place.
 
 RUN_DIR/config.json        resolved config, dataset path and manifest fingerprint, world size, model name
-RUN_DIR/train_log.jsonl    {"kind": "train", step, epoch, loss, samples_per_s, ...} and {"kind": "eval", ...}
+RUN_DIR/train_log.jsonl    {"kind": "train", step, epoch, loss, loss_<term>, samples_per_s, ...}, {"kind": "eval", ...}
 RUN_DIR/model.pt           best weights, unsharded (the last weights when the dataset has no validation split)
-RUN_DIR/train_summary.json steps, epochs, best step and GAUC, which model was kept, the dataset fingerprint
-RUN_DIR/checkpoints/       gen-<step>/rank<r>.pt + COMPLETE.json: one generation per checkpoint (checkpoint.py)
+RUN_DIR/train_summary.json steps, epochs, best step and validation score, which model was kept, dataset fingerprint
+RUN_DIR/checkpoints/       gen-<step>/rank<r>.pt + COMPLETE.json: one generation per checkpoint (train/checkpoint.py)
 RUN_DIR/samples_seen/      epoch<e>-rank<r>.parquet, what each rank trained on (train.record_samples)
 RUN_DIR/tensorboard/       when tensorboard is installed
 RUN_DIR/.lock              held while training (a second training into the directory fails at once)
-RUN_DIR/predictions*.parquet, metrics*.json   written by `ctr evaluate`
+RUN_DIR/predictions*.parquet, metrics*.json   written by `ctr evaluate` (`prediction_path`, `metrics_path`)
+
+Every reader and writer of these names goes through this module: the trainer, evaluation, the report and the CLI.
+It imports the models and the config, never the trainer or evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,20 +33,55 @@ from features.errors import DatasetError
 from features.loader import DatasetInfo
 from features.outputs import check_no_overlap, claim_output_dir
 
-from ..models import CTRModel, get_model_class
 from .config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:  # the models (TorchRec) are imported where a model is built: the report reads runs without them
+    from .models import CTRModel, ModelParams
 
 log = logging.getLogger(__name__)
 
+CONFIG = "config.json"
+TRAIN_LOG = "train_log.jsonl"
+MODEL = "model.pt"
+SUMMARY = "train_summary.json"
+CHECKPOINTS = "checkpoints"
+SAMPLES_SEEN = "samples_seen"
 
-def model_params(cfg: TrainConfig) -> Any:
-    """The model's validated Params from the `model:` section of a resolved config."""
-    cls = get_model_class(cfg.model["name"])
-    return cls.Params.model_validate({k: v for k, v in cfg.model.items() if k != "name"})
+
+def prediction_path(run_dir: Path, split: str = "test") -> Path:
+    """Where `ctr evaluate` writes a split's predictions: the test split gets the plain name."""
+    return Path(run_dir) / ("predictions.parquet" if split == "test" else f"predictions-{split}.parquet")
 
 
-def build_model(cfg: TrainConfig, params: Any, info: DatasetInfo, device: torch.device | None = None) -> CTRModel:
-    cls = get_model_class(cfg.model["name"])
+def metrics_path(run_dir: Path, split: str = "test") -> Path:
+    """Where `ctr evaluate` writes a split's metrics: the test split gets the plain name."""
+    return Path(run_dir) / ("metrics.json" if split == "test" else f"metrics-{split}.json")
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/config.json as written by `ctr train` (a `DatasetError` when RUN_DIR holds no run)."""
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise DatasetError(f"{path}: not found; RUN_DIR must be a run directory written by `ctr train`")
+    return json.loads(path.read_text())
+
+
+def model_params(model_cfg: dict[str, Any]) -> ModelParams:
+    """The model's validated Params from a ``model:`` section holding ``name`` and its keys (a stored run's config;
+    `ctr.config.resolve_train_config` returns them already validated for a new run)."""
+    from .models import get_model_class
+
+    cls = get_model_class(model_cfg["name"])
+    return cls.Params.model_validate({k: v for k, v in model_cfg.items() if k != "name"})
+
+
+def build_model(name: str, params: ModelParams, info: DatasetInfo, device: torch.device | None = None) -> CTRModel:
+    """The registered model `name` built from its validated `params` on dataset `info`."""
+    from .models import get_model_class
+
+    cls = get_model_class(name)
+    if not isinstance(params, cls.Params):
+        raise TypeError(f"{name}: params must be {cls.Params.__name__}, got {type(params).__name__}")
     return cls(params, info, device=device)
 
 
@@ -94,7 +132,7 @@ class JsonlLog:
 
 def write_seen(run: Path, epoch: int, rank: int, seen: dict[str, list[np.ndarray]]) -> None:
     """What this rank trained on in one epoch (train.record_samples): the exactly-once audit of a run."""
-    folder = run / "samples_seen"
+    folder = run / SAMPLES_SEEN
     folder.mkdir(exist_ok=True)
     table = pa.table({k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in seen.items()})
     pq.write_table(table, folder / f"epoch{epoch}-rank{rank}.parquet")
@@ -103,14 +141,14 @@ def write_seen(run: Path, epoch: int, rank: int, seen: dict[str, list[np.ndarray
 
 
 RUN_OUTPUTS = (
-    "config.json",
-    "train_log.jsonl",
-    "model.pt",
-    ".model.pt.tmp",
-    "train_summary.json",
-    "checkpoints",
+    CONFIG,
+    TRAIN_LOG,
+    MODEL,
+    f".{MODEL}.tmp",
+    SUMMARY,
+    CHECKPOINTS,
     "tensorboard",
-    "samples_seen",
+    SAMPLES_SEEN,
     ".dist_store",
     ".dist_errors",
 )
@@ -121,10 +159,10 @@ def claim_run(run_dir: Path, data_dir: Path, info: DatasetInfo, *, resume: bool,
     there; a new run needs a new or empty directory, or an earlier run and `overwrite` (checked by the leader)."""
     check_no_overlap(run_dir, {"dataset directory": data_dir, "raw directory": info.manifest.get("raw_dir")})
     if resume:
-        if not (run_dir / "config.json").exists():
+        if not (run_dir / CONFIG).exists():
             raise ConfigError(f"--resume: {run_dir} holds no run (no config.json); train without --resume first")
     elif leader:
-        claim_output_dir(run_dir, "config.json", overwrite=overwrite, what="run directory")
+        claim_output_dir(run_dir, CONFIG, overwrite=overwrite, what="run directory")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -152,12 +190,10 @@ def load_trained(run_dir: Path, data_dir: Path | None = None) -> tuple[CTRModel,
     The dataset must be the one the run was trained on (its manifest fingerprint, recorded in config.json): a
     dataset rebuilt under a trained run has other vocabularies, and scoring it with the old model is silently wrong.
     """
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.exists():
-        raise DatasetError(f"{config_path}: not found; RUN_DIR must be a run directory written by `ctr train`")
-    resolved = json.loads(config_path.read_text())
+    config_path = Path(run_dir) / CONFIG
+    resolved = read_run_config(run_dir)
     cfg = TrainConfig.model_validate(resolved["config"])
-    params = model_params(cfg)
+    params = model_params(cfg.model)
     info = DatasetInfo.load(data_dir or resolved["data_dir"])
     trained_on = resolved.get("dataset_fingerprint")
     if trained_on is None:
@@ -169,8 +205,8 @@ def load_trained(run_dir: Path, data_dir: Path | None = None) -> tuple[CTRModel,
             "or changed (ctr sid?) after training. How to fix: train again on it (ctr train --overwrite), or "
             "evaluate against the dataset the run was trained on"
         )
-    model = build_model(cfg, params, info, device=torch.device("cpu"))
-    weights_path = run_dir / "model.pt"
+    model = build_model(cfg.model["name"], params, info, device=torch.device("cpu"))
+    weights_path = Path(run_dir) / MODEL
     if not weights_path.exists():
         raise DatasetError(f"{weights_path}: no trained weights; run `ctr train` into {run_dir} first")
     model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
