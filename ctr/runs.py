@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from features.dataset import DatasetInfo
 from features.errors import DatasetError
-from features.loader import DatasetInfo
 from features.outputs import check_no_overlap, claim_output_dir
 
 from .config import ConfigError, TrainConfig

@@ -32,8 +32,6 @@ sample at least each), so one 100K-behavior user shares a batch with few others.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -49,9 +47,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import DatasetError
+from .dataset import DatasetInfo, samples_dir
 from .procs import die_with_parent, exit_when_gone
-from .schema import FIRST_IDX, SCHEMA_VERSION
+from .schema import FIRST_IDX
 from .sequence_store import SequenceStore
 
 log = logging.getLogger(__name__)
@@ -78,55 +76,6 @@ class LoaderConfig:
     shuffle_window: int = 8  # row groups mixed together when shuffling
     drop_last: bool = False
     max_behaviors: int | None = None  # padded behaviors per batch (samples x longest slice, summed over views)
-
-
-@dataclass
-class DatasetInfo:
-    """What the loader and the models need to know about a dataset directory (from manifest.json)."""
-
-    data_dir: Path
-    manifest: dict[str, Any]
-    vocab_sizes: dict[str, int]
-    context_columns: list[str]
-    item_attributes: list[str]
-    split_rows: dict[str, int]
-    has_p_true: bool
-
-    @classmethod
-    def load(cls, data_dir: Path | str) -> DatasetInfo:
-        data_dir = Path(data_dir)
-        path = data_dir / "manifest.json"
-        if not path.exists():
-            raise DatasetError(
-                f"{path}: no manifest.json; DATA_DIR must be a dataset directory written by `ctr build` "
-                "(a build that did not finish leaves none)"
-            )
-        m = json.loads(path.read_text())
-        version = m.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise DatasetError(
-                f"{path}: dataset schema version {version}, this code reads version {SCHEMA_VERSION}. How to fix: "
-                f"rebuild it with this version: ctr build --raw {m.get('raw_dir', 'RAW_DIR')} --out {data_dir} "
-                "--overwrite"
-            )
-        return cls(
-            data_dir=data_dir,
-            manifest=m,
-            vocab_sizes=dict(m["vocab_sizes"]),
-            context_columns=list(m.get("context_columns", [])),
-            item_attributes=list(m.get("item_attributes", [])),
-            split_rows={s: int(v["rows"]) for s, v in m["split"].items() if isinstance(v, dict)},
-            has_p_true=bool(m.get("has_p_true")),
-        )
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of the manifest's content: changes with every build of the dataset and with `ctr sid`."""
-        return manifest_fingerprint(self.manifest)
-
-
-def manifest_fingerprint(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -163,7 +112,7 @@ def ragged_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def split_units(data_dir: Path, split: str) -> list[tuple[str, int, int]]:
     """The row groups of a split as (file, row_group, num_rows), in file order."""
-    folder = Path(data_dir) / "samples" / split
+    folder = samples_dir(data_dir, split)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{folder}: no such split folder; expected samples/{{train,valid,test}} from `ctr build`"
@@ -194,10 +143,7 @@ class BatchAssembler:
     @property
     def item_cate(self) -> np.ndarray:
         if self._item_cate is None:
-            t = pq.read_table(self.info.data_dir / "items.parquet", columns=["item_idx", "cate_idx"])
-            cate = np.zeros(self.n_items, dtype=np.int32)
-            cate[t["item_idx"].to_numpy()] = t["cate_idx"].to_numpy()
-            self._item_cate = cate
+            self._item_cate = self.info.item_categories()
         return self._item_cate
 
     def assemble(self, cols: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:

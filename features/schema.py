@@ -12,21 +12,8 @@ Raw directory (what a user brings, or what `ctr generate` / `ctr import` write):
 `mm_emb` is a fixed_size_list<float32 | int8>[D]. `p_true` is the generator's true click probability: it is
 carried into the samples for the oracle metric and no model may read it.
 
-Dataset directory (what `ctr build` writes and training reads)::
-
-    DATA_DIR/
-      manifest.json
-      sequences/*.parquet          user_idx int32, item_idx list<int32>, cate_idx list<int32>, ts list<int64>,
-                                   [btype list<int8>]; one row per user, lists sorted by (ts, input order)
-      samples/{train,valid,test}/*.parquet
-                                   user_idx, item_idx, cate_idx int32, ts int64, label int8, hist_len int32,
-                                   [<context>_idx int32 ...], [p_true float64]
-      items.parquet                item_idx int32, cate_idx int32, [<attr>_idx int32 ...], [mm_emb]
-      vocab/<space>.parquet        raw int64, idx int32    (idx 0 = padding, 1 = out-of-vocabulary)
-      quarantine/<table>/*.parquet every rejected input row with `reason`, `source_file`, `source_row`
-
-`hist_len` counts the user's behaviors with ts strictly before the sample's ts (ties count as after), so the
-behaviors a sample may see are `sequence[0:hist_len]`.
+The dataset directory `ctr build` writes from them, its layout and its readers: `features.dataset`; the column
+schemas of its sequence and sample files are `SEQUENCE_SCHEMA` and `SAMPLE_BASE_SCHEMA` below.
 """
 
 from __future__ import annotations
@@ -37,7 +24,7 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 
-PAD_IDX = 0
+# Indices of every vocabulary: 0 = padding, OOV_IDX = an id the vocabulary does not know, then the real ids.
 OOV_IDX = 1
 FIRST_IDX = 2  # the first index given to a real id
 

@@ -31,6 +31,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .dataset import read_manifest, sequences_dir
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -38,7 +40,7 @@ _COLUMNS = {"item_idx": np.int32, "cate_idx": np.int32, "ts": np.int64, "btype":
 
 
 def _fingerprint(data_dir: Path) -> dict:
-    manifest = json.loads((data_dir / "manifest.json").read_text())
+    manifest = read_manifest(data_dir)
     return {
         "cache_version": CACHE_VERSION,
         "created_at": manifest.get("created_at"),
@@ -97,7 +99,7 @@ class SequenceStore:
 
 
 def _build_cache(data_dir: Path, cache: Path, fingerprint: dict) -> None:
-    files = [data_dir / "sequences" / f for f in fingerprint["sequence_files"]]
+    files = [sequences_dir(data_dir) / f for f in fingerprint["sequence_files"]]
     n_users = int(fingerprint["n_users"])
     log.info("building the sequence-store cache of %s (%d files)", data_dir, len(files))
     lengths = np.zeros(n_users, dtype=np.int64)

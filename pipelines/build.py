@@ -37,7 +37,6 @@ filesystem that every node sees at the same path.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from features.dataset import MANIFEST, quarantine_dir, samples_dir, sequences_dir, vocab_dir, write_manifest
 from features.errors import UserError
 from features.outputs import check_no_overlap, claim_output_dir
 from features.schema import FIRST_IDX, SPLITS
@@ -68,7 +68,7 @@ __all__ = ["FAULT_ACTION_ENV", "FAULT_DIR_ENV", "FAULT_STAGE_ENV", "DATASET_MARK
 
 log = logging.getLogger(__name__)
 
-DATASET_MARKER = "manifest.json"
+DATASET_MARKER = MANIFEST  # its presence marks a finished build
 DATASET_WHAT = "dataset directory (written by ctr build)"
 
 
@@ -100,7 +100,7 @@ def build_dataset(
         try:
             manifest = _build_into(raw_dir, tmp, tables, cfg, address, timer)
             manifest["build_seconds"] = round(time.time() - t0, 2)
-            (tmp / DATASET_MARKER).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+            write_manifest(tmp, manifest)
             if claim():  # again: someone may have put a file into --out while we were building
                 old = sibling(out_dir, "old")
                 out_dir.rename(old)
@@ -198,9 +198,9 @@ def _build_into(
 ) -> dict[str, Any]:
     import ray
 
-    qroot = out / "quarantine"
+    qroot = quarantine_dir(out)
     work = out / "_work"
-    for d in [out / "vocab", work / "users", out / "sequences", *(out / "samples" / s for s in SPLITS)]:
+    for d in [vocab_dir(out), work / "users", sequences_dir(out), *(samples_dir(out, s) for s in SPLITS)]:
         d.mkdir(parents=True)
     for name in tables:
         (qroot / name).mkdir(parents=True)
@@ -216,7 +216,7 @@ def _stages(raw_dir: Path, out: Path, tables: dict[str, RawTable], cfg: BuildCon
     """The stages after the scan, in order, on a running Ray."""
     import ray
 
-    qroot = out / "quarantine"
+    qroot = quarantine_dir(out)
     work = out / "_work"
     with timer("items"):  # a task too: the catalog (64-dim embeddings: 128 MB at 500K items) stays off the driver
         log.info("items: validating %d rows", tables["items"].rows)

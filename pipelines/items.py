@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from features.dataset import items_path, quarantine_dir
 from features.schema import FIRST_IDX, MM_EMB_COLUMN, idx_column, mm_emb_type, vocab_space
 from pipelines.scan import RawTable, iter_row_batches
 from pipelines.validate import R_DUP_ITEM, data_error, quarantine_table, reason_counts, row_reasons, with_provenance
@@ -49,7 +50,7 @@ def build_items(table: RawTable, out: Path) -> dict[str, Any]:
     good_mask = reason.is_null()
     bad = items.filter(pc.invert(good_mask))
     if bad.num_rows:
-        qdir = out / "quarantine" / "items"
+        qdir = quarantine_dir(out, "items")
         qdir.mkdir(parents=True, exist_ok=True)
         pq.write_table(quarantine_table(bad, reason.filter(pc.invert(good_mask)), files), qdir / "part-0.parquet")
     good = items.filter(good_mask)
@@ -74,7 +75,7 @@ def build_items(table: RawTable, out: Path) -> dict[str, Any]:
         emb = good[MM_EMB_COLUMN].combine_chunks()
         mm_missing = emb.null_count
         columns[MM_EMB_COLUMN] = emb.cast(mm_emb_type(dim, value_type))  # type: ignore[arg-type]
-    pq.write_table(pa.table(columns), out / "items.parquet")
+    pq.write_table(pa.table(columns), items_path(out))
     cate_of_item = np.zeros(len(item_vocab) + FIRST_IDX, np.int32)
     cate_of_item[FIRST_IDX:] = cate_idx
     return {

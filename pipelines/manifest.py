@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from features.dataset import quarantine_dir, samples_dir, sequences_dir
 from features.schema import FIRST_IDX, SCHEMA_VERSION, SPLITS, idx_column
 from pipelines.config import BuildConfig
 from pipelines.outdirs import read_source
@@ -112,7 +113,7 @@ def build_manifest(
             "positive_rate": sum(p["label_sum"] for p in parts) / rows if rows else None,
             "ts_min": min(p["ts_min"] for p in parts) if rows else None,
             "ts_max": max(p["ts_max"] for p in parts) if rows else None,
-            "files": sorted(p.name for p in (out / "samples" / split).glob("*.parquet")),
+            "files": sorted(p.name for p in samples_dir(out, split).glob("*.parquet")),
         }
     rows_out = {
         "items": items["rows_out"],
@@ -123,7 +124,7 @@ def build_manifest(
     for name, t in tables.items():
         counts = dict(sorted(reasons.get(name, {}).items()))
         q = sum(counts.values())
-        on_disk = quarantine_rows_on_disk(out / "quarantine" / name)
+        on_disk = quarantine_rows_on_disk(quarantine_dir(out, name))
         if on_disk != q:
             raise RuntimeError(f"quarantine/{name} holds {on_disk} rows, but the build's tasks quarantined {q}")
         if t.rows != rows_out[name] + q:
@@ -158,7 +159,7 @@ def build_manifest(
         "sequence_length": percentiles(*lengths["sequence_length"]),
         "hist_len": percentiles(*lengths["hist_len"]),
         "split": {"valid_start_ts": valid_start, "test_start_ts": test_start, **splits},
-        "sequence_files": sorted(p.name for p in (out / "sequences").glob("*.parquet")),
+        "sequence_files": sorted(p.name for p in sequences_dir(out).glob("*.parquet")),
         "config": cfg.model_dump(),
         **extra,
     }

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from features.dataset import samples_dir, sequences_dir
 from features.schema import FIRST_IDX, SPLITS, idx_column
 from pipelines.faults import fault_point
 from pipelines.outdirs import write_parquet_atomic
@@ -292,7 +293,7 @@ def write_task(part: int, result: dict[str, Any], user_offset: int, spec: dict[s
     if seqs.num_rows:
         write_parquet_atomic(vocab_table(np.asarray(seqs["user_id"]), first_idx), Path(spec["users_dir"]) / name)
         write_parquet_atomic(
-            seqs.drop(["user_id"]).add_column(0, "user_idx", pa.array(user_idx)), out / "sequences" / name
+            seqs.drop(["user_id"]).add_column(0, "user_idx", pa.array(user_idx)), sequences_dir(out) / name
         )
     fault_point("B")
     # samples in a seeded random order: a row group is then a random sample of the partition's users, not a
@@ -307,7 +308,7 @@ def write_task(part: int, result: dict[str, Any], user_offset: int, spec: dict[s
         rows = int(mask.sum())
         if rows:
             part_rows = samples.filter(pa.array(mask))
-            write_parquet_atomic(part_rows, out / "samples" / split / name, row_group_size=spec["rows_per_row_group"])
+            write_parquet_atomic(part_rows, samples_dir(out, split) / name, row_group_size=spec["rows_per_row_group"])
             summary["splits"][split] = {
                 "rows": rows,
                 "label_sum": int(np.asarray(part_rows["label"], dtype=np.int64).sum()),

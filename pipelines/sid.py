@@ -54,7 +54,6 @@ items.parquet has one row per real item (item_idx >= 2); the padding and out-of-
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -67,6 +66,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.dataset import items_path, manifest_path, read_manifest, write_manifest
 from features.schema import MM_EMB_COLUMN
 
 log = logging.getLogger(__name__)
@@ -357,19 +357,19 @@ def build_semantic_ids(
     """
     t0 = time.time()
     data_dir = Path(data_dir)
-    items_path, manifest_path = data_dir / "items.parquet", data_dir / "manifest.json"
-    if not manifest_path.exists() or not items_path.exists():
+    items_file, manifest_file = items_path(data_dir), manifest_path(data_dir)
+    if not manifest_file.exists() or not items_file.exists():
         raise FileNotFoundError(
             f"{data_dir}: needs items.parquet and manifest.json; DATA_DIR must be a dataset directory from `ctr build`"
         )
     if missing not in ("category", "reserved"):
         raise ValueError(f"missing must be 'category' or 'reserved', got {missing!r}")
-    items = pq.read_table(items_path)
+    items = pq.read_table(items_file)
     items = items.drop_columns([c for c in items.column_names if _is_sid_column(c)])
-    x, present, kind = item_embeddings(items, str(items_path))
+    x, present, kind = item_embeddings(items, str(items_file))
     n = len(x)
     if not present.any():
-        raise ValueError(f"{items_path}: no item has a usable {MM_EMB_COLUMN} (all null or zero)")
+        raise ValueError(f"{items_file}: no item has a usable {MM_EMB_COLUMN} (all null or zero)")
 
     x_emb = x if present.all() else x[present]
     quantizer = fit_rq_kmeans(x_emb, levels, codebook_size, seed=seed, iters=iters, fit_sample=fit_sample)
@@ -425,11 +425,11 @@ def build_semantic_ids(
     for j, name in enumerate(sid_columns(levels)):
         out = out.append_column(name, pa.array(codes[:, j], type=pa.int32()))
     out = out.append_column(SUFFIX_COLUMN, pa.array(suffix, type=pa.int32()))
-    _write_atomic(items_path, lambda p: pq.write_table(out, p))
+    _write_atomic(items_file, lambda p: pq.write_table(out, p))
     block["seconds"] = round(time.time() - t0, 3)
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(data_dir)
     manifest["semantic_ids"] = block
-    _write_atomic(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2, sort_keys=False)))
+    write_manifest(data_dir, manifest)
     log.info(
         "semantic ids: %d items, %d x %d codes, mse %s, collisions %.4f -> %.4f, %.1f s",
         n, levels, codebook_size, block["reconstruction_mse"], block["collision_rate_before"],
@@ -452,7 +452,7 @@ def load_semantic_id_quantizer(
     Returns (quantizer, embeddings [N, D] float32 in items.parquet row order, present [N] bool); the codebooks are
     ``quantizer.codebooks`` [levels, K, D] and ``quantizer.decode(codes, l)`` the reconstruction from l levels.
     """
-    items_path = Path(data_dir) / "items.parquet"
-    x, present, _ = item_embeddings(pq.read_table(items_path, columns=[MM_EMB_COLUMN]), str(items_path))
+    items_file = items_path(data_dir)
+    x, present, _ = item_embeddings(pq.read_table(items_file, columns=[MM_EMB_COLUMN]), str(items_file))
     q = fit_rq_kmeans(x[present], levels, codebook_size, seed=seed, iters=iters, fit_sample=fit_sample)
     return q, x, present

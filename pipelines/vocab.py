@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.dataset import vocab_dir
 from features.outputs import check_identifier, ensure_under
-from features.schema import FIRST_IDX
+from features.schema import FIRST_IDX, OOV_IDX
 
 # A dense lookup table costs 4 bytes per id in [min, max]; it is used while that stays under this many bytes and
 # under 16 ids of range per vocabulary entry (hashed 64-bit ids fall back to searchsorted).
@@ -22,11 +23,11 @@ LUT_MAX_BYTES = 256 * 2**20
 
 
 def map_ids(vocab: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map raw ids to indices with a sorted vocabulary; returns (idx int32 with 1 for unknown ids, known mask)."""
+    """Map raw ids to indices with a sorted vocabulary; returns (idx int32, OOV_IDX for unknown ids; known mask)."""
     pos = np.searchsorted(vocab, raw)
     pos_c = np.minimum(pos, max(len(vocab) - 1, 0))
     known = (vocab[pos_c] == raw) if len(vocab) else np.zeros(len(raw), dtype=bool)
-    idx = np.where(known, pos_c + FIRST_IDX, 1).astype(np.int32)
+    idx = np.where(known, pos_c + FIRST_IDX, OOV_IDX).astype(np.int32)
     return idx, known
 
 
@@ -84,4 +85,4 @@ def vocab_path(out: Path, space: str) -> Path:
     """vocab/<space>.parquet: the space is named after a raw column (checked at scan); checked again here, where
     it becomes a path."""
     check_identifier(space, f"vocabulary {space!r}")
-    return ensure_under(out / "vocab" / f"{space}.parquet", out / "vocab")
+    return ensure_under(vocab_dir(out) / f"{space}.parquet", vocab_dir(out))

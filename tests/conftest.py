@@ -93,6 +93,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def info(request):
     prebuilt = os.environ.get("CTR_TEST_MODELS_DATA")
-    from features.loader import DatasetInfo
+    from features.dataset import DatasetInfo
 
     return DatasetInfo.load(prebuilt or request.getfixturevalue("tiny_data"))

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ctr.models import get_model_class
-from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader
+from features.dataset import DatasetInfo
+from features.loader import Batch, LoaderConfig, SplitLoader
 
 STEPS = 30
 

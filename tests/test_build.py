@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from rawlog import random_raw
 
-from features.schema import FIRST_IDX, SPLITS
+from features.dataset import samples_dir, sequences_dir
+from features.schema import FIRST_IDX, SAMPLE_BASE_SCHEMA, SEQUENCE_BTYPE_FIELD, SEQUENCE_SCHEMA, SPLITS
 from pipelines.build import build_dataset
 from pipelines.config import load_build_config
 
@@ -41,6 +42,17 @@ def test_layout_and_manifest(built):
     assert set(manifest["vocab_sizes"]) >= {"user", "item", "cate", "brand", "user_segment"}
     assert not list(data.parent.glob(".data.tmp-*")), "the temporary build directory was left behind"
     assert manifest["config"]["split"]["valid_fraction"] == 0.1
+
+
+def test_files_follow_the_column_schemas(built):
+    """Sequence and sample files begin with the columns, in the order and types, of `features.schema`."""
+    _, data, _ = built
+    seq = pq.read_schema(next(sequences_dir(data).glob("*.parquet")))
+    assert list(seq)[: len(SEQUENCE_SCHEMA)] == list(SEQUENCE_SCHEMA)
+    assert seq.field("btype") == SEQUENCE_BTYPE_FIELD
+    for split in SPLITS:
+        for f in samples_dir(data, split).glob("*.parquet"):
+            assert list(pq.read_schema(f))[: len(SAMPLE_BASE_SCHEMA)] == list(SAMPLE_BASE_SCHEMA), f
 
 
 def test_counts_reconcile(built):

@@ -21,7 +21,8 @@ from ctr.modules.lain import (
     SpectralLengthEncoder,
     prepend_prompts,
 )
-from features.loader import Batch, DatasetInfo
+from features.dataset import DatasetInfo
+from features.loader import Batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

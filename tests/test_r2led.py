@@ -1,4 +1,4 @@
-"""R2LED (ctr/models/r2led.py) and its blocks (ctr/modules/r2led.py): SID tables, routes against brute force,
+"""R2LED (ctr/models/r2led.py) and its blocks (ctr/modules/sid_routes.py): SID tables, routes against brute force,
 training, no look-ahead, the missing-SID error, eval determinism, variants.
 
 Data: a COPY of the session's tiny dataset (`tiny_data`, shared and read-only) with semantic IDs built into it
@@ -31,15 +31,13 @@ from model_helpers import batches, subset, train_steps  # noqa: E402
 
 from ctr.models import get_model_class  # noqa: E402
 from ctr.modules.gsu import lengths_to_offsets  # noqa: E402
-from ctr.modules.r2led import (  # noqa: E402
+from ctr.modules.sid_routes import (  # noqa: E402
     PrefixGSU,
     RouteFusion,
-    SemanticIDsMissing,
-    load_sid_codes,
     prefix_codes,
     vector_topk,
 )
-from features.loader import DatasetInfo  # noqa: E402
+from features.dataset import DatasetInfo, SemanticIDsMissing  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,7 +63,8 @@ def build(info: DatasetInfo, seed: int = 0, **params):
 
 
 def test_sid_codes_and_prefix_numbers(info):
-    codes, num_codes = load_sid_codes(info)
+    codes, num_codes = info.sid_codes()
+    codes = torch.from_numpy(codes)
     assert num_codes == 257 and codes.shape == (info.vocab_sizes["item"], 3)
     assert (codes[:2] == 256).all()  # padding and OOV rows: the reserved code
     t = pq.read_table(info.data_dir / "items.parquet", columns=["item_idx", "sid_0", "sid_1", "sid_2"])

@@ -29,8 +29,8 @@ if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None
 from model_helpers import aux_of, batches, build, subset, train_steps  # noqa: E402
 
 from ctr.modules.esu import SimilarityAwareTargetAttention, SimTier, time_gap_bucket  # noqa: E402
-from ctr.modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, lengths_to_offsets, load_mm_table  # noqa: E402
-from features.loader import DatasetInfo  # noqa: E402
+from ctr.modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, lengths_to_offsets  # noqa: E402
+from features.dataset import DatasetInfo  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -329,7 +329,7 @@ def int8_info(info, tmp_path_factory) -> DatasetInfo:
 def test_muse_int8_table(info, int8_info):
     model = build(int8_info, "muse")
     assert model.gsu.table.dtype == torch.int8
-    assert load_mm_table(int8_info).dtype == torch.int8
+    assert int8_info.mm_table().dtype == np.int8
     bs = batches(int8_info, model, 3)
     losses = train_steps(model, bs)
     assert all(math.isfinite(v) for v in losses)

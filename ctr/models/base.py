@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from torch import nn
 
-from features.loader import Batch, DatasetInfo, SequenceView, sparse_feature_names
+from features.dataset import DatasetInfo
+from features.loader import Batch, SequenceView, sparse_feature_names
 
 
 class ModelParams(BaseModel):

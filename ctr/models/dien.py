@@ -63,7 +63,7 @@ from features.loader import Batch, SequenceView
 from ..modules.activations import BatchNorm1dAnySize
 from ..modules.attention import BilinearAttention, DienDinAttention, masked_softmax
 from ..modules.augru import AUGRU, InterestExtractor
-from ..modules.lain import LainConditioner, LainParams, median_hist_len, prepend_prompts
+from ..modules.lain import LainConditioner, LainParams, prepend_prompts
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams, register, register_lain_variant
 
@@ -126,7 +126,7 @@ class DIEN(CTRModel):
         )  # fmt: skip
         self.lain: LainConditioner | None = None
         if params.lain.enabled:  # built last: the backbone's parameters start as a plain DIEN's with the same seed
-            self.lain = LainConditioner(params.lain, {"hist": (d, h)}, d, median_hist_len(info.manifest))
+            self.lain = LainConditioner(params.lain, {"hist": (d, h)}, d, info.median_hist_len)
 
     def views(self) -> tuple[SequenceView, ...]:
         return (SequenceView("hist", self.params.seq_len, negatives=True),)  # type: ignore[attr-defined]

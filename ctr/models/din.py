@@ -54,7 +54,7 @@ from features.loader import Batch, SequenceView
 
 from ..modules.activations import BatchNorm1dAnySize
 from ..modules.attention import DinAttention
-from ..modules.lain import LainConditioner, LainParams, lain_din_attention, median_hist_len
+from ..modules.lain import LainConditioner, LainParams, lain_din_attention
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams, register, register_lain_variant
 
@@ -103,7 +103,7 @@ class DIN(CTRModel):
             nn.init.zeros_(self.item_bias.weight)
         self.lain: LainConditioner | None = None
         if params.lain.enabled:  # built last: the backbone's parameters start as a plain DIN's with the same seed
-            self.lain = LainConditioner(params.lain, {"hist": (d, d)}, d, median_hist_len(info.manifest))
+            self.lain = LainConditioner(params.lain, {"hist": (d, d)}, d, info.median_hist_len)
 
     def views(self) -> tuple[SequenceView, ...]:
         return (SequenceView("hist", self.params.seq_len),)  # type: ignore[attr-defined]

@@ -40,10 +40,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from features.loader import Batch, DatasetInfo
+from features.dataset import DatasetInfo
+from features.loader import Batch
 
 from ..modules.esu import LinearTargetAttention, SimilarityAwareTargetAttention, SimTier, masked_mean
-from ..modules.gsu import CosineGSU, Selection, load_mm_table
+from ..modules.gsu import CosineGSU, Selection
 from .base import register, register_lain_variant
 from .two_stage import DiceHead, StageInput, TwoStageModel, TwoStageParams
 
@@ -79,7 +80,8 @@ class MUSE(TwoStageModel):
         zero_score = params.gsu_zero_vector_score
         if zero_score is None and code:
             zero_score = -1.1
-        self.gsu = CosineGSU(load_mm_table(info), zero_vector_score=zero_score, backend=params.kernel_backend)
+        mm = torch.from_numpy(info.mm_table())
+        self.gsu = CosineGSU(mm, zero_vector_score=zero_score, backend=params.kernel_backend)
         self.simtier = SimTier(params.mode, params.simtier_tiers, params.simtier_eps)
         self.short_simtier = (
             SimTier(params.mode, params.simtier_tiers, params.simtier_eps) if code or params.short_simtier else None

@@ -1,5 +1,6 @@
 """R2LED: multi-granularity semantic-ID retrieval and refinement for lifelong user modeling (Liu et al., arXiv
-2602.06622, Feb 2026). Built on the two-stage frame (``ctr/models/two_stage.py``); blocks in ``ctr/modules/r2led.py``.
+2602.06622, Feb 2026). Built on the two-stage frame (``ctr/models/two_stage.py``); blocks in
+``ctr/modules/sid_routes.py``.
 
 What the paper specifies (models.md §5.1: abstract level; the code, abananbao/R2LED, could not be read)
     * A two-stage "retrieval-refinement" model over the lifelong sequence, built on **Semantic IDs** (SIDs) for
@@ -57,11 +58,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 import kernels
-from features.loader import Batch, DatasetInfo
+from features.dataset import DatasetInfo
+from features.loader import Batch
 
 from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
-from ..modules.gsu import CosineGSU, Selection, gather_slots, lengths_to_offsets, load_mm_table
-from ..modules.r2led import PrefixGSU, RouteFusion, SIDFusion, load_sid_codes, prefix_codes, vector_topk
+from ..modules.gsu import CosineGSU, Selection, gather_slots, lengths_to_offsets
+from ..modules.sid_routes import PrefixGSU, RouteFusion, SIDFusion, prefix_codes, vector_topk
 from .base import ModelOutput, register, register_lain_variant
 from .two_stage import LengthContext, TwoStageModel, TwoStageParams, fixed_slots, to_slots
 
@@ -146,7 +148,8 @@ class R2LED(TwoStageModel):
     Params = R2LEDParams
 
     def __init__(self, params: R2LEDParams, info: DatasetInfo, device: torch.device | None = None) -> None:
-        codes, num_codes = load_sid_codes(info, params.sid_levels)  # first: a dataset without SIDs fails fast
+        codes, num_codes = info.sid_codes(params.sid_levels)  # first: a dataset without SIDs fails fast
+        codes = torch.from_numpy(codes)
         super().__init__(params, info, device)
         levels = codes.shape[1]
         for r in params.routes:
@@ -160,7 +163,7 @@ class R2LED(TwoStageModel):
         )
         self.prefix_gsu = PrefixGSU(params.kernel_backend)
         uses_mm = params.semantic_source == "mm" and any(r.kind == "semantic" for r in params.routes)
-        self.mm_gsu = CosineGSU(load_mm_table(info), backend=params.kernel_backend) if uses_mm else None
+        self.mm_gsu = CosineGSU(torch.from_numpy(info.mm_table()), backend=params.kernel_backend) if uses_mm else None
         self.route_k = [r.k if r.k is not None else params.k for r in params.routes]
         self.embeds_prefix_routes = any(r.kind == "collab" or r.rank == "collab" for r in params.routes)
         t = params.time_dim or self.dim

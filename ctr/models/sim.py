@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from features.loader import Batch, DatasetInfo
+from features.dataset import DatasetInfo
+from features.loader import Batch
 
 from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
 from ..modules.gsu import CategoryGSU, InnerProductGSU, Selection

@@ -59,12 +59,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from features.loader import Batch, DatasetInfo, SequenceView
+from features.dataset import DatasetInfo
+from features.loader import Batch, SequenceView
 
 from ..modules.activations import make_activation
 from ..modules.attention import DinAttention
 from ..modules.gsu import Selection, gather_slots, lengths_to_offsets
-from ..modules.lain import LainConditioner, LainParams, lain_din_attention, median_hist_len, prepend_prompts
+from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams
 
@@ -209,7 +210,7 @@ class TwoStageModel(CTRModel):
         self.tower = nn.Sequential(mlp, head(mlp.out_dim)) if head is not None else mlp
         if self.p.lain.enabled:  # built last: the backbone's parameters start as the plain model's with the same seed
             branches = {"short": (d, d), "long": (d, self.lain_long_key_dim)}
-            self.lain = LainConditioner(self.p.lain, branches, d, median_hist_len(self.info.manifest))
+            self.lain = LainConditioner(self.p.lain, branches, d, self.info.median_hist_len)
 
     # ---- LAIN ------------------------------------------------------------------------------------------------------
     def length_context(self, batch: Batch) -> LengthContext | None:

@@ -17,23 +17,18 @@ fewer than K candidates), and the scores; equal scores go to the more recent beh
   (``utils.py::sim_mm_top_k``) scores an all-zero vector (padding or no embedding) ``-1.1`` so that it is picked
   last: ``zero_vector_score=-1.1``; the default keeps the plain cosine (0) of the paper.
 
-`load_mm_table` reads the frozen table: a plain tensor (not a TorchRec table), meant for
-``register_buffer(..., persistent=False)`` so that checkpoints stay small.
+The frozen table comes from `features.dataset.DatasetInfo.mm_table` (a plain tensor, not a TorchRec table), kept
+with ``register_buffer(..., persistent=False)`` so that checkpoints stay small.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 import kernels
-from features.loader import DatasetInfo
 
 
 @dataclass
@@ -220,29 +215,6 @@ class CosineGSU(nn.Module):
         return Selection(positions, scores)
 
 
-def load_mm_table(info: DatasetInfo) -> torch.Tensor:
-    """The frozen multimodal table of a dataset: ``[vocab_sizes["item"], D]`` float32 or int8 (as stored), row =
-    ``item_idx``; padding, out-of-vocabulary and items without an embedding (null ``mm_emb``) are zero rows."""
-    meta = info.manifest.get("mm_emb")
-    if not meta:
-        raise ValueError(
-            f"{info.data_dir}: the dataset has no multimodal item embeddings (manifest mm_emb is empty); "
-            "build it from items with an mm_emb column (fixed_size_list<float32 | int8>[D])"
-        )
-    dim = int(meta["dim"])
-    t = pq.read_table(info.data_dir / "items.parquet", columns=["item_idx", "mm_emb"])
-    col = t["mm_emb"].combine_chunks()
-    if isinstance(col, pa.ChunkedArray):  # pragma: no cover - combine_chunks on a column gives one chunk
-        col = col.chunk(0)
-    value_type = col.type.value_type
-    np_dtype = np.int8 if value_type == pa.int8() else np.float32
-    valid = np.asarray(pc.is_valid(col)) if col.null_count else np.ones(len(col), dtype=bool)
-    flat = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False).astype(np_dtype, copy=False)
-    table = np.zeros((info.vocab_sizes["item"], dim), dtype=np_dtype)
-    table[t["item_idx"].to_numpy()[valid]] = flat.reshape(-1, dim)
-    return torch.from_numpy(table)
-
-
 __all__ = [
     "CategoryGSU",
     "CosineGSU",
@@ -250,5 +222,4 @@ __all__ = [
     "Selection",
     "gather_slots",
     "lengths_to_offsets",
-    "load_mm_table",
 ]

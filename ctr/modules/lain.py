@@ -291,11 +291,3 @@ def lain_din_attention(
     else:
         weights = scores * seq_mask.to(scores.dtype)
     return pool(weights, vals)
-
-
-def median_hist_len(manifest: Mapping[str, object]) -> float | None:
-    """The dataset's median hist_len from manifest.json (``hist_len.p50``), if recorded."""
-    stats = manifest.get("hist_len")
-    if isinstance(stats, Mapping) and stats.get("p50") is not None:
-        return float(stats["p50"])  # type: ignore[arg-type]
-    return None

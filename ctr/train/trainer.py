@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from features.loader import Batch, DatasetInfo, LoaderConfig, SplitLoader
+from features.dataset import DatasetInfo
+from features.loader import Batch, LoaderConfig, SplitLoader
 from features.outputs import DirLock
 from features.sequence_store import SequenceStore
 

@@ -3,12 +3,13 @@
 See ``ctr/models/r2led.py`` for the model, the paper-vs-choice split and the defaults. Shapes: B samples, jagged
 prefixes (values ``[total_L, ...]`` + int64 ``offsets [B + 1]``, oldest first), L_s SID levels, K slots, R routes.
 
-Semantic IDs (`load_sid_codes`, `prefix_codes`)
+Semantic IDs (`prefix_codes`)
     ``pipelines/sid.py`` (``ctr sid --data DATA_DIR``) writes ``sid_0 .. sid_{L-1}`` (codes ``0..K``, ``K`` reserved
-    for "no usable embedding") to ``items.parquet``. `load_sid_codes` turns them into a ``[vocab_sizes["item"], L_s]``
-    table indexed by ``item_idx``; the padding / out-of-vocabulary rows 0 and 1 (and any item without a row) get the
-    reserved code. `prefix_codes` numbers every prefix ``(c_0 .. c_{l-1})`` by mixed radix ``Σ_j c_j (K+1)^{l-1-j}``
-    (unique per prefix, < 2^63 for any realistic K and L), and -1 when a reserved code occurs in it.
+    for "no usable embedding") to ``items.parquet``. `features.dataset.DatasetInfo.sid_codes` reads them into a
+    ``[vocab_sizes["item"], L_s]`` table indexed by ``item_idx``; the padding / out-of-vocabulary rows 0 and 1 (and
+    any item without a row) get the reserved code. `prefix_codes` numbers every prefix ``(c_0 .. c_{l-1})`` by mixed
+    radix ``Σ_j c_j (K+1)^{l-1-j}`` (unique per prefix, < 2^63 for any realistic K and L), and -1 when a reserved
+    code occurs in it.
 
 Retrieval (every route through ``kernels.gsu_topk``, forward only, best first, equal scores by recency)
     * `PrefixGSU`: the behaviors whose SID prefix of length l equals the target's (``kernels.gsu_topk`` category
@@ -35,55 +36,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 import kernels
-from features.errors import UserError
-from features.loader import DatasetInfo
 
 from .attention import masked_softmax
 from .gsu import Selection, lengths_to_offsets
-
-SID_HINT = "run `ctr sid --data {data}` first (it adds sid_0 .. sid_{{L-1}} to items.parquet)"
-
-
-class SemanticIDsMissing(UserError, ValueError):
-    """The dataset has no semantic IDs (items.parquet without ``sid_*`` columns or manifest without the block)."""
-
-
-def load_sid_codes(info: DatasetInfo, levels: int | None = None) -> tuple[torch.Tensor, int]:
-    """The semantic-ID table ``[vocab_sizes["item"], levels]`` int64 (row = ``item_idx``) and the number of codes per
-    level ``K + 1`` (the last one, ``K``, is the reserved code of padding, OOV and items without an embedding).
-
-    ``levels`` None = every level ``ctr sid`` wrote; fewer keeps the coarsest ones.
-    """
-    block = info.manifest.get("semantic_ids")
-    path = info.data_dir / "items.parquet"
-    hint = SID_HINT.format(data=info.data_dir)
-    if not block:
-        raise SemanticIDsMissing(f"{info.data_dir}: the dataset has no semantic IDs (no manifest semantic_ids); {hint}")
-    have = int(block["levels"])
-    use = have if levels is None else int(levels)
-    if not 1 <= use <= have:
-        raise ValueError(f"sid_levels={levels}: the dataset's semantic IDs have {have} levels ({hint} with --levels)")
-    names = [f"sid_{j}" for j in range(use)]
-    present = set(pq.read_schema(path).names)
-    if missing := [c for c in names if c not in present]:
-        raise SemanticIDsMissing(f"{path}: no column(s) {', '.join(missing)}; {hint}")
-    num_codes = int(block["num_codes"])
-    reserved = num_codes - 1
-    t = pq.read_table(path, columns=["item_idx", *names])
-    table = np.full((info.vocab_sizes["item"], use), reserved, dtype=np.int64)
-    idx = t["item_idx"].to_numpy()
-    for j, c in enumerate(names):
-        col = t[c].to_numpy(zero_copy_only=False).astype(np.int64)
-        if col.size and (col.min() < 0 or col.max() > reserved):
-            raise ValueError(f"{path}: {c} has codes outside [0, {reserved}]; rebuild with `ctr sid --data ...`")
-        table[idx, j] = col
-    return torch.from_numpy(table), num_codes
 
 
 def prefix_codes(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
@@ -271,8 +230,6 @@ __all__ = [
     "PrefixGSU",
     "RouteFusion",
     "SIDFusion",
-    "SemanticIDsMissing",
-    "load_sid_codes",
     "prefix_codes",
     "vector_topk",
 ]
