@@ -148,7 +148,7 @@ def test_defaults_unchanged(info):
                 torch.testing.assert_close(value, base[key], rtol=0, atol=0, msg=key)
     cls = get_model_class("din")
     with pytest.raises(ValueError, match="backend"):
-        cls.Params(backend="kernel", lain={"enabled": True})
+        cls.Params(backend="auto", lain={"enabled": True})
     with pytest.raises(ValueError, match="paper"):
         get_model_class("muse").Params(mode="code", lain={"enabled": True})
 

@@ -64,7 +64,7 @@ def test_training_loss_decreases(info, name):
     "name, params",
     [
         ("din", {"softmax": True, "attention_activation": "sigmoid", "item_bias": True, "input_batch_norm": True}),
-        ("din", {"attention_activation": "prelu", "activation": "prelu", "backend": "kernel"}),
+        ("din", {"attention_activation": "prelu", "activation": "prelu", "backend": "auto"}),
         ("dien", {"attention": "din", "augru": "official", "aux_net": "mlp"}),
         ("dien", {"aux_net": "mlp", "gru_hidden": 24, "input_batch_norm": True}),
     ],
@@ -86,7 +86,7 @@ def test_variants_run(info, name, params):
 
 
 @pytest.mark.parametrize(
-    "name, params", [("sum_pool", {}), ("din", {}), ("din", {"softmax": True}), ("din", {"backend": "kernel"}),
+    "name, params", [("sum_pool", {}), ("din", {}), ("din", {"softmax": True}), ("din", {"backend": "auto"}),
                      ("dien", {}), ("dien", {"attention": "din", "augru": "official"})],
 )  # fmt: skip
 def test_eval_and_padding_invariance(info, name, params):
@@ -242,7 +242,7 @@ def test_din_attention_kernel_matches_module(activation, softmax, training):
 
 def test_din_kernel_backend_matches_module_backend(info):
     module = build(info, "din")
-    kernel = build(info, "din", backend="kernel")
+    kernel = build(info, "din", backend="auto")
     kernel.load_state_dict(module.state_dict())
     batch = batches(info, module, 1)[0]
     for train in (True, False):

@@ -19,11 +19,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from torch import nn
 
 from features.dataset import DatasetInfo
 from features.loader import Batch, SequenceView, sparse_feature_names
+
+from ..modules.gsu import lengths_to_offsets
 
 
 class ModelParams(BaseModel):
@@ -34,6 +36,18 @@ class ModelParams(BaseModel):
     embedding_dim: int = 16
     use_user: bool = False  # embed user_idx (a huge, sparse table; off by default as in most CTR baselines)
     use_context: bool = True  # embed the context columns of the samples (e.g. user_segment)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Configs of runs trained before the backends were named one way (`kernel_backend`, DIN's `kernel`)."""
+        if isinstance(data, dict) and ("kernel_backend" in data or data.get("backend") == "kernel"):
+            data = dict(data)
+            if "kernel_backend" in data:
+                data["backend"] = data.pop("kernel_backend")
+            if data.get("backend") == "kernel":
+                data["backend"] = "auto"
+        return data
 
 
 @dataclass
@@ -122,8 +136,7 @@ class CTRModel(nn.Module):
         values = jt.values()
         b = lengths.shape[0]
         width = max(1, min(max_len, int(lengths.max()) if b else 1))
-        offsets = torch.zeros(b + 1, dtype=torch.long, device=values.device)
-        torch.cumsum(lengths, 0, out=offsets[1:])
+        offsets = lengths_to_offsets(lengths)
         pos = torch.arange(width, device=values.device)
         mask = pos.unsqueeze(0) < lengths.unsqueeze(1)
         index = (offsets[:-1].unsqueeze(1) + pos.unsqueeze(0))[mask]

@@ -26,8 +26,9 @@ Defaults and where they come from:
   the ad and the other features), plus the context embeddings of this library.
 * Not reproduced: the paper's mini-batch aware L2 regularization, and the official SGD schedule (lr 1.0 → 0.1).
 
-``backend: kernel`` computes the attention with the fused `kernels.din_attention` on the jagged behaviors (Triton
-on CUDA, its PyTorch reference elsewhere) instead of the readable padded module; same parameters, same output.
+``backend: module`` (the default) computes the attention with the readable padded module; ``auto`` (Triton on CUDA,
+its PyTorch reference elsewhere), ``triton`` or ``reference`` with the fused `kernels.din_attention` on the jagged
+behaviors, that backend of the kernel; same parameters, same output.
 
 LAIN (``lain: {enabled: true, ...}``; registered as ``din_lain``; `ctr.modules.lain`, Zhang et al., AAAI 2026):
 the full prefix length ``L = hist_len`` conditions the activation unit, as models.md §6.4 proposes for DIN::
@@ -54,6 +55,7 @@ from features.loader import Batch, SequenceView
 
 from ..modules.activations import BatchNorm1dAnySize
 from ..modules.attention import DinAttention
+from ..modules.gsu import lengths_to_offsets
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams, register, register_lain_variant
@@ -70,12 +72,12 @@ class DINParams(ModelParams):
     input_batch_norm: bool = False  # official code: BatchNorm on the tower input
     dropout: float = 0.0
     item_bias: bool = False  # official code: a learned per-item bias added to the logit
-    backend: Literal["module", "kernel"] = "module"
+    backend: Literal["module", "auto", "triton", "reference"] = "module"
     lain: LainParams = Field(default_factory=LainParams)  # LAIN plug-in (off: the model above, unchanged)
 
     @model_validator(mode="after")
     def _lain_needs_module_backend(self) -> DINParams:
-        if self.lain.enabled and self.backend == "kernel":
+        if self.lain.enabled and self.backend != "module":
             raise ValueError("lain.enabled needs backend 'module' (the fused kernel has no per-sample temperature)")
         return self
 
@@ -113,13 +115,13 @@ class DIN(CTRModel):
         target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
         if self.lain is not None:
             pooled = self._lain_attention(emb, target, batch.dense["hist_len"])
-        elif self.p.backend == "kernel":
+        elif self.p.backend != "module":
             hist_item = emb["hist_item"]
             keys = torch.cat([hist_item.values(), emb["hist_cate"].values()], dim=-1)
-            lengths = hist_item.lengths().long()
-            offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=keys.device)
-            torch.cumsum(lengths, 0, out=offsets[1:])
-            pooled = self.attention.forward_jagged(target, keys, offsets, max_len=self.p.seq_len)
+            offsets = lengths_to_offsets(hist_item.lengths())
+            pooled = self.attention.forward_jagged(
+                target, keys, offsets, max_len=self.p.seq_len, backend=self.p.backend
+            )
         else:
             item, mask = self.padded(emb["hist_item"], self.p.seq_len)
             cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)

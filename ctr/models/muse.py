@@ -81,7 +81,7 @@ class MUSE(TwoStageModel):
         if zero_score is None and code:
             zero_score = -1.1
         mm = torch.from_numpy(info.mm_table())
-        self.gsu = CosineGSU(mm, zero_vector_score=zero_score, backend=params.kernel_backend)
+        self.gsu = CosineGSU(mm, zero_vector_score=zero_score, backend=params.backend)
         self.simtier = SimTier(params.mode, params.simtier_tiers, params.simtier_eps)
         self.short_simtier = (
             SimTier(params.mode, params.simtier_tiers, params.simtier_eps) if code or params.short_simtier else None

@@ -161,9 +161,9 @@ class R2LED(TwoStageModel):
         self.sid = SIDFusion(
             d, levels, num_codes, level_gate=params.level_gate, mode=params.sid_fusion, init_std=params.sid_init_std
         )
-        self.prefix_gsu = PrefixGSU(params.kernel_backend)
+        self.prefix_gsu = PrefixGSU(params.backend)
         uses_mm = params.semantic_source == "mm" and any(r.kind == "semantic" for r in params.routes)
-        self.mm_gsu = CosineGSU(torch.from_numpy(info.mm_table()), backend=params.kernel_backend) if uses_mm else None
+        self.mm_gsu = CosineGSU(torch.from_numpy(info.mm_table()), backend=params.backend) if uses_mm else None
         self.route_k = [r.k if r.k is not None else params.k for r in params.routes]
         self.embeds_prefix_routes = any(r.kind == "collab" or r.rank == "collab" for r in params.routes)
         t = params.time_dim or self.dim
@@ -172,7 +172,7 @@ class R2LED(TwoStageModel):
         n_att = 1 if params.share_route_attention else len(params.routes)
         self.route_attention = nn.ModuleList(
             MultiHeadTargetAttention(
-                d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.kernel_backend
+                d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.backend
             )
             for _ in range(n_att)
         )
@@ -198,7 +198,7 @@ class R2LED(TwoStageModel):
         and ``long_id [total_L, 2d]`` (the ID embeddings) are needed by the collaborative scores."""
         items = ids["long_item"].values().long()
         target_items = ids["item"].values().long()
-        backend = self.rp.kernel_backend
+        backend = self.rp.backend
         semantic: tuple[torch.Tensor, torch.Tensor] | None = None
         out = []
         for r, k in zip(self.rp.routes, self.route_k, strict=True):

@@ -75,7 +75,7 @@ class _SIMBase(TwoStageModel):
         self.time_att = TimeGapEmbedding(params.time_buckets, t) if params.time_buckets and params.dare else None
         z = d + (t if self.time is not None else 0)
         self.esu = MultiHeadTargetAttention(
-            d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.kernel_backend
+            d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.backend
         )
         self.long_dim = 2 * d if params.target_cross else d
         self.lain_long_key_dim = z
@@ -100,7 +100,7 @@ class SIMHard(_SIMBase):
 
     def __init__(self, params: SIMParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
-        self.gsu = CategoryGSU(params.kernel_backend)
+        self.gsu = CategoryGSU(params.backend)
         self.build_tower()
 
     def search(
@@ -118,7 +118,7 @@ class SIMSoft(_SIMBase):
     def __init__(self, params: SIMSoftParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
         d = 2 * self.dim
-        self.gsu = InnerProductGSU(d, d, params.gsu_dim, params.kernel_backend)
+        self.gsu = InnerProductGSU(d, d, params.gsu_dim, params.backend)
         self.aux_mlp = (
             MLP(2 * d, params.aux_hidden, activation=params.aux_activation, out_dim=1) if params.aux_alpha > 0 else None
         )

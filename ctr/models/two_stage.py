@@ -86,7 +86,8 @@ class TwoStageParams(ModelParams):
     activation: str = "dice"
     batch_norm: bool = False
     dropout: float = 0.0
-    kernel_backend: Literal["auto", "triton", "reference"] | None = None  # None: $KERNELS_BACKEND, else auto
+    # the kernels' backend (GSU top-k, ESU attention): None = $KERNELS_BACKEND, else auto (Triton on CUDA)
+    backend: Literal["auto", "triton", "reference"] | None = None
     lain: LainParams = Field(default_factory=LainParams)  # LAIN plug-in (off: the model above, unchanged)
 
 
