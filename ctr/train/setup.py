@@ -1,0 +1,95 @@
+"""The pieces a training rank is assembled from: optimizers, seeding, loader settings, the padding batch, and the
+fault injection the resume tests use."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from features.dataset import DatasetInfo
+from features.loader import Batch, LoaderConfig, SplitLoader
+
+from ..config import TrainConfig
+from ..models import CTRModel
+from .distributed import DistContext
+
+log = logging.getLogger(__name__)
+
+SPARSE_OPTIMIZERS = {"adagrad": "Adagrad", "sgd": "SGD", "adam": "Adam", "rowwise_adagrad": "RowWiseAdagrad"}
+
+
+def sparse_optimizer_class(name: str) -> type:
+    if name == "rowwise_adagrad":
+        from torchrec.optim import RowWiseAdagrad
+
+        return RowWiseAdagrad
+    return getattr(torch.optim, SPARSE_OPTIMIZERS[name])
+
+
+def dense_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.dense == "adam":
+        return torch.optim.Adam(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+    if o.dense == "adamw":
+        return torch.optim.AdamW(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+    if o.dense == "adagrad":
+        return torch.optim.Adagrad(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def loader_config(cfg: TrainConfig, model: CTRModel, *, train: bool) -> LoaderConfig:
+    return LoaderConfig(
+        batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
+        views=model.views(),
+        shuffle=train,
+        seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers,
+        shuffle_window=cfg.data.shuffle_window,
+        max_behaviors=cfg.data.max_batch_behaviors if train else cfg.data.eval_max_batch_behaviors,
+    )
+
+
+def first_batch(info: DatasetInfo, split: str, lcfg: LoaderConfig, features: list[str]) -> Batch:
+    single = SplitLoader(info, split, LoaderConfig(**{**lcfg.__dict__, "num_workers": 0}), features)
+    for b in single:
+        return b
+    raise ValueError(f"{info.data_dir}: split {split!r} has no samples")
+
+
+@contextmanager
+def frozen_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """Restore the running statistics of batch-norm layers after the block: a padding step changes nothing."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    saved = [{k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved, strict=True):
+                for k, b in buffers.items():
+                    getattr(m, k).copy_(b)
+
+
+FAULT_ENV = "LIFELONG_CTR_FAULT"
+
+
+def fault(where: str, count: int, ctx: DistContext) -> None:
+    """Fault injection for the resume tests: `LIFELONG_CTR_FAULT=train:7` SIGKILLs rank 0 right after training
+    step 7; `valid:2` during the 2nd validation (after its first batch). Unset in normal runs."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and ctx.is_main and spec == f"{where}:{count}":
+        log.warning("%s=%s: killing this process (fault injection)", FAULT_ENV, spec)
+        os.kill(os.getpid(), signal.SIGKILL)
