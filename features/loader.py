@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .dataset import DatasetInfo, samples_dir
 from .procs import die_with_parent, exit_when_gone
 from .schema import FIRST_IDX
-from .sequence_store import SequenceStore
+from .sequence_store import SequenceStore, ragged_ranges
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +97,6 @@ class Batch:
             dense={k: v.to(device, non_blocking=True) for k, v in self.dense.items()},
             size=self.size,
         )
-
-
-def ragged_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate `arange(s, s + n)` for each (s, n), vectorized."""
-    lengths = lengths.astype(np.int64, copy=False)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    row_starts = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=row_starts[1:])
-    return np.repeat(starts.astype(np.int64) - row_starts, lengths) + np.arange(total, dtype=np.int64)
 
 
 def split_units(data_dir: Path, split: str) -> list[tuple[str, int, int]]:

@@ -49,6 +49,17 @@ def _fingerprint(data_dir: Path) -> dict:
     }
 
 
+def ragged_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenate `arange(s, s + n)` for each (s, n), vectorized."""
+    lengths = lengths.astype(np.int64, copy=False)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    row_starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=row_starts[1:])
+    return np.repeat(starts.astype(np.int64) - row_starts, lengths) + np.arange(total, dtype=np.int64)
+
+
 @dataclass
 class SequenceStore:
     """Flat behavior arrays with per-user offsets (see the module docstring)."""
@@ -131,9 +142,7 @@ def _build_cache(data_dir: Path, cache: Path, fingerprint: dict) -> None:
             n = int(lens.sum())
             if n == 0:
                 continue
-            src_starts = np.zeros(len(users), dtype=np.int64)
-            np.cumsum(lens[:-1], out=src_starts[1:])
-            dest = np.repeat(offsets[users] - src_starts, lens) + np.arange(n, dtype=np.int64)
+            dest = ragged_ranges(offsets[users], lens)  # each user's slots in the flat arrays, file order
             for c in columns:
                 flat = pc.list_flatten(t[c]).to_numpy(zero_copy_only=False)
                 out[c][dest] = flat.astype(_COLUMNS[c], copy=False)
