@@ -52,9 +52,9 @@ def print_dataset_summary(manifest: dict[str, Any], out_dir: Path) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipelines.synthetic import generate
+    from pipelines.synthetic import generate, parse_overrides
 
-    summary = generate(args.preset, args.seed, args.out)
+    summary = generate(args.preset, args.seed, args.out, **parse_overrides(args.set or []))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["tiny", "demo", "lifelong"], default="demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="raw directory to write")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override one world parameter (repeatable)")
     p.set_defaults(func=cmd_generate)
 
     from pipelines.importers import PROTOCOLS

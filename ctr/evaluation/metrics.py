@@ -25,6 +25,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from features.stats import grouped_auc as _grouped_auc  # the one AUC core, shared with pipelines
+
 __all__ = [
     "GAUC_DEFINITION",
     "LENGTH_BUCKET_EDGES",
@@ -94,59 +96,6 @@ def _as_probs(probs: ArrayLike, n: int, name: str = "probs") -> NDArray[np.float
 
 # --------------------------------------------------------------------------------------------------------------------
 # AUC / GAUC
-
-
-@dataclass(frozen=True)
-class _GroupAuc:
-    """Per-group statistics, groups in sorted order of their key."""
-
-    keys: NDArray[Any]
-    n: NDArray[np.int64]
-    n_pos: NDArray[np.int64]
-    n_neg: NDArray[np.int64]
-    auc: NDArray[np.float64]  # NaN where the group has a single class
-
-
-def _grouped_auc(y: NDArray[np.int64], s: NDArray[np.float64], groups: NDArray[Any] | None) -> _GroupAuc:
-    """Exact tie-aware AUC of every group with one sort and segment reductions (see the module docstring)."""
-    n = y.size
-    if n == 0:
-        empty_i = np.zeros(0, dtype=np.int64)
-        keys = np.zeros(0, dtype=groups.dtype if groups is not None else np.int64)
-        return _GroupAuc(keys, empty_i, empty_i, empty_i, np.zeros(0, dtype=np.float64))
-    if groups is None:
-        order = np.argsort(s, kind="stable")
-        gs = np.zeros(n, dtype=np.int64)
-    else:
-        order = np.lexsort((s, groups))  # primary key: group, secondary: score
-        gs = groups[order]
-    ys, ss = y[order], s[order]
-
-    new_group = np.empty(n, dtype=bool)
-    new_group[0] = True
-    np.not_equal(gs[1:], gs[:-1], out=new_group[1:])
-    new_run = new_group.copy()
-    new_run[1:] |= ss[1:] != ss[:-1]
-
-    run_starts = np.flatnonzero(new_run)
-    run_len = np.diff(np.append(run_starts, n))
-    pos_in_run = np.add.reduceat(ys, run_starts)
-    neg_in_run = run_len - pos_in_run
-
-    group_first_run = np.flatnonzero(new_group[run_starts])  # index (into runs) of each group's first run
-    run_group = np.cumsum(new_group[run_starts]) - 1  # group id of each run
-    cum_neg_excl = np.cumsum(neg_in_run) - neg_in_run  # negatives in all earlier runs (any group)
-    neg_below = cum_neg_excl - cum_neg_excl[group_first_run][run_group]  # ... restricted to the same group
-
-    twice_u = np.add.reduceat(pos_in_run * (2 * neg_below + neg_in_run), group_first_run)
-    g_n = np.add.reduceat(run_len, group_first_run)
-    g_pos = np.add.reduceat(pos_in_run, group_first_run)
-    g_neg = g_n - g_pos
-    pairs = g_pos * g_neg
-    with np.errstate(divide="ignore", invalid="ignore"):
-        g_auc = np.where(pairs > 0, twice_u / (2.0 * pairs), np.nan)
-    keys = gs[np.flatnonzero(new_group)]
-    return _GroupAuc(keys, g_n, g_pos, g_neg, g_auc.astype(np.float64))
 
 
 def auc(labels: ArrayLike, scores: ArrayLike) -> float:
