@@ -38,22 +38,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
-import threading
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, JobError, dir_bytes, machine_info, run_measured  # noqa: E402
 from spark_check import compare_datasets, dirty_world  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SEQ_LEN = 1000
 NAIVE_BYTES_PER_POSITION = 4 + 4 + 8  # item int32, cate int32, ts int64
@@ -62,116 +57,6 @@ JOBS = {
     "naive": "naive: join_asof + last-1000 per sample",
     "spark": "spark: PySpark window functions (local[2])",
 }
-
-
-class JobError(RuntimeError):
-    """A measured job failed or timed out; `stats` holds what was measured until then."""
-
-    def __init__(self, message: str, stats: dict[str, Any]):
-        super().__init__(message)
-        self.stats = stats
-
-
-def _pss(p: psutil.Process) -> int:
-    try:
-        return p.memory_full_info().pss
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0
-
-
-def _is_jvm(p: psutil.Process) -> bool:
-    try:
-        return p.name() == "java" or os.path.basename((p.cmdline() or [""])[0]) == "java"
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _tree_pss(proc: psutil.Process) -> tuple[int, int, int]:
-    """(PSS of the whole tree, of the root process alone, of the JVMs in the tree)."""
-    root = _pss(proc)
-    total, jvm = root, 0
-    for p in proc.children(recursive=True):
-        pss = _pss(p)
-        total += pss
-        if _is_jvm(p):
-            jvm += pss
-    return total, root, jvm
-
-
-def _kill_tree(proc: psutil.Process) -> None:
-    """End the job's process and its descendants (by pid: only what this job started)."""
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def machine_info() -> dict:
-    """Where a benchmark ran (kept with its results)."""
-    return {
-        "cpus": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def run_measured(
-    cmd: list[str], log_path: Path, timeout: float | None = None, cwd: Path = ROOT, env: dict[str, str] | None = None
-) -> dict:
-    """Run `cmd`, sampling the PSS of its process tree; returns wall seconds and peak bytes (tree, root, JVMs).
-    Raises JobError (with the measurements so far) when it exits non-zero or runs past `timeout` seconds."""
-    t0 = time.time()
-    peak = {"peak_pss_bytes": 0, "driver_peak_pss_bytes": 0, "jvm_peak_pss_bytes": 0}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-        ps = psutil.Process(proc.pid)
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                try:
-                    values = _tree_pss(ps)
-                except psutil.NoSuchProcess:
-                    return
-                for key, value in zip(peak, values, strict=True):
-                    peak[key] = max(peak[key], value)
-                time.sleep(0.5)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        try:
-            rc = proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            _kill_tree(ps)
-            rc, timed_out = proc.wait(), True
-        stop.set()
-        th.join()
-    stats = {"seconds": round(time.time() - t0, 2), **peak}
-    if not peak["jvm_peak_pss_bytes"]:
-        del stats["jvm_peak_pss_bytes"]
-    if timed_out:
-        raise JobError(f"timeout after {timeout:.0f} s", stats | {"timeout": True})
-    if rc != 0:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-        raise JobError(f"exit {rc}: {' | '.join(tail)[-500:]} (log {log_path})", stats)
-    return stats
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 # --------------------------------------------------------------------------------------------------------------------
