@@ -15,9 +15,10 @@ from paths import SHARED_DATA
 
 from features.schema import MM_EMB_COLUMN, MM_EMB_VALUE_TYPES, RAW_SPECS
 from pipelines.importers import IMPORTERS, PROTOCOLS, ImportSourceError
-from pipelines.importers._common import sample_negatives, stable_id
+from pipelines.importers._common import stable_id
 from pipelines.importers.amazon import import_amazon
 from pipelines.importers.movielens import import_movielens
+from pipelines.importers.negatives import sample_negatives
 from pipelines.importers.taobao_mm import import_taobao_mm
 from pipelines.importers.taobao_userbehavior import import_taobao_userbehavior
 

@@ -52,7 +52,6 @@ from pipelines.importers._common import (
     ImportSourceError,
     Rejects,
     finish_import,
-    interleave,
     parse_columns,
     prepare_out_dir,
     raw_schema,
@@ -60,11 +59,11 @@ from pipelines.importers._common import (
     require_columns,
     require_src,
     resolve_item_cates,
-    sample_negatives,
     stable_id,
     stable_ids,
     write_raw_table,
 )
+from pipelines.importers.negatives import interleave, sample_negatives
 
 log = logging.getLogger(__name__)
 

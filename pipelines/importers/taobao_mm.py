@@ -51,7 +51,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.importers._common import (
     ImportSourceError,
@@ -66,6 +65,22 @@ from pipelines.importers._common import (
     tmp_dir,
     write_raw_table,
 )
+from pipelines.importers.taobao_mm_files import (
+    EMB,
+    HIST_CATES,
+    HIST_ITEMS,
+    ITEM,
+    ITEM_ATTRS,
+    USER,
+    USER_ATTRS,
+    attr_name,
+    column_names,
+    find_files,
+    iter_batches,
+    list_overlap,
+    read_columns,
+    user_attributes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,75 +93,6 @@ PROTOCOL = (
     "130_1..5 -> user_attr_1..5; items from 205/206/213/214 plus behavior items (cate from 151_2_180), "
     "mm_emb = 205_c int8[128] (null when absent). recommended_split.test_start_ts = T_test."
 )
-
-USER = "129_1"
-ITEM = "205"
-HIST_ITEMS = "150_2_180"
-HIST_CATES = "151_2_180"
-USER_ATTRS = ("130_1", "130_2", "130_3", "130_4", "130_5")
-ITEM_ATTRS = ("213", "214")
-EMB = "205_c"
-
-
-def _attr_name(col: str) -> str:
-    return f"user_attr_{col.split('_')[1]}" if col.startswith("130_") else f"attr_{col}"
-
-
-def _find(src: Path, stem: str, required: bool) -> list[Path]:
-    d = src / stem
-    if d.is_dir():
-        files = sorted(d.glob("*.parquet"))
-    else:
-        files = sorted(p for p in src.glob(f"{stem}*.parquet") if p.name[len(stem)] == ".")
-    if required and not files:
-        raise ImportSourceError(
-            f"{src}: {stem}.parquet not found (also looked for {stem}.full.parquet, {stem}.part_*.parquet and "
-            f"{stem}/*.parquet). A Taobao-MM folder holds train_samples, test_samples, train_user_features, "
-            "test_user_features and item_features (+ scl_embedding_int8_p90); download it from "
-            "huggingface.co/datasets/TaoBao-MM/Taobao-MM or pass the folder that holds those files."
-        )
-    return files
-
-
-def _columns(files: list[Path]) -> list[str]:
-    return pq.read_schema(files[0]).names
-
-
-def _read(files: list[Path], columns: list[str]) -> pa.Table:
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
-
-
-def _batches(files: list[Path], columns: list[str], batch_rows: int):  # noqa: ANN202 - generator of (file, row0, batch)
-    for f in files:
-        row0 = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
-            yield f, row0, batch
-            row0 += batch.num_rows
-
-
-def _overlap(train: np.ndarray, test: np.ndarray) -> int:
-    """Largest k with train[-k:] == test[:k] (0 when none)."""
-    if len(train) == 0 or len(test) == 0:
-        return 0
-    candidates = np.flatnonzero(test[: len(train)] == train[-1])[::-1]  # k - 1 for each candidate k
-    for j in candidates:
-        k = int(j) + 1
-        if np.array_equal(train[len(train) - k :], test[:k]):
-            return k
-    return 0
-
-
-def _user_attrs(files: list[Path], attrs: list[str]) -> tuple[pl.DataFrame, np.ndarray]:
-    """(one row per user: user_id + user_attr_*, first-occurrence mask over the file rows)."""
-    t = pl.from_arrow(_read(files, [USER, *attrs]))
-    assert isinstance(t, pl.DataFrame)
-    first = t[USER].is_first_distinct().to_numpy() & t[USER].is_not_null().to_numpy()
-    df = (
-        t.filter(pl.Series(first))
-        .rename({USER: "user_id", **{a: _attr_name(a) for a in attrs}})
-        .with_columns(pl.col(_attr_name(a)).fill_null(0) for a in attrs)
-    )
-    return df, first
 
 
 class _SplitStats:
@@ -177,7 +123,7 @@ def _write_lists(
     """Stream one split's user features into behaviors; (item, cate) counts to `pairs_dir`."""
     st = _SplitStats()
     global_row = 0
-    for part, (f, row0, batch) in enumerate(_batches(files, [USER, HIST_ITEMS, HIST_CATES], batch_rows)):
+    for part, (f, row0, batch) in enumerate(iter_batches(files, [USER, HIST_ITEMS, HIST_CATES], batch_rows)):
         nrows = batch.num_rows
         st.rows += nrows
         keep_row = first_mask[global_row : global_row + nrows].copy()
@@ -227,7 +173,7 @@ def _write_lists(
                 if prev is None:
                     continue
                 st.users_in_both += 1
-                k_row[r] = _overlap(prev, it[starts[r] : starts[r] + n_nz[r]])
+                k_row[r] = list_overlap(prev, it[starts[r] : starts[r] + n_nz[r]])
                 st.max_new = max(st.max_new, int(n_nz[r] - k_row[r]))
             write = rank >= k_row[par]
             st.overlap += int((~write).sum())
@@ -255,7 +201,7 @@ def _write_samples(
 ) -> dict[str, Any]:
     stats = {"rows": 0, "rejected": 0, "positives": 0, "without_user_features": 0}
     targets: list[pl.Series] = []
-    for f, row0, batch in _batches(files, ["label_0", USER, ITEM], batch_rows):
+    for f, row0, batch in iter_batches(files, ["label_0", USER, ITEM], batch_rows):
         stats["rows"] += batch.num_rows
         lab = batch.column("label_0")
         n = pc.fill_null(pc.list_value_length(lab), 0).to_numpy(zero_copy_only=False)
@@ -304,8 +250,10 @@ def _embeddings(files: list[Path], rejects: Rejects) -> tuple[pl.DataFrame | Non
     stats = {"embedding_rows": 0, "embedding_duplicates": 0, "embedding_rejected": 0}
     if not files:
         return None, None, pa.int8(), stats
-    require_columns(_columns(files), [ITEM, EMB], files[0], "The SCL embedding table is 205 (item id), 205_c (list).")
-    t = _read(files, [ITEM, EMB])
+    require_columns(
+        column_names(files), [ITEM, EMB], files[0], "The SCL embedding table is 205 (item id), 205_c (list)."
+    )
+    t = read_columns(files, [ITEM, EMB])
     stats["embedding_rows"] = t.num_rows
     value_type = t.schema.field(EMB).type.value_type
     out_type = pa.int8() if value_type == pa.int8() else pa.float32()
@@ -348,19 +296,19 @@ def import_taobao_mm(
     if not src_path.is_dir():
         raise ImportSourceError(f"{src_path}: pass the Taobao-MM folder (not a file) as SRC.")
     files = {
-        stem: _find(src_path, stem, required=True)
+        stem: find_files(src_path, stem, required=True)
         for stem in ("train_samples", "test_samples", "train_user_features", "test_user_features", "item_features")
     }
-    emb_files = _find(src_path, "scl_embedding_int8_p90", required=False) or sorted(
+    emb_files = find_files(src_path, "scl_embedding_int8_p90", required=False) or sorted(
         src_path.glob("scl_embedding*.parquet")
     )
     for stem in ("train_samples", "test_samples"):
         require_columns(
-            _columns(files[stem]), ["label_0", USER, ITEM], files[stem][0], "Samples are label_0, 129_1, 205."
+            column_names(files[stem]), ["label_0", USER, ITEM], files[stem][0], "Samples are label_0, 129_1, 205."
         )
     uf_cols = {}
     for stem in ("train_user_features", "test_user_features"):
-        cols = _columns(files[stem])
+        cols = column_names(files[stem])
         require_columns(
             cols,
             [USER, HIST_ITEMS, HIST_CATES],
@@ -368,7 +316,7 @@ def import_taobao_mm(
             "User features are 129_1, 130_1..130_5, 150_2_180, 151_2_180.",
         )
         uf_cols[stem] = [a for a in USER_ATTRS if a in cols]
-    item_cols = _columns(files["item_features"])
+    item_cols = column_names(files["item_features"])
     require_columns(item_cols, [ITEM, "206"], files["item_features"][0], "Item features are 205, 206, 213, 214.")
     item_attr_cols = [a for a in ITEM_ATTRS if a in item_cols]
 
@@ -378,8 +326,8 @@ def import_taobao_mm(
     t_train, t_test = int(train_ts), int(train_ts) + int(test_gap_s)
 
     # ---- user features -> behaviors
-    attrs_train, first_train = _user_attrs(files["train_user_features"], uf_cols["train_user_features"])
-    attrs_test, first_test = _user_attrs(files["test_user_features"], uf_cols["test_user_features"])
+    attrs_train, first_train = user_attributes(files["train_user_features"], uf_cols["train_user_features"])
+    attrs_test, first_test = user_attributes(files["test_user_features"], uf_cols["test_user_features"])
     stash: dict[int, np.ndarray] = {}
     with RawTableWriter(out / "behaviors.parquet", raw_schema("behaviors")) as bw:
         st_train = _write_lists(
@@ -417,8 +365,8 @@ def import_taobao_mm(
     stash.clear()
 
     # ---- samples -> impressions
-    attr_names = [_attr_name(a) for a in USER_ATTRS if a in uf_cols["train_user_features"]]
-    attr_names_test = [_attr_name(a) for a in USER_ATTRS if a in uf_cols["test_user_features"]]
+    attr_names = [attr_name(a) for a in USER_ATTRS if a in uf_cols["train_user_features"]]
+    attr_names_test = [attr_name(a) for a in USER_ATTRS if a in uf_cols["test_user_features"]]
     attr_cols = [a for a in attr_names if a in attr_names_test]
     with RawTableWriter(out / "impressions.parquet", raw_schema("impressions", extra_int64=attr_cols)) as iw:
         s_train = _write_samples(
@@ -442,15 +390,15 @@ def import_taobao_mm(
         n_impressions = iw.rows
 
     # ---- items
-    it = pl.from_arrow(_read(files["item_features"], [ITEM, "206", *item_attr_cols]))
+    it = pl.from_arrow(read_columns(files["item_features"], [ITEM, "206", *item_attr_cols]))
     assert isinstance(it, pl.DataFrame)
-    it = it.rename({ITEM: "item_id", "206": "cate_id", **{a: _attr_name(a) for a in item_attr_cols}})
+    it = it.rename({ITEM: "item_id", "206": "cate_id", **{a: attr_name(a) for a in item_attr_cols}})
     null_ids = it.with_row_index("_r", offset=1).filter(pl.col("item_id").is_null())
     for r in null_ids["_r"].to_list():
         rejects.add(files["item_features"][0].name, int(r), "missing 205 (item id)", "")
     it = it.filter(pl.col("item_id").is_not_null())
     n_item_dups = it.height - it["item_id"].n_unique()
-    item_attr_names = [_attr_name(a) for a in item_attr_cols]
+    item_attr_names = [attr_name(a) for a in item_attr_cols]
     features = it.unique(subset="item_id", keep="first", maintain_order=True).with_columns(
         pl.col("cate_id").fill_null(0), *(pl.col(c).fill_null(0) for c in item_attr_names)
     )
@@ -511,8 +459,8 @@ def import_taobao_mm(
         "test_gap_s": int(test_gap_s),
         "files": {k: [p.name for p in v] for k, v in files.items()},
         "embedding_files": [p.name for p in emb_files],
-        "user_attribute_columns": {a: _attr_name(a) for a in USER_ATTRS},
-        "item_attribute_columns": {a: _attr_name(a) for a in item_attr_cols},
+        "user_attribute_columns": {a: attr_name(a) for a in USER_ATTRS},
+        "item_attribute_columns": {a: attr_name(a) for a in item_attr_cols},
     }
     split = {
         "test_start_ts": t_test,

@@ -40,15 +40,14 @@ from pipelines.importers._common import (
     RawTableWriter,
     Rejects,
     finish_import,
-    interleave,
     prepare_out_dir,
     raw_schema,
     require_src,
     resolve_item_cates,
-    sample_negatives,
     tmp_dir,
     write_raw_table,
 )
+from pipelines.importers.negatives import interleave, sample_negatives
 
 log = logging.getLogger(__name__)
 
