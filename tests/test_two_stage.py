@@ -35,7 +35,7 @@ from features.dataset import DatasetInfo  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 30
-MODELS = ("sim_hard", "sim_soft", "muse")
+MODELS = ("sim_hard", "sim_soft", "muse", "eta", "sdim")
 
 
 # ---- GSU strategies against brute force ---------------------------------------------------------------------------

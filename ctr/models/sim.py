@@ -64,7 +64,7 @@ class SIMSoftParams(SIMParams):
     aux_activation: str = "relu"
 
 
-class _SIMBase(TwoStageModel):
+class SIMBase(TwoStageModel):
     """SIM's ESU (time-aware multi-head target attention) over whatever the subclass's GSU selected."""
 
     def __init__(self, params: SIMParams, info: DatasetInfo, device: torch.device | None = None) -> None:
@@ -94,7 +94,7 @@ class _SIMBase(TwoStageModel):
 
 
 @register
-class SIMHard(_SIMBase):
+class SIMHard(SIMBase):
     name = "sim_hard"
     Params = SIMParams
 
@@ -110,7 +110,7 @@ class SIMHard(_SIMBase):
 
 
 @register
-class SIMSoft(_SIMBase):
+class SIMSoft(SIMBase):
     name = "sim_soft"
     Params = SIMSoftParams
     embeds_prefix = True

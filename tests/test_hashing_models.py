@@ -1,0 +1,104 @@
+"""ETA and SDIM: their hashing blocks against brute force (ties included), and the models on real batches.
+
+The model-level checks every two-stage model passes (loss decreases, selection inside the prefix, per-sample eval,
+DARE tables) run for ETA and SDIM in tests/test_two_stage.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from model_helpers import batches, build, train_steps  # noqa: E402
+from test_two_stage import brute_topk, random_lengths  # noqa: E402
+
+from ctr.modules.gsu import lengths_to_offsets
+from ctr.modules.hashing import SimHashBucketPool, SimHashGSU
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _code(x: torch.Tensor, rotation: torch.Tensor) -> list[int]:
+    """A vector's SimHash bits, one at a time (the definition: bit j = [x . r_j >= 0])."""
+    return [int(float(x.double() @ rotation[:, j].double()) >= 0) for j in range(rotation.shape[1])]
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+@pytest.mark.parametrize("bits", [4, 32])
+def test_simhash_gsu_matches_brute_force(k, bits):
+    """Top-K by Hamming distance, equal distances to the most recent; few bits make ties common."""
+    gen = torch.Generator().manual_seed(7 * k + bits)
+    lengths = random_lengths(gen)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    gsu = SimHashGSU(6, hash_bits=bits, seed=k)
+    target = torch.randn(len(lengths), 6, generator=gen)
+    behaviors = torch.randn(int(offsets[-1]), 6, generator=gen)
+    sel = gsu(offsets, target, behaviors, k)
+    rot = gsu.rotation
+    dist = [
+        [sum(a != b for a, b in zip(_code(behaviors[offsets[s] + i], rot), _code(target[s], rot), strict=True))
+         for i in range(n)]
+        for s, n in enumerate(lengths)
+    ]  # fmt: skip
+    assert sel.positions.tolist() == brute_topk(lengths, [[-d for d in row] for row in dist], k)
+    for s in range(len(lengths)):  # the reported scores are the Hamming distances of the slots
+        real = sel.positions[s] >= 0
+        want = [dist[s][int(p)] for p in sel.positions[s][real]]
+        assert sel.scores[s][real].tolist() == want
+    flat = torch.tensor([d for row in dist for d in row], dtype=torch.int64)
+    assert torch.equal(gsu.hamming(target, behaviors, offsets), flat)
+
+
+def test_simhash_is_fixed_and_saved():
+    """The rotations come from the seed, are saved with the model and survive a reload."""
+    a, b = SimHashGSU(8, 16, seed=3), SimHashGSU(8, 16, seed=3)
+    assert torch.equal(a.rotation, b.rotation) and "rotation" in a.state_dict()
+    assert not torch.equal(a.rotation, SimHashGSU(8, 16, seed=4).rotation)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("num_hashes, bits", [(1, 1), (2, 4), (3, 2)])
+def test_bucket_pool_matches_brute_force(num_hashes, bits, normalize):
+    gen = torch.Generator().manual_seed(num_hashes * 10 + bits)
+    lengths = random_lengths(gen)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    pool = SimHashBucketPool(5, num_hashes, bits, seed=1, normalize=normalize)
+    target = torch.randn(len(lengths), 5, generator=gen)
+    behaviors = torch.randn(int(offsets[-1]), 5, generator=gen)
+    values = torch.randn(int(offsets[-1]), 3, generator=gen)
+    got = pool(target, behaviors, offsets, values=values)
+    for s, n in enumerate(lengths):
+        per_hash = []
+        for h in range(num_hashes):
+            rot = pool.rotation[h]
+            t = _code(target[s], rot)
+            acc = torch.zeros(3, dtype=torch.float64)
+            for i in range(n):
+                if _code(behaviors[offsets[s] + i], rot) == t:
+                    acc += values[offsets[s] + i].double()
+            per_hash.append(acc / acc.norm().clamp(min=1e-12) if normalize else acc)
+        torch.testing.assert_close(got[s].double(), torch.stack(per_hash).mean(0), rtol=1e-5, atol=1e-6)
+    assert pool.buckets(behaviors).max() < 2**bits
+
+
+def test_bucket_pool_gradient_reaches_the_pooled_values():
+    pool = SimHashBucketPool(4, 2, 2, seed=0)
+    offsets = lengths_to_offsets(torch.tensor([3, 0, 5]))
+    target, behaviors = torch.randn(3, 4), torch.randn(8, 4, requires_grad=True)
+    pool(target, behaviors, offsets).sum().backward()
+    assert behaviors.grad is not None and behaviors.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, params", [("eta", {"hash_bits": 8, "time_buckets": 0}), ("sdim", {"normalize": True})])
+def test_variants_run(info, name, params):
+    model = build(info, name, **params)
+    losses = train_steps(model, batches(info, model, 3))
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_sdim_refuses_a_topk():
+    from ctr.models import get_model_class
+
+    with pytest.raises(ValueError, match="no top-K"):
+        get_model_class("sdim").Params(k=50)
