@@ -143,6 +143,11 @@ class DatasetInfo:
         return manifest_fingerprint(self.manifest)
 
     @property
+    def has_btype(self) -> bool:
+        """Whether the behaviors carry a type (``btype``: click, cart, ...)."""
+        return bool(self.manifest.get("has_btype"))
+
+    @property
     def median_hist_len(self) -> float | None:
         """The median ``hist_len`` over the dataset's samples (manifest ``hist_len.p50``), if recorded."""
         stats = self.manifest.get("hist_len")

@@ -64,6 +64,7 @@ class SequenceView:
     name: str
     length: int
     negatives: bool = False  # also sample one non-clicked item per position (DIEN's auxiliary loss)
+    btype: bool = False  # also the behavior types, `<view>_btype` (zeros when the dataset has none; TWIN's cross bias)
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class Batch:
     """One batch: sparse id features (KeyedJaggedTensor) for the embedding tables, everything else dense.
 
     `dense` holds `label` (float32 [B]), `hist_len` [B], `ts` [B], `user_idx` / `item_idx` [B] (for predictions),
-    per view `<view>_lengths` [B] and `<view>_ts_gap` (jagged values), and `p_true` when the dataset has it (for the
-    oracle metric only: models never read it).
+    per view `<view>_lengths` [B], `<view>_ts_gap` (jagged values) and `<view>_btype` when the view asks, and
+    `p_true` when the dataset has it (for the oracle metric only: models never read it).
     """
 
     sparse: Any  # torchrec KeyedJaggedTensor
@@ -157,6 +158,10 @@ class BatchAssembler:
             out[f"{v.name}_cate"] = np.asarray(store.cate_idx[idx])
             out[f"{v.name}_lengths"] = n.astype(np.int32)
             out[f"{v.name}_ts_gap"] = np.repeat(cols["ts"], n) - np.asarray(store.ts[idx])
+            if v.btype:
+                out[f"{v.name}_btype"] = (
+                    np.asarray(store.btype[idx]) if store.btype is not None else np.zeros(len(idx), np.int8)
+                )
             if v.negatives:
                 neg = rng.integers(FIRST_IDX, self.n_items, size=item.shape[0]).astype(np.int32)
                 clash = neg == item
@@ -341,6 +346,8 @@ class BatchCollator:
         for view in self.views:
             dense[f"{view}_lengths"] = torch.from_numpy(arrays[f"{view}_lengths"].astype(np.int64))
             dense[f"{view}_ts_gap"] = torch.from_numpy(arrays[f"{view}_ts_gap"].astype(np.int64))
+            if f"{view}_btype" in arrays:
+                dense[f"{view}_btype"] = torch.from_numpy(arrays[f"{view}_btype"].astype(np.int64))
         return Batch(sparse=sparse, dense=dense, size=size)
 
 

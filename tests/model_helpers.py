@@ -81,8 +81,8 @@ def subset(batch: Batch, rows: torch.Tensor) -> Batch:
     )
     dense = {}
     for k, v in batch.dense.items():
-        if k.endswith("_ts_gap"):
-            dense[k] = take(v, batch.dense[k.removesuffix("_ts_gap") + "_lengths"])[0]
+        if k.endswith(("_ts_gap", "_btype")):
+            dense[k] = take(v, batch.dense[k.rsplit("_", 2)[0] + "_lengths"])[0]
         else:
             dense[k] = v[rows]
     return Batch(sparse=sparse, dense=dense, size=len(rows))

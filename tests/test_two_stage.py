@@ -35,7 +35,7 @@ from features.dataset import DatasetInfo  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 30
-MODELS = ("sim_hard", "sim_soft", "muse", "eta", "sdim")
+MODELS = ("sim_hard", "sim_soft", "muse", "eta", "sdim", "twin")
 
 
 # ---- GSU strategies against brute force ---------------------------------------------------------------------------
