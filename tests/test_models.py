@@ -8,6 +8,7 @@ here: on a small shared CPU, oversubscribed intra-op threads make these small op
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None
 # ---- models end to end ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sum_pool", "din", "dien"])
+@pytest.mark.parametrize("name", ["sum_pool", "din", "dien", "tin"])
 def test_training_loss_decreases(info, name):
     model = build(info, name)
     model.train()
@@ -67,6 +68,7 @@ def test_training_loss_decreases(info, name):
         ("din", {"attention_activation": "prelu", "activation": "prelu", "backend": "auto"}),
         ("dien", {"attention": "din", "augru": "official", "aux_net": "mlp"}),
         ("dien", {"aux_net": "mlp", "gru_hidden": 24, "input_batch_norm": True}),
+        ("tin", {"encoding": "position", "item_bias": True, "input_batch_norm": True}),
     ],
 )
 def test_variants_run(info, name, params):
@@ -87,7 +89,8 @@ def test_variants_run(info, name, params):
 
 @pytest.mark.parametrize(
     "name, params", [("sum_pool", {}), ("din", {}), ("din", {"softmax": True}), ("din", {"backend": "auto"}),
-                     ("dien", {}), ("dien", {"attention": "din", "augru": "official"})],
+                     ("dien", {}), ("dien", {"attention": "din", "augru": "official"}), ("tin", {}),
+                     ("tin", {"encoding": "position"})],
 )  # fmt: skip
 def test_eval_and_padding_invariance(info, name, params):
     """eval() works, is deterministic and per-sample: the short histories give the same logits when they are
@@ -118,7 +121,7 @@ def test_eval_and_padding_invariance(info, name, params):
 
 
 def test_models_do_not_read_p_true(info):
-    for name in ("sum_pool", "din", "dien"):
+    for name in ("sum_pool", "din", "dien", "tin"):
         model = build(info, name).eval()
         batch = batches(info, model, 1)[0]
         assert "p_true" in batch.dense
@@ -344,3 +347,42 @@ def test_augru_zero_attention_keeps_the_initial_state():
     official = AUGRU(5, 3, form="official")
     _, moved = official(x, torch.zeros(4, 6), mask, h0)
     assert not torch.allclose(moved, h0)
+
+
+@pytest.mark.parametrize("encoding", ["time", "position"])
+def test_tin_matches_a_per_sample_reference(info, encoding):
+    """TIN's attention, one sample at a time: w = softmax((e_t + T[0]) . (e_i + T[idx_i]) / sqrt(2d)), u = Σ w (e_i +
+    T[idx_i]); idx = the log2 time-gap bucket (time) or the distance from the target, 1 = most recent (position)."""
+    model = build(info, "tin", encoding=encoding).eval()
+    batch = batches(info, model, 1)[0]
+    emb = model.lookup(batch)
+    items, cates = emb["hist_item"], emb["hist_cate"]
+    lengths = batch.dense["hist_lengths"].tolist()
+    gaps = batch.dense["hist_ts_gap"]
+    table = model.temporal.weight
+    start, checked = 0, 0
+    with torch.no_grad():
+        target = torch.cat([emb["item"].values(), emb["cate"].values()], -1)
+        for b, n in enumerate(lengths):
+            e = torch.cat([items.values()[start : start + n], cates.values()[start : start + n]], -1)
+            if encoding == "time":
+                idx = [
+                    min(1 + int(math.floor(math.log2(max(int(g), 1)))), model.p.buckets - 1)
+                    for g in gaps[start : start + n]
+                ]
+            else:
+                idx = [min(n - j, model.p.buckets - 1) for j in range(n)]
+            enc = e + table[torch.tensor(idx, dtype=torch.long)]
+            if n:
+                w = torch.softmax(enc @ (target[b] + table[0]) / math.sqrt(e.shape[-1]), 0)
+                u = w @ enc
+            else:
+                u = torch.zeros(e.shape[-1])
+            x = torch.cat([u, target[b], u * target[b], *[c[b] for c in model.context_vector(emb)]])
+            want = model.tower(x.unsqueeze(0)).squeeze()
+            torch.testing.assert_close(model(batch).logit[b], want, rtol=1e-4, atol=1e-5)
+            start += n
+            checked += n > 0
+            if b >= 20:
+                break
+    assert checked > 5
