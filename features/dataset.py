@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import DatasetError
-from .schema import SCHEMA_VERSION
+from .schema import OOV_IDX, SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 ITEMS = "items.parquet"
@@ -141,6 +141,16 @@ class DatasetInfo:
     def fingerprint(self) -> str:
         """sha256 of the manifest's content: changes with every build of the dataset and with `ctr sid`."""
         return manifest_fingerprint(self.manifest)
+
+    def placeholder_categories(self) -> tuple[int, ...]:
+        """Category indices that stand for "no category": out of vocabulary, and the raw ``cate_id`` 0 the
+        importers write for items without one (`features.schema`), when the dataset has it."""
+        out = [OOV_IDX]
+        vocab = vocab_dir(self.data_dir) / "cate.parquet"
+        if vocab.exists():
+            t = pq.read_table(vocab, filters=[("raw", "=", 0)])
+            out += [int(i) for i in t["idx"].to_pylist()]
+        return tuple(out)
 
     @property
     def has_btype(self) -> bool:

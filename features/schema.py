@@ -9,8 +9,9 @@ Raw directory (what a user brings, or what `ctr generate` / `ctr import` write):
                                                      [user/context int64 ...], [p_true float64]
       source.json          optional: where the raw data came from (generator preset and seed, importer protocol)
 
-`mm_emb` is a fixed_size_list<float32 | int8>[D]. `p_true` is the generator's true click probability: it is
-carried into the samples for the oracle metric and no model may read it.
+`mm_emb` is a fixed_size_list<float32 | int8>[D]. `cate_id` 0 means "no category" (the importers write it for items
+without one); models that match categories do not match it (`DatasetInfo.placeholder_categories`). `p_true` is the
+generator's true click probability: it is carried into the samples for the oracle metric and no model may read it.
 
 The dataset directory `ctr build` writes from them, its layout and its readers: `features.dataset`; the column
 schemas of its sequence and sample files are `SEQUENCE_SCHEMA` and `SAMPLE_BASE_SCHEMA` below.

@@ -132,6 +132,19 @@ def test_cosine_gsu_matches_brute_force(dtype, zero_score, k):
 
 
 @pytest.mark.parametrize("prefilter", [True, False])
+def test_category_gsu_never_matches_placeholder_categories(prefilter):
+    """A target of a placeholder category (OOV, the importers' "no category") selects nothing; others unchanged."""
+    offsets = lengths_to_offsets(torch.tensor([4, 4, 3]))
+    behavior = torch.tensor([1, 1, 5, 1, 7, 5, 7, 7, 9, 9, 1])
+    target = torch.tensor([1, 7, 9])
+    plain = CategoryGSU(prefilter=prefilter)(offsets, target, behavior, 3)
+    skip = CategoryGSU(prefilter=prefilter, unmatched=(1,))(offsets, target, behavior, 3)
+    assert plain.positions[0].tolist() == [3, 1, 0]
+    assert skip.positions[0].tolist() == [-1, -1, -1]
+    assert torch.equal(skip.positions[1:], plain.positions[1:])
+
+
+@pytest.mark.parametrize("prefilter", [True, False])
 def test_gsu_empty_batch_and_k_beyond_length(prefilter):
     gsu = CategoryGSU(prefilter=prefilter)
     offsets = torch.tensor([0, 0, 0], dtype=torch.int64)
@@ -223,8 +236,11 @@ def test_selection_is_inside_the_prefix(info, name):
     if name == "sim_hard":
         cates = batch.sparse["long_cate"].values()
         target = batch.sparse["cate"].values()
+        placeholder = set(info.placeholder_categories())
         for b in range(batch.size):
             same = [i for i in range(int(lengths[b])) if int(cates[offsets[b] + i]) == int(target[b])]
+            if int(target[b]) in placeholder:  # "no category" matches nothing
+                same = []
             assert pos[b][mask[b]].tolist() == same[::-1][: model.p.k]
     if name != "sim_hard":  # a score-based GSU keeps K whenever the prefix has K behaviors
         torch.testing.assert_close(mask.sum(1), lengths.clamp(max=model.p.k))
@@ -351,3 +367,16 @@ def test_configs_resolve():
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
+
+
+def test_placeholder_categories_from_the_vocabulary(tmp_path, info):
+    """OOV always; the idx of raw cate_id 0 when the dataset has it (importers' "no category"), not otherwise."""
+    from features.dataset import DatasetInfo as Info
+    from features.schema import OOV_IDX
+
+    assert info.placeholder_categories() == (OOV_IDX,)  # the synthetic world has no raw category 0
+    (tmp_path / "vocab").mkdir()
+    pq.write_table(pa.table({"raw": pa.array([0, 5, 9], pa.int64()), "idx": pa.array([2, 3, 4], pa.int32())}),
+                   tmp_path / "vocab" / "cate.parquet")  # fmt: skip
+    fake = Info(tmp_path, {}, {}, [], [], {}, False)
+    assert fake.placeholder_categories() == (OOV_IDX, 2)

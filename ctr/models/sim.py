@@ -54,6 +54,9 @@ class SIMParams(TwoStageParams):
     time_dim: int | None = None  # None = embedding_dim
     esu_heads: int = 2  # FuxiCTR SIM: 2 heads, attention_dim 64
     esu_head_dim: int = 32
+    # SIM hard: a target whose category is a placeholder (out of vocabulary, the importers' "no category" 0) selects
+    # nothing, as R2LED's reserved SID prefixes; true matches them like any category (unrelated items grouped)
+    match_placeholder_category: bool = False
 
 
 class SIMSoftParams(SIMParams):
@@ -100,7 +103,8 @@ class SIMHard(SIMBase):
 
     def __init__(self, params: SIMParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
-        self.gsu = CategoryGSU(params.backend)
+        unmatched = () if params.match_placeholder_category else info.placeholder_categories()
+        self.gsu = CategoryGSU(params.backend, unmatched=unmatched)
         self.build_tower()
 
     def search(

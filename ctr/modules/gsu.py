@@ -80,12 +80,15 @@ class CategoryGSU(nn.Module):
     user -> category index), then run ``kernels.gsu_topk`` on those candidates only and map the positions back. Same
     result; on the CPU reference it avoids sorting every sample padded to the longest prefix of the batch.
     ``backend`` (all GSUs): passed to ``kernels.gsu_topk`` (None = ``$KERNELS_BACKEND``, else auto).
+    ``unmatched``: category indices that never match (a target of one of them selects nothing): the placeholder
+    categories (out of vocabulary, the importers' "unknown" 0), which group unrelated items.
     """
 
-    def __init__(self, backend: str | None = None, prefilter: bool = True) -> None:
+    def __init__(self, backend: str | None = None, prefilter: bool = True, unmatched: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.backend = backend
         self.prefilter = prefilter
+        self.unmatched = tuple(sorted(set(unmatched)))
 
     def forward(
         self,
@@ -95,6 +98,9 @@ class CategoryGSU(nn.Module):
         k: int,
         max_len: int | None = None,
     ) -> Selection:
+        if self.unmatched:  # -2 matches no behavior (category indices are >= 0)
+            skip = torch.isin(target_category, torch.tensor(self.unmatched, device=target_category.device))
+            target_category = torch.where(skip, -2, target_category.long())
         if not self.prefilter:
             positions, scores = kernels.gsu_topk(
                 offsets, k, mode="category", target_category=target_category,
