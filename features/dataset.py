@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ import pyarrow.parquet as pq
 
 from .errors import DatasetError
 from .schema import OOV_IDX, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ITEMS = "items.parquet"
@@ -159,9 +162,17 @@ class DatasetInfo:
 
     @property
     def median_hist_len(self) -> float | None:
-        """The median ``hist_len`` over the dataset's samples (manifest ``hist_len.p50``), if recorded."""
+        """The median ``hist_len`` of the **train** split (manifest ``split.train.hist_len.p50``): a model's
+        statistics must not come from the samples it is evaluated on. A dataset built before the per-split
+        statistics has only the median over every split; it is used then, with a warning."""
+        train = self.manifest.get("split", {}).get("train", {})
+        stats = train.get("hist_len") if isinstance(train, dict) else None
+        if isinstance(stats, dict) and stats.get("p50") is not None:
+            return float(stats["p50"])
         stats = self.manifest.get("hist_len")
         if isinstance(stats, dict) and stats.get("p50") is not None:
+            log.warning("%s: no train-split hist_len in the manifest (built before it); using every split's median",
+                        self.data_dir)  # fmt: skip
             return float(stats["p50"])
         return None
 

@@ -323,7 +323,8 @@ def _stages(raw_dir: Path, out: Path, tables: dict[str, RawTable], cfg: BuildCon
             "rows_per_row_group": cfg.output.rows_per_row_group,
         }
         write_fn = ray.remote(write_task)
-        lengths = {"sequence_length": (np.zeros(0, np.int64),) * 2, "hist_len": (np.zeros(0, np.int64),) * 2}
+        length_keys = ["sequence_length", "hist_len", *(f"hist_len_{s}" for s in SPLITS)]
+        lengths = {key: (np.zeros(0, np.int64),) * 2 for key in length_keys}
 
         def add_lengths(summary: dict[str, Any]) -> None:
             for key in lengths:

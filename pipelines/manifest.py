@@ -114,6 +114,7 @@ def build_manifest(
             "ts_min": min(p["ts_min"] for p in parts) if rows else None,
             "ts_max": max(p["ts_max"] for p in parts) if rows else None,
             "files": sorted(p.name for p in samples_dir(out, split).glob("*.parquet")),
+            "hist_len": percentiles(*lengths[f"hist_len_{split}"]),
         }
     rows_out = {
         "items": items["rows_out"],

@@ -318,7 +318,10 @@ def write_task(part: int, result: dict[str, Any], user_offset: int, spec: dict[s
     seq_len = np.asarray(pc.list_value_length(seqs["ts"]), dtype=np.int64)
     summary["behaviors"] = int(seq_len.sum())
     summary["sequence_length"] = value_counts(seq_len)
-    summary["hist_len"] = value_counts(np.asarray(samples["hist_len"]))
+    hist_len = np.asarray(samples["hist_len"])
+    summary["hist_len"] = value_counts(hist_len)
+    for code, split in enumerate(SPLITS):  # per split too: a model's statistics come from the train split only
+        summary[f"hist_len_{split}"] = value_counts(hist_len[split_of == code])
     return summary
 
 

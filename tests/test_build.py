@@ -188,3 +188,17 @@ def test_sequence_lists_match_raw(built):
     seqs = _read_dir(data / "sequences").explode("item_idx", "cate_idx", "ts", "btype")
     assert len(seqs) == len(b)
     np.testing.assert_array_equal(np.sort(seqs["ts"].to_numpy()), np.sort(b["ts"].to_numpy()))
+
+
+def test_hist_len_percentiles_per_split(built):
+    """Each split records its own hist_len percentiles (a model's L0 comes from the train split only)."""
+    _, data, manifest = built
+    for split in SPLITS:
+        hist = _read_dir(data / "samples" / split)["hist_len"].to_numpy()
+        stats = manifest["split"][split]["hist_len"]
+        if len(hist):
+            assert stats["p50"] == pytest.approx(float(np.percentile(hist, 50)))
+            assert stats["p100"] == hist.max()
+    from features.dataset import DatasetInfo
+
+    assert DatasetInfo.load(data).median_hist_len == manifest["split"]["train"]["hist_len"]["p50"]

@@ -25,7 +25,7 @@ Choices where the notes are silent, and why:
   magnitude; with raw L the gradient of a learnable ω is ∝ L, so one optimizer step moves the phase of a long user's
   features by radians. The frequencies start geometric in [0.1, 10] (log1p) or [1e-4, 1] (raw), so the lowest
   period covers the whole length range and the highest resolves nearby lengths.
-* τ uses ``x = log1p(L)`` always and ``x0 = log1p(L0)``, learnable, started at the dataset's median ``hist_len``
+* τ uses ``x = log1p(L)`` always and ``x0 = log1p(L0)``, learnable, started at the train split's median ``hist_len``
   (manifest) unless ``l0`` is given: a sigmoid over raw L would switch within a few behaviors of L0. β and γ are
   kept positive by a softplus (so "short → flatter" holds for any parameters); they start at ``tau_beta`` = 2 (per
   unit of log-length) and ``tau_gamma`` = 1 (τ ∈ (1, 2)).
@@ -63,7 +63,7 @@ from torch import nn
 from .attention import DinAttention, masked_softmax, pool
 from .mlp import MLP
 
-DEFAULT_L0 = 100.0  # pivot length when neither `l0` nor the manifest's median hist_len is known
+DEFAULT_L0 = 100.0  # pivot length when neither `l0` nor the train split's median hist_len is known
 
 
 class LainParams(BaseModel):
@@ -80,7 +80,7 @@ class LainParams(BaseModel):
     encoder_hidden: list[int] = Field(default_factory=lambda: [64], description="SLE MLP hidden sizes")
     prompt_hidden: list[int] = Field(default_factory=lambda: [64], description="prompt MLP hidden sizes")
     length_transform: Literal["log1p", "raw"] = "log1p"
-    l0: float | None = Field(None, gt=0, description="τ's pivot length L0; null = the median hist_len")
+    l0: float | None = Field(None, gt=0, description="τ's pivot length L0; null = the train split's median hist_len")
     tau_beta: float = Field(2.0, gt=0, description="initial β (per unit of log1p length)")
     tau_gamma: float = Field(1.0, gt=0, description="initial γ: τ → 1 + γ for the shortest histories")
 
@@ -196,7 +196,7 @@ class LainConditioner(nn.Module):
         branches: attention name -> (query width, key width), e.g. ``{"hist": (2d, 2d)}`` for DIN or
             ``{"long": (D, D), "short": (D, D)}`` for a two-stage model.
         prompt_dim: width of the behavior tokens the prompts are prepended to.
-        median_length: the dataset's median hist_len, τ's pivot L0 unless ``params.l0`` is set.
+        median_length: the train split's median hist_len, τ's pivot L0 unless ``params.l0`` is set.
 
     ``active`` (default True) switches everything off at run time: the methods become identities, so the backbone
     computes exactly what it computes without LAIN (same parameters).
