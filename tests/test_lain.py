@@ -119,6 +119,13 @@ def test_prompts_are_per_sample():
 
 # ---- the models -------------------------------------------------------------------------------------------------
 
+
+def softmax_form(name: str) -> dict:
+    """The variants' DIN-form attentions default to the softmax form (LAIN's τ is a sharpness there)."""
+    fields = get_model_class(name).Params.model_fields
+    return {f: True for f in ("softmax", "short_softmax") if f in fields}
+
+
 BACKBONES = [
     ("din", {}),
     ("din", {"softmax": True, "attention_activation": "sigmoid"}),
@@ -155,7 +162,7 @@ def test_defaults_unchanged(info):
 
 @pytest.mark.parametrize("name, params", BACKBONES)
 def test_switched_off_equals_the_backbone(info, name, params):
-    backbone = build(info, name, seed=1, **params)
+    backbone = build(info, name, seed=1, **{**softmax_form(name), **params})
     lain = build(info, f"{name}_lain", seed=2, **params)
     missing, unexpected = lain.load_state_dict(backbone.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith("lain.") for k in missing)
@@ -268,5 +275,8 @@ def test_config_resolution():
         cfg, variant = resolve_train_config(f"{name}_lain")
         backbone_cfg, backbone = resolve_train_config(name)
         assert cfg.model["name"] == f"{name}_lain" and variant.lain.enabled and not backbone.lain.enabled
-        assert variant.model_dump(exclude={"lain"}) == backbone.model_dump(exclude={"lain"})
+        assert variant.short_softmax and not backbone.short_softmax  # the softmax form where LAIN's τ applies
+        assert variant.model_dump(exclude={"lain", "short_softmax"}) == backbone.model_dump(
+            exclude={"lain", "short_softmax"}
+        )
         assert cfg.data == backbone_cfg.data and cfg.optim == backbone_cfg.optim

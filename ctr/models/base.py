@@ -174,15 +174,20 @@ def register(cls: type[CTRModel]) -> type[CTRModel]:
 
 def register_lain_variant(backbone: type[CTRModel], name: str) -> type[CTRModel]:
     """Register `name`: `backbone` with the LAIN plug-in on by default (``lain.enabled: true``; the backbone's Params
-    must have a ``lain`` field). The same model and code, under its own name so that runs and reports show it beside
-    its backbone (``ctr train --model NAME --print-config`` shows its defaults)."""
+    must have a ``lain`` field) and its DIN-form attentions in the softmax form (``softmax`` / ``short_softmax``:
+    true), where LAIN's temperature is a sharpness. The same model and code, under its own name so that runs and
+    reports show it beside its backbone (``ctr train --model NAME --print-config`` shows its defaults)."""
     from ..modules.lain import LainParams
 
+    # LAIN's temperature sharpens a softmax; DIN's paper form has none (raw weights, where dividing by τ only scales
+    # the pooled vector), so the variants default their DIN-form attentions to the softmax form (official DIN code)
+    softmax = {f: (bool, True) for f in ("softmax", "short_softmax") if f in backbone.Params.model_fields}
     params = create_model(
         f"{backbone.Params.__name__}Lain",
         __base__=backbone.Params,
         __module__=backbone.__module__,
         lain=(LainParams, Field(default_factory=lambda: LainParams(enabled=True))),
+        **softmax,  # type: ignore[arg-type]
     )
     doc = f"{backbone.__name__} + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default."
     attrs = {"name": name, "Params": params, "__doc__": doc, "__module__": backbone.__module__}
