@@ -308,3 +308,16 @@ def test_config_resolves():
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
+
+
+def test_equal_budget_routes():
+    """budget: k (default) scales the routes' K to the model's k in all (largest remainders, at least 1 each);
+    null keeps each route's own K (180 with the default routes)."""
+    from ctr.models import get_model_class
+
+    P = get_model_class("r2led").Params
+    assert P().route_ks() == [14, 5, 3, 14, 14] and sum(P().route_ks()) == P().k == 50
+    assert P(budget=None).route_ks() == [50, 20, 10, 50, 50]
+    assert sum(P(budget=7).route_ks()) == 7 and min(P(budget=5).route_ks()) == 1
+    with pytest.raises(ValueError, match="at least one behavior per route"):
+        P(budget=3).route_ks()

@@ -16,7 +16,8 @@ Documented choices (models.md §5.2 [INF]; each is a parameter of ``R2LEDParams`
       (``sid_codes``, ``sid_prefix``: item_idx -> codes / prefix numbers; rows 0 and 1 (padding, OOV) and items
       without an embedding get the reserved code, which never matches in a route). A dataset without them is an
       error that says to run ``ctr sid``. ``sid_levels`` keeps the coarsest levels only.
-    * Routes (``routes:``, each with its own K; default five, 180 behaviors in all):
+    * Routes (``routes:``, each with its own K; default five, 180 behaviors in all before the budget: ``budget: k``,
+      the default, scales them to 50 in all, the K of SIM and MUSE, so that comparisons retrieve equally many):
         - ``sid1`` / ``sid2`` / ``sid3`` (``kind: prefix``, level l, K = 50 / 20 / 10): behaviors whose SID prefix of
           length l equals the target's, the K most recent (SIM hard with category := SID prefix, through
           ``kernels.gsu_topk`` category mode on the prefix numbers). ``rank: collab`` ranks the matched candidates
@@ -112,6 +113,30 @@ class R2LEDParams(TwoStageParams):
     time_dim: int | None = None  # None = embedding_dim
     esu_heads: int = 2
     esu_head_dim: int = 32
+    # ΣK over the routes: each route's K is scaled (largest remainders, at least 1 each) so that the routes retrieve
+    # this many behaviors in all; "k" = the model's k (50, SIM's and MUSE's K: an equal-budget comparison);
+    # null = every route's own K (180 with the default routes)
+    budget: int | Literal["k"] | None = "k"
+
+    def route_ks(self) -> list[int]:
+        """The K of every route after the budget."""
+        ks = [r.k if r.k is not None else self.k for r in self.routes]
+        budget = self.k if self.budget == "k" else self.budget
+        if budget is None:
+            return ks
+        if budget < len(ks):
+            raise ValueError(f"budget {budget}: at least one behavior per route ({len(ks)} routes)")
+        shares = [budget * k / sum(ks) for k in ks]
+        out = [max(1, int(x)) for x in shares]
+        by_remainder = sorted(range(len(ks)), key=lambda i: (-(shares[i] - int(shares[i])), i))
+        i = 0
+        while sum(out) < budget:
+            out[by_remainder[i % len(ks)]] += 1
+            i += 1
+        while sum(out) > budget:  # only when the at-least-one rule pushed past the budget
+            j = max(range(len(ks)), key=lambda i: out[i])
+            out[j] -= 1
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> R2LEDParams:
@@ -122,6 +147,7 @@ class R2LEDParams(TwoStageParams):
             raise ValueError(f"route names must be unique, got {names}")
         if self.dare:
             raise ValueError("r2led does not support dare: true")
+        self.route_ks()  # a budget smaller than the number of routes is an error here, not at build time
         return self
 
 
@@ -164,7 +190,7 @@ class R2LED(TwoStageModel):
         self.prefix_gsu = PrefixGSU(params.backend)
         uses_mm = params.semantic_source == "mm" and any(r.kind == "semantic" for r in params.routes)
         self.mm_gsu = CosineGSU(torch.from_numpy(info.mm_table()), backend=params.backend) if uses_mm else None
-        self.route_k = [r.k if r.k is not None else params.k for r in params.routes]
+        self.route_k = params.route_ks()
         self.embeds_prefix_routes = any(r.kind == "collab" or r.rank == "collab" for r in params.routes)
         t = params.time_dim or self.dim
         self.time = TimeGapEmbedding(params.time_buckets, t) if params.time_buckets else None
