@@ -77,6 +77,8 @@ class LoaderConfig:
     shuffle_window: int = 8  # row groups mixed together when shuffling
     drop_last: bool = False
     max_behaviors: int | None = None  # padded behaviors per batch (samples x longest slice, summed over views)
+    # draw the sampled negatives of views that ask for them (training); False (evaluation): empty negatives
+    sample_negatives: bool = True
 
 
 @dataclass
@@ -117,8 +119,15 @@ def split_units(data_dir: Path, split: str) -> list[tuple[str, int, int]]:
 class BatchAssembler:
     """Turns a table of samples into the numpy arrays of one batch (runs in DataLoader workers)."""
 
-    def __init__(self, info: DatasetInfo, views: Sequence[SequenceView], store: SequenceStore | None = None) -> None:
+    def __init__(
+        self,
+        info: DatasetInfo,
+        views: Sequence[SequenceView],
+        store: SequenceStore | None = None,
+        sample_negatives: bool = True,
+    ) -> None:
         self.info = info
+        self.sample_negatives = sample_negatives
         self.views = tuple(views)
         self._store = store
         self.n_items = info.vocab_sizes["item"]
@@ -129,6 +138,26 @@ class BatchAssembler:
         if self._store is None:
             self._store = SequenceStore.open(self.info.data_dir)
         return self._store
+
+    def negatives(self, item: np.ndarray, lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One sampled negative per behavior of a view (``item`` jagged by ``lengths``): an item the user did not
+        interact with in the window (none of the sample's items there), drawn uniformly over the catalog.
+
+        A draw that hits one of the window's items is drawn again, up to `NEGATIVE_ROUNDS` times (a window of L
+        items out of N leaves a clash after r rounds with probability (L/N)^r); the very rare one left is shifted to
+        the next item id that is not the same position's behavior."""
+        span = max(1, self.n_items - FIRST_IDX)
+        sample = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+        window = np.unique(sample * self.n_items + item)  # (sample, item) pairs of the window
+        neg = rng.integers(FIRST_IDX, self.n_items, size=item.shape[0]).astype(np.int32)
+        for _ in range(NEGATIVE_ROUNDS):
+            clash = np.flatnonzero(np.isin(sample * self.n_items + neg, window))
+            if clash.size == 0:
+                break
+            neg[clash] = rng.integers(FIRST_IDX, self.n_items, size=clash.size)
+        same = neg == item
+        neg[same] = FIRST_IDX + (neg[same] - FIRST_IDX + 1) % span
+        return neg
 
     @property
     def item_cate(self) -> np.ndarray:
@@ -163,12 +192,17 @@ class BatchAssembler:
                     np.asarray(store.btype[idx]) if store.btype is not None else np.zeros(len(idx), np.int8)
                 )
             if v.negatives:
-                neg = rng.integers(FIRST_IDX, self.n_items, size=item.shape[0]).astype(np.int32)
-                clash = neg == item
-                neg[clash] = FIRST_IDX + (neg[clash] - FIRST_IDX + 1) % max(1, self.n_items - FIRST_IDX)
+                if self.sample_negatives:
+                    neg = self.negatives(item, n, rng)
+                else:  # evaluation: no draw (the auxiliary loss is a training loss), empty lists
+                    neg = np.zeros(0, np.int32)
+                    out[f"{v.name}_neg_lengths"] = np.zeros(len(n), np.int32)
                 out[f"{v.name}_neg_item"] = neg
                 out[f"{v.name}_neg_cate"] = self.item_cate[neg]
         return out
+
+
+NEGATIVE_ROUNDS = 8  # redraws of a sampled negative that is one of the sample's window items
 
 
 class SampleStream(IterableDataset):
@@ -195,7 +229,7 @@ class SampleStream(IterableDataset):
         self.units = split_units(info.data_dir, split)
         extra = list(info.context_columns) + (["p_true"] if info.has_p_true else [])
         self.columns = list(columns) if columns is not None else [*SAMPLE_KEYS, *extra]
-        self.assembler = BatchAssembler(info, cfg.views)
+        self.assembler = BatchAssembler(info, cfg.views, sample_negatives=cfg.sample_negatives)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -313,8 +347,11 @@ class BatchCollator:
 
     def _jagged(self, arrays: dict[str, np.ndarray], name: str, batch: int) -> tuple[np.ndarray, np.ndarray]:
         for view in self.views:
-            if name.startswith(view + "_") and name[len(view) + 1 :] in ("item", "cate", "neg_item", "neg_cate"):
+            part = name[len(view) + 1 :] if name.startswith(view + "_") else None
+            if part in ("item", "cate"):
                 return arrays[name], arrays[f"{view}_lengths"]
+            if part in ("neg_item", "neg_cate"):  # empty at evaluation (no negatives drawn)
+                return arrays[name], arrays.get(f"{view}_neg_lengths", arrays[f"{view}_lengths"])
         column = f"{name}_idx"
         if column not in arrays:
             raise KeyError(f"sparse feature {name!r}: the batch has no column {column!r} and no view named so")

@@ -253,3 +253,25 @@ def test_sequence_store_cache_is_built_once_by_two_processes(tiny_data, tmp_path
     assert all(p.returncode == 0 for p in procs)
     assert sorted(int(o[0]) for o in outs) == [0, 1]  # one built it, the other found it built when it got the lock
     assert outs[0][1] == outs[1][1] == str(SequenceStore.open(tiny_data).n_behaviors)
+
+
+def test_negatives_avoid_the_window_and_are_not_drawn_at_evaluation(tiny_data):
+    """DIEN's sampled negatives: never one of the sample's window items; no draw (empty lists) at evaluation."""
+    from features.dataset import DatasetInfo
+
+    info = DatasetInfo.load(tiny_data)
+    view = SequenceView("hist", 50, negatives=True)
+    feats = ["hist_item", "hist_cate", "hist_neg_item", "hist_neg_cate"]
+    train = SplitLoader(info, "train", LoaderConfig(batch_size=128, views=(view,), shuffle=True), feats)
+    batch = next(iter(train))
+    items = batch.sparse["hist_item"].values().numpy()
+    neg = batch.sparse["hist_neg_item"].values().numpy()
+    lengths = batch.dense["hist_lengths"].numpy()
+    assert len(neg) == len(items) and (neg >= 2).all()
+    start = 0
+    for n in lengths:
+        assert not set(neg[start : start + n]) & set(items[start : start + n])
+        start += n
+    evaluation = SplitLoader(info, "valid", LoaderConfig(batch_size=128, views=(view,), sample_negatives=False), feats)
+    batch = next(iter(evaluation))
+    assert batch.sparse["hist_neg_item"].values().numel() == 0 and batch.sparse["hist_item"].values().numel() > 0

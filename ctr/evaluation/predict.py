@@ -37,6 +37,7 @@ def predict_split(run_dir: Path, split: str = "test", *, batch_size: int = 2048,
         shuffle=False,
         num_workers=num_workers,
         max_behaviors=cfg.data.eval_max_batch_behaviors,  # memory bounded by behaviors, not by who the users are
+        sample_negatives=False,  # DIEN's auxiliary negatives are a training input
     )
     loader = SplitLoader(info, split, lcfg, model.features())
     scores = Scores(info.has_p_true)

@@ -24,6 +24,9 @@ Defaults and where they come from (paper = the AAAI paper; official = mouna99/di
 * ``aux_alpha: 1.0`` (official; the paper's α is a hyper-parameter). The paper sums over t and averages over
   samples; we take the mean over every real (sample, t) pair, as the brief asks (the official code's mean divides by
   B × (L − 1), padding included). FuxiCTR's default is 0 (no auxiliary loss).
+* Negatives (the loader, `features.loader.BatchAssembler.negatives`): for every behavior, an item drawn uniformly
+  from the catalog that is none of the sample's window items (the paper samples "from the item set except the
+  clicked"); drawn in training only (evaluation batches carry empty negatives).
 * ``attention: bilinear`` (paper Eq. 5, FuxiCTR's default). ``attention: din`` is the official
   ``din_fcn_attention``: query ``PReLU(Dense_H(e_a))``, activation unit ``attention_hidden`` [80, 40] with
   ``attention_activation`` sigmoid, masked softmax, no scaling.

@@ -59,11 +59,15 @@ def loader_config(cfg: TrainConfig, model: CTRModel, *, train: bool) -> LoaderCo
         num_workers=cfg.data.num_workers,
         shuffle_window=cfg.data.shuffle_window,
         max_behaviors=cfg.data.max_batch_behaviors if train else cfg.data.eval_max_batch_behaviors,
+        sample_negatives=train,  # DIEN's auxiliary negatives: training only
     )
 
 
 def first_batch(info: DatasetInfo, split: str, lcfg: LoaderConfig, features: list[str]) -> Batch:
-    single = SplitLoader(info, split, LoaderConfig(**{**lcfg.__dict__, "num_workers": 0}), features)
+    # with negatives: it also stands in for a training batch on a rank that ran dry (the model ignores them in eval)
+    single = SplitLoader(
+        info, split, LoaderConfig(**{**lcfg.__dict__, "num_workers": 0, "sample_negatives": True}), features
+    )
     for b in single:
         return b
     raise ValueError(f"{info.data_dir}: split {split!r} has no samples")
