@@ -291,6 +291,9 @@ def test_dare_tables(info, name):
         ("sim_soft", {"aux_pooling": "mean", "aux_alpha": 0.5}),
         ("muse", {"simtier_scope": "prefix", "short_simtier": True, "sata_heads": 2}),
         ("muse", {"mode": "code", "hidden": [256, 128, 64], "activation": "dice_ln"}),
+        ("muse", {"gsu": "category"}),
+        ("muse", {"gsu": "id_cosine"}),
+        ("muse", {"gsu": "inner_product"}),
     ],
 )
 def test_variants_run(info, name, params):
@@ -380,3 +383,15 @@ def test_placeholder_categories_from_the_vocabulary(tmp_path, info):
                    tmp_path / "vocab" / "cate.parquet")  # fmt: skip
     fake = Info(tmp_path, {}, {}, [], [], {}, False)
     assert fake.placeholder_categories() == (OOV_IDX, 2)
+
+
+def test_muse_gsu_choice_selects_like_the_sim_gsus(info):
+    """MUSE with a SIM GSU (its paper's baselines): category selects what SIM hard selects; the ESU is unchanged."""
+    muse = build(info, "muse", gsu="category").eval()
+    sim = build(info, "sim_hard").eval()
+    batch = batches(info, muse, 1)[0]
+    with torch.no_grad():
+        a, _ = muse.select(batch)
+        b, _ = sim.select(batch)
+    assert torch.equal(a.positions, b.positions)
+    assert sorted(muse.state_dict()) == sorted(build(info, "muse").state_dict())

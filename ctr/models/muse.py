@@ -40,11 +40,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+import kernels
 from features.dataset import DatasetInfo
 from features.loader import Batch
 
 from ..modules.esu import LinearTargetAttention, SimilarityAwareTargetAttention, SimTier, masked_mean
-from ..modules.gsu import CosineGSU, Selection
+from ..modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, Selection
 from .base import register, register_lain_variant
 from .two_stage import DiceHead, StageInput, TwoStageModel, TwoStageParams
 
@@ -58,6 +59,11 @@ class MUSEParams(TwoStageParams):
     sata_dim: int | None = None  # None = 2 * embedding_dim (MUSE: 2D)
     sata_heads: int = 1
     gsu_zero_vector_score: float | None = None  # None: 0 (paper), -1.1 in code mode (the release)
+    # the GSU: "mm_cosine" (MUSE: cosine of the frozen multimodal table); MUSE's own baselines put a SIM GSU before
+    # this ESU: "category" (SIM hard), "id_cosine" (MUSE's SIM soft: cosine of the live ID embeddings),
+    # "inner_product" (SIM soft's learned W_a/W_b search, without its auxiliary loss). The ESU's similarities R
+    # stay the multimodal cosine in every case.
+    gsu: Literal["mm_cosine", "category", "id_cosine", "inner_product"] = "mm_cosine"
 
     @model_validator(mode="after")
     def _lain_needs_paper_mode(self) -> MUSEParams:
@@ -81,7 +87,10 @@ class MUSE(TwoStageModel):
         if zero_score is None and code:
             zero_score = -1.1
         mm = torch.from_numpy(info.mm_table())
-        self.gsu = CosineGSU(mm, zero_vector_score=zero_score, backend=params.backend)
+        self.gsu = CosineGSU(mm, zero_vector_score=zero_score, backend=params.backend)  # also the ESU's R
+        self.embeds_prefix = params.gsu in ("id_cosine", "inner_product")  # these score live embeddings
+        self.category_gsu = CategoryGSU(params.backend, unmatched=info.placeholder_categories())
+        self.ip_gsu = InnerProductGSU(d, d, backend=params.backend) if params.gsu == "inner_product" else None
         self.simtier = SimTier(params.mode, params.simtier_tiers, params.simtier_eps)
         self.short_simtier = (
             SimTier(params.mode, params.simtier_tiers, params.simtier_eps) if code or params.short_simtier else None
@@ -105,7 +114,20 @@ class MUSE(TwoStageModel):
     def search(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
     ) -> tuple[Selection, dict[str, torch.Tensor]]:
-        return self.gsu(offsets, ids["item"].values(), ids["long_item"].values(), self.p.k), {}
+        p: MUSEParams = self.p  # type: ignore[assignment]
+        if p.gsu == "category":
+            return self.category_gsu(offsets, ids["cate"].values(), ids["long_cate"].values(), p.k), {}
+        if p.gsu in ("id_cosine", "inner_product"):
+            assert emb is not None
+            target, behaviors = self.pair(emb, "", att=True), self.pair(emb, "long_", att=True)
+            if self.ip_gsu is not None:
+                return self.ip_gsu(offsets, target, behaviors, p.k), {}
+            positions, scores = kernels.gsu_topk(
+                offsets, p.k, mode="cosine", target=target.detach().float(),
+                behavior_vectors=behaviors.detach().float(), backend=p.backend,
+            )  # fmt: skip
+            return Selection(positions, scores), {}
+        return self.gsu(offsets, ids["item"].values(), ids["long_item"].values(), p.k), {}
 
     def similarity_parts(self, inp: StageInput, mask_padding: bool) -> list[torch.Tensor]:
         """SimTier over the K retrieved (or the prefix), then over the recent S when configured."""
