@@ -5,8 +5,9 @@ length bucket; AUC on long-tail target items. Long tail = test samples whose tar
 popular items that together hold 80% of the *training* impressions (popularity is counted on the train split only,
 so the test split does not define its own tail). Then the claims of the lifelong-models issue, each checked:
 
-- every two-stage model (LAIN variants included) beats DIN over the last 50 on AUC and GAUC;
+- every two-stage model (LAIN variants, ETA, SDIM and TWIN included) beats DIN over the last 50 on AUC and GAUC;
 - MUSE beats SIM-hard on long-tail target items;
+- TWIN beats SIM-soft and SIM-hard on AUC and GAUC (its paper's Table 4), TIN beats DIN (both over the last 50);
 - each LAIN variant improves the shortest length bucket over its backbone without losing the longest.
 
 A claim "a beats b" holds when the measured difference is > 0. Each difference comes with a paired bootstrap 95%
@@ -39,7 +40,11 @@ from ctr.evaluation.metrics import (  # noqa: E402
 )
 
 BACKBONES_TWO_STAGE = ("sim_hard", "sim_soft", "muse", "r2led")
-TWO_STAGE = BACKBONES_TWO_STAGE + tuple(f"{n}_lain" for n in BACKBONES_TWO_STAGE)
+# the long-sequence zoo without LAIN variants (issue 14): they, too, are checked against DIN over the last 50
+ZOO = ("eta", "sdim", "twin")
+TWO_STAGE = BACKBONES_TWO_STAGE + tuple(f"{n}_lain" for n in BACKBONES_TWO_STAGE) + ZOO
+# TWIN against the SIM searches it replaces (its paper's Table 4: TWIN > SIM soft > SIM hard)
+TWIN_VS = ("sim_soft", "sim_hard")
 LAIN = {f"{n}_lain": n for n in ("din", "dien", *BACKBONES_TWO_STAGE)}
 
 
@@ -139,6 +144,33 @@ def main() -> int:
                 "significant": dt["significant"],
                 "auc_delta": dt,
                 "values": f"AUC {a['auc']:.4f} vs {b['auc']:.4f} on {a['samples']:,} samples, delta {fmt(dt)}",
+            }
+        )
+    for base in TWIN_VS:
+        if "twin" in rows and base in rows:
+            da, dg = delta("twin", base), delta("twin", base, "gauc")
+            checks.append(
+                {
+                    "claim": f"twin beats {base} on AUC and GAUC",
+                    "holds": bool(da["delta"] > 0 and dg["delta"] > 0),
+                    "significant": bool(da["significant"] and dg["significant"]),
+                    "auc_delta": da,
+                    "gauc_delta": dg,
+                    "values": f"AUC {rows['twin']['auc']:.4f} vs {rows[base]['auc']:.4f}, delta {fmt(da)}; "
+                    f"GAUC {rows['twin']['gauc']:.4f} vs {rows[base]['gauc']:.4f}, delta {fmt(dg)}",
+                }
+            )
+    if "tin" in rows and "din" in rows:
+        da, dg = delta("tin", "din"), delta("tin", "din", "gauc")
+        checks.append(
+            {
+                "claim": "tin beats din (both over the last 50) on AUC and GAUC",
+                "holds": bool(da["delta"] > 0 and dg["delta"] > 0),
+                "significant": bool(da["significant"] and dg["significant"]),
+                "auc_delta": da,
+                "gauc_delta": dg,
+                "values": f"AUC {rows['tin']['auc']:.4f} vs {rows['din']['auc']:.4f}, delta {fmt(da)}; "
+                f"GAUC {rows['tin']['gauc']:.4f} vs {rows['din']['gauc']:.4f}, delta {fmt(dg)}",
             }
         )
     for lain, base in LAIN.items():
