@@ -365,8 +365,9 @@ def test_configs_resolve():
     from ctr.config import resolve_train_config
 
     for name in MODELS:
-        cfg, params = resolve_train_config(name, None, ["model.k=7"])
-        assert cfg.model["name"] == name and params.k == 7 and params.max_len == 10000
+        k = 0 if name == "sdim" else 7  # SDIM has no top-K
+        cfg, params = resolve_train_config(name, None, [f"model.k={k}"])
+        assert cfg.model["name"] == name and params.k == k and params.max_len == 10000
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
