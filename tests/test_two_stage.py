@@ -291,6 +291,8 @@ def test_dare_tables(info, name):
         ("sim_soft", {"aux_pooling": "mean", "aux_alpha": 0.5}),
         ("muse", {"simtier_scope": "prefix", "short_simtier": True, "sata_heads": 2}),
         ("muse", {"mode": "code", "hidden": [256, 128, 64], "activation": "dice_ln"}),
+        ("sim_soft", {"dare": True, "dare_aux_alpha": 1.0}),
+        ("twin", {"dare": True, "dare_aux_alpha": 0.5}),
         ("muse", {"gsu": "category"}),
         ("muse", {"gsu": "id_cosine"}),
         ("muse", {"gsu": "inner_product"}),
@@ -396,3 +398,18 @@ def test_muse_gsu_choice_selects_like_the_sim_gsus(info):
         b, _ = sim.select(batch)
     assert torch.equal(a.positions, b.positions)
     assert sorted(muse.state_dict()) == sorted(build(info, "muse").state_dict())
+
+
+def test_dare_aux_loss(info):
+    """DARE's auxiliary head: a 'dare_aux' loss term in training only, weighted; it needs dare: true."""
+    model = build(info, "sim_hard", dare=True, dare_aux_alpha=0.5)
+    batch = batches(info, model, 1)[0]
+    out = model.train()(batch)
+    terms = model.loss(out, batch)
+    bce = F.binary_cross_entropy_with_logits(out.extras["dare_aux_logit"], batch.dense["label"])
+    torch.testing.assert_close(terms["dare_aux"], 0.5 * bce)
+    assert "dare_aux" not in model.loss(model.eval()(batch), batch)
+    from ctr.models import get_model_class
+
+    with pytest.raises(ValueError, match="needs dare: true"):
+        get_model_class("sim_hard").Params(dare_aux_alpha=1.0)

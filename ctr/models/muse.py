@@ -155,9 +155,9 @@ class MUSE(TwoStageModel):
         parts = [u, u * inp.target] if self.cross_long else [u]
         return parts + self.similarity_parts(inp, mask_padding=True)
 
-    def tower_input(self, inp: StageInput) -> torch.Tensor:
+    def tower_input(self, inp: StageInput, long: list[torch.Tensor] | None = None) -> torch.Tensor:
         if self.p.mode != "code":  # type: ignore[attr-defined]
-            return super().tower_input(inp)
+            return super().tower_input(inp, long)
         # The release's MUSE_DIN: no masks (padded slots are zero vectors that take part), keys reused as values.
         every_k = torch.ones_like(inp.long_mask)
         r = self.gsu.cosine(inp.target_ids, inp.long_ids)

@@ -56,7 +56,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from features.dataset import DatasetInfo
@@ -89,6 +90,15 @@ class TwoStageParams(ModelParams):
     # the kernels' backend (GSU top-k, ESU attention): None = $KERNELS_BACKEND, else auto (Triton on CUDA)
     backend: Literal["auto", "triton", "reference"] | None = None
     lain: LainParams = Field(default_factory=LainParams)  # LAIN plug-in (off: the model above, unchanged)
+    # DARE's auxiliary CTR head: an MLP on [e_t; u_long; u_long ⊙ e_t] (DARE's code, ``aux_loss``), its BCE added with
+    # this weight (training only); 0 = off. Needs dare: true.
+    dare_aux_alpha: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _dare_aux_needs_dare(self) -> TwoStageParams:
+        if self.dare_aux_alpha > 0 and not self.dare:
+            raise ValueError("dare_aux_alpha > 0 needs dare: true (it is DARE's auxiliary loss)")
+        return self
 
 
 @dataclass
@@ -209,6 +219,11 @@ class TwoStageModel(CTRModel):
             out_dim=None if head is not None else 1,
         )  # fmt: skip
         self.tower = nn.Sequential(mlp, head(mlp.out_dim)) if head is not None else mlp
+        self.dare_aux: nn.Module | None = None
+        if self.p.dare_aux_alpha > 0:
+            if head is not None or self.long_dim == 0:
+                raise ValueError(f"{self.name}: dare_aux_alpha needs the frame's tower and long-term parts")
+            self.dare_aux = MLP(d + self.long_dim, self.p.hidden, activation=self.p.activation, out_dim=1)
         if self.p.lain.enabled:  # built last: the backbone's parameters start as the plain model's with the same seed
             branches = {"short": (d, d), "long": (d, self.lain_long_key_dim)}
             self.lain = LainConditioner(self.p.lain, branches, d, self.info.median_hist_len)
@@ -356,20 +371,34 @@ class TwoStageModel(CTRModel):
             lc=self.length_context(batch),
         )
 
-    def tower_input(self, inp: StageInput) -> torch.Tensor:
+    def tower_input(self, inp: StageInput, long: list[torch.Tensor] | None = None) -> torch.Tensor:
         u_short = self.short_interest(inp)
         parts = [inp.target, u_short]
         if self.p.target_cross:
             parts.append(u_short * inp.target)
-        parts += self.long_interest(inp)
+        parts += self.long_interest(inp) if long is None else long
         parts += self.context_vector(inp.emb)
         return torch.cat(parts, dim=-1)
 
     def forward(self, batch: Batch) -> ModelOutput:
         assert self.tower is not None, "a TwoStageModel subclass must call build_tower() in __init__"
         inp = self.prepare(batch)
-        logit = self.tower(self.tower_input(inp)).squeeze(-1)
-        return ModelOutput(logit=logit, extras=inp.extras if self.training else {})
+        long = self.long_interest(inp) if self.dare_aux is not None else None  # shared with DARE's head
+        logit = self.tower(self.tower_input(inp, long)).squeeze(-1)
+        if not self.training:
+            return ModelOutput(logit=logit)
+        extras = dict(inp.extras)
+        if self.dare_aux is not None and long is not None:
+            extras["dare_aux_logit"] = self.dare_aux(torch.cat([inp.target, *long], dim=-1)).squeeze(-1)
+        return ModelOutput(logit=logit, extras=extras)
+
+    def loss(self, out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """BCE (+ DARE's auxiliary head, ``dare_aux``, when on; + the subclass's own terms)."""
+        terms = super().loss(out, batch)
+        if "dare_aux_logit" in out.extras:
+            aux = F.binary_cross_entropy_with_logits(out.extras["dare_aux_logit"], batch.dense["label"])
+            terms["dare_aux"] = self.p.dare_aux_alpha * aux
+        return terms
 
 
 class _PairJT:
