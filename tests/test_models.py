@@ -386,3 +386,26 @@ def test_tin_matches_a_per_sample_reference(info, encoding):
             if b >= 20:
                 break
     assert checked > 5
+
+
+def test_din_dare_tables(info):
+    """dare: true adds attention tables fed from the same ids; the unit scores with them, the pool uses the
+    representation tables (changing an attention table changes the logits, the loader is unchanged)."""
+    model = build(info, "din", dare=True)
+    tables = {c.name: c for c in model.embedding.embedding_configs()}
+    assert tables["item_att"].num_embeddings == info.vocab_sizes["item"]
+    assert "hist_item_att" in tables["item_att"].feature_names
+    assert model.features() == build(info, "din").features()
+    losses = []
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = model.embedding.embeddings["item_att"].weight.detach().clone()
+    for batch in batches(info, model, 3):
+        loss = loss_of(model, model(batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert all(math.isfinite(v) for v in losses)
+    assert not torch.equal(before, model.embedding.embeddings["item_att"].weight.detach())
+    with pytest.raises(ValueError, match="dare"):
+        get_model_class("din").Params(dare=True, backend="auto")

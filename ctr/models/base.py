@@ -27,6 +27,8 @@ from features.loader import Batch, SequenceView, sparse_feature_names
 
 from ..modules.gsu import lengths_to_offsets
 
+ATT_SUFFIX = "_att"  # DARE's attention copy of a feature: `long_item` -> `long_item_att` (table `item_att`)
+
 
 class ModelParams(BaseModel):
     """Parameters every model has. Subclasses add their own; unknown keys are errors (they name the key)."""
@@ -72,7 +74,8 @@ class CTRModel(nn.Module):
         self.info = info
         self.dim = params.embedding_dim
         spaces: dict[str, list[str]] = {}
-        for feat in self.embedding_features():
+        self.embedded_features = self.embedding_features()  # what `embed` looks up, in order
+        for feat in self.embedded_features:
             spaces.setdefault(self.space_of(feat), []).append(feat)
         self.embedding = EmbeddingCollection(
             tables=[
@@ -102,10 +105,30 @@ class CTRModel(nn.Module):
         names = sparse_feature_names(self.views(), [f"{c}_idx" for c in ctx])
         return [n for n in names if n != "user" or self.params.use_user]
 
+    # DARE (Feng et al., ICLR 2025): the features whose ids also look up the attention tables (`item_att`, ...)
+    att_sources: ClassVar[tuple[str, ...]] = ()
+
     def embedding_features(self) -> list[str]:
         """Every feature the embedding collection looks up: `features()` (what the loader delivers) plus any feature
-        a model builds itself in `forward` (DARE's attention copies `item_att`, `long_item_att`, ...)."""
-        return self.features()
+        a model builds itself in `embed` (DARE's attention copies `item_att`, `long_item_att`, ...)."""
+        feats = self.features()
+        if getattr(self.params, "dare", False):
+            feats = feats + [f + ATT_SUFFIX for f in feats if f in self.att_sources]
+        return feats
+
+    def embed(self, ids: dict[str, Any]) -> dict[str, Any]:
+        """Look up every embedding feature (DARE's ``*_att`` from their source ids) in one collection call;
+        ``ids``: feature -> JaggedTensor of ids (``batch.sparse.to_dict()``, possibly with some replaced)."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        feats = self.embedded_features
+        jts = [ids[f.removesuffix(ATT_SUFFIX) if f.endswith(ATT_SUFFIX) else f] for f in feats]
+        kjt = KeyedJaggedTensor(
+            keys=list(feats),
+            values=torch.cat([jt.values().long() for jt in jts]),
+            lengths=torch.cat([jt.lengths().int() for jt in jts]),
+        )
+        return self.embedding(kjt)
 
     @staticmethod
     def space_of(feature: str) -> str:

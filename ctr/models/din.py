@@ -26,6 +26,9 @@ Defaults and where they come from:
   the ad and the other features), plus the context embeddings of this library.
 * Not reproduced: the paper's mini-batch aware L2 regularization, and the official SGD schedule (lr 1.0 → 0.1).
 
+``dare: true`` (Feng et al., ICLR 2025): the activation unit scores with separate attention tables (``item_att``,
+``cate_att``, sized like ``item`` / ``cate``); the pooled behaviors and the tower use the representation tables.
+
 ``backend: module`` (the default) computes the attention with the readable padded module; ``auto`` (Triton on CUDA,
 its PyTorch reference elsewhere), ``triton`` or ``reference`` with the fused `kernels.din_attention` on the jagged
 behaviors, that backend of the kernel; same parameters, same output.
@@ -73,12 +76,17 @@ class DINParams(ModelParams):
     dropout: float = 0.0
     item_bias: bool = False  # official code: a learned per-item bias added to the logit
     backend: Literal["module", "auto", "triton", "reference"] = "module"
+    # DARE: separate attention tables (`item_att`, `cate_att`) for the activation unit's query and keys; the pooled
+    # values and the tower keep the representation tables
+    dare: bool = False
     lain: LainParams = Field(default_factory=LainParams)  # LAIN plug-in (off: the model above, unchanged)
 
     @model_validator(mode="after")
     def _lain_needs_module_backend(self) -> DINParams:
         if self.lain.enabled and self.backend != "module":
             raise ValueError("lain.enabled needs backend 'module' (the fused kernel has no per-sample temperature)")
+        if self.dare and (self.lain.enabled or self.backend != "module"):
+            raise ValueError("dare: true needs backend 'module' and no LAIN (its keys and values differ)")
         return self
 
 
@@ -86,6 +94,7 @@ class DINParams(ModelParams):
 class DIN(CTRModel):
     name = "din"
     Params = DINParams
+    att_sources = ("item", "cate", "hist_item", "hist_cate")
 
     def __init__(self, params: DINParams, info, device=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(params, info, device)
@@ -111,9 +120,16 @@ class DIN(CTRModel):
         return (SequenceView("hist", self.params.seq_len),)  # type: ignore[attr-defined]
 
     def forward(self, batch: Batch) -> ModelOutput:
-        emb = self.lookup(batch)
+        emb = self.embed(batch.sparse.to_dict()) if self.p.dare else self.lookup(batch)
         target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
-        if self.lain is not None:
+        if self.p.dare:  # DARE: attention embeddings score, representation embeddings are pooled
+            item, mask = self.padded(emb["hist_item"], self.p.seq_len)
+            cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)
+            keys = torch.cat([self.padded(emb["hist_item_att"], self.p.seq_len)[0],
+                              self.padded(emb["hist_cate_att"], self.p.seq_len)[0]], dim=-1)  # fmt: skip
+            query = torch.cat([self.single(emb["item_att"]), self.single(emb["cate_att"])], dim=-1)
+            pooled, _ = self.attention(query, keys, mask, values=torch.cat([item, cate], dim=-1))
+        elif self.lain is not None:
             pooled = self._lain_attention(emb, target, batch.dense["hist_len"])
         elif self.p.backend != "module":
             hist_item = emb["hist_item"]

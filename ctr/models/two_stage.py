@@ -68,9 +68,8 @@ from ..modules.attention import DinAttention
 from ..modules.gsu import Selection, gather_slots, lengths_to_offsets
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
-from .base import CTRModel, ModelOutput, ModelParams
+from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams
 
-ATT_SUFFIX = "_att"
 ATT_SOURCES = ("item", "cate", "long_item", "long_cate", "short_item", "short_cate")
 
 
@@ -180,12 +179,12 @@ class TwoStageModel(CTRModel):
     `long_dim` and call `build_tower()` at the end of their ``__init__``."""
 
     Params: ClassVar[type[ModelParams]] = TwoStageParams
+    att_sources = ATT_SOURCES
     embeds_prefix: ClassVar[bool] = False  # True: the GSU needs learned embeddings of the whole prefix (SIM soft)
 
     def __init__(self, params: TwoStageParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
         self.p = params
-        self._lookup_features = self.embedding_features()
         d = 2 * self.dim
         self.short_attention = DinAttention(
             d, params.short_attention_hidden, params.short_attention_activation, softmax=params.short_softmax
@@ -200,12 +199,6 @@ class TwoStageModel(CTRModel):
     def views(self) -> tuple[SequenceView, ...]:
         p: TwoStageParams = self.params  # type: ignore[assignment]
         return (SequenceView("long", p.max_len), SequenceView("short", p.short_len))
-
-    def embedding_features(self) -> list[str]:
-        feats = self.features()
-        if self.params.dare:  # type: ignore[attr-defined]
-            feats = feats + [f + ATT_SUFFIX for f in feats if f in ATT_SOURCES]
-        return feats
 
     # ---- pieces for subclasses ------------------------------------------------------------------------------------
     def build_tower(self, in_dim: int | None = None, head: Callable[[int], nn.Module] | None = None) -> None:
@@ -281,18 +274,6 @@ class TwoStageModel(CTRModel):
         return lain_din_attention(
             self.short_attention, self.lain, lc.h, lc.length, query, keys, mask, values=values, branch="short"
         )
-
-    def embed(self, ids: dict[str, Any]) -> dict[str, Any]:
-        """Look up every embedding feature (DARE's ``*_att`` from their source ids) in one collection call."""
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-        jts = [ids[f.removesuffix(ATT_SUFFIX) if f.endswith(ATT_SUFFIX) else f] for f in self._lookup_features]
-        kjt = KeyedJaggedTensor(
-            keys=list(self._lookup_features),
-            values=torch.cat([jt.values().long() for jt in jts]),
-            lengths=torch.cat([jt.lengths().int() for jt in jts]),
-        )
-        return self.embedding(kjt)
 
     def pair(self, emb: dict[str, Any], prefix: str, att: bool = False) -> torch.Tensor:
         """``[e(item); e(cate)]`` of a feature pair, jagged values ``[N, 2d]`` (``prefix`` "" for the target)."""
