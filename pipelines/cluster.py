@@ -1,0 +1,165 @@
+"""TWIN-V2's offline compression of a lifelong history (Si et al., CIKM 2024; models-wave2.md C.3): hierarchical
+k-means over the items of one user's behaviors, every cluster at most ``max_size`` behaviors, each cluster then
+stands for its behaviors as one "virtual item".
+
+What the paper's abstract and the secondary sources agree on, and the choices where they do not say:
+
+* Recursive k-means with an adaptive k until every cluster holds at most γ = ``max_size`` behaviors: a node of n
+  behaviors is split into ``k = ceil(n / max_size)`` clusters (at least 2), and every child still over γ is split
+  again. Behaviors with identical vectors that k-means cannot separate are cut into consecutive chunks of γ.
+* The vectors are the items' frozen multimodal embeddings (``mm_emb``, L2-normalized), available before any model is
+  trained; the paper clusters its (collaborative) item embeddings. Items without an embedding form one group of
+  their own, clustered by category.
+* The paper first splits the history into M groups by play-completion ratio; this library has no play ratio, so the
+  groups are the behavior types (``btype``) when the dataset has them, else one group.
+* Virtual item (two sources agree): the categorical ids of the behavior nearest to the cluster's centroid, the mean
+  of the numeric features (here the behavior time), and the cluster size ``n_c`` (attention adds ``ln n_c``).
+
+Point in time. Clusters are built over **snapshots** of the history: for snapshot length ``s`` (a multiple of
+``snapshot_every``), the clusters of behaviors ``[0, s)``. A sample with ``hist_len = h`` uses the last snapshot
+with ``s <= h`` plus its behaviors ``[s, h)`` as singleton clusters (``n_c = 1``), so it never sees a cluster that
+holds a behavior at or after its own time; see `visible_clusters`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
+    """Lloyd's k-means on rows of ``x [n, D]`` from a k-means++ start; returns labels ``[n]`` in ``0..k-1``.
+
+    Deterministic for a seed; an empty cluster keeps its previous centroid."""
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    centers = np.empty((k, x.shape[1]), dtype=np.float64)
+    centers[0] = x[rng.integers(n)]
+    d2 = ((x - centers[0]) ** 2).sum(1)
+    for j in range(1, k):  # k-means++: the next center with probability ∝ squared distance
+        total = d2.sum()
+        pick = rng.integers(n) if total <= 0 else int(np.searchsorted(np.cumsum(d2), rng.random() * total))
+        centers[j] = x[min(pick, n - 1)]
+        d2 = np.minimum(d2, ((x - centers[j]) ** 2).sum(1))
+    labels = np.zeros(n, dtype=np.int64)
+    for _ in range(iters):
+        dist = (x**2).sum(1, keepdims=True) - 2 * x @ centers.T + (centers**2).sum(1)
+        new = dist.argmin(1)
+        if np.array_equal(new, labels) and _ > 0:
+            break
+        labels = new
+        sums = np.zeros_like(centers)
+        np.add.at(sums, labels, x)
+        counts = np.bincount(labels, minlength=k)
+        nonempty = counts > 0
+        centers[nonempty] = sums[nonempty] / counts[nonempty, None]
+    return labels
+
+
+def cluster_history(x: np.ndarray, max_size: int, seed: int = 0, iters: int = 10) -> np.ndarray:
+    """Hierarchical k-means: labels ``[n]`` (0..C-1, in order of first appearance) with every cluster at most
+    ``max_size`` rows of ``x [n, D]``."""
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    n = len(x)
+    labels = np.full(n, -1, dtype=np.int64)
+    next_label = 0
+    stack = [np.arange(n)]
+    while stack:
+        idx = stack.pop()
+        if len(idx) <= max_size:
+            labels[idx] = next_label
+            next_label += 1
+            continue
+        k = max(2, math.ceil(len(idx) / max_size))
+        sub = kmeans(x[idx], k, seed + next_label, iters)
+        parts = [idx[sub == j] for j in range(k) if (sub == j).any()]
+        if len(parts) == 1:  # identical vectors: k-means cannot split them, cut into chunks of max_size
+            parts = [idx[i : i + max_size] for i in range(0, len(idx), max_size)]
+        stack.extend(reversed(parts))
+    _, first = np.unique(labels, return_index=True)
+    order = np.argsort(np.argsort(first))  # relabel by first appearance (oldest behavior first)
+    return order[labels]
+
+
+@dataclass
+class VirtualItems:
+    """One row per cluster: the representative behavior (nearest its centroid), its size, mean and last time."""
+
+    rep: np.ndarray  # [C] index (into the clustered behaviors) of the behavior nearest the centroid
+    size: np.ndarray  # [C] n_c
+    mean_ts: np.ndarray  # [C] float64
+    last_ts: np.ndarray  # [C] int64
+
+
+def virtual_items(labels: np.ndarray, x: np.ndarray, ts: np.ndarray) -> VirtualItems:
+    """The virtual item of every cluster of ``labels [n]`` over vectors ``x [n, D]`` and times ``ts [n]``."""
+    c = int(labels.max()) + 1 if len(labels) else 0
+    size = np.bincount(labels, minlength=c)
+    centers = np.zeros((c, x.shape[1]))
+    np.add.at(centers, labels, x)
+    centers /= np.maximum(size, 1)[:, None]
+    dist = ((x - centers[labels]) ** 2).sum(1)
+    # nearest per cluster, ties to the most recent behavior: sort by (cluster, distance, -position)
+    order = np.lexsort((-np.arange(len(labels)), dist, labels))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = labels[order][1:] != labels[order][:-1]
+    rep = order[first]
+    mean_ts = np.bincount(labels, weights=ts.astype(np.float64), minlength=c) / np.maximum(size, 1)
+    last_ts = np.full(c, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(last_ts, labels, ts.astype(np.int64))
+    return VirtualItems(rep=rep, size=size, mean_ts=mean_ts, last_ts=last_ts)
+
+
+def snapshot_length(hist_len: int, snapshot_every: int) -> int:
+    """The length of the last snapshot a sample with ``hist_len`` behaviors may use (a multiple of the period)."""
+    return (hist_len // snapshot_every) * snapshot_every
+
+
+def visible_clusters(
+    hist_len: int, snapshot_every: int, snapshots: dict[int, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """What a sample with ``hist_len`` behaviors sees: (cluster label of each behavior of ``[0, hist_len)``, the
+    number of clusters). Behaviors of the snapshot keep its labels; the later ones are singletons numbered after.
+
+    ``snapshots``: snapshot length -> labels of behaviors ``[0, length)`` (built from them alone)."""
+    s = snapshot_length(hist_len, snapshot_every)
+    base = snapshots[s] if s > 0 else np.zeros(0, dtype=np.int64)
+    c = int(base.max()) + 1 if len(base) else 0
+    tail = np.arange(c, c + hist_len - s, dtype=np.int64)
+    return np.concatenate([base, tail]), c + hist_len - s
+
+
+def cluster_user(
+    x: np.ndarray,
+    has_vector: np.ndarray,
+    cate: np.ndarray,
+    max_size: int,
+    group: np.ndarray | None = None,
+    seed: int = 0,
+    iters: int = 10,
+) -> np.ndarray:
+    """Labels ``[n]`` of one user's behaviors (oldest first): within each ``group`` value (behavior types; None =
+    one group), hierarchical k-means of the behaviors with a vector, and the behaviors without one cut by category
+    (chunks of ``max_size``). Clusters never mix groups; labels are numbered by first appearance."""
+    n = len(x)
+    labels = np.full(n, -1, dtype=np.int64)
+    offset = 0
+    groups = np.zeros(n, dtype=np.int64) if group is None else group
+    for g in np.unique(groups):
+        in_group = groups == g
+        with_vec = np.flatnonzero(in_group & has_vector)
+        if len(with_vec):
+            sub = cluster_history(x[with_vec], max_size, seed=seed + int(g), iters=iters)
+            labels[with_vec] = sub + offset
+            offset += int(sub.max()) + 1
+        without = np.flatnonzero(in_group & ~has_vector)
+        for c in np.unique(cate[without]):
+            rows = without[cate[without] == c]
+            for i in range(0, len(rows), max_size):
+                labels[rows[i : i + max_size]] = offset
+                offset += 1
+    _, first = np.unique(labels, return_index=True)
+    return np.argsort(np.argsort(first))[labels]
