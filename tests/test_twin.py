@@ -44,13 +44,24 @@ def test_union_round_robin_matches_brute_force():
             assert sel.positions[b].tolist() == brute_union(pos[b].tolist(), k), (k, b)
 
 
+def randomize_cross(twin: TwinAttention) -> TwinAttention:
+    """Cross embeddings away from their neutral (zero) start, so that the tests see the mechanism."""
+    with torch.no_grad():
+        for table in (twin.time, twin.btype):
+            if table is not None:
+                table.weight.normal_()
+        if twin.time is not None:
+            twin.time.weight[0] = 0  # the empty slot's row stays zero
+    return twin
+
+
 def _setup(seed: int, *, btype: bool = True, time_buckets: int = 8):
     gen = torch.Generator().manual_seed(seed)
     lengths = random_lengths(gen)
     offsets = lengths_to_offsets(torch.tensor(lengths))
     n = int(offsets[-1])
     torch.manual_seed(seed)
-    twin = TwinAttention(6, heads=3, head_dim=4, time_buckets=time_buckets, btype=btype, cross_dim=3)
+    twin = randomize_cross(TwinAttention(6, heads=3, head_dim=4, time_buckets=time_buckets, btype=btype, cross_dim=3))
     palette = torch.randn(4, 6, generator=gen)  # few distinct behaviors: equal scores happen
     item = torch.randint(0, 4, (n,), generator=gen)
     keys = palette[item]
@@ -113,7 +124,7 @@ def test_cross_bias_moves_only_its_behavior():
 def test_esu_matches_a_readable_reference():
     """head_a = softmax over the K of α_a, values the full key [k; cross] through W^v_a; u = concat W^o."""
     torch.manual_seed(0)
-    twin = TwinAttention(6, heads=2, head_dim=3, time_buckets=8, btype=True, cross_dim=2, out_dim=5)
+    twin = randomize_cross(TwinAttention(6, heads=2, head_dim=3, time_buckets=8, btype=True, cross_dim=2, out_dim=5))
     b, k = 4, 7
     target, keys = torch.randn(b, 6), torch.randn(b, k, 6)
     mask = torch.rand(b, k) < 0.7
@@ -133,6 +144,12 @@ def test_esu_matches_a_readable_reference():
     want = twin.w_o(torch.cat(heads, -1))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[0], torch.zeros(5))
+
+
+def test_cross_features_start_neutral():
+    twin = TwinAttention(6, heads=2, head_dim=3, time_buckets=8, btype=True)
+    gap = torch.tensor([1, 100, 10**6])
+    assert torch.equal(twin.cross_bias(twin.cross_features(gap, torch.tensor([0, 1, 2]), gap > 0)), torch.zeros(3, 2))
 
 
 def test_no_cross_features():

@@ -59,7 +59,10 @@ class TIN(CTRModel):
         super().__init__(params, info, device)
         self.p = params
         d = 2 * self.dim
+        # starts at zero: an additive encoding drawn N(0, 1) (nn.Embedding's default) drowned the item embeddings,
+        # which TorchRec starts at ±sqrt(1 / rows) (the first demo measurement: TIN below sum pooling)
         self.temporal = nn.Embedding(params.buckets, d)
+        nn.init.zeros_(self.temporal.weight)
         n_ctx = len(self.context_features()) + (1 if params.use_user else 0)
         n_in = 3 * d + self.dim * n_ctx
         self.input_norm = BatchNorm1dAnySize(n_in) if params.input_batch_norm else nn.Identity()

@@ -75,6 +75,11 @@ class TwinAttention(nn.Module):
         self.w_h = nn.Linear(key_dim, heads * head_dim, bias=False)
         self.time = nn.Embedding(time_buckets, cross_dim, padding_idx=0) if time_buckets else None
         self.btype = nn.Embedding(256, cross_dim) if btype else None
+        # the cross features start neutral (zero bias, zero value part): drawn N(0, 1) they outweighed the
+        # inherent score, whose embeddings TorchRec starts at ±sqrt(1 / rows), and the first GSU ranked by time gap
+        for table in (self.time, self.btype):
+            if table is not None:
+                nn.init.zeros_(table.weight)
         n_cross = (self.time is not None) + (self.btype is not None)
         # w^c_aj: one cross_dim -> 1 map per (feature, head); β_aj: one weight per (feature, head)
         self.w_c = nn.Parameter(torch.randn(n_cross, cross_dim, heads) / math.sqrt(cross_dim)) if n_cross else None
