@@ -359,7 +359,9 @@ def test_tin_matches_a_per_sample_reference(info, encoding):
     items, cates = emb["hist_item"], emb["hist_cate"]
     lengths = batch.dense["hist_lengths"].tolist()
     gaps = batch.dense["hist_ts_gap"]
-    table = model.temporal.weight
+    table = torch.randn_like(model.attention.table.weight)  # away from its zero start
+    with torch.no_grad():
+        model.attention.table.weight.copy_(table)
     start, checked = 0, 0
     with torch.no_grad():
         target = torch.cat([emb["item"].values(), emb["cate"].values()], -1)

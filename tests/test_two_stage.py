@@ -292,6 +292,8 @@ def test_dare_tables(info, name):
         ("muse", {"simtier_scope": "prefix", "short_simtier": True, "sata_heads": 2}),
         ("muse", {"mode": "code", "hidden": [256, 128, 64], "activation": "dice_ln"}),
         ("sim_soft", {"dare": True, "dare_aux_alpha": 1.0}),
+        ("sim_hard", {"esu": "tin"}),
+        ("eta", {"esu": "tin", "dare": True}),
         ("twin", {"dare": True, "dare_aux_alpha": 0.5}),
         ("muse", {"gsu": "category"}),
         ("muse", {"gsu": "id_cosine"}),

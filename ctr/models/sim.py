@@ -42,7 +42,7 @@ from pydantic import Field
 from features.dataset import DatasetInfo
 from features.loader import Batch
 
-from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
+from ..modules.esu import MultiHeadTargetAttention, TemporalTargetAttention, TimeGapEmbedding, time_gap_bucket
 from ..modules.gsu import CategoryGSU, InnerProductGSU, Selection
 from ..modules.mlp import MLP
 from .base import ModelOutput, register, register_lain_variant
@@ -54,6 +54,9 @@ class SIMParams(TwoStageParams):
     time_dim: int | None = None  # None = embedding_dim
     esu_heads: int = 2  # FuxiCTR SIM: 2 heads, attention_dim 64
     esu_head_dim: int = 32
+    # the ESU: "mhta" (SIM's time-aware multi-head target attention) or "tin" (TIN's temporal encoding + scaled
+    # dot-product attention over the K, `TemporalTargetAttention`; time_buckets rows, at least 2)
+    esu: Literal["mhta", "tin"] = "mhta"
     # SIM hard: a target whose category is a placeholder (out of vocabulary, the importers' "no category" 0) selects
     # nothing, as R2LED's reserved SID prefixes; true matches them like any category (unrelated items grouped)
     match_placeholder_category: bool = False
@@ -77,9 +80,16 @@ class SIMBase(TwoStageModel):
         self.time = TimeGapEmbedding(params.time_buckets, t) if params.time_buckets else None
         self.time_att = TimeGapEmbedding(params.time_buckets, t) if params.time_buckets and params.dare else None
         z = d + (t if self.time is not None else 0)
-        self.esu = MultiHeadTargetAttention(
-            d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.backend
-        )
+        if params.esu == "tin":
+            if params.lain.enabled or params.time_buckets < 2:
+                raise ValueError("esu: tin needs time_buckets >= 2 and no LAIN")
+            self.time = self.time_att = None
+            z = d
+            self.esu = TemporalTargetAttention(d, params.time_buckets)
+        else:
+            self.esu = MultiHeadTargetAttention(
+                d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.backend
+            )
         self.long_dim = 2 * d if params.target_cross else d
         self.lain_long_key_dim = z
         # the subclass builds its GSU, then calls build_tower() (LAIN, when on, is built last)
@@ -87,6 +97,10 @@ class SIMBase(TwoStageModel):
     def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
         mask = inp.long_mask
         keys, values = inp.long_att, inp.long
+        if isinstance(self.esu, TemporalTargetAttention):  # TIN's ESU: the time buckets index its encoding
+            index = time_gap_bucket(inp.long_gap, self.esu.table.num_embeddings)
+            u = self.esu(inp.target_att, keys, mask, index, values=values)
+            return [u, u * inp.target] if self.p.target_cross else [u]
         if self.time is not None:
             t = self.time(inp.long_gap, mask)
             t_att = self.time_att(inp.long_gap, mask) if self.time_att is not None else t

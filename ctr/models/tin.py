@@ -21,7 +21,6 @@ Choices and where the sources differ (the official code, zhouxy1003/TIN ``model/
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -32,8 +31,7 @@ from features.dataset import DatasetInfo
 from features.loader import Batch, SequenceView
 
 from ..modules.activations import BatchNorm1dAnySize
-from ..modules.attention import masked_softmax
-from ..modules.esu import time_gap_bucket
+from ..modules.esu import TemporalTargetAttention, time_gap_bucket
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams, register
 
@@ -59,10 +57,9 @@ class TIN(CTRModel):
         super().__init__(params, info, device)
         self.p = params
         d = 2 * self.dim
-        # starts at zero: an additive encoding drawn N(0, 1) (nn.Embedding's default) drowned the item embeddings,
-        # which TorchRec starts at ±sqrt(1 / rows) (the first demo measurement: TIN below sum pooling)
-        self.temporal = nn.Embedding(params.buckets, d)
-        nn.init.zeros_(self.temporal.weight)
+        # the table starts at zero: drawn N(0, 1) (nn.Embedding's default) it drowned the item embeddings, which
+        # TorchRec starts at ±sqrt(1 / rows) (the first demo measurement: TIN below sum pooling)
+        self.attention = TemporalTargetAttention(d, params.buckets)
         n_ctx = len(self.context_features()) + (1 if params.use_user else 0)
         n_in = 3 * d + self.dim * n_ctx
         self.input_norm = BatchNorm1dAnySize(n_in) if params.input_batch_norm else nn.Identity()
@@ -101,10 +98,7 @@ class TIN(CTRModel):
         target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)  # [B, 2d]
         item, mask = self.padded(emb["hist_item"], self.p.seq_len)
         cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)
-        beh = torch.cat([item, cate], dim=-1) + self.temporal(self.temporal_index(batch, mask))  # e_i + p_i
-        query = target + self.temporal.weight[0]  # e_t + p_t
-        scores = torch.einsum("bd,bld->bl", query, beh) / math.sqrt(beh.shape[-1])
-        u = torch.einsum("bl,bld->bd", masked_softmax(scores, mask), beh * mask.unsqueeze(-1))
+        u = self.attention(target, torch.cat([item, cate], dim=-1), mask, self.temporal_index(batch, mask))
         x = torch.cat([u, target, u * target, *self.context_vector(emb)], dim=-1)
         logit = self.tower(self.input_norm(x)).squeeze(-1)
         if self.item_bias is not None:

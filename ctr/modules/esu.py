@@ -58,6 +58,36 @@ class TimeGapEmbedding(nn.Module):
         return self.embedding(bucket)
 
 
+class TemporalTargetAttention(nn.Module):
+    """TIN's target-aware temporal encoding and scaled dot-product target attention (Zhou et al., WWW 2024)::
+
+        w_i = softmax_i((q + T[0]) · (k_i + T[idx_i]) / sqrt(D)),   u = Σ_i w_i (v_i + T[idx_i])
+
+    ``T`` is a table of ``buckets`` rows (row 0: the target's own slot, "now"), started at zero so that the encoding
+    does not drown embeddings that start small; ``idx_i`` >= 1 is the behavior's time bucket (or position).
+    """
+
+    def __init__(self, dim: int, buckets: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        mask: torch.Tensor,
+        index: torch.Tensor,
+        values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query ``[B, D]``, keys / values ``[B, L, D]``, mask and index ``[B, L]`` -> ``[B, D]``."""
+        enc = self.table(torch.where(mask, index, 0))
+        k = keys + enc
+        v = (keys if values is None else values) + enc
+        scores = torch.einsum("bd,bld->bl", query + self.table.weight[0], k) / math.sqrt(k.shape[-1])
+        return torch.einsum("bl,bld->bd", masked_softmax(scores, mask), v * mask.unsqueeze(-1))
+
+
 class MultiHeadTargetAttention(nn.Module):
     """Scaled dot-product target attention with ``W_q, W_k, W_v`` (no bias) and an output map ``W_o``.
 
