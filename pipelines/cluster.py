@@ -5,8 +5,9 @@ stands for its behaviors as one "virtual item".
 What the paper's abstract and the secondary sources agree on, and the choices where they do not say:
 
 * Recursive k-means with an adaptive k until every cluster holds at most γ = ``max_size`` behaviors: a node of n
-  behaviors is split into ``k = ceil(n / max_size)`` clusters (at least 2), and every child still over γ is split
-  again. Behaviors with identical vectors that k-means cannot separate are cut into consecutive chunks of γ.
+  behaviors is split into ``k = min(branching, ceil(n / max_size))`` clusters (at least 2; ``branching`` 16), and
+  every child still over γ is split again. Behaviors with identical vectors that k-means cannot separate are cut
+  into consecutive chunks of γ.
 * The vectors are the items' frozen multimodal embeddings (``mm_emb``, L2-normalized), available before any model is
   trained; the paper clusters its (collaborative) item embeddings. Items without an embedding form one group of
   their own, clustered by category.
@@ -58,9 +59,10 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
     return labels
 
 
-def cluster_history(x: np.ndarray, max_size: int, seed: int = 0, iters: int = 10) -> np.ndarray:
+def cluster_history(x: np.ndarray, max_size: int, seed: int = 0, iters: int = 10, branching: int = 16) -> np.ndarray:
     """Hierarchical k-means: labels ``[n]`` (0..C-1, in order of first appearance) with every cluster at most
-    ``max_size`` rows of ``x [n, D]``."""
+    ``max_size`` rows of ``x [n, D]``. A node of n rows splits into ``min(branching, ceil(n / max_size))`` (at
+    least 2): the cost is O(n · branching · depth), not O(n²/max_size) as one flat k-means with k = n / max_size."""
     if max_size < 1:
         raise ValueError(f"max_size must be >= 1, got {max_size}")
     n = len(x)
@@ -73,7 +75,7 @@ def cluster_history(x: np.ndarray, max_size: int, seed: int = 0, iters: int = 10
             labels[idx] = next_label
             next_label += 1
             continue
-        k = max(2, math.ceil(len(idx) / max_size))
+        k = max(2, min(branching, math.ceil(len(idx) / max_size)))
         sub = kmeans(x[idx], k, seed + next_label, iters)
         parts = [idx[sub == j] for j in range(k) if (sub == j).any()]
         if len(parts) == 1:  # identical vectors: k-means cannot split them, cut into chunks of max_size
