@@ -99,6 +99,19 @@ def cmd_sid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from pipelines.cluster import build_clusters
+
+    block = build_clusters(
+        Path(args.data), max_size=args.max_size, block=args.block, seed=args.seed, address=args.address
+    )
+    print(
+        f"clusters: {block['clusters']:,} for {block['behaviors']:,} behaviors of {block['users']:,} users "
+        f"(blocks of {block['block']}, at most {block['max_size']} each) in {args.data}/clusters"
+    )
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ctr.config import resolve_train_config
     from features.config import dump_yaml
@@ -254,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="code of items without an embedding: their category's mean, or a reserved code",
     )
     p.set_defaults(func=cmd_sid)
+
+    p = sub.add_parser("cluster", help="TWIN-V2's clusters of every user's history into DATA_DIR/clusters (a Ray job)")
+    p.add_argument("--data", required=True, help="dataset directory (from ctr build; items need mm_emb)")
+    p.add_argument("--max-size", type=_positive_int, default=20, help="behaviors per cluster at most (γ)")
+    p.add_argument(
+        "--block", type=_positive_int, default=1000, help="behaviors per block: the snapshot period (point in time)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("train", help="train one model on a dataset directory")
     p.add_argument("--data", help="dataset directory (from ctr build)")

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from pipelines.cluster import (
+    cluster_blocks,
     cluster_history,
     cluster_user,
     kmeans,
     snapshot_length,
     virtual_items,
     visible_clusters,
+    visible_count,
 )
 
 
@@ -97,3 +99,52 @@ def test_a_sample_sees_only_clusters_of_earlier_behaviors(hist_len):
     changed[hist_len:] = np.random.default_rng(9).normal(size=changed[hist_len:].shape) * 100
     again, count_again = visible_clusters(hist_len, every, snapshots(changed))
     assert np.array_equal(labels, again) and count == count_again
+
+
+def test_blocks_are_clustered_once_and_seen_as_a_prefix():
+    """Each complete block is clustered from its own behaviors; a sample sees the clusters of the blocks before its
+    snapshot (a prefix of the user's clusters), and later behaviors do not change them."""
+    x, _ = planted(250, 4, seed=7)
+    has, cate, ts = np.ones(250, bool), np.zeros(250, np.int64), np.arange(250)
+    uc = cluster_blocks(x, has, cate, ts, block=60, max_size=8)
+    assert uc.size.sum() == 240 and uc.size.max() <= 8  # the last 10 behaviors are not in a complete block
+    assert set(uc.block_end.tolist()) == {60, 120, 180, 240} and (np.diff(uc.block_end) >= 0).all()
+    for end in (60, 120, 180, 240):
+        in_block = uc.block_end == end
+        assert uc.size[in_block].sum() == 60 and ((uc.rep[in_block] >= end - 60) & (uc.rep[in_block] < end)).all()
+    for h in (0, 59, 60, 130, 250):
+        n = visible_count(uc.block_end, h, 60)
+        assert (uc.block_end[:n] <= h).all() and uc.size[:n].sum() == snapshot_length(h, 60)
+    changed = x.copy()
+    changed[130:] *= -1
+    again = cluster_blocks(changed, has, cate, ts, block=60, max_size=8)
+    n = visible_count(uc.block_end, 130, 60)
+    assert np.array_equal(again.rep[:n], uc.rep[:n]) and np.array_equal(again.size[:n], uc.size[:n])
+
+
+def test_ctr_cluster_on_a_built_dataset(tiny_data, tmp_path):
+    """The Ray step: every user's complete blocks covered once, the manifest's block, a rerun replaces the files."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from cli.main import main as ctr
+    from features.dataset import DatasetInfo, sequences_dir
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    before = DatasetInfo.load(data).fingerprint
+    assert ctr(["cluster", "--data", str(data), "--block", "40", "--max-size", "6"]) == 0
+    info = DatasetInfo.load(data)
+    block = info.manifest["clusters"]
+    assert info.fingerprint != before and block["block"] == 40 and block["max_size"] == 6
+    seqs = pq.read_table(sequences_dir(data), columns=["user_idx", "item_idx"])
+    lengths = dict(zip(seqs["user_idx"].to_pylist(), pc.list_value_length(seqs["item_idx"]).to_pylist(), strict=True))
+    clusters = pq.read_table(data / "clusters")
+    assert clusters.num_rows == block["users"] == sum(n >= 40 for n in lengths.values())
+    for user, sizes in zip(clusters["user_idx"].to_pylist(), clusters["size"].to_pylist(), strict=True):
+        assert sum(sizes) == (lengths[user] // 40) * 40 and max(sizes) <= 6
+    assert sum(sum(s) for s in clusters["size"].to_pylist()) == block["behaviors"]
+    assert ctr(["cluster", "--data", str(data), "--block", "80"]) == 0  # again: replaced, not appended
+    assert pq.read_table(data / "clusters").num_rows == DatasetInfo.load(data).manifest["clusters"]["users"]
