@@ -14,6 +14,8 @@
                                    [sid_0 .. sid_{L-1} int32 after `ctr sid`]
       vocab/<space>.parquet        raw int64, idx int32    (idx 0 = padding, 1 = out-of-vocabulary)
       quarantine/<table>/*.parquet every rejected input row with `reason`, `source_file`, `source_row`
+      clusters/*.parquet           after `ctr cluster` (TWIN-V2): user_idx int32, rep / size / block_end list<int32>,
+                                   mean_ts list<float64>; one row per user with a complete block, clusters oldest first
 
 `hist_len` counts the user's behaviors with ts strictly before the sample's ts (ties count as after), so the
 behaviors a sample may see are `sequence[0:hist_len]`. Column schemas are in `features.schema`.
@@ -48,6 +50,7 @@ SEQUENCES = "sequences"
 SAMPLES = "samples"
 VOCAB = "vocab"
 QUARANTINE = "quarantine"
+CLUSTERS = "clusters"
 
 SID_HINT = "run `ctr sid --data {data}` first (it adds sid_0 .. sid_{{L-1}} to items.parquet)"
 
@@ -74,6 +77,10 @@ def samples_dir(data_dir: Path | str, split: str) -> Path:
 
 def vocab_dir(data_dir: Path | str) -> Path:
     return Path(data_dir) / VOCAB
+
+
+def clusters_dir(data_dir: Path | str) -> Path:
+    return Path(data_dir) / CLUSTERS
 
 
 def quarantine_dir(data_dir: Path | str, table: str | None = None) -> Path:

@@ -220,7 +220,6 @@ def visible_count(block_end: np.ndarray, hist_len: int, block: int) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # `ctr cluster`: Ray tasks over the sequence files of a dataset directory
 # --------------------------------------------------------------------------------------------------------------------
-CLUSTERS = "clusters"  # DATA_DIR/clusters/part-*.parquet, beside the sequence store
 
 
 def _item_vectors(info: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -286,7 +285,7 @@ def build_clusters(
 
     import ray
 
-    from features.dataset import DatasetInfo, read_manifest, sequences_dir, write_manifest
+    from features.dataset import CLUSTERS, DatasetInfo, clusters_dir, read_manifest, sequences_dir, write_manifest
 
     if max_size < 1 or block < 1:
         raise ValueError(f"max_size and block must be >= 1, got {max_size}, {block}")
@@ -295,7 +294,7 @@ def build_clusters(
     info = DatasetInfo.load(data_dir)
     tables = _item_vectors(info)
     files = [str(sequences_dir(data_dir) / f) for f in info.manifest["sequence_files"]]
-    out = data_dir / CLUSTERS
+    out = clusters_dir(data_dir)
     tmp = data_dir / f".{CLUSTERS}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
