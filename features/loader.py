@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .clusters import ClusterStore
 from .dataset import DatasetInfo, samples_dir
 from .procs import die_with_parent, exit_when_gone
 from .schema import FIRST_IDX
@@ -65,6 +66,8 @@ class SequenceView:
     length: int
     negatives: bool = False  # also sample one non-clicked item per position (DIEN's auxiliary loss)
     btype: bool = False  # also the behavior types, `<view>_btype` (zeros when the dataset has none; TWIN's cross bias)
+    # the history as TWIN-V2's virtual items (`features.clusters`): clusters then singletons, `<view>_size` = n_c
+    clusters: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class BatchAssembler:
     ) -> None:
         self.info = info
         self.sample_negatives = sample_negatives
+        self._clusters: ClusterStore | None = None
         self.views = tuple(views)
         self._store = store
         self.n_items = info.vocab_sizes["item"]
@@ -160,6 +164,12 @@ class BatchAssembler:
         return neg
 
     @property
+    def cluster_store(self) -> ClusterStore:
+        if self._clusters is None:
+            self._clusters = ClusterStore.open(self.info)
+        return self._clusters
+
+    @property
     def item_cate(self) -> np.ndarray:
         if self._item_cate is None:
             self._item_cate = self.info.item_categories()
@@ -180,13 +190,18 @@ class BatchAssembler:
                 "the sample index and the sequence store come from different builds: rebuild the dataset"
             )
         for v in self.views:
-            n = np.minimum(hist_len, v.length)
-            idx = ragged_ranges(base + hist_len - n, n)
+            if v.clusters:  # virtual items: each a row of the store (a cluster's representative or a behavior)
+                idx, size, gap, n = self.cluster_store.view(users, base, hist_len, cols["ts"], store.ts, v.length)
+                out[f"{v.name}_size"] = size
+            else:
+                n = np.minimum(hist_len, v.length)
+                idx = ragged_ranges(base + hist_len - n, n)
+                gap = np.repeat(cols["ts"], n) - np.asarray(store.ts[idx])
             item = np.asarray(store.item_idx[idx])
             out[f"{v.name}_item"] = item
             out[f"{v.name}_cate"] = np.asarray(store.cate_idx[idx])
             out[f"{v.name}_lengths"] = n.astype(np.int32)
-            out[f"{v.name}_ts_gap"] = np.repeat(cols["ts"], n) - np.asarray(store.ts[idx])
+            out[f"{v.name}_ts_gap"] = gap
             if v.btype:
                 out[f"{v.name}_btype"] = (
                     np.asarray(store.btype[idx]) if store.btype is not None else np.zeros(len(idx), np.int8)
@@ -383,8 +398,9 @@ class BatchCollator:
         for view in self.views:
             dense[f"{view}_lengths"] = torch.from_numpy(arrays[f"{view}_lengths"].astype(np.int64))
             dense[f"{view}_ts_gap"] = torch.from_numpy(arrays[f"{view}_ts_gap"].astype(np.int64))
-            if f"{view}_btype" in arrays:
-                dense[f"{view}_btype"] = torch.from_numpy(arrays[f"{view}_btype"].astype(np.int64))
+            for extra in ("btype", "size"):
+                if f"{view}_{extra}" in arrays:
+                    dense[f"{view}_{extra}"] = torch.from_numpy(arrays[f"{view}_{extra}"].astype(np.int64))
         return Batch(sparse=sparse, dense=dense, size=size)
 
 

@@ -81,7 +81,7 @@ def subset(batch: Batch, rows: torch.Tensor) -> Batch:
     )
     dense = {}
     for k, v in batch.dense.items():
-        if k.endswith(("_ts_gap", "_btype")):
+        if k.endswith(("_ts_gap", "_btype", "_size")):
             dense[k] = take(v, batch.dense[k.rsplit("_", 2)[0] + "_lengths"])[0]
         else:
             dense[k] = v[rows]

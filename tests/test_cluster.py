@@ -148,3 +148,48 @@ def test_ctr_cluster_on_a_built_dataset(tiny_data, tmp_path):
     assert sum(sum(s) for s in clusters["size"].to_pylist()) == block["behaviors"]
     assert ctr(["cluster", "--data", str(data), "--block", "80"]) == 0  # again: replaced, not appended
     assert pq.read_table(data / "clusters").num_rows == DatasetInfo.load(data).manifest["clusters"]["users"]
+
+
+def test_loader_view_of_virtual_items(tiny_data, tmp_path):
+    """The clusters view: every virtual item strictly before the sample, clusters only of blocks before its
+    snapshot, every behavior of the prefix counted once (Σ n_c = hist_len when the view is long enough), and a
+    short view keeps the most recent items (the singletons first)."""
+    import shutil
+
+    from cli.main import main as ctr
+    from features.clusters import ClusterStore
+    from features.dataset import DatasetInfo
+    from features.loader import LoaderConfig, SequenceView, SplitLoader
+    from features.sequence_store import SequenceStore
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    assert ctr(["cluster", "--data", str(data), "--block", "40", "--max-size", "6"]) == 0
+    info = DatasetInfo.load(data)
+    store, clusters = SequenceStore.open(data), ClusterStore.open(info)
+    for length in (100_000, 8):
+        view = SequenceView("long", length, clusters=True)
+        cfg = LoaderConfig(batch_size=256, views=(view,), shuffle=False)
+        batch = next(iter(SplitLoader(info, "test", cfg, ["long_item", "long_cate"])))
+        n = batch.dense["long_lengths"].numpy()
+        size = batch.dense["long_size"].numpy()
+        gap = batch.dense["long_ts_gap"].numpy()
+        items = batch.sparse["long_item"].values().numpy()
+        users, hist = batch.dense["user_idx"].numpy(), batch.dense["hist_len"].numpy()
+        assert (gap > 0).all() and (size >= 1).all()
+        start, checked = 0, 0
+        for u, h, k in zip(users, hist, n, strict=True):
+            sl = slice(start, start + k)
+            snapshot = (h // 40) * 40
+            tail = min(h - snapshot, length)
+            assert (size[sl][k - tail :] == 1).all()  # the behaviors after the snapshot, one by one, newest last
+            assert np.array_equal(
+                items[sl][k - tail :], np.asarray(store.item_idx[store.offsets[u] + h - tail : store.offsets[u] + h])
+            )
+            if length > h:
+                assert size[sl].sum() == h  # every behavior of the prefix, once
+            checked += k > tail
+            start += k
+        assert checked > 0  # some samples see clusters
+        assert k <= length
+    assert clusters.block == 40
