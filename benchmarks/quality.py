@@ -8,6 +8,7 @@ so the test split does not define its own tail). Then the claims of the lifelong
 - every two-stage model (LAIN variants, ETA, SDIM and TWIN included) beats DIN over the last 50 on AUC and GAUC;
 - MUSE beats SIM-hard on long-tail target items;
 - TWIN beats SIM-soft and SIM-hard on AUC and GAUC (its paper's Table 4), TIN beats DIN (both over the last 50);
+- TWIN-V2 beats TWIN on the longest length bucket (its life-cycle histories);
 - each LAIN variant improves the shortest length bucket over its backbone without losing the longest.
 
 A claim "a beats b" holds when the measured difference is > 0. Each difference comes with a paired bootstrap 95%
@@ -41,7 +42,7 @@ from ctr.evaluation.metrics import (  # noqa: E402
 
 BACKBONES_TWO_STAGE = ("sim_hard", "sim_soft", "muse", "r2led")
 # the long-sequence zoo without LAIN variants (issue 14): they, too, are checked against DIN over the last 50
-ZOO = ("eta", "sdim", "twin")
+ZOO = ("eta", "sdim", "twin", "twin_v2")
 TWO_STAGE = BACKBONES_TWO_STAGE + tuple(f"{n}_lain" for n in BACKBONES_TWO_STAGE) + ZOO
 # TWIN against the SIM searches it replaces (its paper's Table 4: TWIN > SIM soft > SIM hard)
 TWIN_VS = ("sim_soft", "sim_hard")
@@ -160,6 +161,20 @@ def main() -> int:
                     f"GAUC {rows['twin']['gauc']:.4f} vs {rows[base]['gauc']:.4f}, delta {fmt(dg)}",
                 }
             )
+    if "twin_v2" in rows and "twin" in rows:  # life-cycle histories: the users with the longest histories
+        lb = rows["twin"]["longest_bucket"]["bucket"]
+        d_long, d_all = delta("twin_v2", "twin", bucket=lb), delta("twin_v2", "twin")
+        checks.append(
+            {
+                "claim": f"twin_v2 beats twin on the longest histories ({lb}) (AUC)",
+                "holds": bool(d_long["delta"] > 0),
+                "significant": d_long["significant"],
+                "auc_delta": d_long,
+                "overall_auc_delta": d_all,
+                "values": f"AUC {rows['twin_v2']['longest_bucket']['auc']:.4f} vs {rows['twin']['longest_bucket']['auc']:.4f}, "
+                f"delta {fmt(d_long)}; overall delta {fmt(d_all)}",
+            }
+        )
     if "tin" in rows and "din" in rows:
         da, dg = delta("tin", "din"), delta("tin", "din", "gauc")
         checks.append(

@@ -176,6 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ctr.report.render import render_report
     from ctr.train.trainer import train
     from pipelines.build import build_dataset
+    from pipelines.cluster import build_clusters
     from pipelines.config import load_build_config
     from pipelines.outdirs import prepare_demo_dir
     from pipelines.sid import build_semantic_ids
@@ -199,6 +200,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print_dataset_summary(manifest, data)
     print(f"      semantic IDs for R2LED: {data / 'items.parquet'}")
     build_semantic_ids(data, seed=args.seed)
+    if "twin_v2" in models:
+        block = build_clusters(data, block=100 if args.quick else 1000, seed=args.seed)
+        n, covered = block["clusters"], block["behaviors"]
+        print(f"      TWIN-V2 clusters: {n:,} for {covered:,} behaviors ({block['seconds']} s)")
     sets = (DEMO_QUICK_SETS if args.quick else DEMO_SETS) + [f"train.seed={args.seed}"] + list(args.set or [])
     runs = []
     for i, name in enumerate(models, 1):

@@ -184,3 +184,48 @@ def test_variants_run(info, params):
     model = build(info, "twin", **params)
     losses = train_steps(model, batches(info, model, 3))
     assert all(math.isfinite(v) for v in losses)
+
+
+# ---- TWIN-V2 ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster_info(tiny_data, tmp_path_factory):
+    """A copy of the tiny dataset with `ctr cluster`'s clusters (blocks of 40, at most 6 behaviors each)."""
+    import shutil
+
+    from features.dataset import DatasetInfo
+    from pipelines.cluster import build_clusters
+
+    data = tmp_path_factory.mktemp("clusters") / "data"
+    shutil.copytree(tiny_data, data)
+    build_clusters(data, max_size=6, block=40)
+    return DatasetInfo.load(data)
+
+
+def test_twin_v2_trains_on_virtual_items(cluster_info):
+    model = build(cluster_info, "twin_v2")
+    losses = train_steps(model, batches(cluster_info, model, 12))
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    model.eval()
+    batch = batches(cluster_info, model, 1)[0]
+    size = batch.dense["long_size"]
+    assert (size > 1).any()  # the batch has clusters, not only singletons
+    with torch.no_grad():
+        sel, offsets = model.select(batch)
+        lengths = batch.dense["long_lengths"]
+        assert ((sel.positions < lengths.unsqueeze(1)) | (sel.positions < 0)).all()
+        assert (batch.dense["long_ts_gap"] > 0).all()
+        # ln n_c moves the scores: without it the same weights rank otherwise for some sample
+        off = build(cluster_info, "twin_v2", cluster_size_bias=False)
+        off.load_state_dict(model.state_dict())
+        sel_off, _ = off.eval().select(batch)
+    assert not torch.equal(sel.positions, sel_off.positions)
+
+
+def test_twin_v2_needs_clusters(info):
+    from features.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="ctr cluster"):
+        build(info, "twin_v2")

@@ -31,6 +31,7 @@ import torch
 from pydantic import Field
 
 from features.dataset import DatasetInfo
+from features.errors import DatasetError
 from features.loader import Batch, SequenceView
 
 from ..modules.gsu import Selection, gather_slots
@@ -74,6 +75,12 @@ class TWIN(TwoStageModel):
         p: TWINParams = self.params  # type: ignore[assignment]
         return (SequenceView("long", p.max_len, btype=self.use_btype), SequenceView("short", p.short_len))
 
+    def extra_bias(
+        self, batch: Batch, rows: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor | float:
+        """A per-behavior logit bias beyond the cross features (TWIN-V2: ln n_c); TWIN: none."""
+        return 0.0
+
     def _btype(self, batch: Batch) -> torch.Tensor | None:
         return batch.dense["long_btype"] if self.use_btype else None
 
@@ -85,6 +92,7 @@ class TWIN(TwoStageModel):
         gap = batch.dense["long_ts_gap"]
         with torch.no_grad():
             bias = self.twin.cross_bias(self.twin.cross_features(gap, self._btype(batch), gap > 0))
+            bias = bias + self.extra_bias(batch)
         sel = self.twin.search(
             offsets, self.pair(emb, "", att=True), keys, bias, self.p.k,
             path=self.p.gsu_path, item_ids=ids["long_item"].values(),
@@ -97,10 +105,49 @@ class TWIN(TwoStageModel):
         if btype is not None:
             btype = gather_slots(btype, inp.selection.rows(inp.long_offsets), mask)
         cross = self.twin.cross_features(inp.long_gap, btype, mask)  # [B, K, J, c], live (with gradient)
-        bias = self.twin.cross_bias(cross)
+        bias = self.twin.cross_bias(cross) + self.extra_bias(inp.batch, inp.selection.rows(inp.long_offsets), mask)
         values = torch.cat([inp.long, cross.flatten(-2)], -1)  # the full key: inherent + cross features
         u = self.twin(inp.target_att, inp.long_att, values, bias, mask)
         return [u, u * inp.target] if self.p.target_cross else [u]
 
 
-__all__ = ["TWIN", "TWINParams"]
+class TWINV2Params(TWINParams):
+    cluster_size_bias: bool = True  # + ln n_c in the GSU and ESU (cluster-aware attention); false: the ablation
+
+
+@register
+class TWINV2(TWIN):
+    """TWIN-V2 (Si et al., CIKM 2024; models-wave2.md C.3): TWIN over the history as virtual items (`ctr cluster`:
+    the clusters of the blocks before the sample's snapshot, then its later behaviors one by one), with
+    cluster-aware attention ``α'_c = α_c + ln n_c`` in both the GSU and the ESU (a cluster weighs as its behaviors
+    would together). Needs ``ctr cluster --data DATA_DIR``; `max_len` counts virtual items."""
+
+    name = "twin_v2"
+    Params = TWINV2Params
+
+    def __init__(self, params: TWINV2Params, info: DatasetInfo, device: torch.device | None = None) -> None:
+        if not info.manifest.get("clusters"):  # fail at build, not in the first batch
+            raise DatasetError(f"{info.data_dir}: twin_v2 needs clusters; run `ctr cluster --data {info.data_dir}`")
+        super().__init__(params, info, device)
+
+    def views(self) -> tuple[SequenceView, ...]:
+        p: TWINParams = self.params  # type: ignore[assignment]
+        long = SequenceView("long", p.max_len, btype=self.use_btype, clusters=True)
+        return (long, SequenceView("short", p.short_len))
+
+    def size_bias(self, size: torch.Tensor) -> torch.Tensor:
+        """``ln n_c`` per head ``[..., H]`` (zero with ``cluster_size_bias: false``)."""
+        on = self.params.cluster_size_bias  # type: ignore[attr-defined]
+        b = torch.log(size.clamp(min=1).float()) if on else torch.zeros(size.shape, device=size.device)
+        return b.unsqueeze(-1).expand(*size.shape, self.twin.heads)
+
+    def extra_bias(
+        self, batch: Batch, rows: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        size = batch.dense["long_size"]
+        if rows is not None and mask is not None:
+            size = gather_slots(size, rows, mask)
+        return self.size_bias(size)
+
+
+__all__ = ["TWIN", "TWINParams", "TWINV2", "TWINV2Params"]
