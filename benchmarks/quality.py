@@ -171,8 +171,8 @@ def main() -> int:
                 "significant": d_long["significant"],
                 "auc_delta": d_long,
                 "overall_auc_delta": d_all,
-                "values": f"AUC {rows['twin_v2']['longest_bucket']['auc']:.4f} vs {rows['twin']['longest_bucket']['auc']:.4f}, "
-                f"delta {fmt(d_long)}; overall delta {fmt(d_all)}",
+                "values": f"AUC {rows['twin_v2']['longest_bucket']['auc']:.4f} vs "
+                f"{rows['twin']['longest_bucket']['auc']:.4f}, delta {fmt(d_long)}; overall delta {fmt(d_all)}",
             }
         )
     if "tin" in rows and "din" in rows:
