@@ -118,23 +118,22 @@ def main() -> int:
     def fmt(d: dict) -> str:
         return f"{d['delta']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
 
+    def beats(a: str, b: str, claim: str) -> dict:
+        """The claim "a beats b on AUC and GAUC", with both paired deltas."""
+        da, dg = delta(a, b), delta(a, b, "gauc")
+        return {
+            "claim": claim,
+            "holds": bool(da["delta"] > 0 and dg["delta"] > 0),
+            "significant": bool(da["significant"] and dg["significant"]),
+            "auc_delta": da,
+            "gauc_delta": dg,
+            "values": f"AUC {rows[a]['auc']:.4f} vs {rows[b]['auc']:.4f}, delta {fmt(da)}; "
+            f"GAUC {rows[a]['gauc']:.4f} vs {rows[b]['gauc']:.4f}, delta {fmt(dg)}",
+        }
+
     checks = []
     if "din" in rows:
-        for name in TWO_STAGE:
-            if name not in rows:
-                continue
-            da, dg = delta(name, "din"), delta(name, "din", "gauc")
-            checks.append(
-                {
-                    "claim": f"{name} beats din (last 50) on AUC and GAUC",
-                    "holds": bool(da["delta"] > 0 and dg["delta"] > 0),
-                    "significant": bool(da["significant"] and dg["significant"]),
-                    "auc_delta": da,
-                    "gauc_delta": dg,
-                    "values": f"AUC {rows[name]['auc']:.4f} vs {rows['din']['auc']:.4f}, delta {fmt(da)}; "
-                    f"GAUC {rows[name]['gauc']:.4f} vs {rows['din']['gauc']:.4f}, delta {fmt(dg)}",
-                }
-            )
+        checks += [beats(n, "din", f"{n} beats din (last 50) on AUC and GAUC") for n in TWO_STAGE if n in rows]
     if "muse" in rows and "sim_hard" in rows:
         a, b = rows["muse"]["long_tail"], rows["sim_hard"]["long_tail"]
         dt = delta("muse", "sim_hard", subset="tail")
@@ -147,20 +146,7 @@ def main() -> int:
                 "values": f"AUC {a['auc']:.4f} vs {b['auc']:.4f} on {a['samples']:,} samples, delta {fmt(dt)}",
             }
         )
-    for base in TWIN_VS:
-        if "twin" in rows and base in rows:
-            da, dg = delta("twin", base), delta("twin", base, "gauc")
-            checks.append(
-                {
-                    "claim": f"twin beats {base} on AUC and GAUC",
-                    "holds": bool(da["delta"] > 0 and dg["delta"] > 0),
-                    "significant": bool(da["significant"] and dg["significant"]),
-                    "auc_delta": da,
-                    "gauc_delta": dg,
-                    "values": f"AUC {rows['twin']['auc']:.4f} vs {rows[base]['auc']:.4f}, delta {fmt(da)}; "
-                    f"GAUC {rows['twin']['gauc']:.4f} vs {rows[base]['gauc']:.4f}, delta {fmt(dg)}",
-                }
-            )
+    checks += [beats("twin", b, f"twin beats {b} on AUC and GAUC") for b in TWIN_VS if "twin" in rows and b in rows]
     if "twin_v2" in rows and "twin" in rows:  # life-cycle histories: the users with the longest histories
         lb = rows["twin"]["longest_bucket"]["bucket"]
         d_long, d_all = delta("twin_v2", "twin", bucket=lb), delta("twin_v2", "twin")
@@ -176,18 +162,7 @@ def main() -> int:
             }
         )
     if "tin" in rows and "din" in rows:
-        da, dg = delta("tin", "din"), delta("tin", "din", "gauc")
-        checks.append(
-            {
-                "claim": "tin beats din (both over the last 50) on AUC and GAUC",
-                "holds": bool(da["delta"] > 0 and dg["delta"] > 0),
-                "significant": bool(da["significant"] and dg["significant"]),
-                "auc_delta": da,
-                "gauc_delta": dg,
-                "values": f"AUC {rows['tin']['auc']:.4f} vs {rows['din']['auc']:.4f}, delta {fmt(da)}; "
-                f"GAUC {rows['tin']['gauc']:.4f} vs {rows['din']['gauc']:.4f}, delta {fmt(dg)}",
-            }
-        )
+        checks.append(beats("tin", "din", "tin beats din (both over the last 50) on AUC and GAUC"))
     for lain, base in LAIN.items():
         if lain in rows and base in rows:
             ls, bs = rows[lain]["shortest_bucket"], rows[base]["shortest_bucket"]
