@@ -19,7 +19,8 @@ What the paper's abstract and the secondary sources agree on, and the choices wh
 Point in time. Clusters are built over **snapshots** of the history: for snapshot length ``s`` (a multiple of
 ``snapshot_every``), the clusters of behaviors ``[0, s)``. A sample with ``hist_len = h`` uses the last snapshot
 with ``s <= h`` plus its behaviors ``[s, h)`` as singleton clusters (``n_c = 1``), so it never sees a cluster that
-holds a behavior at or after its own time; see `visible_clusters`.
+holds a behavior at or after its own time. Each block is clustered once, from its own behaviors (`cluster_blocks`),
+so a sample's clusters are a prefix of its user's list (`visible_count`).
 """
 
 from __future__ import annotations
@@ -122,20 +123,6 @@ def snapshot_length(hist_len: int, snapshot_every: int) -> int:
     return (hist_len // snapshot_every) * snapshot_every
 
 
-def visible_clusters(
-    hist_len: int, snapshot_every: int, snapshots: dict[int, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """What a sample with ``hist_len`` behaviors sees: (cluster label of each behavior of ``[0, hist_len)``, the
-    number of clusters). Behaviors of the snapshot keep its labels; the later ones are singletons numbered after.
-
-    ``snapshots``: snapshot length -> labels of behaviors ``[0, length)`` (built from them alone)."""
-    s = snapshot_length(hist_len, snapshot_every)
-    base = snapshots[s] if s > 0 else np.zeros(0, dtype=np.int64)
-    c = int(base.max()) + 1 if len(base) else 0
-    tail = np.arange(c, c + hist_len - s, dtype=np.int64)
-    return np.concatenate([base, tail]), c + hist_len - s
-
-
 def cluster_user(
     x: np.ndarray,
     has_vector: np.ndarray,
@@ -234,19 +221,24 @@ def _item_vectors(info: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def cluster_file(path: str, out_dir: str, tables: tuple[np.ndarray, np.ndarray, np.ndarray], spec: dict) -> dict:
     """Ray task: the clusters of every user of one sequence file, written as one Parquet file; returns counts."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     vectors, has, cate_of = tables
-    t = pq.read_table(path)
-    cols = {c: t[c].to_pylist() if c != "user_idx" else t[c].to_numpy() for c in t.column_names}
+    names = ["user_idx", "item_idx", "ts"] + (["btype"] if spec["by_btype"] else [])
+    t = pq.read_table(path, columns=[c for c in names if c in pq.read_schema(path).names])
+    # flat numpy arrays with per-user offsets (no Python list per behavior)
+    lengths = pc.list_value_length(t["item_idx"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = {c: pc.list_flatten(t[c]).to_numpy(zero_copy_only=False).astype(np.int64) for c in t.column_names[1:]}
     rows: dict[str, list] = {"user_idx": [], "rep": [], "size": [], "mean_ts": [], "block_end": []}
     covered = clusters = 0
-    for i, user in enumerate(cols["user_idx"]):
-        items = np.asarray(cols["item_idx"][i], dtype=np.int64)
-        if len(items) < spec["block"]:
+    for i, user in enumerate(t["user_idx"].to_numpy()):  # k-means is per user: one iteration per user
+        if lengths[i] < spec["block"]:
             continue
-        ts = np.asarray(cols["ts"][i], dtype=np.int64)
-        group = np.asarray(cols["btype"][i], dtype=np.int64) if spec["by_btype"] and "btype" in cols else None
+        sl = slice(offsets[i], offsets[i + 1])
+        items, ts = flat["item_idx"][sl], flat["ts"][sl]
+        group = flat["btype"][sl] if "btype" in flat else None
         uc = cluster_blocks(
             vectors[items], has[items], cate_of[items], ts, spec["block"], spec["max_size"], group, spec["seed"]
         )

@@ -13,7 +13,6 @@ from pipelines.cluster import (
     kmeans,
     snapshot_length,
     virtual_items,
-    visible_clusters,
     visible_count,
 )
 
@@ -82,23 +81,20 @@ def test_virtual_items():
 
 @pytest.mark.parametrize("hist_len", [0, 7, 10, 25, 40])
 def test_a_sample_sees_only_clusters_of_earlier_behaviors(hist_len):
-    """Snapshots are built from their prefix alone; a sample uses the last snapshot <= hist_len plus singletons, so
-    changing any behavior at or after hist_len changes nothing it sees."""
+    """A sample uses the clusters of the blocks before its snapshot plus singletons, so changing any behavior at or
+    after hist_len changes nothing it sees."""
     x, _ = planted(40, 4, seed=5)
-    every = 10
-
-    def snapshots(vectors: np.ndarray) -> dict[int, np.ndarray]:
-        return {s: cluster_history(vectors[:s], max_size=4, seed=0) for s in range(every, len(vectors) + 1, every)}
-
-    labels, count = visible_clusters(hist_len, every, snapshots(x))
-    assert len(labels) == hist_len and (count == 0 or labels.max() == count - 1)
+    every, ones, zeros, ts = 10, np.ones(40, bool), np.zeros(40, np.int64), np.arange(40)
+    uc = cluster_blocks(x, ones, zeros, ts, block=every, max_size=4)
+    count = visible_count(uc.block_end, hist_len, every)
     s = snapshot_length(hist_len, every)
-    in_snapshot = int(labels[:s].max()) + 1 if s else 0
-    assert np.array_equal(labels[s:], np.arange(in_snapshot, count))  # the behaviors after it: singletons
+    assert uc.size[:count].sum() == s and (uc.block_end[:count] <= hist_len).all()
+    assert (uc.size[:count] <= 4).all() and (uc.rep[:count] < max(s, 1)).all()
     changed = x.copy()
     changed[hist_len:] = np.random.default_rng(9).normal(size=changed[hist_len:].shape) * 100
-    again, count_again = visible_clusters(hist_len, every, snapshots(changed))
-    assert np.array_equal(labels, again) and count == count_again
+    again = cluster_blocks(changed, ones, zeros, ts, block=every, max_size=4)
+    assert visible_count(again.block_end, hist_len, every) == count
+    assert np.array_equal(again.rep[:count], uc.rep[:count]) and np.array_equal(again.size[:count], uc.size[:count])
 
 
 def test_blocks_are_clustered_once_and_seen_as_a_prefix():
