@@ -210,7 +210,11 @@ def visible_count(block_end: np.ndarray, hist_len: int, block: int) -> int:
 
 
 def _item_vectors(info: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(L2-normalized mm_emb [N, D] float32, has-a-vector [N] bool, cate_idx [N]) of every item_idx."""
+    """(L2-normalized mm_emb [N, D] float32, has-a-vector [N] bool, cate_idx [N]) of every item_idx. A dataset
+    without multimodal embeddings (MovieLens) has no vector for any item: every behavior is clustered by category."""
+    if not info.manifest.get("mm_emb"):
+        n = info.vocab_sizes["item"]
+        return np.zeros((n, 1), dtype=np.float32), np.zeros(n, dtype=bool), info.item_categories()
     mm = info.mm_table().astype(np.float32)
     norm = np.linalg.norm(mm, axis=1)
     has = norm > 0
@@ -308,7 +312,7 @@ def build_clusters(
         "block": block,
         "seed": seed,
         "by_btype": spec["by_btype"],
-        "vectors": "mm_emb (L2-normalized)",
+        "vectors": "mm_emb (L2-normalized)" if info.manifest.get("mm_emb") else "none (every item by category)",
         "users": sum(r["users"] for r in results),
         "clusters": sum(r["clusters"] for r in results),
         "behaviors": sum(r["behaviors"] for r in results),

@@ -189,3 +189,29 @@ def test_loader_view_of_virtual_items(tiny_data, tmp_path):
         assert checked > 0  # some samples see clusters
         assert k <= length
     assert clusters.block == 40
+
+
+def test_ctr_cluster_without_multimodal_embeddings(tiny_data, tmp_path):
+    """A dataset without mm_emb (MovieLens) is clustered by category (purity: `test_groups_and_items_without_vectors`):
+    the manifest says so, and every complete block is still covered within the cap."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from cli.main import main as ctr
+    from features.dataset import DatasetInfo, read_manifest, sequences_dir, write_manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = read_manifest(data)
+    manifest["mm_emb"] = {}
+    write_manifest(data, manifest)
+    assert ctr(["cluster", "--data", str(data), "--block", "40", "--max-size", "6"]) == 0
+    info = DatasetInfo.load(data)
+    assert info.manifest["clusters"]["vectors"].startswith("none")
+    seqs = pq.read_table(sequences_dir(data), columns=["user_idx", "item_idx"]).to_pydict()
+    items = dict(zip(seqs["user_idx"], seqs["item_idx"], strict=True))
+    t = pq.read_table(data / "clusters").to_pydict()
+    assert t["user_idx"]
+    for user, sizes in zip(t["user_idx"], t["size"], strict=True):
+        assert sum(sizes) == (len(items[user]) // 40) * 40 and max(sizes) <= 6
