@@ -274,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sid)
 
     p = sub.add_parser("cluster", help="TWIN-V2's clusters of every user's history into DATA_DIR/clusters (a Ray job)")
-    p.add_argument("--data", required=True, help="dataset directory (from ctr build; items cluster by mm_emb, or by category without one)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset directory (from ctr build); items cluster by mm_emb, or by category without one",
+    )
     p.add_argument("--max-size", type=_positive_int, default=20, help="behaviors per cluster at most (γ)")
     p.add_argument(
         "--block", type=_positive_int, default=1000, help="behaviors per block: the snapshot period (point in time)"

@@ -162,3 +162,24 @@ def test_launch_with_a_relative_run_directory(tmp_path, monkeypatch):
     launch(_world_size, 1, Path("out") / "runs" / "m", seen)
     assert seen == [1]
     assert not (tmp_path / "out" / "runs" / "m" / ".dist_store").exists()  # cleaned up
+
+
+def test_narrow_dare_tables_train_sharded(tiny_data, tmp_path):
+    """DARE's narrower attention tables (a second embedding collection) through the real trainer on 2 ranks: the
+    planner shards both collections, the fused sparse optimizer updates both, a checkpoint holds them at their
+    widths, and the evaluator rebuilds the model from it."""
+    from ctr.train.checkpoint import latest_complete, load_rank
+
+    sets = ["model.dare=true", "model.dare_att_dim=4", "train.max_steps=6", "train.checkpoint_every=3"]
+    run = _train(tiny_data, tmp_path / "run", sets, model="din", nproc=2)
+    found = latest_complete(run / "checkpoints")
+    assert found is not None
+    state = [load_rank(found[0], r) for r in (0, 1)]
+    for name, width in (("att_embedding.embeddings.item_att.weight", 4), ("embedding.embeddings.item.weight", 16)):
+        shards = [s["model"][name] for s in state]
+        shards = [x[0] if isinstance(x, list) else x for x in shards]
+        assert all(x.shape[1] == width for x in shards), name
+    # the fused optimizer keeps state for the attention tables too (Adagrad's sum, or Adam's moments)
+    assert any("item_att" in k for k in state[0]["sparse_opt"]), list(state[0]["sparse_opt"])[:10]
+    metrics = evaluate_run(run, "test")
+    assert 0.0 < metrics["auc"] < 1.0

@@ -284,6 +284,42 @@ def test_dare_tables(info, name):
     assert not torch.equal(before, model.embedding.embeddings["item_att"].weight.detach())
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_narrow_dare_attention_tables(info, name):
+    """``dare_att_dim: 4`` (embedding_dim 16): the attention tables live in a second collection of that width, the
+    GSU / ESU / short branch read them (scaling one changes the logits), they learn, and values keep 2d."""
+    model = build(info, name, dare=True, dare_att_dim=4)
+    assert model.att_width == 8
+    att = {c.name: c for c in model.att_embedding.embedding_configs()}
+    assert set(att) == {"item_att", "cate_att"} and all(c.embedding_dim == 4 for c in att.values())
+    assert "long_item_att" in att["item_att"].feature_names
+    assert model.features() == build(info, name).features()
+    batch = batches(info, model, 1)[0]
+    model.eval()
+    with torch.no_grad():
+        before = model(batch).logit
+        model.att_embedding.embeddings["item_att"].weight.mul_(3.0)
+        assert not torch.allclose(before, model(batch).logit)
+    table = model.att_embedding.embeddings["cate_att"].weight
+    start = table.detach().clone()
+    losses = train_steps(model, batches(info, model, 3))
+    assert all(math.isfinite(v) for v in losses)
+    assert not torch.equal(start, table.detach())
+
+
+def test_narrow_dare_refusals(info):
+    """What dare_att_dim cannot do says so: without dare, with LAIN, with TIN's ESU (one encoding for keys and
+    values)."""
+    from ctr.models import get_model_class
+
+    with pytest.raises(ValueError, match="needs dare"):
+        get_model_class("sim_soft").Params(dare_att_dim=4)
+    with pytest.raises(ValueError, match="LAIN"):
+        get_model_class("sim_soft").Params(dare=True, dare_att_dim=4, lain={"enabled": True})
+    with pytest.raises(ValueError, match="esu: tin"):
+        build(info, "sim_hard", esu="tin", dare=True, dare_att_dim=4)
+
+
 @pytest.mark.parametrize(
     "name, params",
     [

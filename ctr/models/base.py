@@ -8,7 +8,8 @@ Embedding tables are one TorchRec `EmbeddingCollection` (`self.embedding`): one 
 feature of that space: the target `item`, the behaviors `hist_item`, DIEN's sampled `hist_neg_item` all look up the
 `item` table (one `EmbeddingConfig` with several `feature_names`). `DistributedModelParallel` finds the collection
 and shards it; the rest of the model is dense and trained by a normal optimizer. TorchRec asks every table of one
-collection to share one dimension, so `embedding_dim` is per model, not per table.
+collection to share one dimension, so `embedding_dim` is per model, not per table; the one exception, DARE's
+narrower attention tables (`dare_att_dim`), are a second collection (`self.att_embedding`), sharded the same way.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ class ModelParams(BaseModel):
         return data
 
 
+def check_dare_att_dim(dare: bool, att_dim: int | None, lain: bool) -> None:
+    """``dare_att_dim`` (DARE's narrower attention tables) needs ``dare: true``, and no LAIN (its prompts have the
+    representation width)."""
+    if att_dim is None:
+        return
+    if att_dim < 1:
+        raise ValueError(f"dare_att_dim must be >= 1, got {att_dim}")
+    if not dare:
+        raise ValueError("dare_att_dim needs dare: true (it is the width of DARE's attention tables)")
+    if lain:
+        raise ValueError("dare_att_dim with LAIN is not supported (LAIN's prompts have the representation width)")
+
+
 @dataclass
 class ModelOutput:
     logit: torch.Tensor  # [B], pre-sigmoid
@@ -73,23 +87,37 @@ class CTRModel(nn.Module):
         self.params = params
         self.info = info
         self.dim = params.embedding_dim
+        # DARE's attention tables may be narrower than the representation tables (`dare_att_dim`); TorchRec asks
+        # the tables of one collection to share a width, so narrower ones live in a second collection
+        dare = getattr(params, "dare", False)
+        self.att_dim = (getattr(params, "dare_att_dim", None) or self.dim) if dare else self.dim
         spaces: dict[str, list[str]] = {}
         self.embedded_features = self.embedding_features()  # what `embed` looks up, in order
         for feat in self.embedded_features:
             spaces.setdefault(self.space_of(feat), []).append(feat)
-        self.embedding = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(
-                    name=space,
-                    embedding_dim=self.dim,
-                    # a DARE attention table (`item_att`) has as many rows as its id space (`item`)
-                    num_embeddings=info.vocab_sizes[space if space in info.vocab_sizes else space.removesuffix("_att")],
-                    feature_names=feats,
-                )
-                for space, feats in spaces.items()
-            ],
-            device=device or torch.device("cpu"),
-        )
+
+        def collection(names: list[str], dim: int) -> EmbeddingCollection:
+            return EmbeddingCollection(
+                tables=[
+                    EmbeddingConfig(
+                        name=space,
+                        embedding_dim=dim,
+                        # a DARE attention table (`item_att`) has as many rows as its id space (`item`)
+                        num_embeddings=info.vocab_sizes[
+                            space if space in info.vocab_sizes else space.removesuffix(ATT_SUFFIX)
+                        ],
+                        feature_names=spaces[space],
+                    )
+                    for space in names
+                ],
+                device=device or torch.device("cpu"),
+            )
+
+        split = self.att_dim != self.dim
+        att = [s for s in spaces if split and s.endswith(ATT_SUFFIX)]
+        self.embedding = collection([s for s in spaces if s not in att], self.dim)
+        self.att_embedding = collection(att, self.att_dim) if att else None
+        self._att_features = [f for f in self.embedded_features if self.space_of(f) in att]
 
     # ---- what the loader must deliver -------------------------------------------------------------------------
     def views(self) -> tuple[SequenceView, ...]:
@@ -121,14 +149,25 @@ class CTRModel(nn.Module):
         ``ids``: feature -> JaggedTensor of ids (``batch.sparse.to_dict()``, possibly with some replaced)."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-        feats = self.embedded_features
-        jts = [ids[f.removesuffix(ATT_SUFFIX) if f.endswith(ATT_SUFFIX) else f] for f in feats]
-        kjt = KeyedJaggedTensor(
-            keys=list(feats),
-            values=torch.cat([jt.values().long() for jt in jts]),
-            lengths=torch.cat([jt.lengths().int() for jt in jts]),
-        )
-        return self.embedding(kjt)
+        def kjt(feats: list[str]) -> KeyedJaggedTensor:
+            jts = [ids[f.removesuffix(ATT_SUFFIX) if f.endswith(ATT_SUFFIX) else f] for f in feats]
+            return KeyedJaggedTensor(
+                keys=list(feats),
+                values=torch.cat([jt.values().long() for jt in jts]),
+                lengths=torch.cat([jt.lengths().int() for jt in jts]),
+            )
+
+        if self.att_embedding is None:
+            return self.embedding(kjt(self.embedded_features))
+        main = [f for f in self.embedded_features if f not in self._att_features]
+        return {**self.embedding(kjt(main)), **self.att_embedding(kjt(self._att_features))}
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The embedding tables' parameters (every collection): what the fused sparse optimizer updates."""
+        params = list(self.embedding.parameters())
+        if self.att_embedding is not None:
+            params += list(self.att_embedding.parameters())
+        return params
 
     @staticmethod
     def space_of(feature: str) -> str:

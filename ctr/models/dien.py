@@ -39,6 +39,17 @@ Defaults and where they come from (paper = the AAAI paper; official = mouna99/di
 * The official tower also takes the user id embedding (here ``use_user``) and trains with Adam lr 1e-3 halved every
   epoch, batch 128, maxlen 100 (the trainer's business). Padded positions never change the GRU/AUGRU states.
 
+DARE (Feng et al., ICLR 2025; ``dare: true``, ``dare_att_dim``): DIEN's attention reads the interest states
+``h_t``, which are a function of the representation embeddings, so attention and representation share one table
+through the GRU. Under DARE the attention reads the attention tables instead::
+
+    a_t = softmax_t(e_t^att W e_a^att)                     (or the official activation unit on the same inputs)
+    h'_T = AUGRU(h_t, a_t)                                 h_t = GRU(e_t^repr) as above
+
+so the relevance is learned in its own space (``2 · dare_att_dim`` wide) and the AUGRU still integrates the
+evolving interest. DARE itself has no DIEN; this is the option the lifelong-models issue asks for, and it is our
+mapping of DARE's rule (attention embeddings score, representation embeddings are pooled) onto DIEN.
+
 LAIN (``lain: {enabled: true, ...}``; registered as ``dien_lain``; `ctr.modules.lain`, Zhang et al., AAAI 2026):
 the full prefix length ``L = hist_len`` conditions the attention that drives the AUGRU (models.md §6.4)::
 
@@ -58,7 +69,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from features.loader import Batch, SequenceView
@@ -68,7 +79,7 @@ from ..modules.attention import BilinearAttention, DienDinAttention, masked_soft
 from ..modules.augru import AUGRU, InterestExtractor
 from ..modules.lain import LainConditioner, LainParams, prepend_prompts
 from ..modules.mlp import MLP
-from .base import CTRModel, ModelOutput, ModelParams, register, register_lain_variant
+from .base import CTRModel, ModelOutput, ModelParams, check_dare_att_dim, register, register_lain_variant
 
 
 class DIENParams(ModelParams):
@@ -87,7 +98,19 @@ class DIENParams(ModelParams):
     batch_norm: bool = False  # BatchNorm after every hidden Linear of the tower
     input_batch_norm: bool = False
     dropout: float = 0.0
+    # DARE: the attention that drives the AUGRU scores the target against the behaviors with separate attention
+    # tables (`item_att`, `cate_att`, `dare_att_dim` wide); the GRUs, the auxiliary loss and the tower keep the
+    # representation tables (module docstring)
+    dare: bool = False
+    dare_att_dim: int | None = None
     lain: LainParams = Field(default_factory=LainParams)  # LAIN plug-in (off: the model above, unchanged)
+
+    @model_validator(mode="after")
+    def _dare_without_lain(self) -> DIENParams:
+        if self.dare and self.lain.enabled:
+            raise ValueError("dare: true with LAIN is not supported on dien (LAIN conditions the interest states)")
+        check_dare_att_dim(self.dare, self.dare_att_dim, self.lain.enabled)
+        return self
 
     @field_validator("gru_hidden")
     @classmethod
@@ -105,6 +128,7 @@ class DIENParams(ModelParams):
 class DIEN(CTRModel):
     name = "dien"
     Params = DIENParams
+    att_sources = ("item", "cate", "hist_item", "hist_cate")  # DARE: the features that also look up `*_att`
 
     def __init__(self, params: DIENParams, info, device=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(params, info, device)
@@ -115,10 +139,12 @@ class DIEN(CTRModel):
         self.aux_mlp = None
         if params.aux_net == "mlp":
             self.aux_mlp = MLP(h + d, params.aux_hidden, activation=params.aux_activation, out_dim=1)
+        # DARE: the attention's query and keys are the target's and the behaviors' attention embeddings (2 att_dim)
+        q, k = (2 * self.att_dim, 2 * self.att_dim) if params.dare else (d, h)
         if params.attention == "bilinear":
-            self.attention: nn.Module = BilinearAttention(d, h)
+            self.attention: nn.Module = BilinearAttention(q, k)
         else:
-            self.attention = DienDinAttention(d, h, params.attention_hidden, params.attention_activation)
+            self.attention = DienDinAttention(q, k, params.attention_hidden, params.attention_activation)
         self.augru = AUGRU(h, h, form=params.augru)
         n_ctx = len(self.context_features()) + (1 if params.use_user else 0)
         n_in = 3 * d + h + self.dim * n_ctx
@@ -134,9 +160,9 @@ class DIEN(CTRModel):
     def views(self) -> tuple[SequenceView, ...]:
         return (SequenceView("hist", self.params.seq_len, negatives=True),)  # type: ignore[attr-defined]
 
-    def _behaviors(self, emb: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-        item, mask = self.padded(emb[f"{prefix}_item"], self.p.seq_len)
-        cate, _ = self.padded(emb[f"{prefix}_cate"], self.p.seq_len)
+    def _behaviors(self, emb: dict, prefix: str, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        item, mask = self.padded(emb[f"{prefix}_item{suffix}"], self.p.seq_len)
+        cate, _ = self.padded(emb[f"{prefix}_cate{suffix}"], self.p.seq_len)
         return torch.cat([item, cate], dim=-1), mask
 
     def auxiliary_loss(
@@ -167,7 +193,7 @@ class DIEN(CTRModel):
     def forward(self, batch: Batch) -> ModelOutput:
         if self.lain is not None:
             return self._forward_lain(batch)
-        emb = self.lookup(batch)
+        emb = self.embed(batch.sparse.to_dict()) if self.p.dare else self.lookup(batch)
         target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
         beh, mask = self._behaviors(emb, "hist")
         interests = self.extractor(beh, mask)  # [B, L, H]
@@ -175,7 +201,11 @@ class DIEN(CTRModel):
         if self.training and self.p.aux_alpha > 0:
             neg, _ = self._behaviors(emb, "hist_neg")
             extras["aux"] = self.auxiliary_loss(interests, beh, neg, mask)
-        _, att = self.attention(target, interests, mask)
+        if self.p.dare:  # DARE: relevance in the attention space, the AUGRU integrates the interest states
+            query = torch.cat([self.single(emb["item_att"]), self.single(emb["cate_att"])], dim=-1)
+            _, att = self.attention(query, self._behaviors(emb, "hist", suffix="_att")[0], mask)
+        else:
+            _, att = self.attention(target, interests, mask)
         _, final = self.augru(interests, att, mask)
         summed = beh.sum(1)  # padded positions are zeros
         x = torch.cat([target, summed, target * summed, final, *self.context_vector(emb)], dim=-1)

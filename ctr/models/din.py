@@ -28,6 +28,8 @@ Defaults and where they come from:
 
 ``dare: true`` (Feng et al., ICLR 2025): the activation unit scores with separate attention tables (``item_att``,
 ``cate_att``, sized like ``item`` / ``cate``); the pooled behaviors and the tower use the representation tables.
+``dare_att_dim`` makes the attention tables narrower than ``embedding_dim`` (DARE's smaller attention dimension;
+a second embedding collection, sharded like the first).
 
 ``backend: module`` (the default) computes the attention with the readable padded module; ``auto`` (Triton on CUDA,
 its PyTorch reference elsewhere), ``triton`` or ``reference`` with the fused `kernels.din_attention` on the jagged
@@ -61,7 +63,7 @@ from ..modules.attention import DinAttention
 from ..modules.gsu import lengths_to_offsets
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention
 from ..modules.mlp import MLP
-from .base import CTRModel, ModelOutput, ModelParams, register, register_lain_variant
+from .base import CTRModel, ModelOutput, ModelParams, check_dare_att_dim, register, register_lain_variant
 
 
 class DINParams(ModelParams):
@@ -79,6 +81,8 @@ class DINParams(ModelParams):
     # DARE: separate attention tables (`item_att`, `cate_att`) for the activation unit's query and keys; the pooled
     # values and the tower keep the representation tables
     dare: bool = False
+    # width of each attention table (None: embedding_dim); DARE shows it can be narrower (faster search)
+    dare_att_dim: int | None = None
     lain: LainParams = Field(default_factory=LainParams)  # LAIN plug-in (off: the model above, unchanged)
 
     @model_validator(mode="after")
@@ -87,6 +91,7 @@ class DINParams(ModelParams):
             raise ValueError("lain.enabled needs backend 'module' (the fused kernel has no per-sample temperature)")
         if self.dare and (self.lain.enabled or self.backend != "module"):
             raise ValueError("dare: true needs backend 'module' and no LAIN (its keys and values differ)")
+        check_dare_att_dim(self.dare, self.dare_att_dim, self.lain.enabled)
         return self
 
 
@@ -100,7 +105,10 @@ class DIN(CTRModel):
         super().__init__(params, info, device)
         self.p = params
         d = 2 * self.dim  # behavior / target width: [item; cate]
-        self.attention = DinAttention(d, params.attention_hidden, params.attention_activation, softmax=params.softmax)
+        # the activation unit scores [item; cate] of the attention tables (2 dare_att_dim wide with DARE)
+        self.attention = DinAttention(
+            2 * self.att_dim, params.attention_hidden, params.attention_activation, softmax=params.softmax
+        )
         n_ctx = len(self.context_features()) + (1 if params.use_user else 0)
         n_in = 3 * d + self.dim * n_ctx
         self.input_norm = BatchNorm1dAnySize(n_in) if params.input_batch_norm else nn.Identity()

@@ -49,7 +49,7 @@ class ETA(SIMBase):
 
     def __init__(self, params: ETAParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
-        self.gsu = SimHashGSU(2 * self.dim, params.hash_bits, params.hash_seed, backend=params.backend)
+        self.gsu = SimHashGSU(self.att_width, params.hash_bits, params.hash_seed, backend=params.backend)
         self.build_tower()
 
     def search(

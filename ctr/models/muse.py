@@ -90,13 +90,19 @@ class MUSE(TwoStageModel):
         self.gsu = CosineGSU(mm, zero_vector_score=zero_score, backend=params.backend)  # also the ESU's R
         self.embeds_prefix = params.gsu in ("id_cosine", "inner_product")  # these score live embeddings
         self.category_gsu = CategoryGSU(params.backend, unmatched=info.placeholder_categories())
-        self.ip_gsu = InnerProductGSU(d, d, backend=params.backend) if params.gsu == "inner_product" else None
+        self.ip_gsu = (
+            InnerProductGSU(self.att_width, self.att_width, backend=params.backend)
+            if params.gsu == "inner_product"
+            else None
+        )
         self.simtier = SimTier(params.mode, params.simtier_tiers, params.simtier_eps)
         self.short_simtier = (
             SimTier(params.mode, params.simtier_tiers, params.simtier_eps) if code or params.short_simtier else None
         )
         sata_dim = params.sata_dim or d
-        self.sata = SimilarityAwareTargetAttention(d, d, d, dim=sata_dim, heads=params.sata_heads, mode=params.mode)
+        self.sata = SimilarityAwareTargetAttention(
+            self.att_width, self.att_width, d, dim=sata_dim, heads=params.sata_heads, mode=params.mode
+        )
         self.cross_long = params.target_cross and sata_dim == d and not code
         if code:
             self.short_linear = LinearTargetAttention(d, d, d)

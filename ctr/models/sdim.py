@@ -58,7 +58,9 @@ class SDIM(TwoStageModel):
     def __init__(self, params: SDIMParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
         d = 2 * self.dim
-        self.pool = SimHashBucketPool(d, params.num_hashes, params.hash_bits, params.hash_seed, params.normalize)
+        self.pool = SimHashBucketPool(
+            self.att_width, params.num_hashes, params.hash_bits, params.hash_seed, params.normalize
+        )
         self.long_dim = 2 * d if params.target_cross else d
         self.build_tower()
 

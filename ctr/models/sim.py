@@ -79,19 +79,23 @@ class SIMBase(TwoStageModel):
         t = params.time_dim or self.dim
         self.time = TimeGapEmbedding(params.time_buckets, t) if params.time_buckets else None
         self.time_att = TimeGapEmbedding(params.time_buckets, t) if params.time_buckets and params.dare else None
+        a = self.att_width  # the query and keys (DARE: the attention tables' width), the values are d wide
         z = d + (t if self.time is not None else 0)
+        za = a + (t if self.time is not None else 0)
         if params.esu == "tin":
             if params.lain.enabled or params.time_buckets < 2:
                 raise ValueError("esu: tin needs time_buckets >= 2 and no LAIN")
+            if a != d:
+                raise ValueError("esu: tin adds one time encoding to keys and values: it needs dare_att_dim unset")
             self.time = self.time_att = None
-            z = d
+            z = za = d
             self.esu = TemporalTargetAttention(d, params.time_buckets)
         else:
             self.esu = MultiHeadTargetAttention(
-                d, z, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.backend
+                a, za, z, heads=params.esu_heads, head_dim=params.esu_head_dim, out_dim=d, backend=params.backend
             )
         self.long_dim = 2 * d if params.target_cross else d
-        self.lain_long_key_dim = z
+        self.lain_long_key_dim = za
         # the subclass builds its GSU, then calls build_tower() (LAIN, when on, is built last)
 
     def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
@@ -136,7 +140,7 @@ class SIMSoft(SIMBase):
     def __init__(self, params: SIMSoftParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
         d = 2 * self.dim
-        self.gsu = InnerProductGSU(d, d, params.gsu_dim, params.backend)
+        self.gsu = InnerProductGSU(self.att_width, self.att_width, params.gsu_dim, params.backend)
         self.aux_mlp = (
             MLP(2 * d, params.aux_hidden, activation=params.aux_activation, out_dim=1) if params.aux_alpha > 0 else None
         )

@@ -60,7 +60,7 @@ class TWIN(TwoStageModel):
         super().__init__(params, info, device)
         d = 2 * self.dim
         self.twin = TwinAttention(
-            d, heads=params.heads, head_dim=params.head_dim, time_buckets=params.time_buckets,
+            self.att_width, value_dim=d, heads=params.heads, head_dim=params.head_dim, time_buckets=params.time_buckets,
             btype=self.use_btype, cross_dim=params.cross_dim, out_dim=d, backend=params.backend,
         )  # fmt: skip
         self.long_dim = 2 * d if params.target_cross else d

@@ -25,7 +25,10 @@ collection; their features (`item_att`, `long_item_att`, `short_item_att`, ...) 
 this model adds itself before the lookup (`embedding_features()`), so the loader is unchanged. The GSU's learned
 scores, the ESU's and the short branch's attention scores use the attention embeddings; the pooled values and the
 target in the tower use the representation embeddings. DARE's own model has no projection matrices (dot products
-of the raw attention embeddings); we keep each model's projections.
+of the raw attention embeddings); we keep each model's projections. ``dare_att_dim`` (default: ``embedding_dim``)
+makes the attention tables narrower, as DARE does to make the search cheaper: they then live in a second
+`EmbeddingCollection` (TorchRec asks one collection's tables to share a width), and every GSU score, ESU query/key
+and short-branch score is ``2 · dare_att_dim`` wide while the values keep ``2 · embedding_dim``.
 
 LAIN (``lain: {enabled: true, ...}``; registered as ``sim_hard_lain``, ``sim_soft_lain``, ``muse_lain``,
 ``r2led_lain``; `ctr.modules.lain`, Zhang et al., AAAI 2026) plugs into both attention branches (models.md §6.4):
@@ -68,7 +71,7 @@ from ..modules.attention import DinAttention
 from ..modules.gsu import Selection, gather_slots, lengths_to_offsets
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
-from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams
+from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams, check_dare_att_dim
 
 ATT_SOURCES = ("item", "cate", "long_item", "long_cate", "short_item", "short_cate")
 
@@ -78,6 +81,7 @@ class TwoStageParams(ModelParams):
     k: int = 50  # GSU top-K
     short_len: int = 50  # S, the short-term branch
     dare: bool = False  # separate attention / representation embedding tables (DARE)
+    dare_att_dim: int | None = None  # width of each DARE attention table (None: embedding_dim; narrower: faster)
     short_attention_hidden: list[int] = [80, 40]
     short_attention_activation: Literal["sigmoid", "relu", "prelu", "dice"] = "dice"
     short_softmax: bool = False  # DIN paper: raw weights; official DIN code: masked softmax
@@ -97,6 +101,7 @@ class TwoStageParams(ModelParams):
     def _dare_aux_needs_dare(self) -> TwoStageParams:
         if self.dare_aux_alpha > 0 and not self.dare:
             raise ValueError("dare_aux_alpha > 0 needs dare: true (it is DARE's auxiliary loss)")
+        check_dare_att_dim(self.dare, self.dare_att_dim, self.lain.enabled)
         return self
 
 
@@ -186,8 +191,12 @@ class TwoStageModel(CTRModel):
         super().__init__(params, info, device)
         self.p = params
         d = 2 * self.dim
+        self.att_width = 2 * self.att_dim  # [item; cate] of the attention tables (== d without a narrower DARE)
         self.short_attention = DinAttention(
-            d, params.short_attention_hidden, params.short_attention_activation, softmax=params.short_softmax
+            self.att_width,
+            params.short_attention_hidden,
+            params.short_attention_activation,
+            softmax=params.short_softmax,
         )
         self.n_context = len(self.context_features()) + (1 if params.use_user else 0)
         self.tower: nn.Module | None = None

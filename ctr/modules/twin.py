@@ -50,6 +50,7 @@ class TwinAttention(nn.Module):
 
     Args:
         key_dim: width of the inherent features ``k_i`` and of the target ``q`` (2d: item and category).
+        value_dim: width of the inherent part of the values (default ``key_dim``; DARE: the representation tables').
         heads, head_dim: H and d_k.
         time_buckets: log2 time-gap buckets of the cross feature (0: no time-gap bias).
         btype: a behavior-type cross feature (the dataset has ``btype``).
@@ -61,6 +62,7 @@ class TwinAttention(nn.Module):
         self,
         key_dim: int,
         *,
+        value_dim: int | None = None,
         heads: int = 4,
         head_dim: int = 16,
         time_buckets: int = 32,
@@ -84,10 +86,10 @@ class TwinAttention(nn.Module):
         # w^c_aj: one cross_dim -> 1 map per (feature, head); β_aj: one weight per (feature, head)
         self.w_c = nn.Parameter(torch.randn(n_cross, cross_dim, heads) / math.sqrt(cross_dim)) if n_cross else None
         self.beta = nn.Parameter(torch.ones(n_cross, heads)) if n_cross else None
-        full = key_dim + cross_dim * n_cross
+        full = (value_dim or key_dim) + cross_dim * n_cross
         self.w_v = nn.Parameter(torch.randn(heads, full, head_dim) / math.sqrt(full))
-        self.w_o = nn.Linear(heads * head_dim, out_dim or key_dim, bias=False)
-        self.out_dim = out_dim or key_dim
+        self.w_o = nn.Linear(heads * head_dim, out_dim or value_dim or key_dim, bias=False)
+        self.out_dim = out_dim or value_dim or key_dim
 
     # ---- the relevance --------------------------------------------------------------------------------------------
     def query_keys(self, target: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,7 @@ class Training:
         ctx, cfg = self.ctx, self.cfg
         self.model = model = build_model(cfg.model["name"], params, self.info, device=torch.device("meta"))
         apply_optimizer_in_backward(
-            sparse_optimizer_class(cfg.optim.sparse), model.embedding.parameters(), {"lr": cfg.optim.sparse_lr}
+            sparse_optimizer_class(cfg.optim.sparse), model.sparse_parameters(), {"lr": cfg.optim.sparse_lr}
         )
         topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type, local_world_size=ctx.world_size)
         plan = EmbeddingShardingPlanner(topology=topology).collective_plan(model, None, dist.GroupMember.WORLD)
