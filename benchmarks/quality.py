@@ -9,7 +9,9 @@ so the test split does not define its own tail). Then the claims of the lifelong
 - MUSE beats SIM-hard on long-tail target items;
 - TWIN beats SIM-soft and SIM-hard on AUC and GAUC (its paper's Table 4), TIN beats DIN (both over the last 50);
 - TWIN-V2 beats TWIN on the longest length bucket (its life-cycle histories);
-- each LAIN variant improves the shortest length bucket over its backbone without losing the longest.
+- each LAIN variant improves the shortest length bucket over its backbone without losing the longest;
+- where DARE variants were run (`<backbone>_dare`, `<backbone>_dare_att<N>`): DARE beats its backbone, and its
+  narrower attention tables lose no AUC against the full width beyond noise.
 
 A claim "a beats b" holds when the measured difference is > 0. Each difference comes with a paired bootstrap 95%
 interval over users (`ctr.evaluation.metrics.paired_bootstrap`, 200 resamples): "significant" when it excludes 0.
@@ -47,6 +49,7 @@ TWO_STAGE = BACKBONES_TWO_STAGE + tuple(f"{n}_lain" for n in BACKBONES_TWO_STAGE
 # TWIN against the SIM searches it replaces (its paper's Table 4: TWIN > SIM soft > SIM hard)
 TWIN_VS = ("sim_soft", "sim_hard")
 LAIN = {f"{n}_lain": n for n in ("din", "dien", *BACKBONES_TWO_STAGE)}
+DARE = "_dare"  # DARE variants of a backbone, where run (benchmarks/dare.sh): <backbone>_dare, <backbone>_dare_att<N>
 
 
 def long_tail_items(data: Path, head_share: float = 0.8) -> np.ndarray:
@@ -163,6 +166,22 @@ def main() -> int:
         )
     if "tin" in rows and "din" in rows:
         checks.append(beats("tin", "din", "tin beats din (both over the last 50) on AUC and GAUC"))
+    for name in sorted(rows):  # DARE variants (runs named <backbone>_dare, <backbone>_dare_att<N>), when present
+        if DARE not in name or name.split(DARE)[0] not in rows:
+            continue
+        base, full = name.split(DARE)[0], name.split(DARE)[0] + DARE
+        checks.append(beats(name, base, f"{name} beats {base} (separate attention tables) on AUC and GAUC"))
+        if name != full and full in rows:  # narrower attention tables against DARE at the full width
+            d = delta(name, full)
+            checks.append(
+                {
+                    "claim": f"{name} (narrower attention tables) loses no AUC against {full} beyond noise",
+                    "holds": bool(d["ci95"][1] >= 0),
+                    "significant": d["significant"],
+                    "auc_delta": d,
+                    "values": f"AUC {rows[name]['auc']:.4f} vs {rows[full]['auc']:.4f}, delta {fmt(d)}",
+                }
+            )
     for lain, base in LAIN.items():
         if lain in rows and base in rows:
             ls, bs = rows[lain]["shortest_bucket"], rows[base]["shortest_bucket"]
