@@ -17,7 +17,9 @@ A claim "a beats b" holds when the measured difference is > 0. Each difference c
 interval over users (`ctr.evaluation.metrics.paired_bootstrap`, 200 resamples): "significant" when it excludes 0.
 "Without losing the longest" holds unless the longest bucket's AUC is significantly lower (interval below 0).
 
-    python benchmarks/quality.py --demo out/demo [--results benchmarks/results/demo-quality.json]
+    python benchmarks/quality.py --demo out/demo [--results benchmarks/results/demo-quality.json] [--compare A:B ...]
+
+Any directory with `data/` and `runs/<name>/` (predictions.parquet, metrics.json) works, e.g. the MovieLens runs.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", required=True, help="the --out directory of `ctr demo`")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "demo-quality.json"))
+    p.add_argument(
+        "--compare", action="append", default=[], metavar="A:B",
+        help="also check 'run A beats run B on AUC and GAUC' (repeatable), e.g. an ablation against a baseline; "
+        "A:B@BUCKET: on AUC within one hist_len bucket (e.g. 1K-10K)",
+    )  # fmt: skip
     args = p.parse_args()
     demo = Path(args.demo)
     tail = long_tail_items(demo / "data")
@@ -200,6 +207,26 @@ def main() -> int:
                     f"longest AUC {ll['auc']:.4f} vs {bl['auc']:.4f}, delta {fmt(d_long)}",
                 }
             )
+    for pair in args.compare:
+        spec, _, bucket = pair.partition("@")
+        a, _, b = spec.partition(":")
+        if a not in rows or b not in rows:
+            raise SystemExit(f"--compare {pair}: no run {a if a not in rows else b!r} under {demo / 'runs'}")
+        if not bucket:
+            checks.append(beats(a, b, f"{a} beats {b} on AUC and GAUC"))
+            continue
+        if bucket not in LENGTH_BUCKET_LABELS:
+            raise SystemExit(f"--compare {pair}: unknown length bucket {bucket!r}; one of {LENGTH_BUCKET_LABELS}")
+        d = delta(a, b, bucket=bucket)
+        checks.append(
+            {
+                "claim": f"{a} beats {b} on the {bucket} histories (AUC)",
+                "holds": bool(d["delta"] > 0),
+                "significant": d["significant"],
+                "auc_delta": d,
+                "values": f"delta {fmt(d)}",
+            }
+        )
     out = {
         "demo": str(demo),
         "oracle": oracle,

@@ -1,0 +1,908 @@
+"""Side by side with FuxiCTR 2.3.10: the same models on the same data, budget and threads; test AUC / GAUC /
+logloss and training samples/s of this project and of FuxiCTR's LongCTR model zoo.
+
+Models both have (ours -> FuxiCTR): din -> DIN, dien -> DIEN, sim_soft -> SIM, eta -> ETA, sdim -> SDIM,
+twin -> TWIN. For each one:
+
+1. FuxiCTR 2.3.10 runs in its own virtualenv, WORK/venv (`python -m venv`, torch pinned to 2.13.0, the CPU build;
+   reused when it is there). Its other requirements (pandas, pyyaml, scikit-learn, numpy, h5py, tqdm, pyarrow,
+   polars, ray[data], pydantic: its wheel metadata) pull no CUDA; ray is needed because `fuxictr.preprocess` and
+   `fuxictr.pytorch.dataloaders` import it at module level.
+2. The dataset is converted to FuxiCTR's LongCTR input, WORK/data/peers/: `user_info.parquet` (row u = user u's
+   whole behavior sequence, `full_item_seq`, item indices), `item_info.parquet` (row i = item i: item_id, cate_id;
+   row 0 is padding, since the collator looks rows up by position) and `{train,valid,test}.parquet` (user_index,
+   item_index, seq_len = our hist_len, the context columns, label). FuxiCTR's collator then feeds
+   `full_item_seq[:seq_len][-max_len:]`: the same last max_len behaviors strictly before the sample as our loader.
+3. Configs: ours is `ctr train --print-config` with --max-len / --batch-size / --epochs set; FuxiCTR's
+   dataset_config.yaml and model_config.yaml (WORK/config/) take the embedding size, tower, attention sizes,
+   max_len, batch size, learning rate, epochs, early-stopping patience (on validation GAUC) and seed from ours.
+4. Each side trains in its own subprocess with OMP_NUM_THREADS = --threads and one loader worker: ours with
+   `ctr train` + `ctr evaluate`, FuxiCTR with its classes called from this file (`--fuxictr-run SPEC`, run by
+   WORK/venv/bin/python: its LongCTR `run_expid.py` cannot be used, see (a)), which writes its test predictions
+   (user_index, label, score) and its training samples/s.
+5. Both prediction sets are scored by `ctr.evaluation.metrics` (auc; gauc = per-user AUC weighted by the user's
+   impressions over users with both classes; logloss), so the definitions match. FuxiCTR's own gAUC
+   (`fuxictr.metrics`, the same definition) is shown beside it: the two should agree to rounding.
+
+    python benchmarks/peers.py --data DATA_DIR [--models din,dien,sim_soft,eta,sdim,twin] [--max-len 50]
+        [--epochs N] [--batch-size 1024] [--threads 2] [--work DIR] [--results FILE]
+
+How to read it: samples/s is each side's median over its training logging windows after the first (the first
+carries start-up; validation time is not counted), ratio = ours / FuxiCTR (> 1: ours trains faster). Quality is one
+run per side and seed: on a small world a difference of a few 1e-3 is noise. Not the same on both sides, by design
+or because one side has no such option (listed in the JSON under "differences"): our sparse tables train with
+Adagrad (optim.sparse_lr), FuxiCTR's with Adam at the dense learning rate; our DIEN adds its auxiliary loss;
+our two-stage models use DIN-style short-term attention and their own GSU/ESU details (TWIN's cross features, SDIM's
+hash attention) where FuxiCTR uses multi-head target attention.
+
+Defects of FuxiCTR 2.3.10 the runner works around and reports (each found in its source, with file:line taken from
+the installed package at run time, and probed live where it can be; JSON "fuxictr_defects", printed under the table):
+
+(a) `model_zoo/LongCTR/run_expid.py` imports `fuxictr_version.py`, which asserts fuxictr == 2.3.2: the shipped run
+    script fails under 2.3.10. Worked around by calling the classes directly.
+(b) SIM/ETA/SDIM/TWIN slice the embeddings `[:, -short_seq_len:-1]` (target included: L + 1 positions) and the
+    mask `[:, -short_seq_len:-1]` (L positions); when a batch's padded length L (its longest history, capped at
+    max_len) is below short_seq_len the two slices differ in length and the attention crashes. Worked around by
+    padding such batches to short_seq_len. The same two slices are also one position apart when they do not
+    crash: the short window's oldest behavior carries its predecessor's mask (reported as (f)).
+(c) DIEN packs the first `seq_len` positions of each row (`pack_padded_sequence`) while the collator pads at the
+    front ("pre"): as shipped, its GRUs read padding and miss the most recent behaviors of every row shorter than
+    its batch. Measured both ways: "as shipped" and "post-padded" (the collator pads at the end, still keeping the
+    last max_len behaviors: its own padding="post" would also truncate at the end, keeping the oldest).
+(d) SIM's soft search scores `qk * mask`: padding scores 0, so its top-k picks padding over real behaviors whose
+    score is negative whenever a row has more real behaviors than fit (L > topk). Not changed; the runner counts
+    the test samples where it happens.
+(e) `fuxictr.metrics.evaluate_metrics` computes gAUC in `mp.Pool(processes=mp.cpu_count() // 2)`: on one core
+    that is Pool(0), a ValueError. Worked around with an in-process pool (the same per-user function, serially).
+
+Results go to --results (default benchmarks/results/peers.json); the run directories, logs, configs and the
+converted data stay under --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FUXICTR_VERSION = "2.3.10"
+TORCH_PIN = "torch==2.13.0"  # the CPU build on local disk; an open range would pull a multi-GB CUDA build
+PEERS = {"din": "DIN", "dien": "DIEN", "sim_soft": "SIM", "eta": "ETA", "sdim": "SDIM", "twin": "TWIN"}
+WINDOW_MODELS = ("SIM", "ETA", "SDIM", "TWIN")  # the ones with a short window, defect (b)
+SPLITS = ("train", "valid", "test")
+DATASET_ID = "peers"
+ACTIVATIONS = {"sigmoid": "Sigmoid", "relu": "ReLU", "prelu": "PReLU", "dice": "Dice"}
+
+
+# ---- the conversion (numpy / pyarrow only: importable and testable without FuxiCTR) ----------------------------
+def _manifest(data: Path) -> dict[str, Any]:
+    return json.loads((Path(data) / "manifest.json").read_text())
+
+
+def user_info_table(data: Path) -> pa.Table:
+    """FuxiCTR's `user_info`: row u is user u (the collator looks users up by position), `full_item_seq` = every
+    behavior of the user, item indices in sequence order; users without behaviors (padding, OOV) get an empty list."""
+    n_users = int(_manifest(data)["vocab_sizes"]["user"])
+    seqs = pq.read_table(Path(data) / "sequences", columns=["user_idx", "item_idx"])
+    seqs = seqs.take(pc.sort_indices(seqs["user_idx"]))
+    users = seqs["user_idx"].to_numpy()
+    lengths = np.zeros(n_users, dtype=np.int64)
+    lengths[users] = pc.list_value_length(seqs["item_idx"]).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"{data}: {offsets[-1]} behaviors do not fit a list<int32> column")
+    values = pc.list_flatten(seqs["item_idx"].combine_chunks()).cast(pa.int32())
+    full = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+    return pa.table({"user_index": pa.array(np.arange(n_users, dtype=np.int32)), "full_item_seq": full})
+
+
+def item_info_table(data: Path) -> pa.Table:
+    """FuxiCTR's `item_info`: row i is item i (positional lookup: the padded sequence positions hold 0, so row 0 must
+    be padding), with the features our models embed for an item: item_id (= item_idx) and cate_id (= cate_idx).
+    Rows absent from items.parquet (0 = padding, 1 = OOV) get item_id = index and cate_id 0."""
+    n_items = int(_manifest(data)["vocab_sizes"]["item"])
+    items = pq.read_table(Path(data) / "items.parquet", columns=["item_idx", "cate_idx"])
+    cate = np.zeros(n_items, dtype=np.int32)
+    cate[items["item_idx"].to_numpy()] = items["cate_idx"].to_numpy()
+    index = np.arange(n_items, dtype=np.int32)
+    return pa.table({"item_index": index, "item_id": index, "cate_id": cate})
+
+
+def samples_table(data: Path, split: str, context_columns: list[str]) -> pa.Table:
+    """One split as FuxiCTR's LongCTR samples: user_index, item_index, seq_len (= hist_len: the behaviors strictly
+    before the sample), the context columns, label. All integers: the loader stacks every column into one array, and
+    a float label would turn user_index into a float that can no longer index user_info."""
+    t = pq.read_table(
+        Path(data) / "samples" / split, columns=["user_idx", "item_idx", "hist_len", *context_columns, "label"]
+    )
+    cols = {
+        "user_index": t["user_idx"].cast(pa.int32()),
+        "item_index": t["item_idx"].cast(pa.int32()),
+        "seq_len": t["hist_len"].cast(pa.int32()),
+        **{c: t[c].cast(pa.int32()) for c in context_columns},
+        "label": t["label"].cast(pa.int8()),
+    }
+    return pa.table(cols)
+
+
+def convert_dataset(data: Path, out: Path) -> dict[str, Any]:
+    """Write DATA's LongCTR form into `out` (user_info, item_info, train/valid/test .parquet); returns their paths,
+    the vocabulary sizes and the context columns the configs need."""
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(data)
+    context = list(manifest.get("context_columns", []))
+    paths: dict[str, Any] = {"user_info": str(out / "user_info.parquet"), "item_info": str(out / "item_info.parquet")}
+    pq.write_table(user_info_table(data), paths["user_info"])
+    pq.write_table(item_info_table(data), paths["item_info"])
+    rows = {}
+    for split in SPLITS:
+        if not (data / "samples" / split).is_dir():
+            continue
+        t = samples_table(data, split, context)
+        paths[split] = str(out / f"{split}.parquet")
+        pq.write_table(t, paths[split])
+        rows[split] = t.num_rows
+    vocab = manifest["vocab_sizes"]
+    return {
+        **paths,
+        "rows": rows,
+        "context_columns": context,
+        "vocab_sizes": {
+            "item": int(vocab["item"]),
+            "cate": int(vocab["cate"]),
+            **{c: int(vocab[c.removesuffix("_idx")]) for c in context},
+        },  # fmt: skip
+    }
+
+
+def longctr_window(full_item_seq: Any, seq_len: int, max_len: int) -> list[int]:
+    """What FuxiCTR's LongCTR collator feeds for one sample, before padding (`BatchCollator.padding_seqs`:
+    `seq[:seq_len]`, then `pad_sequences(truncating="pre")` keeps the last max_len)."""
+    seq = list(full_item_seq)[: int(seq_len)]
+    return seq[-max_len:] if max_len > 0 else []
+
+
+# ---- configs -------------------------------------------------------------------------------------------------
+def _ctr() -> str:
+    return str(Path(sys.executable).with_name("ctr"))
+
+
+def our_overrides(model: str, cfg: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The --set's that give our run the benchmark's window, batch and epochs (applied to the printed defaults)."""
+    sets = [f"data.batch_size={args.batch_size}", f"train.epochs={args.epochs}"]
+    m = cfg["model"]
+    if "seq_len" in m:  # din, dien: the last seq_len behaviors
+        sets.append(f"model.seq_len={args.max_len}")
+    if "max_len" in m:  # two-stage: the GSU's window over the prefix
+        sets.append(f"model.max_len={args.max_len}")
+        if m.get("short_len", 0) > args.max_len:
+            sets.append(f"model.short_len={args.max_len}")
+    return sets
+
+
+def our_config(model: str, sets: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = subprocess.run(
+        [_ctr(), "train", "--model", model, "--print-config", *[x for s in sets for x in ("--set", s)]],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    return yaml.safe_load(out.stdout)
+
+
+def fuxictr_params(peer: str, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """FuxiCTR's model_config section for `peer`, from our resolved config `cfg`."""
+    m, train, optim = cfg["model"], cfg["train"], cfg["optim"]
+    p: dict[str, Any] = {
+        "model": peer,
+        "dataset_id": DATASET_ID,
+        "loss": "binary_crossentropy",
+        "metrics": ["AUC", "gAUC", "logloss"],
+        "task": "binary_classification",
+        "optimizer": "adam",
+        "learning_rate": float(optim["dense_lr"]),
+        "embedding_regularizer": 0,
+        "net_regularizer": float(optim.get("weight_decay") or 0),
+        "batch_size": int(cfg["data"]["batch_size"]),
+        "embedding_dim": int(m["embedding_dim"]),
+        "dnn_hidden_units": list(m["hidden"]),
+        "dnn_activations": ACTIVATIONS[m["activation"]],
+        "net_dropout": float(m.get("dropout") or 0),
+        "batch_norm": bool(m.get("batch_norm", False)),
+        "epochs": int(train["epochs"]),
+        "shuffle": True,
+        "seed": int(train["seed"]),
+        "monitor": "gAUC",  # ours keeps the best validation GAUC
+        "monitor_mode": "max",
+        "early_stop_patience": int(train["patience"]),
+        "reduce_lr_on_plateau": False,  # ours: optim.lr_decay_per_epoch (1.0: none)
+        "max_gradient_norm": float(optim.get("clip_norm") or 1e9),
+        "max_len": int(args.max_len),
+        "padding": "pre",
+        "accumulation_steps": 1,
+    }
+    if peer == "DIN":
+        p |= {
+            "attention_hidden_units": list(m["attention_hidden"]),
+            "attention_hidden_activations": ACTIVATIONS[m["attention_activation"]],
+            "attention_output_activation": None,
+            "attention_dropout": 0,
+            "din_use_softmax": bool(m["softmax"]),
+        }
+    elif peer == "DIEN":
+        p |= {
+            "gru_type": "AUGRU",
+            "enable_sum_pooling": False,
+            "attention_type": {"bilinear": "bilinear_attention", "din": "din_attention"}[m["attention"]],
+            "attention_hidden_units": list(m["attention_hidden"]),
+            "attention_activation": ACTIVATIONS[m["attention_activation"]],
+            "attention_dropout": 0,
+            "use_attention_softmax": True,
+        }
+    else:
+        heads, head_dim = {
+            "SIM": (m.get("esu_heads"), m.get("esu_head_dim")),
+            "ETA": (m.get("esu_heads"), m.get("esu_head_dim")),
+            "TWIN": (m.get("heads"), m.get("head_dim")),
+        }.get(peer, (None, None))
+        p |= {
+            "num_heads": int(heads or 1),
+            "attention_dim": int((heads or 1) * (head_dim or 64)),
+            "attention_dropout": 0,
+            "short_seq_len": int(m["short_len"]),
+        }
+        if peer == "SIM":
+            p |= {"gsu_type": "soft", "topk": int(m["k"]), "alpha": float(m.get("aux_alpha", 1.0)), "beta": 1.0}
+        elif peer == "ETA":
+            p |= {"topk": int(m["k"]), "hash_bits": int(m["hash_bits"]), "reuse_hash": True, "use_scale": True}
+        elif peer == "SDIM":
+            p |= {"num_hashes": int(m["num_hashes"]), "hash_bits": int(m["hash_bits"]), "reuse_hash": True,
+                  "use_scale": True, "use_qkvo": True, "l2_norm": bool(m.get("normalize", False))}  # fmt: skip
+        elif peer == "TWIN":
+            p |= {"topk": int(m["k"]), "Kc_cross_features": 0}
+    return p
+
+
+def dataset_config(conv: dict[str, Any], data_root: Path) -> dict[str, Any]:
+    """FuxiCTR's dataset_config section: pre-indexed data (rebuild_dataset: false, vocab sizes given), the item
+    features marked `source: item` (looked up through item_info), the sample's context features."""
+    vocab = conv["vocab_sizes"]
+    cols: list[dict[str, Any]] = [
+        {"name": ["user_index", "item_index", "seq_len"], "active": True, "dtype": "int", "type": "meta",
+         "remap": False},
+        {"name": "item_id", "active": True, "dtype": "int", "type": "categorical", "source": "item",
+         "vocab_size": vocab["item"]},
+        {"name": "cate_id", "active": True, "dtype": "int", "type": "categorical", "source": "item",
+         "vocab_size": vocab["cate"]},
+    ]  # fmt: skip
+    for c in conv["context_columns"]:
+        cols.append({"name": c, "active": True, "dtype": "int", "type": "categorical", "source": "context",
+                     "vocab_size": vocab[c]})  # fmt: skip
+    return {
+        DATASET_ID: {
+            "data_root": str(data_root),
+            "data_format": "parquet",
+            "train_data": conv["train"],
+            "valid_data": conv["valid"],
+            "test_data": conv["test"],
+            "user_info": conv["user_info"],
+            "item_info": conv["item_info"],
+            "rebuild_dataset": False,
+            "feature_cols": cols,
+            "label_col": {"name": "label", "dtype": "int"},
+        }
+    }
+
+
+def base_config(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model_root": str(work / "checkpoints"),
+        "num_workers": int(cfg["data"]["num_workers"]) or 1,  # the loader workers ours uses (data.num_workers)
+        "verbose": 0,
+        "pickle_feature_encoder": False,
+        "save_best_only": True,
+        "eval_steps": None,  # once per epoch, like ours (train.eval_every: null)
+        "debug_mode": False,
+        "group_id": "user_index",
+        "use_features": None,
+        "feature_specs": None,
+        "feature_config": None,
+    }
+
+
+# ---- running both sides --------------------------------------------------------------------------------------
+def thread_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    return env
+
+
+def ensure_fuxictr_venv(work: Path) -> Path:
+    """WORK/venv with fuxictr 2.3.10 and torch 2.13.0 (CPU), created on first use and reused after; its python."""
+    venv = work / "venv"
+    py = venv / "bin" / "python"
+    probe = "import fuxictr, torch; print(fuxictr.__version__, torch.__version__)"
+
+    def versions() -> list[str] | None:
+        if not py.exists():
+            return None
+        r = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
+        return r.stdout.split() if r.returncode == 0 else None
+
+    have = versions()
+    if have is None:
+        print(f"creating {venv} (fuxictr {FUXICTR_VERSION}, {TORCH_PIN})", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # one resolver run with both pins: nothing fuxictr needs may move torch off the CPU build
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "--quiet", TORCH_PIN, f"fuxictr=={FUXICTR_VERSION}"], check=True
+        )
+        have = versions()
+    if not have or have[0] != FUXICTR_VERSION or not have[1].startswith(TORCH_PIN.split("==")[1]):
+        raise SystemExit(
+            f"{venv}: has fuxictr/torch {have}, want {FUXICTR_VERSION} / {TORCH_PIN}; remove it to rebuild"
+        )
+    return py
+
+
+def _windows_median(rates: list[float]) -> float | None:
+    rates = rates[1:] if len(rates) > 1 else rates  # the first window carries start-up
+    return round(statistics.median(rates), 1) if rates else None
+
+
+def score(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> dict[str, Any]:
+    """Our metrics (ctr.evaluation.metrics) on one prediction set."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from ctr.evaluation.metrics import auc, gauc, logloss
+
+    g = gauc(labels, scores, users)
+    return {
+        "auc": auc(labels, scores),
+        "gauc": g.value,
+        "logloss": logloss(labels, scores),
+        "gauc_users_used": g.users_used,
+        "gauc_users_skipped": g.users_skipped,
+        "samples": int(labels.size),
+    }
+
+
+def run_ours(model: str, sets: list[str], args: argparse.Namespace, work: Path, log_every: int) -> dict[str, Any]:
+    from _common import run_measured
+
+    run = work / "runs" / f"ours-{model}"
+    shutil.rmtree(run, ignore_errors=True)
+    env = thread_env(args.threads)
+    sets = [*sets, f"train.log_every={log_every}"]
+    cmd = [_ctr(), "-q", "train", "--data", str(args.data), "--model", model, "--out", str(run)]
+    cmd += [x for s in sets for x in ("--set", s)]
+    train = run_measured(cmd, work / "logs" / f"ours-{model}-train.log", env=env)
+    ev = run_measured([_ctr(), "-q", "evaluate", "--run", str(run)], work / "logs" / f"ours-{model}-eval.log", env=env)
+    recs = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in recs if r["kind"] == "train"]
+    preds = pq.read_table(run / "predictions.parquet", columns=["user_idx", "label", "score"])
+    summary = json.loads((run / "train_summary.json").read_text())
+    return {
+        "run": str(run),
+        "overrides": sets,
+        "metrics": score(preds["label"].to_numpy(), preds["score"].to_numpy(), preds["user_idx"].to_numpy()),
+        "samples_per_s": _windows_median(rates),
+        "windows": len(rates),
+        "epochs_done": summary.get("epochs_done"),
+        "best_valid_gauc": summary.get("best_valid_score"),
+        "train_seconds": train["seconds"],
+        "train_peak_pss_bytes": train["peak_pss_bytes"],
+        "evaluate_seconds": ev["seconds"],
+    }
+
+
+def run_fuxictr(py: Path, expid: str, variant: str, args: argparse.Namespace, work: Path, log_every: int) -> dict:
+    from _common import run_measured
+
+    out = work / "runs" / f"fuxictr-{expid}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    spec = {
+        "config_dir": str(work / "config"),
+        "expid": expid,
+        "variant": variant,
+        "threads": args.threads,
+        "log_every": log_every,
+        "out": str(out),
+    }
+    (out / "spec.json").write_text(json.dumps(spec, indent=2))
+    cmd = [str(py), str(Path(__file__).resolve()), "--fuxictr-run", str(out / "spec.json")]
+    measured = run_measured(cmd, work / "logs" / f"fuxictr-{expid}.log", cwd=work, env=thread_env(args.threads))
+    res = json.loads((out / "result.json").read_text())
+    preds = pq.read_table(out / "predictions.parquet")
+    res["metrics"] = score(preds["label"].to_numpy(), preds["score"].to_numpy(), preds["user_index"].to_numpy())
+    res["wall_seconds"] = measured["seconds"]
+    res["peak_pss_bytes"] = measured["peak_pss_bytes"]
+    return res
+
+
+# ---- the FuxiCTR side (runs inside WORK/venv: FuxiCTR's imports only) ---------------------------------------
+def _source_line(path: Path, needle: str) -> str:
+    """`file:line: text` of the first line of `path` holding `needle`, or a note that 2.3.10 has no such line."""
+    try:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if needle in line:
+                return f"{path}:{i}: {line.strip()}"
+    except OSError:
+        pass
+    return f"NOT FOUND in {path}: {needle!r}"
+
+
+def _fuxictr_sources(site: Path) -> dict[str, list[str]]:
+    """The lines each defect claim rests on, looked up in the installed package (so a claim that is not true of this
+    version shows up as NOT FOUND instead of being repeated)."""
+    zoo = site / "model_zoo" / "LongCTR"
+    loader = zoo / "longctr_dataloader.py"
+    dien = zoo / "DIEN" / "DIEN.py"
+
+    def each_window_model(needle: str) -> list[str]:
+        return [_source_line(zoo / m / f"{m}.py", needle) for m in WINDOW_MODELS]
+
+    short_mask = each_window_model("short_mask = mask[:, -self.short_seq_len:-1]")
+    short_emb = each_window_model("short_seq_emb = item_feat_emb[:, -self.short_seq_len:-1, :]")
+    return {
+        "a": [
+            _source_line(zoo / "run_expid.py", "import fuxictr_version"),
+            _source_line(zoo / "fuxictr_version.py", "assert version.parse"),
+        ],
+        "b": [*short_emb, *short_mask, _source_line(loader, "max_len = min(max(seq_lens), self.max_len)")],
+        "c": [
+            _source_line(loader, 'padding="pre"'),
+            _source_line(dien, "seq_lens = mask.sum(dim=1).cpu()"),
+            _source_line(dien, "packed_seq = pack_padded_sequence(sequence_emb"),
+            _source_line(loader, "truncating=self.padding"),
+        ],
+        "d": [
+            _source_line(zoo / "SIM" / "SIM.py", "qk = torch.bmm(q, k.transpose(-1, -2)).squeeze(1) * mask"),
+            _source_line(zoo / "SIM" / "SIM.py", "topk_index = qk.topk("),
+        ],
+        "e": [_source_line(site / "fuxictr" / "metrics.py", "pool = mp.Pool(processes=mp.cpu_count() // 2)")],
+        "f": [*short_emb, *short_mask],
+    }
+
+
+class _SerialPool:
+    """Stands in for multiprocessing.Pool in fuxictr.metrics: runs each task at once, in this process."""
+
+    class _Done:
+        def __init__(self, value: Any):
+            self.value = value
+
+        def get(self) -> Any:
+            return self.value
+
+    def __init__(self, processes: int | None = None):
+        pass
+
+    def apply_async(self, fn: Any, args: tuple = ()) -> _SerialPool._Done:
+        return self._Done(fn(*args))
+
+    def close(self) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+
+class _SerialMP:
+    Pool = _SerialPool
+
+    @staticmethod
+    def cpu_count() -> int:
+        return os.cpu_count() or 1
+
+
+def _patched_padding(collator: Any, min_width: int, padding: str) -> None:
+    """Replace one collator's `padding_seqs`: the last max_len behaviors (truncating "pre", as shipped), padded at
+    `padding`, to at least `min_width` positions (defect (b): a batch narrower than the short window crashes)."""
+    import types
+
+    from fuxictr.preprocess.tokenizer import pad_sequences
+
+    def padding_seqs(self: Any, user_seqs: Any, seq_lens: Any) -> np.ndarray:
+        seqs = [seq[:n][-self.max_len :] for seq, n in zip(user_seqs, seq_lens, strict=True)]
+        width = max(min(int(max(seq_lens)), self.max_len), min_width)
+        return pad_sequences(seqs, maxlen=width, value=0, padding=padding, truncating="pre")
+
+    collator.padding = padding
+    collator.padding_seqs = types.MethodType(padding_seqs, collator)
+
+
+def fuxictr_run(spec_path: Path) -> int:
+    """Train, evaluate and probe one FuxiCTR model (run by WORK/venv/bin/python, see `run_fuxictr`)."""
+    import logging
+    import multiprocessing
+
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["out"])
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    import fuxictr
+    import fuxictr.metrics as fxm
+    import model_zoo.LongCTR as zoo
+    from fuxictr.features import FeatureMap
+    from fuxictr.preprocess import FeatureProcessor, build_dataset
+    from fuxictr.pytorch.dataloaders import RankDataLoader
+    from fuxictr.pytorch.torch_utils import seed_everything
+    from fuxictr.utils import load_config, set_logger
+    from model_zoo.LongCTR.longctr_dataloader import BatchCollator, LongCTRDataLoader
+
+    site = Path(fuxictr.__file__).resolve().parents[1]
+    probes: dict[str, Any] = {"sources": _fuxictr_sources(site)}
+    # (a) the run script's version pin
+    pin = _source_line(site / "model_zoo" / "LongCTR" / "fuxictr_version.py", "assert version.parse")
+    asserted = pin.rsplit('"', 2)[-2] if pin.count('"') >= 2 else None
+    probes["a"] = {"run_script_asserts": asserted, "installed": fuxictr.__version__,
+                   "fails": asserted is not None and asserted != fuxictr.__version__}  # fmt: skip
+    # (e) the metrics pool on one core, then the in-process pool for the rest of the run
+    one_core = type("OneCore", (), {"Pool": multiprocessing.Pool, "cpu_count": staticmethod(lambda: 1)})
+    fxm.mp = one_core
+    try:
+        fxm.evaluate_metrics(np.array([0.0, 1.0]), np.array([0.2, 0.8]), ["gAUC"], np.array([1, 1]))
+        probes["e"] = {"fails_on_one_core": False}
+    except ValueError as e:
+        probes["e"] = {"fails_on_one_core": True, "error": f"{type(e).__name__}: {e}"}
+    fxm.mp = _SerialMP
+
+    params = load_config(spec["config_dir"], spec["expid"])
+    params["gpu"] = -1
+    set_logger(params)
+    logging.info("spec: %s", spec)
+    seed_everything(seed=params["seed"])
+    encoder = FeatureProcessor(**params)
+    params["train_data"], params["valid_data"], params["test_data"] = build_dataset(encoder, **params)
+    feature_map = FeatureMap(params["dataset_id"], encoder.data_dir)
+    feature_map.load(encoder.json_file, params)
+    peer = params["model"]
+    model = getattr(zoo, peer)(feature_map, **params)
+    model.count_parameters()
+    params["data_loader"] = LongCTRDataLoader
+    train_gen, valid_gen = RankDataLoader(feature_map, stage="train", **params)
+    test_gen = RankDataLoader(feature_map, stage="test", **params)
+    max_len = int(params["max_len"])
+    window = int(params.get("short_seq_len", 0)) if peer in WINDOW_MODELS else 0
+    post = spec["variant"] == "post-padded"
+
+    # (b) a batch whose longest history is shorter than the short window, through the collator as shipped
+    if window:
+        darray, cidx = test_gen.dataset.darray, test_gen.dataset.column_index
+        rows = np.flatnonzero(darray[:, cidx["seq_len"]] < window)[:64]
+        if rows.size:
+            shipped = BatchCollator(feature_map, max_len, cidx, params["user_info"], params["item_info"], "pre")
+            model.eval()
+            try:
+                with torch.no_grad():
+                    model.forward(shipped(list(darray[rows])))
+                probes["b"] = {"crashes": False, "rows": int(rows.size)}
+            except Exception as e:  # noqa: BLE001 - the crash is what is measured
+                probes["b"] = {"crashes": True, "rows": int(rows.size), "error": f"{type(e).__name__}: {e}"[:300]}
+            model.train()
+        else:
+            probes["b"] = {"crashes": None, "note": f"no test sample with seq_len < short_seq_len={window}"}
+    for gen in (train_gen, valid_gen, test_gen):
+        if window or post:
+            _patched_padding(gen.collate_fn, window, "post" if post else "pre")
+
+    # training, timed per step: windows of log_every steps, validation time taken out
+    marks: list[tuple[float, float, int]] = []
+    paused = [0.0]
+    train_step, eval_step = model.train_step, model.eval_step
+
+    def timed_train_step(batch: Any) -> Any:
+        loss = train_step(batch)
+        marks.append((time.perf_counter(), paused[0], int(batch[2].shape[0])))
+        return loss
+
+    def timed_eval_step() -> None:
+        t = time.perf_counter()
+        eval_step()
+        paused[0] += time.perf_counter() - t
+
+    model.train_step, model.eval_step = timed_train_step, timed_eval_step
+    t0 = time.perf_counter()
+    model.fit(train_gen, validation_data=valid_gen, **params)
+    fit_seconds = time.perf_counter() - t0
+    every = max(1, int(spec["log_every"]))
+    rates, start, start_pause = [], t0, 0.0
+    for i in range(every - 1, len(marks), every):
+        t, p, _ = marks[i]
+        n = sum(m[2] for m in marks[i - every + 1 : i + 1])
+        rates.append(n / max(t - start - (p - start_pause), 1e-9))
+        start, start_pause = t, p
+
+    # test predictions (best validation model, loaded by fit) and FuxiCTR's own metrics on them
+    t = time.perf_counter()
+    scores = model.predict(test_gen)
+    predict_seconds = time.perf_counter() - t
+    test = pq.read_table(params["test_data"], columns=["user_index", "label", "seq_len"])
+    labels, users = test["label"].to_numpy().astype(np.float64), test["user_index"].to_numpy()
+    own = fxm.evaluate_metrics(labels, scores, ["AUC", "gAUC", "logloss"], users)
+    pq.write_table(pa.table({"user_index": users, "label": labels.astype(np.int8), "score": scores}),
+                   out / "predictions.parquet")  # fmt: skip
+
+    seq_len = np.minimum(test["seq_len"].to_numpy(), max_len)
+    if peer == "DIEN":  # (c) rows shorter than their batch: as shipped their GRUs read padding
+        bs = int(params["batch_size"])
+        width = np.repeat([seq_len[i : i + bs].max(initial=0) for i in range(0, seq_len.size, bs)], bs)[: seq_len.size]
+        short = (seq_len > 0) & (seq_len < width)
+        probes["c"] = {"variant": spec["variant"], "reads_padding": not post,
+                       "test_rows_shorter_than_batch": int(short.sum()), "test_rows": int(seq_len.size)}  # fmt: skip
+    if peer == "SIM":  # (d) top-k picks padding while real behaviors are left out
+        probes["d"] = _sim_topk_padding(model, test_gen) | {"topk": int(params["topk"]), "max_len": max_len}
+
+    result = {
+        "model": peer,
+        "expid": spec["expid"],
+        "variant": spec["variant"],
+        "fuxictr_version": fuxictr.__version__,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "samples_per_s": _windows_median(rates),
+        "windows": len(rates),
+        "train_steps": len(marks),
+        "fit_seconds": round(fit_seconds, 2),
+        "validation_seconds": round(paused[0], 2),
+        "predict_seconds": round(predict_seconds, 2),
+        "epochs_run": int(model._epoch_index) + 1,
+        "best_valid_gauc": float(model._best_metric),
+        "fuxictr_own_metrics": {k: float(v) for k, v in own.items()},
+        "probes": probes,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _sim_topk_padding(model: Any, loader: Any) -> dict[str, int]:
+    """SIM's first stage as in SIM.forward (`qk = q k^T * mask`, then top-k), counting the samples whose top-k holds
+    a padding position although a real behavior was left out (defect (d))."""
+    import torch
+
+    affected = rows = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            _, item_dict, mask = model.get_inputs(batch)
+            emb = model.embedding_layer(item_dict, flatten_emb=True).view(mask.shape[0], -1, model.item_info_dim)
+            target, seq = emb[:, -1, :], emb[:, :-1, :]
+            qk = torch.bmm(model.W_a(target).unsqueeze(1), model.W_b(seq).transpose(-1, -2)).squeeze(1) * mask
+            k = min(model.topk, qk.shape[1])
+            picked_real = torch.gather(mask, 1, qk.topk(k, dim=1)[1]).sum(1)
+            affected += int((picked_real < torch.clamp(mask.sum(1), max=k)).sum())
+            rows += mask.shape[0]
+    return {"test_rows_with_padding_over_real": affected, "test_rows": rows}
+
+
+# ---- the report ----------------------------------------------------------------------------------------------
+def defects_report(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each defect claim with what the source says (file:line) and what the runs measured."""
+    fx = [r["fuxictr"] for r in rows if isinstance(r.get("fuxictr"), dict) and "probes" in r["fuxictr"]]
+    if not fx:
+        return {}
+    probes = [f["probes"] for f in fx]
+    src = probes[0]["sources"]
+
+    def found(key: str) -> bool:
+        return all(not s.startswith("NOT FOUND") for s in src[key])
+
+    rep: dict[str, dict[str, Any]] = {}
+    a = probes[0]["a"]
+    rep["a"] = {
+        "claim": "the LongCTR run script asserts another fuxictr version",
+        "confirmed": bool(a["fails"]) and found("a"),
+        "measured": f"run_expid.py imports fuxictr_version.py, which asserts {a['run_script_asserts']}; "
+        f"installed {a['installed']}",
+        "workaround": "FuxiCTR's classes called directly (FeatureProcessor, build_dataset, FeatureMap, RankDataLoader "
+        "with LongCTRDataLoader, the model's fit/predict)",
+        "source": src["a"],
+    }
+    b = {f["model"]: f["probes"].get("b") for f in fx if "b" in f["probes"]}
+    rep["b"] = {
+        "claim": "SIM/ETA/SDIM/TWIN crash on a batch whose longest history is shorter than short_seq_len",
+        "confirmed": any(v and v.get("crashes") for v in b.values()) if b else None,
+        "measured": b or "no window model was run",
+        "workaround": "such batches are padded to short_seq_len (the collator's padding_seqs replaced per loader)",
+        "source": src["b"],
+    }
+    dien = {f["variant"]: f for f in fx if f["model"] == "DIEN"}
+    c: dict[str, Any] = {v: {"probe": f["probes"].get("c"), "auc_ours_fn": f["metrics"]["auc"],
+                             "gauc_ours_fn": f["metrics"]["gauc"]} for v, f in dien.items()}  # fmt: skip
+    shorter = [(v["probe"] or {}).get("test_rows_shorter_than_batch", 0) for v in c.values()]
+    rep["c"] = {
+        "claim": "DIEN packs the first seq_len positions while the collator pre-pads: its GRUs read padding",
+        "confirmed": found("c") and any(n > 0 for n in shorter) if c else None,
+        "measured": c or "dien was not run",
+        "workaround": "measured both as shipped (pre-padded) and post-padded (the last max_len behaviors, padded at "
+        "the end; FuxiCTR's own padding='post' would also truncate at the end and keep the oldest)",
+        "source": src["c"],
+    }  # fmt: skip
+    d = next((f["probes"].get("d") for f in fx if f["model"] == "SIM"), None)
+    rep["d"] = {
+        "claim": "SIM's top-k can pick padding (score 0) over negative-scored real behaviors",
+        "confirmed": found("d"),
+        "measured": d or "sim_soft was not run",
+        "note": "possible only when a row has more real behaviors than topk (max_len > topk); at max_len <= topk "
+        "every behavior is selected and the count is 0",
+        "workaround": "none (reported, not changed)",
+        "source": src["d"],
+    }
+    e = probes[0]["e"]
+    rep["e"] = {
+        "claim": "the gAUC process pool fails on one core",
+        "confirmed": bool(e.get("fails_on_one_core")) and found("e"),
+        "measured": e,
+        "workaround": "fuxictr.metrics.mp replaced by an in-process pool (the same per-user gAUC, serially)",
+        "source": src["e"],
+    }
+    rep["f"] = {
+        "claim": "(found while checking (b)) the short window's mask is one position off its embeddings: embeddings "
+        "[:, -S:-1] of L+1 positions (target last) meet mask [:, -S:-1] of L positions, so the window covers S-1 "
+        "behaviors and its oldest one carries its predecessor's mask (a lone behavior is masked out)",
+        "confirmed": found("f"),
+        "workaround": "none (reported, not changed)",
+        "source": src["f"],
+    }
+    return rep
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | FuxiCTR | ours AUC / GAUC / logloss | FuxiCTR AUC / GAUC / logloss | FuxiCTR's own gAUC "
+        "| ours samples/s | FuxiCTR samples/s | ratio |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ours, fx = r.get("ours") or {}, r.get("fuxictr") or {}
+        om, fm = ours.get("metrics") or {}, fx.get("metrics") or {}
+        o = " / ".join(_fmt(om.get(k)) for k in ("auc", "gauc", "logloss")) if om else ours.get("error", "failed")
+        f = " / ".join(_fmt(fm.get(k)) for k in ("auc", "gauc", "logloss")) if fm else fx.get("error", "failed")
+        own = (fx.get("fuxictr_own_metrics") or {}).get("gAUC")
+        osps, fsps = ours.get("samples_per_s"), fx.get("samples_per_s")
+        ratio = f"{osps / fsps:.2f}" if osps and fsps else "-"
+        lines.append(
+            f"| {r['model']} | {r['peer']} ({r['variant']}) | {o} | {f} | {_fmt(own)} | "
+            f"{f'{osps:,.0f}' if osps else '-'} | {f'{fsps:,.0f}' if fsps else '-'} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--fuxictr-run":  # the FuxiCTR side, inside its venv
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # no benchmarks/*.py shadowing
+        return fuxictr_run(Path(sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, type=Path, help="a dataset directory built by `ctr build`")
+    parser.add_argument("--models", default=",".join(PEERS), help=f"comma-separated, of {','.join(PEERS)}")
+    parser.add_argument("--max-len", type=int, default=50, help="behaviors each side reads: the last max_len")
+    parser.add_argument("--epochs", type=int, default=None, help="default: ours (train.epochs)")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lifelong-ctr-peers"))
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "peers.json")
+    args = parser.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := [m for m in models if m not in PEERS]:
+        parser.error(f"--models: {unknown} have no FuxiCTR peer here (known: {', '.join(PEERS)})")
+    if not (args.data / "manifest.json").exists():
+        parser.error(f"--data {args.data}: no manifest.json (build it with `ctr build`)")
+    sys.path.insert(0, str(HERE))
+    from _common import JobError, machine_info
+
+    work = args.work.resolve()
+    for sub in ("logs", "runs", "config"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    py = ensure_fuxictr_venv(work)
+    print(f"converting {args.data} to LongCTR input in {work / 'data' / DATASET_ID}", flush=True)
+    conv = convert_dataset(args.data, work / "data" / DATASET_ID)
+    defaults = {m: our_config(m, []) for m in models}
+    if args.epochs is None:
+        args.epochs = int(defaults[models[0]]["train"]["epochs"])
+
+    import yaml
+
+    steps_per_epoch = max(1, math.ceil(conv["rows"]["train"] / args.batch_size))
+    log_every = max(1, steps_per_epoch // 5)
+    plans = []
+    model_cfg: dict[str, Any] = {"Base": base_config(work, defaults[models[0]])}
+    for model in models:
+        sets = our_overrides(model, defaults[model], args)
+        cfg = our_config(model, sets)
+        peer = PEERS[model]
+        params = fuxictr_params(peer, cfg, args)
+        variants = ["as shipped", "post-padded"] if peer == "DIEN" else ["as shipped"]
+        for v in variants:
+            expid = f"{peer}_peers" + ("_post" if v == "post-padded" else "")
+            model_cfg[expid] = params
+            plans.append((model, peer, v, expid, sets))
+    (work / "config" / "model_config.yaml").write_text(yaml.safe_dump(model_cfg, sort_keys=False))
+    (work / "config" / "dataset_config.yaml").write_text(
+        yaml.safe_dump(dataset_config(conv, work / "data"), sort_keys=False)
+    )
+
+    rows: list[dict[str, Any]] = []
+    ours_done: dict[str, dict[str, Any]] = {}
+    result: dict[str, Any] = {}
+
+    def save() -> None:
+        result.update({
+            "machine": machine_info(),
+            "dataset": str(args.data.resolve()),
+            "work": str(work),
+            "settings": {"max_len": args.max_len, "batch_size": args.batch_size, "epochs": args.epochs,
+                         "threads": args.threads, "log_every_steps": log_every, "loader_workers_each": 1},
+            "fuxictr": {"version": FUXICTR_VERSION, "venv": str(py.parents[1]), "torch": TORCH_PIN,
+                        "configs": str(work / "config")},
+            "gauc_definition": "per-user AUC over users with both classes, weighted by the user's impressions "
+            "(ctr.evaluation.metrics.gauc; FuxiCTR's gAUC is the same definition)",
+            "differences": [
+                "sparse tables: ours Adagrad at optim.sparse_lr, FuxiCTR Adam at the dense learning rate",
+                "dien: ours adds the auxiliary loss (model.aux_alpha); FuxiCTR's LongCTR DIEN has none",
+                "sim_soft/eta/sdim/twin: our short-term branch is DIN-style attention over the last short_len "
+                "behaviors; FuxiCTR's is multi-head target attention over short_seq_len - 1 (defect (f))",
+                "twin: ours has time/btype cross features; FuxiCTR runs Kc_cross_features=0",
+                "sdim: FuxiCTR's short attention uses its default attention_dim 64, one head",
+            ],
+            "results": rows,
+            "fuxictr_defects": defects_report(rows),
+        })  # fmt: skip
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(result, indent=2, default=float) + "\n")
+
+    for model, peer, variant, expid, sets in plans:
+        row: dict[str, Any] = {"model": model, "peer": peer, "variant": variant}
+        if model not in ours_done:
+            print(f"[ours] {model}: ctr train + ctr evaluate", flush=True)
+            try:
+                ours_done[model] = run_ours(model, sets, args, work, log_every)
+            except JobError as e:
+                ours_done[model] = {"error": str(e)[:300]}
+        row["ours"] = ours_done[model]
+        print(f"[fuxictr] {peer} ({variant})", flush=True)
+        try:
+            row["fuxictr"] = run_fuxictr(py, expid, variant, args, work, log_every)
+        except (JobError, FileNotFoundError) as e:
+            row["fuxictr"] = {"error": str(e)[:300]}
+        rows.append(row)
+        save()
+    print()
+    print(table(rows))
+    print()
+    print("FuxiCTR 2.3.10 defects (details and file:line in the JSON, fuxictr_defects):")
+    for key, d in result["fuxictr_defects"].items():
+        state = {True: "confirmed", False: "NOT confirmed", None: "not exercised"}[d["confirmed"]]
+        print(f"  ({key}) {d['claim']}: {state}; workaround: {d['workaround']}")
+        if key in ("b", "c", "d", "e"):
+            print(f"      measured: {json.dumps(d.get('measured'), default=str)[:400]}")
+    print(f"\nwrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
