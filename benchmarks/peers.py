@@ -900,6 +900,8 @@ def main() -> int:
         print(f"  ({key}) {d['claim']}: {state}; workaround: {d['workaround']}")
         if key in ("b", "c", "d", "e"):
             print(f"      measured: {json.dumps(d.get('measured'), default=str)[:400]}")
+        if d.get("note"):
+            print(f"      note: {d['note']}")
     print(f"\nwrote {args.results}")
     return 0
 

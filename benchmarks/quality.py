@@ -9,6 +9,7 @@ so the test split does not define its own tail). Then the claims of the lifelong
 - MUSE beats SIM-hard on long-tail target items;
 - TWIN beats SIM-soft and SIM-hard on AUC and GAUC (its paper's Table 4), TIN beats DIN (both over the last 50);
 - TWIN-V2 beats TWIN on the longest length bucket (its life-cycle histories);
+- DiffuMIN beats its ablation without the diffusion and contrastive losses (`diffumin_ablation`, where run);
 - each LAIN variant improves the shortest length bucket over its backbone without losing the longest;
 - where DARE variants were run (`<backbone>_dare`, `<backbone>_dare_att<N>`): DARE beats its backbone, and its
   narrower attention tables lose no AUC against the full width beyond noise.
@@ -45,8 +46,8 @@ from ctr.evaluation.metrics import (  # noqa: E402
 )
 
 BACKBONES_TWO_STAGE = ("sim_hard", "sim_soft", "muse", "r2led")
-# the long-sequence zoo without LAIN variants (issue 14): they, too, are checked against DIN over the last 50
-ZOO = ("eta", "sdim", "twin", "twin_v2")
+# the long-sequence zoo without LAIN variants (and DiffuMIN): they, too, are checked against DIN over the last 50
+ZOO = ("eta", "sdim", "twin", "twin_v2", "diffumin")
 TWO_STAGE = BACKBONES_TWO_STAGE + tuple(f"{n}_lain" for n in BACKBONES_TWO_STAGE) + ZOO
 # TWIN against the SIM searches it replaces (its paper's Table 4: TWIN > SIM soft > SIM hard)
 TWIN_VS = ("sim_soft", "sim_hard")
@@ -170,6 +171,10 @@ def main() -> int:
                 "values": f"AUC {rows['twin_v2']['longest_bucket']['auc']:.4f} vs "
                 f"{rows['twin']['longest_bucket']['auc']:.4f}, delta {fmt(d_long)}; overall delta {fmt(d_all)}",
             }
+        )
+    if "diffumin" in rows and "diffumin_ablation" in rows:  # its generator and calibrator, against neither
+        checks.append(
+            beats("diffumin", "diffumin_ablation", "diffumin beats its ablation (no L_d, no L_cl) on AUC and GAUC")
         )
     if "tin" in rows and "din" in rows:
         checks.append(beats("tin", "din", "tin beats din (both over the last 50) on AUC and GAUC"))

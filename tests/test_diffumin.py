@@ -1,0 +1,162 @@
+"""DiffuMIN (ctr/models/diffumin.py): OMIE's orthonormal channels, routing and per-channel selection against brute
+force with ties, no look-ahead on real batches, a deterministic evaluation, the diffusion sampler, and each loss
+term decreasing on the tiny world."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from model_helpers import batches, build, loss_of, subset  # noqa: E402
+
+from ctr.modules.diffusion import DMIG  # noqa: E402
+from ctr.modules.gsu import lengths_to_offsets  # noqa: E402
+from ctr.modules.multi_interest import orthonormal_rows, orthonormal_rows_qr, select_per_channel  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_orthonormal_rows_match_qr():
+    p = torch.randn(16, 4, 32, dtype=torch.float64)
+    o = orthonormal_rows(p)
+    eye = torch.eye(4, dtype=torch.float64).expand(16, 4, 4)
+    torch.testing.assert_close(o @ o.transpose(1, 2), eye)
+    torch.testing.assert_close(o, orthonormal_rows_qr(p))
+    # the span is the projections': each row c is a combination of rows 0..c (R is triangular)
+    coef = torch.linalg.lstsq(p.transpose(1, 2), o.transpose(1, 2)).solution  # [16, 4, 4]
+    assert coef.tril(-1).abs().max() < 1e-8
+
+
+def brute_force(lengths, behaviors, channels, cap, p, mode):
+    """Per sample and channel, the selected positions by the definitions (ties: higher A, then most recent)."""
+    out, start = [], 0
+    for b, n in enumerate(lengths.tolist()):
+        e = behaviors[start : start + n]
+        a = e @ channels[b].T  # [n, C]
+        route = [int(torch.argmax(a[i])) for i in range(n)]  # first maximum on ties
+        per = []
+        for c in range(channels.shape[1]):
+            cand = [i for i in range(n) if route[i] == c] if mode == "paper" else list(range(n))
+            cand.sort(key=lambda i: (-float(a[i, c]), -i))
+            if mode == "paper":
+                per.append(cand[: min(cap, math.ceil(p * len(cand)))])
+            else:
+                per.append([i for i in cand[:cap] if route[i] == c])
+        out.append(per)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("mode, p, cap", [("paper", 0.5, 3), ("paper", 1.0, 50), ("paper", 0.3, 2), ("code", 0.5, 4)])
+def test_selection_matches_brute_force_with_ties(mode, p, cap):
+    """Integer-valued vectors make equal scores and equal routes common: the ties resolve as documented."""
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.tensor([0, 1, 5, 17, 40, 9])
+    behaviors = torch.randint(-2, 3, (int(lengths.sum()), 6), generator=g).float()
+    channels = torch.randint(-1, 2, (len(lengths), 3, 6), generator=g).float()
+    sel, n_routed = select_per_channel(
+        lengths_to_offsets(lengths), behaviors, channels, cap=cap, p=p, mode=mode, backend="reference"
+    )
+    want = brute_force(lengths, behaviors, channels, cap, p, mode)
+    pos = sel.positions.view(len(lengths), 3, cap)
+    for b in range(len(lengths)):
+        for c in range(3):
+            got = [int(x) for x in pos[b, c] if x >= 0]
+            assert got == want[b][c], (b, c, got, want[b][c])
+    assert n_routed.sum().item() == int(lengths.sum())
+
+
+def test_selection_on_real_batches_has_no_look_ahead(info):
+    """Every selected behavior is a real position of the sample's prefix, strictly before it (ts gap > 0), routed
+    to the channel whose block holds it, and no behavior is selected twice (routing is exclusive)."""
+    model = build(info, "diffumin").eval()
+    batch = batches(info, model, 1)[0]
+    with torch.no_grad():
+        sel, offsets = model.select(batch)
+        emb = model.embed(batch.sparse.to_dict())
+        channels = model.channels_of(model.pair(emb, ""))
+        behaviors = model.pair(emb, "long_")
+    lengths = batch.dense["long_lengths"]
+    c, cap = model.p.channels, model.p.per_channel
+    assert sel.positions.shape == (batch.size, c * cap)
+    pos, mask = sel.positions, sel.mask
+    assert ((pos < lengths.unsqueeze(1)) | ~mask).all()
+    rows = sel.rows(offsets)
+    assert (batch.dense["long_ts_gap"][rows][mask] > 0).all()
+    sample = torch.repeat_interleave(torch.arange(batch.size), lengths)
+    route = torch.einsum("nd,ncd->nc", behaviors, channels[sample]).argmax(-1)
+    block = torch.arange(c * cap).div(cap, rounding_mode="floor").expand(batch.size, -1)
+    assert (route[rows][mask] == block[mask]).all()
+    for b in range(batch.size):
+        p = pos[b][mask[b]].tolist()
+        assert len(set(p)) == len(p)
+    assert int(mask.sum()) > 0 and int(lengths.max()) > cap
+
+
+def test_eval_is_deterministic_and_per_sample(info):
+    model = build(info, "diffumin")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for batch in batches(info, model, 2):
+        loss = loss_of(model, model.train()(batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    batch = batches(info, model, 3)[2]
+    with torch.no_grad():
+        full = model(batch).logit
+        torch.testing.assert_close(model(batch).logit, full, rtol=0, atol=0)  # the sampler is deterministic
+        rows = torch.argsort(batch.dense["long_lengths"])[:12]
+        torch.testing.assert_close(model(subset(batch, rows)).logit, full[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_schedule_and_randomness():
+    dmig = DMIG(8, steps=10, t0=50)
+    ts = dmig.schedule()
+    assert ts[0] == 50 and ts[-1] == 0 and len(ts) == 10 and ts == sorted(ts, reverse=True)
+    r = torch.nn.functional.normalize(torch.randn(5, 3, 8), dim=-1)
+    o = torch.randn(5, 3, 8)
+    dmig.eval()
+    torch.testing.assert_close(dmig(r, o), dmig(r, o), rtol=0, atol=0)
+    dmig.train()
+    assert not torch.equal(dmig(r, o), dmig(r, o))  # training samples with noise
+    code = DMIG(8, mode="code").eval()
+    assert not torch.equal(code(r, o), code(r, o))  # the release samples at evaluation too
+    with pytest.raises(ValueError):
+        DMIG(8, steps=10, t0=5)
+
+
+def test_each_loss_term_decreases(info):
+    """CTR, diffusion and contrastive terms each lower after training on the tiny world; the ablation (weights 0)
+    has the CTR term only."""
+    model = build(info, "diffumin", diffusion_weight=1.0, contrastive_weight=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history: dict[str, list[float]] = {}
+    for batch in batches(info, model, 30):
+        terms = model.loss(model.train()(batch), batch)
+        for k, v in terms.items():
+            history.setdefault(k, []).append(float(v.detach()))
+        opt.zero_grad()
+        sum(terms.values()).backward()
+        opt.step()
+    assert set(history) == {"ctr", "diffusion", "contrastive"}
+    for k, values in history.items():
+        first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
+        assert last < first, (k, first, last)
+    ablation = build(info, "diffumin", diffusion_weight=0.0, contrastive_weight=0.0)
+    batch = batches(info, ablation, 1)[0]
+    assert set(ablation.loss(ablation.train()(batch), batch)) == {"ctr"}
+
+
+def test_refusals(info):
+    from ctr.models import get_model_class
+
+    with pytest.raises(ValueError, match="LAIN or DARE"):
+        get_model_class("diffumin").Params(dare=True)
+    with pytest.raises(ValueError, match="channels"):
+        build(info, "diffumin", channels=64)
