@@ -12,9 +12,10 @@ behaviors routed to it (its *selection*), and its interest is their relevance-we
 * Selection, ``select: paper``: the top ``ceil(p · n_c)`` routed behaviors by ``A_ic`` (the README's top-p%; p is
   not published, 0.5 by default), at most ``cap`` per channel (ours: with 10K-long prefixes an uncapped p% would
   average thousands). ``select: code``: the release's top ``cap`` (100) by ``A_ic`` over every behavior, kept
-  where routed to c. Both go through `kernels.gsu_topk` (dot mode), one call per channel: the routing is an extra
-  coordinate, 0 for a behavior routed to c and -inf otherwise (-inf is never selected), so no dense ``[B, L, C]``
-  tensor or sort is built. Ties go to the most recent behavior, as in every GSU of this library.
+  where routed to c. Both go through `kernels.gsu_topk` (dot mode), one call per channel, on the jagged scores
+  ``A_ic`` (a 1-d vector per behavior against a target of 1), set to -inf where a behavior is routed elsewhere
+  (-inf is never selected), so no dense ``[B, L, C]`` tensor or sort is built. Ties go to the most recent
+  behavior, as in every GSU of this library.
 """
 
 from __future__ import annotations
@@ -74,18 +75,18 @@ def select_per_channel(
     behaviors, channels = behaviors.detach().float(), channels.detach().float()
     lengths = offsets[1:] - offsets[:-1]
     sample = torch.repeat_interleave(torch.arange(b, device=offsets.device), lengths, output_size=behaviors.shape[0])
-    _, routed = route(behaviors, channels, sample)
+    a, routed = route(behaviors, channels, sample)
     n_routed = torch.bincount(sample * c + routed, minlength=b * c).view(b, c)
     ones = torch.ones(b, 1, device=channels.device)
     positions, scores = [], []
     for ch in range(c):
-        gate = torch.zeros(behaviors.shape[0], 1, device=behaviors.device)
+        # the score is A_ic itself (a 1-d "vector" against a target of 1), -inf where not routed (paper)
+        score_c = a[:, ch : ch + 1]
         if mode == "paper":
-            gate[routed != ch] = float("-inf")
+            score_c = score_c.masked_fill((routed != ch).unsqueeze(1), float("-inf"))
         pos, score = kernels.gsu_topk(
-            offsets, cap, mode="dot", target=torch.cat([channels[:, ch], ones], -1),
-            behavior_vectors=torch.cat([behaviors, gate], -1), backend=backend,
-        )  # fmt: skip
+            offsets, cap, mode="dot", target=ones, behavior_vectors=score_c.contiguous(), backend=backend
+        )
         if mode == "paper":  # the top ceil(p · n_c) of the routed
             keep = torch.arange(cap, device=pos.device).unsqueeze(0) < torch.ceil(p * n_routed[:, ch : ch + 1])
         else:  # the top cap over all, where routed to this channel
