@@ -92,13 +92,44 @@ def gsu_topk_reference(
     scores = torch.where(torch.isnan(scores), float("-inf"), scores)
     batch = offsets.numel() - 1
     total = scores.shape[0]
+    width = max(int((offsets[1:] - offsets[:-1]).max()) if batch > 0 else 0, k, 1)
+    if batch * width > JAGGED_WHEN * max(total, 1):  # one long history among short ones: do not pad to it
+        return jagged_topk_newest_first(scores, offsets, k)
     sample = segment_ids(offsets, total)
     position = torch.arange(total, device=scores.device) - offsets[sample]
-    width = max(int((offsets[1:] - offsets[:-1]).max()) if batch > 0 else 0, k, 1)
-
     padded = torch.full((batch, width), float("-inf"), dtype=torch.float32, device=scores.device)
     padded[sample, position] = scores
     return topk_newest_first(padded, k)
+
+
+# the padded top-K costs B x (the longest sample); the jagged one a sort of the real behaviors: it wins when padding
+# would more than quadruple the work (the same positions and scores either way; tests compare both to brute force)
+JAGGED_WHEN = 4
+
+
+def jagged_topk_newest_first(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk_newest_first` on jagged ``scores [total_L]`` (``offsets [B + 1]``, -inf = not a candidate), without
+    padding: one stable sort of all behaviors by (sample ascending, score descending), read from the newest, so that
+    equal scores keep the newer behavior first; the first K of each sample's run are its top-K."""
+    batch, total = offsets.numel() - 1, scores.shape[0]
+    pos_out = torch.full((batch, k), -1, dtype=torch.int64, device=scores.device)
+    score_out = torch.zeros(batch, k, dtype=torch.float32, device=scores.device)
+    if batch == 0 or k == 0 or total == 0:
+        return pos_out, score_out
+    sample = segment_ids(offsets, total)
+    position = torch.arange(total, device=scores.device) - offsets[sample]
+    # float32 -> an int32 of the same order (-0.0 made 0.0 first, so that it ties with 0.0 as in torch.topk)
+    bits = (scores.float() + 0.0).view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + 2**31  # in [0, 2^32), larger score = larger
+    key = sample * 2**32 + (2**32 - 1 - ordered)  # sample ascending, then score descending
+    newest_first = torch.arange(total - 1, -1, -1, device=scores.device)
+    order = newest_first[torch.sort(key[newest_first], stable=True).indices]
+    rank = torch.arange(total, device=scores.device) - offsets[sample[order]]
+    keep = (rank < k) & (scores[order] > float("-inf"))
+    rows = order[keep]
+    pos_out[sample[rows], rank[keep]] = position[rows]
+    score_out[sample[rows], rank[keep]] = scores[rows].float()
+    return pos_out, score_out
 
 
 def topk_newest_first(padded: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kernels import gsu_topk
 from kernels._backend import triton_available
-from kernels.reference.gsu_topk import topk_newest_first
+from kernels.reference.gsu_topk import jagged_topk_newest_first, topk_newest_first
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton does not import")
 
@@ -84,6 +84,28 @@ def test_reference_selection_with_heavy_ties_matches_brute_force(seed):
         want_pos, want_score = brute_force(scores, offsets, k)
         assert torch.equal(pos, want_pos), k
         assert torch.equal(score, want_score), k
+        # the jagged path (a sort of the real behaviors, no padding) gives the same
+        pos, score = jagged_topk_newest_first(scores, offsets, k)
+        assert torch.equal(pos, want_pos), k
+        assert torch.equal(score, want_score), k
+
+
+def test_jagged_and_padded_paths_agree_on_signed_zeros_and_skew():
+    """One long history among short ones takes the jagged path; -0.0 ties with 0.0 (newest first) on both."""
+    from kernels.reference.gsu_topk import JAGGED_WHEN, gsu_topk_reference
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [5000] + torch.randint(0, 6, (300,), generator=g).tolist()
+    offsets = offsets_from(lengths)
+    levels = torch.tensor([-0.0, 0.0, 0.5, -1.0, float("-inf"), float("nan")])
+    vectors = levels[torch.randint(0, 6, (int(offsets[-1]),), generator=g)].unsqueeze(1)
+    target = torch.ones(len(lengths), 1)
+    assert len(lengths) * 5000 > JAGGED_WHEN * int(offsets[-1])  # this batch takes the jagged path
+    for k in (1, 3, 50):
+        pos, score = gsu_topk_reference(offsets, k, "dot", target, None, vectors)
+        clean = torch.where(torch.isnan(vectors[:, 0]), float("-inf"), vectors[:, 0])
+        want_pos, want_score = brute_force(clean, offsets, k)
+        assert torch.equal(pos, want_pos) and torch.equal(score, want_score), k
 
 
 def test_reference_category_keeps_the_newest_matches():
