@@ -115,10 +115,10 @@ class DiffuMIN(TwoStageModel):
         assert emb is not None
         p: DiffuMINParams = self.p  # type: ignore[assignment]
         channels = self.channels_of(self.pair(emb, ""))
-        selection, n_routed = select_per_channel(
+        selection, _ = select_per_channel(
             offsets, self.pair(emb, "long_"), channels, cap=p.per_channel, p=p.p, mode=p.select, backend=p.backend
         )
-        return selection, {"omie_channels": channels, "omie_routed": n_routed}
+        return selection, {"omie_channels": channels}  # the ESU weights the selected with the same channels
 
     def interests(self, inp: StageInput) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r̂ [B, C, D], O [B, C, D])`` from the selected behaviors (their live embeddings)."""
