@@ -86,3 +86,28 @@ def subset(batch: Batch, rows: torch.Tensor) -> Batch:
         else:
             dense[k] = v[rows]
     return Batch(sparse=sparse, dense=dense, size=len(rows))
+
+
+def check_narrow_attention_tables(info: DatasetInfo, model, name: str, behavior_feature: str) -> None:
+    """A model built with ``dare=True, dare_att_dim=4``: its attention tables are a second collection 4 wide fed by
+    ``behavior_feature`` (and the target), the loader is unchanged, the attention reads them (scaling one changes the
+    logits), they learn, and the fused sparse optimizer gets both collections."""
+    import math
+
+    assert model.att_embedding is not None
+    att = {c.name: c for c in model.att_embedding.embedding_configs()}
+    assert set(att) == {"item_att", "cate_att"} and all(c.embedding_dim == 4 for c in att.values())
+    assert behavior_feature in att["item_att"].feature_names
+    assert model.features() == build(info, name).features()  # the loader delivers the same features
+    batch = batches(info, model, 1)[0]
+    model.eval()
+    with torch.no_grad():
+        before = model(batch).logit
+        model.att_embedding.embeddings["item_att"].weight.mul_(3.0)
+        assert not torch.allclose(before, model(batch).logit)
+    table = model.att_embedding.embeddings["cate_att"].weight
+    start = table.detach().clone()
+    losses = train_steps(model, batches(info, model, 3))
+    assert all(math.isfinite(v) for v in losses)
+    assert not torch.equal(start, table.detach())
+    assert {id(p) for p in model.sparse_parameters()} >= {id(table), id(model.embedding.embeddings["item"].weight)}

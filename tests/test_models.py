@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import STEPS, aux_of, batches, build, loss_of, subset  # noqa: E402
+from model_helpers import STEPS, aux_of, batches, build, check_narrow_attention_tables, loss_of, subset  # noqa: E402
 
 from ctr.models import get_model_class
 from ctr.modules.attention import BilinearAttention, DienDinAttention, DinAttention
@@ -418,31 +418,9 @@ def test_narrow_dare_attention_tables(info, name):
     """``dare_att_dim``: the attention tables (a second collection) are that wide, the representation tables keep
     embedding_dim, the attention reads them (changing one changes the logits) and they learn."""
     model = build(info, name, dare=True, dare_att_dim=4)
-    assert model.att_embedding is not None
-    att = {c.name: c for c in model.att_embedding.embedding_configs()}
     rep = {c.name: c for c in model.embedding.embedding_configs()}
-    assert set(att) == {"item_att", "cate_att"} and all(c.embedding_dim == 4 for c in att.values())
     assert "item_att" not in rep and rep["item"].embedding_dim == 16
-    assert "hist_item_att" in att["item_att"].feature_names
-    assert model.features() == build(info, name).features()  # the loader is unchanged
-    batch = batches(info, model, 1)[0]
-    model.eval()
-    with torch.no_grad():
-        before = model(batch).logit
-        model.att_embedding.embeddings["item_att"].weight.mul_(3.0)
-        assert not torch.allclose(before, model(batch).logit)
-    table = model.att_embedding.embeddings["cate_att"].weight
-    start = table.detach().clone()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for batch in batches(info, model, 3):
-        loss = loss_of(model, model(batch), batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        assert math.isfinite(float(loss))
-    assert not torch.equal(start, table.detach())
-    assert {id(p) for p in model.sparse_parameters()} >= {id(table), id(model.embedding.embeddings["item"].weight)}
+    check_narrow_attention_tables(info, model, name, "hist_item_att")
     with pytest.raises(ValueError, match="dare_att_dim needs dare"):
         get_model_class(name).Params(dare_att_dim=4)
 

@@ -26,7 +26,7 @@ if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None
     for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         del sys.modules[_name]
 
-from model_helpers import aux_of, batches, build, subset, train_steps  # noqa: E402
+from model_helpers import aux_of, batches, build, check_narrow_attention_tables, subset, train_steps  # noqa: E402
 
 from ctr.modules.esu import SimilarityAwareTargetAttention, SimTier, time_gap_bucket  # noqa: E402
 from ctr.modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, lengths_to_offsets  # noqa: E402
@@ -290,21 +290,7 @@ def test_narrow_dare_attention_tables(info, name):
     GSU / ESU / short branch read them (scaling one changes the logits), they learn, and values keep 2d."""
     model = build(info, name, dare=True, dare_att_dim=4)
     assert model.att_width == 8
-    att = {c.name: c for c in model.att_embedding.embedding_configs()}
-    assert set(att) == {"item_att", "cate_att"} and all(c.embedding_dim == 4 for c in att.values())
-    assert "long_item_att" in att["item_att"].feature_names
-    assert model.features() == build(info, name).features()
-    batch = batches(info, model, 1)[0]
-    model.eval()
-    with torch.no_grad():
-        before = model(batch).logit
-        model.att_embedding.embeddings["item_att"].weight.mul_(3.0)
-        assert not torch.allclose(before, model(batch).logit)
-    table = model.att_embedding.embeddings["cate_att"].weight
-    start = table.detach().clone()
-    losses = train_steps(model, batches(info, model, 3))
-    assert all(math.isfinite(v) for v in losses)
-    assert not torch.equal(start, table.detach())
+    check_narrow_attention_tables(info, model, name, "long_item_att")
 
 
 def test_narrow_dare_refusals(info):
