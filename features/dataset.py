@@ -233,6 +233,32 @@ class DatasetInfo:
             table[idx, j] = col
         return table, num_codes
 
+    def item_impressions(self, split: str = "train") -> np.ndarray:
+        """Impressions of every ``item_idx`` in a split's samples (``[vocab_sizes["item"]]`` int64)."""
+        counts = np.zeros(self.vocab_sizes["item"], dtype=np.int64)
+        for f in sorted(samples_dir(self.data_dir, split).glob("*.parquet")):
+            items = pq.read_table(f, columns=["item_idx"])["item_idx"].to_numpy()
+            counts += np.bincount(items, minlength=len(counts))[: len(counts)]
+        return counts
+
+    def item_first_seen(self) -> np.ndarray:
+        """The earliest ts at which each ``item_idx`` appears anywhere in the dataset: as a behavior (sequences) or
+        as an impression (the samples of every split); ``[vocab_sizes["item"]]`` int64, the int64 maximum for an
+        item that never appears. An item whose first appearance is at or after ``split.test_start_ts`` is new in
+        the test period (the cold-start slice of the semantic-ID experiment, the paper's CTR/1D)."""
+        never = np.iinfo(np.int64).max
+        first = np.full(self.vocab_sizes["item"], never, dtype=np.int64)
+        for f in sorted(sequences_dir(self.data_dir).glob("*.parquet")):
+            t = pq.read_table(f, columns=["item_idx", "ts"])
+            items = pc.list_flatten(t["item_idx"]).to_numpy()
+            ts = pc.list_flatten(t["ts"]).to_numpy()
+            np.minimum.at(first, items, ts)
+        for split in self.split_rows:
+            for f in sorted(samples_dir(self.data_dir, split).glob("*.parquet")):
+                t = pq.read_table(f, columns=["item_idx", "ts"])
+                np.minimum.at(first, t["item_idx"].to_numpy(), t["ts"].to_numpy())
+        return first
+
     def item_categories(self) -> np.ndarray:
         """``cate_idx`` of every ``item_idx`` (``[vocab_sizes["item"]]`` int32; 0 for padding and OOV)."""
         t = pq.read_table(items_path(self.data_dir), columns=["item_idx", "cate_idx"])

@@ -14,6 +14,7 @@ from cli.main import main as ctr
 from ctr.config import ConfigError, resolve_train_config
 from ctr.evaluation.evaluate import evaluate_run
 from ctr.train.trainer import train
+from features.dataset import DatasetInfo
 
 QUICK = ["data.num_workers=0", "data.batch_size=128", "train.log_every=5"]
 
@@ -181,5 +182,27 @@ def test_narrow_dare_tables_train_sharded(tiny_data, tmp_path):
         assert all(x.shape[1] == width for x in shards), name
     # the fused optimizer keeps state for the attention tables too (Adagrad's sum, or Adam's moments)
     assert any("item_att" in k for k in state[0]["sparse_opt"]), list(state[0]["sparse_opt"])[:10]
+    metrics = evaluate_run(run, "test")
+    assert 0.0 < metrics["auc"] < 1.0
+
+
+def test_semantic_id_items_train_sharded(sid_data, tmp_path):
+    """Semantic-ID items (`item_repr: id+sid`, SentencePiece pieces) through the real trainer on 2 ranks: the piece
+    table is sharded with the id tables, the fused sparse optimizer updates it, the pieces travel in the checkpoint,
+    and the evaluator rebuilds the model and scores the test split."""
+    from ctr.train.checkpoint import latest_complete, load_rank
+
+    sets = ["model.item_repr=id+sid", "model.sid.mode=spm", "model.sid.rows=900", "model.item_rows=501",
+            "train.max_steps=6", "train.checkpoint_every=3"]  # fmt: skip
+    run = _train(sid_data, tmp_path / "run", sets, model="din", nproc=2)
+    found = latest_complete(run / "checkpoints")
+    assert found is not None
+    state = [load_rank(found[0], r) for r in (0, 1)]
+    for name, rows in (("embedding.embeddings.item_sid.weight", 900), ("embedding.embeddings.item.weight", 501)):
+        shards = [s["model"][name] for s in state]
+        shards = [x[0] if isinstance(x, list) else x for x in shards]
+        assert sum(x.shape[0] for x in shards) in (rows, 2 * rows), name  # row-wise split, or table-wise + empty
+    assert any("item_sid" in k for k in state[0]["sparse_opt"]), list(state[0]["sparse_opt"])[:10]
+    assert state[0]["model"]["sid_embedding.pieces"].shape[0] == DatasetInfo.load(sid_data).vocab_sizes["item"]
     metrics = evaluate_run(run, "test")
     assert 0.0 < metrics["auc"] < 1.0

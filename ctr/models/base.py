@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -27,6 +28,7 @@ from features.dataset import DatasetInfo
 from features.loader import Batch, SequenceView, sparse_feature_names
 
 from ..modules.gsu import lengths_to_offsets
+from ..modules.sid_embedding import SID_TABLE, SemanticIdEmbedding, SidParams, build_pieces
 
 ATT_SUFFIX = "_att"  # DARE's attention copy of a feature: `long_item` -> `long_item_att` (table `item_att`)
 
@@ -39,6 +41,13 @@ class ModelParams(BaseModel):
     embedding_dim: int = 16
     use_user: bool = False  # embed user_idx (a huge, sparse table; off by default as in most CTR baselines)
     use_context: bool = True  # embed the context columns of the samples (e.g. user_segment)
+    # How items are represented, for the target, the behaviors and the GSU (Singh et al., RecSys '24): their ids,
+    # their semantic IDs (`sid`, see `modules.sid_embedding`; needs `ctr sid`), or the sum of both (`id+sid`)
+    item_repr: Literal["id", "sid", "id+sid"] = "id"
+    # random hashing of the item ids into this many rows (the paper's baseline at a fixed table size); None = a row
+    # per item id
+    item_rows: int | None = Field(None, ge=2)
+    sid: SidParams = Field(default_factory=SidParams)
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +100,13 @@ class CTRModel(nn.Module):
         # the tables of one collection to share a width, so narrower ones live in a second collection
         dare = getattr(params, "dare", False)
         self.att_dim = (getattr(params, "dare_att_dim", None) or self.dim) if dare else self.dim
+        sizes = dict(info.vocab_sizes)
+        self.item_rows = params.item_rows
+        if params.item_rows is not None:
+            sizes["item"] = params.item_rows
+        self.sid_embedding = self._sid_embedding(params, info, sizes)
+        # item features (their ids): hashed (`item_rows`) and/or pooled from semantic IDs in `embed`
+        self._item_features = [f for f in loaded_features(self) if self.space_of(f) == "item"]
         spaces: dict[str, list[str]] = {}
         self.embedded_features = self.embedding_features()  # what `embed` looks up, in order
         for feat in self.embedded_features:
@@ -103,9 +119,7 @@ class CTRModel(nn.Module):
                         name=space,
                         embedding_dim=dim,
                         # a DARE attention table (`item_att`) has as many rows as its id space (`item`)
-                        num_embeddings=info.vocab_sizes[
-                            space if space in info.vocab_sizes else space.removesuffix(ATT_SUFFIX)
-                        ],
+                        num_embeddings=sizes[space if space in sizes else space.removesuffix(ATT_SUFFIX)],
                         feature_names=spaces[space],
                     )
                     for space in names
@@ -118,6 +132,22 @@ class CTRModel(nn.Module):
         self.embedding = collection([s for s in spaces if s not in att], self.dim)
         self.att_embedding = collection(att, self.att_dim) if att else None
         self._att_features = [f for f in self.embedded_features if self.space_of(f) in att]
+
+    def _sid_embedding(
+        self, params: ModelParams, info: DatasetInfo, sizes: dict[str, int]
+    ) -> SemanticIdEmbedding | None:
+        """The semantic-ID pieces of every item (``item_repr`` sid / id+sid); records the piece table's rows."""
+        if params.item_repr == "id":
+            return None
+        if getattr(params, "dare", False):
+            raise ValueError(
+                f"item_repr {params.item_repr} with DARE is not supported (DARE's attention tables are item-id tables)"
+            )
+        codes, num_codes = info.sid_codes(params.sid.levels)  # a dataset without SIDs fails here, with the fix
+        weights = info.item_impressions("train").astype(np.float64) if params.sid.mode == "spm" else None
+        pieces, rows = build_pieces(params.sid, codes, num_codes, weights)
+        sizes[SID_TABLE] = rows
+        return SemanticIdEmbedding(pieces, rows, self.dim, params.sid.layer_norm)
 
     # ---- what the loader must deliver -------------------------------------------------------------------------
     def views(self) -> tuple[SequenceView, ...]:
@@ -139,15 +169,21 @@ class CTRModel(nn.Module):
     def embedding_features(self) -> list[str]:
         """Every feature the embedding collection looks up: `features()` (what the loader delivers) plus any feature
         a model builds itself in `embed` (DARE's attention copies `item_att`, `long_item_att`, ...)."""
-        feats = self.features()
-        if getattr(self.params, "dare", False):
-            feats = feats + [f + ATT_SUFFIX for f in feats if f in self.att_sources]
+        feats = loaded_features(self)
+        if self.params.item_repr == "sid":  # the items' vectors come from their pieces only
+            feats = [f for f in feats if self.space_of(f) != "item"]
+        if self.params.item_repr != "id":
+            feats = feats + [SID_TABLE]
         return feats
 
     def embed(self, ids: dict[str, Any]) -> dict[str, Any]:
         """Look up every embedding feature (DARE's ``*_att`` from their source ids) in one collection call;
         ``ids``: feature -> JaggedTensor of ids (``batch.sparse.to_dict()``, possibly with some replaced)."""
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+        sid = None
+        if self.item_rows is not None or self.sid_embedding is not None:
+            ids, sid = self._item_ids(ids, JaggedTensor)
 
         def kjt(feats: list[str]) -> KeyedJaggedTensor:
             jts = [ids[f.removesuffix(ATT_SUFFIX) if f.endswith(ATT_SUFFIX) else f] for f in feats]
@@ -158,13 +194,51 @@ class CTRModel(nn.Module):
             )
 
         if self.att_embedding is None:
-            return self.embedding(kjt(self.embedded_features))
-        main = [f for f in self.embedded_features if f not in self._att_features]
-        return {**self.embedding(kjt(main)), **self.att_embedding(kjt(self._att_features))}
+            out = self.embedding(kjt(self.embedded_features))
+        else:
+            main = [f for f in self.embedded_features if f not in self._att_features]
+            out = {**self.embedding(kjt(main)), **self.att_embedding(kjt(self._att_features))}
+        if sid is not None:
+            out = self._pool_sid(out, ids, *sid, JaggedTensor)
+        return out
+
+    def _item_ids(self, ids: dict[str, Any], jagged: Any) -> tuple[dict[str, Any], tuple | None]:
+        """The ids `embed` looks up once items are hashed (`item_rows`) or pooled from pieces: item features'
+        ids hashed into the ID table, and the pieces of the batch's unique items as the ``item_sid`` feature (all
+        in the first row: an unpooled lookup keeps the order). Returns (ids, (raw item ids, unique inverse, segment
+        of each piece, number of unique items)) or (ids, None) without SIDs."""
+        ids = dict(ids)
+        raw = {f: ids[f] for f in self._item_features}
+        if self.item_rows is not None:
+            for f, jt in raw.items():
+                ids[f] = jagged(values=hash_ids(jt.values().long(), self.item_rows), lengths=jt.lengths())
+        if self.sid_embedding is None:
+            return ids, None
+        first = raw[self._item_features[0]]
+        uniq, inverse = torch.unique(torch.cat([jt.values().long() for jt in raw.values()]), return_inverse=True)
+        flat, seg = self.sid_embedding.piece_ids(uniq)
+        lengths = torch.zeros_like(first.lengths())
+        lengths[0] = flat.numel()
+        ids[SID_TABLE] = jagged(values=flat, lengths=lengths)
+        return ids, (raw, inverse, seg, uniq.numel())
+
+    def _pool_sid(self, out: dict[str, Any], ids: dict[str, Any], raw: dict[str, Any], inverse: torch.Tensor,
+                  seg: torch.Tensor, n_items: int, jagged: Any) -> dict[str, Any]:  # fmt: skip
+        """Item features' vectors from their pooled pieces (``sid``), or added to their id rows (``id+sid``)."""
+        assert self.sid_embedding is not None
+        out = dict(out)
+        pooled = self.sid_embedding.pool(out.pop(SID_TABLE).values(), seg, n_items)
+        parts = inverse.split([raw[f].values().numel() for f in raw])
+        for f, part in zip(raw, parts, strict=True):
+            v = pooled[part]
+            if self.params.item_repr == "id+sid":
+                v = out[f].values() + v
+            out[f] = jagged(values=v, lengths=raw[f].lengths())
+        return out
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The embedding tables' parameters (every collection): what the fused sparse optimizer updates."""
-        params = list(self.embedding.parameters())
+        params = list(self.embedding.parameters())  # (the semantic-ID piece table `item_sid` is one of its tables)
         if self.att_embedding is not None:
             params += list(self.att_embedding.parameters())
         return params
@@ -181,6 +255,8 @@ class CTRModel(nn.Module):
     # ---- helpers for subclasses -----------------------------------------------------------------------------
     def lookup(self, batch: Batch) -> dict[str, Any]:
         """feature -> JaggedTensor of embeddings (values [sum lengths, dim])."""
+        if self.item_rows is not None or self.sid_embedding is not None:
+            return self.embed(batch.sparse.to_dict())
         return self.embedding(batch.sparse)
 
     @staticmethod
@@ -221,6 +297,24 @@ class CTRModel(nn.Module):
 
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def loaded_features(model: CTRModel) -> list[str]:
+    """What the loader delivers plus DARE's attention copies: `embedding_features` before the item representation
+    (``item_repr``) swaps item ids for semantic-ID pieces."""
+    feats = model.features()
+    if getattr(model.params, "dare", False):
+        feats = feats + [f + ATT_SUFFIX for f in feats if f in model.att_sources]
+    return feats
+
+
+_HASH_P = (1 << 31) - 1  # a Mersenne prime above every item index
+
+
+def hash_ids(ids: torch.Tensor, rows: int, a: int = 1_103_515_245, b: int = 12_345) -> torch.Tensor:
+    """Random hashing of item ids into ``rows`` buckets, ``((a·id + b) mod p) mod rows`` with p = 2^31 − 1 (a
+    universal hash; ids < 2^31, so the product fits in int64)."""
+    return ((ids * a + b) % _HASH_P) % rows
 
 
 MODELS: dict[str, type[CTRModel]] = {}
