@@ -90,11 +90,17 @@ def cmd_sid(args: argparse.Namespace) -> int:
     from pipelines.sid import build_semantic_ids
 
     block = build_semantic_ids(
-        Path(args.data), args.levels, args.codebook_size, seed=args.seed, iters=args.iters, missing=args.missing
-    )
+        Path(args.data), args.levels, args.codebook_size, seed=args.seed, iters=args.iters, missing=args.missing,
+        method=args.method, steps=args.steps,
+    )  # fmt: skip
     mse = ", ".join(f"{m:.4g}" for m in block["reconstruction_mse"])
-    print(f"semantic IDs: {block['levels']} levels x {block['codebook_size']} codes (RQ-KMeans) in {args.data}")
-    print(f"reconstruction MSE by level: {mse}")
+    print(f"semantic IDs: {block['levels']} levels x {block['codebook_size']} codes ({args.method}) in {args.data}")
+    space = "latent " if args.method == "rq-vae" else ""
+    print(f"{space}reconstruction MSE by level: {mse}")
+    if args.method == "rq-vae":
+        print(f"decoder MSE: {block['decoder_mse']:.4g}; dead codes reset per level: {block['dead_code_resets']}")
+    print("codebook use by level: " + ", ".join(f"{u:.1%}" for u in block["utilization"]))
+    print("items with a unique prefix, by prefix length: " + ", ".join(f"{u:.1%}" for u in block["prefix_unique"]))
     print(f"collisions: {block['collision_rate_before']:.4%} of items before the suffix, 0 after")
     return 0
 
@@ -259,12 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("sid", help="semantic IDs of items (RQ-KMeans over mm_emb) into DATA_DIR/items.parquet")
+    p = sub.add_parser("sid", help="semantic IDs of items (RQ-KMeans or RQ-VAE of mm_emb) in DATA_DIR/items.parquet")
     p.add_argument("--data", required=True, help="dataset directory (from ctr build)")
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, default=20, help="Lloyd iterations per level")
+    p.add_argument("--iters", type=int, default=20, help="Lloyd iterations per level (rq-kmeans)")
+    p.add_argument("--method", choices=["rq-kmeans", "rq-vae"], default="rq-kmeans", help="the quantizer")
+    p.add_argument("--steps", type=int, default=3000, help="training steps of 1,024 items (rq-vae)")
     p.add_argument(
         "--missing",
         choices=["category", "reserved"],

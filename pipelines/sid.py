@@ -21,8 +21,9 @@ Method (R2LED, Liu et al., arXiv 2602.06622, says "Semantic IDs" but its tokeniz
 
 Choices (documented, not from the paper):
 
-* **RQ-KMeans, not RQ-VAE**: deterministic under a seed, no training loop, the common choice in recent industrial
-  SID work; the RQ-VAE of TIGER (Rajput et al., NeurIPS 2023) is not implemented.
+* **RQ-KMeans by default**: deterministic under a seed, no training loop, the common choice in recent industrial
+  SID work. TIGER's RQ-VAE (Rajput et al., NeurIPS 2023), which the semantic-ID ranking paper (Singh et al.,
+  RecSys '24) uses with 8 levels, β = 0.25 and dead-code reset, is ``method="rq-vae"`` (`pipelines.rqvae`).
 * **Subsampled fitting**: the codebooks are fitted on at most ``fit_sample`` items drawn without replacement
   (default 65,536 = 256 points per centroid at K = 256), then *every* item is encoded with them in chunks. With
   1M items x 128 dims, fitting costs 3 levels x 20 iterations over 64K points (seconds) and encoding one pass over
@@ -261,6 +262,11 @@ def disambiguate(codes: np.ndarray, rank_key: np.ndarray) -> np.ndarray:
     return suffix
 
 
+def prefix_unique(codes: np.ndarray, length: int) -> float:
+    """Fraction of rows whose first ``length`` codes no other row shares (1 - the collision rate of the prefix)."""
+    return 1.0 - collision_rate(codes[:, :length]) if len(codes) else 1.0
+
+
 def collision_rate(codes: np.ndarray) -> float:
     """Fraction of rows whose full code (all columns) is shared with another row."""
     n = len(codes)
@@ -333,6 +339,8 @@ def build_semantic_ids(
     iters: int = 20,
     fit_sample: int | None = 65536,
     missing: Literal["category", "reserved"] = "category",
+    method: Literal["rq-kmeans", "rq-vae"] = "rq-kmeans",
+    steps: int = 3000,
 ) -> dict[str, Any]:
     """Add semantic-ID columns to ``DATA_DIR/items.parquet`` and a ``semantic_ids`` block to its manifest.json.
 
@@ -345,13 +353,19 @@ def build_semantic_ids(
         fit_sample: fit the codebooks on at most this many items (None = all); every item is encoded.
         missing: codes for items without an embedding: ``category`` (their category's mean embedding, else
             reserved) or ``reserved`` (K at every level).
+        method: ``rq-kmeans`` (default) or ``rq-vae`` (`pipelines.rqvae`: an encoder, a residual quantizer trained
+            with β = 0.25 and dead-code reset, a decoder; the codes quantize the encoder's latent).
+        steps: rq-vae training steps (batches of 1,024 items).
 
     Returns:
         The ``semantic_ids`` block written to manifest.json: levels, codebook_size, num_codes, method, seed, iters,
         items, fit_items, missing policy and count, input dtype, reconstruction_mse per level (mean over embedded
         items of ||x - x̂||² / D after 1..L levels), variance (the same for x̂ = the mean, for scale),
         collision_rate_before / collision_rate_after (fraction of items sharing their full code, without / with
-        the suffix), max_suffix, utilization and perplexity per level, columns, seconds.
+        the suffix), max_suffix, utilization and perplexity per level, prefix_unique (for each prefix length
+        1..L, the share of items no other item shares it with), columns, seconds; rq-vae adds latent_dim,
+        decoder_mse, steps, loss_first / loss_last and dead_code_resets per level (its reconstruction_mse is the
+        latent's quantization error per latent dimension).
 
     See the module docstring for the method and every choice. Both files are replaced atomically.
     """
@@ -362,6 +376,8 @@ def build_semantic_ids(
         raise FileNotFoundError(
             f"{data_dir}: needs items.parquet and manifest.json; DATA_DIR must be a dataset directory from `ctr build`"
         )
+    if method not in ("rq-kmeans", "rq-vae"):
+        raise ValueError(f"method must be 'rq-kmeans' or 'rq-vae', got {method!r}")
     if missing not in ("category", "reserved"):
         raise ValueError(f"missing must be 'category' or 'reserved', got {missing!r}")
     items = pq.read_table(items_file)
@@ -372,7 +388,15 @@ def build_semantic_ids(
         raise ValueError(f"{items_file}: no item has a usable {MM_EMB_COLUMN} (all null or zero)")
 
     x_emb = x if present.all() else x[present]
-    quantizer = fit_rq_kmeans(x_emb, levels, codebook_size, seed=seed, iters=iters, fit_sample=fit_sample)
+    quantizer: Any
+    if method == "rq-kmeans":
+        quantizer = fit_rq_kmeans(x_emb, levels, codebook_size, seed=seed, iters=iters, fit_sample=fit_sample)
+        err_dim = x.shape[1]
+    else:
+        from pipelines.rqvae import train_rq_vae
+
+        quantizer = train_rq_vae(x_emb, levels, codebook_size, seed=seed, steps=steps)
+        err_dim = quantizer.latent_dim
     codes = np.full((n, levels), codebook_size, dtype=np.int32)
     rank = np.full(n, np.inf)
     emb_codes, sq_err, resid = quantizer.encode(x_emb)
@@ -400,7 +424,7 @@ def build_semantic_ids(
         "levels": levels,
         "codebook_size": codebook_size,
         "num_codes": codebook_size + 1,
-        "method": METHOD,
+        "method": method,
         "seed": seed,
         "iters": iters,
         "items": n,
@@ -411,15 +435,25 @@ def build_semantic_ids(
         "missing_items": n_missing,
         "reserved_code": codebook_size,
         "reserved_items": int((codes[:, 0] == codebook_size).sum()),
-        "reconstruction_mse": [_sig(float(v) / x.shape[1]) for v in sq_err.mean(0)],
+        "reconstruction_mse": [_sig(float(v) / err_dim) for v in sq_err.mean(0)],
         "variance": _sig(variance),
         "collision_rate_before": _sig(collision_rate(codes)),
         "collision_rate_after": _sig(collision_rate(np.column_stack([codes, suffix]))),
         "max_suffix": int(suffix.max()) if n else 0,
         "utilization": [_sig(float((u > 0).mean())) for u in used],
         "perplexity": [_sig(float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))) for p in probs],
+        "prefix_unique": [_sig(prefix_unique(codes, p)) for p in range(1, levels + 1)],
         "columns": [*sid_columns(levels), SUFFIX_COLUMN],
     }
+    if method == "rq-vae":
+        block |= {
+            "latent_dim": quantizer.latent_dim,
+            "decoder_mse": _sig(quantizer.decoder_mse(x_emb)),
+            "steps": steps,
+            "loss_first": _sig(quantizer.loss_first),
+            "loss_last": _sig(quantizer.loss_last),
+            "dead_code_resets": quantizer.resets,
+        }
 
     out = items
     for j, name in enumerate(sid_columns(levels)):

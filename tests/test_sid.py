@@ -228,3 +228,52 @@ def test_items_and_manifest_rewritten_and_idempotent(data_dir):
     build_semantic_ids(data_dir, levels=2, codebook_size=16, seed=3)
     cols = pq.read_schema(data_dir / "items.parquet").names
     assert cols == before.column_names + ["sid_0", "sid_1", SUFFIX_COLUMN]
+
+
+# ---- RQ-VAE (pipelines/rqvae.py) and the prefix statistics -------------------------------------------------------
+def _clustered(n: int = 3000, dim: int = 16, centers: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, dim)).astype(np.float32)
+    return c[rng.integers(0, centers, n)] + 0.1 * rng.normal(size=(n, dim)).astype(np.float32)
+
+
+def test_rq_vae_trains_and_dead_code_reset_raises_codebook_use():
+    from pipelines.rqvae import train_rq_vae
+
+    x = _clustered()
+    kw = {"levels": 3, "codebook_size": 64, "steps": 150, "batch": 256, "seed": 1}
+    model = train_rq_vae(x, **kw)
+    assert model.loss_last < model.loss_first
+    codes, err, resid = model.encode(x)
+    assert codes.shape == (len(x), 3) and codes.min() >= 0 and codes.max() < 64
+    assert (np.diff(err.mean(0)) < 0).all()  # each level lowers the latent's quantization error
+    np.testing.assert_allclose(resid, np.sqrt(err[:, -1]))
+    again = train_rq_vae(x, **kw)
+    assert np.array_equal(again.encode(x)[0], codes)  # deterministic under the seed
+    no_reset = train_rq_vae(x, **kw, dead_code_reset=False)
+    use = [len(np.unique(codes[:, j])) for j in range(3)]
+    use_no_reset = [len(np.unique(no_reset.encode(x)[0][:, j])) for j in range(3)]
+    assert sum(model.resets) > 0 and sum(use) > sum(use_no_reset), (use, use_no_reset)
+    assert model.decoder_mse(x) < float(x.var())  # the decoder reconstructs better than the mean
+
+
+def test_prefix_unique_matches_brute_force():
+    from pipelines.sid import prefix_unique
+
+    codes = np.random.default_rng(3).integers(0, 3, size=(200, 4))
+    for p in range(1, 5):
+        keys = [tuple(r[:p]) for r in codes.tolist()]
+        want = sum(keys.count(k) == 1 for k in keys) / len(keys)
+        assert prefix_unique(codes, p) == pytest.approx(want)
+
+
+def test_build_semantic_ids_rq_vae_block(data_dir):
+    block = build_semantic_ids(data_dir, levels=4, codebook_size=32, method="rq-vae", steps=60)
+    assert block["method"] == "rq-vae" and block["steps"] == 60 and len(block["dead_code_resets"]) == 4
+    assert block["decoder_mse"] > 0 and block["latent_dim"] >= 1
+    assert len(block["prefix_unique"]) == 4 and block["prefix_unique"] == sorted(block["prefix_unique"])
+    t = pq.read_table(data_dir / "items.parquet")
+    assert [c for c in t.column_names if c.startswith("sid_")] == ["sid_0", "sid_1", "sid_2", "sid_3", SUFFIX_COLUMN]
+    assert json.loads((data_dir / "manifest.json").read_text())["semantic_ids"]["method"] == "rq-vae"
+    with pytest.raises(ValueError, match="method"):
+        build_semantic_ids(data_dir, method="vq")
