@@ -11,6 +11,8 @@ so the test split does not define its own tail). Then the claims of the lifelong
 - TWIN-V2 beats TWIN on the longest length bucket (its life-cycle histories);
 - DiffuMIN beats its ablation without the diffusion and contrastive losses (`diffumin_ablation`, where run);
 - each LAIN variant improves the shortest length bucket over its backbone without losing the longest;
+- DIN with semantic-ID items (`din_sid`, SentencePiece pieces; Singh et al., RecSys '24) beats DIN on long-tail
+  target items and loses no overall AUC against it beyond noise ("without sacrificing overall model quality");
 - where DARE variants were run (`<backbone>_dare`, `<backbone>_dare_att<N>`): DARE beats its backbone, and its
   narrower attention tables lose no AUC against the full width beyond noise.
 
@@ -175,6 +177,19 @@ def main() -> int:
     if "diffumin" in rows and "diffumin_ablation" in rows:  # its generator and calibrator, against neither
         checks.append(
             beats("diffumin", "diffumin_ablation", "diffumin beats its ablation (no L_d, no L_cl) on AUC and GAUC")
+        )
+    if "din_sid" in rows and "din" in rows:  # semantic-ID items: generalization to the tail, no overall loss
+        dt, da = delta("din_sid", "din", subset="tail"), delta("din_sid", "din")
+        checks.append(
+            {
+                "claim": "din_sid beats din on long-tail target items (AUC) and loses no overall AUC beyond noise",
+                "holds": bool(dt["delta"] > 0 and da["ci95"][1] >= 0),
+                "significant": dt["significant"],
+                "auc_delta": dt,
+                "overall_auc_delta": da,
+                "values": f"long-tail AUC {rows['din_sid']['long_tail']['auc']:.4f} vs "
+                f"{rows['din']['long_tail']['auc']:.4f}, delta {fmt(dt)}; overall delta {fmt(da)}",
+            }
         )
     if "tin" in rows and "din" in rows:
         checks.append(beats("tin", "din", "tin beats din (both over the last 50) on AUC and GAUC"))

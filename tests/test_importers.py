@@ -222,6 +222,29 @@ def test_movielens_small_written(tmp_path: Path) -> None:
     assert_same_output(tmp_path / "raw", tmp_path / "raw2")
 
 
+def test_movielens_content_vectors(tmp_path: Path) -> None:
+    """``content_emb=true``: a unit-norm genre multi-hot, the scaled year and an unknown-year flag per movie; a
+    null vector for a rated movie without metadata; the raw directory passes the checks (`ctr build` reads it)."""
+    src = tmp_path / "ml"
+    _write_small_movielens(src)
+    s = import_movielens(src, tmp_path / "raw", content_emb=True)
+    assert s["rows"]["items"] == 4
+    codes = json.loads((tmp_path / "raw" / "source.json").read_text())["codes"]["genre"]
+    items = check_raw_dir(tmp_path / "raw")["items"].sort("item_id")
+    emb = {r["item_id"]: r["mm_emb"] for r in items.iter_rows(named=True)}
+    g = len(codes)
+    heat = np.asarray(emb[10])
+    assert heat.shape == (g + 2,)
+    want = np.zeros(g + 2)
+    want[[codes["Action"] - 1, codes["Crime"] - 1]] = 1 / np.sqrt(2)
+    want[g] = (1995 - 1990) / 20
+    np.testing.assert_allclose(heat, want, rtol=1e-6)
+    assert emb[30][g] == 0.0 and emb[30][g + 1] == 1.0  # no year: the flag
+    assert emb[40] is None  # rated, missing from movies.csv
+    import_movielens(src, tmp_path / "raw2")  # off by default: the standard import is unchanged
+    assert "mm_emb" not in check_raw_dir(tmp_path / "raw2")["items"].columns
+
+
 def test_movielens_errors(tmp_path: Path) -> None:
     src = tmp_path / "ml"
     _write_small_movielens(src)

@@ -231,3 +231,13 @@ def test_item_first_seen_and_impressions(sinfo):
             brute[i] = min(brute.get(i, x), x)
     never = np.iinfo(np.int64).max
     assert {i: int(v) for i, v in enumerate(first) if v != never} == brute
+
+
+def test_din_sid_variant_defaults(sinfo):
+    from ctr.models import get_model_class
+
+    params = get_model_class("din_sid").Params()
+    assert params.item_repr == "sid" and params.sid.mode == "spm" and params.sid.rows == 16384
+    assert get_model_class("din").Params().item_repr == "id"  # the backbone is unchanged
+    model = build(sinfo, "din_sid")
+    assert model.sid_embedding is not None and "item" not in model.embedding.embeddings

@@ -355,6 +355,26 @@ def register_lain_variant(backbone: type[CTRModel], name: str) -> type[CTRModel]
     return register(model)
 
 
+def register_sid_variant(backbone: type[CTRModel], name: str, sid: SidParams) -> type[CTRModel]:
+    """Register `name`: `backbone` with semantic-ID items by default (``item_repr: sid`` and the given ``sid``
+    settings; Singh et al., RecSys '24), under its own name so that the demo, the report and the quality checks show
+    it beside its backbone. The same model and code (``ctr train --model NAME --print-config`` shows its defaults)."""
+    params = create_model(
+        f"{backbone.Params.__name__}Sid",
+        __base__=backbone.Params,
+        __module__=backbone.__module__,
+        item_repr=(Literal["id", "sid", "id+sid"], "sid"),
+        sid=(SidParams, Field(default_factory=lambda: sid.model_copy())),
+    )  # type: ignore[call-overload]
+    doc = f"{backbone.__name__} with semantic-ID items: ``item_repr: sid``, ``sid: {sid.model_dump()}``."
+    attrs = {"name": name, "Params": params, "__doc__": doc, "__module__": backbone.__module__}
+    model = type(f"{backbone.__name__}Sid", (backbone,), attrs)
+    module = sys.modules[backbone.__module__]
+    setattr(module, params.__name__, params)
+    setattr(module, model.__name__, model)
+    return register(model)
+
+
 def get_model_class(name: str) -> type[CTRModel]:
     from . import _import_all
 

@@ -63,7 +63,16 @@ from ..modules.attention import DinAttention
 from ..modules.gsu import lengths_to_offsets
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention
 from ..modules.mlp import MLP
-from .base import CTRModel, ModelOutput, ModelParams, check_dare_att_dim, register, register_lain_variant
+from ..modules.sid_embedding import SidParams
+from .base import (
+    CTRModel,
+    ModelOutput,
+    ModelParams,
+    check_dare_att_dim,
+    register,
+    register_lain_variant,
+    register_sid_variant,
+)
 
 
 class DINParams(ModelParams):
@@ -166,3 +175,7 @@ class DIN(CTRModel):
 
 
 DINLain = register_lain_variant(DIN, "din_lain")
+# The semantic-ID paper's headline representation (SentencePiece pieces of the SIDs, replacing the item ids of the
+# target and the history) at 16,384 rows: a third of the demo world's 50K items, where sharing rows must generalize.
+# Chosen before any demo run of it (benchmarks/sid.py measures every mode and size against random hashing).
+DINSid = register_sid_variant(DIN, "din_sid", SidParams(mode="spm", rows=16384))

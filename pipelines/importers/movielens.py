@@ -24,6 +24,11 @@ Protocol:
   (1-based codes of the sorted distinct strings, in source.json); 0 for users missing from `.user`.
 * Rows that cannot be parsed (missing/unparsable fields, rating outside 0.5..5) go to `import_rejects.csv`.
 * No natural split: split by time in the builder.
+* ``content_emb=true`` (off by default, so the standard import is unchanged): an ``mm_emb`` content vector per movie
+  from its metadata, for `ctr sid` (semantic IDs need a content embedding and MovieLens has no other): the listed
+  genres as a multi-hot vector scaled to unit norm, then ``(year - 1990) / 20`` and an unknown-year flag (float32,
+  G + 2 values). Movies with equal genres and year get equal vectors (their semantic IDs differ only by the
+  collision suffix); rated movies missing from the movie file get a null ``mm_emb``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from pipelines.importers._common import (
@@ -118,13 +124,29 @@ def _genre_columns(genres: pl.Expr, codes: dict[str, int]) -> list[pl.Expr]:
     ]
 
 
-def import_movielens(src: str | Path, out_dir: str | Path, *, like_threshold: float = 4.0) -> dict[str, Any]:
+def _content_vectors(items: pl.DataFrame, genres: pl.Series, genre_codes: dict[str, int]) -> pl.Series:
+    """``mm_emb`` of ``content_emb=true`` (see the module docstring): [genres multi-hot / sqrt(count), year, flag]."""
+    g = len(genre_codes)
+    out = np.zeros((items.height, g + 2), dtype=np.float32)
+    for row, names in enumerate(genres.to_list()):
+        cols = [genre_codes[n] - 1 for n in (names or []) if n in genre_codes]
+        if cols:
+            out[row, cols] = 1.0 / np.sqrt(len(cols))
+    year = items["year"].to_numpy()
+    out[:, g] = np.where(year > 0, (year - 1990) / 20.0, 0.0)
+    out[:, g + 1] = (year <= 0).astype(np.float32)
+    return pl.Series("mm_emb", out, dtype=pl.Array(pl.Float32, g + 2))
+
+
+def import_movielens(
+    src: str | Path, out_dir: str | Path, *, like_threshold: float = 4.0, content_emb: bool = False
+) -> dict[str, Any]:
     """Import MovieLens (GroupLens CSV or RecBole atomic) into RAW_DIR; returns the summary (see module docstring)."""
     src_path = require_src(src, NAME)
     flavour, files = _locate(src_path)
     out = prepare_out_dir(out_dir, src_path, NAME)
     rejects = Rejects(out)
-    options = {"like_threshold": like_threshold}
+    options = {"like_threshold": like_threshold, "content_emb": content_emb}
     codes_out: dict[str, dict[str, int]] = {}
 
     # ---- ratings
@@ -186,6 +208,10 @@ def import_movielens(src: str | Path, out_dir: str | Path, *, like_threshold: fl
         *_genre_columns(pl.col("_genres"), genre_codes),
         pl.col("_year").str.strip_chars().cast(pl.Int64, strict=False).fill_null(0).alias("year"),
     )
+    mm_dim = None
+    if content_emb:
+        items = items.with_columns(_content_vectors(items, movies["_genres"], genre_codes))
+        mm_dim = len(genre_codes) + 2
     missing = ratings.select("item_id").unique().join(items.select("item_id"), on="item_id", how="anti").sort("item_id")
     if missing.height:
         log.warning("%d rated movies are missing from %s; their cate_id is 0", missing.height, mf.name)
@@ -197,6 +223,7 @@ def import_movielens(src: str | Path, out_dir: str | Path, *, like_threshold: fl
                     pl.lit(0, pl.Int64).alias("genre_2"),
                     pl.lit(0, pl.Int64).alias("genre_count"),
                     pl.lit(0, pl.Int64).alias("year"),
+                    *([pl.lit(None, pl.Array(pl.Float32, mm_dim)).alias("mm_emb")] if mm_dim else []),
                 ),
             ]
         )
@@ -232,7 +259,9 @@ def import_movielens(src: str | Path, out_dir: str | Path, *, like_threshold: fl
     # ---- write
     item_attrs = ["genre_2", "genre_count", "year"]
     rows = {
-        "items": write_raw_table(items, out / "items.parquet", raw_schema("items", extra_int64=item_attrs)),
+        "items": write_raw_table(
+            items, out / "items.parquet", raw_schema("items", extra_int64=item_attrs, mm_emb_dim=mm_dim)
+        ),
         "behaviors": write_raw_table(
             ratings.select("user_id", "item_id", "ts", "btype"),
             out / "behaviors.parquet",
