@@ -53,6 +53,10 @@ from features.dataset import DatasetInfo  # noqa: E402
 
 BUDGETS = {"demo": DEMO_SETS, "movielens": ["train.epochs=3"]}
 MIN_SLICE = 200
+SPEED_NOTE = (
+    "samples_per_s is each run's median logged training throughput, recorded for orientation only: the variants ran "
+    "one after another, not side by side, and may have shared the machine with other jobs; it is no speed comparison"
+)
 
 
 def variants(sizes: list[int], levels: int, num_codes: int) -> dict[str, list[str]]:
@@ -250,6 +254,7 @@ def main() -> int:
                 "definition": "item outside the top items holding 80% of train impressions",
             },
         },
+        "samples_per_s_note": SPEED_NOTE,
         "runs": runs,
         "claims": claims,
     }
