@@ -45,7 +45,7 @@ def _din_fwd_kernel(
     NUM_HIDDEN: tl.constexpr,
     ACT: tl.constexpr,
     SOFTMAX: tl.constexpr,
-    SOFTMAX_SCALE: tl.constexpr,
+    softmax_scale,  # fp32 runtime scalar: a new value does not recompile
     HAS_MASK: tl.constexpr,
     DOT: tl.constexpr,
     ACC: tl.constexpr,
@@ -69,7 +69,7 @@ def _din_fwd_kernel(
         b, H1, H2, NUM_HIDDEN, ACT, ACC, BLOCK_H1, BLOCK_H2,
     )  # fmt: skip
     mb, w2 = _din_weights(m_ptr, w2_ptr, b, D, H1, H2, NUM_HIDDEN, DOT, BLOCK_D, BLOCK_H1, BLOCK_H2)
-    coef = tl.full([], SOFTMAX_SCALE * LOG2E, ACC)
+    coef = tl.zeros([], ACC) + softmax_scale * LOG2E
 
     m = tl.full([], float("-inf"), ACC)
     l_sum = tl.zeros([], ACC)
@@ -148,7 +148,7 @@ def _din_bwd_kernel(
     NUM_HIDDEN: tl.constexpr,
     ACT: tl.constexpr,
     SOFTMAX: tl.constexpr,
-    SOFTMAX_SCALE: tl.constexpr,
+    softmax_scale,  # fp32 runtime scalar: a new value does not recompile
     HAS_MASK: tl.constexpr,
     DOT: tl.constexpr,
     ACC: tl.constexpr,
@@ -178,7 +178,7 @@ def _din_bwd_kernel(
         b, H1, H2, NUM_HIDDEN, ACT, ACC, BLOCK_H1, BLOCK_H2,
     )  # fmt: skip
     dout = tl.load(dout_ptr + b * DV + offs_dv, mask=dvmask, other=0.0).to(ACC)
-    coef = tl.full([], SOFTMAX_SCALE * LOG2E, ACC)
+    coef = tl.zeros([], ACC) + softmax_scale * LOG2E
     lse2 = tl.zeros([], ACC)
     delta = tl.zeros([], ACC)
     if SOFTMAX:
@@ -222,7 +222,7 @@ def _din_bwd_kernel(
         )
         dw = tl.sum(vt * dout[None, :], axis=1)  # dLoss / d(weight)
         if SOFTMAX:
-            ds = tl.full([], SOFTMAX_SCALE, ACC) * w * (dw - delta)
+            ds = (tl.zeros([], ACC) + softmax_scale) * w * (dw - delta)
         else:
             ds = tl.where(valid, dw, 0.0)
         dbout += ds

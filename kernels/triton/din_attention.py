@@ -132,7 +132,7 @@ def din_attention_fwd_triton(
         values.stride(0),
         ACT=ACTIVATIONS[activation],
         SOFTMAX=softmax,
-        SOFTMAX_SCALE=float(softmax_scale),
+        softmax_scale=float(softmax_scale),
         HAS_MASK=mask is not None,
         **lp["meta"],
     )
@@ -209,7 +209,7 @@ def din_attention_bwd_triton(
             values.stride(0),
             ACT=act,
             SOFTMAX=softmax,
-            SOFTMAX_SCALE=float(softmax_scale),
+            softmax_scale=float(softmax_scale),
             HAS_MASK=mask is not None,
             **lp["meta"],
         )

@@ -59,7 +59,7 @@ def _ta_fwd_kernel(
     stride_vh,
     stride_bn,
     stride_bq,
-    SCALE: tl.constexpr,
+    scale,  # fp32 runtime scalar: a new value does not recompile
     HAS_BIAS: tl.constexpr,
     BIAS_PER_QUERY: tl.constexpr,
     HAS_TAU: tl.constexpr,
@@ -94,7 +94,7 @@ def _ta_fwd_kernel(
         other=0.0,
     )
     # base-2 logits: exp2(x * log2(e)) = exp(x). Typed constants: a bare Python float would be rounded to fp32.
-    coef = tl.full([], SCALE * LOG2E, ACC)
+    coef = tl.zeros([], ACC) + scale * LOG2E
     bias_coef = tl.full([], LOG2E, ACC)
     if HAS_TAU:
         inv_tau = 1.0 / tl.load(tau_ptr + b).to(ACC)
@@ -179,7 +179,7 @@ def _ta_bwd_kernel(
     stride_vh,
     stride_bn,
     stride_bq,
-    SCALE: tl.constexpr,
+    scale,  # fp32 runtime scalar: a new value does not recompile
     HAS_BIAS: tl.constexpr,
     BIAS_PER_QUERY: tl.constexpr,
     HAS_TAU: tl.constexpr,
@@ -207,7 +207,7 @@ def _ta_bwd_kernel(
     dkmask = offs_dk < DK
     dvmask = offs_dv < DV
 
-    coef = tl.full([], SCALE * LOG2E, ACC)
+    coef = tl.zeros([], ACC) + scale * LOG2E
     bias_coef = tl.full([], LOG2E, ACC)
     inv_tau = tl.full([], 1.0, ACC)
     if HAS_TAU:
@@ -267,7 +267,7 @@ def _ta_bwd_kernel(
                 dv_t,
                 mask=inside[:, None] & dvmask[None, :],
             )
-            dk_t = mm(tl.trans(dz), q, USE_DOT, DOT, ACC, TF32) * tl.full([], SCALE, ACC)
+            dk_t = mm(tl.trans(dz), q, USE_DOT, DOT, ACC, TF32) * (tl.zeros([], ACC) + scale)
             tl.store(
                 dk_ptr + (row[:, None] * H + h) * DK + offs_dk[None, :],
                 dk_t,
@@ -286,7 +286,7 @@ def _ta_bwd_kernel(
             if HAS_TAU:
                 dtau_acc += tl.sum(ds * s, axis=1)  # s is the base-2 logit
         dq_offs = (((b * n_splits + split) * Q + offs_q[:, None]) * H + h) * DK + offs_dk[None, :]
-        tl.store(dq_part_ptr + dq_offs, dq_acc * tl.full([], SCALE, ACC), mask=qmask[:, None] & dkmask[None, :])
+        tl.store(dq_part_ptr + dq_offs, dq_acc * (tl.zeros([], ACC) + scale), mask=qmask[:, None] & dkmask[None, :])
     if HAS_TAU:
         # d logit / d tau = -logit / tau; the natural logit is the base-2 one times ln(2).
         tl.store(dtau_part_ptr + b * n_splits + split, -tl.sum(dtau_acc, axis=0) * tl.full([], LN2, ACC) * inv_tau)
@@ -367,7 +367,7 @@ def target_attention_fwd_triton(
         *values.stride()[:2],
         bias.stride(0) if bias is not None else 0,
         bias.stride(1) if bias is not None and bias.dim() == 2 else 0,
-        SCALE=float(scale),
+        scale=float(scale),
         HAS_BIAS=bias is not None,
         BIAS_PER_QUERY=bias is not None and bias.dim() == 2,
         HAS_TAU=temperature is not None,
@@ -449,7 +449,7 @@ def target_attention_bwd_triton(
             *values.stride()[:2],
             bias.stride(0) if bias is not None else 0,
             bias.stride(1) if bias is not None and bias.dim() == 2 else 0,
-            SCALE=float(scale),
+            scale=float(scale),
             HAS_BIAS=bias is not None,
             BIAS_PER_QUERY=bias is not None and bias.dim() == 2,
             HAS_TAU=temperature is not None,
