@@ -346,8 +346,13 @@ def register_lain_variant(backbone: type[CTRModel], name: str) -> type[CTRModel]
         **softmax,  # type: ignore[arg-type]
     )
     doc = f"{backbone.__name__} + LAIN (Zhang et al., AAAI 2026): ``lain.enabled: true`` by default."
+    return _register_variant(backbone, name, "Lain", params, doc)
+
+
+def _register_variant(backbone: type[CTRModel], name: str, suffix: str, params: type, doc: str) -> type[CTRModel]:
+    """Register the subclass ``<Backbone><suffix>`` of `backbone` under `name`, with `params` as its Params."""
     attrs = {"name": name, "Params": params, "__doc__": doc, "__module__": backbone.__module__}
-    model = type(f"{backbone.__name__}Lain", (backbone,), attrs)
+    model = type(f"{backbone.__name__}{suffix}", (backbone,), attrs)
     # Module attributes, so that pickle finds both classes (validated Params travel to spawned training ranks).
     module = sys.modules[backbone.__module__]
     setattr(module, params.__name__, params)
@@ -367,12 +372,7 @@ def register_sid_variant(backbone: type[CTRModel], name: str, sid: SidParams) ->
         sid=(SidParams, Field(default_factory=lambda: sid.model_copy())),
     )  # type: ignore[call-overload]
     doc = f"{backbone.__name__} with semantic-ID items: ``item_repr: sid``, ``sid: {sid.model_dump()}``."
-    attrs = {"name": name, "Params": params, "__doc__": doc, "__module__": backbone.__module__}
-    model = type(f"{backbone.__name__}Sid", (backbone,), attrs)
-    module = sys.modules[backbone.__module__]
-    setattr(module, params.__name__, params)
-    setattr(module, model.__name__, model)
-    return register(model)
+    return _register_variant(backbone, name, "Sid", params, doc)
 
 
 def get_model_class(name: str) -> type[CTRModel]:
