@@ -73,109 +73,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(HERE) not in sys.path:  # run as a script or imported as benchmarks.peers: the sibling modules either way
+    sys.path.insert(0, str(HERE))
+
+from peers_convert import convert_dataset  # noqa: E402
+from peers_report import defects_report, table  # noqa: E402
+
 FUXICTR_VERSION = "2.3.10"
 TORCH_PIN = "torch==2.13.0"  # the CPU build on local disk; an open range would pull a multi-GB CUDA build
 PEERS = {"din": "DIN", "dien": "DIEN", "sim_soft": "SIM", "eta": "ETA", "sdim": "SDIM", "twin": "TWIN"}
 WINDOW_MODELS = ("SIM", "ETA", "SDIM", "TWIN")  # the ones with a short window, defect (b)
-SPLITS = ("train", "valid", "test")
 DATASET_ID = "peers"
 ACTIVATIONS = {"sigmoid": "Sigmoid", "relu": "ReLU", "prelu": "PReLU", "dice": "Dice"}
-
-
-# ---- the conversion (numpy / pyarrow only: importable and testable without FuxiCTR) ----------------------------
-def _manifest(data: Path) -> dict[str, Any]:
-    return json.loads((Path(data) / "manifest.json").read_text())
-
-
-def user_info_table(data: Path) -> pa.Table:
-    """FuxiCTR's `user_info`: row u is user u (the collator looks users up by position), `full_item_seq` = every
-    behavior of the user, item indices in sequence order; users without behaviors (padding, OOV) get an empty list."""
-    n_users = int(_manifest(data)["vocab_sizes"]["user"])
-    seqs = pq.read_table(Path(data) / "sequences", columns=["user_idx", "item_idx"])
-    seqs = seqs.take(pc.sort_indices(seqs["user_idx"]))
-    users = seqs["user_idx"].to_numpy()
-    lengths = np.zeros(n_users, dtype=np.int64)
-    lengths[users] = pc.list_value_length(seqs["item_idx"]).to_numpy(zero_copy_only=False)
-    offsets = np.zeros(n_users + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] >= 2**31:
-        raise ValueError(f"{data}: {offsets[-1]} behaviors do not fit a list<int32> column")
-    values = pc.list_flatten(seqs["item_idx"].combine_chunks()).cast(pa.int32())
-    full = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
-    return pa.table({"user_index": pa.array(np.arange(n_users, dtype=np.int32)), "full_item_seq": full})
-
-
-def item_info_table(data: Path) -> pa.Table:
-    """FuxiCTR's `item_info`: row i is item i (positional lookup: the padded sequence positions hold 0, so row 0 must
-    be padding), with the features our models embed for an item: item_id (= item_idx) and cate_id (= cate_idx).
-    Rows absent from items.parquet (0 = padding, 1 = OOV) get item_id = index and cate_id 0."""
-    n_items = int(_manifest(data)["vocab_sizes"]["item"])
-    items = pq.read_table(Path(data) / "items.parquet", columns=["item_idx", "cate_idx"])
-    cate = np.zeros(n_items, dtype=np.int32)
-    cate[items["item_idx"].to_numpy()] = items["cate_idx"].to_numpy()
-    index = np.arange(n_items, dtype=np.int32)
-    return pa.table({"item_index": index, "item_id": index, "cate_id": cate})
-
-
-def samples_table(data: Path, split: str, context_columns: list[str]) -> pa.Table:
-    """One split as FuxiCTR's LongCTR samples: user_index, item_index, seq_len (= hist_len: the behaviors strictly
-    before the sample), the context columns, label. All integers: the loader stacks every column into one array, and
-    a float label would turn user_index into a float that can no longer index user_info."""
-    t = pq.read_table(
-        Path(data) / "samples" / split, columns=["user_idx", "item_idx", "hist_len", *context_columns, "label"]
-    )
-    cols = {
-        "user_index": t["user_idx"].cast(pa.int32()),
-        "item_index": t["item_idx"].cast(pa.int32()),
-        "seq_len": t["hist_len"].cast(pa.int32()),
-        **{c: t[c].cast(pa.int32()) for c in context_columns},
-        "label": t["label"].cast(pa.int8()),
-    }
-    return pa.table(cols)
-
-
-def convert_dataset(data: Path, out: Path) -> dict[str, Any]:
-    """Write DATA's LongCTR form into `out` (user_info, item_info, train/valid/test .parquet); returns their paths,
-    the vocabulary sizes and the context columns the configs need."""
-    data, out = Path(data), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = _manifest(data)
-    context = list(manifest.get("context_columns", []))
-    paths: dict[str, Any] = {"user_info": str(out / "user_info.parquet"), "item_info": str(out / "item_info.parquet")}
-    pq.write_table(user_info_table(data), paths["user_info"])
-    pq.write_table(item_info_table(data), paths["item_info"])
-    rows = {}
-    for split in SPLITS:
-        if not (data / "samples" / split).is_dir():
-            continue
-        t = samples_table(data, split, context)
-        paths[split] = str(out / f"{split}.parquet")
-        pq.write_table(t, paths[split])
-        rows[split] = t.num_rows
-    vocab = manifest["vocab_sizes"]
-    return {
-        **paths,
-        "rows": rows,
-        "context_columns": context,
-        "vocab_sizes": {
-            "item": int(vocab["item"]),
-            "cate": int(vocab["cate"]),
-            **{c: int(vocab[c.removesuffix("_idx")]) for c in context},
-        },  # fmt: skip
-    }
-
-
-def longctr_window(full_item_seq: Any, seq_len: int, max_len: int) -> list[int]:
-    """What FuxiCTR's LongCTR collator feeds for one sample, before padding (`BatchCollator.padding_seqs`:
-    `seq[:seq_len]`, then `pad_sequences(truncating="pre")` keeps the last max_len)."""
-    seq = list(full_item_seq)[: int(seq_len)]
-    return seq[-max_len:] if max_len > 0 else []
 
 
 # ---- configs -------------------------------------------------------------------------------------------------
@@ -437,103 +350,6 @@ def run_fuxictr(py: Path, expid: str, variant: str, args: argparse.Namespace, wo
     res["wall_seconds"] = measured["seconds"]
     res["peak_pss_bytes"] = measured["peak_pss_bytes"]
     return res
-
-
-# ---- the report ----------------------------------------------------------------------------------------------
-def defects_report(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each defect claim with what the source says (file:line) and what the runs measured."""
-    fx = [r["fuxictr"] for r in rows if isinstance(r.get("fuxictr"), dict) and "probes" in r["fuxictr"]]
-    if not fx:
-        return {}
-    probes = [f["probes"] for f in fx]
-    src = probes[0]["sources"]
-
-    def found(key: str) -> bool:
-        return all(not s.startswith("NOT FOUND") for s in src[key])
-
-    rep: dict[str, dict[str, Any]] = {}
-    a = probes[0]["a"]
-    rep["a"] = {
-        "claim": "the LongCTR run script asserts another fuxictr version",
-        "confirmed": bool(a["fails"]) and found("a"),
-        "measured": f"run_expid.py imports fuxictr_version.py, which asserts {a['run_script_asserts']}; "
-        f"installed {a['installed']}",
-        "workaround": "FuxiCTR's classes called directly (FeatureProcessor, build_dataset, FeatureMap, RankDataLoader "
-        "with LongCTRDataLoader, the model's fit/predict)",
-        "source": src["a"],
-    }
-    b = {f["model"]: f["probes"].get("b") for f in fx if "b" in f["probes"]}
-    rep["b"] = {
-        "claim": "SIM/ETA/SDIM/TWIN crash on a batch whose longest history is shorter than short_seq_len",
-        "confirmed": any(v and v.get("crashes") for v in b.values()) if b else None,
-        "measured": b or "no window model was run",
-        "workaround": "such batches are padded to short_seq_len (the collator's padding_seqs replaced per loader)",
-        "source": src["b"],
-    }
-    dien = {f["variant"]: f for f in fx if f["model"] == "DIEN"}
-    c: dict[str, Any] = {v: {"probe": f["probes"].get("c"), "auc_ours_fn": f["metrics"]["auc"],
-                             "gauc_ours_fn": f["metrics"]["gauc"]} for v, f in dien.items()}  # fmt: skip
-    shorter = [(v["probe"] or {}).get("test_rows_shorter_than_batch", 0) for v in c.values()]
-    rep["c"] = {
-        "claim": "DIEN packs the first seq_len positions while the collator pre-pads: its GRUs read padding",
-        "confirmed": found("c") and any(n > 0 for n in shorter) if c else None,
-        "measured": c or "dien was not run",
-        "workaround": "measured both as shipped (pre-padded) and post-padded (the last max_len behaviors, padded at "
-        "the end; FuxiCTR's own padding='post' would also truncate at the end and keep the oldest)",
-        "source": src["c"],
-    }  # fmt: skip
-    d = next((f["probes"].get("d") for f in fx if f["model"] == "SIM"), None)
-    rep["d"] = {
-        "claim": "SIM's top-k can pick padding (score 0) over negative-scored real behaviors",
-        "confirmed": found("d"),
-        "measured": d or "sim_soft was not run",
-        "note": "possible only when a row has more real behaviors than topk (max_len > topk); at max_len <= topk "
-        "every behavior is selected and the count is 0",
-        "workaround": "none (reported, not changed)",
-        "source": src["d"],
-    }
-    e = probes[0]["e"]
-    rep["e"] = {
-        "claim": "the gAUC process pool fails on one core",
-        "confirmed": bool(e.get("fails_on_one_core")) and found("e"),
-        "measured": e,
-        "workaround": "fuxictr.metrics.mp replaced by an in-process pool (the same per-user gAUC, serially)",
-        "source": src["e"],
-    }
-    rep["f"] = {
-        "claim": "(found while checking (b)) the short window's mask is one position off its embeddings: embeddings "
-        "[:, -S:-1] of L+1 positions (target last) meet mask [:, -S:-1] of L positions, so the window covers S-1 "
-        "behaviors and its oldest one carries its predecessor's mask (a lone behavior is masked out)",
-        "confirmed": found("f"),
-        "workaround": "none (reported, not changed)",
-        "source": src["f"],
-    }
-    return rep
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| model | FuxiCTR | ours AUC / GAUC / logloss | FuxiCTR AUC / GAUC / logloss | FuxiCTR's own gAUC "
-        "| ours samples/s | FuxiCTR samples/s | ratio |",
-        "|---|---|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        ours, fx = r.get("ours") or {}, r.get("fuxictr") or {}
-        om, fm = ours.get("metrics") or {}, fx.get("metrics") or {}
-        o = " / ".join(_fmt(om.get(k)) for k in ("auc", "gauc", "logloss")) if om else ours.get("error", "failed")
-        f = " / ".join(_fmt(fm.get(k)) for k in ("auc", "gauc", "logloss")) if fm else fx.get("error", "failed")
-        own = (fx.get("fuxictr_own_metrics") or {}).get("gAUC")
-        osps, fsps = ours.get("samples_per_s"), fx.get("samples_per_s")
-        ratio = f"{osps / fsps:.2f}" if osps and fsps else "-"
-        lines.append(
-            f"| {r['model']} | {r['peer']} ({r['variant']}) | {o} | {f} | {_fmt(own)} | "
-            f"{f'{osps:,.0f}' if osps else '-'} | {f'{fsps:,.0f}' if fsps else '-'} | {ratio} |"
-        )
-    return "\n".join(lines)
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """benchmarks/peers.py's conversion to FuxiCTR's LongCTR input, checked against our sequence store on the tiny world.
 
-No FuxiCTR here: the collator's view of a sample is `benchmarks.peers.longctr_window` (FuxiCTR's
+No FuxiCTR here: the collator's view of a sample is `benchmarks.peers_convert.longctr_window` (FuxiCTR's
 `BatchCollator.padding_seqs` without the padding: `full_item_seq[:seq_len]`, the last max_len of it)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from benchmarks.peers import SPLITS, convert_dataset, longctr_window
+from benchmarks.peers_convert import SPLITS, convert_dataset, longctr_window
 from features.sequence_store import SequenceStore
 
 
