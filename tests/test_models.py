@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from model_helpers import STEPS, aux_of, batches, build, check_narrow_attention_tables, loss_of, subset  # noqa: E402
 
 from ctr.models import get_model_class
+from ctr.modules.activations import make_activation
 from ctr.modules.attention import BilinearAttention, DienDinAttention, DinAttention
 from ctr.modules.augru import AUGRU, InterestExtractor
 from features.loader import Batch
@@ -154,6 +155,49 @@ def test_din_softmax_flag_changes_behavior(info):
     expect = torch.softmax((scores / 6**0.5).masked_fill(~mask, -torch.inf), 1)[:3]
     torch.testing.assert_close(w_soft[:3], expect)
     assert (w_raw[~mask] == 0).all() and (w_soft[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
+def test_din_scores_equal_the_readable_unit(activation):
+    """`DinAttention.scores` (first layer split by input block, flat-index gather) is `unit` on the real rows:
+    the scores, their gradients and Dice's running statistics."""
+    torch.manual_seed(0)
+    fast = DinAttention(6, [8, 4], activation).double().train()
+    if activation == "dice":
+        for act in fast.acts:
+            act.alpha.data.normal_()
+    ref = copy.deepcopy(fast)
+    query, keys = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 7, 6, dtype=torch.float64)
+    mask = torch.arange(7) < torch.tensor([7, 3, 1, 0, 5]).unsqueeze(1)
+    q1, k1 = query.clone().requires_grad_(), keys.clone().requires_grad_()
+    q2, k2 = query.clone().requires_grad_(), keys.clone().requires_grad_()
+    got = fast.scores(q1, k1, mask)
+    expect = torch.zeros(5, 7, dtype=torch.float64).masked_scatter(
+        mask, ref.unit(q2.unsqueeze(1).expand(5, 7, 6)[mask], k2[mask])
+    )
+    torch.testing.assert_close(got, expect)
+    assert (got[~mask] == 0).all()
+    g = torch.randn(5, 7, dtype=torch.float64)
+    (got * g).sum().backward()
+    (expect * g).sum().backward()
+    torch.testing.assert_close(q1.grad, q2.grad)
+    torch.testing.assert_close(k1.grad, k2.grad)
+    for (name, a), (_, b) in zip(fast.named_parameters(), ref.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), (_, b) in zip(fast.named_buffers(), ref.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    none = torch.zeros(5, 7, dtype=torch.bool)
+    assert (fast.scores(query, keys, none) == 0).all()
+
+
+def test_dice_is_its_formula():
+    """Dice in the form it is computed (x·(α + p(1 − α))) is the paper's p·x + (1 − p)·α·x."""
+    torch.manual_seed(0)
+    act = make_activation("dice", 5).double().train()
+    act.alpha.data.normal_()
+    x = torch.randn(40, 5, dtype=torch.float64)
+    p = torch.sigmoid((x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-8))
+    torch.testing.assert_close(act(x), p * x + (1 - p) * act.alpha * x)
 
 
 def test_dien_aux_loss_only_in_training(info):

@@ -27,7 +27,7 @@ from torch import nn
 from features.dataset import DatasetInfo
 from features.loader import Batch, SequenceView, sparse_feature_names
 
-from ..modules.gsu import lengths_to_offsets
+from ..modules.gsu import lengths_to_offsets, to_slots
 from ..modules.sid_embedding import SID_TABLE, SemanticIdEmbedding, SidParams, build_pieces
 
 ATT_SUFFIX = "_att"  # DARE's attention copy of a feature: `long_item` -> `long_item_att` (table `item_att`)
@@ -274,13 +274,13 @@ class CTRModel(nn.Module):
         values = jt.values()
         b = lengths.shape[0]
         width = max(1, min(max_len, int(lengths.max()) if b else 1))
-        offsets = lengths_to_offsets(lengths)
         pos = torch.arange(width, device=values.device)
         mask = pos.unsqueeze(0) < lengths.unsqueeze(1)
-        index = (offsets[:-1].unsqueeze(1) + pos.unsqueeze(0))[mask]
-        out = values.new_zeros(b, width, values.shape[-1])
-        out[mask] = values[index]
-        return out, mask
+        dest = mask.reshape(-1).nonzero().squeeze(1)
+        if bool((lengths > width).any()):  # a row longer than the window keeps its first `width` behaviors
+            index = (lengths_to_offsets(lengths)[:-1].unsqueeze(1) + pos.unsqueeze(0)).reshape(-1).index_select(0, dest)
+            values = values.index_select(0, index)
+        return to_slots(values, mask, dest), mask
 
     def context_vector(self, emb: dict[str, Any]) -> list[torch.Tensor]:
         """The embedded user (if used) and context features, each [B, dim]."""

@@ -32,6 +32,7 @@ from features.loader import Batch, SequenceView
 
 from ..modules.activations import BatchNorm1dAnySize
 from ..modules.esu import TemporalTargetAttention, time_gap_bucket
+from ..modules.gsu import to_slots
 from ..modules.mlp import MLP
 from .base import CTRModel, ModelOutput, ModelParams, register
 
@@ -89,9 +90,7 @@ class TIN(CTRModel):
         """Jagged dense ``values [sum L]`` -> right-padded ``[B, width]`` and its mask."""
         pos = torch.arange(width, device=values.device)
         mask = pos.unsqueeze(0) < lengths.unsqueeze(1)
-        out = values.new_zeros(lengths.shape[0], width)
-        out[mask] = values
-        return out, mask
+        return to_slots(values, mask), mask
 
     def forward(self, batch: Batch) -> ModelOutput:
         emb = self.lookup(batch)

@@ -68,7 +68,7 @@ from features.loader import Batch, SequenceView
 
 from ..modules.activations import make_activation
 from ..modules.attention import DinAttention
-from ..modules.gsu import Selection, gather_slots, lengths_to_offsets
+from ..modules.gsu import Selection, gather_slots, lengths_to_offsets, to_slots
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
 from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams, check_dare_att_dim
@@ -159,24 +159,11 @@ class StageInput:
         return self.selection.mask
 
 
-def to_slots(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Jagged ``values [N, D]`` whose rows fill the True positions of ``mask [B, W]`` in row-major order (each row's
-    real positions first) -> ``[B, W, D]`` with zeros elsewhere."""
-    out = values.new_zeros(*mask.shape, values.shape[-1])
-    out[mask] = values
-    return out
-
-
 def fixed_slots(jt: Any, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A jagged JaggedTensor (oldest first, at most ``width`` per row) -> right-padded ``[B, width, ...]`` and mask."""
     lengths = jt.lengths().long()
     mask = torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
-    values = jt.values()
-    if values.dim() == 1:
-        out = values.new_zeros(*mask.shape)
-        out[mask] = values
-        return out, mask
-    return to_slots(values, mask), mask
+    return to_slots(jt.values(), mask), mask
 
 
 class TwoStageModel(CTRModel):

@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .activations import Dice, make_activation
@@ -38,8 +39,12 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``Σ_i w_i v_i``: weights [B, L], values [B, L, Dv] -> [B, Dv]."""
-    return torch.bmm(weights.unsqueeze(1), values).squeeze(1)
+    """``Σ_i w_i v_i``: weights [B, L], values [B, L, Dv] -> [B, Dv].
+
+    A broadcast product and a sum, not ``bmm`` of [B, 1, L] by [B, L, Dv]: on the CPU that batched matmul runs one
+    tiny product per sample (forward and backward), about twice the time of the two memory-bound passes here.
+    """
+    return (weights.unsqueeze(-1) * values).sum(1)
 
 
 class DinAttention(nn.Module):
@@ -86,13 +91,32 @@ class DinAttention(nn.Module):
         return self.out(x).squeeze(-1)
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Raw scores [B, L] (0 at masked positions); the MLP sees the real behaviors only."""
+        """Raw scores [B, L] (0 at masked positions): `unit` on the real behaviors only, computed the fast way.
+
+        Two rewrites of `unit` that keep its value (to float rounding; `tests/test_models.py` holds them equal):
+
+        * the first layer is split by input block, ``W [q; k; q − k; q ⊙ k] = (W_q + W_d) q + [W_k − W_d, W_p]
+          [k; q ⊙ k]``: the query's share is computed once per sample (B rows, not one per behavior) and the
+          [N, 4D] concatenation is never built, which halves the layer's multiply-adds;
+        * the real behaviors are gathered by flat position (``index_select``, whose backward is a plain
+          ``index_add``) rather than by a boolean mask, whose backward is an accumulating ``index_put`` that runs
+          serially on the CPU.
+        """
         b, n, d = keys.shape
-        scores = keys.new_zeros(b, n)
-        if bool(mask.any()):
-            q = query.unsqueeze(1).expand(b, n, d)[mask]
-            scores = scores.masked_scatter(mask, self.unit(q, keys[mask]))
-        return scores
+        flat = mask.reshape(-1).nonzero().squeeze(1)  # the real positions, row-major
+        out = keys.new_zeros(b * n)
+        if flat.numel() == 0:
+            return out.view(b, n)
+        rows = torch.div(flat, n, rounding_mode="floor")
+        k = keys.reshape(b * n, d).index_select(0, flat)
+        first = self.linears[0]
+        w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
+        q_part = F.linear(query, w_q + w_d, first.bias).index_select(0, rows)
+        q = query.index_select(0, rows)
+        x = self.acts[0](torch.addmm(q_part, torch.cat([k, q * k], dim=-1), torch.cat([w_k - w_d, w_p], dim=1).t()))
+        for linear, act in zip(self.linears[1:], self.acts[1:], strict=True):
+            x = act(linear(x))
+        return out.index_copy(0, flat, self.out(x).squeeze(-1)).view(b, n)
 
     def forward(
         self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None
