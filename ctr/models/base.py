@@ -230,7 +230,7 @@ class CTRModel(nn.Module):
         pooled = self.sid_embedding.pool(out.pop(SID_TABLE).values(), seg, n_items)
         parts = inverse.split([raw[f].values().numel() for f in raw])
         for f, part in zip(raw, parts, strict=True):
-            v = pooled[part]
+            v = pooled.index_select(0, part)
             if self.params.item_repr == "id+sid":
                 v = out[f].values() + v
             out[f] = jagged(values=v, lengths=raw[f].lengths())

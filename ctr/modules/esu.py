@@ -8,8 +8,9 @@ them) and a bool ``mask [B, K]`` (True = a selected behavior).
   buckets; we use ``1 + floor(log2(Δt seconds))`` (0 = empty slot), so ``n_buckets = 32`` spans 1 s to 34 years.
 * `MultiHeadTargetAttention` (SIM ESU; FuxiCTR ``MultiHeadTargetAttention``, ``use_qkvo=True``): per head
   ``softmax((W_q e_t)·(W_k z_j)/sqrt(d_h))`` over the real slots, values ``W_v z_j``, heads concatenated and mapped by
-  ``W_o``. The attention runs through ``kernels.target_attention`` on the slots laid out as a jagged batch
-  (``offsets = arange(B + 1) * K``, the empty slots masked).
+  ``W_o``. The attention is `slot_attention`: ``kernels.target_attention`` on the slots laid out as a jagged batch
+  (``offsets = arange(B + 1) * K``, the empty slots masked) where it runs as a Triton kernel, the same formula on
+  the slots as they are elsewhere.
 * `SimTier` (MUSE, Wu et al., arXiv 2512.07216, §4.3): the target-behavior similarities ``R`` bucketed into tiers.
   Paper mode: ``N`` equal tiers over ``[-1, 1]``, raw counts of the real behaviors. Code mode (alimama-tech/MUSE
   ``SimTier``): ``tier = ceil(cos / eps) + 1/eps`` over ``2/eps + 2`` slots (22 for eps = 0.1), output
@@ -40,6 +41,41 @@ def time_gap_bucket(gap: torch.Tensor, n_buckets: int) -> torch.Tensor:
     g = gap.clamp(min=1).to(torch.float64)
     b = 1 + torch.floor(torch.log2(g)).long()
     return b.clamp(1, n_buckets - 1)
+
+
+def slot_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    scale: float,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``kernels.target_attention`` over fixed-K slots: query ``[B, Q, H, Dk]``, keys ``[B, K, H, Dk]``, values
+    ``[B, K, H, Dv]``, mask ``[B, K]``, bias ``[B, K]`` or ``[B, K, Q]`` (shared by the heads) -> ``[B, Q, H, Dv]``.
+
+    Where the op resolves to its Triton kernel, the slots are handed to it as a jagged batch (``offsets =
+    arange(B + 1) * K``, the empty slots masked). Elsewhere (the CPU) the same formula is computed on the slots as
+    they are, with broadcast products and a masked softmax over K: the kernel's reference works on jagged rows with
+    gathers and scatters whose backward accumulates serially on the CPU, about 3x the time here. The two agree to
+    float rounding (`tests/test_two_stage.py`); an all-masked sample gets zeros in both.
+    """
+    b, k = mask.shape
+    if kernels.resolve_backend("target_attention", (query, keys, values), backend) == "triton":
+        offsets = torch.arange(b + 1, device=keys.device, dtype=torch.int64) * k
+        flat_bias = None if bias is None else bias.reshape(b * k, *bias.shape[2:])
+        return kernels.target_attention(
+            query, keys.reshape(b * k, *keys.shape[2:]), values.reshape(b * k, *values.shape[2:]), offsets,
+            bias=flat_bias, mask=mask.reshape(-1), scale=scale, max_len=k, backend=backend,
+        )  # fmt: skip
+    logits = (query.unsqueeze(1) * keys.unsqueeze(2)).sum(-1) * scale  # [B, K, Q, H]
+    if bias is not None:
+        logits = logits + (bias[:, :, None, None] if bias.dim() == 2 else bias.unsqueeze(-1))
+    m = mask[:, :, None, None]
+    weights = torch.softmax(logits.masked_fill(~m, torch.finfo(logits.dtype).min), dim=1) * m.to(logits.dtype)
+    return (weights.unsqueeze(-1) * values.unsqueeze(2)).sum(1)
 
 
 class TimeGapEmbedding(nn.Module):
@@ -137,12 +173,9 @@ class MultiHeadTargetAttention(nn.Module):
         if temperature is not None:
             q = q / temperature.to(q.dtype).unsqueeze(-1)
         q = q.reshape(b, 1, h, d)
-        kk = self.w_k(keys).reshape(b * k, h, d)
-        vv = self.w_v(keys if values is None else values).reshape(b * k, h, d)
-        offsets = torch.arange(b + 1, device=keys.device, dtype=torch.int64) * k
-        out = kernels.target_attention(
-            q, kk, vv, offsets, mask=mask.reshape(-1), scale=1.0 / math.sqrt(d), max_len=k, backend=self.backend
-        ).reshape(b, h * d)
+        kk = self.w_k(keys).reshape(b, k, h, d)
+        vv = self.w_v(keys if values is None else values).reshape(b, k, h, d)
+        out = slot_attention(q, kk, vv, mask, scale=1.0 / math.sqrt(d), backend=self.backend).reshape(b, h * d)
         return self.w_o(out) if self.w_o is not None else out
 
 
@@ -301,5 +334,6 @@ __all__ = [
     "SimilarityAwareTargetAttention",
     "TimeGapEmbedding",
     "masked_mean",
+    "slot_attention",
     "time_gap_bucket",
 ]

@@ -168,7 +168,7 @@ class InnerProductGSU(nn.Module):
         sample = torch.repeat_interleave(
             torch.arange(q.shape[0], device=q.device), offsets[1:] - offsets[:-1], output_size=behaviors.shape[0]
         )
-        return (behaviors * q[sample]).sum(-1)
+        return (behaviors * q.index_select(0, sample)).sum(-1)
 
     def forward(
         self, offsets: torch.Tensor, target: torch.Tensor, behaviors: torch.Tensor, k: int, max_len: int | None = None
@@ -221,7 +221,7 @@ class CosineGSU(nn.Module):
         sample = torch.repeat_interleave(
             torch.arange(t.shape[0], device=t.device), offsets[1:] - offsets[:-1], output_size=v.shape[0]
         )
-        return (v * t[sample]).sum(-1)
+        return (v * t.index_select(0, sample)).sum(-1)
 
     def forward(
         self,

@@ -99,6 +99,6 @@ class SimHashBucketPool(nn.Module):
         per_hash = []
         for h in range(match.shape[1]):  # only the matching rows are added (about N / 2^bits of them)
             rows = torch.nonzero(match[:, h]).squeeze(1)
-            pooled = values.new_zeros(b, values.shape[1]).index_add_(0, sample[rows], values[rows])
+            pooled = values.new_zeros(b, values.shape[1]).index_add_(0, sample[rows], values.index_select(0, rows))
             per_hash.append(nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled)
         return torch.stack(per_hash, 1).mean(1)

@@ -51,7 +51,7 @@ def orthonormal_rows_qr(p: torch.Tensor) -> torch.Tensor:
 def route(behaviors: torch.Tensor, channels: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A [N, C], route [N])`` of jagged ``behaviors [N, D]`` of samples ``sample [N]`` against ``channels [B, C, D]``
     (ties to the lower channel)."""
-    a = torch.einsum("nd,ncd->nc", behaviors, channels[sample])
+    a = torch.einsum("nd,ncd->nc", behaviors, channels.index_select(0, sample))
     return a, a.argmax(-1)
 
 

@@ -24,8 +24,9 @@ and takes its values from the full key ``[e(item); e(cate); e(Δt); e(btype)]`` 
 
     head_a = softmax_i(α_ai) · ([k_i; e(c_i)] W^v_a),   u = [head_1; ...; head_H] W^o
 
-computed as one `kernels.target_attention` call: the heads are its Q queries over the shared keys ``k_i`` (query
-path), the cross term its per-query ``bias`` input, and ``W^v_a`` applied after pooling (it is linear).
+computed as one `esu.slot_attention` call (`kernels.target_attention` on CUDA): the heads are its Q queries over the
+shared keys ``k_i`` (query path), the cross term its per-query ``bias`` input, and ``W^v_a`` applied after pooling
+(it is linear).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 
 import kernels
 
-from .esu import time_gap_bucket
+from .esu import slot_attention, time_gap_bucket
 from .gsu import Selection
 
 RelevancePath = Literal["query", "projected"]
@@ -132,9 +133,9 @@ class TwinAttention(nn.Module):
         """α ``[N, H]`` of behaviors ``keys [N, key_dim]`` of samples ``sample [N]`` (reference; the GSU and the
         ESU compute the same quantity). ``projected``: `item_projection` rows of the behaviors (projected path)."""
         if path == "query":
-            return torch.einsum("nk,nhk->nh", keys, self.query_keys(target)[sample]) + bias
+            return torch.einsum("nk,nhk->nh", keys, self.query_keys(target).index_select(0, sample)) + bias
         p = self.item_projection(keys) if projected is None else projected
-        q = self.w_q(target).view(-1, self.heads, self.head_dim)[sample]
+        q = self.w_q(target).view(-1, self.heads, self.head_dim).index_select(0, sample)
         return (p * q).sum(-1) / math.sqrt(self.head_dim) + bias
 
     # ---- GSU --------------------------------------------------------------------------------------------------------
@@ -164,7 +165,8 @@ class TwinAttention(nn.Module):
             first = torch.zeros(len(unique), dtype=torch.long, device=keys.device).scatter_(
                 0, inverse, torch.arange(len(keys), device=keys.device)
             )
-            vectors = self.item_projection(keys[first])[inverse]  # [N, H, d_k], one projection per distinct item
+            # [N, H, d_k], one projection per distinct item
+            vectors = self.item_projection(keys.index_select(0, first)).index_select(0, inverse)
             q = self.w_q(target).view(-1, self.heads, self.head_dim) / math.sqrt(self.head_dim)
         ones = torch.ones(len(target), 1, device=target.device)
         per_head, per_score = [], []
@@ -185,11 +187,11 @@ class TwinAttention(nn.Module):
         """``u [B, out_dim]``: target ``[B, key_dim]``; the K selected keys ``[B, K, key_dim]``, full values
         ``[B, K, key_dim + cross]``, bias ``[B, K, H]`` and mask ``[B, K]``."""
         b, k, _ = keys.shape
-        offsets = torch.arange(b + 1, device=keys.device, dtype=torch.int64) * k
-        pooled = kernels.target_attention(
-            self.query_keys(target), keys.reshape(b * k, -1), values.reshape(b * k, -1), offsets,
-            bias=bias.reshape(b * k, self.heads), mask=mask.reshape(-1), scale=1.0, max_len=k, backend=self.backend,
-        )  # fmt: skip  # [B, H, full]: per head a, Σ softmax(α_a) [k; e(c)]
+        # the heads are the op's Q queries over one shared key head: [B, H, full], per head a Σ softmax(α_a) [k; e(c)]
+        pooled = slot_attention(
+            self.query_keys(target).unsqueeze(2), keys.unsqueeze(2), values.unsqueeze(2), mask, bias=bias, scale=1.0,
+            backend=self.backend,
+        ).squeeze(2)  # fmt: skip
         heads = torch.einsum("bhf,hfd->bhd", pooled, self.w_v)  # W^v_a after pooling (linear)
         return self.w_o(heads.reshape(b, -1))
 
