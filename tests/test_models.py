@@ -393,6 +393,32 @@ def test_augru_zero_attention_keeps_the_initial_state():
     assert not torch.allclose(moved, h0)
 
 
+@pytest.mark.parametrize("form", ["paper", "official"])
+def test_augru_is_its_formula(form):
+    """Every state equals the module docstring's equations, written out gate by gate (a readable loop)."""
+    torch.manual_seed(0)
+    cell = AUGRU(5, 4, form=form).double()
+    x, att = torch.randn(3, 6, 5, dtype=torch.float64), torch.rand(3, 6, dtype=torch.float64)
+    mask = torch.arange(6) < torch.tensor([6, 3, 0]).unsqueeze(1)
+    h = torch.randn(3, 4, dtype=torch.float64)
+    states, final = cell(x, att, mask, h)
+    w_x, b_x, w_h = cell.x2h.weight, cell.x2h.bias, cell.h2h.weight
+    (wr, wu, wc), (br, bu, bc), (ur, uu, uc) = w_x.split(4), b_x.split(4), w_h.split(4)
+    for t in range(6):
+        xt, a = x[:, t], att[:, t : t + 1]
+        r = torch.sigmoid(xt @ wr.T + h @ ur.T + br)
+        u = torch.sigmoid(xt @ wu.T + h @ uu.T + bu)
+        if form == "paper":
+            cand = torch.tanh(xt @ wc.T + r * (h @ uc.T) + bc)
+            new = (1 - a * u) * h + a * u * cand
+        else:
+            cand = torch.tanh(xt @ wc.T + (r * h) @ uc.T + bc)
+            new = (1 - a) * u * h + (1 - (1 - a) * u) * cand
+        h = torch.where(mask[:, t : t + 1], new, h)
+        torch.testing.assert_close(states[:, t], h)
+    torch.testing.assert_close(final, h)
+
+
 @pytest.mark.parametrize("encoding", ["time", "position"])
 def test_tin_matches_a_per_sample_reference(info, encoding):
     """TIN's attention, one sample at a time: w = softmax((e_t + T[0]) . (e_i + T[idx_i]) / sqrt(2d)), u = Σ w (e_i +

@@ -74,20 +74,19 @@ class AUGRU(nn.Module):
         att_steps = att.unsqueeze(-1).to(x.dtype).unbind(1)
         keep_steps = mask.unsqueeze(-1).unbind(1)
         states = []
+        # Each step is a few small ops on [B, H], so their count is the cost: both gates in one sigmoid, and the
+        # state update as one lerp, (1 − u)·h + u·h̃ = h + u·(h̃ − h) (paper), u·h + (1 − u)·h̃ = h̃ + u·(h − h̃).
         for t in range(len(gx_steps)):
-            gx_r, gx_u, gx_c = gx_steps[t].split(hd, dim=-1)
+            gx_ru, gx_c = gx_steps[t].split((2 * hd, hd), dim=-1)
             if self.form == "paper":
-                gh_r, gh_u, gh_c = torch.mm(h, self.h2h.weight.t()).split(hd, dim=-1)
-                r, u = torch.sigmoid(gx_r + gh_r), torch.sigmoid(gx_u + gh_u)
+                gh_ru, gh_c = torch.mm(h, self.h2h.weight.t()).split((2 * hd, hd), dim=-1)
+                r, u = torch.sigmoid(gx_ru + gh_ru).split(hd, dim=-1)
                 cand = torch.tanh(gx_c + r * gh_c)
-                u = att_steps[t] * u
-                new = (1 - u) * h + u * cand
+                new = torch.lerp(h, cand, att_steps[t] * u)
             else:
-                gh_r, gh_u = torch.mm(h, w_gates.t()).split(hd, dim=-1)
-                r, u = torch.sigmoid(gx_r + gh_r), torch.sigmoid(gx_u + gh_u)
+                r, u = torch.sigmoid(gx_ru + torch.mm(h, w_gates.t())).split(hd, dim=-1)
                 cand = torch.tanh(gx_c + torch.mm(r * h, w_cand.t()))
-                u = (1 - att_steps[t]) * u
-                new = u * h + (1 - u) * cand
+                new = torch.lerp(cand, h, (1 - att_steps[t]) * u)
             h = torch.where(keep_steps[t], new, h)
             states.append(h)
         return torch.stack(states, dim=1), h
