@@ -160,14 +160,15 @@ def test_gsu_empty_batch_and_k_beyond_length(prefilter):
 # ---- ESU blocks ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("q", [1, 3])
 @pytest.mark.parametrize("bias_dims", [0, 2, 3])
-def test_slot_attention_matches_the_kernel_reference(bias_dims):
-    """The dense CPU path of `slot_attention` is `kernels.target_attention` (reference) on the slots as a jagged
-    batch: outputs and gradients, with empty slots, an all-masked sample, Q > 1 and per-query bias."""
+def test_slot_attention_matches_the_kernel_reference(bias_dims, q):
+    """The dense CPU paths of `slot_attention` (one query; several) are `kernels.target_attention` (reference) on the
+    slots as a jagged batch: outputs and gradients, with empty slots, an all-masked sample and per-query bias."""
     import kernels
 
     torch.manual_seed(0)
-    b, k, q, h, dk, dv = 4, 6, 3, 2, 5, 7
+    b, k, h, dk, dv = 4, 6, 2, 5, 7
     mask = torch.arange(k) < torch.tensor([6, 2, 0, 4]).unsqueeze(1)
     shapes = {"query": (b, q, h, dk), "keys": (b, k, h, dk), "values": (b, k, h, dv)}
     if bias_dims:

@@ -70,12 +70,20 @@ def slot_attention(
             query, keys.reshape(b * k, *keys.shape[2:]), values.reshape(b * k, *values.shape[2:]), offsets,
             bias=flat_bias, mask=mask.reshape(-1), scale=scale, max_len=k, backend=backend,
         )  # fmt: skip
-    logits = (query.unsqueeze(1) * keys.unsqueeze(2)).sum(-1) * scale  # [B, K, Q, H]
+    if query.shape[1] == 1:  # one query (SIM's ESU): broadcast products, cheaper than a batch of [1, K] matmuls
+        logits = (query.unsqueeze(1) * keys.unsqueeze(2)).sum(-1) * scale  # [B, K, 1, H]
+        if bias is not None:
+            logits = logits + (bias[:, :, None, None] if bias.dim() == 2 else bias.unsqueeze(-1))
+        m = mask[:, :, None, None]
+        weights = torch.softmax(logits.masked_fill(~m, torch.finfo(logits.dtype).min), dim=1) * m.to(logits.dtype)
+        return (weights.unsqueeze(-1) * values.unsqueeze(2)).sum(1)
+    # Q queries (TWIN's heads): batched matmuls; a broadcast product would build [B, K, Q, H, D] (7x the time)
+    logits = torch.matmul(query.transpose(1, 2), keys.permute(0, 2, 3, 1)) * scale  # [B, H, Q, K]
     if bias is not None:
-        logits = logits + (bias[:, :, None, None] if bias.dim() == 2 else bias.unsqueeze(-1))
-    m = mask[:, :, None, None]
-    weights = torch.softmax(logits.masked_fill(~m, torch.finfo(logits.dtype).min), dim=1) * m.to(logits.dtype)
-    return (weights.unsqueeze(-1) * values.unsqueeze(2)).sum(1)
+        logits = logits + (bias[:, None, None, :] if bias.dim() == 2 else bias.transpose(1, 2).unsqueeze(1))
+    m = mask[:, None, None, :]
+    weights = torch.softmax(logits.masked_fill(~m, torch.finfo(logits.dtype).min), dim=-1) * m.to(logits.dtype)
+    return torch.matmul(weights, values.transpose(1, 2)).transpose(1, 2)  # [B, Q, H, Dv]
 
 
 class TimeGapEmbedding(nn.Module):
