@@ -81,8 +81,7 @@ def slot_attention(
     logits = torch.matmul(query.transpose(1, 2), keys.permute(0, 2, 3, 1)) * scale  # [B, H, Q, K]
     if bias is not None:
         logits = logits + (bias[:, None, None, :] if bias.dim() == 2 else bias.transpose(1, 2).unsqueeze(1))
-    m = mask[:, None, None, :]
-    weights = torch.softmax(logits.masked_fill(~m, torch.finfo(logits.dtype).min), dim=-1) * m.to(logits.dtype)
+    weights = masked_softmax(logits, mask[:, None, None, :])
     return torch.matmul(weights, values.transpose(1, 2)).transpose(1, 2)  # [B, Q, H, Dv]
 
 
