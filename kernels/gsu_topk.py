@@ -148,4 +148,4 @@ def gsu_topk(
             from .triton.gsu_topk import gsu_topk_triton
 
             return gsu_topk_triton(offsets, k, mode, longest, *args)
-        return gsu_topk_reference(offsets, k, mode, *args)
+        return gsu_topk_reference(offsets, k, mode, *args, cpu_scores=offsets.device.type == "cpu")

@@ -63,6 +63,86 @@ def gsu_scores_reference(
     return score.to(torch.float32)
 
 
+# `gsu_scores_cpu`: a sample's dot products run as one matrix-vector product over its contiguous rows when samples
+# average at least this many behaviors (a Python loop over B costs a few microseconds per sample; the vectorized
+# form materializes [total_L, D] products, which at 10K behaviors per sample costs ~15x more on 2 CPU cores)
+SEGMENT_MIN_MEAN_LEN = 256
+
+
+def gsu_scores_cpu(
+    offsets: torch.Tensor,
+    mode: str,
+    target: torch.Tensor | None = None,
+    behavior_ids: torch.Tensor | None = None,
+    vectors: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    scale_per_row: bool = False,
+    zero_vector_score: float | None = None,
+    target_category: torch.Tensor | None = None,
+    behavior_category: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`gsu_scores_reference`'s scores, organized for the CPU (equal within float rounding; tests hold it so).
+
+    The reference gathers a [total_L, D] copy of the behavior vectors and of the targets; at long histories that
+    copy is the whole cost. Here:
+
+    * table + ids, when the table times the batch is no larger than that copy (``N·B <= total_L·D``): every item
+      against every target once, ``table @ targetsᵀ`` [N, B], then one scalar gathered per behavior;
+    * otherwise, long samples (mean length >= `SEGMENT_MIN_MEAN_LEN`): one ``mv`` per sample over its own rows;
+      short ones: the reference's vectorized form.
+    """
+    if mode == "category":
+        return gsu_scores_reference(offsets, mode, target_category=target_category, behavior_category=behavior_category)
+    assert target is not None and vectors is not None
+    acc = torch.float64 if torch.float64 in (target.dtype, vectors.dtype) else torch.float32
+    batch = offsets.numel() - 1
+    total = behavior_ids.shape[0] if behavior_ids is not None else vectors.shape[0]
+    query = target.to(acc)
+    if mode == "cosine":  # normalized once per target instead of once per behavior
+        query = query * (1.0 / torch.sqrt((query * query).sum(-1)).clamp_min(EPS)).unsqueeze(-1)
+    if scale is not None and not scale_per_row:
+        query = query * scale.reshape(()).to(acc)  # a global scale: on the B targets, not the total_L behaviors
+    sample = segment_ids(offsets, total)
+    row_sq: torch.Tensor | None = None
+    if behavior_ids is not None and vectors.shape[0] * batch <= total * vectors.shape[1]:
+        table = vectors.to(acc)
+        if scale is not None and scale_per_row:
+            table = table * scale.to(acc)[:, None]
+        ids = behavior_ids.long()
+        dot = torch.mm(table, query.t()).reshape(-1).index_select(0, ids * batch + sample)
+        if mode == "cosine":
+            row_sq = (table * table).sum(-1).index_select(0, ids)
+    else:
+        if behavior_ids is not None:
+            behavior = vectors.index_select(0, behavior_ids.long()).to(acc)
+            row_scale = scale.index_select(0, behavior_ids.long()) if scale is not None and scale_per_row else None
+        else:
+            behavior = vectors.to(acc)
+            row_scale = scale if scale is not None and scale_per_row else None
+        if row_scale is not None:
+            behavior = behavior * row_scale.to(acc)[:, None]
+        if batch > 0 and total >= SEGMENT_MIN_MEAN_LEN * batch:
+            dot = behavior.new_empty(total)
+            bounds = offsets.tolist()
+            for b in range(batch):
+                lo, hi = bounds[b], bounds[b + 1]
+                if hi > lo:
+                    torch.mv(behavior[lo:hi], query[b], out=dot[lo:hi])
+        else:
+            dot = (behavior * query.index_select(0, sample)).sum(-1)
+        if mode == "cosine":
+            row_sq = torch.linalg.vecdot(behavior, behavior)
+    if mode == "dot":
+        return dot.to(torch.float32)
+    assert row_sq is not None
+    if scale is not None and not scale_per_row:  # the global scale s is in the dot (via the targets): |s·e|² too
+        row_sq = row_sq * scale.reshape(()).to(acc) ** 2
+    score = dot * (1.0 / torch.sqrt(row_sq).clamp_min(EPS))
+    if zero_vector_score is not None:
+        score = torch.where(row_sq == 0, torch.as_tensor(zero_vector_score, dtype=acc), score)
+    return score.to(torch.float32)
+
+
 def gsu_topk_reference(
     offsets: torch.Tensor,
     k: int,
@@ -75,9 +155,13 @@ def gsu_topk_reference(
     zero_vector_score: float | None = None,
     target_category: torch.Tensor | None = None,
     behavior_category: torch.Tensor | None = None,
+    *,
+    cpu_scores: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K positions ``[B, K]`` int64 (index within the sample, -1 = empty) and scores ``[B, K]`` float32."""
-    scores = gsu_scores_reference(
+    """Top-K positions ``[B, K]`` int64 (index within the sample, -1 = empty) and scores ``[B, K]`` float32.
+
+    ``cpu_scores``: score with `gsu_scores_cpu` (the dispatcher's CPU path) instead of the readable reference."""
+    scores = (gsu_scores_cpu if cpu_scores else gsu_scores_reference)(
         offsets,
         mode,
         target,

@@ -147,6 +147,45 @@ def test_reference_int8_scales_and_zero_vectors():
     assert torch.equal(dot[0][0], brute_force(want, offsets, 9)[0][0])
 
 
+@pytest.mark.parametrize("mode", ["dot", "cosine"])
+@pytest.mark.parametrize("source", ["table", "big_table", "jagged"])
+@pytest.mark.parametrize("lengths", [[5, 0, 1, 12, 3], [900, 0, 300, 1], []])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int8])
+@pytest.mark.parametrize("scale", [None, 0.5, -2.0, "rows"])
+def test_cpu_scores_equal_the_reference(mode, source, lengths, dtype, scale):
+    """The CPU organization of the scores (table x targets, one mv per long sample, or the vectorized form) gives
+    the readable reference's scores: every path, dtype, scale and empty samples; zero vectors under cosine."""
+    from kernels.reference.gsu_topk import SEGMENT_MIN_MEAN_LEN, gsu_scores_cpu, gsu_scores_reference
+
+    g = torch.Generator().manual_seed(len(lengths) + len(str(scale)))
+    offsets = offsets_from(lengths)
+    total, batch, dim = int(offsets[-1]), len(lengths), 8
+    rows = 4 if source == "table" else (total + 1) * dim + 64  # big_table: N·B > total·D, the gather path
+    n = total if source == "jagged" else rows
+    vectors = (torch.randn(n, dim, generator=g) * 50).to(dtype) if dtype != torch.int8 else None
+    if vectors is None:
+        vectors = torch.randint(-100, 100, (n, dim), generator=g, dtype=torch.int8)
+    if n > 2:
+        vectors[1] = 0  # a zero vector (an item without coverage)
+    ids = torch.randint(0, n, (total,), generator=g) if source != "jagged" else None
+    if ids is not None and total > 0:
+        ids[0] = 1
+    target = torch.randn(batch, dim, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    scale_t = None
+    if scale == "rows":
+        scale_t = torch.rand(n, generator=g) + 0.1
+    elif scale is not None:
+        scale_t = torch.tensor([scale])
+    args = (offsets, mode, target, ids, vectors, scale_t, scale == "rows")
+    for zero in [None, -1.1] if mode == "cosine" else [None]:
+        want = gsu_scores_reference(*args, zero_vector_score=zero)
+        got = gsu_scores_cpu(*args, zero_vector_score=zero)
+        assert got.dtype == torch.float32 and got.shape == (total,)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-5 if mode == "dot" else 2e-6)
+    if lengths and lengths[0] == 900:  # the long batch runs one mv per sample
+        assert total >= SEGMENT_MIN_MEAN_LEN * batch
+
+
 def test_reference_k_larger_than_every_sample_and_k_zero():
     offsets = offsets_from([0, 1, 2])
     vectors = torch.tensor([[1.0], [1.0], [2.0]])
