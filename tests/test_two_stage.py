@@ -264,6 +264,38 @@ def test_training_loss_decreases(info, name):
     assert last < first - 0.02, (first, last)
 
 
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("twin", {}), ("eta", {}), ("muse", {"gsu": "id_cosine"}), ("muse", {"gsu": "inner_product"}), ("diffumin", {})],
+)
+def test_prefix_looked_up_twice_trains_the_same(info, name, params):
+    """`prefix_grad = False`: the GSU's look-up of the whole prefix without gradient, then the selected rows with it,
+    gives the logits, the loss terms and every gradient (the embedding tables' included) of one look-up with
+    gradient, on a training batch."""
+    runs = []
+    for one_lookup in (False, True):
+        model = build(info, name, **params).train()
+        assert model.embeds_prefix and not model.prefix_grad
+        if one_lookup:
+            model.prefix_grad = True
+        batch = batches(info, model, 1)[0]
+        torch.manual_seed(1)  # DiffuMIN draws its diffusion noise: the same draws on both runs
+        out = model(batch)
+        terms = model.loss(out, batch)
+        sum(terms.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((out.logit.detach(), {k: v.detach() for k, v in terms.items()}, grads))
+    (logit, terms, grads), (logit1, terms1, grads1) = runs
+    torch.testing.assert_close(logit, logit1, rtol=0, atol=1e-6)
+    assert terms.keys() == terms1.keys() and grads.keys() == grads1.keys()
+    for k in terms:
+        torch.testing.assert_close(terms[k], terms1[k], rtol=0, atol=1e-6)
+    tables = [n for n in grads if "embedding" in n]
+    assert tables and any(grads[n].abs().sum() > 0 for n in tables)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads1[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_selection_is_inside_the_prefix(info, name):
     """Every selected behavior is a real position of the searched prefix, strictly before the sample (ts gap > 0),

@@ -80,6 +80,7 @@ class DiffuMIN(TwoStageModel):
     name = "diffumin"
     Params = DiffuMINParams
     embeds_prefix = True  # the routing scores every behavior of the prefix with its live embedding
+    prefix_grad = False  # the ESU reads the selected only (the channels are recomputed with gradient there)
 
     def __init__(self, params: DiffuMINParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
@@ -118,12 +119,13 @@ class DiffuMIN(TwoStageModel):
         selection, _ = select_per_channel(
             offsets, self.pair(emb, "long_"), channels, cap=p.per_channel, p=p.p, mode=p.select, backend=p.backend
         )
-        return selection, {"omie_channels": channels}  # the ESU weights the selected with the same channels
+        return selection, {}
 
     def interests(self, inp: StageInput) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r̂ [B, C, D], O [B, C, D])`` from the selected behaviors (their live embeddings)."""
         p: DiffuMINParams = self.p  # type: ignore[assignment]
-        o = inp.extras["omie_channels"]
+        # the search's channels again (the same values), with gradient: the search may have run without it
+        o = self.channels_of(inp.target)
         b, c, d = o.shape
         e = inp.long.view(b, c, p.per_channel, d)
         mask = inp.long_mask.view(b, c, p.per_channel).to(e.dtype)

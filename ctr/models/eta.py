@@ -46,6 +46,7 @@ class ETA(SIMBase):
     name = "eta"
     Params = ETAParams
     embeds_prefix = True  # the hashes are of the live embeddings of the whole searched prefix
+    prefix_grad = False  # the ESU reads the selected only
 
     def __init__(self, params: ETAParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)

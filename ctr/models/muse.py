@@ -89,6 +89,7 @@ class MUSE(TwoStageModel):
         mm = torch.from_numpy(info.mm_table())
         self.gsu = CosineGSU(mm, zero_vector_score=zero_score, backend=params.backend)  # also the ESU's R
         self.embeds_prefix = params.gsu in ("id_cosine", "inner_product")  # these score live embeddings
+        self.prefix_grad = False  # the ESU reads the selected only; SimTier reads the frozen multimodal table
         self.category_gsu = CategoryGSU(params.backend, unmatched=info.placeholder_categories())
         self.ip_gsu = (
             InnerProductGSU(self.att_width, self.att_width, backend=params.backend)

@@ -55,6 +55,7 @@ class TWIN(TwoStageModel):
     name = "twin"
     Params = TWINParams
     embeds_prefix = True  # the GSU scores the live embeddings of the whole prefix
+    prefix_grad = False  # the ESU reads the selected only
 
     def __init__(self, params: TWINParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)

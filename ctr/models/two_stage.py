@@ -17,7 +17,12 @@ Forward::
 Only the K selected behaviors are embedded when the GSU works on ids (SIM hard: categories; MUSE: a frozen table):
 the model rebuilds the KeyedJaggedTensor with the selected ids in place of the whole `long` prefix (same keys, so a
 sharded collection sees the same features) and looks up once. A GSU on learned embeddings (SIM soft) embeds the
-whole prefix (`embeds_prefix = True`).
+whole prefix (`embeds_prefix = True`). When the loss reaches those embeddings only through the K selected (TWIN,
+ETA, MUSE on ID embeddings, DiffuMIN: `prefix_grad = False`), training looks the prefix up twice: once without
+gradient for the GSU, then only the selected rows with gradient, as above. The values are the same; what changes is
+the fused sparse optimizer's backward, which otherwise sorts and updates every looked-up row of the prefix (10K
+per sample) to apply a zero gradient to all but K of them. SIM soft (its auxiliary loss pools the whole prefix) and
+SDIM (bucket pooling over the prefix) keep the one lookup with gradient.
 
 DARE (Feng et al., ICLR 2025, ``dare: true``): separate *attention* and *representation* embedding tables. The
 attention tables are extra TorchRec tables `item_att` / `cate_att` (sized like `item` / `cate`) in the same
@@ -173,6 +178,8 @@ class TwoStageModel(CTRModel):
     Params: ClassVar[type[ModelParams]] = TwoStageParams
     att_sources = ATT_SOURCES
     embeds_prefix: ClassVar[bool] = False  # True: the GSU needs learned embeddings of the whole prefix (SIM soft)
+    # with embeds_prefix: True when the loss reaches prefix embeddings beyond the selected rows (module docstring)
+    prefix_grad: ClassVar[bool] = True
 
     def __init__(self, params: TwoStageParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
@@ -305,7 +312,7 @@ class TwoStageModel(CTRModel):
         ids = batch.sparse.to_dict()
         long_item = ids["long_item"]
         offsets = lengths_to_offsets(long_item.lengths())
-        if self.embeds_prefix:
+        if self.embeds_prefix and (self.prefix_grad or not torch.is_grad_enabled()):
             emb = self.embed(ids)
             selection, extras = self.search(batch, ids, offsets, emb)
             rows, mask = selection.rows(offsets), selection.mask
@@ -314,7 +321,11 @@ class TwoStageModel(CTRModel):
         else:
             from torchrec.sparse.jagged_tensor import JaggedTensor
 
-            selection, extras = self.search(batch, ids, offsets, None)
+            prefix = None
+            if self.embeds_prefix:  # the GSU's look-up, without gradient; the selected rows are looked up again
+                with torch.no_grad():
+                    prefix = self.embed(ids)
+            selection, extras = self.search(batch, ids, offsets, prefix)
             rows, mask = selection.rows(offsets), selection.mask
             n = mask.sum(1).int()
             picked = dict(ids)
