@@ -52,13 +52,19 @@ def brute_force(lengths, behaviors, channels, cap, p, mode):
     return out
 
 
+@pytest.mark.parametrize("lengths", [[0, 1, 5, 17, 40, 9], [0, 1, 900, 2000, 5, 3000]])
 @pytest.mark.parametrize("mode, p, cap", [("paper", 0.5, 3), ("paper", 1.0, 50), ("paper", 0.3, 2), ("code", 0.5, 4)])
-def test_selection_matches_brute_force_with_ties(mode, p, cap):
-    """Integer-valued vectors make equal scores and equal routes common: the ties resolve as documented."""
+def test_selection_matches_brute_force_with_ties(mode, p, cap, lengths):
+    """Integer-valued vectors make equal scores and equal routes common: the ties resolve as documented. The long
+    batch takes the CPU's per-sample routing and scoring (`SEGMENT_MIN_WORK`), the short one the vectorized form."""
+    from kernels.reference.gsu_topk import SEGMENT_MIN_WORK
+
     g = torch.Generator().manual_seed(7)
-    lengths = torch.tensor([0, 1, 5, 17, 40, 9])
-    behaviors = torch.randint(-2, 3, (int(lengths.sum()), 6), generator=g).float()
-    channels = torch.randint(-1, 2, (len(lengths), 3, 6), generator=g).float()
+    lengths = torch.tensor(lengths)
+    dim = 16
+    assert (int(lengths.sum()) * dim >= SEGMENT_MIN_WORK * len(lengths)) == (int(lengths.max()) > 100)
+    behaviors = torch.randint(-2, 3, (int(lengths.sum()), dim), generator=g).float()
+    channels = torch.randint(-1, 2, (len(lengths), 3, dim), generator=g).float()
     sel, n_routed = select_per_channel(
         lengths_to_offsets(lengths), behaviors, channels, cap=cap, p=p, mode=mode, backend="reference"
     )

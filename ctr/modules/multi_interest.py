@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 import kernels
+from kernels.reference.gsu_topk import SEGMENT_MIN_WORK
 
 from .gsu import Selection
 
@@ -48,10 +49,22 @@ def orthonormal_rows_qr(p: torch.Tensor) -> torch.Tensor:
     return (q * sign.unsqueeze(-2)).transpose(-1, -2)
 
 
-def route(behaviors: torch.Tensor, channels: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    behaviors: torch.Tensor, channels: torch.Tensor, sample: torch.Tensor, offsets: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A [N, C], route [N])`` of jagged ``behaviors [N, D]`` of samples ``sample [N]`` against ``channels [B, C, D]``
-    (ties to the lower channel)."""
-    a = torch.einsum("nd,ncd->nc", behaviors, channels.index_select(0, sample))
+    (ties to the lower channel). With ``offsets`` and long samples on the CPU, each sample's rows take one matmul
+    with its channels instead of a gathered ``[N, C, D]`` copy of them (`kernels.reference.gsu_topk`'s rule)."""
+    b, n = channels.shape[0], behaviors.shape[0]
+    if offsets is not None and not behaviors.is_cuda and b > 0 and n * behaviors.shape[1] >= SEGMENT_MIN_WORK * b:
+        a = behaviors.new_empty(n, channels.shape[1])
+        bounds = offsets.tolist()
+        for i in range(b):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                torch.mm(behaviors[lo:hi], channels[i].t(), out=a[lo:hi])
+    else:
+        a = torch.einsum("nd,ncd->nc", behaviors, channels.index_select(0, sample))
     return a, a.argmax(-1)
 
 
@@ -75,7 +88,7 @@ def select_per_channel(
     behaviors, channels = behaviors.detach().float(), channels.detach().float()
     lengths = offsets[1:] - offsets[:-1]
     sample = torch.repeat_interleave(torch.arange(b, device=offsets.device), lengths, output_size=behaviors.shape[0])
-    a, routed = route(behaviors, channels, sample)
+    a, routed = route(behaviors, channels, sample, offsets)
     n_routed = torch.bincount(sample * c + routed, minlength=b * c).view(b, c)
     ones = torch.ones(b, 1, device=channels.device)
     positions, scores = [], []

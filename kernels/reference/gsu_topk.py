@@ -63,10 +63,11 @@ def gsu_scores_reference(
     return score.to(torch.float32)
 
 
-# `gsu_scores_cpu`: a sample's dot products run as one matrix-vector product over its contiguous rows when samples
-# average at least this many behaviors (a Python loop over B costs a few microseconds per sample; the vectorized
-# form materializes [total_L, D] products, which at 10K behaviors per sample costs ~15x more on 2 CPU cores)
-SEGMENT_MIN_MEAN_LEN = 256
+# `gsu_scores_cpu`: a sample's dot products run as one matrix-vector product over its contiguous rows when the
+# batch's work per sample, total_L x D / B, is at least this (256 behaviors of width 32). A Python loop over B costs a
+# few microseconds per sample; the vectorized form materializes [total_L, D] products, which at 10K behaviors of
+# width 32 per sample costs ~15x more on 2 CPU cores, and at 50 costs ~10x less.
+SEGMENT_MIN_WORK = 8192
 
 
 def gsu_scores_cpu(
@@ -88,7 +89,7 @@ def gsu_scores_cpu(
 
     * table + ids, when the table times the batch is no larger than that copy (``N·B <= total_L·D``): every item
       against every target once, ``table @ targetsᵀ`` [N, B], then one scalar gathered per behavior;
-    * otherwise, long samples (mean length >= `SEGMENT_MIN_MEAN_LEN`): one ``mv`` per sample over its own rows;
+    * otherwise, long samples (`SEGMENT_MIN_WORK`): one ``mv`` per sample over its own rows;
       short ones: the reference's vectorized form.
     """
     if mode == "category":
@@ -121,7 +122,7 @@ def gsu_scores_cpu(
             row_scale = scale if scale is not None and scale_per_row else None
         if row_scale is not None:
             behavior = behavior * row_scale.to(acc)[:, None]
-        if batch > 0 and total >= SEGMENT_MIN_MEAN_LEN * batch:
+        if batch > 0 and total * behavior.shape[1] >= SEGMENT_MIN_WORK * batch:
             dot = behavior.new_empty(total)
             bounds = offsets.tolist()
             for b in range(batch):
