@@ -109,6 +109,32 @@ def our_overrides(model: str, cfg: dict[str, Any], args: argparse.Namespace) -> 
     return sets
 
 
+# Our side of the rows: "defaults" (each tool at its own architecture) and, for the models with a short window,
+# "FuxiCTR's architecture": FuxiCTR LongCTR's short branch (multi-head target attention, its heads and width), no
+# u ⊙ e_t in the tower, and what else its model lacks (SIM/ETA: the ESU's time embedding; TWIN: the cross features;
+# SIM: the auxiliary tower's activation is the main tower's)
+OURS_DEFAULTS, OURS_PEER_ARCH = "defaults", "FuxiCTR's architecture"
+
+
+def architecture_sets(peer: str, params: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The --set's that give our `peer` model FuxiCTR's architecture (`params`: FuxiCTR's model config for it)."""
+    heads = int(params["num_heads"])
+    sets = [
+        "model.short_attention=mhta",
+        f"model.short_heads={heads}",
+        f"model.short_head_dim={int(params['attention_dim']) // heads}",
+        "model.target_cross=false",
+    ]
+    if peer in ("SIM", "ETA"):
+        sets.append("model.time_buckets=0")
+    if peer == "SIM":
+        sets.append(f"model.aux_activation={cfg['model']['activation']}")
+        sets.append(f"model.aux_hidden={json.dumps(list(cfg['model']['hidden']))}")
+    if peer == "TWIN":
+        sets += ["model.time_buckets=0", "model.use_btype=false"]
+    return sets
+
+
 def our_config(model: str, sets: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -297,17 +323,20 @@ def score(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> dict[str
     }
 
 
-def run_ours(model: str, sets: list[str], args: argparse.Namespace, work: Path, log_every: int) -> dict[str, Any]:
+def run_ours(
+    model: str, sets: list[str], args: argparse.Namespace, work: Path, log_every: int, run_name: str | None = None
+) -> dict[str, Any]:
     from _common import run_measured
 
-    run = work / "runs" / f"ours-{model}"
+    name = run_name or model
+    run = work / "runs" / f"ours-{name}"
     shutil.rmtree(run, ignore_errors=True)
     env = thread_env(args.threads)
     sets = [*sets, f"train.log_every={log_every}"]
     cmd = [_ctr(), "-q", "train", "--data", str(args.data), "--model", model, "--out", str(run)]
     cmd += [x for s in sets for x in ("--set", s)]
-    train = run_measured(cmd, work / "logs" / f"ours-{model}-train.log", env=env)
-    ev = run_measured([_ctr(), "-q", "evaluate", "--run", str(run)], work / "logs" / f"ours-{model}-eval.log", env=env)
+    train = run_measured(cmd, work / "logs" / f"ours-{name}-train.log", env=env)
+    ev = run_measured([_ctr(), "-q", "evaluate", "--run", str(run)], work / "logs" / f"ours-{name}-eval.log", env=env)
     recs = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in recs if r["kind"] == "train"]
     preds = pq.read_table(run / "predictions.parquet", columns=["user_idx", "label", "score"])
@@ -393,10 +422,14 @@ def main() -> int:
         peer = PEERS[model]
         params = fuxictr_params(peer, cfg, args)
         variants = ["as shipped", "post-padded"] if peer == "DIEN" else ["as shipped"]
+        ours_variants = [(OURS_DEFAULTS, sets)]
+        if peer in WINDOW_MODELS:
+            ours_variants.append((OURS_PEER_ARCH, sets + architecture_sets(peer, params, cfg)))
         for v in variants:
             expid = f"{peer}_peers" + ("_post" if v == "post-padded" else "")
             model_cfg[expid] = params
-            plans.append((model, peer, v, expid, sets))
+            for ours_variant, ours_sets in ours_variants:
+                plans.append((model, peer, v, expid, ours_variant, ours_sets))
     (work / "config" / "model_config.yaml").write_text(yaml.safe_dump(model_cfg, sort_keys=False))
     (work / "config" / "dataset_config.yaml").write_text(
         yaml.safe_dump(dataset_config(conv, work / "data"), sort_keys=False)
@@ -420,9 +453,10 @@ def main() -> int:
             "differences": [
                 "sparse tables: ours Adagrad at optim.sparse_lr, FuxiCTR Adam at the dense learning rate",
                 "dien: ours adds the auxiliary loss (model.aux_alpha); FuxiCTR's LongCTR DIEN has none",
-                "sim_soft/eta/sdim/twin: our short-term branch is DIN-style attention over the last short_len "
-                "behaviors; FuxiCTR's is multi-head target attention over short_seq_len - 1 (defect (f))",
-                "twin: ours has time/btype cross features; FuxiCTR runs Kc_cross_features=0",
+                "sim_soft/eta/sdim/twin at our defaults: our short-term branch is DIN-style attention over the "
+                "last short_len behaviors; FuxiCTR's is multi-head target attention over short_seq_len - 1 (defect "
+                "(f)); rows with ours as \"FuxiCTR's architecture\" use its short branch (architecture_sets)",
+                "twin at our defaults: ours has time/btype cross features; FuxiCTR runs Kc_cross_features=0",
                 "sdim: FuxiCTR's short attention uses its default attention_dim 64, one head",
             ],
             "results": rows,
@@ -431,20 +465,24 @@ def main() -> int:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(result, indent=2, default=float) + "\n")
 
-    for model, peer, variant, expid, sets in plans:
-        row: dict[str, Any] = {"model": model, "peer": peer, "variant": variant}
-        if model not in ours_done:
-            print(f"[ours] {model}: ctr train + ctr evaluate", flush=True)
+    fuxictr_done: dict[str, dict[str, Any]] = {}
+    for model, peer, variant, expid, ours_variant, sets in plans:
+        row: dict[str, Any] = {"model": model, "peer": peer, "variant": variant, "ours_variant": ours_variant}
+        key = model if ours_variant == OURS_DEFAULTS else f"{model}_{peer.lower()}_arch"
+        if key not in ours_done:
+            print(f"[ours] {model} ({ours_variant}): ctr train + ctr evaluate", flush=True)
             try:
-                ours_done[model] = run_ours(model, sets, args, work, log_every)
+                ours_done[key] = run_ours(model, sets, args, work, log_every, run_name=key)
             except JobError as e:
-                ours_done[model] = {"error": str(e)[:300]}
-        row["ours"] = ours_done[model]
-        print(f"[fuxictr] {peer} ({variant})", flush=True)
-        try:
-            row["fuxictr"] = run_fuxictr(py, expid, variant, args, work, log_every)
-        except (JobError, FileNotFoundError) as e:
-            row["fuxictr"] = {"error": str(e)[:300]}
+                ours_done[key] = {"error": str(e)[:300]}
+        row["ours"] = ours_done[key]
+        if expid not in fuxictr_done:  # one FuxiCTR run serves both of our variants
+            print(f"[fuxictr] {peer} ({variant})", flush=True)
+            try:
+                fuxictr_done[expid] = run_fuxictr(py, expid, variant, args, work, log_every)
+            except (JobError, FileNotFoundError) as e:
+                fuxictr_done[expid] = {"error": str(e)[:300]}
+        row["fuxictr"] = fuxictr_done[expid]
         rows.append(row)
         save()
     print()

@@ -111,9 +111,81 @@ def _patched_padding(collator: Any, min_width: int, padding: str) -> None:
     collator.padding_seqs = types.MethodType(padding_seqs, collator)
 
 
+def _build(spec: dict[str, Any]) -> tuple[dict[str, Any], Any, Any, tuple[Any, Any, Any]]:
+    """FuxiCTR's params, feature map, model and (train, valid, test) loaders for the spec's expid, as its run script
+    builds them (its LongCTR loader; the collators as shipped: `_patched_padding` is the caller's)."""
+    import logging
+
+    import model_zoo.LongCTR as zoo
+    from fuxictr.features import FeatureMap
+    from fuxictr.preprocess import FeatureProcessor, build_dataset
+    from fuxictr.pytorch.dataloaders import RankDataLoader
+    from fuxictr.pytorch.torch_utils import seed_everything
+    from fuxictr.utils import load_config, set_logger
+    from model_zoo.LongCTR.longctr_dataloader import LongCTRDataLoader
+
+    params = load_config(spec["config_dir"], spec["expid"])
+    params["gpu"] = -1
+    set_logger(params)
+    logging.info("spec: %s", spec)
+    seed_everything(seed=params["seed"])
+    encoder = FeatureProcessor(**params)
+    params["train_data"], params["valid_data"], params["test_data"] = build_dataset(encoder, **params)
+    feature_map = FeatureMap(params["dataset_id"], encoder.data_dir)
+    feature_map.load(encoder.json_file, params)
+    model = getattr(zoo, params["model"])(feature_map, **params)
+    model.count_parameters()
+    params["data_loader"] = LongCTRDataLoader
+    train_gen, valid_gen = RankDataLoader(feature_map, stage="train", **params)
+    test_gen = RankDataLoader(feature_map, stage="test", **params)
+    return params, feature_map, model, (train_gen, valid_gen, test_gen)
+
+
+def fuxictr_step_rate(spec_path: Path) -> int:
+    """The cost of a training step alone (`benchmarks/cost_curve.py`): `spec["warmup"]` + `spec["steps"]` training
+    batches prefetched from FuxiCTR's loader (padded as `fuxictr_run` pads them), then its `train_step` timed over
+    the last `steps` (forward, loss, backward, Adam), as our side is timed."""
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    params, _, model, (train_gen, _, _) = _build(spec)
+    peer = params["model"]
+    window = int(params.get("short_seq_len", 0)) if peer in WINDOW_MODELS else 0
+    post = spec["variant"] == "post-padded"
+    if window or post:
+        _patched_padding(train_gen.collate_fn, window, "post" if post else "pre")
+    warmup, steps = int(spec["warmup"]), int(spec["steps"])
+    batches = []
+    for batch in train_gen:
+        batches.append(batch)
+        if len(batches) == warmup + steps:
+            break
+    model.train()
+    for batch in batches[:warmup]:
+        model.train_step(batch)
+    timed = batches[warmup:]
+    t0 = time.perf_counter()
+    for batch in timed:
+        model.train_step(batch)
+    dt = time.perf_counter() - t0
+    samples = sum(int(b[2].shape[0]) for b in timed)
+    result = {
+        "model": peer,
+        "variant": spec["variant"],
+        "max_len": int(params["max_len"]),
+        "steps": len(timed),
+        "step_ms": dt / max(len(timed), 1) * 1e3,
+        "samples_per_s": samples / dt if dt > 0 else None,
+        "batch_samples": samples / max(len(timed), 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (Path(spec["out"]) / "result.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def fuxictr_run(spec_path: Path) -> int:
     """Train, evaluate and probe one FuxiCTR model (run by WORK/venv/bin/python, see `run_fuxictr`)."""
-    import logging
     import multiprocessing
 
     spec = json.loads(Path(spec_path).read_text())
@@ -123,13 +195,7 @@ def fuxictr_run(spec_path: Path) -> int:
     torch.set_num_threads(int(spec["threads"]))
     import fuxictr
     import fuxictr.metrics as fxm
-    import model_zoo.LongCTR as zoo
-    from fuxictr.features import FeatureMap
-    from fuxictr.preprocess import FeatureProcessor, build_dataset
-    from fuxictr.pytorch.dataloaders import RankDataLoader
-    from fuxictr.pytorch.torch_utils import seed_everything
-    from fuxictr.utils import load_config, set_logger
-    from model_zoo.LongCTR.longctr_dataloader import BatchCollator, LongCTRDataLoader
+    from model_zoo.LongCTR.longctr_dataloader import BatchCollator
 
     site = Path(fuxictr.__file__).resolve().parents[1]
     probes: dict[str, Any] = {"sources": _fuxictr_sources(site)}
@@ -148,21 +214,8 @@ def fuxictr_run(spec_path: Path) -> int:
         probes["e"] = {"fails_on_one_core": True, "error": f"{type(e).__name__}: {e}"}
     fxm.mp = _SerialMP
 
-    params = load_config(spec["config_dir"], spec["expid"])
-    params["gpu"] = -1
-    set_logger(params)
-    logging.info("spec: %s", spec)
-    seed_everything(seed=params["seed"])
-    encoder = FeatureProcessor(**params)
-    params["train_data"], params["valid_data"], params["test_data"] = build_dataset(encoder, **params)
-    feature_map = FeatureMap(params["dataset_id"], encoder.data_dir)
-    feature_map.load(encoder.json_file, params)
+    params, feature_map, model, (train_gen, valid_gen, test_gen) = _build(spec)
     peer = params["model"]
-    model = getattr(zoo, peer)(feature_map, **params)
-    model.count_parameters()
-    params["data_loader"] = LongCTRDataLoader
-    train_gen, valid_gen = RankDataLoader(feature_map, stage="train", **params)
-    test_gen = RankDataLoader(feature_map, stage="test", **params)
     max_len = int(params["max_len"])
     window = int(params.get("short_seq_len", 0)) if peer in WINDOW_MODELS else 0
     post = spec["variant"] == "post-padded"
@@ -278,4 +331,6 @@ def _sim_topk_padding(model: Any, loader: Any) -> dict[str, int]:
 
 if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # no benchmarks/*.py shadowing
-    raise SystemExit(fuxictr_run(Path(sys.argv[1])))
+    spec_file = Path(sys.argv[1])
+    mode = json.loads(spec_file.read_text()).get("mode", "run")
+    raise SystemExit(fuxictr_step_rate(spec_file) if mode == "steps" else fuxictr_run(spec_file))

@@ -83,9 +83,9 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | FuxiCTR | ours AUC / GAUC / logloss | FuxiCTR AUC / GAUC / logloss | FuxiCTR's own gAUC "
+        "| model | ours as | FuxiCTR | ours AUC / GAUC / logloss | FuxiCTR AUC / GAUC / logloss | FuxiCTR's own gAUC "
         "| ours samples/s | FuxiCTR samples/s | ratio |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         ours, fx = r.get("ours") or {}, r.get("fuxictr") or {}
@@ -96,7 +96,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         osps, fsps = ours.get("samples_per_s"), fx.get("samples_per_s")
         ratio = f"{osps / fsps:.2f}" if osps and fsps else "-"
         lines.append(
-            f"| {r['model']} | {r['peer']} ({r['variant']}) | {o} | {f} | {_fmt(own)} | "
+            f"| {r['model']} | {r.get('ours_variant', 'defaults')} | {r['peer']} ({r['variant']}) | {o} | {f} | "
+            f"{_fmt(own)} | "
             f"{f'{osps:,.0f}' if osps else '-'} | {f'{fsps:,.0f}' if fsps else '-'} | {ratio} |"
         )
     return "\n".join(lines)

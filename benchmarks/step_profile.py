@@ -46,8 +46,11 @@ def _span_total(prof: Any, name: str) -> float:
     return sum(e.cpu_time_total for e in prof.events() if e.name == name)
 
 
-def profile_model(model: str, data: Path, sets: list[str], steps: int, warmup: int, work: Path) -> dict[str, Any]:
-    """Loader throughput, step time and the step's phases for one model (runs on rank 0 of a 1-process group)."""
+def profile_model(
+    model: str, data: Path, sets: list[str], steps: int, warmup: int, work: Path, profile_steps: bool = True
+) -> dict[str, Any]:
+    """Loader throughput, step time and the step's phases for one model (runs on rank 0 of a 1-process group).
+    ``profile_steps=False``: the step time alone (no loader-alone pass, no profiler; `cost_curve.py`)."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -66,12 +69,14 @@ def profile_model(model: str, data: Path, sets: list[str], steps: int, warmup: i
         tr.train_loader.set_epoch(0)
         it = iter(tr.train_loader)
         batches = [next(it) for _ in range(warmup + steps)]
-        t0, n = time.perf_counter(), 0
-        for i, b in enumerate(it):  # the loader alone, over the batches after the prefetched ones
-            n += b.size
-            if i + 1 >= 3 * steps:
-                break
-        out["loader_samples_per_s"] = n / (time.perf_counter() - t0)
+        if profile_steps:
+            t0, n = time.perf_counter(), 0
+            for i, b in enumerate(it):  # the loader alone, over the batches after the prefetched ones
+                n += b.size
+                if i + 1 >= 3 * steps:
+                    break
+            out["loader_samples_per_s"] = n / (time.perf_counter() - t0)
+        del it
         for b in batches[:warmup]:
             tr.step(b)
         timed = batches[warmup:]
@@ -83,6 +88,11 @@ def profile_model(model: str, data: Path, sets: list[str], steps: int, warmup: i
         out["step_ms"] = dt / len(timed) * 1e3
         out["samples_per_s"] = samples / dt
         out["batch_samples"] = samples / len(timed)
+        views = [k for k in timed[0].dense if k.endswith("_lengths")]  # behaviors read per sample, per view
+        out["behaviors_per_sample"] = {k.removesuffix("_lengths"): sum(float(b.dense[k].sum()) for b in timed) / samples
+                                       for k in views}  # fmt: skip
+        if not profile_steps:
+            return
 
         collections = [m for m in tr.dmp.modules() if type(m).__name__ == "ShardedEmbeddingCollection"]
         spans: list[Any] = []

@@ -402,6 +402,10 @@ def test_narrow_dare_refusals(info):
         ("muse", {"gsu": "category"}),
         ("muse", {"gsu": "id_cosine"}),
         ("muse", {"gsu": "inner_product"}),
+        ("sim_soft", {"short_attention": "mhta"}),
+        ("twin", {"short_attention": "mhta", "short_heads": 1, "short_head_dim": 16}),
+        ("eta", {"short_attention": "mhta", "dare": True}),
+        ("sim_soft_lain", {"short_attention": "mhta"}),
     ],
 )
 def test_variants_run(info, name, params):
@@ -413,6 +417,47 @@ def test_variants_run(info, name, params):
         batch = batches(info, model, 1)[0]
         out = model(batch)
     assert torch.isfinite(out.logit).all() and aux_of(model, out, batch) is None
+
+
+@pytest.mark.parametrize("lain", [False, True])
+def test_mhta_short_branch_is_its_formula(info, lain):
+    """``short_attention: mhta``: per head h, softmax over the real slots of ``(W_q^h e_t)·(W_k^h e_s) / sqrt(d_h)``
+    (LAIN: conditioned query and keys, the logits over τ(L), its prompts first), the values ``W_v^h e_s`` pooled, the
+    heads concatenated and mapped by ``W_o`` to 2d."""
+    torch.manual_seed(0)
+    model = build(info, "sim_soft_lain" if lain else "sim_soft", short_attention="mhta", short_heads=2).eval()
+    att = model.short_attention
+    b, s, d = 5, 7, 2 * model.dim
+    query, keys, values = torch.randn(b, d), torch.randn(b, s, d), torch.randn(b, s, d)
+    mask = torch.arange(s) < torch.tensor([7, 3, 1, 0, 5]).unsqueeze(1)
+    lc = model.length_context(batches(info, model, 1)[0]) if lain else None
+    if lc is not None:
+        lc = type(lc)(length=lc.length[:b], h=lc.h[:b], prompts=lc.prompts[:b] if lc.prompts is not None else None)
+    with torch.no_grad():
+        got = model.attend_short(lc, query, keys, mask, values)
+        q, k, v, m, tau = query, keys, values, mask, torch.ones(b)
+        if lc is not None:
+            br = model.lain_branch(lc, query, keys, mask, values, branch="short")
+            q, k, v, m, tau = br.query, br.keys, br.values, br.mask, br.temperature
+            assert br.prompts > 0 and tau is not None
+        want = torch.zeros(b, d)
+        hd = att.head_dim
+        for i in range(b):
+            heads = []
+            for h in range(att.heads):
+                rows = slice(h * hd, (h + 1) * hd)
+                qh = att.w_q.weight[rows] @ q[i]
+                logits = torch.stack([qh @ (att.w_k.weight[rows] @ k[i, j]) for j in range(k.shape[1])])
+                logits = logits / math.sqrt(hd) / tau[i]
+                real = m[i]
+                pooled = torch.zeros(hd)
+                if real.any():
+                    w = torch.softmax(logits[real], 0)
+                    vals = torch.stack([att.w_v.weight[rows] @ v[i, j] for j in range(k.shape[1])])[real]
+                    pooled = (w.unsqueeze(1) * vals).sum(0)
+                heads.append(pooled)
+            want[i] = att.w_o.weight @ torch.cat(heads)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_sim_soft_aux_loss(info):

@@ -52,7 +52,10 @@ Defaults (the Params classes of ``sim.py`` and ``muse.py``) and sources:
 * ``max_len: 10000``: the papers search up to ~54K (SIM) and 100K (MUSE production); 10K keeps a CPU epoch short
   while covering the p99 history of the demo world. The loader reads ``seq[max(0, hist_len - max_len):hist_len]``.
 * short branch: DIN's activation unit [80, 40] Dice, no softmax (paper form, as ``din.yaml``), so that a two-stage
-  model contains the DIN baseline it is compared with.
+  model contains the DIN baseline it is compared with. ``short_attention: mhta`` is FuxiCTR LongCTR's short branch
+  instead (SIM, ETA, SDIM, TWIN there): multi-head scaled dot-product target attention with ``W_q, W_k, W_v`` and
+  ``W_o`` back to 2d (``short_heads`` x ``short_head_dim``, `ctr.modules.esu.MultiHeadTargetAttention`), no time
+  embedding; LAIN conditions its query and keys and divides its logits by τ(L) as it does the ESU's.
 * ``target_cross: true``: the tower also gets ``u ⊙ e_t`` for the short and the long interest (DIN official code,
   DARE's "target representation").
 """
@@ -73,6 +76,7 @@ from features.loader import Batch, SequenceView
 
 from ..modules.activations import make_activation
 from ..modules.attention import DinAttention
+from ..modules.esu import MultiHeadTargetAttention
 from ..modules.gsu import Selection, gather_slots, lengths_to_offsets, to_slots
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
@@ -90,6 +94,10 @@ class TwoStageParams(ModelParams):
     short_attention_hidden: list[int] = [80, 40]
     short_attention_activation: Literal["sigmoid", "relu", "prelu", "dice"] = "dice"
     short_softmax: bool = False  # DIN paper: raw weights; official DIN code: masked softmax
+    # the short branch: DIN's activation unit (above) or multi-head target attention (FuxiCTR LongCTR's short branch)
+    short_attention: Literal["din", "mhta"] = "din"
+    short_heads: int = Field(2, ge=1)  # mhta: heads x head_dim (FuxiCTR: num_heads, attention_dim / num_heads)
+    short_head_dim: int = Field(32, ge=1)
     target_cross: bool = True
     hidden: list[int] = [200, 80]
     activation: str = "dice"
@@ -186,12 +194,19 @@ class TwoStageModel(CTRModel):
         self.p = params
         d = 2 * self.dim
         self.att_width = 2 * self.att_dim  # [item; cate] of the attention tables (== d without a narrower DARE)
-        self.short_attention = DinAttention(
-            self.att_width,
-            params.short_attention_hidden,
-            params.short_attention_activation,
-            softmax=params.short_softmax,
-        )
+        self.short_attention: nn.Module
+        if params.short_attention == "mhta":
+            self.short_attention = MultiHeadTargetAttention(
+                self.att_width, self.att_width, d, heads=params.short_heads, head_dim=params.short_head_dim, out_dim=d,
+                backend=params.backend,
+            )  # fmt: skip
+        else:
+            self.short_attention = DinAttention(
+                self.att_width,
+                params.short_attention_hidden,
+                params.short_attention_activation,
+                softmax=params.short_softmax,
+            )
         self.n_context = len(self.context_features()) + (1 if params.use_user else 0)
         self.tower: nn.Module | None = None
         self.long_dim = 0
@@ -270,7 +285,10 @@ class TwoStageModel(CTRModel):
         mask: torch.Tensor,
         values: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The short-term DIN attention ``[B, 2d]``, with LAIN's prompts, conditioning and τ when ``lc`` is given."""
+        """The short-term attention ``[B, 2d]``, with LAIN's prompts, conditioning and τ when ``lc`` is given."""
+        if isinstance(self.short_attention, MultiHeadTargetAttention):
+            br = self.lain_branch(lc, query, keys, mask, values, branch="short")
+            return self.short_attention(br.query, br.keys, br.mask, values=br.values, temperature=br.temperature)
         if lc is None:
             return self.short_attention(query, keys, mask, values=values)[0]
         assert self.lain is not None
@@ -295,7 +313,7 @@ class TwoStageModel(CTRModel):
         raise NotImplementedError
 
     def short_interest(self, inp: StageInput) -> torch.Tensor:
-        """DIN attention of the target over the last S behaviors: ``[B, 2d]``."""
+        """The short branch's attention of the target over the last S behaviors: ``[B, 2d]``."""
         return self.attend_short(inp.lc, inp.target_att, inp.short_att, inp.short_mask, values=inp.short)
 
     # ---- the shared forward ----------------------------------------------------------------------------------------
