@@ -11,7 +11,7 @@ batches prefetched from its LongCTR loader (`peers_fuxictr.fuxictr_step_rate`, i
 as `peers.py` does: the same embedding size, towers, batch size and learning rate; DIEN post-padded, defect (c)).
 Each side reads the last L behaviors strictly before the sample: L is DIN/DIEN's ``seq_len`` and the two-stage
 models' ``max_len`` (their short window is min(short_len, L)). Both sides run on the same batch size: our
-``data.max_batch_behaviors`` is raised to batch x (L + short window) so that the behavior cap does not shrink our
+``data.max_batch_behaviors`` is raised to batch x (2L + short window) so that the behavior cap does not shrink our
 batches at long L (FuxiCTR has none).
 
 What it measures is the step, not the loader or the epoch (`peers.py` has the end-to-end rows): samples/s =
@@ -52,7 +52,8 @@ def our_point(model: str, data: Path, length: int, args: argparse.Namespace, wor
     ns = argparse.Namespace(max_len=length, batch_size=args.batch_size, epochs=1)
     sets = [s for s in peers.our_overrides(model, defaults, ns) if not s.startswith("train.epochs")]
     short = min(int(defaults["model"].get("short_len", 0)), length)
-    sets += ["data.num_workers=1", f"data.max_batch_behaviors={args.batch_size * (length + short)}"]
+    # the cap counts every view (DIEN's sampled negatives too): twice the window plus the short one always fits
+    sets += ["data.num_workers=1", f"data.max_batch_behaviors={args.batch_size * (2 * length + short)}"]
     steps = steps_for(length, args.steps)
     return profile_model(model, data, sets, steps, args.warmup, work / "ours", profile_steps=False)
 

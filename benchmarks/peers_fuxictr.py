@@ -162,12 +162,18 @@ def fuxictr_step_rate(spec_path: Path) -> int:
         if len(batches) == warmup + steps:
             break
     model.train()
-    for batch in batches[:warmup]:
-        model.train_step(batch)
+    model._max_gradient_norm = params["max_gradient_norm"]  # what its fit() sets before train_epoch
+
+    def step(index: int, batch: Any) -> None:  # as its train_epoch calls it (train_step reads _batch_index)
+        model._batch_index = index
+        model.train_step(batch).item()
+
+    for i, batch in enumerate(batches[:warmup]):
+        step(i, batch)
     timed = batches[warmup:]
     t0 = time.perf_counter()
-    for batch in timed:
-        model.train_step(batch)
+    for i, batch in enumerate(timed, start=warmup):
+        step(i, batch)
     dt = time.perf_counter() - t0
     samples = sum(int(b[2].shape[0]) for b in timed)
     result = {
