@@ -89,11 +89,11 @@ def peer_point(model: str, length: int, args: argparse.Namespace, work: Path, py
 
 def table(points: list[dict[str, Any]], lengths: list[int]) -> str:
     models = list(dict.fromkeys(p["model"] for p in points))
-    head = ["model", *(f"L={n:,}" for n in lengths), "growth 50 -> max"]
+    head = ["model", *(f"L={n:,}" for n in lengths), "slowdown from the shortest L to the longest measured"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for side in ("ours", "fuxictr"):
         for m in models:
-            cells, rates = [], []
+            cells, rates, measured = [], [], []
             for n in lengths:
                 p = next((x for x in points if x["model"] == m and x["length"] == n), None)
                 r = (p or {}).get(side) or {}
@@ -104,9 +104,12 @@ def table(points: list[dict[str, Any]], lengths: list[int]) -> str:
                 else:
                     cells.append(f"{r['samples_per_s']:,.0f}")
                     rates.append(r["samples_per_s"])
+                    measured.append(n)
             if all(c == "-" for c in cells):
                 continue
-            growth = f"{rates[0] / rates[-1]:.0f}x slower" if len(rates) > 1 and rates[-1] else "-"
+            growth = "-"
+            if len(rates) > 1 and rates[-1]:
+                growth = f"{rates[0] / rates[-1]:.1f}x ({measured[0]:,} -> {measured[-1]:,})"
             name = m if side == "ours" else f"FuxiCTR {PEERS[m]}"
             lines.append("| " + " | ".join([name, *cells, growth]) + " |")
     return "\n".join(lines)
