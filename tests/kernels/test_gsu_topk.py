@@ -191,6 +191,21 @@ def test_cpu_scores_equal_the_reference(mode, source, lengths, dtype, scale):
         assert total * dim >= SEGMENT_MIN_WORK * batch
 
 
+def test_cpu_scores_serve_auto_and_the_reference_serves_by_name(monkeypatch):
+    """On the CPU the dispatcher scores with `gsu_scores_cpu` unless the readable reference is asked for by name."""
+    import kernels.reference.gsu_topk as ref
+
+    calls = []
+    real = ref.gsu_scores_cpu
+    monkeypatch.setattr(ref, "gsu_scores_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+    offsets, vectors, target = offsets_from([3]), torch.randn(3, 2), torch.randn(1, 2)
+    auto = gsu_topk(offsets, 2, mode="dot", target=target, behavior_vectors=vectors)
+    assert calls == [1]
+    named = gsu_topk(offsets, 2, mode="dot", target=target, behavior_vectors=vectors, backend="reference")
+    assert calls == [1] and torch.equal(auto[0], named[0])
+
+
 def test_reference_k_larger_than_every_sample_and_k_zero():
     offsets = offsets_from([0, 1, 2])
     vectors = torch.tensor([[1.0], [1.0], [2.0]])
