@@ -80,6 +80,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:  # run as a script or imported as benchmarks.peers: the sibling modules either way
     sys.path.insert(0, str(HERE))
 
+from peers_arch import OURS_DEFAULTS, OURS_PEER_ARCH, architecture_sets  # noqa: E402
 from peers_convert import convert_dataset  # noqa: E402
 from peers_report import defects_report, table  # noqa: E402
 
@@ -106,32 +107,6 @@ def our_overrides(model: str, cfg: dict[str, Any], args: argparse.Namespace) -> 
         sets.append(f"model.max_len={args.max_len}")
         if m.get("short_len", 0) > args.max_len:
             sets.append(f"model.short_len={args.max_len}")
-    return sets
-
-
-# Our side of the rows: "defaults" (each tool at its own architecture) and, for the models with a short window,
-# "FuxiCTR's architecture": FuxiCTR LongCTR's short branch (multi-head target attention, its heads and width), no
-# u ⊙ e_t in the tower, and what else its model lacks (SIM/ETA: the ESU's time embedding; TWIN: the cross features;
-# SIM: the auxiliary tower's activation is the main tower's)
-OURS_DEFAULTS, OURS_PEER_ARCH = "defaults", "FuxiCTR's architecture"
-
-
-def architecture_sets(peer: str, params: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    """The --set's that give our `peer` model FuxiCTR's architecture (`params`: FuxiCTR's model config for it)."""
-    heads = int(params["num_heads"])
-    sets = [
-        "model.short_attention=mhta",
-        f"model.short_heads={heads}",
-        f"model.short_head_dim={int(params['attention_dim']) // heads}",
-        "model.target_cross=false",
-    ]
-    if peer in ("SIM", "ETA"):
-        sets.append("model.time_buckets=0")
-    if peer == "SIM":
-        sets.append(f"model.aux_activation={cfg['model']['activation']}")
-        sets.append(f"model.aux_hidden={json.dumps(list(cfg['model']['hidden']))}")
-    if peer == "TWIN":
-        sets += ["model.time_buckets=0", "model.use_btype=false"]
     return sets
 
 

@@ -1,0 +1,34 @@
+"""`peers.py`'s architecture-equal rows: the overrides that give our model FuxiCTR LongCTR's architecture."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Our side of the rows: "defaults" (each tool at its own architecture) and, for the models with a short window,
+# "FuxiCTR's architecture": FuxiCTR LongCTR's short branch (multi-head target attention, its heads and width), no
+# u ⊙ e_t in the tower, and what else its model lacks (SIM/ETA: the ESU's time embedding; TWIN: the cross features;
+# SIM: the auxiliary tower's activation is the main tower's)
+OURS_DEFAULTS, OURS_PEER_ARCH = "defaults", "FuxiCTR's architecture"
+
+
+def architecture_sets(peer: str, params: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The --set's that give our `peer` model FuxiCTR's architecture (`params`: FuxiCTR's model config for it)."""
+    heads = int(params["num_heads"])
+    sets = [
+        "model.short_attention=mhta",
+        f"model.short_heads={heads}",
+        f"model.short_head_dim={int(params['attention_dim']) // heads}",
+        "model.target_cross=false",
+    ]
+    if peer in ("SIM", "ETA"):
+        sets.append("model.time_buckets=0")
+    if peer == "SIM":
+        sets.append(f"model.aux_activation={cfg['model']['activation']}")
+        sets.append(f"model.aux_hidden={json.dumps(list(cfg['model']['hidden']))}")
+    if peer == "TWIN":
+        sets += ["model.time_buckets=0", "model.use_btype=false"]
+    return sets
+
+
+__all__ = ["OURS_DEFAULTS", "OURS_PEER_ARCH", "architecture_sets"]
