@@ -192,6 +192,44 @@ def test_slot_attention_matches_the_kernel_reference(bias_dims, q):
         torch.testing.assert_close(a[n].grad, r[n].grad, msg=n)
 
 
+@pytest.mark.parametrize("separate_values", [False, True])
+@pytest.mark.parametrize("heads", [1, 2, 3])
+def test_absorbed_target_attention_is_the_projected_one(heads, separate_values):
+    """`MultiHeadTargetAttention` on the CPU folds ``W_k`` into the query and projects the pooled values; written out
+    with the K keys and values projected (and `slot_attention` over them) it is the same function: outputs and every
+    gradient (weights, query, keys, values, LAIN's temperature), with empty slots and an all-masked sample."""
+    from ctr.modules.esu import MultiHeadTargetAttention
+
+    torch.manual_seed(0)
+    b, k, dq, dk, dv, d = 5, 7, 6, 9, 4, 3
+    att = MultiHeadTargetAttention(dq, dk, dv if separate_values else None, heads=heads, head_dim=d, out_dim=8)
+    att = att.double()
+    mask = torch.arange(k) < torch.tensor([7, 3, 0, 1, 5]).unsqueeze(1)
+    base = {
+        "query": torch.randn(b, dq, dtype=torch.float64),
+        "keys": torch.randn(b, k, dk, dtype=torch.float64),
+        "values": torch.randn(b, k, dv, dtype=torch.float64),
+        "temperature": torch.rand(b, dtype=torch.float64) + 0.5,
+    }
+    a = {n: t.clone().requires_grad_() for n, t in base.items()}
+    r = {n: t.clone().requires_grad_() for n, t in base.items()}
+    values_a = a["values"] if separate_values else None
+    got = att(a["query"], a["keys"], mask, values=values_a, temperature=a["temperature"])
+    got_grads = torch.autograd.grad(got.pow(2).sum(), [*a.values(), *att.parameters()], allow_unused=True)
+    q = (att.w_q(r["query"]) / r["temperature"].unsqueeze(-1)).reshape(b, 1, heads, d)
+    kk = att.w_k(r["keys"]).reshape(b, k, heads, d)
+    vv = att.w_v(r["values"] if separate_values else r["keys"]).reshape(b, k, heads, d)
+    expect = att.w_o(slot_attention(q, kk, vv, mask, scale=d**-0.5).reshape(b, heads * d))
+    expect_grads = torch.autograd.grad(expect.pow(2).sum(), [*r.values(), *att.parameters()], allow_unused=True)
+    torch.testing.assert_close(got, expect)
+    assert (got[2] == 0).all()  # nothing selected: the pooled value is zero, W_o has no bias
+    for x, y in zip(got_grads, expect_grads, strict=True):
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            torch.testing.assert_close(x, y)
+
+
 def test_gather_slots_is_indexing():
     """`gather_slots` (index_select + index_copy) equals ``values[rows]`` zeroed outside the mask, with gradients."""
     torch.manual_seed(0)
