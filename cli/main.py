@@ -176,11 +176,10 @@ DEMO_SETS = ["train.max_steps=250", "data.batch_size=512", "train.log_every=20",
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from cli.demo_jobs import JobFailed, JobResult, ModelJob, default_jobs, run_inline, run_jobs
     from ctr.config import resolve_train_config
-    from ctr.evaluation.evaluate import evaluate_run
     from ctr.models import model_names
     from ctr.report.render import render_report
-    from ctr.train.trainer import train
     from pipelines.build import build_dataset
     from pipelines.cluster import build_clusters
     from pipelines.config import load_build_config
@@ -211,15 +210,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n, covered = block["clusters"], block["behaviors"]
         print(f"      TWIN-V2 clusters: {n:,} for {covered:,} behaviors ({block['seconds']} s)")
     sets = (DEMO_QUICK_SETS if args.quick else DEMO_SETS) + [f"train.seed={args.seed}"] + list(args.set or [])
-    runs = []
-    for i, name in enumerate(models, 1):
-        print(f"[3/5] training {name} ({i}/{len(models)})")
-        cfg, params = resolve_train_config(name, None, sets)
-        runs.append(train(data, runs_dir / name, cfg, params, nproc=args.nproc, overwrite=True))
-    print("[4/5] evaluating every model on the test split")
-    for run in runs:
-        m = evaluate_run(run, "test")
-        print(f"      {run.name:<12} AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}")
+    for name in models:
+        resolve_train_config(name, None, sets)  # a bad --set or model name fails here, before any job starts
+    # the quick world's models train in seconds: one at a time in this process (a process start costs more)
+    parallel, threads = (1, 0) if args.quick else default_jobs(len(models), args.nproc)
+    if args.jobs:
+        parallel, threads = args.jobs, max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
+    jobs = [
+        ModelJob(name, str(data), str(runs_dir / name), sets, args.nproc, threads, str(out / "logs" / f"{name}.log"))
+        for name in models
+    ]
+    how = f"{parallel} at a time, {threads} thread(s) each (logs: {out / 'logs'})" if parallel > 1 else "one at a time"
+    print(f"[3/5] training {len(models)} models, each then scored on the test split: {how}")
+
+    def done(r: JobResult, n: int, total: int) -> None:
+        m = r.metrics
+        print(
+            f"      {r.job.name:<14} {r.seconds:6.0f} s  test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  ({n}/{total})",
+            flush=True,
+        )
+
+    try:
+        results = run_jobs(jobs, parallel, on_done=done) if parallel > 1 else run_inline(jobs, on_done=done)
+    except JobFailed as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    runs = [Path(r.job.run_dir) for r in results]
+    print("[4/5] test split, every model")
+    for r in results:
+        m = r.metrics
+        print(f"      {r.job.name:<14} AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}")
     print("[5/5] writing the report")
     paths = render_report(runs, out / "report")
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
@@ -325,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny world, few steps (a minute)")
     p.add_argument("--models", help="comma-separated model names (default: every registered model)")
     p.add_argument("--nproc", type=_positive_int, default=1)
+    p.add_argument(
+        "--jobs", type=_positive_int, default=None,
+        help="models trained at a time, each in its own process with its share of the cores (default: one per core, "
+        "at most 4)",
+    )  # fmt: skip
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="training override for every model")
     p.set_defaults(func=cmd_demo)
     return parser
