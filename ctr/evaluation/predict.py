@@ -16,6 +16,7 @@ import torch
 from features.errors import DatasetError
 from features.loader import LoaderConfig, SplitLoader
 
+from ..malloc import keep_freed_memory
 from ..runs import load_trained, prediction_path
 from .scoring import Scores
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def predict_split(run_dir: Path, split: str = "test", *, batch_size: int = 2048, num_workers: int = 1) -> Path:
     """Score `split` with the run's model; writes the predictions Parquet file and returns its path."""
+    keep_freed_memory()
     model, cfg, info = load_trained(run_dir)
     if not info.split_rows.get(split):
         raise DatasetError(

@@ -25,6 +25,7 @@ from features.sequence_store import SequenceStore
 
 from .. import runs
 from ..config import ConfigError, TrainConfig
+from ..malloc import keep_freed_memory
 from ..models import ModelParams
 from ..runs import JsonlLog, build_model, write_seen
 from . import checkpoint
@@ -71,6 +72,7 @@ class Training:
         cfg: TrainConfig,
         params: ModelParams,
     ) -> None:
+        keep_freed_memory()  # the step's temporaries reuse the heap instead of fresh mmaps (ctr/malloc.py)
         self.ctx, self.run_dir, self.cfg = ctx, run, cfg
         self.info = info = DatasetInfo.load(data_dir)
         SequenceStore.open(info.data_dir)  # built once under a lock, before the loader workers of every rank open it
