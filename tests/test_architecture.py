@@ -19,11 +19,12 @@ ALLOWED = {
 # Inside ctr, what each part may import: arrows run one way, from the CLI down to the modules.
 CTR_ALLOWED = {
     "modules": set(),
+    "malloc": set(),  # the process's allocator settings: a leaf the training and scoring processes call
     "models": {"modules"},
     "config": {"models"},
     "runs": {"config", "models"},
-    "evaluation": {"runs", "config", "models"},
-    "train": {"evaluation", "runs", "config", "models", "modules"},
+    "evaluation": {"runs", "config", "models", "malloc"},
+    "train": {"evaluation", "runs", "config", "models", "modules", "malloc"},
     "report": {"evaluation", "runs"},
 }
 
