@@ -31,15 +31,15 @@ from ctr.runs import metrics_path
 MAX_DEFAULT_JOBS = 4  # beyond a few jobs, memory (each holds its own tables and loader) matters more than cores
 
 
-def default_jobs(n_models: int, nproc: int, cores: int | None = None) -> tuple[int, int]:
-    """(jobs at a time, torch threads per rank): one job per core up to `MAX_DEFAULT_JOBS`, the cores shared out.
+def default_jobs(n_models: int, nproc: int, cores: int | None = None, jobs: int | None = None) -> tuple[int, int]:
+    """(jobs at a time, torch threads per rank): `jobs` when given, else one job per core up to
+    `MAX_DEFAULT_JOBS`; the cores shared out among every job's ranks.
 
-    With ``nproc`` > 1 ranks per model the ranks already share the cores: one job at a time."""
+    With ``nproc`` > 1 ranks per model the ranks already share the cores: one job at a time by default."""
     cores = cores or os.cpu_count() or 1
-    if nproc > 1:
-        return 1, max(1, cores // nproc)
-    jobs = max(1, min(n_models, cores, MAX_DEFAULT_JOBS))
-    return jobs, max(1, cores // jobs)
+    if jobs is None:
+        jobs = 1 if nproc > 1 else max(1, min(n_models, cores, MAX_DEFAULT_JOBS))
+    return jobs, max(1, cores // (jobs * nproc))
 
 
 @dataclass(frozen=True)
@@ -145,28 +145,21 @@ def run_inline(jobs: list[ModelJob], on_done: Any = None) -> list[JobResult]:
     results = []
     for job in jobs:
         t0 = time.time()
-        results.append(JobResult(job, 0.0, train_and_evaluate(job)))
-        results[-1].seconds = time.time() - t0
+        metrics = train_and_evaluate(job)
+        results.append(JobResult(job, time.time() - t0, metrics))
         if on_done is not None:
             on_done(results[-1], len(results), len(jobs))
     return results
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """The job itself (in its own process): train, then score the test split."""
     args = sys.argv[1:] if argv is None else argv
+    from cli.main import setup_logging, terminate
+
     job = ModelJob(**json.loads(args[0]))
-    signal.signal(signal.SIGTERM, _terminate)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    logging.getLogger().setLevel(logging.WARNING)  # TorchRec and FBGEMM log every table at INFO on the root logger
-    for ours in ("ctr", "features", "pipelines", "cli"):
-        logging.getLogger(ours).setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, terminate)
+    setup_logging(logging.INFO)
     import torch
 
     from features.errors import UserError

@@ -214,9 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name in models:
         resolve_train_config(name, None, sets)  # a bad --set or model name fails here, before any job starts
     # the quick world's models train in seconds: one at a time in this process (a process start costs more)
-    parallel, threads = (1, 0) if args.quick else default_jobs(len(models), args.nproc)
-    if args.jobs:
-        parallel, threads = args.jobs, max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
+    parallel, threads = default_jobs(len(models), args.nproc, jobs=args.jobs or (1 if args.quick else None))
     jobs = [
         ModelJob(name, str(data), str(runs_dir / name), sets, args.nproc, threads, str(out / "logs" / f"{name}.log"))
         for name in models
@@ -356,20 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+def setup_logging(level: int, verbose: bool = False) -> None:
+    """Our loggers at `level`; TorchRec and FBGEMM, which log every table's arguments at INFO on the root logger,
+    at WARNING unless `verbose`."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("ray").setLevel(max(level, logging.WARNING) if args.quiet else level)
-    # TorchRec and FBGEMM log every table's arguments at INFO on the root logger: keep them at WARNING.
-    if not args.verbose:
+    logging.getLogger("ray").setLevel(level)
+    if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
         for ours in ("ctr", "features", "pipelines", "cli"):
             logging.getLogger(ours).setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO, args.verbose)
     from features.errors import UserError
 
     # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: training processes are stopped, temporary files removed.
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -382,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _terminate(signum: int, _frame: Any) -> None:
+def terminate(signum: int, _frame: Any) -> None:
+    """SIGTERM handler: unwind as on Ctrl-C."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -20,6 +20,9 @@ def test_default_jobs_share_the_cores():
     assert default_jobs(20, 1, cores=16) == (4, 4)  # at most MAX_DEFAULT_JOBS at a time
     assert default_jobs(3, 1, cores=16) == (3, 5)  # never more jobs than models
     assert default_jobs(20, 2, cores=16) == (1, 8)  # ranks share the cores: one model at a time
+    assert default_jobs(20, 1, cores=16, jobs=3) == (3, 5)  # --jobs: the cores shared among those
+    assert default_jobs(20, 2, cores=16, jobs=2) == (2, 4)
+    assert default_jobs(20, 1, cores=2, jobs=1) == (1, 2)  # the quick demo: one in-process job, every core
 
 
 def test_demo_trains_models_side_by_side(tmp_path, ray_local, capsys):
