@@ -152,13 +152,18 @@ class BatchAssembler:
         the next item id that is not the same position's behavior."""
         span = max(1, self.n_items - FIRST_IDX)
         sample = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-        window = np.unique(sample * self.n_items + item)  # (sample, item) pairs of the window
+        # (sample, item) keys of the window, sorted: a draw clashes when its own key is found there. One sort and a
+        # binary search per draw (np.unique + np.isin sorted the window and then both arrays again every round)
+        window = np.sort(sample * self.n_items + item)
         neg = rng.integers(FIRST_IDX, self.n_items, size=item.shape[0]).astype(np.int32)
+        todo = np.arange(neg.shape[0])  # the draws still to check: all, then the ones redrawn
         for _ in range(NEGATIVE_ROUNDS):
-            clash = np.flatnonzero(np.isin(sample * self.n_items + neg, window))
-            if clash.size == 0:
+            if todo.size == 0 or window.size == 0:
                 break
-            neg[clash] = rng.integers(FIRST_IDX, self.n_items, size=clash.size)
+            key = sample[todo] * self.n_items + neg[todo]
+            at = np.minimum(np.searchsorted(window, key), window.size - 1)
+            todo = todo[window[at] == key]
+            neg[todo] = rng.integers(FIRST_IDX, self.n_items, size=todo.size)
         same = neg == item
         neg[same] = FIRST_IDX + (neg[same] - FIRST_IDX + 1) % span
         return neg
