@@ -26,19 +26,35 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .gru_scan import gru_scan
 
 
 class InterestExtractor(nn.Module):
-    """DIEN's interest extractor: a one-layer GRU over the behaviors; outputs ``h_t`` [B, L, H], 0 where masked."""
+    """DIEN's interest extractor: a one-layer GRU over the behaviors; outputs ``h_t`` [B, L, H], 0 where masked.
 
-    def __init__(self, input_dim: int, hidden_dim: int) -> None:
+    The parameters are ``nn.GRU``'s (``self.gru``); the recurrence runs in `gru_scan` (a hand-written backward, the
+    state kept past each row's length) and ``fused=False`` runs ``nn.GRU`` itself, the reference the tests hold it to.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, fused: bool = True) -> None:
         super().__init__()
         self.gru = nn.GRU(input_dim, hidden_dim, batch_first=True)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # Right padding + a causal recurrence: h_t at a real position sees only x_0..x_t, all real.
-        out, _ = self.gru(x)
+        if self.fused:
+            g = self.gru
+            hd = g.hidden_size
+            # the state's r and u biases add outside the reset gate: folded into the input projection's
+            b_in = g.bias_ih_l0 + torch.cat([g.bias_hh_l0[: 2 * hd], g.bias_hh_l0.new_zeros(hd)])
+            gx = F.linear(x, g.weight_ih_l0, b_in)
+            out, _ = gru_scan(gx, None, mask, None, g.weight_hh_l0, g.bias_hh_l0[2 * hd :], "torch")
+        else:
+            out, _ = self.gru(x)
         return out * mask.unsqueeze(-1).to(out.dtype)
 
 
@@ -49,11 +65,14 @@ class AUGRU(nn.Module):
     is the state after each row's last real position (``h0``, default zeros, for an empty row).
     """
 
-    def __init__(self, input_dim: int, hidden_dim: int, form: Literal["paper", "official"] = "paper") -> None:
+    def __init__(
+        self, input_dim: int, hidden_dim: int, form: Literal["paper", "official"] = "paper", fused: bool = True
+    ) -> None:
         super().__init__()
         if form not in ("paper", "official"):
             raise ValueError(f"AUGRU form must be 'paper' or 'official', got {form!r}")
         self.form = form
+        self.fused = fused  # False: the readable loop below under autograd, the reference of `gru_scan`
         self.hidden_dim = hidden_dim
         self.x2h = nn.Linear(input_dim, 3 * hidden_dim)  # [r | u | candidate] input parts and every bias
         self.h2h = nn.Linear(hidden_dim, 3 * hidden_dim, bias=False)  # [U_r | U_u | U_h]
@@ -64,10 +83,17 @@ class AUGRU(nn.Module):
     def forward(
         self, x: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b = x.shape[0]
+        gx = self.x2h(x)  # [B, L, 3H], every input projection at once
+        if self.fused:
+            return gru_scan(gx, att, mask, h0, self.h2h.weight, None, self.form)
+        return self._loop(gx, att, mask, h0)
+
+    def _loop(
+        self, gx: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, x = gx.shape[0], gx
         hd = self.hidden_dim
         h = x.new_zeros(b, hd) if h0 is None else h0
-        gx = self.x2h(x)  # [B, L, 3H], every input projection at once
         w_gates, w_cand = self.h2h.weight[: 2 * hd], self.h2h.weight[2 * hd :]
         # unbind once: indexing [:, t] in the loop would cost a full-size zero gradient per step in backward
         gx_steps = gx.unbind(1)
