@@ -51,9 +51,7 @@ def our_point(model: str, data: Path, length: int, args: argparse.Namespace, wor
     defaults = peers.our_config(model, [])
     ns = argparse.Namespace(max_len=length, batch_size=args.batch_size, epochs=1)
     sets = [s for s in peers.our_overrides(model, defaults, ns) if not s.startswith("train.epochs")]
-    short = min(int(defaults["model"].get("short_len", 0)), length)
-    # the cap counts every view (DIEN's sampled negatives too): twice the window plus the short one always fits
-    sets += ["data.num_workers=1", f"data.max_batch_behaviors={args.batch_size * (2 * length + short)}"]
+    sets += ["data.num_workers=1"]  # our_overrides raises the behavior cap where the window needs it
     steps = steps_for(length, args.steps)
     return profile_model(model, data, sets, steps, args.warmup, work / "ours", profile_steps=False)
 

@@ -107,6 +107,12 @@ def our_overrides(model: str, cfg: dict[str, Any], args: argparse.Namespace) -> 
         sets.append(f"model.max_len={args.max_len}")
         if m.get("short_len", 0) > args.max_len:
             sets.append(f"model.short_len={args.max_len}")
+    # the trainer splits a batch whose padded behaviors exceed data.max_batch_behaviors: raised where the window
+    # needs it, so our batches keep FuxiCTR's size (the cap counts every view: twice the window plus the short one
+    # always fits, DIEN's sampled negatives included)
+    need = args.batch_size * (2 * args.max_len + min(int(m.get("short_len", 0)), args.max_len))
+    if need > int(cfg.get("data", {}).get("max_batch_behaviors") or 0):
+        sets.append(f"data.max_batch_behaviors={need}")
     return sets
 
 

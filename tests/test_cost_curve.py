@@ -57,3 +57,23 @@ def test_architecture_sets_resolve_and_build(tiny_data):
         assert p.short_heads * p.short_head_dim == params["attention_dim"]
         built = get_model_class(model)(p, info)
         assert isinstance(built.short_attention, MultiHeadTargetAttention)
+
+
+def test_our_overrides_keep_the_batch_at_long_windows():
+    """At L = 1,000 the default behavior cap (1M padded behaviors) would split a batch of 1,024: `our_overrides`
+    raises it to fit the window (twice the window plus the short one); at L = 50 it leaves the default alone."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import peers
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cfg = {"model": {"max_len": 10_000, "short_len": 50}, "data": {"max_batch_behaviors": 1_000_000}}
+    long = peers.our_overrides("sim_soft", cfg, argparse.Namespace(batch_size=1024, epochs=1, max_len=1000))
+    assert "model.max_len=1000" in long and f"data.max_batch_behaviors={1024 * 2050}" in long
+    short = peers.our_overrides("sim_soft", cfg, argparse.Namespace(batch_size=1024, epochs=1, max_len=50))
+    assert not any(s.startswith("data.max_batch_behaviors") for s in short)
+    dien = {"model": {"seq_len": 100}, "data": {"max_batch_behaviors": 1_000_000}}
+    at_1000 = peers.our_overrides("dien", dien, argparse.Namespace(batch_size=1024, epochs=1, max_len=1000))
+    assert f"data.max_batch_behaviors={1024 * 2000}" in at_1000
