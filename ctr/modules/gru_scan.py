@@ -2,7 +2,7 @@
 hand-written backward.
 
 At DIEN's sizes (B 1,024, H 32, L 50) each step is about ten ops on [B, H] blocks, and on the 2-core machines
-these run at memory speed, not at op-dispatch speed (an op on a block that is in cache takes 5 to 10 us, the same
+these run at memory speed, not at op-dispatch speed (an op on a block that is in cache takes 4 to 12 us, the same
 op in the recurrence 30 to 180 us): what costs is the bytes each step writes and reads back. Under autograd every
 op saves its inputs and every backward node writes its own gradients and accumulates into the weight's; here the
 forward keeps only what the backward needs (the states, the gates, the candidate), every result is written
