@@ -91,13 +91,13 @@ class AUGRU(nn.Module):
     def _loop(
         self, gx: torch.Tensor, att: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, x = gx.shape[0], gx
+        b = gx.shape[0]
         hd = self.hidden_dim
-        h = x.new_zeros(b, hd) if h0 is None else h0
+        h = gx.new_zeros(b, hd) if h0 is None else h0
         w_gates, w_cand = self.h2h.weight[: 2 * hd], self.h2h.weight[2 * hd :]
         # unbind once: indexing [:, t] in the loop would cost a full-size zero gradient per step in backward
         gx_steps = gx.unbind(1)
-        att_steps = att.unsqueeze(-1).to(x.dtype).unbind(1)
+        att_steps = att.unsqueeze(-1).to(gx.dtype).unbind(1)
         keep_steps = mask.unsqueeze(-1).unbind(1)
         states = []
         # Each step is a few small ops on [B, H], so their count is the cost: both gates in one sigmoid, and the

@@ -118,8 +118,8 @@ class _GRUScan(torch.autograd.Function):
         flat = steps * b
         d_st = d_states.transpose(0, 1) if d_states is not None else None  # [L, B, H] view
         dh = d_last.clone() if d_last is not None else hs.new_zeros(b, hd)
-        # d_gx[t]: the gradient of step t's input projection [r | u | c]; d_gh[t] that of its state product (rows r,
-        # u are the same as d_gx's; c: ∂pc ⊙ r, "official": ∂pc on r ⊙ h)
+        # d_gx[t]: the gradient of step t's input projection [r | u | c]; the state product W h has the same r and u
+        # rows, and its c rows are d_z[t] = ∂pc ⊙ r ("official": ∂pc itself, on r ⊙ h)
         d_gx = hs.new_empty(steps, b, 3 * hd)
         d_z = hs.new_empty(steps, b, hd) if form != "official" else None
         d_a = hs.new_empty(steps, b) if ctx.att_grad else None
