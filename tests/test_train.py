@@ -206,3 +206,23 @@ def test_semantic_id_items_train_sharded(sid_data, tmp_path):
     assert state[0]["model"]["sid_embedding.pieces"].shape[0] == DatasetInfo.load(sid_data).vocab_sizes["item"]
     metrics = evaluate_run(run, "test")
     assert 0.0 < metrics["auc"] < 1.0
+
+
+def _sharding_types(ctx, data: Path, run: Path, out: list) -> None:
+    from ctr.train.worker import Training
+
+    cfg, params = resolve_train_config("din", None, [*QUICK, "model.dare=true", "model.dare_att_dim=4"])
+    tr = Training(ctx, data, run, {"config": {}}, cfg, params)
+    out.extend((name, s.sharding_type) for module in tr.dmp.plan.plan.values() for name, s in module.items())
+
+
+def test_one_rank_places_every_table_whole(tiny_data, tmp_path):
+    """On one rank every table of every embedding collection is table-wise: row-wise there (the planner's pick
+    before) bucketized the input and permuted every looked-up row on each step for a single shard."""
+    from ctr.train.distributed import launch
+
+    seen: list = []
+    launch(_sharding_types, 1, tmp_path / "run", tiny_data, tmp_path / "run", seen)
+    names = {name for name, _ in seen}
+    assert {"item", "cate", "item_att", "cate_att"} <= names, seen
+    assert all(kind == "table_wise" for _, kind in seen), seen

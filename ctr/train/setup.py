@@ -9,6 +9,7 @@ import random
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,23 @@ def dense_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     if o.dense == "adagrad":
         return torch.optim.Adagrad(params, lr=o.dense_lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+
+
+def single_rank_constraints(model: torch.nn.Module, ctx: DistContext) -> dict[str, Any] | None:
+    """On one rank every table is placed whole (table-wise). The planner's choice there was row-wise: one shard per
+    table all the same, but row-wise's input bucketization and output permutation (an `index_select` of every
+    looked-up row, whose backward is a serial scatter on the CPU) ran on every step for nothing. The step on
+    prefetched batches, alternating without and with this: SIM-soft on the demo world (batch 512) 176 and 177 ms
+    against 131 and 133; DIN on MovieLens (batch 1,024, L = 50) 78 and 79 ms against 68 and 66. With N ranks the
+    planner chooses, as before."""
+    if ctx.world_size > 1:
+        return None
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.types import ShardingType
+    from torchrec.modules.embedding_modules import EmbeddingCollection
+
+    tables = [t.name for m in model.modules() if isinstance(m, EmbeddingCollection) for t in m.embedding_configs()]
+    return {name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]) for name in tables}
 
 
 def seed_everything(seed: int) -> None:

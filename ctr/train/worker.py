@@ -37,6 +37,7 @@ from .setup import (
     frozen_buffers,
     loader_config,
     seed_everything,
+    single_rank_constraints,
     sparse_optimizer_class,
 )
 from .validation import predict_distributed, validation_metrics
@@ -110,7 +111,8 @@ class Training:
             sparse_optimizer_class(cfg.optim.sparse), model.sparse_parameters(), {"lr": cfg.optim.sparse_lr}
         )
         topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type, local_world_size=ctx.world_size)
-        plan = EmbeddingShardingPlanner(topology=topology).collective_plan(model, None, dist.GroupMember.WORLD)
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=single_rank_constraints(model, ctx))
+        plan = planner.collective_plan(model, None, dist.GroupMember.WORLD)
         self.dmp = DistributedModelParallel(model, device=ctx.device, plan=plan)
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters(), include=False)]
         self.dense_opt = dense_optimizer(cfg, self.dense_params)
