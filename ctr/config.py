@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from features.config import ConfigError, StrictModel, deep_merge, layers, validate
 
@@ -42,6 +42,9 @@ class OptimSection(StrictModel):
 class TrainSection(StrictModel):
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, description="stop after this many steps (all epochs); null = no limit")
+    validation: bool = Field(
+        True, description="score the valid split to keep the best model; false: no validation, the last model is kept"
+    )
     eval_every: int | None = Field(None, description="validate every N steps; null = at each epoch's end")
     patience: int = Field(2, ge=1, description="early stop after this many validations without a better GAUC")
     seed: int = 0
@@ -50,6 +53,12 @@ class TrainSection(StrictModel):
     eval_max_batches: int | None = Field(None, description="cap validation batches (quick runs only)")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoint generations kept (newest first)")
     record_samples: bool = Field(False, description="write the (user, item, ts) each rank trained on, per epoch")
+
+    @model_validator(mode="after")
+    def _eval_every_needs_validation(self) -> TrainSection:
+        if not self.validation and self.eval_every:
+            raise ValueError("eval_every needs validation: drop train.eval_every or set train.validation=true")
+        return self
 
 
 class TrainConfig(StrictModel):

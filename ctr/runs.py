@@ -2,7 +2,7 @@
 
 RUN_DIR/config.json        resolved config, dataset path and manifest fingerprint, world size, model name
 RUN_DIR/train_log.jsonl    {"kind": "train", step, epoch, loss, loss_<term>, samples_per_s, ...}, {"kind": "eval", ...}
-RUN_DIR/model.pt           best weights, unsharded (the last weights when the dataset has no validation split)
+RUN_DIR/model.pt           best weights, unsharded (the last: no validation split, or train.validation false)
 RUN_DIR/train_summary.json steps, epochs, best step and validation score, which model was kept, dataset fingerprint
 RUN_DIR/checkpoints/       gen-<step>/rank<r>.pt + COMPLETE.json: one generation per checkpoint (train/checkpoint.py)
 RUN_DIR/samples_seen/      epoch<e>-rank<r>.parquet, what each rank trained on (train.record_samples)

@@ -226,3 +226,16 @@ def test_one_rank_places_every_table_whole(tiny_data, tmp_path):
     names = {name for name, _ in seen}
     assert {"item", "cate", "item_att", "cate_att"} <= names, seen
     assert all(kind == "table_wise" for _, kind in seen), seen
+
+
+def test_no_validation_keeps_the_last_model(tiny_data, tmp_path):
+    """`train.validation=false` (the demo's fixed budget): no validation pass, no eval record, the last weights are
+    the run's model, and the summary says why; `train.eval_every` with it is a config error."""
+    run = _train(tiny_data, tmp_path / "run", ["train.max_steps=4", "train.validation=false"])
+    assert not [r for r in _records(run) if r["kind"] == "eval"]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["model"] == "last (train.validation: false)"
+    assert summary["best_valid_score"] is None and summary["best_step"] == summary["steps"] == 4
+    assert (run / "model.pt").exists() and evaluate_run(run, "test")["samples"] > 0
+    with pytest.raises(ConfigError, match="eval_every"):
+        resolve_train_config("sum_pool", None, ["train.validation=false", "train.eval_every=5"])

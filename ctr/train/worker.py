@@ -123,7 +123,8 @@ class Training:
         features = self.model.features()
         train_cfg = loader_config(cfg, self.model, train=True)
         eval_cfg = loader_config(cfg, self.model, train=False)
-        self.has_valid = bool(info.split_rows.get("valid"))
+        # train.validation=false (a fixed budget, as the demo's): no validation pass, the last model is kept
+        self.has_valid = bool(info.split_rows.get("valid")) and cfg.train.validation
         widest = cfg.data.batch_size * sum(v.length for v in train_cfg.views)
         if ctx.is_main and train_cfg.max_behaviors and widest > train_cfg.max_behaviors:
             log.warning(
@@ -136,11 +137,13 @@ class Training:
         self.train_loader = SplitLoader(info, "train", train_cfg, features, **shard)
         self.valid_loader = SplitLoader(info, "valid", eval_cfg, features, **shard)
         self.dummy = first_batch(info, "valid" if self.has_valid else "train", eval_cfg, features)
-        if not self.has_valid and ctx.is_main:
+        budget = f"{cfg.train.epochs} epoch(s)" + (f" or {cfg.train.max_steps} steps" if cfg.train.max_steps else "")
+        if not cfg.train.validation and ctx.is_main:
+            log.info("train.validation=false: training for %s, no validation, keeping the last model", budget)
+        elif not self.has_valid and ctx.is_main:
             log.warning(
-                "%s has no validation split: training for the configured %d epoch(s)%s and keeping the last model "
-                "(no early stopping)",
-                info.data_dir, cfg.train.epochs, f" or {cfg.train.max_steps} steps" if cfg.train.max_steps else "",
+                "%s has no validation split: training for the configured %s and keeping the last model (no early "
+                "stopping)", info.data_dir, budget,
             )  # fmt: skip
 
     def _resume(self) -> None:
@@ -360,6 +363,9 @@ class Training:
         if self.ctx.is_main:
             self._write_summary()
 
+    def _why_last(self) -> str:
+        return "train.validation: false" if not self.cfg.train.validation else "the dataset has no validation split"
+
     def _write_summary(self) -> None:
         state, has_valid = self.state, self.has_valid
         summary = {
@@ -369,7 +375,7 @@ class Training:
             "best_valid_metric": state.get("best_metric") if has_valid else None,
             "best_valid_score": state["best_score"] if has_valid else None,
             "best_step": state["best_step"] if has_valid else state["step"],
-            "model": "best validation GAUC" if has_valid else "last (the dataset has no validation split)",
+            "model": "best validation GAUC" if has_valid else "last (" + self._why_last() + ")",
             "world_size": self.ctx.world_size,
             "dataset_fingerprint": self.info.fingerprint,
         }
