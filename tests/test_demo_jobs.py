@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from cli import demo_jobs
 from cli.demo_jobs import JobFailed, ModelJob, default_jobs, run_jobs
 from cli.main import main as ctr
+from ctr.runs import metrics_path
 
 
 def test_default_jobs_share_the_cores():
@@ -60,3 +62,22 @@ def test_a_failed_job_stops_the_others(tmp_path, monkeypatch):
     assert time.time() - t0 < 60  # not the slow job's 120 s: it was terminated
     message = str(err.value)
     assert "din failed (exit status 2)" in message and "no-such-dataset" in message and bad.log in message
+
+
+def test_jobs_start_longest_first(tmp_path, monkeypatch):
+    """The queue starts unknown models, then the demo's longest jobs; results still come back in the given order."""
+    jobs = [_job(tmp_path, n, str(tmp_path)) for n in ("din", "diffumin", "new_model", "twin", "sum_pool")]
+    assert [j.name for j in demo_jobs.longest_first(jobs)] == ["new_model", "diffumin", "twin", "din", "sum_pool"]
+    assert set(demo_jobs.DEMO_SECONDS) >= {"din", "twin", "diffumin"}
+    started: list[str] = []
+
+    def command(job: ModelJob) -> list[str]:
+        started.append(job.name)
+        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+        return [sys.executable, "-c", f"import json; open({str(metrics_path(Path(job.run_dir), 'test'))!r}, 'w')"
+                ".write(json.dumps({'auc': 0.5, 'gauc': 0.5}))"]  # fmt: skip
+
+    monkeypatch.setattr(demo_jobs, "job_command", command)
+    results = run_jobs(jobs, parallel=1, poll=0.05)
+    assert started == ["new_model", "diffumin", "twin", "din", "sum_pool"]
+    assert [r.job.name for r in results] == [j.name for j in jobs]
