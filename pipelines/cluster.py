@@ -33,6 +33,16 @@ from typing import Any
 import numpy as np
 
 
+def sum_by_label(labels: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """``[k, D]``: the rows of ``x [n, D]`` summed by ``labels [n]`` (float64), as one bincount over (label, column)
+    bins. The same additions in the same order as ``np.add.at(sums, labels, x)``, so the same sums bit for bit,
+    without add.at's per-element dispatch: TWIN-V2's clustering of the demo world took 20 s instead of 67, writing
+    the same files."""
+    d = x.shape[1]
+    flat = (labels[:, None] * d + np.arange(d)).ravel()
+    return np.bincount(flat, weights=x.ravel(), minlength=k * d).reshape(k, d)
+
+
 def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
     """Lloyd's k-means on rows of ``x [n, D]`` from a k-means++ start; returns labels ``[n]`` in ``0..k-1``.
 
@@ -54,8 +64,7 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
         if np.array_equal(new, labels) and _ > 0:
             break
         labels = new
-        sums = np.zeros_like(centers)
-        np.add.at(sums, labels, x)
+        sums = sum_by_label(labels, x, k)
         counts = np.bincount(labels, minlength=k)
         nonempty = counts > 0
         centers[nonempty] = sums[nonempty] / counts[nonempty, None]
@@ -103,9 +112,7 @@ def virtual_items(labels: np.ndarray, x: np.ndarray, ts: np.ndarray) -> VirtualI
     """The virtual item of every cluster of ``labels [n]`` over vectors ``x [n, D]`` and times ``ts [n]``."""
     c = int(labels.max()) + 1 if len(labels) else 0
     size = np.bincount(labels, minlength=c)
-    centers = np.zeros((c, x.shape[1]))
-    np.add.at(centers, labels, x)
-    centers /= np.maximum(size, 1)[:, None]
+    centers = sum_by_label(labels, x, c) / np.maximum(size, 1)[:, None]
     dist = ((x - centers[labels]) ** 2).sum(1)
     # nearest per cluster, ties to the most recent behavior: sort by (cluster, distance, -position)
     order = np.lexsort((-np.arange(len(labels)), dist, labels))

@@ -215,3 +215,19 @@ def test_ctr_cluster_without_multimodal_embeddings(tiny_data, tmp_path):
     assert t["user_idx"]
     for user, sizes in zip(t["user_idx"], t["size"], strict=True):
         assert sum(sizes) == (len(items[user]) // 40) * 40 and max(sizes) <= 6
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_by_label_is_add_at_bit_for_bit(dtype):
+    """k-means' centers and the virtual items' centroids: one bincount gives np.add.at's sums exactly (same order of
+    additions), including labels that never occur and a single row."""
+    from pipelines.cluster import sum_by_label
+
+    rng = np.random.default_rng(3)
+    for n, d, k in [(1, 4, 3), (257, 32, 5), (2000, 64, 16)]:
+        x = (rng.standard_normal((n, d)) * 10 ** rng.uniform(-3, 3, size=(n, 1))).astype(dtype)
+        labels = rng.integers(0, max(1, k - 1), n)  # the last label never occurs
+        expected = np.zeros((k, d))
+        np.add.at(expected, labels, x)
+        got = sum_by_label(labels, x, k)
+        assert got.dtype == np.float64 and np.array_equal(got, expected)
