@@ -152,7 +152,7 @@ def train_and_evaluate(job: ModelJob) -> dict[str, Any]:
 
     cfg, params = resolve_train_config(job.name, None, job.sets)
     run = train(Path(job.data_dir), Path(job.run_dir), cfg, params, nproc=job.nproc, overwrite=True)
-    return evaluate_run(run, "test")
+    return evaluate_run(run, "test", num_workers=cfg.data.num_workers)  # the test split loaded as in training
 
 
 def run_inline(jobs: list[ModelJob], on_done: Any = None) -> list[JobResult]:

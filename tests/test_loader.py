@@ -187,6 +187,25 @@ def test_workers_keep_a_fixed_order(tiny_data):
     assert Counter(a) == Counter(_keys(_loader(tiny_data, shuffle=True, seed=2)))
 
 
+def test_one_worker_gives_the_batches_of_none(tiny_data):
+    """The demo loads in its training process (`data.num_workers=0`): the batches, their order and DIEN's sampled
+    negatives are those of one loader worker, value for value."""
+
+    def content(workers: int) -> list[tuple]:
+        out = []
+        for b in _loader(tiny_data, shuffle=True, seed=5, num_workers=workers, sample_negatives=True):
+            sparse = b.sparse.to_dict()
+            out.append(
+                tuple(sorted((k, v.numpy().tobytes()) for k, v in b.dense.items()))
+                + tuple(sorted((k, jt.values().numpy().tobytes(), jt.lengths().numpy().tobytes())
+                               for k, jt in sparse.items()))
+            )  # fmt: skip
+        return out
+
+    inline = content(0)
+    assert len(inline) > 1 and inline == content(1)
+
+
 def test_drop_last_and_batch_sizes(tiny_data):
     sizes = [b.size for b in _loader(tiny_data, "valid", batch_size=100)]
     assert all(s == 100 for s in sizes[:-1]) and 0 < sizes[-1] <= 100
