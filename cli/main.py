@@ -168,7 +168,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 DEMO_QUICK_SETS = ["train.max_steps=30", "train.log_every=5", "data.batch_size=128", "data.num_workers=0"]
 # The full demo trains every registered model on the same budget (250 steps x 512 samples, about a third of an
-# epoch of the demo world), so the whole job stays near 20 minutes on 2 cores (two models at a time, see
+# epoch of the demo world), so the whole job takes about 10 minutes on 2 cores (two models at a time, see
 # cli/demo_jobs.py); `--set train.max_steps=null` trains
 # full epochs. The demo compares models at 512 samples per step: its behavior cap (6M padded behaviors, above the
 # widest demo batch, 512 x (10,000 + 50)) keeps every batch whole, where the 1M default would cut the two-stage
