@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = json.loads((run / SUMMARY).read_text())
     name, steps, score = cfg.model["name"], summary["steps"], summary.get("best_valid_score")
     if score is None:
-        print(f"trained {name}: {steps} steps; kept the last model ({summary['model'].removeprefix('last (')[:-1]})")
+        print(f"trained {name}: {steps} steps; model kept: {summary['model']}")
     else:
         metric = (summary["best_valid_metric"] or "score").upper()
         print(f"trained {name}: {steps} steps, best valid {metric} {score:.4f}")

@@ -468,14 +468,9 @@ def fig_training_curves(runs: Sequence[RunData]) -> Fig:
     ax_val.set_title("Validation GAUC")
     if not any_val:
         ax_val.text(
-            0.5,
-            0.5,
-            "no validation records\n(train.validation: false, or no valid split)",
-            ha="center",
-            va="center",
-            transform=ax_val.transAxes,
-            color="#8a4b00",
-        )
+            0.5, 0.5, "no validation records\n(train.validation: false, or no valid split)", ha="center", va="center",
+            transform=ax_val.transAxes, color="#8a4b00",
+        )  # fmt: skip
     for ax in (ax_loss, ax_val):
         _style(ax)
     handles, names = ax_loss.get_legend_handles_labels()

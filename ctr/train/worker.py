@@ -363,11 +363,9 @@ class Training:
         if self.ctx.is_main:
             self._write_summary()
 
-    def _why_last(self) -> str:
-        return "train.validation: false" if not self.cfg.train.validation else "the dataset has no validation split"
-
     def _write_summary(self) -> None:
         state, has_valid = self.state, self.has_valid
+        why_last = "train.validation: false" if not self.cfg.train.validation else "the dataset has no validation split"
         summary = {
             "steps": state["step"],
             "epochs_done": state["epoch"],
@@ -375,7 +373,7 @@ class Training:
             "best_valid_metric": state.get("best_metric") if has_valid else None,
             "best_valid_score": state["best_score"] if has_valid else None,
             "best_step": state["best_step"] if has_valid else state["step"],
-            "model": "best validation GAUC" if has_valid else "last (" + self._why_last() + ")",
+            "model": "best validation GAUC" if has_valid else f"last ({why_last})",
             "world_size": self.ctx.world_size,
             "dataset_fingerprint": self.info.fingerprint,
         }
