@@ -29,7 +29,7 @@ def jagged_max_len(op: str, offsets: torch.Tensor, total: int, max_len: int | No
     """The longest sample's length; validates the offsets' contents (one host sync) when ``max_len`` is None.
 
     A caller that passes ``max_len`` skips the sync and vouches for the offsets; the kernels stay correct for any
-    ``max_len`` (it only sizes the split over L), the reference does not use it.
+    ``max_len`` (it only sizes the work plan, `kernels.triton.schedule`), the reference does not use it.
     """
     if max_len is not None:
         if max_len < 0:

@@ -38,9 +38,10 @@ class _DinAttentionTriton(torch.autograd.Function):
         from .triton.din_attention import DinParams, din_attention_fwd_triton
 
         params = DinParams(*param_tensors)
-        out, lse = din_attention_fwd_triton(
+        out, lse, plan = din_attention_fwd_triton(
             keys, values, offsets, params, activation, softmax, softmax_scale, max_len, mask
         )
+        ctx.plan = plan  # the backward cuts the work the same way
         ctx.save_for_backward(keys, values, offsets, mask, out, lse, *param_tensors)
         ctx.config = (activation, softmax, softmax_scale, max_len)
         return out
@@ -54,8 +55,9 @@ class _DinAttentionTriton(torch.autograd.Function):
         activation, softmax, softmax_scale, max_len = ctx.config
         params = DinParams(*param_tensors)
         grads = din_attention_bwd_triton(
-            grad_out, keys, values, offsets, params, activation, softmax, softmax_scale, max_len, out, lse, mask
-        )
+            grad_out, keys, values, offsets, params, activation, softmax, softmax_scale, max_len, out, lse, mask,
+            ctx.plan,
+        )  # fmt: skip
         need = ctx.needs_input_grad
         n_fixed = 8  # keys, values, offsets, mask, activation, softmax, softmax_scale, max_len
         param_grads = [grads.get(name) if need[n_fixed + i] else None for i, name in enumerate(_PARAM_NAMES)]

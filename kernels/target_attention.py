@@ -33,10 +33,13 @@ class _TargetAttentionTriton(torch.autograd.Function):
     ) -> torch.Tensor:
         from .triton.target_attention import target_attention_fwd_triton
 
-        out, lse = target_attention_fwd_triton(query, keys, values, offsets, bias, temperature, mask, scale, max_len)
+        out, lse, plan = target_attention_fwd_triton(
+            query, keys, values, offsets, bias, temperature, mask, scale, max_len
+        )
         ctx.save_for_backward(query, keys, values, offsets, bias, temperature, mask, out, lse)
         ctx.scale = scale
         ctx.max_len = max_len
+        ctx.plan = plan  # the backward cuts the work the same way (its item table is built once)
         return out
 
     @staticmethod
@@ -46,7 +49,7 @@ class _TargetAttentionTriton(torch.autograd.Function):
 
         query, keys, values, offsets, bias, temperature, mask, out, lse = ctx.saved_tensors
         dq, dk, dv, dbias, dtau = target_attention_bwd_triton(
-            grad_out, query, keys, values, offsets, bias, temperature, mask, ctx.scale, ctx.max_len, out, lse
+            grad_out, query, keys, values, offsets, bias, temperature, mask, ctx.scale, ctx.max_len, out, lse, ctx.plan
         )
         need = ctx.needs_input_grad
         return (

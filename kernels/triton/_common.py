@@ -1,5 +1,5 @@
-"""Pieces shared by the Triton kernels: dtype choices, matmul-or-broadcast, sortable score/position keys, and the
-split-L combine kernel (flash-decoding's final log-sum-exp reduction).
+"""Pieces shared by the Triton kernels: dtype choices, matmul-or-broadcast, and sortable score/position keys (the
+work items and the reductions of their partials are in `kernels.triton.schedule`).
 
 Interpreter note: Triton 3.6's interpreter turns every scalar into a 1-element array and converts loop bounds with
 ``int(array)``, which NumPy >= 2.3 refuses for arrays with a dimension. Jagged kernels need loop bounds read from
@@ -132,80 +132,3 @@ def merge_topk(run, cand):
     ``max(run[i], cand[K-1-i])`` holds exactly the K largest of the 2K keys and is bitonic, so one bitonic merge
     (log2 K compare-exchange stages) sorts it."""
     return tl.bitonic_merge(tl.maximum(run, tl.flip(cand, 0)), descending=True)
-
-
-@triton.jit
-def combine_splits_kernel(
-    part_acc_ptr,  # [B, S, X, DV]: per-split weighted sums (normalized by exp2(m) when NORMALIZE)
-    part_m_ptr,  # [B, S, X]: per-split running max of the base-2 logits
-    part_l_ptr,  # [B, S, X]: per-split sum of exp2(logit - m)
-    out_ptr,  # [B, X, DV]
-    lse_ptr,  # [B, X]: natural-log log-sum-exp (NORMALIZE only)
-    n_splits,
-    X,
-    DV,
-    NORMALIZE: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """Flash-decoding reduction: one program per (sample, query/head) merges the S split partials."""
-    b = tl.program_id(0)
-    x = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_DV)
-    smask = offs_s < n_splits
-    dmask = offs_d < DV
-    row = (b * n_splits + offs_s) * X + x
-    acc = tl.load(part_acc_ptr + row[:, None] * DV + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-    acc = acc.to(ACC)
-    if NORMALIZE:
-        m = tl.load(part_m_ptr + row, mask=smask, other=float("-inf")).to(ACC)
-        l_part = tl.load(part_l_ptr + row, mask=smask, other=0.0).to(ACC)
-        m_max = tl.max(m, axis=0)
-        m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # no split saw a key: keep exp2 finite
-        w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
-        denom = tl.sum(w * l_part, axis=0)
-        num = tl.sum(w[:, None] * acc, axis=0)
-        has = denom > 0
-        safe = tl.where(has, denom, 1.0)
-        out = tl.where(has, num / safe, 0.0)
-        lse = tl.where(has, (m_max + tl.log2(safe)) * tl.full([], LN2, ACC), float("-inf"))
-        tl.store(lse_ptr + b * X + x, lse)
-    else:
-        out = tl.sum(acc, axis=0)
-    tl.store(out_ptr + (b * X + x) * DV + offs_d, out, mask=dmask)
-
-
-def combine_splits(
-    part_acc: torch.Tensor, part_m: torch.Tensor | None, part_l: torch.Tensor | None, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reduce ``[B, S, X, DV]`` split partials to ``([B, X, DV], lse [B, X] or None)``.
-
-    With ``part_m``/``part_l`` the partials are softmax-normalized (log-sum-exp merge); without, they are summed.
-    """
-    from .config import next_pow2
-
-    batch, n_splits, x_dim, dv = part_acc.shape
-    out = torch.empty(batch, x_dim, dv, device=part_acc.device, dtype=out_dtype)
-    normalize = part_m is not None
-    lse = torch.empty(batch, x_dim, device=part_acc.device, dtype=part_acc.dtype) if normalize else None
-    if batch == 0 or x_dim == 0:
-        return out, lse
-    ensure_launchable(combine_splits_kernel, part_acc.device)
-    dummy = part_acc
-    combine_splits_kernel[(batch, x_dim)](
-        part_acc,
-        part_m if normalize else dummy,
-        part_l if normalize else dummy,
-        out,
-        lse if normalize else dummy,
-        n_splits,
-        x_dim,
-        dv,
-        NORMALIZE=normalize,
-        BLOCK_S=next_pow2(n_splits),
-        BLOCK_DV=next_pow2(dv),
-        ACC=acc_dtype(part_acc.dtype),
-    )
-    return out, lse

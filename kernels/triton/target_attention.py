@@ -1,18 +1,25 @@
-"""Triton jagged target attention: split-L forward (flash-decoding) and a recompute backward.
+"""Triton jagged target attention: a length-balanced forward (flash-decoding over work items) and a recompute
+backward.
 
-Forward, grid ``(B, S, H)``: program ``(b, s, h)`` takes the tiles ``s, s + S, ...`` (``BLOCK_L`` keys each) of
-sample b, keeps an online softmax (running max ``m``, sum ``l`` and weighted value sum, base-2 exponentials) for all
-Q queries of head h, and writes its partial; ``combine_splits`` merges the S partials with a log-sum-exp reduction
+Work (`kernels.triton.schedule`): every sample is cut into items of at most ``chunk`` rows, ordered longest sample
+first; ``programs`` persistent programs take items ``pid, pid + programs, ...``.
+
+Forward, grid ``(programs, H)``: for each of its items, program ``(p, h)`` walks the item's ``BLOCK_L``-key tiles,
+keeps an online softmax (running max ``m``, sum ``l`` and weighted value sum, base-2 exponentials) for all Q queries
+of head h, and writes the item's partial; ``combine_items`` merges a sample's partials with a log-sum-exp reduction
 and also returns the log-sum-exp, which the backward reuses. Keys and values are read once per (sample, head), in
-coalesced ``[BLOCK_L, D]`` tiles; everything accumulates in fp32 (fp64 for fp64 inputs).
+coalesced ``[BLOCK_L, D]`` tiles; everything accumulates in fp32 (fp64 for fp64 inputs). The tile loop is a
+``tl.range`` with ``STAGES`` software-pipelining stages (loads of the next tiles in flight while one is computed).
 
-Scores use ``tl.dot`` when the queries fill a 16-row tile (``Q >= 16``; 16-bit operands on tensor cores), otherwise
-a broadcast multiply-reduce, which is what a memory-bound Q = 1..8 decode wants.
+Scores use ``tl.dot`` for every Q >= 2, the queries padded to a 16-row tile (16-bit operands on tensor cores); Q = 1
+takes a broadcast multiply-reduce (a matrix-vector product: memory-bound, no use for tensor cores).
 
-Backward, grid ``(B, S)``: program ``(b, s)`` walks the same tiles for every head, recomputes the probabilities from
-the saved log-sum-exp (no ``[B, L]`` probability tensor is stored) and writes ``dK``, ``dV`` and ``dBias`` rows it
-owns, plus per-split partial ``dQ`` and ``dTemperature`` that are summed on the host (deterministic, no atomics).
-The bias gradient is written per head and summed over heads on the host.
+Backward, grid ``(programs,)``: for each item, the program walks the same tiles for every head, recomputes the
+probabilities from the saved log-sum-exp (no ``[B, L]`` probability tensor is stored) and writes the ``dK``, ``dV``
+and ``dBias`` rows it owns, plus per-item partial ``dQ`` and ``dTemperature`` that ``sum_items`` adds up per sample
+(deterministic, no atomics). The bias gradient is written per head and summed over heads on the host.
+
+Tiles, warps and stages are autotuned per (query, head-dim buckets, mode, dtype) (`kernels.triton._tune`).
 
 An optional bool behavior mask (read as its uint8 bytes) drops behaviors: they take no weight in the forward (a tile
 or sample with no live key keeps the running max at -inf and contributes nothing) and get zero gradients.
@@ -26,8 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LN2, LOG2E, acc_dtype, allow_tf32, combine_splits, dot_dtype, ensure_launchable, mm
-from .config import get_config, next_pow2, num_splits
+from ._common import LN2, LOG2E, acc_dtype, allow_tf32, dot_dtype, ensure_launchable, mm
+from ._tune import Tuned, configs
+from .config import get_config, next_pow2
+from .schedule import WorkPlan, combine_items, plan_work, sum_items
 
 MAX_HEAD_DIM = 256
 MAX_QUERIES = 64
@@ -42,14 +51,17 @@ def _ta_fwd_kernel(
     tau_ptr,  # [B]
     mask_ptr,  # [N] uint8 (a bool mask's bytes)
     offsets_ptr,
-    part_acc_ptr,  # [B, S, Q * H, DV]
-    part_m_ptr,  # [B, S, Q * H]
-    part_l_ptr,  # [B, S, Q * H]
+    items_ptr,  # [n_items, 2] int32: (sample, chunk); sample -1 = empty slot
+    part_acc_ptr,  # [n_items, Q * H, DV]
+    part_m_ptr,  # [n_items, Q * H]
+    part_l_ptr,  # [n_items, Q * H]
     Q,
     H,
     DK,
     DV,
-    n_splits,
+    n_items,
+    n_programs,
+    chunk,
     stride_qb,
     stride_qq,
     stride_qh,
@@ -72,14 +84,10 @@ def _ta_fwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    h = tl.program_id(2)
-    start = tl.load(offsets_ptr + b)
-    length = tl.load(offsets_ptr + b + 1) - start
-    n_iter = tl.cdiv(tl.maximum(tl.cdiv(length, BLOCK_L) - split, 0), n_splits)
-
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
     offs_l = tl.arange(0, BLOCK_L)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -87,64 +95,67 @@ def _ta_fwd_kernel(
     qmask = offs_q < Q
     dkmask = offs_dk < DK
     dvmask = offs_dv < DV
-
-    q = tl.load(
-        q_ptr + b * stride_qb + offs_q[:, None] * stride_qq + h * stride_qh + offs_dk[None, :],
-        mask=qmask[:, None] & dkmask[None, :],
-        other=0.0,
-    )
-    # base-2 logits: exp2(x * log2(e)) = exp(x). Typed constants: a bare Python float would be rounded to fp32.
-    coef = tl.zeros([], ACC) + scale * LOG2E
-    bias_coef = tl.full([], LOG2E, ACC)
-    if HAS_TAU:
-        inv_tau = 1.0 / tl.load(tau_ptr + b).to(ACC)
-        coef = coef * inv_tau
-        bias_coef = bias_coef * inv_tau
-
-    m = tl.full([BLOCK_Q], float("-inf"), ACC)
-    l_sum = tl.zeros([BLOCK_Q], ACC)
-    acc = tl.zeros([BLOCK_Q, BLOCK_DV], ACC)
-    for it in range(0, n_iter):
-        pos = (split + it * n_splits) * BLOCK_L + offs_l
-        row = (start + pos).to(tl.int64)
-        valid = pos < length
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + row, mask=valid, other=0) != 0)
-        kt = tl.load(
-            k_ptr + row[:, None] * stride_kn + h * stride_kh + offs_dk[None, :],
-            mask=valid[:, None] & dkmask[None, :],
-            other=0.0,
-        )
-        s = mm(q, tl.trans(kt), USE_DOT, DOT, ACC, TF32) * coef  # [BLOCK_Q, BLOCK_L]
-        if HAS_BIAS:
-            if BIAS_PER_QUERY:
-                bt = tl.load(
-                    bias_ptr + row[None, :] * stride_bn + offs_q[:, None] * stride_bq,
-                    mask=valid[None, :] & qmask[:, None],
+    for item in range(pid, n_items, n_programs):
+        b = tl.load(items_ptr + 2 * item).to(tl.int64)
+        if b >= 0:
+            start = tl.load(offsets_ptr + b)
+            lo = tl.load(items_ptr + 2 * item + 1).to(tl.int64) * chunk
+            hi = tl.minimum(lo + chunk, tl.load(offsets_ptr + b + 1) - start)
+            q = tl.load(
+                q_ptr + b * stride_qb + offs_q[:, None] * stride_qq + h * stride_qh + offs_dk[None, :],
+                mask=qmask[:, None] & dkmask[None, :],
+                other=0.0,
+            )
+            # base-2 logits: exp2(x * log2(e)) = exp(x). Typed constants: a bare Python float is rounded to fp32.
+            coef = tl.zeros([], ACC) + scale * LOG2E
+            bias_coef = tl.full([], LOG2E, ACC)
+            if HAS_TAU:
+                inv_tau = 1.0 / tl.load(tau_ptr + b).to(ACC)
+                coef = coef * inv_tau
+                bias_coef = bias_coef * inv_tau
+            m = tl.full([BLOCK_Q], float("-inf"), ACC)
+            l_sum = tl.zeros([BLOCK_Q], ACC)
+            acc = tl.zeros([BLOCK_Q, BLOCK_DV], ACC)
+            for t0 in tl.range(lo, hi, BLOCK_L, num_stages=STAGES):
+                pos = t0 + offs_l
+                row = start + pos
+                valid = pos < hi
+                if HAS_MASK:
+                    valid = valid & (tl.load(mask_ptr + row, mask=valid, other=0) != 0)
+                kt = tl.load(
+                    k_ptr + row[:, None] * stride_kn + h * stride_kh + offs_dk[None, :],
+                    mask=valid[:, None] & dkmask[None, :],
                     other=0.0,
                 )
-                s += bt.to(ACC) * bias_coef
-            else:
-                bt = tl.load(bias_ptr + row * stride_bn, mask=valid, other=0.0)
-                s += bt.to(ACC)[None, :] * bias_coef
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # -inf only while every key so far was masked out
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # keeps exp2 away from -inf - -inf
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        vt = tl.load(
-            v_ptr + row[:, None] * stride_vn + h * stride_vh + offs_dv[None, :],
-            mask=valid[:, None] & dvmask[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + mm(p, vt, USE_DOT, DOT, ACC, TF32)
-        m = m_new
-
-    x = (b * n_splits + split) * (Q * H) + offs_q * H + h
-    tl.store(part_acc_ptr + x[:, None] * DV + offs_dv[None, :], acc, mask=qmask[:, None] & dvmask[None, :])
-    tl.store(part_m_ptr + x, m, mask=qmask)
-    tl.store(part_l_ptr + x, l_sum, mask=qmask)
+                s = mm(q, tl.trans(kt), USE_DOT, DOT, ACC, TF32) * coef  # [BLOCK_Q, BLOCK_L]
+                if HAS_BIAS:
+                    if BIAS_PER_QUERY:
+                        bt = tl.load(
+                            bias_ptr + row[None, :] * stride_bn + offs_q[:, None] * stride_bq,
+                            mask=valid[None, :] & qmask[:, None],
+                            other=0.0,
+                        )
+                        s += bt.to(ACC) * bias_coef
+                    else:
+                        bt = tl.load(bias_ptr + row * stride_bn, mask=valid, other=0.0)
+                        s += bt.to(ACC)[None, :] * bias_coef
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))  # -inf only while every key so far was masked out
+                m_use = tl.where(m_new > float("-inf"), m_new, 0.0)  # keeps exp2 away from -inf - -inf
+                alpha = tl.exp2(m - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                l_sum = l_sum * alpha + tl.sum(p, axis=1)
+                vt = tl.load(
+                    v_ptr + row[:, None] * stride_vn + h * stride_vh + offs_dv[None, :],
+                    mask=valid[:, None] & dvmask[None, :],
+                    other=0.0,
+                )
+                acc = acc * alpha[:, None] + mm(p, vt, USE_DOT, DOT, ACC, TF32)
+                m = m_new
+            x = item * (Q * H) + offs_q * H + h
+            tl.store(part_acc_ptr + x[:, None] * DV + offs_dv[None, :], acc, mask=qmask[:, None] & dvmask[None, :])
+            tl.store(part_m_ptr + x, m, mask=qmask)
+            tl.store(part_l_ptr + x, l_sum, mask=qmask)
 
 
 @triton.jit
@@ -156,20 +167,23 @@ def _ta_bwd_kernel(
     tau_ptr,
     mask_ptr,
     offsets_ptr,
+    items_ptr,  # [n_items, 2] int32: (sample, chunk); sample -1 = empty slot
     do_ptr,  # [B, Q, H, DV] contiguous
     lse_ptr,  # [B, Q, H] natural log
     delta_ptr,  # [B, Q, H]: sum(dO * O)
-    dq_part_ptr,  # [B, S, Q, H, DK]
+    dq_part_ptr,  # [n_items, Q, H, DK]
     dk_ptr,  # [N, H, DK] contiguous
     dv_ptr,  # [N, H, DV] contiguous
     dbias_ptr,  # [H, N] or [H, N, Q] contiguous
-    dtau_part_ptr,  # [B, S]
+    dtau_part_ptr,  # [n_items]
     Q,
     H,
     DK,
     DV,
     N,
-    n_splits,
+    n_items,
+    n_programs,
+    chunk,
     stride_qb,
     stride_qq,
     stride_qh,
@@ -192,13 +206,9 @@ def _ta_bwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    start = tl.load(offsets_ptr + b)
-    length = tl.load(offsets_ptr + b + 1) - start
-    n_iter = tl.cdiv(tl.maximum(tl.cdiv(length, BLOCK_L) - split, 0), n_splits)
-
+    pid = tl.program_id(0)
     offs_l = tl.arange(0, BLOCK_L)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -206,90 +216,97 @@ def _ta_bwd_kernel(
     qmask = offs_q < Q
     dkmask = offs_dk < DK
     dvmask = offs_dv < DV
-
-    coef = tl.zeros([], ACC) + scale * LOG2E
-    bias_coef = tl.full([], LOG2E, ACC)
-    inv_tau = tl.full([], 1.0, ACC)
-    if HAS_TAU:
-        inv_tau = 1.0 / tl.load(tau_ptr + b).to(ACC)
-        coef = coef * inv_tau
-        bias_coef = bias_coef * inv_tau
-    dtau_acc = tl.zeros([BLOCK_Q], ACC)
-
-    for h in range(0, H):
-        q = tl.load(
-            q_ptr + b * stride_qb + offs_q[:, None] * stride_qq + h * stride_qh + offs_dk[None, :],
-            mask=qmask[:, None] & dkmask[None, :],
-            other=0.0,
-        )
-        xq = (b * Q + offs_q) * H + h
-        do = tl.load(do_ptr + xq[:, None] * DV + offs_dv[None, :], mask=qmask[:, None] & dvmask[None, :], other=0.0)
-        lse2 = tl.load(lse_ptr + xq, mask=qmask, other=0.0).to(ACC) * tl.full([], LOG2E, ACC)
-        delta = tl.load(delta_ptr + xq, mask=qmask, other=0.0).to(ACC)
-        dq_acc = tl.zeros([BLOCK_Q, BLOCK_DK], ACC)
-        for it in range(0, n_iter):
-            pos = (split + it * n_splits) * BLOCK_L + offs_l
-            row = (start + pos).to(tl.int64)
-            inside = pos < length  # rows this program writes (masked-out rows get zero gradients)
-            valid = inside
-            if HAS_MASK:
-                valid = valid & (tl.load(mask_ptr + row, mask=inside, other=0) != 0)
-            kt = tl.load(
-                k_ptr + row[:, None] * stride_kn + h * stride_kh + offs_dk[None, :],
-                mask=valid[:, None] & dkmask[None, :],
-                other=0.0,
-            )
-            vt = tl.load(
-                v_ptr + row[:, None] * stride_vn + h * stride_vh + offs_dv[None, :],
-                mask=valid[:, None] & dvmask[None, :],
-                other=0.0,
-            )
-            s = mm(q, tl.trans(kt), USE_DOT, DOT, ACC, TF32) * coef
-            if HAS_BIAS:
-                if BIAS_PER_QUERY:
-                    bt = tl.load(
-                        bias_ptr + row[None, :] * stride_bn + offs_q[:, None] * stride_bq,
-                        mask=valid[None, :] & qmask[:, None],
+    for item in range(pid, n_items, n_programs):
+        b = tl.load(items_ptr + 2 * item).to(tl.int64)
+        if b >= 0:
+            start = tl.load(offsets_ptr + b)
+            lo = tl.load(items_ptr + 2 * item + 1).to(tl.int64) * chunk
+            hi = tl.minimum(lo + chunk, tl.load(offsets_ptr + b + 1) - start)
+            coef = tl.zeros([], ACC) + scale * LOG2E
+            bias_coef = tl.full([], LOG2E, ACC)
+            inv_tau = tl.full([], 1.0, ACC)
+            if HAS_TAU:
+                inv_tau = 1.0 / tl.load(tau_ptr + b).to(ACC)
+                coef = coef * inv_tau
+                bias_coef = bias_coef * inv_tau
+            dtau_acc = tl.zeros([BLOCK_Q], ACC)
+            for h in range(0, H):
+                q = tl.load(
+                    q_ptr + b * stride_qb + offs_q[:, None] * stride_qq + h * stride_qh + offs_dk[None, :],
+                    mask=qmask[:, None] & dkmask[None, :],
+                    other=0.0,
+                )
+                xq = (b * Q + offs_q) * H + h
+                do = tl.load(
+                    do_ptr + xq[:, None] * DV + offs_dv[None, :], mask=qmask[:, None] & dvmask[None, :], other=0.0
+                )
+                lse2 = tl.load(lse_ptr + xq, mask=qmask, other=0.0).to(ACC) * tl.full([], LOG2E, ACC)
+                delta = tl.load(delta_ptr + xq, mask=qmask, other=0.0).to(ACC)
+                dq_acc = tl.zeros([BLOCK_Q, BLOCK_DK], ACC)
+                for t0 in tl.range(lo, hi, BLOCK_L, num_stages=STAGES):
+                    pos = t0 + offs_l
+                    row = start + pos
+                    inside = pos < hi  # rows this item writes (masked-out rows get zero gradients)
+                    valid = inside
+                    if HAS_MASK:
+                        valid = valid & (tl.load(mask_ptr + row, mask=inside, other=0) != 0)
+                    kt = tl.load(
+                        k_ptr + row[:, None] * stride_kn + h * stride_kh + offs_dk[None, :],
+                        mask=valid[:, None] & dkmask[None, :],
                         other=0.0,
                     )
-                    s += bt.to(ACC) * bias_coef
-                else:
-                    bt = tl.load(bias_ptr + row * stride_bn, mask=valid, other=0.0)
-                    s += bt.to(ACC)[None, :] * bias_coef
-            live = qmask[:, None] & valid[None, :]
-            p = tl.where(live, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = mm(do, tl.trans(vt), USE_DOT, DOT, ACC, TF32)
-            ds = p * (dp - delta[:, None])  # dLoss / d(logit)
-            dz = ds * inv_tau  # dLoss / d(scale * q.k + bias)
-            dv_t = mm(tl.trans(p), do, USE_DOT, DOT, ACC, TF32)
-            tl.store(
-                dv_ptr + (row[:, None] * H + h) * DV + offs_dv[None, :],
-                dv_t,
-                mask=inside[:, None] & dvmask[None, :],
-            )
-            dk_t = mm(tl.trans(dz), q, USE_DOT, DOT, ACC, TF32) * (tl.zeros([], ACC) + scale)
-            tl.store(
-                dk_ptr + (row[:, None] * H + h) * DK + offs_dk[None, :],
-                dk_t,
-                mask=inside[:, None] & dkmask[None, :],
-            )
-            dq_acc += mm(dz, kt, USE_DOT, DOT, ACC, TF32)
-            if HAS_BIAS:
-                if BIAS_PER_QUERY:
-                    tl.store(
-                        dbias_ptr + (h * N + row[None, :]) * Q + offs_q[:, None],
-                        dz,
-                        mask=inside[None, :] & qmask[:, None],
+                    vt = tl.load(
+                        v_ptr + row[:, None] * stride_vn + h * stride_vh + offs_dv[None, :],
+                        mask=valid[:, None] & dvmask[None, :],
+                        other=0.0,
                     )
-                else:
-                    tl.store(dbias_ptr + h * N + row, tl.sum(dz, axis=0), mask=inside)
+                    s = mm(q, tl.trans(kt), USE_DOT, DOT, ACC, TF32) * coef
+                    if HAS_BIAS:
+                        if BIAS_PER_QUERY:
+                            bt = tl.load(
+                                bias_ptr + row[None, :] * stride_bn + offs_q[:, None] * stride_bq,
+                                mask=valid[None, :] & qmask[:, None],
+                                other=0.0,
+                            )
+                            s += bt.to(ACC) * bias_coef
+                        else:
+                            bt = tl.load(bias_ptr + row * stride_bn, mask=valid, other=0.0)
+                            s += bt.to(ACC)[None, :] * bias_coef
+                    live = qmask[:, None] & valid[None, :]
+                    p = tl.where(live, tl.exp2(s - lse2[:, None]), 0.0)
+                    dp = mm(do, tl.trans(vt), USE_DOT, DOT, ACC, TF32)
+                    ds = p * (dp - delta[:, None])  # dLoss / d(logit)
+                    dz = ds * inv_tau  # dLoss / d(scale * q.k + bias)
+                    dv_t = mm(tl.trans(p), do, USE_DOT, DOT, ACC, TF32)
+                    tl.store(
+                        dv_ptr + (row[:, None] * H + h) * DV + offs_dv[None, :],
+                        dv_t,
+                        mask=inside[:, None] & dvmask[None, :],
+                    )
+                    dk_t = mm(tl.trans(dz), q, USE_DOT, DOT, ACC, TF32) * (tl.zeros([], ACC) + scale)
+                    tl.store(
+                        dk_ptr + (row[:, None] * H + h) * DK + offs_dk[None, :],
+                        dk_t,
+                        mask=inside[:, None] & dkmask[None, :],
+                    )
+                    dq_acc += mm(dz, kt, USE_DOT, DOT, ACC, TF32)
+                    if HAS_BIAS:
+                        if BIAS_PER_QUERY:
+                            tl.store(
+                                dbias_ptr + (h * N + row[None, :]) * Q + offs_q[:, None],
+                                dz,
+                                mask=inside[None, :] & qmask[:, None],
+                            )
+                        else:
+                            tl.store(dbias_ptr + h * N + row, tl.sum(dz, axis=0), mask=inside)
+                    if HAS_TAU:
+                        dtau_acc += tl.sum(ds * s, axis=1)  # s is the base-2 logit
+                dq_offs = ((item * Q + offs_q[:, None]) * H + h) * DK + offs_dk[None, :]
+                dq_val = dq_acc * (tl.zeros([], ACC) + scale)
+                tl.store(dq_part_ptr + dq_offs, dq_val, mask=qmask[:, None] & dkmask[None, :])
             if HAS_TAU:
-                dtau_acc += tl.sum(ds * s, axis=1)  # s is the base-2 logit
-        dq_offs = (((b * n_splits + split) * Q + offs_q[:, None]) * H + h) * DK + offs_dk[None, :]
-        tl.store(dq_part_ptr + dq_offs, dq_acc * (tl.zeros([], ACC) + scale), mask=qmask[:, None] & dkmask[None, :])
-    if HAS_TAU:
-        # d logit / d tau = -logit / tau; the natural logit is the base-2 one times ln(2).
-        tl.store(dtau_part_ptr + b * n_splits + split, -tl.sum(dtau_acc, axis=0) * tl.full([], LN2, ACC) * inv_tau)
+                # d logit / d tau = -logit / tau; the natural logit is the base-2 one times ln(2).
+                tl.store(dtau_part_ptr + item, -tl.sum(dtau_acc, axis=0) * tl.full([], LN2, ACC) * inv_tau)
 
 
 def _mask_bytes(mask: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -297,23 +314,63 @@ def _mask_bytes(mask: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask is not None else dummy
 
 
-def _launch_params(query: torch.Tensor, values_dim: int, max_len: int, programs_per_split: int) -> dict:
+def _meta(query: torch.Tensor, values_dim: int) -> dict:
+    """The constexpr launch arguments of a call (tiles, warps and stages come from `_tune`)."""
     cfg = get_config()
-    batch, n_query, _, dk = query.shape
-    use_dot = cfg.use_dot if cfg.use_dot is not None else n_query >= 16
-    block_q = max(next_pow2(n_query), 16 if use_dot else 1)
-    block_l = cfg.block_l or (64 if use_dot or dk > 64 else 128)
-    splits = num_splits(max_len, block_l, programs_per_split, query.device)
+    _, n_query, _, dk = query.shape
+    use_dot = cfg.use_dot if cfg.use_dot is not None else n_query >= 2
     min_dim = 16 if use_dot else 1  # tl.dot tiles are at least 16 wide
     return {
-        "use_dot": use_dot,
-        "block_q": block_q,
-        "block_dk": max(next_pow2(dk), min_dim),
-        "block_dv": max(next_pow2(values_dim), min_dim),
-        "block_l": block_l,
-        "splits": min(splits, 128),
-        "num_warps": cfg.num_warps or 4,
+        "USE_DOT": use_dot,
+        "DOT": dot_dtype(query.dtype),
+        "ACC": acc_dtype(query.dtype),
+        "TF32": allow_tf32(),
+        "BLOCK_Q": max(next_pow2(n_query), min_dim),
+        "BLOCK_DK": max(next_pow2(dk), min_dim),
+        "BLOCK_DV": max(next_pow2(values_dim), min_dim),
     }
+
+
+_KEY = ["USE_DOT", "BLOCK_Q", "BLOCK_DK", "BLOCK_DV", "HAS_BIAS", "BIAS_PER_QUERY", "HAS_TAU", "HAS_MASK"]
+
+
+def _fits(config: triton.Config, meta: dict, backward: bool) -> bool:
+    """Keep the register tiles within what one program holds without spilling (an H100's 255 registers per
+    thread): the broadcast path materializes ``[BLOCK_Q, BLOCK_D, BLOCK_L]`` products, the dot path ``[BLOCK_L, D]``
+    key and value tiles plus the ``[BLOCK_Q, BLOCK_L]`` scores; the backward holds about twice as much."""
+    block_l = config.kwargs["BLOCK_L"]
+    width = max(meta["BLOCK_DK"], meta["BLOCK_DV"])
+    budget = 16384 * config.num_warps // (8 if backward else 4)
+    if meta["USE_DOT"]:
+        return 32 <= block_l <= 128 and block_l * (width + meta["BLOCK_Q"]) <= 2 * budget
+    return block_l >= 32 and meta["BLOCK_Q"] * width * block_l <= budget
+
+
+def _default(meta: dict, backward: bool) -> tuple[int, int, int]:
+    wide = max(meta["BLOCK_DK"], meta["BLOCK_DV"]) > 64
+    if meta["USE_DOT"]:
+        return (32 if wide and backward else 64), 4, 2 if backward else 3
+    return (64 if wide or backward else 128), 4, 2 if backward else 3
+
+
+_FWD = Tuned(
+    _ta_fwd_kernel,
+    configs([32, 64, 128, 256], [4, 8], [2, 3, 4]),
+    _KEY,
+    lambda c, meta: _fits(c, meta, backward=False),
+    lambda meta: _default(meta, backward=False),
+)
+_BWD = Tuned(
+    _ta_bwd_kernel,
+    configs([32, 64, 128], [4, 8], [1, 2, 3]),
+    _KEY,
+    lambda c, meta: _fits(c, meta, backward=True),
+    lambda meta: _default(meta, backward=True),
+)
+
+
+def _plan(offsets: torch.Tensor, keys: torch.Tensor, max_len: int, plan: WorkPlan | None) -> WorkPlan:
+    return plan if plan is not None else plan_work(offsets, keys.shape[0], max_len)
 
 
 def target_attention_fwd_triton(
@@ -326,27 +383,29 @@ def target_attention_fwd_triton(
     mask: torch.Tensor | None,
     scale: float,
     max_len: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, Q, H, Dv] in the query's dtype, lse [B, Q, H] in the accumulation dtype)``; lse = -inf for an
-    empty sample. Shapes are validated by ``kernels.target_attention``."""
+    plan: WorkPlan | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, WorkPlan | None]:
+    """``(out [B, Q, H, Dv] in the query's dtype, lse [B, Q, H] in the accumulation dtype, the work plan)``; lse =
+    -inf for an empty sample. Shapes are validated by ``kernels.target_attention``. The plan (None when nothing was
+    launched) is passed back to the backward, which cuts the work the same way."""
     batch, n_query, n_head, dk = query.shape
     dv = values.shape[-1]
     device = query.device
     acc_torch = torch.float64 if query.dtype == torch.float64 else torch.float32
-    if batch == 0 or n_query == 0 or n_head == 0:
+    if batch == 0 or n_query == 0 or n_head == 0 or keys.shape[0] == 0:
         return (
             torch.zeros(batch, n_query, n_head, dv, dtype=query.dtype, device=device),
             torch.full((batch, n_query, n_head), float("-inf"), dtype=acc_torch, device=device),
+            None,
         )
     ensure_launchable(_ta_fwd_kernel, device)
-    lp = _launch_params(query, dv, max_len, batch * n_head)
-    splits = lp["splits"]
+    plan = _plan(offsets, keys, max_len, plan)
     x_dim = n_query * n_head
-    part_acc = torch.empty(batch, splits, x_dim, dv, dtype=acc_torch, device=device)
-    part_m = torch.empty(batch, splits, x_dim, dtype=acc_torch, device=device)
-    part_l = torch.empty(batch, splits, x_dim, dtype=acc_torch, device=device)
+    part_acc = torch.empty(plan.bound, x_dim, dv, dtype=acc_torch, device=device)
+    part_m = torch.empty(plan.bound, x_dim, dtype=acc_torch, device=device)
+    part_l = torch.empty(plan.bound, x_dim, dtype=acc_torch, device=device)
     dummy = offsets
-    _ta_fwd_kernel[(batch, splits, n_head)](
+    _FWD[(plan.programs, n_head)](
         query,
         keys,
         values,
@@ -354,6 +413,7 @@ def target_attention_fwd_triton(
         temperature if temperature is not None else dummy,
         _mask_bytes(mask, dummy),
         offsets,
+        plan.items,
         part_acc,
         part_m,
         part_l,
@@ -361,7 +421,9 @@ def target_attention_fwd_triton(
         n_head,
         dk,
         dv,
-        splits,
+        plan.bound,
+        plan.programs,
+        plan.chunk,
         *query.stride()[:3],
         *keys.stride()[:2],
         *values.stride()[:2],
@@ -372,19 +434,11 @@ def target_attention_fwd_triton(
         BIAS_PER_QUERY=bias is not None and bias.dim() == 2,
         HAS_TAU=temperature is not None,
         HAS_MASK=mask is not None,
-        USE_DOT=lp["use_dot"],
-        DOT=dot_dtype(query.dtype),
-        ACC=acc_dtype(query.dtype),
-        TF32=allow_tf32(),
-        BLOCK_L=lp["block_l"],
-        BLOCK_Q=lp["block_q"],
-        BLOCK_DK=lp["block_dk"],
-        BLOCK_DV=lp["block_dv"],
-        num_warps=lp["num_warps"],
+        **_meta(query, dv),
     )
-    out, lse = combine_splits(part_acc, part_m, part_l, query.dtype)
+    out, lse = combine_items(plan, part_acc, part_m, part_l, query.dtype)
     assert lse is not None
-    return out.view(batch, n_query, n_head, dv), lse.view(batch, n_query, n_head)
+    return out.view(batch, n_query, n_head, dv), lse.view(batch, n_query, n_head), plan
 
 
 def target_attention_bwd_triton(
@@ -400,6 +454,7 @@ def target_attention_bwd_triton(
     max_len: int,
     out: torch.Tensor,
     lse: torch.Tensor,
+    plan: WorkPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dQuery, dKeys, dValues, dBias, dTemperature)`` in the inputs' dtypes."""
     batch, n_query, n_head, dk = query.shape
@@ -407,22 +462,26 @@ def target_attention_bwd_triton(
     dv = values.shape[-1]
     device = query.device
     acc_torch = lse.dtype
-    ensure_launchable(_ta_bwd_kernel, device)
-    lp = _launch_params(query, dv, max_len, batch)
-    splits = lp["splits"]
-    grad_out = grad_out.contiguous()
-    delta = (grad_out.to(acc_torch) * out.to(acc_torch)).sum(-1).contiguous()  # [B, Q, H]
-    dq_part = torch.empty(batch, splits, n_query, n_head, dk, dtype=acc_torch, device=device)
-    dkeys = torch.empty(total, n_head, dk, dtype=keys.dtype, device=device)
-    dvalues = torch.empty(total, n_head, dv, dtype=values.dtype, device=device)
+    launch = batch > 0 and n_query > 0 and n_head > 0 and total > 0
+    new = torch.empty if launch else torch.zeros  # every row belongs to one work item, which writes it
+    dkeys = new(total, n_head, dk, dtype=keys.dtype, device=device)
+    dvalues = new(total, n_head, dv, dtype=values.dtype, device=device)
     dbias_heads = None
     if bias is not None:
         shape = (n_head, total) if bias.dim() == 1 else (n_head, total, n_query)
-        dbias_heads = torch.empty(shape, dtype=acc_torch, device=device)
-    dtau_part = torch.empty(batch, splits, dtype=acc_torch, device=device) if temperature is not None else None
-    dummy = offsets
-    if batch > 0 and n_query > 0 and n_head > 0:
-        _ta_bwd_kernel[(batch, splits)](
+        dbias_heads = new(shape, dtype=acc_torch, device=device)
+    if not launch:
+        dquery = torch.zeros_like(query)
+        dtau = torch.zeros_like(temperature) if temperature is not None else None
+    else:
+        ensure_launchable(_ta_bwd_kernel, device)
+        plan = _plan(offsets, keys, max_len, plan)
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.to(acc_torch) * out.to(acc_torch)).sum(-1).contiguous()  # [B, Q, H]
+        dq_part = torch.empty(plan.bound, n_query, n_head, dk, dtype=acc_torch, device=device)
+        dtau_part = torch.empty(plan.bound, 1, dtype=acc_torch, device=device) if temperature is not None else None
+        dummy = offsets
+        _BWD[(plan.programs,)](
             query,
             keys,
             values,
@@ -430,6 +489,7 @@ def target_attention_bwd_triton(
             temperature if temperature is not None else dummy,
             _mask_bytes(mask, dummy),
             offsets,
+            plan.items,
             grad_out,
             lse.contiguous(),
             delta,
@@ -443,7 +503,9 @@ def target_attention_bwd_triton(
             dk,
             dv,
             total,
-            splits,
+            plan.bound,
+            plan.programs,
+            plan.chunk,
             *query.stride()[:3],
             *keys.stride()[:2],
             *values.stride()[:2],
@@ -454,25 +516,9 @@ def target_attention_bwd_triton(
             BIAS_PER_QUERY=bias is not None and bias.dim() == 2,
             HAS_TAU=temperature is not None,
             HAS_MASK=mask is not None,
-            USE_DOT=lp["use_dot"],
-            DOT=dot_dtype(query.dtype),
-            ACC=acc_dtype(query.dtype),
-            TF32=allow_tf32(),
-            BLOCK_L=lp["block_l"],
-            BLOCK_Q=lp["block_q"],
-            BLOCK_DK=lp["block_dk"],
-            BLOCK_DV=lp["block_dv"],
-            num_warps=lp["num_warps"],
+            **_meta(query, dv),
         )
-    else:
-        dq_part.zero_()
-        dkeys.zero_()
-        dvalues.zero_()
-        if dbias_heads is not None:
-            dbias_heads.zero_()
-        if dtau_part is not None:
-            dtau_part.zero_()
-    dquery = dq_part.sum(1).to(query.dtype)
+        dquery = sum_items(plan, dq_part, query.dtype)
+        dtau = sum_items(plan, dtau_part, temperature.dtype).view(batch) if dtau_part is not None else None
     dbias = dbias_heads.sum(0).to(bias.dtype) if dbias_heads is not None and bias is not None else None
-    dtau = dtau_part.sum(1).to(temperature.dtype) if dtau_part is not None and temperature is not None else None
     return dquery, dkeys, dvalues, dbias, dtau

@@ -31,7 +31,7 @@ from kernels.triton import config  # noqa: E402
 def tiny_tiles():
     """Interpreted programs cost milliseconds each: 16-row tiles and at most 2 programs per sample, so that tiny
     inputs still run several tiles per program and several programs per sample."""
-    with config.override(block_l=16, max_splits=2):
+    with config.override(block_l=16, chunk_l=32, programs=3):
         yield
 
 
