@@ -44,7 +44,7 @@ class _DinAttentionTriton(torch.autograd.Function):
         ctx.plan = plan  # the backward cuts the work the same way
         ctx.save_for_backward(keys, values, offsets, mask, out, lse, *param_tensors)
         ctx.config = (activation, softmax, softmax_scale, max_len)
-        return out
+        return out.to(keys.dtype)
 
     @staticmethod
     @once_differentiable

@@ -40,7 +40,7 @@ class _TargetAttentionTriton(torch.autograd.Function):
         ctx.scale = scale
         ctx.max_len = max_len
         ctx.plan = plan  # the backward cuts the work the same way (its item table is built once)
-        return out
+        return out.to(query.dtype)
 
     @staticmethod
     @once_differentiable

@@ -8,9 +8,9 @@ drops the configs that do not fit a call (e.g. register-hungry tiles for wide he
 shipped config of a call, ``(BLOCK_L, num_warps, num_stages)``. Both read only the launch's keyword arguments.
 
 Launch with ``tuned[grid](*args, **meta)``. On a GPU with no test override the autotuner benchmarks the allowed
-configs once per key and caches the winner. Under the interpreter (nothing to time) or with a tile, warp or stage
-override (tests, tuning by hand) the kernel runs with one config: the shipped default, with the overrides applied.
-The kernels write their outputs without accumulating into them, so the autotuner's repeated runs are harmless.
+configs once per key and caches the winner. Under the interpreter (nothing to time), with a tile, warp or stage
+override, or with ``autotune=False`` (tests, tuning by hand), the kernel runs with one config: the shipped default,
+with the overrides applied. The kernels write their outputs without accumulating into them, so the autotuner's repeated runs are harmless.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Tuned:
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
         def launch(*args: Any, **meta: Any) -> Any:
             cfg = get_config()
-            if interpreting() or cfg.block_l or cfg.num_warps or cfg.num_stages:
+            if interpreting() or cfg.autotune is False or cfg.block_l or cfg.num_warps or cfg.num_stages:
                 return self.fn[grid](*args, **meta, **self.fixed(meta))
             return self.tuner[grid](*args, **meta)
 

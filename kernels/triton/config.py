@@ -24,6 +24,7 @@ class TritonConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     use_dot: bool | None = None  # target_attention: tl.dot (tensor cores) instead of broadcast-multiply-reduce
+    autotune: bool | None = None  # False: the shipped default config of each kernel, no benchmarking (CUDA tests)
 
 
 _config = TritonConfig()

@@ -122,14 +122,15 @@ def din_attention_fwd_triton(
     max_len: int,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, WorkPlan | None]:
-    """``(out [B, Dv] in the keys' dtype, lse [B] or None, the work plan for the backward)``."""
+    """``(out [B, Dv], lse [B] or None, the work plan for the backward)``; out in the accumulation dtype (the
+    backward's ``sum(dO * O)`` needs it before rounding to 16 bits)."""
     batch = offsets.numel() - 1
     device = keys.device
     acc_torch = torch.float64 if keys.dtype == torch.float64 else torch.float32
     dv = values.shape[1]
     if batch == 0 or keys.shape[0] == 0:
         lse = torch.full((batch,), float("-inf"), dtype=acc_torch, device=device) if softmax else None
-        return torch.zeros(batch, dv, dtype=keys.dtype, device=device), lse, None
+        return torch.zeros(batch, dv, dtype=acc_torch, device=device), lse, None
     ensure_launchable(_din_fwd_kernel, device)
     lp = _launch(keys, values, params)
     plan = plan_work(offsets, keys.shape[0], max_len)
@@ -163,7 +164,7 @@ def din_attention_fwd_triton(
         HAS_MASK=mask is not None,
         **lp["meta"],
     )
-    out, lse = combine_items(plan, part_acc, part_m, part_l, keys.dtype)
+    out, lse = combine_items(plan, part_acc, part_m, part_l, acc_torch)
     return out.view(batch, dv), (lse.view(batch) if lse is not None else None), plan
 
 

@@ -385,8 +385,8 @@ def target_attention_fwd_triton(
     max_len: int,
     plan: WorkPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, WorkPlan | None]:
-    """``(out [B, Q, H, Dv] in the query's dtype, lse [B, Q, H] in the accumulation dtype, the work plan)``; lse =
-    -inf for an empty sample. Shapes are validated by ``kernels.target_attention``. The plan (None when nothing was
+    """``(out [B, Q, H, Dv], lse [B, Q, H], the work plan)`` in the accumulation dtype (the backward's
+    ``sum(dO * O)`` needs the output before rounding to 16 bits); lse = -inf for an empty sample. Shapes are validated by ``kernels.target_attention``. The plan (None when nothing was
     launched) is passed back to the backward, which cuts the work the same way."""
     batch, n_query, n_head, dk = query.shape
     dv = values.shape[-1]
@@ -394,7 +394,7 @@ def target_attention_fwd_triton(
     acc_torch = torch.float64 if query.dtype == torch.float64 else torch.float32
     if batch == 0 or n_query == 0 or n_head == 0 or keys.shape[0] == 0:
         return (
-            torch.zeros(batch, n_query, n_head, dv, dtype=query.dtype, device=device),
+            torch.zeros(batch, n_query, n_head, dv, dtype=acc_torch, device=device),
             torch.full((batch, n_query, n_head), float("-inf"), dtype=acc_torch, device=device),
             None,
         )
@@ -436,7 +436,7 @@ def target_attention_fwd_triton(
         HAS_MASK=mask is not None,
         **_meta(query, dv),
     )
-    out, lse = combine_items(plan, part_acc, part_m, part_l, query.dtype)
+    out, lse = combine_items(plan, part_acc, part_m, part_l, acc_torch)
     assert lse is not None
     return out.view(batch, n_query, n_head, dv), lse.view(batch, n_query, n_head), plan
 
