@@ -1,18 +1,36 @@
-"""What every op's cases share: the benchmark's configuration and constants, a `Case`, seeded jagged inputs made on
-the target device, and the helpers that wrap a call (no grad, forward + backward) and compare two outputs."""
+"""What every op's cases share: the benchmark's configuration and constants, a `Shape` and a `Case`, the length
+distributions, seeded jagged inputs made on the target device, and the helpers that wrap a call (no grad,
+forward + backward) and compare two outputs.
+
+Length distributions (L = the longest length; every batch's first sample has exactly L behaviors, so that the
+longest sample is L whatever the draw):
+
+- ``uniform``: the other lengths uniform in [L/2, L] (``torch.randint(L // 2, L + 1)``);
+- ``powerlaw``: a Pareto law with shape ``POWERLAW_ALPHA`` = 1.2 and scale ``x_m = max(1, POWERLAW_SCALE * L)``
+  (``POWERLAW_SCALE`` = 0.01), floored and clipped to [1, L]::
+
+      len_b = min(L, max(1, floor(x_m * (1 - u_b) ** (-1 / alpha))))      u_b ~ U[0, 1) (torch.rand, float64)
+
+  Most samples are short (the median is ``2 ** (1 / alpha) * x_m``, about 1.8% of L; about 0.4% of them reach L):
+  the long-tailed users of a lifelong log. At B = 256 and L = 100K the batch holds about 1.1M behaviors against
+  19M for ``uniform``.
+
+Both are drawn from a host `torch.Generator` seeded per shape (`case_seed`), so every run builds the same batch.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 OPS = ("gsu_topk", "target_attention", "din_attention")
-LENGTHS = (1_000, 10_000, 100_000)
-GOAL_BANDWIDTH_FRACTION = 0.70  # gsu_topk and target_attention forward, at L = GOAL_LENGTH
-GOAL_LENGTH = 100_000
+DISTS = ("uniform", "powerlaw")
+POWERLAW_ALPHA = 1.2
+POWERLAW_SCALE = 0.01
 NUM_ITEMS = 1 << 22  # rows of the GSU embedding tables (4M items)
 NUM_CATEGORIES = 1000
 DIN_HIDDEN = (80, 40)
@@ -24,19 +42,46 @@ I64 = 8
 
 @dataclasses.dataclass
 class Config:
-    """What a run measures and how (``--quick`` shrinks it: see `run.make_config`)."""
+    """How a run measures (the shapes it measures are its grid: `grid`; ``--quick`` shrinks both, see
+    `run.make_config`)."""
 
-    batch: int = 256
-    dim: int = 64
     k: int = 256
-    lengths: tuple[int, ...] = LENGTHS
-    ops: tuple[str, ...] = OPS
     warmup: int = 3
     iters: int = 10
     seed: int = 0
     copy_bytes: int = 1 << 30  # the copy ceiling's buffer (each of source and destination)
     matmul_n: int = 8192  # the matmul ceiling's n (an n x n x n bf16 product)
     flush_bytes: int = 256 << 20  # written before every timed run to evict the L2 cache
+    memory_cap_bytes: int | None = None  # a shape whose inputs would need more is skipped (None: no cap)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One point of the grid: the inputs of an op. ``queries`` is target_attention's Q (1 for the other ops);
+    ``passes`` says which cases to build: ``"forward"``, and ``"backward"`` for forward + backward (gsu_topk has
+    no backward)."""
+
+    op: str
+    batch: int
+    dist: str
+    length: int
+    dim: int
+    queries: int = 1
+    passes: tuple[str, ...] = ("forward",)
+
+    def key(self) -> tuple[str, int, str, int, int, int]:
+        """What identifies the shape's results (the passes are variants of the rows)."""
+        return (self.op, self.batch, self.dist, self.length, self.dim, self.queries)
+
+
+def result_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A result row's identity (rows of results files from before the grid have no B/dist/Q/D: None)."""
+    return (row["op"], row["variant"], row.get("B"), row.get("dist"), row["L"], row.get("D"), row.get("Q"))
+
+
+def case_seed(seed: int, shape: Shape) -> int:
+    """The seed of a shape's inputs: the run's seed plus a stable hash of the shape (the same batch every run)."""
+    return seed + zlib.crc32(repr(shape.key()).encode()) % (1 << 30)
 
 
 @dataclasses.dataclass
@@ -58,17 +103,35 @@ class Case:
     with_reference: Callable[[Callable[..., Any]], Callable[[], Any]]
     reference_fn: Callable[..., Any]
     compare: Callable[[Any, Any], dict[str, float]]
+    shape: Shape | None = None
+    peer: Callable[[], Any] | None = None  # FBGEMM's kernel on the same inputs (target_attention), when loaded
+    peer_compare: Callable[[Any, Any], dict[str, float]] | None = None  # peer output vs the reference output
+    peer_absent: str | None = None  # why there is no peer call (the peer did not load, the shape is not expressible)
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
 
 
-def jagged_lengths(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """B lengths uniform in [L/2, L], the first exactly L (so the longest sample is L)."""
-    lengths = torch.randint(max(length // 2, 0), length + 1, (batch,), generator=gen)
+def jagged_lengths(batch: int, length: int, gen: torch.Generator, dist: str = "uniform") -> torch.Tensor:
+    """B int64 lengths drawn from ``dist`` (the module docstring defines both), the first exactly L."""
+    if dist == "uniform":
+        lengths = torch.randint(max(length // 2, 0), length + 1, (batch,), generator=gen)
+    elif dist == "powerlaw":
+        u = torch.rand(batch, generator=gen, dtype=torch.float64)
+        x_m = max(1.0, POWERLAW_SCALE * length)
+        lengths = (x_m * (1.0 - u).pow(-1.0 / POWERLAW_ALPHA)).floor().clamp(min=1).clamp(max=length).long()
+    else:
+        raise ValueError(f"unknown length distribution {dist!r}; expected one of {DISTS}")
     if batch:
         lengths[0] = length
     return lengths
+
+
+def shape_lengths(shape: Shape, seed: int) -> torch.Tensor:
+    """The lengths of a shape's batch (on the host), the same for a given seed: what its case builds and what
+    the memory cap is checked against before anything is allocated."""
+    gen = torch.Generator().manual_seed(case_seed(seed, shape))
+    return jagged_lengths(shape.batch, shape.length, gen, shape.dist)
 
 
 class Inputs:
@@ -76,11 +139,7 @@ class Inputs:
 
     def __init__(self, seed: int, device: torch.device) -> None:
         self.device = device
-        self.host = torch.Generator().manual_seed(seed)
         self.gen = torch.Generator(device=device).manual_seed(seed)
-
-    def lengths(self, batch: int, length: int) -> torch.Tensor:
-        return jagged_lengths(batch, length, self.host)
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen, device=self.device).to(dtype)

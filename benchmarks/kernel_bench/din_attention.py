@@ -12,15 +12,46 @@ import torch
 from kernels import din_attention
 from kernels.reference import din_attention_reference
 
-from .common import BF16, DIN_HIDDEN, F32, I64, Case, Config, Inputs, grad_runner, max_abs_diff, no_grad, offsets_of
+from .common import (
+    BF16,
+    DIN_HIDDEN,
+    F32,
+    I64,
+    Case,
+    Config,
+    Inputs,
+    Shape,
+    case_seed,
+    grad_runner,
+    max_abs_diff,
+    no_grad,
+    offsets_of,
+    shape_lengths,
+)
+
+VARIANTS = {"forward": "forward", "backward": "forward + backward"}
 
 
-def din_attention_cases(cfg: Config, length: int, device: torch.device) -> list[Case]:
-    """The forward and the forward + backward case at longest length ``length``."""
-    rnd = Inputs(cfg.seed + 2 + length, device)
-    batch, dim = cfg.batch, cfg.dim
+def variants(shape: Shape) -> list[str]:
+    """The variant names of a shape's cases, in order."""
+    return [VARIANTS[p] for p in shape.passes]
+
+
+def input_bytes(shape: Shape, n: int) -> int:
+    """Device memory of a shape's inputs (keys, their float32 staging, dKeys with a backward), for the memory
+    cap."""
+    total = n * shape.dim * (BF16 + F32)
+    if "backward" in shape.passes:
+        total += n * shape.dim * BF16
+    return total
+
+
+def din_attention_cases(cfg: Config, shape: Shape, device: torch.device) -> list[Case]:
+    """The shape's cases (forward; forward + backward)."""
+    rnd = Inputs(case_seed(cfg.seed, shape), device)
+    batch, dim, length = shape.batch, shape.dim, shape.length
     h1, h2 = DIN_HIDDEN
-    lengths = rnd.lengths(batch, length)
+    lengths = shape_lengths(shape, cfg.seed)
     n = int(lengths.sum())
     offsets = offsets_of(lengths).to(device)
     scale = 1.0 / math.sqrt(dim)
@@ -39,6 +70,7 @@ def din_attention_cases(cfg: Config, length: int, device: torch.device) -> list[
         "activation": "sigmoid",
         "softmax": True,
         "dtype": "bfloat16 (MLP weights float32)",
+        "lengths": shape.dist,
     }
 
     def kernel_forward() -> torch.Tensor:
@@ -61,7 +93,7 @@ def din_attention_cases(cfg: Config, length: int, device: torch.device) -> list[
     fwd_bytes = n * dim * BF16 + 2 * batch * dim * BF16 + 2 * batch * (dim * h1 + h1) * F32 + weight_bytes
     fwd_bytes += (batch + 1) * I64
     cases = []
-    for backward in (False, True):
+    for backward in ("backward" in p for p in shape.passes):
         if backward:
             grads = (query, keys, *weights, *biases)
 
@@ -88,7 +120,7 @@ def din_attention_cases(cfg: Config, length: int, device: torch.device) -> list[
         cases.append(
             Case(
                 op="din_attention",
-                variant="forward + backward" if backward else "forward",
+                variant=VARIANTS["backward" if backward else "forward"],
                 length=length,
                 shapes=shapes,
                 bytes=nbytes,
@@ -100,6 +132,7 @@ def din_attention_cases(cfg: Config, length: int, device: torch.device) -> list[
                 with_reference=wrap,
                 reference_fn=din_attention_reference,
                 compare=max_abs_diff,
+                shape=shape,
             )
         )
     return cases

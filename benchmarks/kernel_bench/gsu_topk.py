@@ -12,7 +12,41 @@ import torch
 from kernels import gsu_topk
 from kernels.reference import gsu_topk_reference
 
-from .common import BF16, F32, I32, I64, NUM_CATEGORIES, NUM_ITEMS, Case, Config, Inputs, no_grad, offsets_of
+from .common import (
+    BF16,
+    F32,
+    I32,
+    I64,
+    NUM_CATEGORIES,
+    NUM_ITEMS,
+    Case,
+    Config,
+    Inputs,
+    Shape,
+    case_seed,
+    no_grad,
+    offsets_of,
+    shape_lengths,
+)
+
+VARIANTS = (
+    "cosine, bf16 table",
+    "cosine, int8 table + row scales",
+    "dot, bf16 behavior vectors",
+    f"category ({NUM_CATEGORIES} categories)",
+)
+
+
+def variants(shape: Shape) -> list[str]:
+    """The variant names of a shape's cases, in order (forward only: the four scoring modes)."""
+    return list(VARIANTS)
+
+
+def input_bytes(shape: Shape, n: int) -> int:
+    """Device memory of a shape's inputs (the bf16 and int8 tables, ids, vectors and categories, and the float32
+    staging of the random vectors), for the memory cap."""
+    items = min(NUM_ITEMS, max(n, 1))
+    return items * (shape.dim * (BF16 + 1 + F32) + F32) + n * (2 * I32 + shape.dim * (BF16 + F32))
 
 
 def _gsu_compare(got: Any, want: Any) -> dict[str, float]:
@@ -21,11 +55,11 @@ def _gsu_compare(got: Any, want: Any) -> dict[str, float]:
     return {"positions_equal_fraction": same, "max_abs_score_diff": float((got[1] - want[1]).abs().max())}
 
 
-def gsu_cases(cfg: Config, length: int, device: torch.device) -> list[Case]:
-    """The four scoring modes at longest length ``length`` (forward only)."""
-    rnd = Inputs(cfg.seed + length, device)
-    batch, dim, k = cfg.batch, cfg.dim, cfg.k
-    lengths = rnd.lengths(batch, length)
+def gsu_cases(cfg: Config, shape: Shape, device: torch.device) -> list[Case]:
+    """The four scoring modes of a shape (forward only)."""
+    rnd = Inputs(case_seed(cfg.seed, shape), device)
+    batch, dim, k, length = shape.batch, shape.dim, cfg.k, shape.length
+    lengths = shape_lengths(shape, cfg.seed)
     n = int(lengths.sum())
     offsets = offsets_of(lengths).to(device)
     target = rnd.randn(batch, dim, dtype=torch.bfloat16)
@@ -33,7 +67,7 @@ def gsu_cases(cfg: Config, length: int, device: torch.device) -> list[Case]:
     ids = rnd.randint(0, num_items, (n,), torch.int32)
     out_bytes = batch * k * (I64 + F32)  # positions int64 + scores float32
     common = (batch + 1) * I64 + out_bytes
-    shapes = {"B": batch, "L_max": length, "N_total": n, "D": dim, "K": k}
+    shapes = {"B": batch, "L_max": length, "N_total": n, "D": dim, "K": k, "lengths": shape.dist}
     cases = []
 
     def add(variant, kwargs, ref_args, nbytes, flops, bytes_formula, flops_formula, extra_shapes):
@@ -58,13 +92,14 @@ def gsu_cases(cfg: Config, length: int, device: torch.device) -> list[Case]:
                 with_reference=with_reference,
                 reference_fn=gsu_topk_reference,
                 compare=_gsu_compare,
+                shape=shape,
             )
         )
 
     # MUSE: cosine against rows of a bf16 multimodal table gathered by item id (the gather is fused).
     table = rnd.randn(num_items, dim, dtype=torch.bfloat16)
     add(
-        "cosine, bf16 table",
+        VARIANTS[0],
         {"mode": "cosine", "target": target, "behavior_ids": ids, "table": table},
         ("cosine", target, ids, table, None, False, None, None, None),
         # ids + gathered rows + target + offsets + output
@@ -78,7 +113,7 @@ def gsu_cases(cfg: Config, length: int, device: torch.device) -> list[Case]:
     table8 = rnd.randint(-127, 128, (num_items, dim), torch.int8)
     scale8 = rnd.rand(num_items) * 0.02 + 0.001
     add(
-        "cosine, int8 table + row scales",
+        VARIANTS[1],
         {"mode": "cosine", "target": target, "behavior_ids": ids, "table": table8, "scale": scale8},
         ("cosine", target, ids, table8, scale8, True, None, None, None),
         # ids + gathered int8 rows + gathered scales + target + offsets + output
@@ -91,7 +126,7 @@ def gsu_cases(cfg: Config, length: int, device: torch.device) -> list[Case]:
     # SIM soft: inner product with learned behavior embeddings, stored jagged.
     vectors = rnd.randn(n, dim, dtype=torch.bfloat16)
     add(
-        "dot, bf16 behavior vectors",
+        VARIANTS[2],
         {"mode": "dot", "target": target, "behavior_vectors": vectors},
         ("dot", target, None, vectors, None, False, None, None, None),
         n * dim * BF16 + batch * dim * BF16 + common,
@@ -104,7 +139,7 @@ def gsu_cases(cfg: Config, length: int, device: torch.device) -> list[Case]:
     bcat = rnd.randint(0, NUM_CATEGORIES, (n,), torch.int32)
     tcat = rnd.randint(0, NUM_CATEGORIES, (batch,), torch.int32)
     add(
-        f"category ({NUM_CATEGORIES} categories)",
+        VARIANTS[3],
         {"mode": "category", "target_category": tcat, "behavior_category": bcat},
         ("category", None, None, None, None, False, None, tcat, bcat),
         n * I32 + batch * I32 + common,

@@ -1,5 +1,6 @@
 """Measurement on the GPU: median CUDA-event time with the L2 flushed, peak memory of one call, the copy and
-bf16-matmul ceilings of this run, one case measured (Triton, eager, torch.compile), and the goals."""
+bf16-matmul ceilings of this run, and one case measured: Triton, eager, torch.compile, and FBGEMM's kernel for
+target_attention (each first call, which compiles, timed on its own as ``first_call_s``), with parity checks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .common import GOAL_BANDWIDTH_FRACTION, GOAL_LENGTH, Case, Config
+from .common import Case, Config, Shape
 
 
 class Timer:
@@ -86,42 +87,94 @@ def measure_ceilings(cfg: Config, timer: Timer, device: torch.device) -> dict[st
     }
 
 
-def _error(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """A failure in one line (out of memory said as such; a multi-line message by its first and last lines)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "out of memory"
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # Triton's CompilationError starts with "at <line>:<col>:" and ends with the cause: keep both ends.
+    text = " ... ".join([lines[0], lines[-1]]) if len(lines) > 1 else "".join(lines)
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _cleanup() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def first_call(fn: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+    """The first call of an implementation (Triton's or Inductor's compilation happens here), its wall time and
+    its output (kept for the parity checks); a failure is recorded, never replaced by a number."""
+    record: dict[str, Any] = {"median_ms": None, "peak_extra_bytes": None, "first_call_s": None, "error": None}
+    out = None
+    try:
+        t0 = time.perf_counter()
+        out = fn()
+        _sync()
+        record["first_call_s"] = time.perf_counter() - t0
+    except Exception as exc:  # OOM, compile failures: record and go on
+        record["error"] = error_text(exc)
+        if not isinstance(exc, torch.cuda.OutOfMemoryError):
+            traceback.print_exc()
+        out = None
+        _cleanup()
+    return record, out
+
+
+def timed(timer: Timer, fn: Callable[[], Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Median time and peak memory of an implementation whose first call succeeded (``record``, updated)."""
+    if record["error"] is None:
+        try:
+            record["median_ms"] = timer(fn)
+            record["peak_extra_bytes"] = peak_extra_bytes(fn)
+        except Exception as exc:
+            record["error"] = error_text(exc)
+            record["median_ms"] = record["peak_extra_bytes"] = None
+            if not isinstance(exc, torch.cuda.OutOfMemoryError):
+                traceback.print_exc()
+    _cleanup()
+    return record
 
 
 def run_impl(timer: Timer, fn: Callable[[], Any]) -> dict[str, Any]:
-    """Time one implementation; a failure is recorded, never replaced by a number."""
-    record: dict[str, Any] = {"median_ms": None, "peak_extra_bytes": None, "error": None}
+    """Time one implementation: its first call, then the timed runs and peak memory."""
+    record, out = first_call(fn)
+    del out
+    return timed(timer, fn, record)
+
+
+def _parity(compare: Callable[[Any, Any], dict[str, float]], got: Any, want: Any, errors: dict[str, Any]) -> dict:
+    """``compare(got, want)``, or why it could not be run (the first failed side)."""
+    for name, record in errors.items():
+        if record["error"] is not None:
+            return {"error": f"{name}: {record['error']}"}
     try:
-        t0 = time.perf_counter()
-        fn()  # first call: Triton/Inductor compilation happens here
-        torch.cuda.synchronize()
-        record["first_call_s"] = time.perf_counter() - t0
-        record["median_ms"] = timer(fn)
-        record["peak_extra_bytes"] = peak_extra_bytes(fn)
-    except Exception as exc:  # OOM, compile failures: record and go on
-        record["error"] = _error(exc)
-        record["median_ms"] = record["peak_extra_bytes"] = None
-        if not isinstance(exc, torch.cuda.OutOfMemoryError):
-            traceback.print_exc()
-    finally:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    return record
+        return compare(got, want)
+    except Exception as exc:
+        return {"error": error_text(exc)}
 
 
 def run_case(
     case: Case, timer: Timer, ceilings: dict[str, Any], compiled: dict[Any, Callable[..., Any]]
 ) -> dict[str, Any]:
-    """One case's result row: parity, then Triton, eager and torch.compile timed (``compiled`` caches the
-    compiled references across cases)."""
+    """One case's result row: first calls and parity (Triton and FBGEMM against the eager reference, FBGEMM
+    against Triton too, which still checks it where the reference ran out of memory), then Triton, eager,
+    torch.compile and FBGEMM timed (``compiled`` caches the compiled references across cases)."""
+    shape = case.shape
     result: dict[str, Any] = {
         "op": case.op,
         "variant": case.variant,
+        "B": case.shapes["B"],
+        "dist": shape.dist if shape else None,
         "L": case.length,
+        "Q": shape.queries if shape else None,
+        "D": shape.dim if shape else None,
         "ceilings": {"copy_GBps": ceilings["copy"]["GBps"], "matmul_bf16_TFLOPs": ceilings["matmul_bf16"]["TFLOPs"]},
         "shapes": case.shapes,
         "bytes": case.bytes,
@@ -129,19 +182,32 @@ def run_case(
         "bytes_formula": case.bytes_formula,
         "flops_formula": case.flops_formula,
     }
-    try:
-        result["parity"] = case.compare(case.kernel(), case.reference())
-    except Exception as exc:
-        result["parity"] = {"error": _error(exc)}
-    torch.cuda.empty_cache()
-
+    eager, want = first_call(case.reference)
+    triton, got = first_call(case.kernel)
+    result["parity"] = _parity(case.compare, got, want, {"reference": eager, "triton": triton})
+    impls = {"triton": triton, "eager": eager}
+    has_peer = case.peer is not None or case.peer_absent is not None
+    if case.peer is not None and case.peer_compare is not None:
+        peer, peer_out = first_call(case.peer)
+        result["parity_fbgemm"] = {
+            "vs_reference": _parity(case.peer_compare, peer_out, want, {"reference": eager, "fbgemm": peer}),
+            "vs_triton": _parity(case.peer_compare, peer_out, got, {"triton": triton, "fbgemm": peer}),
+        }
+        del peer_out
+    elif has_peer:
+        peer = {"median_ms": None, "peak_extra_bytes": None, "first_call_s": None}
+        peer["error"] = f"absent: {case.peer_absent}"
+    del want, got
+    _cleanup()
+    timed(timer, case.kernel, triton)
+    timed(timer, case.reference, eager)
     if case.reference_fn not in compiled:
         compiled[case.reference_fn] = torch.compile(case.reference_fn, dynamic=False)
-    impls = {
-        "triton": run_impl(timer, case.kernel),
-        "eager": run_impl(timer, case.reference),
-        "compile": run_impl(timer, case.with_reference(compiled[case.reference_fn])),
-    }
+    impls["compile"] = run_impl(timer, case.with_reference(compiled[case.reference_fn]))
+    if case.peer is not None:
+        impls["fbgemm"] = timed(timer, case.peer, peer)
+    elif has_peer:
+        impls["fbgemm"] = peer
     for record in impls.values():
         ms = record["median_ms"]
         record["GBps"] = case.bytes / ms / 1e6 if ms else None
@@ -152,44 +218,31 @@ def run_case(
         )
     result["impls"] = impls
     ms = impls["triton"]["median_ms"]
-    for base in ("eager", "compile"):
-        other = impls[base]["median_ms"]
-        result[f"speedup_vs_{base}"] = other / ms if ms and other else None
+    for base in ("eager", "compile", "fbgemm"):
+        if base in impls:
+            other = impls[base]["median_ms"]
+            result[f"speedup_vs_{base}"] = other / ms if ms and other else None
     return result
 
 
-def evaluate_goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's goals: gsu_topk and target_attention forward reach GOAL_BANDWIDTH_FRACTION of the copy
-    bandwidth at L = 100K, and every kernel beats torch.compile of its reference (met = None: not measurable)."""
-    goals = []
-    for r in results:
-        tri = r["impls"]["triton"]
-        bandwidth_goal = r["op"] == "gsu_topk" or (r["op"] == "target_attention" and r["variant"] == "forward")
-        if r["L"] == GOAL_LENGTH and bandwidth_goal:
-            frac = tri["bandwidth_fraction"]
-            goals.append(
-                {
-                    "goal": f">= {GOAL_BANDWIDTH_FRACTION:.0%} of the copy bandwidth",
-                    "op": r["op"],
-                    "variant": r["variant"],
-                    "L": r["L"],
-                    "value": frac,
-                    "met": None if frac is None else frac >= GOAL_BANDWIDTH_FRACTION,
-                }
-            )
-        speedup = r["speedup_vs_compile"]
-        note = None
-        if speedup is None:
-            note = f"triton: {tri['error']}" if tri["error"] else f"compile: {r['impls']['compile']['error']}"
-        goals.append(
-            {
-                "goal": "faster than torch.compile(reference)",
-                "op": r["op"],
-                "variant": r["variant"],
-                "L": r["L"],
-                "value": speedup,
-                "met": None if speedup is None else speedup > 1.0,
-                **({"note": note} if note else {}),
-            }
-        )
-    return goals
+def null_result(shape: Shape, variant: str, n_total: int, reason: str) -> dict[str, Any]:
+    """The row of a case that was not measured (its inputs would exceed the memory cap, its inputs failed to
+    build): every implementation null with the reason."""
+    impls = ("triton", "eager", "compile", *(("fbgemm",) if shape.op == "target_attention" else ()))
+    empty = {"median_ms": None, "peak_extra_bytes": None, "first_call_s": None, "error": reason, "GBps": None}
+    empty |= {"TFLOPs": None, "bandwidth_fraction": None, "flops_fraction": None}
+    return {
+        "op": shape.op,
+        "variant": variant,
+        "B": shape.batch,
+        "dist": shape.dist,
+        "L": shape.length,
+        "Q": shape.queries,
+        "D": shape.dim,
+        "shapes": {"B": shape.batch, "L_max": shape.length, "N_total": n_total, "lengths": shape.dist},
+        "bytes": None,
+        "flops": None,
+        "parity": {"error": reason},
+        "impls": {name: dict(empty) for name in impls},
+        **{f"speedup_vs_{name}": None for name in impls[1:]},
+    }

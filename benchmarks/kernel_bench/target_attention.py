@@ -1,9 +1,11 @@
-"""``target_attention`` cases: one target query, one head, a float32 per-behavior bias and a per-sample temperature;
-forward, and forward + backward."""
+"""``target_attention`` cases: Q target queries (1 or 16), one head, a float32 per-behavior bias shared by the
+queries and a per-sample temperature; forward, and forward + backward. FBGEMM's ``jagged_dense_flash_attention``
+runs on the same inputs when it loaded (`fbgemm_peer` documents the mapping)."""
 
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -12,15 +14,92 @@ import torch
 from kernels import target_attention
 from kernels.reference import target_attention_reference
 
-from .common import BF16, F32, I64, Case, Config, Inputs, grad_runner, max_abs_diff, no_grad, offsets_of
+from .common import (
+    BF16,
+    F32,
+    I64,
+    Case,
+    Config,
+    Inputs,
+    Shape,
+    case_seed,
+    grad_runner,
+    max_abs_diff,
+    no_grad,
+    offsets_of,
+    shape_lengths,
+)
+
+VARIANTS = {"forward": "forward", "backward": "forward + backward"}
 
 
-def target_attention_cases(cfg: Config, length: int, device: torch.device) -> list[Case]:
-    """The forward and the forward + backward case at longest length ``length``."""
-    rnd = Inputs(cfg.seed + 1 + length, device)
-    batch, dim = cfg.batch, cfg.dim
-    n_query = n_head = 1
-    lengths = rnd.lengths(batch, length)
+def variants(shape: Shape) -> list[str]:
+    """The variant names of a shape's cases, in order."""
+    return [VARIANTS[p] for p in shape.passes]
+
+
+def input_bytes(shape: Shape, n: int) -> int:
+    """Device memory of a shape's inputs, with the gradients when it has a backward and the float32 staging of
+    the random keys/values, for the memory cap (the implementations' own temporaries are not counted: an
+    implementation that runs out of memory is recorded as such)."""
+    d, b, q = shape.dim, shape.batch, shape.queries
+    per_row = 2 * d * BF16 + F32  # keys + values + bias
+    total = n * per_row + n * d * F32 + b * shape.length * 24  # + staging + the peer's padded bias (and its index)
+    if "backward" in shape.passes:
+        total += n * per_row + b * shape.length * q * F32  # our gradients + the peer's dense dBias
+    return total
+
+
+def peer_calls(
+    fbgemm: types.ModuleType,
+    length: int,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor,
+    temperature: torch.Tensor,
+    scale: float,
+    grad_out: torch.Tensor,
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """FBGEMM's forward and forward + backward (gradients for keys, values and its own query and bias) on our
+    inputs, mapped as `fbgemm_peer` says; the mapping is done here, once, before any timing."""
+    batch = query.shape[0]
+    with torch.no_grad():
+        q_scaled = (query.float() * (scale / temperature)[:, None, None]).to(query.dtype)  # [B, Q, D]
+        lengths = offsets.diff()
+        rows = torch.arange(length, device=keys.device)
+        index = offsets[:-1, None] + rows[None, :]  # [B, L]
+        inside = rows[None, :] < lengths[:, None]
+        padded = torch.where(inside, bias[index.clamp(max=max(bias.numel() - 1, 0))], 0.0)
+        bias_pad = (padded / temperature[:, None]).float()  # [B, L]
+    q_leaf = q_scaled.detach().requires_grad_()
+    bias_leaf = bias_pad.detach().requires_grad_()
+    apply = fbgemm.JaggedDenseFlashAttention.apply
+
+    def forward() -> torch.Tensor:
+        # its K: [B, D, T]; its attention bias: [B, L, T] with a zero stride over the T targets
+        attn_bias = bias_leaf[:, :, None].expand(batch, length, q_leaf.shape[1])
+        return apply(keys, q_leaf.transpose(1, 2), values, attn_bias, offsets, length, True)
+
+    return no_grad(forward), grad_runner(forward, (keys, values, q_leaf, bias_leaf), grad_out)
+
+
+def peer_compare(got: Any, want: Any) -> dict[str, float]:
+    """The peer against the reference: the output, and for forward + backward dKeys and dValues too (its other
+    gradients are with respect to its own inputs: the pre-scaled query and the padded bias)."""
+    if isinstance(got, tuple):
+        return max_abs_diff((got[0], got[1], got[2]), (want[0], want[2], want[3]))
+    return max_abs_diff(got, want)
+
+
+def target_attention_cases(
+    cfg: Config, shape: Shape, device: torch.device, fbgemm: types.ModuleType | None = None, peer_absent: str = ""
+) -> list[Case]:
+    """The shape's cases (forward; forward + backward), with FBGEMM's calls when ``fbgemm`` is given."""
+    rnd = Inputs(case_seed(cfg.seed, shape), device)
+    batch, dim, length, n_query, n_head = shape.batch, shape.dim, shape.length, shape.queries, 1
+    lengths = shape_lengths(shape, cfg.seed)
     n = int(lengths.sum())
     offsets = offsets_of(lengths).to(device)
     scale = 1.0 / math.sqrt(dim)
@@ -41,7 +120,15 @@ def target_attention_cases(cfg: Config, length: int, device: torch.device) -> li
         "dtype": "bfloat16",
         "bias": [n],
         "temperature": [batch],
+        "lengths": shape.dist,
     }
+    peer_fwd = peer_bwd = None
+    if fbgemm is not None:
+        if dim & (dim - 1):
+            peer_absent = f"FBGEMM's kernel needs D a power of two (D = {dim})"
+        else:
+            args = (query, keys, values, offsets, bias.detach(), temperature.detach(), scale, grad_out)
+            peer_fwd, peer_bwd = peer_calls(fbgemm, length, *args)
 
     def kernel_forward() -> torch.Tensor:
         return target_attention(
@@ -58,7 +145,7 @@ def target_attention_cases(cfg: Config, length: int, device: torch.device) -> li
     fwd_bytes += (batch + 1) * I64
     fwd_flops = 2 * n * per_row  # q.k and p.v
     cases = []
-    for backward in (False, True):
+    for backward in ("backward" in p for p in shape.passes):
         if backward:
             grads = (query, keys, values, bias, temperature)
 
@@ -90,7 +177,7 @@ def target_attention_cases(cfg: Config, length: int, device: torch.device) -> li
         cases.append(
             Case(
                 op="target_attention",
-                variant="forward + backward" if backward else "forward",
+                variant=VARIANTS["backward" if backward else "forward"],
                 length=length,
                 shapes=shapes,
                 bytes=nbytes,
@@ -102,6 +189,10 @@ def target_attention_cases(cfg: Config, length: int, device: torch.device) -> li
                 with_reference=wrap,
                 reference_fn=target_attention_reference,
                 compare=max_abs_diff,
+                shape=shape,
+                peer=peer_bwd if backward else peer_fwd,
+                peer_compare=peer_compare,
+                peer_absent=None if peer_fwd is not None else (peer_absent or "FBGEMM's kernel did not load"),
             )
         )
     return cases
