@@ -104,67 +104,24 @@ def target_attention(
         ``[B, Q, H, Dv]`` (or ``[B, Q, Dv]`` for 3-D inputs) in the query's dtype.
     """
     batch = check_offsets(_OP, offsets)
-    single_head = query.dim() == 3
-    if single_head:
-        if keys.dim() != 2 or values.dim() != 2:
-            raise ValueError(f"{_OP}: a 3-D query [B, Q, D] needs 2-D keys and values [total_L, D]")
-        query, keys, values = query.unsqueeze(2), keys.unsqueeze(1), values.unsqueeze(1)
-    elif query.dim() != 4 or keys.dim() != 3 or values.dim() != 3:
-        raise ValueError(
-            f"{_OP}: expected query [B, Q, H, Dk] with keys [N, H, Dk] and values [N, H, Dv] (or 3-D/2-D/2-D), "
-            f"got {tuple(query.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}"
-        )
-    check_rows(_OP, "query", query, batch, 4)
-    _, n_query, n_head, dk = query.shape
+    query, keys, values, single_head = check_attention_inputs(_OP, query, keys, values, batch, bias, temperature)
     total = keys.shape[0]
-    if keys.shape[1:] != (n_head, dk) or values.shape[0] != total or values.shape[1] != n_head:
-        raise ValueError(
-            f"{_OP}: keys must be [N, {n_head}, {dk}] and values [N, {n_head}, Dv] with the same N, "
-            f"got {tuple(keys.shape)} and {tuple(values.shape)}"
-        )
-    if query.dtype not in FLOAT_DTYPES or keys.dtype != query.dtype or values.dtype != query.dtype:
-        raise ValueError(
-            f"{_OP}: query, keys and values must share one dtype of {FLOAT_DTYPES}, "
-            f"got {query.dtype}, {keys.dtype}, {values.dtype}"
-        )
-    if bias is not None:
-        if not bias.dtype.is_floating_point:
-            raise ValueError(f"{_OP}: bias must be floating point, got {bias.dtype}")
-        if not ((bias.dim() == 1 and bias.shape[0] == total) or (bias.dim() == 2 and bias.shape == (total, n_query))):
-            raise ValueError(f"{_OP}: bias must be [{total}] or [{total}, {n_query}], got {tuple(bias.shape)}")
-    if temperature is not None:
-        if not temperature.dtype.is_floating_point:
-            raise ValueError(f"{_OP}: temperature must be floating point, got {temperature.dtype}")
-        check_rows(_OP, "temperature", temperature, batch, 1)
     if mask is not None:
         check_mask(_OP, mask, total)
+    _, n_query, _, dk = query.shape
     dv = values.shape[-1]
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
     longest = jagged_max_len(_OP, offsets, total, max_len)
-    if max_len is None and (bias is not None or temperature is not None):
-        # Checked with the offsets (one more host sync); a caller passing max_len vouches for them too.
-        checks = []
-        if bias is not None:
-            checks.append(torch.isfinite(bias.detach()).all())
-        if temperature is not None:
-            checks.append((temperature.detach() > 0).all())
-        ok = torch.stack(checks).tolist()
-        if bias is not None and not ok[0]:
-            raise ValueError(f"{_OP}: bias must be finite (use mask to drop behaviors)")
-        if temperature is not None and not ok[-1]:
-            raise ValueError(f"{_OP}: temperature must be positive")
+    if max_len is None:  # checked with the offsets; a caller passing max_len vouches for them too
+        check_attention_values(_OP, bias, temperature)
 
-    unsupported = None
-    if max(dk, dv) > TRITON_MAX_HEAD_DIM:
-        unsupported = f"head dim {max(dk, dv)} > {TRITON_MAX_HEAD_DIM}"
-    elif n_query > TRITON_MAX_QUERIES:
-        unsupported = f"{n_query} queries > {TRITON_MAX_QUERIES}"
+    unsupported = triton_unsupported(max(dk, dv), n_query)
     impl = resolve_backend(_OP, (query, keys, values, offsets, bias, temperature, mask), backend, unsupported)
     if impl == "triton":
         out = _TargetAttentionTriton.apply(
-            _last_dim_contiguous(query),
-            _last_dim_contiguous(keys),
-            _last_dim_contiguous(values),
+            last_dim_contiguous(query),
+            last_dim_contiguous(keys),
+            last_dim_contiguous(values),
             offsets,
             bias,
             temperature.contiguous() if temperature is not None else None,
@@ -177,5 +134,76 @@ def target_attention(
     return out.squeeze(2) if single_head else out
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+def check_attention_inputs(
+    op: str,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    batch: int,
+    bias: torch.Tensor | None,
+    temperature: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Shapes and dtypes of an attention call; returns the 4-D query and 3-D keys/values, and whether the call was
+    single-head (3-D query)."""
+    single_head = query.dim() == 3
+    if single_head:
+        if keys.dim() != 2 or values.dim() != 2:
+            raise ValueError(f"{op}: a 3-D query [B, Q, D] needs 2-D keys and values [total_L, D]")
+        query, keys, values = query.unsqueeze(2), keys.unsqueeze(1), values.unsqueeze(1)
+    elif query.dim() != 4 or keys.dim() != 3 or values.dim() != 3:
+        raise ValueError(
+            f"{op}: expected query [B, Q, H, Dk] with keys [N, H, Dk] and values [N, H, Dv] (or 3-D/2-D/2-D), "
+            f"got {tuple(query.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}"
+        )
+    check_rows(op, "query", query, batch, 4)
+    _, n_query, n_head, dk = query.shape
+    total = keys.shape[0]
+    if keys.shape[1:] != (n_head, dk) or values.shape[0] != total or values.shape[1] != n_head:
+        raise ValueError(
+            f"{op}: keys must be [N, {n_head}, {dk}] and values [N, {n_head}, Dv] with the same N, "
+            f"got {tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+    if query.dtype not in FLOAT_DTYPES or keys.dtype != query.dtype or values.dtype != query.dtype:
+        raise ValueError(
+            f"{op}: query, keys and values must share one dtype of {FLOAT_DTYPES}, "
+            f"got {query.dtype}, {keys.dtype}, {values.dtype}"
+        )
+    if bias is not None:
+        if not bias.dtype.is_floating_point:
+            raise ValueError(f"{op}: bias must be floating point, got {bias.dtype}")
+        if not ((bias.dim() == 1 and bias.shape[0] == total) or (bias.dim() == 2 and bias.shape == (total, n_query))):
+            raise ValueError(f"{op}: bias must be [{total}] or [{total}, {n_query}], got {tuple(bias.shape)}")
+    if temperature is not None:
+        if not temperature.dtype.is_floating_point:
+            raise ValueError(f"{op}: temperature must be floating point, got {temperature.dtype}")
+        check_rows(op, "temperature", temperature, batch, 1)
+    return query, keys, values, single_head
+
+
+def triton_unsupported(head_dim: int, n_query: int) -> str | None:
+    """Why the Triton attention kernel cannot serve a call, or None."""
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        return f"head dim {head_dim} > {TRITON_MAX_HEAD_DIM}"
+    if n_query > TRITON_MAX_QUERIES:
+        return f"{n_query} queries > {TRITON_MAX_QUERIES}"
+    return None
+
+
+def check_attention_values(op: str, bias: torch.Tensor | None, temperature: torch.Tensor | None) -> None:
+    """A finite bias and a positive temperature (one host sync for both)."""
+    checks = []
+    if bias is not None:
+        checks.append(torch.isfinite(bias.detach()).all())
+    if temperature is not None:
+        checks.append((temperature.detach() > 0).all())
+    if not checks:
+        return
+    ok = torch.stack(checks).tolist()
+    if bias is not None and not ok[0]:
+        raise ValueError(f"{op}: bias must be finite (use mask to drop behaviors)")
+    if temperature is not None and not ok[-1]:
+        raise ValueError(f"{op}: temperature must be positive")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -10,7 +10,8 @@ shipped config of a call, ``(BLOCK_L, num_warps, num_stages)``. Both read only t
 Launch with ``tuned[grid](*args, **meta)``. On a GPU with no test override the autotuner benchmarks the allowed
 configs once per key and caches the winner. Under the interpreter (nothing to time), with a tile, warp or stage
 override, or with ``autotune=False`` (tests, tuning by hand), the kernel runs with one config: the shipped default,
-with the overrides applied. The kernels write their outputs without accumulating into them, so the autotuner's repeated runs are harmless.
+with the overrides applied. The kernels write their outputs without accumulating into them, so the autotuner's
+repeated runs are harmless.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ def _ta_fwd_kernel(
     tau_ptr,  # [B]
     mask_ptr,  # [N] uint8 (a bool mask's bytes)
     offsets_ptr,
+    index_ptr,  # INDEXED: [B * K] int64 row of each selected slot, -1 = empty (offsets are then b * K)
     items_ptr,  # [n_items, 2] int32: (sample, chunk); sample -1 = empty slot
     part_acc_ptr,  # [n_items, Q * H, DV]
     part_m_ptr,  # [n_items, Q * H]
@@ -76,6 +77,7 @@ def _ta_fwd_kernel(
     BIAS_PER_QUERY: tl.constexpr,
     HAS_TAU: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    INDEXED: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT: tl.constexpr,
     ACC: tl.constexpr,
@@ -120,6 +122,9 @@ def _ta_fwd_kernel(
                 pos = t0 + offs_l
                 row = start + pos
                 valid = pos < hi
+                if INDEXED:  # a slot of a selection: its behavior's row, or -1 for an empty slot
+                    row = tl.load(index_ptr + row, mask=valid, other=-1)
+                    valid = valid & (row >= 0)
                 if HAS_MASK:
                     valid = valid & (tl.load(mask_ptr + row, mask=valid, other=0) != 0)
                 kt = tl.load(
@@ -167,6 +172,7 @@ def _ta_bwd_kernel(
     tau_ptr,
     mask_ptr,
     offsets_ptr,
+    index_ptr,
     items_ptr,  # [n_items, 2] int32: (sample, chunk); sample -1 = empty slot
     do_ptr,  # [B, Q, H, DV] contiguous
     lse_ptr,  # [B, Q, H] natural log
@@ -198,6 +204,7 @@ def _ta_bwd_kernel(
     BIAS_PER_QUERY: tl.constexpr,
     HAS_TAU: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    INDEXED: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT: tl.constexpr,
     ACC: tl.constexpr,
@@ -247,6 +254,9 @@ def _ta_bwd_kernel(
                     pos = t0 + offs_l
                     row = start + pos
                     inside = pos < hi  # rows this item writes (masked-out rows get zero gradients)
+                    if INDEXED:  # a slot of a selection: its behavior's row, or -1 for an empty slot
+                        row = tl.load(index_ptr + row, mask=inside, other=-1)
+                        inside = inside & (row >= 0)
                     valid = inside
                     if HAS_MASK:
                         valid = valid & (tl.load(mask_ptr + row, mask=inside, other=0) != 0)
@@ -331,7 +341,7 @@ def _meta(query: torch.Tensor, values_dim: int) -> dict:
     }
 
 
-_KEY = ["USE_DOT", "BLOCK_Q", "BLOCK_DK", "BLOCK_DV", "HAS_BIAS", "BIAS_PER_QUERY", "HAS_TAU", "HAS_MASK"]
+_KEY = ["USE_DOT", "BLOCK_Q", "BLOCK_DK", "BLOCK_DV", "HAS_BIAS", "BIAS_PER_QUERY", "HAS_TAU", "HAS_MASK", "INDEXED"]
 
 
 def _fits(config: triton.Config, meta: dict, backward: bool) -> bool:
@@ -369,8 +379,8 @@ _BWD = Tuned(
 )
 
 
-def _plan(offsets: torch.Tensor, keys: torch.Tensor, max_len: int, plan: WorkPlan | None) -> WorkPlan:
-    return plan if plan is not None else plan_work(offsets, keys.shape[0], max_len)
+def _plan(offsets: torch.Tensor, rows: int, max_len: int, plan: WorkPlan | None) -> WorkPlan:
+    return plan if plan is not None else plan_work(offsets, rows, max_len)
 
 
 def target_attention_fwd_triton(
@@ -384,22 +394,28 @@ def target_attention_fwd_triton(
     scale: float,
     max_len: int,
     plan: WorkPlan | None = None,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, WorkPlan | None]:
     """``(out [B, Q, H, Dv], lse [B, Q, H], the work plan)`` in the accumulation dtype (the backward's
-    ``sum(dO * O)`` needs the output before rounding to 16 bits); lse = -inf for an empty sample. Shapes are validated by ``kernels.target_attention``. The plan (None when nothing was
-    launched) is passed back to the backward, which cuts the work the same way."""
+    ``sum(dO * O)`` needs the output before rounding to 16 bits); lse = -inf for an empty sample.
+
+    ``index`` (``[B * K]`` int64, -1 = empty slot): attend over a selection, ``offsets = arange(B + 1) * K`` and
+    slot ``j`` of sample ``b`` reading the keys, values, bias and mask at row ``index[b * K + j]``. Shapes are
+    validated by the dispatchers. The plan (None when nothing was launched) is passed back to the backward, which
+    cuts the work the same way."""
     batch, n_query, n_head, dk = query.shape
     dv = values.shape[-1]
     device = query.device
     acc_torch = torch.float64 if query.dtype == torch.float64 else torch.float32
-    if batch == 0 or n_query == 0 or n_head == 0 or keys.shape[0] == 0:
+    rows = index.numel() if index is not None else keys.shape[0]
+    if batch == 0 or n_query == 0 or n_head == 0 or rows == 0:
         return (
             torch.zeros(batch, n_query, n_head, dv, dtype=acc_torch, device=device),
             torch.full((batch, n_query, n_head), float("-inf"), dtype=acc_torch, device=device),
             None,
         )
     ensure_launchable(_ta_fwd_kernel, device)
-    plan = _plan(offsets, keys, max_len, plan)
+    plan = _plan(offsets, rows, max_len, plan)
     x_dim = n_query * n_head
     part_acc = torch.empty(plan.bound, x_dim, dv, dtype=acc_torch, device=device)
     part_m = torch.empty(plan.bound, x_dim, dtype=acc_torch, device=device)
@@ -413,6 +429,7 @@ def target_attention_fwd_triton(
         temperature if temperature is not None else dummy,
         _mask_bytes(mask, dummy),
         offsets,
+        index if index is not None else dummy,
         plan.items,
         part_acc,
         part_m,
@@ -434,6 +451,7 @@ def target_attention_fwd_triton(
         BIAS_PER_QUERY=bias is not None and bias.dim() == 2,
         HAS_TAU=temperature is not None,
         HAS_MASK=mask is not None,
+        INDEXED=index is not None,
         **_meta(query, dv),
     )
     out, lse = combine_items(plan, part_acc, part_m, part_l, acc_torch)
@@ -455,15 +473,19 @@ def target_attention_bwd_triton(
     out: torch.Tensor,
     lse: torch.Tensor,
     plan: WorkPlan | None = None,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients ``(dQuery, dKeys, dValues, dBias, dTemperature)`` in the inputs' dtypes."""
+    """Gradients ``(dQuery, dKeys, dValues, dBias, dTemperature)`` in the inputs' dtypes (``index``: as in the
+    forward; the rows no slot selects get zero gradients)."""
     batch, n_query, n_head, dk = query.shape
     total = keys.shape[0]
     dv = values.shape[-1]
     device = query.device
     acc_torch = lse.dtype
-    launch = batch > 0 and n_query > 0 and n_head > 0 and total > 0
-    new = torch.empty if launch else torch.zeros  # every row belongs to one work item, which writes it
+    rows = index.numel() if index is not None else total
+    launch = batch > 0 and n_query > 0 and n_head > 0 and rows > 0
+    # without an index every row belongs to one work item, which writes it; with one, only the selected rows
+    new = torch.empty if launch and index is None else torch.zeros
     dkeys = new(total, n_head, dk, dtype=keys.dtype, device=device)
     dvalues = new(total, n_head, dv, dtype=values.dtype, device=device)
     dbias_heads = None
@@ -475,7 +497,7 @@ def target_attention_bwd_triton(
         dtau = torch.zeros_like(temperature) if temperature is not None else None
     else:
         ensure_launchable(_ta_bwd_kernel, device)
-        plan = _plan(offsets, keys, max_len, plan)
+        plan = _plan(offsets, rows, max_len, plan)
         grad_out = grad_out.contiguous()
         delta = (grad_out.to(acc_torch) * out.to(acc_torch)).sum(-1).contiguous()  # [B, Q, H]
         dq_part = torch.empty(plan.bound, n_query, n_head, dk, dtype=acc_torch, device=device)
@@ -489,6 +511,7 @@ def target_attention_bwd_triton(
             temperature if temperature is not None else dummy,
             _mask_bytes(mask, dummy),
             offsets,
+            index if index is not None else dummy,
             plan.items,
             grad_out,
             lse.contiguous(),
@@ -516,6 +539,7 @@ def target_attention_bwd_triton(
             BIAS_PER_QUERY=bias is not None and bias.dim() == 2,
             HAS_TAU=temperature is not None,
             HAS_MASK=mask is not None,
+            INDEXED=index is not None,
             **_meta(query, dv),
         )
         dquery = sum_items(plan, dq_part, query.dtype)
