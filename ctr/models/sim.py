@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+import kernels
 from features.dataset import DatasetInfo
 from features.loader import Batch
 
@@ -99,6 +100,9 @@ class SIMBase(TwoStageModel):
         # the subclass builds its GSU, then calls build_tower() (LAIN, when on, is built last)
 
     def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
+        if inp.esu_out is not None:  # computed with the search (SIMSoft.search_attend)
+            u = inp.esu_out
+            return [u, u * inp.target] if self.p.target_cross else [u]
         mask = inp.long_mask
         keys, values = inp.long_att, inp.long
         if isinstance(self.esu, TemporalTargetAttention):  # TIN's ESU: the time buckets index its encoding
@@ -150,10 +154,45 @@ class SIMSoft(SIMBase):
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
     ) -> tuple[Selection, dict[str, torch.Tensor]]:
         assert emb is not None
-        p: SIMSoftParams = self.p  # type: ignore[assignment]
         target_att = self.pair(emb, "", att=True)
         behaviors_att = self.pair(emb, "long_", att=True)
-        selection = self.gsu(offsets, target_att, behaviors_att, p.k)
+        selection = self.gsu(offsets, target_att, behaviors_att, self.p.k)
+        return selection, self.aux_extras(batch, emb, offsets, target_att, behaviors_att)
+
+    def search_attend(
+        self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any]
+    ) -> tuple[Selection, dict[str, torch.Tensor], torch.Tensor] | None:
+        """The soft search and the ESU fused (`kernels.search_attend`) where the op's Triton kernel serves the call
+        and the ESU is plain attention over the selected embeddings: SIM's multi-head ESU with ``time_buckets: 0``
+        (FuxiCTR's SIM has no time embedding), no DARE, no LAIN. The selection and the output equal the unfused path
+        (`tests/test_two_stage.py`); the ``[B, K, 2d]`` gather of the selected embeddings is never written."""
+        p: SIMSoftParams = self.p  # type: ignore[assignment]
+        esu = self.esu
+        if self.time is not None or p.dare or self.lain is not None or not isinstance(esu, MultiHeadTargetAttention):
+            return None
+        behaviors = self.pair(emb, "long_")
+        if kernels.resolve_backend("search_attend", (behaviors,), p.backend) != "triton":
+            return None
+        target = self.pair(emb, "")
+        with torch.no_grad():
+            gsu_query = self.gsu.query(target).float()
+        u, res = esu.search_attend(
+            target, offsets, p.k, behaviors, mode="dot", target=gsu_query, behavior_vectors=behaviors.detach().float(),
+            max_len=p.max_len,
+        )  # fmt: skip
+        selection = Selection(res.positions, res.scores)
+        return selection, self.aux_extras(batch, emb, offsets, target, behaviors), u
+
+    def aux_extras(
+        self,
+        batch: Batch,
+        emb: dict[str, Any],
+        offsets: torch.Tensor,
+        target_att: torch.Tensor,
+        behaviors_att: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The auxiliary CTR head's logit over the whole searched prefix (training only; {} otherwise)."""
+        p: SIMSoftParams = self.p  # type: ignore[assignment]
         extras = {}
         if self.training and self.aux_mlp is not None:
             r = self.gsu.relevance(target_att, behaviors_att, offsets)  # [total_L], with gradient
@@ -169,7 +208,7 @@ class SIMSoft(SIMBase):
                 pooled = pooled / lengths.clamp(min=1).unsqueeze(-1).to(pooled.dtype)
             target = self.pair(emb, "") if p.dare else target_att
             extras["aux_logit"] = self.aux_mlp(torch.cat([pooled, target], dim=-1)).squeeze(-1)
-        return selection, extras
+        return extras
 
     def loss(self, out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """BCE + ``aux_alpha`` x the BCE of the soft search's own CTR head (training only; paper Sec. 4.1)."""

@@ -155,8 +155,8 @@ class StageInput:
     target_att: torch.Tensor  # [B, 2d] attention embedding of the target (== target without DARE)
     target_ids: torch.Tensor  # [B] item index
     selection: Selection
-    long: torch.Tensor  # [B, K, 2d] selected behaviors (zeros in empty slots)
-    long_att: torch.Tensor  # [B, K, 2d]
+    long: torch.Tensor | None  # [B, K, 2d] selected behaviors (zeros in empty slots); None when `esu_out` is set
+    long_att: torch.Tensor | None  # [B, K, 2d]; None when `esu_out` is set
     long_ids: torch.Tensor  # [B, K] item index (0 in empty slots)
     long_gap: torch.Tensor  # [B, K] seconds from the behavior to the sample (0 in empty slots)
     long_offsets: torch.Tensor  # [B + 1] of the whole searched prefix
@@ -166,6 +166,7 @@ class StageInput:
     short_mask: torch.Tensor  # [B, S]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the search's inputs to `loss` (training)
     lc: LengthContext | None = None  # LAIN's length state (None without LAIN or when switched off)
+    esu_out: torch.Tensor | None = None  # the ESU's output when it ran fused with the search (`search_attend`)
 
     @property
     def long_mask(self) -> torch.Tensor:
@@ -312,6 +313,14 @@ class TwoStageModel(CTRModel):
         """The ESU: the long-term parts of the tower input (widths summing to `long_dim`)."""
         raise NotImplementedError
 
+    def search_attend(
+        self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any]
+    ) -> tuple[Selection, dict[str, torch.Tensor], torch.Tensor] | None:
+        """GSU and ESU in one fused op (`kernels.search_attend`, no ``[B, K, 2d]`` gather of the selected
+        behaviors): ``(selection, search extras, ESU output)``, or None where the model or its configuration has no
+        fused form (the default). Called with the whole prefix embedded (`embeds_prefix`)."""
+        return None
+
     def short_interest(self, inp: StageInput) -> torch.Tensor:
         """The short branch's attention of the target over the last S behaviors: ``[B, 2d]``."""
         return self.attend_short(inp.lc, inp.target_att, inp.short_att, inp.short_mask, values=inp.short)
@@ -330,12 +339,19 @@ class TwoStageModel(CTRModel):
         ids = batch.sparse.to_dict()
         long_item = ids["long_item"]
         offsets = lengths_to_offsets(long_item.lengths())
+        esu_out = None
         if self.embeds_prefix and (self.prefix_grad or not torch.is_grad_enabled()):
             emb = self.embed(ids)
-            selection, extras = self.search(batch, ids, offsets, emb)
-            rows, mask = selection.rows(offsets), selection.mask
-            long = gather_slots(self.pair(emb, "long_"), rows, mask)
-            long_att = gather_slots(self.pair(emb, "long_", att=True), rows, mask) if self.p.dare else long
+            fused = self.search_attend(batch, ids, offsets, emb)
+            if fused is not None:
+                selection, extras, esu_out = fused
+                rows, mask = selection.rows(offsets), selection.mask
+                long = long_att = None
+            else:
+                selection, extras = self.search(batch, ids, offsets, emb)
+                rows, mask = selection.rows(offsets), selection.mask
+                long = gather_slots(self.pair(emb, "long_"), rows, mask)
+                long_att = gather_slots(self.pair(emb, "long_", att=True), rows, mask) if self.p.dare else long
         else:
             from torchrec.sparse.jagged_tensor import JaggedTensor
 
@@ -375,6 +391,7 @@ class TwoStageModel(CTRModel):
             short_mask=short_mask,
             extras=extras,
             lc=self.length_context(batch),
+            esu_out=esu_out,
         )
 
     def tower_input(self, inp: StageInput, long: list[torch.Tensor] | None = None) -> torch.Tensor:

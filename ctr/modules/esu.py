@@ -26,7 +26,7 @@ them) and a bool ``mask [B, K]`` (True = a selected behavior).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -189,6 +189,36 @@ class MultiHeadTargetAttention(nn.Module):
         else:
             out = self.absorbed(q.reshape(b, h, d), keys, values, mask, scale)
         return self.w_o(out) if self.w_o is not None else out
+
+    def search_attend(
+        self,
+        query: torch.Tensor,
+        offsets: torch.Tensor,
+        k: int,
+        keys: torch.Tensor,
+        values: torch.Tensor | None = None,
+        *,
+        max_len: int | None = None,
+        **search: Any,
+    ) -> tuple[torch.Tensor, kernels.SearchAttendResult]:
+        """The GSU's top-K and this attention over the selected behaviors in one fused op (`kernels.search_attend`),
+        with the projections absorbed as in `absorbed`: the H per-head queries ``W_k^hᵀ W_q^h e_t`` attend over the
+        raw jagged ``keys`` ``[total_L, Dk]`` of the whole prefix (one shared head, the H queries as Q = H), the
+        pooled values ``[B, H, Dv]`` are projected by ``W_v^h`` and ``W_o`` after. ``search``: the GSU's arguments
+        (``mode``, ``target``, ``behavior_vectors``, ...). Returns ``([B, out_dim], the op's result)``."""
+        b = query.shape[0]
+        h, d = self.heads, self.head_dim
+        values = keys if values is None else values
+        w_k = self.w_k.weight.reshape(h, d, -1)  # [H, d, Dk]
+        w_v = self.w_v.weight.reshape(h, d, -1)  # [H, d, Dv]
+        q_keys = torch.bmm(self.w_q(query).reshape(b, h, d).transpose(0, 1), w_k).transpose(0, 1)  # [B, H, Dk]
+        res = kernels.search_attend(
+            offsets, k, q_keys.unsqueeze(2), keys.unsqueeze(1), values.unsqueeze(1), scale=1.0 / math.sqrt(d),
+            max_len=max_len, backend=self.backend, **search,
+        )  # fmt: skip
+        pooled = res.out[:, :, 0]  # [B, H, Dv]
+        out = torch.bmm(pooled.transpose(0, 1), w_v.transpose(1, 2)).transpose(0, 1).reshape(b, h * d)
+        return (self.w_o(out) if self.w_o is not None else out), res
 
     def absorbed(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
