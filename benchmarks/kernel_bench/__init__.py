@@ -15,5 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `kernels` is imported from the repository root
-    sys.path.insert(0, str(ROOT))
+# `kernels` is imported from the repository root, which must come before benchmarks/ (where `python
+# benchmarks/kernels.py` puts this entry point, itself named `kernels`), also when $PYTHONPATH already lists it.
+if sys.path[:1] != [str(ROOT)]:
+    sys.path[:] = [str(ROOT)] + [p for p in sys.path if p != str(ROOT)]

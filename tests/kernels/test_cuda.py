@@ -22,9 +22,12 @@ from kernels._backend import triton_available
 from kernels.triton import config
 
 ON_CPU = os.environ.get("KERNELS_CUDA_TESTS_ON_CPU") == "1"
-pytestmark = pytest.mark.skipif(
-    not triton_available() or not (torch.cuda.is_available() or ON_CPU), reason="needs CUDA (and triton)"
-)
+pytestmark = [
+    pytest.mark.gpu,  # the only tests allowed to skip under CI=true (tests/conftest.py)
+    pytest.mark.skipif(
+        not triton_available() or not (torch.cuda.is_available() or ON_CPU), reason="needs CUDA (and triton)"
+    ),
+]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LONGEST = 100_000 if DEVICE.type == "cuda" else 2_000
 
