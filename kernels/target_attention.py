@@ -48,7 +48,7 @@ class _TargetAttentionTriton(torch.autograd.Function):
         from .triton.target_attention import target_attention_bwd_triton
 
         query, keys, values, offsets, bias, temperature, mask, out, lse = ctx.saved_tensors
-        dq, dk, dv, dbias, dtau = target_attention_bwd_triton(
+        dq, dk, dv, dbias, dtau, _ = target_attention_bwd_triton(
             grad_out, query, keys, values, offsets, bias, temperature, mask, ctx.scale, ctx.max_len, out, lse, ctx.plan
         )
         need = ctx.needs_input_grad

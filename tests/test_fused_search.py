@@ -1,5 +1,5 @@
 """SIM soft with the GSU and the ESU fused (`kernels.search_attend`, Triton in the interpreter) trains exactly as the
-unfused model: same selection, logits, loss terms and gradients, embedding tables included."""
+unfused model: same selection, logits, loss terms and gradients, embedding tables and the time-gap table included."""
 
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ pytestmark = [
 ]
 
 
-def test_sim_soft_fused_search_trains_as_the_unfused_model(info):
+@pytest.mark.parametrize("time_buckets", [32, 0])
+def test_sim_soft_fused_search_trains_as_the_unfused_model(info, time_buckets):
+    """With the time-gap embedding (the default, read by the kernel from its table) and without (FuxiCTR's SIM)."""
     runs = []
     for backend in ("reference", "triton"):
-        model = build(info, "sim_soft", time_buckets=0, backend=backend).train()
+        model = build(info, "sim_soft", time_buckets=time_buckets, backend=backend).train()
         batch = subset(batches(info, model, 1)[0], torch.arange(24))
         inp = model.prepare(batch)
         assert (inp.esu_out is not None) == (backend == "triton")  # the fused path ran exactly on Triton
@@ -57,7 +59,7 @@ def test_sim_soft_fused_search_trains_as_the_unfused_model(info):
 
 
 def test_configurations_without_a_fused_form_keep_the_gather(info):
-    for params in ({"time_buckets": 32}, {"time_buckets": 0, "dare": True}):
+    for params in ({"dare": True}, {"esu": "tin"}):
         model = build(info, "sim_soft", backend="triton", **params).eval()
         batch = subset(batches(info, model, 1)[0], torch.arange(4))
         assert model.prepare(batch).esu_out is None

@@ -163,12 +163,13 @@ class SIMSoft(SIMBase):
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any]
     ) -> tuple[Selection, dict[str, torch.Tensor], torch.Tensor] | None:
         """The soft search and the ESU fused (`kernels.search_attend`) where the op's Triton kernel serves the call
-        and the ESU is plain attention over the selected embeddings: SIM's multi-head ESU with ``time_buckets: 0``
-        (FuxiCTR's SIM has no time embedding), no DARE, no LAIN. The selection and the output equal the unfused path
-        (`tests/test_two_stage.py`); the ``[B, K, 2d]`` gather of the selected embeddings is never written."""
+        and the ESU is SIM's multi-head attention over ``z_j = [e_j; e(Δt_j)]`` (the time-gap embedding read by the
+        kernel from its table by each behavior's bucket; none with ``time_buckets: 0``), without DARE or LAIN. The
+        selection and the output equal the unfused path (`tests/test_fused_search.py`); the ``[B, K, 2d]`` gather
+        of the selected embeddings is never written."""
         p: SIMSoftParams = self.p  # type: ignore[assignment]
         esu = self.esu
-        if self.time is not None or p.dare or self.lain is not None or not isinstance(esu, MultiHeadTargetAttention):
+        if p.dare or self.lain is not None or not isinstance(esu, MultiHeadTargetAttention):
             return None
         behaviors = self.pair(emb, "long_")
         if kernels.resolve_backend("search_attend", (behaviors,), p.backend) != "triton":
@@ -176,9 +177,13 @@ class SIMSoft(SIMBase):
         target = self.pair(emb, "")
         with torch.no_grad():
             gsu_query = self.gsu.query(target).float()
+        side = {}
+        if self.time is not None:
+            gap = batch.dense["long_ts_gap"]  # [total_L], every behavior of the searched prefix
+            side = {"side_ids": time_gap_bucket(gap, self.time.n_buckets), "side_table": self.time.embedding.weight}
         u, res = esu.search_attend(
             target, offsets, p.k, behaviors, mode="dot", target=gsu_query, behavior_vectors=behaviors.detach().float(),
-            max_len=p.max_len,
+            max_len=p.max_len, **side,
         )  # fmt: skip
         selection = Selection(res.positions, res.scores)
         return selection, self.aux_extras(batch, emb, offsets, target, behaviors), u

@@ -23,14 +23,18 @@ def _ta_fwd_kernel(
     mask_ptr,  # [N] uint8 (a bool mask's bytes)
     offsets_ptr,
     index_ptr,  # INDEXED: [B * K] int64 row of each selected slot, -1 = empty (offsets are then b * K)
+    side_ids_ptr,  # HAS_SIDE: [N] row of the side table for every behavior
+    side_ptr,  # HAS_SIDE: [n_side, D2] extra key and value columns of the behaviors, shared by the heads
     items_ptr,  # [n_items, 2] int32: (sample, chunk); sample -1 = empty slot
     part_acc_ptr,  # [n_items, Q * H, DV]
+    part_side_ptr,  # HAS_SIDE: [n_items, Q * H, D2]
     part_m_ptr,  # [n_items, Q * H]
     part_l_ptr,  # [n_items, Q * H]
     Q,
     H,
     DK,
     DV,
+    D2,
     n_items,
     n_programs,
     chunk,
@@ -49,6 +53,7 @@ def _ta_fwd_kernel(
     HAS_TAU: tl.constexpr,
     HAS_MASK: tl.constexpr,
     INDEXED: tl.constexpr,
+    HAS_SIDE: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT: tl.constexpr,
     ACC: tl.constexpr,
@@ -57,6 +62,7 @@ def _ta_fwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
     STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -68,6 +74,8 @@ def _ta_fwd_kernel(
     qmask = offs_q < Q
     dkmask = offs_dk < DK
     dvmask = offs_dv < DV
+    offs_d2 = tl.arange(0, BLOCK_D2)
+    d2mask = offs_d2 < D2
     for item in range(pid, n_items, n_programs):
         b = tl.load(items_ptr + 2 * item).to(tl.int64)
         if b >= 0:
@@ -79,6 +87,12 @@ def _ta_fwd_kernel(
                 mask=qmask[:, None] & dkmask[None, :],
                 other=0.0,
             )
+            if HAS_SIDE:  # the query's last D2 columns meet the side table's
+                q2 = tl.load(
+                    q_ptr + b * stride_qb + offs_q[:, None] * stride_qq + h * stride_qh + DK + offs_d2[None, :],
+                    mask=qmask[:, None] & d2mask[None, :],
+                    other=0.0,
+                )
             # base-2 logits: exp2(x * log2(e)) = exp(x). Typed constants: a bare Python float is rounded to fp32.
             coef = tl.zeros([], ACC) + scale * LOG2E
             bias_coef = tl.full([], LOG2E, ACC)
@@ -89,6 +103,7 @@ def _ta_fwd_kernel(
             m = tl.full([BLOCK_Q], float("-inf"), ACC)
             l_sum = tl.zeros([BLOCK_Q], ACC)
             acc = tl.zeros([BLOCK_Q, BLOCK_DV], ACC)
+            acc2 = tl.zeros([BLOCK_Q, BLOCK_D2], ACC)
             for t0 in tl.range(lo, hi, BLOCK_L, num_stages=STAGES):
                 pos = t0 + offs_l
                 row = start + pos
@@ -104,6 +119,14 @@ def _ta_fwd_kernel(
                     other=0.0,
                 )
                 s = mm(q, tl.trans(kt), USE_DOT, DOT, ACC, TF32) * coef  # [BLOCK_Q, BLOCK_L]
+                if HAS_SIDE:
+                    sid = tl.load(side_ids_ptr + row, mask=valid, other=0).to(tl.int64)
+                    st = tl.load(
+                        side_ptr + sid[:, None] * D2 + offs_d2[None, :],
+                        mask=valid[:, None] & d2mask[None, :],
+                        other=0.0,
+                    )
+                    s += mm(q2, tl.trans(st), USE_DOT, DOT, ACC, TF32) * coef
                 if HAS_BIAS:
                     if BIAS_PER_QUERY:
                         bt = tl.load(
@@ -127,9 +150,15 @@ def _ta_fwd_kernel(
                     other=0.0,
                 )
                 acc = acc * alpha[:, None] + mm(p, vt, USE_DOT, DOT, ACC, TF32)
+                if HAS_SIDE:
+                    acc2 = acc2 * alpha[:, None] + mm(p, st, USE_DOT, DOT, ACC, TF32)
                 m = m_new
             x = item * (Q * H) + offs_q * H + h
             tl.store(part_acc_ptr + x[:, None] * DV + offs_dv[None, :], acc, mask=qmask[:, None] & dvmask[None, :])
+            if HAS_SIDE:
+                tl.store(
+                    part_side_ptr + x[:, None] * D2 + offs_d2[None, :], acc2, mask=qmask[:, None] & d2mask[None, :]
+                )
             tl.store(part_m_ptr + x, m, mask=qmask)
             tl.store(part_l_ptr + x, l_sum, mask=qmask)
 
@@ -144,19 +173,24 @@ def _ta_bwd_kernel(
     mask_ptr,
     offsets_ptr,
     index_ptr,
+    side_ids_ptr,
+    side_ptr,
     items_ptr,  # [n_items, 2] int32: (sample, chunk); sample -1 = empty slot
     do_ptr,  # [B, Q, H, DV] contiguous
+    do2_ptr,  # HAS_SIDE: [B, Q, H, D2] contiguous, the side columns' output gradient
     lse_ptr,  # [B, Q, H] natural log
     delta_ptr,  # [B, Q, H]: sum(dO * O)
-    dq_part_ptr,  # [n_items, Q, H, DK]
+    dq_part_ptr,  # [n_items, Q, H, DK + D2]
     dk_ptr,  # [N, H, DK] contiguous
     dv_ptr,  # [N, H, DV] contiguous
+    dside_ptr,  # HAS_SIDE: [rows, H, D2] per (logical) row: the gradient of its side-table row
     dbias_ptr,  # [H, N] or [H, N, Q] contiguous
     dtau_part_ptr,  # [n_items]
     Q,
     H,
     DK,
     DV,
+    D2,
     N,
     n_items,
     n_programs,
@@ -176,6 +210,7 @@ def _ta_bwd_kernel(
     HAS_TAU: tl.constexpr,
     HAS_MASK: tl.constexpr,
     INDEXED: tl.constexpr,
+    HAS_SIDE: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT: tl.constexpr,
     ACC: tl.constexpr,
@@ -184,6 +219,7 @@ def _ta_bwd_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
     STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -194,6 +230,8 @@ def _ta_bwd_kernel(
     qmask = offs_q < Q
     dkmask = offs_dk < DK
     dvmask = offs_dv < DV
+    offs_d2 = tl.arange(0, BLOCK_D2)
+    d2mask = offs_d2 < D2
     for item in range(pid, n_items, n_programs):
         b = tl.load(items_ptr + 2 * item).to(tl.int64)
         if b >= 0:
@@ -215,15 +253,26 @@ def _ta_bwd_kernel(
                     other=0.0,
                 )
                 xq = (b * Q + offs_q) * H + h
+                if HAS_SIDE:
+                    q2 = tl.load(
+                        q_ptr + b * stride_qb + offs_q[:, None] * stride_qq + h * stride_qh + DK + offs_d2[None, :],
+                        mask=qmask[:, None] & d2mask[None, :],
+                        other=0.0,
+                    )
+                    do2 = tl.load(
+                        do2_ptr + xq[:, None] * D2 + offs_d2[None, :], mask=qmask[:, None] & d2mask[None, :], other=0.0
+                    )
                 do = tl.load(
                     do_ptr + xq[:, None] * DV + offs_dv[None, :], mask=qmask[:, None] & dvmask[None, :], other=0.0
                 )
                 lse2 = tl.load(lse_ptr + xq, mask=qmask, other=0.0).to(ACC) * tl.full([], LOG2E, ACC)
                 delta = tl.load(delta_ptr + xq, mask=qmask, other=0.0).to(ACC)
                 dq_acc = tl.zeros([BLOCK_Q, BLOCK_DK], ACC)
+                dq2_acc = tl.zeros([BLOCK_Q, BLOCK_D2], ACC)
                 for t0 in tl.range(lo, hi, BLOCK_L, num_stages=STAGES):
                     pos = t0 + offs_l
                     row = start + pos
+                    slot = row  # the logical row (a selection's slot when INDEXED)
                     inside = pos < hi  # rows this item writes (masked-out rows get zero gradients)
                     if INDEXED:  # a slot of a selection: its behavior's row, or -1 for an empty slot
                         row = tl.load(index_ptr + row, mask=inside, other=-1)
@@ -242,6 +291,14 @@ def _ta_bwd_kernel(
                         other=0.0,
                     )
                     s = mm(q, tl.trans(kt), USE_DOT, DOT, ACC, TF32) * coef
+                    if HAS_SIDE:
+                        sid = tl.load(side_ids_ptr + row, mask=valid, other=0).to(tl.int64)
+                        st = tl.load(
+                            side_ptr + sid[:, None] * D2 + offs_d2[None, :],
+                            mask=valid[:, None] & d2mask[None, :],
+                            other=0.0,
+                        )
+                        s += mm(q2, tl.trans(st), USE_DOT, DOT, ACC, TF32) * coef
                     if HAS_BIAS:
                         if BIAS_PER_QUERY:
                             bt = tl.load(
@@ -256,6 +313,8 @@ def _ta_bwd_kernel(
                     live = qmask[:, None] & valid[None, :]
                     p = tl.where(live, tl.exp2(s - lse2[:, None]), 0.0)
                     dp = mm(do, tl.trans(vt), USE_DOT, DOT, ACC, TF32)
+                    if HAS_SIDE:
+                        dp += mm(do2, tl.trans(st), USE_DOT, DOT, ACC, TF32)
                     ds = p * (dp - delta[:, None])  # dLoss / d(logit)
                     dz = ds * inv_tau  # dLoss / d(scale * q.k + bias)
                     dv_t = mm(tl.trans(p), do, USE_DOT, DOT, ACC, TF32)
@@ -271,6 +330,15 @@ def _ta_bwd_kernel(
                         mask=inside[:, None] & dkmask[None, :],
                     )
                     dq_acc += mm(dz, kt, USE_DOT, DOT, ACC, TF32)
+                    if HAS_SIDE:
+                        dst = mm(tl.trans(p), do2, USE_DOT, DOT, ACC, TF32)
+                        dst += mm(tl.trans(dz), q2, USE_DOT, DOT, ACC, TF32) * (tl.zeros([], ACC) + scale)
+                        tl.store(
+                            dside_ptr + (slot[:, None] * H + h) * D2 + offs_d2[None, :],
+                            dst,
+                            mask=inside[:, None] & d2mask[None, :],
+                        )
+                        dq2_acc += mm(dz, st, USE_DOT, DOT, ACC, TF32)
                     if HAS_BIAS:
                         if BIAS_PER_QUERY:
                             tl.store(
@@ -282,9 +350,14 @@ def _ta_bwd_kernel(
                             tl.store(dbias_ptr + h * N + row, tl.sum(dz, axis=0), mask=inside)
                     if HAS_TAU:
                         dtau_acc += tl.sum(ds * s, axis=1)  # s is the base-2 logit
-                dq_offs = ((item * Q + offs_q[:, None]) * H + h) * DK + offs_dk[None, :]
+                dq_offs = ((item * Q + offs_q[:, None]) * H + h) * (DK + D2)
                 dq_val = dq_acc * (tl.zeros([], ACC) + scale)
-                tl.store(dq_part_ptr + dq_offs, dq_val, mask=qmask[:, None] & dkmask[None, :])
+                tl.store(dq_part_ptr + dq_offs + offs_dk[None, :], dq_val, mask=qmask[:, None] & dkmask[None, :])
+                if HAS_SIDE:
+                    dq2_val = dq2_acc * (tl.zeros([], ACC) + scale)
+                    tl.store(
+                        dq_part_ptr + dq_offs + DK + offs_d2[None, :], dq2_val, mask=qmask[:, None] & d2mask[None, :]
+                    )
             if HAS_TAU:
                 # d logit / d tau = -logit / tau; the natural logit is the base-2 one times ln(2).
                 tl.store(dtau_part_ptr + item, -tl.sum(dtau_acc, axis=0) * tl.full([], LN2, ACC) * inv_tau)

@@ -29,6 +29,8 @@ Limits (else the dispatcher uses the reference): Dk, Dv <= 256, Q <= 64.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -47,10 +49,10 @@ def _mask_bytes(mask: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask is not None else dummy
 
 
-def _meta(query: torch.Tensor, values_dim: int) -> dict:
+def _meta(query: torch.Tensor, dk: int, values_dim: int, side_dim: int) -> dict:
     """The constexpr launch arguments of a call (tiles, warps and stages come from `_tune`)."""
     cfg = get_config()
-    _, n_query, _, dk = query.shape
+    n_query = query.shape[1]
     use_dot = cfg.use_dot if cfg.use_dot is not None else n_query >= 2
     min_dim = 16 if use_dot else 1  # tl.dot tiles are at least 16 wide
     return {
@@ -61,10 +63,13 @@ def _meta(query: torch.Tensor, values_dim: int) -> dict:
         "BLOCK_Q": max(next_pow2(n_query), min_dim),
         "BLOCK_DK": max(next_pow2(dk), min_dim),
         "BLOCK_DV": max(next_pow2(values_dim), min_dim),
+        "HAS_SIDE": side_dim > 0,
+        "BLOCK_D2": max(next_pow2(side_dim), min_dim) if side_dim else 1,
     }
 
 
-_KEY = ["USE_DOT", "BLOCK_Q", "BLOCK_DK", "BLOCK_DV", "HAS_BIAS", "BIAS_PER_QUERY", "HAS_TAU", "HAS_MASK", "INDEXED"]
+_KEY = ["USE_DOT", "BLOCK_Q", "BLOCK_DK", "BLOCK_DV", "BLOCK_D2", "HAS_BIAS", "BIAS_PER_QUERY", "HAS_TAU", "HAS_MASK"]
+_KEY += ["INDEXED", "HAS_SIDE"]
 
 
 def _fits(config: triton.Config, meta: dict, backward: bool) -> bool:
@@ -72,7 +77,7 @@ def _fits(config: triton.Config, meta: dict, backward: bool) -> bool:
     thread): the broadcast path materializes ``[BLOCK_Q, BLOCK_D, BLOCK_L]`` products, the dot path ``[BLOCK_L, D]``
     key and value tiles plus the ``[BLOCK_Q, BLOCK_L]`` scores; the backward holds about twice as much."""
     block_l = config.kwargs["BLOCK_L"]
-    width = max(meta["BLOCK_DK"], meta["BLOCK_DV"])
+    width = max(meta["BLOCK_DK"], meta["BLOCK_DV"]) + (meta["BLOCK_D2"] if meta["HAS_SIDE"] else 0)
     budget = 16384 * config.num_warps // (8 if backward else 4)
     if meta["USE_DOT"]:
         return 32 <= block_l <= 128 and block_l * (width + meta["BLOCK_Q"]) <= 2 * budget
@@ -106,6 +111,15 @@ def _plan(offsets: torch.Tensor, rows: int, max_len: int, plan: WorkPlan | None)
     return plan if plan is not None else plan_work(offsets, rows, max_len)
 
 
+class Side(NamedTuple):
+    """Extra key and value columns of every behavior from a small table: behavior ``i`` attends with keys
+    ``[keys[i]; table[ids[i]]]`` and values ``[values[i]; table[ids[i]]]`` (shared by the heads), the query's last
+    ``D2`` columns meeting the table's; e.g. SIM's time-gap embedding ``e(Δt_i)`` by the behavior's gap bucket."""
+
+    ids: torch.Tensor  # [N] int64 row of the table for every behavior (physical rows)
+    table: torch.Tensor  # [n, D2], the query's dtype
+
+
 def target_attention_fwd_triton(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -118,6 +132,7 @@ def target_attention_fwd_triton(
     max_len: int,
     plan: WorkPlan | None = None,
     index: torch.Tensor | None = None,
+    side: Side | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, WorkPlan | None]:
     """``(out [B, Q, H, Dv], lse [B, Q, H], the work plan)`` in the accumulation dtype (the backward's
     ``sum(dO * O)`` needs the output before rounding to 16 bits); lse = -inf for an empty sample.
@@ -125,15 +140,17 @@ def target_attention_fwd_triton(
     ``index`` (``[B * K]`` int64, -1 = empty slot): attend over a selection, ``offsets = arange(B + 1) * K`` and
     slot ``j`` of sample ``b`` reading the keys, values, bias and mask at row ``index[b * K + j]``. Shapes are
     validated by the dispatchers. The plan (None when nothing was launched) is passed back to the backward, which
-    cuts the work the same way."""
-    batch, n_query, n_head, dk = query.shape
+    cuts the work the same way. ``side``: extra columns (`Side`); ``out`` then has ``Dv + D2`` columns."""
+    batch, n_query, n_head, _ = query.shape
+    d2 = side.table.shape[1] if side is not None else 0
+    dk = keys.shape[-1]
     dv = values.shape[-1]
     device = query.device
     acc_torch = torch.float64 if query.dtype == torch.float64 else torch.float32
     rows = index.numel() if index is not None else keys.shape[0]
     if batch == 0 or n_query == 0 or n_head == 0 or rows == 0:
         return (
-            torch.zeros(batch, n_query, n_head, dv, dtype=acc_torch, device=device),
+            torch.zeros(batch, n_query, n_head, dv + d2, dtype=acc_torch, device=device),
             torch.full((batch, n_query, n_head), float("-inf"), dtype=acc_torch, device=device),
             None,
         )
@@ -141,6 +158,7 @@ def target_attention_fwd_triton(
     plan = _plan(offsets, rows, max_len, plan)
     x_dim = n_query * n_head
     part_acc = torch.empty(plan.bound, x_dim, dv, dtype=acc_torch, device=device)
+    part_side = torch.empty(plan.bound, x_dim, d2, dtype=acc_torch, device=device) if side is not None else None
     part_m = torch.empty(plan.bound, x_dim, dtype=acc_torch, device=device)
     part_l = torch.empty(plan.bound, x_dim, dtype=acc_torch, device=device)
     dummy = offsets
@@ -153,14 +171,18 @@ def target_attention_fwd_triton(
         _mask_bytes(mask, dummy),
         offsets,
         index if index is not None else dummy,
+        side.ids if side is not None else dummy,
+        side.table if side is not None else dummy,
         plan.items,
         part_acc,
+        part_side if part_side is not None else dummy,
         part_m,
         part_l,
         n_query,
         n_head,
         dk,
         dv,
+        d2,
         plan.bound,
         plan.programs,
         plan.chunk,
@@ -175,11 +197,13 @@ def target_attention_fwd_triton(
         HAS_TAU=temperature is not None,
         HAS_MASK=mask is not None,
         INDEXED=index is not None,
-        **_meta(query, dv),
+        **_meta(query, dk, dv, d2),
     )
     out, lse = combine_items(plan, part_acc, part_m, part_l, acc_torch)
     assert lse is not None
-    return out.view(batch, n_query, n_head, dv), lse.view(batch, n_query, n_head), plan
+    if part_side is not None:
+        out = torch.cat([out, combine_items(plan, part_side, part_m, part_l, acc_torch)[0]], dim=-1)
+    return out.view(batch, n_query, n_head, dv + d2), lse.view(batch, n_query, n_head), plan
 
 
 def target_attention_bwd_triton(
@@ -197,10 +221,15 @@ def target_attention_bwd_triton(
     lse: torch.Tensor,
     plan: WorkPlan | None = None,
     index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients ``(dQuery, dKeys, dValues, dBias, dTemperature)`` in the inputs' dtypes (``index``: as in the
-    forward; the rows no slot selects get zero gradients)."""
-    batch, n_query, n_head, dk = query.shape
+    side: Side | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients ``(dQuery, dKeys, dValues, dBias, dTemperature, dSide)`` in the inputs' dtypes (``index``,
+    ``side``: as in the forward; the rows no slot selects get zero gradients). ``dSide`` (None without ``side``) is
+    per logical row, ``[rows, D2]`` in the accumulation dtype: the gradient of that row's side-table row (the
+    caller adds them up by table row)."""
+    batch, n_query, n_head, _ = query.shape
+    dk = keys.shape[-1]
+    d2 = side.table.shape[1] if side is not None else 0
     total = keys.shape[0]
     dv = values.shape[-1]
     device = query.device
@@ -215,15 +244,17 @@ def target_attention_bwd_triton(
     if bias is not None:
         shape = (n_head, total) if bias.dim() == 1 else (n_head, total, n_query)
         dbias_heads = new(shape, dtype=acc_torch, device=device)
+    dside_heads = torch.zeros(rows, n_head, d2, dtype=acc_torch, device=device) if side is not None else None
     if not launch:
         dquery = torch.zeros_like(query)
         dtau = torch.zeros_like(temperature) if temperature is not None else None
     else:
         ensure_launchable(_ta_bwd_kernel, device)
         plan = _plan(offsets, rows, max_len, plan)
-        grad_out = grad_out.contiguous()
         delta = (grad_out.to(acc_torch) * out.to(acc_torch)).sum(-1).contiguous()  # [B, Q, H]
-        dq_part = torch.empty(plan.bound, n_query, n_head, dk, dtype=acc_torch, device=device)
+        grad_side = grad_out[..., dv:].contiguous() if side is not None else None
+        grad_out = grad_out[..., :dv].contiguous()
+        dq_part = torch.empty(plan.bound, n_query, n_head, dk + d2, dtype=acc_torch, device=device)
         dtau_part = torch.empty(plan.bound, 1, dtype=acc_torch, device=device) if temperature is not None else None
         dummy = offsets
         _BWD[(plan.programs,)](
@@ -235,19 +266,24 @@ def target_attention_bwd_triton(
             _mask_bytes(mask, dummy),
             offsets,
             index if index is not None else dummy,
+            side.ids if side is not None else dummy,
+            side.table if side is not None else dummy,
             plan.items,
             grad_out,
+            grad_side if grad_side is not None else dummy,
             lse.contiguous(),
             delta,
             dq_part,
             dkeys,
             dvalues,
+            dside_heads if dside_heads is not None else dummy,
             dbias_heads if dbias_heads is not None else dummy,
             dtau_part if dtau_part is not None else dummy,
             n_query,
             n_head,
             dk,
             dv,
+            d2,
             total,
             plan.bound,
             plan.programs,
@@ -263,9 +299,10 @@ def target_attention_bwd_triton(
             HAS_TAU=temperature is not None,
             HAS_MASK=mask is not None,
             INDEXED=index is not None,
-            **_meta(query, dv),
+            **_meta(query, dk, dv, d2),
         )
         dquery = sum_items(plan, dq_part, query.dtype)
         dtau = sum_items(plan, dtau_part, temperature.dtype).view(batch) if dtau_part is not None else None
     dbias = dbias_heads.sum(0).to(bias.dtype) if dbias_heads is not None and bias is not None else None
-    return dquery, dkeys, dvalues, dbias, dtau
+    dside = dside_heads.sum(1) if dside_heads is not None else None
+    return dquery, dkeys, dvalues, dbias, dtau, dside

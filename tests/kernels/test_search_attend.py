@@ -102,3 +102,31 @@ def test_two_dim_keys_and_no_candidates():
         inp["offsets"], 4, inp["query"][:, :, 0], inp["keys"][:, 0], inp["values"][:, 0], backend="triton", **search
     )
     assert res.out.shape == (2, 1, 4) and (res.out == 0).all() and (res.positions == -1).all()
+
+
+@requires_triton
+@pytest.mark.parametrize(("n_query", "n_head"), [(1, 1), (2, 2)])
+def test_side_table_columns(n_query, n_head):
+    """Keys and values extended by a side table read per behavior (SIM's time-gap embedding): Triton against the
+    reference, forward and every gradient, the table's included."""
+    inp, search = make([40, 0, 3, 17, 1], n_query, n_head, "dot", seed=11)
+    gen = torch.Generator().manual_seed(5)
+    total = inp["keys"].shape[0]
+    side_ids = torch.randint(0, 6, (total,), generator=gen)
+    table = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(5, n_query, n_head, 8 + 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    results = []
+    for backend in ("reference", "triton"):
+        leaves = [query, inp["keys"], inp["values"], table]
+        for t in leaves:
+            t.grad = None
+        res = search_attend(
+            inp["offsets"], 7, query, inp["keys"], inp["values"], side_ids=side_ids, side_table=table,
+            backend=backend, **search,
+        )  # fmt: skip
+        assert res.out.shape == (5, n_query, n_head, 4 + 3)
+        res.out.backward(torch.linspace(-1, 1, res.out.numel(), dtype=res.out.dtype).reshape(res.out.shape))
+        results.append([res.out.detach()] + [t.grad.clone() for t in leaves])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    assert results[1][4].abs().sum() > 0  # the table does get a gradient
