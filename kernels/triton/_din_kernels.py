@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ._common import LOG2E, mm
 from ._din_tile import _act_bwd, _din_params, _din_tile, _din_weights
+from .schedule import item_span
 
 
 @triton.jit
@@ -63,11 +64,8 @@ def _din_fwd_kernel(
 ):
     pid = tl.program_id(0)
     for item in range(pid, n_items, n_programs):
-        b = tl.load(items_ptr + 2 * item).to(tl.int64)
+        b, start, lo, hi = item_span(items_ptr, offsets_ptr, item, chunk)
         if b >= 0:
-            start = tl.load(offsets_ptr + b)
-            lo = tl.load(items_ptr + 2 * item + 1).to(tl.int64) * chunk
-            hi = tl.minimum(lo + chunk, tl.load(offsets_ptr + b + 1) - start)
             offs_l = tl.arange(0, BLOCK_L)
             offs_dv = tl.arange(0, BLOCK_DV)
             dvmask = offs_dv < DV
@@ -174,11 +172,8 @@ def _din_bwd_kernel(
 ):
     pid = tl.program_id(0)
     for item in range(pid, n_items, n_programs):
-        b = tl.load(items_ptr + 2 * item).to(tl.int64)
+        b, start, lo, hi = item_span(items_ptr, offsets_ptr, item, chunk)
         if b >= 0:
-            start = tl.load(offsets_ptr + b)
-            lo = tl.load(items_ptr + 2 * item + 1).to(tl.int64) * chunk
-            hi = tl.minimum(lo + chunk, tl.load(offsets_ptr + b + 1) - start)
             offs_l = tl.arange(0, BLOCK_L)
             offs_d = tl.arange(0, BLOCK_D)
             offs_dv = tl.arange(0, BLOCK_DV)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import LN2, LOG2E, mm
+from .schedule import item_span
 
 
 @triton.jit
@@ -77,11 +78,8 @@ def _ta_fwd_kernel(
     offs_d2 = tl.arange(0, BLOCK_D2)
     d2mask = offs_d2 < D2
     for item in range(pid, n_items, n_programs):
-        b = tl.load(items_ptr + 2 * item).to(tl.int64)
+        b, start, lo, hi = item_span(items_ptr, offsets_ptr, item, chunk)
         if b >= 0:
-            start = tl.load(offsets_ptr + b)
-            lo = tl.load(items_ptr + 2 * item + 1).to(tl.int64) * chunk
-            hi = tl.minimum(lo + chunk, tl.load(offsets_ptr + b + 1) - start)
             q = tl.load(
                 q_ptr + b * stride_qb + offs_q[:, None] * stride_qq + h * stride_qh + offs_dk[None, :],
                 mask=qmask[:, None] & dkmask[None, :],
@@ -233,11 +231,8 @@ def _ta_bwd_kernel(
     offs_d2 = tl.arange(0, BLOCK_D2)
     d2mask = offs_d2 < D2
     for item in range(pid, n_items, n_programs):
-        b = tl.load(items_ptr + 2 * item).to(tl.int64)
+        b, start, lo, hi = item_span(items_ptr, offsets_ptr, item, chunk)
         if b >= 0:
-            start = tl.load(offsets_ptr + b)
-            lo = tl.load(items_ptr + 2 * item + 1).to(tl.int64) * chunk
-            hi = tl.minimum(lo + chunk, tl.load(offsets_ptr + b + 1) - start)
             coef = tl.zeros([], ACC) + scale * LOG2E
             bias_coef = tl.full([], LOG2E, ACC)
             inv_tau = tl.full([], 1.0, ACC)

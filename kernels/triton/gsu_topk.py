@@ -40,7 +40,7 @@ from ._common import (
 )
 from ._tune import Tuned, configs
 from .config import next_pow2
-from .schedule import plan_work
+from .schedule import item_span, plan_work
 
 MAX_K = 256
 _MODES = {"cosine": 0, "dot": 1, "category": 2}
@@ -105,11 +105,8 @@ def _gsu_items_kernel(
     WIDE: tl.constexpr = BLOCK_L if BLOCK_L < K_PAD else K_PAD
     SMALL: tl.constexpr = WIDE if WIDE < 16 else 16
     for item in range(pid, n_items, n_programs):
-        b = tl.load(items_ptr + 2 * item).to(tl.int64)
+        b, start, lo, hi = item_span(items_ptr, offsets_ptr, item, chunk)
         if b >= 0:
-            start = tl.load(offsets_ptr + b)
-            lo = tl.load(items_ptr + 2 * item + 1).to(tl.int64) * chunk
-            hi = tl.minimum(lo + chunk, tl.load(offsets_ptr + b + 1) - start)
             n_tiles = tl.cdiv(hi - lo, BLOCK_L)
             q_inv = tl.full([], 1.0, ACC)
             if MODE == 0:

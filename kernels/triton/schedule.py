@@ -97,6 +97,18 @@ def plan_work(offsets: torch.Tensor, total: int, max_len: int, align: int | None
 
 
 @triton.jit
+def item_span(items_ptr, offsets_ptr, item, chunk):
+    """Work item ``item``: ``(b, start, lo, hi)``, its sample (int64; -1 for an empty slot, whose other values are
+    then meaningless), the sample's first row and the item's rows ``[lo, hi)`` within the sample."""
+    b = tl.load(items_ptr + 2 * item).to(tl.int64)
+    safe = tl.maximum(b, 0)  # an empty slot reads sample 0's offsets (in bounds) and is skipped by the caller
+    start = tl.load(offsets_ptr + safe)
+    lo = tl.load(items_ptr + 2 * item + 1).to(tl.int64) * chunk
+    hi = tl.minimum(lo + chunk, tl.load(offsets_ptr + safe + 1) - start)
+    return b, start, lo, hi
+
+
+@triton.jit
 def _combine_items_kernel(
     part_acc_ptr,  # [bound, X, DV]: per-item weighted sums, normalized by exp2(m) when NORMALIZE
     part_m_ptr,  # [bound, X]: per-item running max of the base-2 logits
