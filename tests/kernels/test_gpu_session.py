@@ -48,6 +48,7 @@ def test_quick_selection_covers_every_op_and_the_rest_runs_after():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without CUDA")
 def test_dry_run_without_cuda(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "STAGE_A_S": "60", "STAGE_B_S": "60", "STAGE_C_S": "60"}
+    env["PYTHON"] = sys.executable  # CI runs the suite from a venv that is not on PATH
     env.pop("KERNELS_CUDA_TESTS_ON_CPU", None)
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stdout + proc.stderr  # the benchmark refuses to run without CUDA
