@@ -12,7 +12,7 @@
 # Stages, each under its own time limit (seconds, overridable by environment; $PYTHON: the interpreter, default
 # `python`), logs and results under $OUT:
 #   A  the quick CUDA tests (QUICK_TESTS): autotuned launches, CUDA-graph capture, D = 64 at every Q, K = 64 GSU,
-#      DIN D = 64 -- a compile error, a wrong result or a register spill shows here first;
+#      DIN D = 64, search_attend D = 64 -- a compile error, a wrong result or a register spill shows here first;
 #   B  the benchmark (`benchmarks/kernels.py --max-seconds`): the goal shapes first, the JSON written after every case;
 #   C  the rest of tests/kernels/test_cuda.py, until its time runs out (junit XML says which ran).
 # A stage that fails or runs out of time does not stop the next one; the script exits with the first failure.
@@ -24,6 +24,7 @@ STAGE_B_S=${STAGE_B_S:-300}
 STAGE_C_S=${STAGE_C_S:-110}
 PY=${PYTHON:-python}  # the interpreter with torch and triton
 QUICK_TESTS="autotuned or graph or (one_head and 64-) or (gsu_topk and 64-64) or (din_attention and 64-True)"
+QUICK_TESTS="$QUICK_TESTS or (search_attend and 64-64)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {

@@ -151,3 +151,39 @@ def check_din_attention(
         results.append([out.detach()] + [t.grad.detach().clone() for t in leaves])
     for i, (got, want) in enumerate(zip(results[1], results[0], strict=True)):
         assert_near(got, want, dtype, f"din_attention D={dim} softmax={softmax} {activation} tensor {i}")
+
+
+def check_search_attend(
+    device: torch.device, dtype: torch.dtype, dim: int, k: int, n_query: int, longest: int, seed: int = 0
+) -> None:
+    """The fused GSU -> ESU: top-K by category match (exact scores, recency order: both backends select the same
+    behaviors; the dot-product search is `check_gsu_topk`'s), then attention over the K selected with a time-gap
+    side table (32 rows x 16, as SIM's ESU); forward and every gradient, the table's included."""
+    from kernels import search_attend
+
+    lengths = batch_lengths(longest)
+    gen = torch.Generator().manual_seed(seed)
+    batch, total = len(lengths), sum(lengths)
+    offsets = offsets_of(lengths, device)
+    keys = torch.randn(total, dim, generator=gen).to(device, dtype).requires_grad_()
+    table = torch.randn(32, 16, generator=gen).to(device, dtype).requires_grad_()
+    query = torch.randn(batch, n_query, dim + 16, generator=gen).to(device, dtype).requires_grad_()
+    search = {
+        "mode": "category",
+        "target_category": torch.randint(0, 20, (batch,), generator=gen).to(device),
+        "behavior_category": torch.randint(0, 20, (total,), generator=gen).to(device),
+        "side_ids": torch.randint(1, 32, (total,), generator=gen).to(device),
+        "side_table": table,
+    }
+    results = []
+    for backend in ("reference", "triton"):
+        for t in (query, keys, table):
+            t.grad = None
+        max_len = longest if backend == "triton" else None
+        res = search_attend(offsets, k, query, keys, max_len=max_len, backend=backend, **search)
+        res.out.backward(_grad_seed(res.out))
+        results.append([res.positions, res.out.detach()] + [t.grad.detach().clone() for t in (query, keys, table)])
+    what = f"search_attend D={dim} K={k} Q={n_query} {dtype}"
+    assert torch.equal(results[1][0], results[0][0]), f"{what}: a different selection"
+    for name, got, want in zip(["out", "dquery", "dkeys", "dtable"], results[1][1:], results[0][1:], strict=True):
+        assert_near(got, want, dtype, f"{what} {name}")

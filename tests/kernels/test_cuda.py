@@ -16,7 +16,13 @@ import os
 
 import pytest
 import torch
-from kernel_cases import check_din_attention, check_gsu_topk, check_target_attention, offsets_of
+from kernel_cases import (
+    check_din_attention,
+    check_gsu_topk,
+    check_search_attend,
+    check_target_attention,
+    offsets_of,
+)
 
 from kernels._backend import triton_available
 from kernels.triton import config
@@ -46,6 +52,7 @@ def no_spills():
     if DEVICE.type != "cuda":
         return
     import kernels.triton._din_kernels as din_kernels
+    import kernels.triton._ta_kernels as ta_kernels
     import kernels.triton.gsu_topk as gsu
     import kernels.triton.schedule as schedule
     import kernels.triton.target_attention as ta
@@ -53,7 +60,7 @@ def no_spills():
 
     spilled = [
         f"{s['name']} {s['constexprs']} warps={s['num_warps']} stages={s['num_stages']}: {s['n_spills']} spills"
-        for module in (ta, gsu, din_kernels, schedule)
+        for module in (ta, ta_kernels, gsu, din_kernels, schedule)
         for kernel in module_kernels(module).values()
         for s in compiled_stats(kernel)
         if s["n_spills"]
@@ -99,6 +106,13 @@ def test_gsu_topk_category(k):
 @pytest.mark.parametrize("dim", [32, 64, 128])
 def test_din_attention(dim, softmax, activation, dtype):
     check_din_attention(DEVICE, dtype, dim, softmax, activation, LONGEST // 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("k", [64, 256])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_search_attend(dim, k, dtype):
+    check_search_attend(DEVICE, dtype, dim, k, 2, LONGEST)
 
 
 def test_autotuned_launch_matches_the_reference():

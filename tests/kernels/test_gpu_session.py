@@ -18,9 +18,10 @@ SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 
 
 def quick_tests() -> str:
-    match = re.search(r'^QUICK_TESTS="([^"]+)"$', SCRIPT.read_text(), re.M)
-    assert match, "QUICK_TESTS not found"
-    return match.group(1)
+    """The script's QUICK_TESTS, its continuation lines (``QUICK_TESTS="$QUICK_TESTS or ..."``) appended."""
+    parts = re.findall(r'^QUICK_TESTS="([^"]+)"$', SCRIPT.read_text(), re.M)
+    assert parts, "QUICK_TESTS not found"
+    return " ".join(p.replace("$QUICK_TESTS", "").strip() for p in parts)
 
 
 def collected(expr: str) -> list[str]:
@@ -41,7 +42,7 @@ def test_quick_selection_covers_every_op_and_the_rest_runs_after():
     rest = collected(f"not ({quick_tests()})")
     names = {line.split("::")[1].split("[")[0] for line in quick}
     assert {"test_autotuned_launch_matches_the_reference", "test_cuda_graph_capture_and_replay"} <= names
-    assert {"test_target_attention_one_head", "test_gsu_topk", "test_din_attention"} <= names
+    assert {"test_target_attention_one_head", "test_gsu_topk", "test_din_attention", "test_search_attend"} <= names
     assert 10 <= len(quick) <= 40 and not set(quick) & set(rest) and len(rest) > len(quick)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import check_din_attention, check_gsu_topk, check_target_attention
+from kernel_cases import check_din_attention, check_gsu_topk, check_search_attend, check_target_attention
 
 from kernels._backend import triton_available
 from kernels.triton import config
@@ -57,3 +57,7 @@ def test_gsu_topk(mode, dim, k, dtype):
 )
 def test_din_attention(dim, softmax, activation, dtype):
     check_din_attention(CPU, dtype, dim, softmax, activation, LONGEST)
+
+
+def test_search_attend():
+    check_search_attend(CPU, torch.float32, 64, 50, 2, LONGEST)
