@@ -24,6 +24,11 @@ Tiles, warps and stages are autotuned per (query, head-dim buckets, mode, dtype)
 An optional bool behavior mask (read as its uint8 bytes) drops behaviors: they take no weight in the forward (a tile
 or sample with no live key keeps the running max at -inf and contributes nothing) and get zero gradients.
 
+Two extensions serve `kernels.search_attend`: ``index`` (INDEXED) attends over a selection, slot ``j`` of sample
+``b`` reading row ``index[b * K + j]`` of the keys, values, bias and mask in place (-1: an empty slot); ``side``
+(HAS_SIDE) extends every behavior's key and value by a row of a small table picked by the behavior's side id (the
+query's last ``D2`` columns meet it), whose per-slot gradients the backward writes for the caller to add up.
+
 Limits (else the dispatcher uses the reference): Dk, Dv <= 256, Q <= 64.
 """
 
