@@ -189,3 +189,12 @@ def max_abs_diff(got: Any, want: Any) -> dict[str, float]:
         if g.numel():
             worst = max(worst, float((g.detach().float() - w.detach().float()).abs().max()))
     return {"max_abs_diff": worst}
+
+
+# The variants of an op with a forward and an optional backward pass (target_attention, din_attention).
+PASS_VARIANTS = {"forward": "forward", "backward": "forward + backward"}
+
+
+def pass_variants(shape: Shape) -> list[str]:
+    """The variant names of a shape's cases, in order (one per pass it runs)."""
+    return [PASS_VARIANTS[p] for p in shape.passes]

@@ -17,6 +17,7 @@ from .common import (
     DIN_HIDDEN,
     F32,
     I64,
+    PASS_VARIANTS,
     Case,
     Config,
     Inputs,
@@ -26,15 +27,12 @@ from .common import (
     max_abs_diff,
     no_grad,
     offsets_of,
+    pass_variants,
     shape_lengths,
 )
 
-VARIANTS = {"forward": "forward", "backward": "forward + backward"}
-
-
-def variants(shape: Shape) -> list[str]:
-    """The variant names of a shape's cases, in order."""
-    return [VARIANTS[p] for p in shape.passes]
+VARIANTS = PASS_VARIANTS
+variants = pass_variants
 
 
 def input_bytes(shape: Shape, n: int) -> int:
