@@ -5,7 +5,8 @@
 ``num_warps`` and ``num_stages``), keyed on ``key``: the kernel's power-of-two size buckets (``BLOCK_Q``,
 ``BLOCK_DK``, ...) and mode flags; Triton adds every tensor argument's dtype to the key. ``allowed(config, meta)``
 drops the configs that do not fit a call (e.g. register-hungry tiles for wide heads); ``default(meta)`` is the
-shipped config of a call, ``(BLOCK_L, num_warps, num_stages)``. Both read only the launch's keyword arguments.
+preferred config of a call, ``(BLOCK_L, num_warps, num_stages)``, replaced by the nearest allowed one where it does
+not fit (`Tuned.shipped`). Both read only the launch's keyword arguments.
 
 Launch with ``tuned[grid](*args, **meta)``. On a GPU with no test override the autotuner benchmarks the allowed
 configs once per key and caches the winner. Under the interpreter (nothing to time), with a tile, warp or stage
@@ -56,10 +57,29 @@ class Tuned:
 
         self.tuner = triton.autotune(candidates, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
-    def fixed(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """The launch parameters of the one-config path: the shipped default with the overrides applied."""
-        cfg = get_config()
+    def shipped(self, meta: dict[str, Any]) -> tuple[int, int, int]:
+        """The shipped config of a call, ``(BLOCK_L, num_warps, num_stages)``: ``default(meta)`` when ``allowed``
+        keeps it, else the allowed candidate nearest to it (the largest tile not above the default's, the same
+        warps and stages where possible); the default itself when no candidate fits."""
         block_l, warps, stages = self.default(meta)
+        want = triton.Config({"BLOCK_L": block_l, "STAGES": stages}, num_warps=warps, num_stages=stages)
+        if self.allowed(want, meta):
+            return block_l, warps, stages
+        fits = [c for c in self.candidates if self.allowed(c, meta)]
+        if not fits:
+            return block_l, warps, stages
+        best = min(
+            fits,
+            key=lambda c: (
+                c.kwargs["BLOCK_L"] > block_l, c.num_warps != warps, -c.kwargs["BLOCK_L"], abs(c.num_stages - stages)
+            ),
+        )  # fmt: skip
+        return best.kwargs["BLOCK_L"], best.num_warps, best.num_stages
+
+    def fixed(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The launch parameters of the one-config path: the shipped config with the overrides applied."""
+        cfg = get_config()
+        block_l, warps, stages = self.shipped(meta)
         return {
             "BLOCK_L": cfg.block_l or block_l,
             "STAGES": cfg.num_stages or stages,
