@@ -56,18 +56,18 @@ def device_sms(device: torch.device) -> int:
     return INTERPRETER_SMS
 
 
-def plan_work(offsets: torch.Tensor, total: int, max_len: int, align: int | None = None) -> WorkPlan:
+def plan_work(offsets: torch.Tensor, total: int, max_len: int) -> WorkPlan:
     """Cut the batch ``offsets`` (``[B + 1]``, ``total`` rows, longest ``max_len``) into work items.
 
-    ``align``: chunks are a multiple of it (default `CHUNK_ALIGN`, or the configured ``block_l`` in tests).
-    Test overrides (`kernels.triton.config`): ``chunk_l`` (rows per item), ``programs`` (grid size).
+    Chunks are a multiple of `CHUNK_ALIGN` (of the configured ``block_l`` in tests). Test overrides
+    (`kernels.triton.config`): ``chunk_l`` (rows per item), ``programs`` (grid size).
     """
     cfg = get_config()
     batch = offsets.numel() - 1
     if batch < 1:
         raise ValueError("plan_work needs at least one sample")
     device = offsets.device
-    align = align or cfg.block_l or CHUNK_ALIGN
+    align = cfg.block_l or CHUNK_ALIGN
     target_programs = PROGRAMS_PER_SM * device_sms(device)
     if cfg.chunk_l is not None:
         if cfg.chunk_l % align:

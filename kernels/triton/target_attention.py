@@ -45,9 +45,6 @@ from ._tune import Tuned, configs
 from .config import get_config, next_pow2
 from .schedule import WorkPlan, combine_items, plan_work, sum_items
 
-MAX_HEAD_DIM = 256
-MAX_QUERIES = 64
-
 
 def _mask_bytes(mask: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     """A bool mask as uint8 (the same bytes; no copy)."""

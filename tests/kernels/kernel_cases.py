@@ -13,6 +13,8 @@ in between, so that a sample spans many work items while others have none.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kernels import din_attention, gsu_topk, target_attention
@@ -44,6 +46,19 @@ def _grad_seed(out: torch.Tensor) -> torch.Tensor:
     return torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape).to(out.dtype)
 
 
+def both_backends(call: Callable[[str], torch.Tensor], leaves: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``[reference, triton]``: each backend's output (``call(backend)``, then backward from a fixed seed) followed
+    by the gradients of ``leaves``."""
+    results = []
+    for backend in ("reference", "triton"):
+        for t in leaves:
+            t.grad = None
+        out = call(backend)
+        out.backward(_grad_seed(out))
+        results.append([out.detach()] + [t.grad.detach().clone() for t in leaves])
+    return results
+
+
 def check_target_attention(
     device: torch.device, dtype: torch.dtype, dim: int, n_query: int, n_head: int, longest: int, seed: int = 0
 ) -> None:
@@ -67,16 +82,13 @@ def check_target_attention(
     mask[masked : masked + lengths[3]] = False  # the 777-long sample, entirely
     mask = mask.to(device)
     leaves = [t.requires_grad_() for t in (query, keys, values, bias, temperature)]
-    results = []
-    for backend in ("reference", "triton"):
-        for t in leaves:
-            t.grad = None
-        out = target_attention(
+    results = both_backends(
+        lambda backend: target_attention(
             query, keys, values, offsets, bias=bias, temperature=temperature, mask=mask, max_len=longest,
             backend=backend,
-        )  # fmt: skip
-        out.backward(_grad_seed(out))
-        results.append([out.detach()] + [t.grad.detach().clone() for t in leaves])
+        ),
+        leaves,
+    )  # fmt: skip
     names = ["out", "dquery", "dkeys", "dvalues", "dbias", "dtemperature"]
     for name, got, want in zip(names, results[1], results[0], strict=True):
         assert_near(got, want, dtype, f"target_attention D={dim} Q={n_query} H={n_head} {name}")
@@ -139,16 +151,13 @@ def check_din_attention(
     leaves = [query, keys, *weights, *biases] + (alphas or [])
     for t in leaves:
         t.requires_grad_()
-    results = []
-    for backend in ("reference", "triton"):
-        for t in leaves:
-            t.grad = None
-        out = din_attention(
+    results = both_backends(
+        lambda backend: din_attention(
             query, keys, offsets, weights, biases, activation=activation, alphas=alphas, softmax=softmax,
             softmax_scale=dim**-0.5, mask=mask, max_len=longest, backend=backend,
-        )  # fmt: skip
-        out.backward(_grad_seed(out))
-        results.append([out.detach()] + [t.grad.detach().clone() for t in leaves])
+        ),
+        leaves,
+    )  # fmt: skip
     for i, (got, want) in enumerate(zip(results[1], results[0], strict=True)):
         assert_near(got, want, dtype, f"din_attention D={dim} softmax={softmax} {activation} tensor {i}")
 
@@ -175,15 +184,16 @@ def check_search_attend(
         "side_ids": torch.randint(1, 32, (total,), generator=gen).to(device),
         "side_table": table,
     }
-    results = []
-    for backend in ("reference", "triton"):
-        for t in (query, keys, table):
-            t.grad = None
+    positions = {}
+
+    def call(backend: str) -> torch.Tensor:
         max_len = longest if backend == "triton" else None
         res = search_attend(offsets, k, query, keys, max_len=max_len, backend=backend, **search)
-        res.out.backward(_grad_seed(res.out))
-        results.append([res.positions, res.out.detach()] + [t.grad.detach().clone() for t in (query, keys, table)])
+        positions[backend] = res.positions
+        return res.out
+
+    results = both_backends(call, [query, keys, table])
     what = f"search_attend D={dim} K={k} Q={n_query} {dtype}"
-    assert torch.equal(results[1][0], results[0][0]), f"{what}: a different selection"
-    for name, got, want in zip(["out", "dquery", "dkeys", "dtable"], results[1][1:], results[0][1:], strict=True):
+    assert torch.equal(positions["triton"], positions["reference"]), f"{what}: a different selection"
+    for name, got, want in zip(["out", "dquery", "dkeys", "dtable"], results[1], results[0], strict=True):
         assert_near(got, want, dtype, f"{what} {name}")
