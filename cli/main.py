@@ -186,11 +186,11 @@ DEMO_SETS = [
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cli.demo_jobs import JobFailed, JobResult, ModelJob, default_jobs, run_inline, run_jobs
+    from cli.demo_jobs import JobFailed, JobResult, ModelJob, default_jobs, run_inline, run_jobs, warm_up
     from ctr.config import resolve_train_config
     from ctr.models import model_names
     from ctr.report.render import render_report
-    from pipelines.build import build_dataset
+    from pipelines.build import build_dataset, ray_session
     from pipelines.cluster import build_clusters
     from pipelines.config import load_build_config
     from pipelines.outdirs import prepare_demo_dir
@@ -203,6 +203,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prepare_demo_dir(out, {"preset": preset, "seed": args.seed, "models": args.models, "quick": args.quick})
     raw, data, runs_dir = out / "raw", out / "data", out / "runs"
     models = args.models.split(",") if args.models else model_names()
+    # the quick world's models train in seconds: one at a time in this process (a process start costs more)
+    parallel, threads = default_jobs(len(models), args.nproc, jobs=args.jobs or (1 if args.quick else None))
+    if parallel > 1:
+        warm_up()  # the job server imports torch and TorchRec while the world is generated and built
     t0 = time.time()
     print(f"[1/5] generating the synthetic world (preset {preset}, seed {args.seed}) into {raw}")
     summary = generate(preset, args.seed, raw)
@@ -211,19 +215,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"oracle AUC {summary['oracle_auc']:.4f}"
     )
     print(f"[2/5] building the dataset into {data}")
-    manifest = build_dataset(raw, data, load_build_config(None, ["output.overwrite=true"]))
-    print_dataset_summary(manifest, data)
-    print(f"      semantic IDs for R2LED: {data / 'items.parquet'}")
-    build_semantic_ids(data, seed=args.seed)
-    if "twin_v2" in models:
-        block = build_clusters(data, block=100 if args.quick else 1000, seed=args.seed)
-        n, covered = block["clusters"], block["behaviors"]
-        print(f"      TWIN-V2 clusters: {n:,} for {covered:,} behaviors ({block['seconds']} s)")
+    build_cfg = load_build_config(None, ["output.overwrite=true"])
+    with ray_session(build_cfg):  # one Ray instance for the build and the clustering
+        manifest = build_dataset(raw, data, build_cfg)
+        print_dataset_summary(manifest, data)
+        print(f"      semantic IDs for R2LED: {data / 'items.parquet'}")
+        build_semantic_ids(data, seed=args.seed)
+        if "twin_v2" in models:
+            block = build_clusters(data, block=100 if args.quick else 1000, seed=args.seed)
+            n, covered = block["clusters"], block["behaviors"]
+            print(f"      TWIN-V2 clusters: {n:,} for {covered:,} behaviors ({block['seconds']} s)")
     sets = (DEMO_QUICK_SETS if args.quick else DEMO_SETS) + [f"train.seed={args.seed}"] + list(args.set or [])
     for name in models:
         resolve_train_config(name, None, sets)  # a bad --set or model name fails here, before any job starts
-    # the quick world's models train in seconds: one at a time in this process (a process start costs more)
-    parallel, threads = default_jobs(len(models), args.nproc, jobs=args.jobs or (1 if args.quick else None))
     jobs = [
         ModelJob(name, str(data), str(runs_dir / name), sets, args.nproc, threads, str(out / "logs" / f"{name}.log"))
         for name in models

@@ -4,6 +4,8 @@ of their own, and a failed job stopping the others with its log's end in the mes
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,40 +46,59 @@ def _job(tmp_path, name: str, data: str) -> ModelJob:
     return ModelJob(name, data, str(tmp_path / "runs" / name), [], 1, 1, str(tmp_path / "logs" / f"{name}.log"))
 
 
-def test_a_failed_job_stops_the_others(tmp_path, monkeypatch):
+def _sleep_or_run(job: ModelJob) -> int:
+    """A job target: "slow" sleeps (to be terminated), the others are the real job."""
+    if job.name == "slow":
+        time.sleep(120)
+        return 0
+    return demo_jobs.run_job(job)
+
+
+def test_a_failed_job_stops_the_others(tmp_path):
     """The failing job's error reaches the message (its log's end); a job still running is terminated at once."""
     slow = _job(tmp_path, "slow", str(tmp_path))
     bad = _job(tmp_path, "din", str(tmp_path / "no-such-dataset"))
-    real_command = demo_jobs.job_command
-
-    def command(job: ModelJob) -> list[str]:
-        if job.name == "slow":
-            return [sys.executable, "-c", "import time; time.sleep(120)"]
-        return real_command(job)
-
-    monkeypatch.setattr(demo_jobs, "job_command", command)
     t0 = time.time()
     with pytest.raises(JobFailed) as err:
-        run_jobs([slow, bad], parallel=2, poll=0.1)
+        run_jobs([slow, bad], parallel=2, poll=0.1, target=_sleep_or_run)
     assert time.time() - t0 < 60  # not the slow job's 120 s: it was terminated
     message = str(err.value)
     assert "din failed (exit status 2)" in message and "no-such-dataset" in message and bad.log in message
 
 
-def test_jobs_start_longest_first(tmp_path, monkeypatch):
-    """The queue starts unknown models, then the demo's longest jobs; results still come back in the given order."""
+def _record_start(job: ModelJob) -> int:
+    """A job target: appends its name to STARTED in the run's parent directory, writes test metrics."""
+    run = Path(job.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run.parent / "STARTED", "a") as f:
+        f.write(job.name + "\n")
+    print(f"{job.name} ran in pid {os.getpid()}")  # to the job's log (its file descriptor 1)
+    metrics_path(run, "test").write_text(json.dumps({"auc": 0.5, "gauc": 0.5}))
+    return 0
+
+
+def test_jobs_start_longest_first(tmp_path):
+    """The queue starts unknown models, then the demo's longest jobs; results still come back in the given order;
+    each job runs in a process of its own with its output in its log."""
     jobs = [_job(tmp_path, n, str(tmp_path)) for n in ("din", "diffumin", "new_model", "twin", "sum_pool")]
     assert [j.name for j in demo_jobs.longest_first(jobs)] == ["new_model", "diffumin", "twin", "din", "sum_pool"]
     assert set(demo_jobs.DEMO_SECONDS) >= {"din", "twin", "diffumin"}
-    started: list[str] = []
-
-    def command(job: ModelJob) -> list[str]:
-        started.append(job.name)
-        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
-        return [sys.executable, "-c", f"import json; open({str(metrics_path(Path(job.run_dir), 'test'))!r}, 'w')"
-                ".write(json.dumps({'auc': 0.5, 'gauc': 0.5}))"]  # fmt: skip
-
-    monkeypatch.setattr(demo_jobs, "job_command", command)
-    results = run_jobs(jobs, parallel=1, poll=0.05)
+    results = run_jobs(jobs, parallel=1, poll=0.05, target=_record_start)
+    started = (tmp_path / "runs" / "STARTED").read_text().split()
     assert started == ["new_model", "diffumin", "twin", "din", "sum_pool"]
     assert [r.job.name for r in results] == [j.name for j in jobs]
+    pids = {Path(j.log).read_text().split()[-1] for j in jobs}
+    assert len(pids) == len(jobs) and str(os.getpid()) not in pids
+
+
+def test_job_server_preloads_torch_only():
+    """The job server imports torch and TorchRec before it forks (`PRELOAD`), nothing that starts threads at import
+    (pyarrow's jemalloc, polars): a fork copies only the forking thread."""
+    assert "torch" in demo_jobs.PRELOAD and not any(m.split(".")[0] in ("polars", "pyarrow") for m in demo_jobs.PRELOAD)
+    code = (
+        "import importlib, os, sys\n"
+        f"for m in {demo_jobs.PRELOAD!r}: importlib.import_module(m)\n"
+        "print(sorted(m for m in ('polars', 'pyarrow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
