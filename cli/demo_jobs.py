@@ -39,8 +39,8 @@ from ctr.runs import metrics_path
 # What the job server imports once, before it forks each job: torch, TorchRec and fbgemm (about 2.5 of the 3.3 s a
 # fresh job spent importing), nothing that starts a thread at import (see the module docstring)
 PRELOAD = [
-    "torch", "fbgemm_gpu", "torchrec.distributed.model_parallel", "torchrec.distributed.planner",
-    "torchrec.optim.apply_optimizer_in_backward",
+    "torch", "torch.distributed.optim", "fbgemm_gpu", "torchrec.distributed.model_parallel",
+    "torchrec.distributed.planner", "torchrec.optim.apply_optimizer_in_backward",
 ]  # fmt: skip
 MAX_DEFAULT_JOBS = 4  # beyond a few jobs, memory (each holds its own tables and loader) matters more than cores
 
