@@ -16,7 +16,9 @@ twin -> TWIN. For each one:
 3. Configs: ours is `ctr train --print-config` with --max-len / --batch-size / --epochs set; FuxiCTR's
    dataset_config.yaml and model_config.yaml (WORK/config/) take the embedding size, tower, attention sizes,
    max_len, batch size, learning rate, epochs, early-stopping patience (on validation GAUC) and seed from ours.
-4. Each side trains in its own subprocess with OMP_NUM_THREADS = --threads and one loader worker: ours with
+4. Each side trains in its own subprocess with OMP_NUM_THREADS = --threads and the same number of loader worker
+   processes (--workers; by default our rule, `features.loader.loader_workers`: none on a 2-core machine, the
+   batches assembled in the training process, for FuxiCTR's DataLoader too): ours with
    `ctr train` + `ctr evaluate`, FuxiCTR with its classes called from `peers_fuxictr.py` (SPEC, run by
    WORK/venv/bin/python: its LongCTR `run_expid.py` cannot be used, see (a)), which writes its test predictions
    (user_index, label, score) and its training samples/s.
@@ -25,7 +27,7 @@ twin -> TWIN. For each one:
    (`fuxictr.metrics`, the same definition) is shown beside it: the two should agree to rounding.
 
     python benchmarks/peers.py --data DATA_DIR [--models din,dien,sim_soft,eta,sdim,twin] [--max-len 50]
-        [--epochs N] [--batch-size 1024] [--threads 2] [--work DIR] [--results FILE]
+        [--epochs N] [--batch-size 1024] [--threads 2] [--ours-ranks 2] [--work DIR] [--results FILE]
 
 How to read it: samples/s is each side's median over its training logging windows after the first (the first
 carries start-up; validation time is not counted), ratio = ours / FuxiCTR (> 1: ours trains faster). Quality is one
@@ -100,6 +102,8 @@ def _ctr() -> str:
 def our_overrides(model: str, cfg: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """The --set's that give our run the benchmark's window, batch and epochs (applied to the printed defaults)."""
     sets = [f"data.batch_size={args.batch_size}", f"train.epochs={args.epochs}"]
+    if getattr(args, "workers", None) is not None:  # peers.py: the loader workers both sides use (--workers)
+        sets.append(f"data.num_workers={args.workers}")
     m = cfg["model"]
     if "seq_len" in m:  # din, dien: the last seq_len behaviors
         sets.append(f"model.seq_len={args.max_len}")
@@ -230,10 +234,10 @@ def dataset_config(conv: dict[str, Any], data_root: Path) -> dict[str, Any]:
     }
 
 
-def base_config(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def base_config(work: Path, cfg: dict[str, Any], workers: int) -> dict[str, Any]:
     return {
         "model_root": str(work / "checkpoints"),
-        "num_workers": int(cfg["data"]["num_workers"]) or 1,  # the loader workers ours uses (data.num_workers)
+        "num_workers": workers,  # the loader worker processes ours uses too (data.num_workers)
         "verbose": 0,
         "pickle_feature_encoder": False,
         "save_best_only": True,
@@ -247,6 +251,12 @@ def base_config(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- running both sides --------------------------------------------------------------------------------------
+def ranks_variant(args: argparse.Namespace) -> str:
+    """The name of the --ours-ranks rows: our defaults trained by that many processes sharing the threads."""
+    per = max(1, args.threads // args.ours_ranks)
+    return f"defaults, {args.ours_ranks} ranks x {per} thread{'s' if per > 1 else ''}"
+
+
 def thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
@@ -305,16 +315,24 @@ def score(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> dict[str
 
 
 def run_ours(
-    model: str, sets: list[str], args: argparse.Namespace, work: Path, log_every: int, run_name: str | None = None
+    model: str,
+    sets: list[str],
+    args: argparse.Namespace,
+    work: Path,
+    log_every: int,
+    run_name: str | None = None,
+    nproc: int = 1,
 ) -> dict[str, Any]:
+    """`ctr train` + `ctr evaluate` of one of our variants; ``nproc`` ranks share --threads (each rank's batch is
+    its share of --batch-size, so the global batch is the same)."""
     from _common import run_measured
 
     name = run_name or model
     run = work / "runs" / f"ours-{name}"
     shutil.rmtree(run, ignore_errors=True)
-    env = thread_env(args.threads)
+    env = thread_env(max(1, args.threads // nproc))
     sets = [*sets, f"train.log_every={log_every}"]
-    cmd = [_ctr(), "-q", "train", "--data", str(args.data), "--model", model, "--out", str(run)]
+    cmd = [_ctr(), "-q", "train", "--data", str(args.data), "--model", model, "--out", str(run), "--nproc", str(nproc)]
     cmd += [x for s in sets for x in ("--set", s)]
     train = run_measured(cmd, work / "logs" / f"ours-{name}-train.log", env=env)
     ev = run_measured([_ctr(), "-q", "evaluate", "--run", str(run)], work / "logs" / f"ours-{name}-eval.log", env=env)
@@ -370,6 +388,16 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: ours (train.epochs)")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
+    parser.add_argument(
+        "--ours-ranks", type=int, default=1,
+        help="also train ours with this many ranks (`ctr train --nproc`) sharing --threads, each with its share of "
+        "the batch: extra rows 'defaults, N ranks x T threads' against the same FuxiCTR run (default 1: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="loader worker processes of each side, the same count for both (default: our data.num_workers rule, "
+        "features.loader.loader_workers: 0, loading in the training process, with at most 2 cores)",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/lifelong-ctr-peers"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "peers.json")
     args = parser.parse_args()
@@ -390,13 +418,17 @@ def main() -> int:
     defaults = {m: our_config(m, []) for m in models}
     if args.epochs is None:
         args.epochs = int(defaults[models[0]]["train"]["epochs"])
+    if args.workers is None:
+        from features.loader import loader_workers
+
+        args.workers = loader_workers(defaults[models[0]]["data"]["num_workers"])
 
     import yaml
 
     steps_per_epoch = max(1, math.ceil(conv["rows"]["train"] / args.batch_size))
     log_every = max(1, steps_per_epoch // 5)
     plans = []
-    model_cfg: dict[str, Any] = {"Base": base_config(work, defaults[models[0]])}
+    model_cfg: dict[str, Any] = {"Base": base_config(work, defaults[models[0]], args.workers)}
     for model in models:
         sets = our_overrides(model, defaults[model], args)
         cfg = our_config(model, sets)
@@ -404,6 +436,9 @@ def main() -> int:
         params = fuxictr_params(peer, cfg, args)
         variants = ["as shipped", "post-padded"] if peer == "DIEN" else ["as shipped"]
         ours_variants = [(OURS_DEFAULTS, sets)]
+        if args.ours_ranks > 1:  # the same defaults, trained by ranks that share the threads (ctr train --nproc)
+            per_rank = [*sets, f"data.batch_size={args.batch_size // args.ours_ranks}"]
+            ours_variants.append((ranks_variant(args), per_rank))
         if peer in WINDOW_MODELS:
             ours_variants.append((OURS_PEER_ARCH, sets + architecture_sets(peer, params, cfg)))
         for v in variants:
@@ -426,7 +461,7 @@ def main() -> int:
             "dataset": str(args.data.resolve()),
             "work": str(work),
             "settings": {"max_len": args.max_len, "batch_size": args.batch_size, "epochs": args.epochs,
-                         "threads": args.threads, "log_every_steps": log_every, "loader_workers_each": 1},
+                         "threads": args.threads, "log_every_steps": log_every, "loader_workers_each": args.workers},
             "fuxictr": {"version": FUXICTR_VERSION, "venv": str(py.parents[1]), "torch": TORCH_PIN,
                         "configs": str(work / "config")},
             "gauc_definition": "per-user AUC over users with both classes, weighted by the user's impressions "
@@ -449,11 +484,12 @@ def main() -> int:
     fuxictr_done: dict[str, dict[str, Any]] = {}
     for model, peer, variant, expid, ours_variant, sets in plans:
         row: dict[str, Any] = {"model": model, "peer": peer, "variant": variant, "ours_variant": ours_variant}
-        key = model if ours_variant == OURS_DEFAULTS else f"{model}_{peer.lower()}_arch"
+        nproc = args.ours_ranks if ours_variant == ranks_variant(args) else 1
+        key = {OURS_DEFAULTS: model, OURS_PEER_ARCH: f"{model}_{peer.lower()}_arch"}.get(ours_variant, f"{model}_ranks")
         if key not in ours_done:
             print(f"[ours] {model} ({ours_variant}): ctr train + ctr evaluate", flush=True)
             try:
-                ours_done[key] = run_ours(model, sets, args, work, log_every, run_name=key)
+                ours_done[key] = run_ours(model, sets, args, work, log_every, run_name=key, nproc=nproc)
             except JobError as e:
                 ours_done[key] = {"error": str(e)[:300]}
         row["ours"] = ours_done[key]

@@ -21,7 +21,8 @@ __all__ = ["ConfigError", "TrainConfig", "resolve_train_config"]
 class DataSection(StrictModel):
     batch_size: int = Field(256, gt=0)
     eval_batch_size: int = Field(2048, gt=0)
-    num_workers: int = Field(1, ge=0)
+    # loader worker processes per rank; null: `features.loader.loader_workers` (0 with at most 2 cores per rank)
+    num_workers: int | None = Field(None, ge=0)
     shuffle_window: int = Field(8, gt=0, description="row groups mixed together when shuffling")
     # Memory is bounded by work, not by who the users are: a batch also holds at most this many padded behaviors
     # (samples x the longest slice, summed over the model's views); null = no cap.

@@ -206,6 +206,21 @@ def test_one_worker_gives_the_batches_of_none(tiny_data):
     assert len(inline) > 1 and inline == content(1)
 
 
+def test_loader_workers_default_rule():
+    """`data.num_workers: null` (the default): in the training process with at most 2 cores per rank, one worker
+    process otherwise; a number set is kept as it is."""
+    from ctr.config import DataSection
+    from features.loader import loader_workers
+
+    assert DataSection().num_workers is None
+    assert loader_workers(None, 1, cores=2) == 0
+    assert loader_workers(None, 1, cores=1) == 0
+    assert loader_workers(None, 1, cores=16) == 1
+    assert loader_workers(None, 2, cores=4) == 0  # two ranks on four cores: two cores each
+    assert loader_workers(None, 2, cores=8) == 1
+    assert loader_workers(0, 1, cores=16) == 0 and loader_workers(3, 1, cores=2) == 3
+
+
 def test_drop_last_and_batch_sizes(tiny_data):
     sizes = [b.size for b in _loader(tiny_data, "valid", batch_size=100)]
     assert all(s == 100 for s in sizes[:-1]) and 0 < sizes[-1] <= 100

@@ -46,9 +46,15 @@ def test_two_torchrun_nodes_match_two_local_processes(tiny_data, tmp_path):
 
     run = tmp_path / "two-nodes"
     port = _free_port()
+    # The rendezvous store lives in this process, as a cluster's would on its own host: when the agent that hosted
+    # it exited first, the other agent's next poll of the store failed and it aborted its finished worker (a race
+    # at the end of the run, seen under load).
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "loopback",
-                "--max-restarts", "0"]  # fmt: skip
+                "--rdzv-conf", "is_host=false", "--max-restarts", "0"]  # fmt: skip
     nodes = [
         subprocess.Popen(
             [*torchrun, "--node-rank", str(rank), "-m", "cli.main", "-q", *_train_args(tiny_data, run)],
@@ -61,6 +67,7 @@ def test_two_torchrun_nodes_match_two_local_processes(tiny_data, tmp_path):
         for rank in (0, 1)
     ]
     outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    del store
     assert all(n.returncode == 0 for n in nodes), "\n\n".join(o[-3000:] for o in outputs)
 
     a, b = evaluate_run(local, "test"), evaluate_run(run, "test")

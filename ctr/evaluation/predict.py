@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from features.errors import DatasetError
-from features.loader import LoaderConfig, SplitLoader
+from features.loader import LoaderConfig, SplitLoader, loader_workers
 
 from ..malloc import keep_freed_memory
 from ..runs import load_trained, prediction_path
@@ -24,10 +24,14 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict_split(run_dir: Path, split: str = "test", *, batch_size: int = 2048, num_workers: int = 1) -> Path:
-    """Score `split` with the run's model; writes the predictions Parquet file and returns its path."""
+def predict_split(
+    run_dir: Path, split: str = "test", *, batch_size: int = 2048, num_workers: int | None = None
+) -> Path:
+    """Score `split` with the run's model; writes the predictions Parquet file and returns its path.
+    `num_workers`: loader worker processes (None: the run's `data.num_workers`, `loader_workers`'s rule)."""
     keep_freed_memory()
     model, cfg, info = load_trained(run_dir)
+    num_workers = loader_workers(num_workers if num_workers is not None else cfg.data.num_workers)
     if not info.split_rows.get(split):
         raise DatasetError(
             f"{info.data_dir}: the {split} split has no samples (see split in its manifest.json); nothing to evaluate. "

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from features.dataset import DatasetInfo
-from features.loader import Batch, LoaderConfig, SplitLoader
+from features.loader import Batch, LoaderConfig, SplitLoader, loader_workers
 
 from ..config import TrainConfig
 from ..models import CTRModel
@@ -68,13 +68,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def loader_config(cfg: TrainConfig, model: CTRModel, *, train: bool) -> LoaderConfig:
+def loader_config(cfg: TrainConfig, model: CTRModel, *, train: bool, world_size: int = 1) -> LoaderConfig:
     return LoaderConfig(
         batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
         views=model.views(),
         shuffle=train,
         seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers,
+        num_workers=loader_workers(cfg.data.num_workers, world_size),
         shuffle_window=cfg.data.shuffle_window,
         max_behaviors=cfg.data.max_batch_behaviors if train else cfg.data.eval_max_batch_behaviors,
         sample_negatives=train,  # DIEN's auxiliary negatives: training only

@@ -121,8 +121,8 @@ class Training:
     def _build_loaders(self) -> None:
         ctx, cfg, info = self.ctx, self.cfg, self.info
         features = self.model.features()
-        train_cfg = loader_config(cfg, self.model, train=True)
-        eval_cfg = loader_config(cfg, self.model, train=False)
+        train_cfg = loader_config(cfg, self.model, train=True, world_size=ctx.world_size)
+        eval_cfg = loader_config(cfg, self.model, train=False, world_size=ctx.world_size)
         # train.validation=false (a fixed budget, as the demo's): no validation pass, the last model is kept
         self.has_valid = bool(info.split_rows.get("valid")) and cfg.train.validation
         widest = cfg.data.batch_size * sum(v.length for v in train_cfg.views)
