@@ -55,8 +55,24 @@ def _inputs(form: str, b: int = 5, steps: int = 7, hd: int = 3, seed: int = 0) -
     return [gx, att, mask, h0, weight, bias]
 
 
+@pytest.fixture(params=["whole", "halves"])
+def row_blocks(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """The scan over the whole batch, and cut in two halves stepping in two threads (`gru_scan.SPLIT_MIN_ROWS`)."""
+    if request.param == "halves":
+        from ctr.modules import gru_scan as module
+
+        monkeypatch.setattr(module, "SPLIT_MIN_ROWS", 2)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield request.param
+        assert torch.get_num_threads() == 2  # the caller's threads are given back
+        torch.set_num_threads(threads)
+    else:
+        yield request.param
+
+
 @pytest.mark.parametrize("form", ["torch", "paper", "official"])
-def test_scan_and_its_gradients_are_the_readable_loop(form: str) -> None:
+def test_scan_and_its_gradients_are_the_readable_loop(form: str, row_blocks: str) -> None:
     inputs = _inputs(form)
     x, h0 = inputs[0], inputs[3]
     leaves = [v for v in inputs if v is not None and v.dtype != torch.bool]
@@ -82,7 +98,7 @@ def test_scan_and_its_gradients_are_the_readable_loop(form: str) -> None:
 
 
 @pytest.mark.parametrize("form", ["torch", "paper", "official"])
-def test_scan_passes_gradcheck(form: str) -> None:
+def test_scan_passes_gradcheck(form: str, row_blocks: str) -> None:
     inputs = _inputs(form, b=3, steps=4, hd=2, seed=3)
     args = [v.requires_grad_(True) if v is not None and v.dtype != torch.bool else v for v in inputs]
     assert torch.autograd.gradcheck(lambda *a: scan(*a, form), tuple(args))

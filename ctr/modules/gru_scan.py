@@ -25,6 +25,8 @@ gradients to them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -41,6 +43,133 @@ def _tanh_into(pre: torch.Tensor, out: torch.Tensor) -> None:
     builds measured here torch.tanh takes about 2.6 ns per element where sigmoid takes 0.9."""
     torch.sigmoid(pre.mul_(2), out=out)
     out.mul_(2).sub_(1)
+
+
+# Rows are independent in the recurrence (only the weight's gradient sums over them, after the loop), so with two or
+# more torch threads the batch is cut in two halves that step in two Python threads of one torch thread each: the
+# ops on [B, H] blocks are too small for intra-op threads to overlap (one process with two threads used about 1.1
+# cores), and the ops release the GIL while they compute. Below `SPLIT_MIN_ROWS` rows, or with one thread (the
+# demo's jobs), the loop runs whole. Each row's arithmetic is the same either way.
+SPLIT_MIN_ROWS = 256
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _in_row_blocks(b: int, fn: Callable[[slice], None]) -> None:
+    """fn(rows) over the batch: once, or over two halves in two threads (see `SPLIT_MIN_ROWS`)."""
+    global _POOL
+    threads = torch.get_num_threads()
+    if threads < 2 or b < SPLIT_MIN_ROWS:
+        fn(slice(0, b))
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gru_scan")
+    half = b // 2
+
+    def run(rows: slice) -> None:
+        with torch.no_grad():  # grad mode is per thread: the op's own forward and backward record nothing
+            fn(rows)
+
+    torch.set_num_threads(1)  # the pool's threads take this at their first op; restored for the caller below
+    try:
+        for f in [_POOL.submit(run, slice(0, half)), _POOL.submit(run, slice(half, b))]:
+            f.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _forward_rows(
+    rows: slice,
+    gx: torch.Tensor,
+    bufs: tuple[torch.Tensor, ...],
+    p: torch.Tensor,
+    q: torch.Tensor | None,
+    w_hh: torch.Tensor,
+    b_c: torch.Tensor | None,
+    form: str,
+) -> None:
+    """The forward loop over the rows `rows`, writing their slots of `bufs` (hs, ru, c, g, z)."""
+    hs, ru_all, c_all, g_all, z_all = (x[:, rows] for x in bufs)
+    gx, p = gx[rows], p[:, rows]
+    q = q[:, rows] if q is not None else None
+    n, steps, h3 = gx.shape
+    hd = h3 // 3
+    gh = gx.new_empty(n, h3 if form != "official" else 2 * hd)
+    w_t = (w_hh if form != "official" else w_hh[: 2 * hd]).t()
+    w_c_t = w_hh[2 * hd :].t()
+    for t in range(steps):
+        h, ru, c, g, z = hs[t], ru_all[t], c_all[t], g_all[t], z_all[t]
+        gx_t = gx[:, t]
+        torch.mm(h, w_t, out=gh)
+        torch.sigmoid(torch.add(gx_t[:, : 2 * hd], gh[:, : 2 * hd], out=ru), out=ru)
+        r, u = ru[:, :hd], ru[:, hd:]
+        if form == "official":
+            assert q is not None
+            torch.mul(r, h, out=z)
+            _tanh_into(torch.addmm(gx_t[:, 2 * hd :], z, w_c_t), c)
+            torch.addcmul(q[t], p[t], u, out=g)
+            torch.lerp(c, h, g, out=hs[t + 1])
+        else:
+            if b_c is None:
+                z.copy_(gh[:, 2 * hd :])
+            else:
+                torch.add(gh[:, 2 * hd :], b_c, out=z)
+            _tanh_into(torch.addcmul(gx_t[:, 2 * hd :], r, z), c)
+            if form == "torch":  # g = keep (1 − z)
+                torch.addcmul(p[t], p[t], u, value=-1, out=g)
+            else:
+                torch.mul(p[t], u, out=g)
+            torch.lerp(h, c, g, out=hs[t + 1])
+
+
+def _backward_rows(
+    rows: slice,
+    d_st: torch.Tensor | None,
+    saved: tuple[torch.Tensor, ...],
+    grads: tuple[torch.Tensor | None, ...],
+    w_hh: torch.Tensor,
+    form: str,
+) -> None:
+    """The backward loop over the rows `rows`: their slots of d_gx, d_z, d_a, and their rows of dh (in place)."""
+    hs, ru_all, c_all, g_all, z_all, keep, p = (x[:, rows] for x in saved)
+    dh_out, d_gx, d_z, d_a = (x[:, rows] if x is not None and x.dim() == 3 else x for x in grads)
+    assert dh_out is not None and d_gx is not None
+    dh_out = dh_out[rows]
+    d_a = d_a[:, rows] if d_a is not None else None
+    d_st = d_st[:, rows] if d_st is not None else None
+    steps, n, hd = c_all.shape
+    dh = dh_out.clone()
+    d_ru = hs.new_empty(n, 2 * hd)
+    w_ru, w_c = w_hh[: 2 * hd], w_hh[2 * hd :]
+    for t in range(steps - 1, -1, -1):
+        if d_st is not None:
+            dh = dh + d_st[t]
+        h, c, g, p_t = hs[t], c_all[t], g_all[t], p[t]
+        ru = ru_all[t]
+        r, u = ru[:, :hd], ru[:, hd:]
+        g_dh = g * dh
+        if form == "official":  # h' = c + g (h − c)
+            d_c, d_g, d_prev = dh - g_dh, (h - c) * dh, g_dh
+        else:  # h' = h + g (c − h)
+            d_c, d_g, d_prev = g_dh, (c - h) * dh, dh - g_dh
+        torch.mul(d_g, p_t, out=d_ru[:, hd:])  # ∂g/∂u = p ("torch": −p)
+        if form == "torch":
+            d_ru[:, hd:].neg_()
+        if d_a is not None:  # ∂g/∂a = keep ⊙ u ("official": −keep ⊙ u)
+            torch.sum(d_g * u, dim=-1, out=d_a[t]).mul_(keep[t, :, 0] if form != "official" else -keep[t, :, 0])
+        d_pru, d_pc = d_gx[t, :, : 2 * hd], d_gx[t, :, 2 * hd :]
+        _tanh_backward(d_c, c, grad_input=d_pc)
+        if form == "official":  # c = tanh(gx_c + W_c (r ⊙ h)), r, u = σ(gx_ru + W_ru h)
+            d_rh = d_pc @ w_c
+            torch.mul(d_rh, h, out=d_ru[:, :hd])
+            d_prev = torch.addcmul(d_prev, d_rh, r)
+        else:  # c = tanh(gx_c + r ⊙ z), z = W_c h + b_c
+            assert d_z is not None
+            torch.mul(d_pc, z_all[t], out=d_ru[:, :hd])
+            torch.mul(d_pc, r, out=d_z[t])
+            d_prev = torch.addmm(d_prev, d_z[t], w_c)
+        _sigmoid_backward(d_ru, ru, grad_input=d_pru)
+        dh = torch.addmm(d_prev, d_pru, w_ru)
+    dh_out.copy_(dh)
 
 
 class _GRUScan(torch.autograd.Function):
@@ -67,6 +196,7 @@ class _GRUScan(torch.autograd.Function):
         keep = mask.t().unsqueeze(-1).to(gx.dtype)  # [L, B, 1], 1 = real
         a = att.t().unsqueeze(-1).to(gx.dtype) if att is not None else None
         # g = p ⊙ u + q: the update gate's multiplier p and offset q per step and row (see the class docstring)
+        q = None
         if form == "official":
             p = keep if a is None else keep * (1 - a)
             q = 1 - keep
@@ -77,32 +207,9 @@ class _GRUScan(torch.autograd.Function):
         c_all, g_all = gx.new_empty(steps, b, hd), gx.new_empty(steps, b, hd)
         # what the reset gate multiplies: W_c h + b_c ("torch", "paper") or the state, r ⊙ h ("official")
         z_all = gx.new_empty(steps, b, hd)
-        gh = gx.new_empty(b, h3 if form != "official" else 2 * hd)
         hs[0] = h0
-        w_t = (w_hh if form != "official" else w_hh[: 2 * hd]).t()
-        w_c_t = w_hh[2 * hd :].t()
-        for t in range(steps):
-            h, ru, c, g, z = hs[t], ru_all[t], c_all[t], g_all[t], z_all[t]
-            gx_t = gx[:, t]
-            torch.mm(h, w_t, out=gh)
-            torch.sigmoid(torch.add(gx_t[:, : 2 * hd], gh[:, : 2 * hd], out=ru), out=ru)
-            r, u = ru[:, :hd], ru[:, hd:]
-            if form == "official":
-                torch.mul(r, h, out=z)
-                _tanh_into(torch.addmm(gx_t[:, 2 * hd :], z, w_c_t), c)
-                torch.addcmul(q[t], p[t], u, out=g)
-                torch.lerp(c, h, g, out=hs[t + 1])
-            else:
-                if b_c is None:
-                    z.copy_(gh[:, 2 * hd :])
-                else:
-                    torch.add(gh[:, 2 * hd :], b_c, out=z)
-                _tanh_into(torch.addcmul(gx_t[:, 2 * hd :], r, z), c)
-                if form == "torch":  # g = keep (1 − z)
-                    torch.addcmul(p[t], p[t], u, value=-1, out=g)
-                else:
-                    torch.mul(p[t], u, out=g)
-                torch.lerp(h, c, g, out=hs[t + 1])
+        bufs = (hs, ru_all, c_all, g_all, z_all)
+        _in_row_blocks(b, lambda rows: _forward_rows(rows, gx, bufs, p, q, w_hh, b_c, form))
         ctx.form = form
         ctx.has_bias = b_c is not None
         ctx.att_grad = att is not None and ctx.needs_input_grad[1]
@@ -123,36 +230,9 @@ class _GRUScan(torch.autograd.Function):
         d_gx = hs.new_empty(steps, b, 3 * hd)
         d_z = hs.new_empty(steps, b, hd) if form != "official" else None
         d_a = hs.new_empty(steps, b) if ctx.att_grad else None
-        d_ru = hs.new_empty(b, 2 * hd)
-        w_ru, w_c = w_hh[: 2 * hd], w_hh[2 * hd :]
-        for t in range(steps - 1, -1, -1):
-            if d_st is not None:
-                dh = dh + d_st[t]
-            h, c, g, p_t = hs[t], c_all[t], g_all[t], p[t]
-            ru = ru_all[t]
-            r, u = ru[:, :hd], ru[:, hd:]
-            g_dh = g * dh
-            if form == "official":  # h' = c + g (h − c)
-                d_c, d_g, d_prev = dh - g_dh, (h - c) * dh, g_dh
-            else:  # h' = h + g (c − h)
-                d_c, d_g, d_prev = g_dh, (c - h) * dh, dh - g_dh
-            torch.mul(d_g, p_t, out=d_ru[:, hd:])  # ∂g/∂u = p ("torch": −p)
-            if form == "torch":
-                d_ru[:, hd:].neg_()
-            if d_a is not None:  # ∂g/∂a = keep ⊙ u ("official": −keep ⊙ u)
-                torch.sum(d_g * u, dim=-1, out=d_a[t]).mul_(keep[t, :, 0] if form != "official" else -keep[t, :, 0])
-            d_pru, d_pc = d_gx[t, :, : 2 * hd], d_gx[t, :, 2 * hd :]
-            _tanh_backward(d_c, c, grad_input=d_pc)
-            if form == "official":  # c = tanh(gx_c + W_c (r ⊙ h)), r, u = σ(gx_ru + W_ru h)
-                d_rh = d_pc @ w_c
-                torch.mul(d_rh, h, out=d_ru[:, :hd])
-                d_prev = torch.addcmul(d_prev, d_rh, r)
-            else:  # c = tanh(gx_c + r ⊙ z), z = W_c h + b_c
-                torch.mul(d_pc, z_all[t], out=d_ru[:, :hd])
-                torch.mul(d_pc, r, out=d_z[t])
-                d_prev = torch.addmm(d_prev, d_z[t], w_c)
-            _sigmoid_backward(d_ru, ru, grad_input=d_pru)
-            dh = torch.addmm(d_prev, d_pru, w_ru)
+        saved = (hs, ru_all, c_all, g_all, z_all, keep, p)
+        grads = (dh, d_gx, d_z, d_a)
+        _in_row_blocks(b, lambda rows: _backward_rows(rows, d_st, saved, grads, w_hh, form))
         h_in = hs[:-1].reshape(flat, hd)
         d_ru_rows = d_gx[:, :, : 2 * hd].reshape(flat, 2 * hd)
         if form == "official":
