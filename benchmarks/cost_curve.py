@@ -145,8 +145,9 @@ def main() -> int:
         conv = convert_dataset(args.data, work / "data" / peers.DATASET_ID)
         import yaml
 
+        # one loader worker, as before: the curve times FuxiCTR's steps on batches prefetched from its loader
         (work / "config" / "model_config.yaml").write_text(
-            yaml.safe_dump({"Base": peers.base_config(work, peers.our_config(models[0], []))}, sort_keys=False)
+            yaml.safe_dump({"Base": peers.base_config(work, peers.our_config(models[0], []), 1)}, sort_keys=False)
         )
         (work / "config" / "dataset_config.yaml").write_text(
             yaml.safe_dump(peers.dataset_config(conv, work / "data"), sort_keys=False)

@@ -131,10 +131,11 @@ def _backward_rows(
 ) -> None:
     """The backward loop over the rows `rows`: their slots of d_gx, d_z, d_a, and their rows of dh (in place)."""
     hs, ru_all, c_all, g_all, z_all, keep, p = (x[:, rows] for x in saved)
-    dh_out, d_gx, d_z, d_a = (x[:, rows] if x is not None and x.dim() == 3 else x for x in grads)
-    assert dh_out is not None and d_gx is not None
-    dh_out = dh_out[rows]
-    d_a = d_a[:, rows] if d_a is not None else None
+    dh_all, d_gx_all, d_z_all, d_a_all = grads  # [B, H], then time-major [L, B, ...]
+    assert dh_all is not None and d_gx_all is not None
+    dh_out, d_gx = dh_all[rows], d_gx_all[:, rows]
+    d_z = d_z_all[:, rows] if d_z_all is not None else None
+    d_a = d_a_all[:, rows] if d_a_all is not None else None
     d_st = d_st[:, rows] if d_st is not None else None
     steps, n, hd = c_all.shape
     dh = dh_out.clone()
