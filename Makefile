@@ -15,9 +15,9 @@ setup: $(STAMP)
 # with --no-deps (their real runtime deps are listed in pyproject.toml). torch is pinned so pip takes the CPU wheel.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-cache-dir torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

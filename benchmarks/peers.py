@@ -27,7 +27,8 @@ twin -> TWIN. For each one:
    (`fuxictr.metrics`, the same definition) is shown beside it: the two should agree to rounding.
 
     python benchmarks/peers.py --data DATA_DIR [--models din,dien,sim_soft,eta,sdim,twin] [--max-len 50]
-        [--epochs N] [--batch-size 1024] [--threads 2] [--ours-ranks 2] [--work DIR] [--results FILE]
+        [--epochs N] [--batch-size 1024] [--threads 2] [--ours-ranks 2] [--ours-compile] [--work DIR]
+        [--results FILE]
 
 How to read it: samples/s is each side's median over its training logging windows after the first (the first
 carries start-up; validation time is not counted), ratio = ours / FuxiCTR (> 1: ours trains faster). Quality is one
@@ -82,7 +83,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:  # run as a script or imported as benchmarks.peers: the sibling modules either way
     sys.path.insert(0, str(HERE))
 
-from peers_arch import OURS_DEFAULTS, OURS_PEER_ARCH, architecture_sets  # noqa: E402
+from peers_arch import OURS_COMPILED, OURS_DEFAULTS, OURS_PEER_ARCH, architecture_sets, has_din_unit  # noqa: E402
 from peers_config import (  # noqa: E402, F401 - re-exported: cost_curve.py and the tests call them as peers.*
     ACTIVATIONS,
     DATASET_ID,
@@ -246,6 +247,11 @@ def main() -> int:
         "the batch: extra rows 'defaults, N ranks x T threads' against the same FuxiCTR run (default 1: none)",
     )  # fmt: skip
     parser.add_argument(
+        "--ours-compile", action="store_true",
+        help="also train ours with train.compile=true (DIN's activation unit compiled; the default `auto` leaves "
+        "runs under 2,000 steps eager): extra rows 'defaults, compiled' for the models that have the unit",
+    )  # fmt: skip
+    parser.add_argument(
         "--workers", type=int, default=None,
         help="loader worker processes of each side, the same count for both (default: our data.num_workers rule, "
         "features.loader.loader_workers: 0, loading in the training process, with at most 2 cores)",
@@ -291,6 +297,8 @@ def main() -> int:
         if args.ours_ranks > 1:  # the same defaults, trained by ranks that share the threads (ctr train --nproc)
             per_rank = [*sets, f"data.batch_size={args.batch_size // args.ours_ranks}"]
             ours_variants.append((ranks_variant(args), per_rank))
+        if args.ours_compile and has_din_unit(model, cfg):
+            ours_variants.append((OURS_COMPILED, [*sets, "train.compile=true"]))
         if peer in WINDOW_MODELS:
             ours_variants.append((OURS_PEER_ARCH, sets + architecture_sets(peer, params, cfg)))
         for v in variants:
@@ -337,7 +345,8 @@ def main() -> int:
     for model, peer, variant, expid, ours_variant, sets in plans:
         row: dict[str, Any] = {"model": model, "peer": peer, "variant": variant, "ours_variant": ours_variant}
         nproc = args.ours_ranks if ours_variant == ranks_variant(args) else 1
-        key = {OURS_DEFAULTS: model, OURS_PEER_ARCH: f"{model}_{peer.lower()}_arch"}.get(ours_variant, f"{model}_ranks")
+        key = {OURS_DEFAULTS: model, OURS_PEER_ARCH: f"{model}_{peer.lower()}_arch", OURS_COMPILED: f"{model}_compiled"}
+        key = key.get(ours_variant, f"{model}_ranks")
         if key not in ours_done:
             print(f"[ours] {model} ({ours_variant}): ctr train + ctr evaluate", flush=True)
             try:

@@ -10,6 +10,14 @@ from typing import Any
 # u ⊙ e_t in the tower, and what else its model lacks (SIM/ETA: the ESU's time embedding; TWIN: the cross features;
 # SIM: the auxiliary tower's activation is the main tower's)
 OURS_DEFAULTS, OURS_PEER_ARCH = "defaults", "FuxiCTR's architecture"
+# --ours-compile: our defaults with DIN's activation unit compiled (train.compile=true; `auto` leaves runs this short
+# eager), for the models that have the unit (DIN, and the two-stage models whose short branch is DIN's)
+OURS_COMPILED = "defaults, compiled"
+
+
+def has_din_unit(model: str, cfg: dict[str, Any]) -> bool:
+    """Whether our `model` (resolved config `cfg`) trains a DIN activation unit, which train.compile compiles."""
+    return model == "din" or cfg["model"].get("short_attention") == "din"
 
 
 def architecture_sets(peer: str, params: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
@@ -31,4 +39,4 @@ def architecture_sets(peer: str, params: dict[str, Any], cfg: dict[str, Any]) ->
     return sets
 
 
-__all__ = ["OURS_DEFAULTS", "OURS_PEER_ARCH", "architecture_sets"]
+__all__ = ["OURS_COMPILED", "OURS_DEFAULTS", "OURS_PEER_ARCH", "architecture_sets", "has_din_unit"]

@@ -54,6 +54,11 @@ class TrainSection(StrictModel):
     eval_max_batches: int | None = Field(None, description="cap validation batches (quick runs only)")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoint generations kept (newest first)")
     record_samples: bool = Field(False, description="write the (user, item, ts) each rank trained on, per epoch")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile DIN's activation unit (DIN, the two-stage models' short branch) for training; "
+        "auto: true for CPU runs of at least 2,000 planned steps per rank (compiling takes seconds)",
+    )
 
     @model_validator(mode="after")
     def _eval_every_needs_validation(self) -> TrainSection:

@@ -20,8 +20,9 @@ and a bool ``mask [B, L]`` (True = a real behavior) and returns ``(pooled [B, Dv
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from torch import nn
 from .activations import Dice, make_activation
 
 DIN_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
+log = logging.getLogger(__name__)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -81,6 +83,8 @@ class DinAttention(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.acts = nn.ModuleList(make_activation(activation, h) for h in hidden)
         self.out = nn.Linear(widths[-1], 1)
+        self._compiled_rows: Callable[..., torch.Tensor] | None = None  # compile_rows()
+        self._compile_checked = False
 
     # ---- the readable form ----------------------------------------------------------------------------------
     def unit(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -113,10 +117,45 @@ class DinAttention(nn.Module):
         w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
         q_part = F.linear(query, w_q + w_d, first.bias).index_select(0, rows)
         q = query.index_select(0, rows)
-        x = self.acts[0](torch.addmm(q_part, torch.cat([k, q * k], dim=-1), torch.cat([w_k - w_d, w_p], dim=1).t()))
+        w_kp = torch.cat([w_k - w_d, w_p], dim=1)
+        if self._compiled_rows is not None and self.training and torch.is_grad_enabled():
+            s = self._run_compiled(q_part, q, k, w_kp)
+        else:
+            s = self._rows(q_part, q, k, w_kp)
+        return out.index_copy(0, flat, s).view(b, n)
+
+    def _rows(self, q_part: torch.Tensor, q: torch.Tensor, k: torch.Tensor, w_kp: torch.Tensor) -> torch.Tensor:
+        """The unit from the first layer's behavior share on: gathered rows [N, ...] -> scores [N]."""
+        x = self.acts[0](torch.addmm(q_part, torch.cat([k, q * k], dim=-1), w_kp.t()))
         for linear, act in zip(self.linears[1:], self.acts[1:], strict=True):
             x = act(linear(x))
-        return out.index_copy(0, flat, self.out(x).squeeze(-1)).view(b, n)
+        return self.out(x).squeeze(-1)
+
+    # ---- torch.compile of the rows (train.compile) ----------------------------------------------------------
+    def compile_rows(self) -> None:
+        """Train through a `torch.compile`d `_rows` (evaluation and no-grad calls stay eager).
+
+        Inductor fuses Dice's elementwise passes over the [N, H] blocks, which eager PyTorch runs one by one through
+        memory; same parameters, same function to float rounding (`tests/test_compile.py`). The first call compiles
+        (seconds); if that fails (no C++ compiler, an unsupported build), the unit falls back to eager with a
+        warning rather than stopping the run.
+        """
+        self._compiled_rows = torch.compile(self._rows, dynamic=True)
+        self._compile_checked = False
+
+    def _run_compiled(self, *args: torch.Tensor) -> torch.Tensor:
+        assert self._compiled_rows is not None
+        if self._compile_checked:
+            return self._compiled_rows(*args)
+        try:
+            s = self._compiled_rows(*args)
+        except Exception as e:  # the first call is the compilation: keep training, eagerly
+            log.warning("train.compile: DIN's activation unit did not compile (%s: %s); running it eagerly",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")  # fmt: skip
+            self._compiled_rows = None
+            return self._rows(*args)
+        self._compile_checked = True
+        return s
 
     def forward(
         self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None

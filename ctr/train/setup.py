@@ -62,6 +62,30 @@ def single_rank_constraints(model: torch.nn.Module, ctx: DistContext) -> dict[st
     return {name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]) for name in tables}
 
 
+COMPILE_AUTO_MIN_STEPS = 2_000  # train.compile=auto: compiling (3 to 15 s) pays off after about 1,000 steps
+
+
+def compile_units(model: torch.nn.Module, mode: bool | str, planned_steps: int, device: torch.device) -> int:
+    """`train.compile`: `DinAttention.compile_rows` on every DIN activation unit of `model`; returns how many.
+
+    ``true`` compiles, ``false`` does not, ``auto`` compiles on the CPU when the run plans at least
+    `COMPILE_AUTO_MIN_STEPS` steps per rank: DIN's step on MovieLens at batch 1,024 took 51 ms compiled against 61
+    eager (README, "What bounds each model now"), and compiling took 3 to 8 s here, so short runs (the demo's, the
+    tests') stay eager. On CUDA ``auto`` stays eager: not measured there.
+    """
+    from ..modules.attention import DinAttention
+
+    units = [m for m in model.modules() if isinstance(m, DinAttention)]
+    on = mode is True or (mode == "auto" and device.type == "cpu" and planned_steps >= COMPILE_AUTO_MIN_STEPS)
+    if not units or not on:
+        return 0
+    for unit in units:
+        unit.compile_rows()
+    log.info("train.compile=%s: %d DIN activation unit(s) train through torch.compile (%d planned steps)",
+             str(mode).lower(), len(units), planned_steps)  # fmt: skip
+    return len(units)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

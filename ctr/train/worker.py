@@ -31,6 +31,7 @@ from ..runs import JsonlLog, build_model, write_seen
 from . import checkpoint
 from .distributed import DistContext, copy_local_state, full_state_dict, local_state
 from .setup import (
+    compile_units,
     dense_optimizer,
     fault,
     first_batch,
@@ -83,6 +84,9 @@ class Training:
         seed_everything(cfg.train.seed)
         self._build_model(params)
         self._build_loaders()
+        steps_per_epoch = -(-self.train_loader.num_rows() // cfg.data.batch_size)
+        planned = min(cfg.train.max_steps or math.inf, cfg.train.epochs * steps_per_epoch)
+        compile_units(self.model, cfg.train.compile, int(planned), ctx.device)
         # best_score: the best validation GAUC (AUC when no validation user has both classes; best_metric says which)
         self.state: dict[str, Any] = {
             "step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": -math.inf, "best_step": -1, "bad_evals": 0,
