@@ -27,8 +27,8 @@ twin -> TWIN. For each one:
    (`fuxictr.metrics`, the same definition) is shown beside it: the two should agree to rounding.
 
     python benchmarks/peers.py --data DATA_DIR [--models din,dien,sim_soft,eta,sdim,twin] [--max-len 50]
-        [--epochs N] [--batch-size 1024] [--threads 2] [--ours-ranks 2] [--ours-compile] [--work DIR]
-        [--results FILE]
+        [--epochs N] [--batch-size 1024] [--threads 2] [--seed N] [--ours-ranks 2] [--ours-compile]
+        [--work DIR] [--results FILE]
 
 How to read it: samples/s is each side's median over its training logging windows after the first (the first
 carries start-up; validation time is not counted), ratio = ours / FuxiCTR (> 1: ours trains faster). Quality is one
@@ -83,7 +83,14 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:  # run as a script or imported as benchmarks.peers: the sibling modules either way
     sys.path.insert(0, str(HERE))
 
-from peers_arch import OURS_COMPILED, OURS_DEFAULTS, OURS_PEER_ARCH, architecture_sets, has_din_unit  # noqa: E402
+from peers_arch import (  # noqa: E402
+    ARCH_PEERS,
+    OURS_COMPILED,
+    OURS_DEFAULTS,
+    OURS_PEER_ARCH,
+    architecture_sets,
+    has_din_unit,
+)
 from peers_config import (  # noqa: E402, F401 - re-exported: cost_curve.py and the tests call them as peers.*
     ACTIVATIONS,
     DATASET_ID,
@@ -241,6 +248,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: ours (train.epochs)")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
+    parser.add_argument("--seed", type=int, default=None, help="both sides' seed (default: ours, train.seed)")
     parser.add_argument(
         "--ours-ranks", type=int, default=1,
         help="also train ours with this many ranks (`ctr train --nproc`) sharing --threads, each with its share of "
@@ -299,7 +307,7 @@ def main() -> int:
             ours_variants.append((ranks_variant(args), per_rank))
         if args.ours_compile and has_din_unit(model, cfg):
             ours_variants.append((OURS_COMPILED, [*sets, "train.compile=true"]))
-        if peer in WINDOW_MODELS:
+        if peer in ARCH_PEERS:
             ours_variants.append((OURS_PEER_ARCH, sets + architecture_sets(peer, params, cfg)))
         for v in variants:
             expid = f"{peer}_peers" + ("_post" if v == "post-padded" else "")
@@ -321,7 +329,8 @@ def main() -> int:
             "dataset": str(args.data.resolve()),
             "work": str(work),
             "settings": {"max_len": args.max_len, "batch_size": args.batch_size, "epochs": args.epochs,
-                         "threads": args.threads, "log_every_steps": log_every, "loader_workers_each": args.workers},
+                         "threads": args.threads, "log_every_steps": log_every, "loader_workers_each": args.workers,
+                         "seed": int(defaults[models[0]]["train"]["seed"]) if args.seed is None else args.seed},
             "fuxictr": {"version": FUXICTR_VERSION, "venv": str(py.parents[1]), "torch": TORCH_PIN,
                         "configs": str(work / "config")},
             "gauc_definition": "per-user AUC over users with both classes, weighted by the user's impressions "

@@ -22,6 +22,8 @@ def _ctr() -> str:
 def our_overrides(model: str, cfg: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """The --set's that give our run the benchmark's window, batch and epochs (applied to the printed defaults)."""
     sets = [f"data.batch_size={args.batch_size}", f"train.epochs={args.epochs}"]
+    if getattr(args, "seed", None) is not None:  # peers.py --seed: ours, and FuxiCTR's config copies it from ours
+        sets.append(f"train.seed={args.seed}")
     if getattr(args, "workers", None) is not None:  # peers.py: the loader workers both sides use (--workers)
         sets.append(f"data.num_workers={args.workers}")
     m = cfg["model"]

@@ -90,7 +90,8 @@ def test_variants_run(info, name, params):
 
 @pytest.mark.parametrize(
     "name, params", [("sum_pool", {}), ("din", {}), ("din", {"softmax": True}), ("din", {"backend": "auto"}),
-                     ("dien", {}), ("dien", {"attention": "din", "augru": "official"}), ("tin", {}),
+                     ("dien", {}), ("dien", {"attention": "din", "augru": "official"}),
+                     ("dien", {"sum_pooling": False, "aux_alpha": 0.0}), ("tin", {}),
                      ("tin", {"encoding": "position"})],
 )  # fmt: skip
 def test_eval_and_padding_invariance(info, name, params):
@@ -214,6 +215,23 @@ def test_dien_aux_loss_only_in_training(info):
     half = aux_of(half_model, half_model.train()(batch), batch)
     torch.testing.assert_close(half, 0.5 * aux)
     assert set(model.loss(model.train()(batch), batch)) == {"ctr", "aux"}
+
+
+def test_dien_tower_without_sum_pooling(info):
+    """sum_pooling: false (FuxiCTR's DIEN): the tower reads [e_a; h'_T; context], 2 x 2d fewer inputs."""
+    with_sum, without = build(info, "dien"), build(info, "dien", sum_pooling=False)
+    width = 2 * with_sum.dim
+    first = [m for m in with_sum.tower.modules() if isinstance(m, torch.nn.Linear)][0]
+    first_without = [m for m in without.tower.modules() if isinstance(m, torch.nn.Linear)][0]
+    assert first.in_features - first_without.in_features == 2 * width
+    batch = batches(info, without, 1)[0]
+    emb = without.lookup(batch)
+    target = torch.zeros(batch.size, width)
+    beh = torch.randn(batch.size, 7, width)
+    final = torch.randn(batch.size, without.augru.hidden_dim)
+    x = without.tower_input(emb, target, beh, final)
+    torch.testing.assert_close(x, without.tower_input(emb, target, beh * 3.0, final))  # no behavior sum in it
+    assert x.shape[1] == first_without.in_features
 
 
 def test_dien_dot_aux_needs_matching_width():

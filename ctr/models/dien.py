@@ -9,7 +9,7 @@ Over the view ``hist`` (the last `seq_len` behaviors, with one sampled non-click
     L_aux = mean over real (t, t+1) of −log σ(h_t · e_{t+1}) − log(1 − σ(h_t · ê_{t+1}))
     a_t = softmax_t(h_t W e_a)                             attention over the real positions
     h'_t = AUGRU(h_t, a_t)                                 interest evolving layer; h'_T its final state
-    logit = MLP([e_a; Σ_t e_t; e_a ⊙ Σ_t e_t; h'_T; context])
+    logit = MLP([e_a; Σ_t e_t; e_a ⊙ Σ_t e_t; h'_T; context])   (sum_pooling: false: MLP([e_a; h'_T; context]))
     loss  = BCE(logit, y) + aux_alpha · L_aux              (`DIEN.loss`: terms ``ctr`` and ``aux``)
 
 Defaults and where they come from (paper = the AAAI paper; official = mouna99/dien ``script/model.py`` and
@@ -34,8 +34,10 @@ Defaults and where they come from (paper = the AAAI paper; official = mouna99/di
   ``augru: official`` is the TF ``VecAttGRUCell`` (``u' = (1 − a)·u`` in TF's convention, where attention 0 is a
   plain GRU step); see `ctr.modules.augru`.
 * Tower ``hidden: [200, 80]``, ``activation: dice`` (official ``build_fcn_net`` with Dice; 2-way softmax there, one
-  logit here). ``input_batch_norm: false``: the official code's BatchNorm on the tower input is also left in
-  inference mode; the paper has none.
+  logit here). Its input holds the sum of the behaviors and its product with the target, as the official code's
+  does (``sum_pooling: true``); ``false`` leaves them out (FuxiCTR's DIEN, ``enable_sum_pooling: false``).
+  ``input_batch_norm: false``: the official code's BatchNorm on the tower input is also left in inference mode; the
+  paper has none.
 * The official tower also takes the user id embedding (here ``use_user``) and trains with Adam lr 1e-3 halved every
   epoch, batch 128, maxlen 100 (the trainer's business). Padded positions never change the GRU/AUGRU states.
 
@@ -97,6 +99,9 @@ class DIENParams(ModelParams):
     activation: str = "dice"
     batch_norm: bool = False  # BatchNorm after every hidden Linear of the tower
     input_batch_norm: bool = False
+    # the tower's [Σ_t e_t; e_a ⊙ Σ_t e_t] (official code); false: [e_a; h'_T; context] only (FuxiCTR's DIEN, whose
+    # enable_sum_pooling defaults to false)
+    sum_pooling: bool = True
     dropout: float = 0.0
     # DARE: the attention that drives the AUGRU scores the target against the behaviors with separate attention
     # tables (`item_att`, `cate_att`, `dare_att_dim` wide); the GRUs, the auxiliary loss and the tower keep the
@@ -147,7 +152,7 @@ class DIEN(CTRModel):
             self.attention = DienDinAttention(q, k, params.attention_hidden, params.attention_activation)
         self.augru = AUGRU(h, h, form=params.augru)
         n_ctx = len(self.context_features()) + (1 if params.use_user else 0)
-        n_in = 3 * d + h + self.dim * n_ctx
+        n_in = (3 * d if params.sum_pooling else d) + h + self.dim * n_ctx
         self.input_norm = BatchNorm1dAnySize(n_in) if params.input_batch_norm else nn.Identity()
         self.tower = MLP(
             n_in, params.hidden, activation=params.activation, batch_norm=params.batch_norm,
@@ -212,10 +217,16 @@ class DIEN(CTRModel):
         else:
             _, att = self.attention(target, interests, mask)
         _, final = self.augru(interests, att, mask)
-        summed = beh.sum(1)  # padded positions are zeros
-        x = torch.cat([target, summed, target * summed, final, *self.context_vector(emb)], dim=-1)
-        logit = self.tower(self.input_norm(x)).squeeze(-1)
+        logit = self.tower(self.input_norm(self.tower_input(emb, target, beh, final))).squeeze(-1)
         return ModelOutput(logit=logit, extras=extras)
+
+    def tower_input(self, emb: dict, target: torch.Tensor, beh: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """``[e_a; Σ_t e_t; e_a ⊙ Σ_t e_t; h'_T; context]``, without the two sum-pooled blocks with ``sum_pooling:
+        false``; beh [B, L, 2d] holds the behaviors only (zeros at padding, no LAIN prompt)."""
+        if not self.p.sum_pooling:
+            return torch.cat([target, final, *self.context_vector(emb)], dim=-1)
+        summed = beh.sum(1)
+        return torch.cat([target, summed, target * summed, final, *self.context_vector(emb)], dim=-1)
 
     def _forward_lain(self, batch: Batch) -> ModelOutput:
         """`forward` with LAIN's prompts before the behaviors and its conditioned, tempered attention."""
@@ -242,9 +253,7 @@ class DIEN(CTRModel):
             scores = unit.scores(self.attention.prelu(self.attention.proj(query)), keys, seq_mask) * unit.scale
         att = masked_softmax(self.lain.temper(scores, length), seq_mask)
         _, final = self.augru(interests, att, seq_mask)
-        summed = beh.sum(1)  # the behaviors only, not the prompts
-        x = torch.cat([target, summed, target * summed, final, *self.context_vector(emb)], dim=-1)
-        logit = self.tower(self.input_norm(x)).squeeze(-1)
+        logit = self.tower(self.input_norm(self.tower_input(emb, target, beh, final))).squeeze(-1)
         return ModelOutput(logit=logit, extras=extras)
 
 
