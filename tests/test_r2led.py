@@ -34,6 +34,7 @@ from ctr.modules.gsu import lengths_to_offsets  # noqa: E402
 from ctr.modules.sid_routes import (  # noqa: E402
     PrefixGSU,
     RouteFusion,
+    SIDFusion,
     prefix_codes,
     vector_topk,
 )
@@ -321,3 +322,53 @@ def test_equal_budget_routes():
     assert sum(P(budget=7).route_ks()) == 7 and min(P(budget=5).route_ks()) == 1
     with pytest.raises(ValueError, match="at least one behavior per route"):
         P(budget=3).route_ks()
+
+
+def test_sid_fusion_once_per_key_equals_per_row():
+    """`SIDFusion.forward_unique` on rows with repeated keys: the rows of `forward`, the same parameter gradients,
+    and per key the same summed gradient of ``e_id`` (all of it on the key's first row)."""
+    torch.manual_seed(0)
+    fusion = SIDFusion(8, 3, 5)
+    keys = torch.tensor([4, 1, 4, 7, 1, 4, 0])
+    base_e, base_c = torch.randn(8, 8), torch.randint(0, 5, (8, 3))
+    e_ref, codes = base_e[keys].clone().requires_grad_(), base_c[keys]
+    e_uni = e_ref.detach().clone().requires_grad_()
+    ref = fusion(e_ref, codes)
+    (ref.square() * torch.arange(1.0, 8.0).unsqueeze(1)).sum().backward()
+    grads_ref = {n: p.grad.clone() for n, p in fusion.named_parameters()}
+    fusion.zero_grad()
+    got = fusion.forward_unique(e_uni, codes, keys)
+    (got.square() * torch.arange(1.0, 8.0).unsqueeze(1)).sum().backward()
+    torch.testing.assert_close(got, ref)
+    for n, p in fusion.named_parameters():
+        torch.testing.assert_close(p.grad, grads_ref[n], msg=n)
+    for k in keys.unique():
+        rows = (keys == k).nonzero().squeeze(1)
+        torch.testing.assert_close(e_uni.grad[rows].sum(0), e_ref.grad[rows].sum(0))
+        assert e_uni.grad[rows[1:]].abs().sum() == 0  # the first row of each key takes it all
+
+
+def test_sid_fusion_once_per_item_trains_the_same(info, monkeypatch):
+    """R2LED fuses each distinct (item, category) once: the logits, the loss and every gradient (the embedding
+    tables' included) equal those of the fusion computed row by row, on a training batch with repeated items."""
+    runs = []
+    for per_row in (False, True):
+        if per_row:
+            monkeypatch.setattr(SIDFusion, "forward_unique", lambda self, e_id, codes, keys: self(e_id, codes))
+        model = build(info).train()
+        batch = batches(info, model, 1)[0]
+        items = batch.sparse.to_dict()["short_item"].values()
+        assert items.unique().numel() < items.numel()  # the batch repeats items
+        out = model(batch)
+        loss = sum(model.loss(out, batch).values())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((out.logit.detach(), loss.detach(), grads))
+    (logit, loss, grads), (logit1, loss1, grads1) = runs
+    torch.testing.assert_close(logit, logit1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss, loss1, rtol=0, atol=1e-6)
+    assert grads.keys() == grads1.keys()
+    tables = [n for n in grads if "embedding" in n]
+    assert tables and any(grads[n].abs().sum() > 0 for n in tables)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads1[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -66,7 +66,7 @@ from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
 from ..modules.gsu import CosineGSU, Selection, gather_slots, lengths_to_offsets
 from ..modules.sid_routes import PrefixGSU, RouteFusion, SIDFusion, prefix_codes, vector_topk
 from .base import ModelOutput, register, register_lain_variant
-from .two_stage import LengthContext, TwoStageModel, TwoStageParams, fixed_slots, to_slots
+from .two_stage import LengthContext, TwoStageModel, TwoStageParams, to_slots
 
 
 class RouteParams(BaseModel):
@@ -295,13 +295,12 @@ class R2LED(TwoStageModel):
         for f in ("long_item", "long_cate"):
             picked[f] = JaggedTensor(values=ids[f].values()[rows[mask]], lengths=n)
         emb = self.embed(picked)
-        target_id = self.pair(emb, "")
-        long_id = to_slots(self.pair(emb, "long_"), mask)
         long_items = gather_slots(long_item.values().long(), rows, mask)
         s = self.rp.short_len
         short_mask = torch.arange(s, device=mask.device).unsqueeze(0) < emb["short_item"].lengths().long().unsqueeze(1)
-        short_id = to_slots(self.pair(emb, "short_"), short_mask)
-        short_items, _ = fixed_slots(ids["short_item"], s)
+        # the SID-level fusion of the target and of the real retrieved and recent behaviors, once per distinct item
+        # (an empty slot's fusion is zero: its ID embedding is zero and its codes are the reserved, zero rows)
+        target, long_real, short_real = self.fuse_items([(emb, "", ids), (emb, "long_", picked), (emb, "short_", ids)])
         slices, start = [], 0
         for k in self.route_k:
             slices.append((start, start + k))
@@ -310,15 +309,25 @@ class R2LED(TwoStageModel):
             emb=emb,
             selections=sels,
             slices=slices,
-            target=self.sid(target_id, self.sid_codes[ids["item"].values().long()]),
-            long=self.sid(long_id, self.sid_codes[long_items]),
+            target=target,
+            long=to_slots(long_real, mask),
             long_mask=mask,
             long_gap=gather_slots(batch.dense["long_ts_gap"], rows, mask),
             long_items=long_items,
-            short=self.sid(short_id, self.sid_codes[short_items.long()]),
+            short=to_slots(short_real, short_mask),
             short_mask=short_mask,
             lc=self.length_context(batch),
         )
+
+    def fuse_items(self, parts: list[tuple[dict[str, Any], str, dict[str, Any]]]) -> list[torch.Tensor]:
+        """`SIDFusion` of each ``(emb, prefix, ids)`` feature pair's jagged rows ``[N_i, 2d]``, every distinct
+        (item, category) fused once over all of them (`SIDFusion.forward_unique`); the fused rows per part."""
+        n_cate = max(1, int(self.info.vocab_sizes["cate"]))
+        items = torch.cat([ids[f"{prefix}item"].values().long() for _, prefix, ids in parts])
+        cates = torch.cat([ids[f"{prefix}cate"].values().long() for _, prefix, ids in parts])
+        e_id = torch.cat([self.pair(emb, prefix) for emb, prefix, _ in parts])
+        fused = self.sid.forward_unique(e_id, self.sid_codes[items], items * n_cate + cates)
+        return list(fused.split([ids[f"{prefix}item"].values().numel() for _, prefix, ids in parts]))
 
     def route_outputs(self, inp: RouteInput) -> tuple[torch.Tensor, torch.Tensor]:
         """Per route, the target attention over its retrieved behaviors: (``u [B, R, 2d]``, non-empty ``[B, R]``)."""

@@ -188,6 +188,21 @@ class SIDFusion(nn.Module):
         g = torch.sigmoid(self.gate(torch.cat([e_id, e_sid], dim=-1)))
         return g * e_id + (1.0 - g) * e_sid
 
+    def forward_unique(self, e_id: torch.Tensor, codes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`forward` on rows ``e_id [N, dim]``, ``codes [N, L_s]`` computed once per distinct ``keys [N]``: rows with
+        equal keys must carry equal ``e_id`` and ``codes`` (the same item: R2LED keys by (item, category)).
+
+        A batch holds each item many times (targets, retrieved and recent behaviors of many users), and the fusion is
+        a function of the item alone; computing it per row cost R2LED about as much as the rest of its step. Each
+        distinct key is fused from its first row, whose ``e_id`` then receives the gradient of every row with that
+        key (the others' none): their embedding-table row gets the same summed gradient either way.
+        """
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        n = keys.numel()
+        first = torch.full((uniq.numel(),), n, dtype=torch.long, device=keys.device)
+        first.scatter_reduce_(0, inverse, torch.arange(n, device=keys.device), "amin")
+        return self(e_id.index_select(0, first), codes.index_select(0, first)).index_select(0, inverse)
+
 
 class RouteFusion(nn.Module):
     """The route-level fusion: target-aware cross-attention (or gate) over the R route outputs.
