@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
-from ctr.config import resolve_train_config
+from ctr.config import ConfigError, resolve_train_config
 from ctr.modules.attention import DinAttention
 from ctr.train import setup
+from ctr.train.checkpoint import check_resumable
 from ctr.train.setup import COMPILE_AUTO_MIN_STEPS, compile_units
 from ctr.train.trainer import train
 
@@ -114,3 +116,17 @@ def test_compiled_training_ends_where_eager_training_does(tiny_data, tmp_path, m
     assert eager.keys() == compiled.keys()
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_a_run_resumes_with_another_compile_setting(tmp_path):
+    """train.compile changes how the step is computed, not the model: a checkpoint written with one setting (or
+    before the key existed) resumes under another; a real config change is still refused."""
+    base = {"world_size": 1, "dataset_fingerprint": "f", "data_dir": "d"}
+    cfg, _ = resolve_train_config("din", None, [])
+    old = cfg.model_dump(mode="json")
+    del old["train"]["compile"]  # a checkpoint from before train.compile
+    new, _ = resolve_train_config("din", None, ["train.compile=true"])
+    check_resumable(tmp_path, base | {"config": old}, base | {"config": new.model_dump(mode="json")})
+    other, _ = resolve_train_config("din", None, ["train.compile=true", "train.seed=3"])
+    with pytest.raises(ConfigError, match="train.seed"):
+        check_resumable(tmp_path, base | {"config": old}, base | {"config": other.model_dump(mode="json")})

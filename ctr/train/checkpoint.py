@@ -12,7 +12,7 @@ A generation without `COMPLETE.json` (a kill fell while it was written) is never
 complete one and says which partial ones it skipped. Files hold only tensors and plain containers, so they load
 with `torch.load(weights_only=True)`. Resuming with another world size, batch size, dataset or config is refused
 with a message that names what differs; only the keys in `RESUMABLE_CHANGES` (how long to train, how often to log
-and checkpoint, loader processes) may change between the run and its resume.
+and checkpoint, loader processes, `train.compile`) may change between the run and its resume.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "data.num_workers",
+        "train.compile",  # how the step is computed, not what: the same model to float rounding
     }
 )
 
