@@ -4,6 +4,7 @@ eager with a warning, `auto` decides by the planned steps, and a compiled `ctr t
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -48,6 +49,20 @@ def test_compiled_unit_is_the_eager_unit():
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-6 * float(r.grad.abs().max()), msg=name)
     for (name, buf), (_, ref) in zip(compiled.named_buffers(), eager.named_buffers(), strict=True):
         torch.testing.assert_close(buf, ref, rtol=1e-5, atol=1e-6, msg=name)  # Dice's running statistics
+
+
+def test_a_copy_of_a_compiled_unit_trains_its_own_parameters():
+    torch.manual_seed(0)
+    unit = DinAttention(8, (16, 8), "dice")
+    unit.compile_rows()
+    _step(unit, *_inputs())
+    clone = copy.deepcopy(unit)
+    reference = copy.deepcopy(unit)
+    reference._compiled_rows = None  # eager
+    with torch.no_grad():
+        unit.out.weight.zero_()  # the original changes; the copy must not see it
+    for got, want in zip(_step(clone, *_inputs(1)), _step(reference, *_inputs(1)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_evaluation_stays_eager(monkeypatch):

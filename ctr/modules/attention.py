@@ -140,15 +140,16 @@ class DinAttention(nn.Module):
         (seconds); if that fails (no C++ compiler, an unsupported build), the unit falls back to eager with a
         warning rather than stopping the run.
         """
-        self._compiled_rows = torch.compile(self._rows, dynamic=True)
+        # the unbound function, called with the module: a copy of the module (deepcopy) trains its own parameters
+        self._compiled_rows = torch.compile(DinAttention._rows, dynamic=True)
         self._compile_checked = False
 
     def _run_compiled(self, *args: torch.Tensor) -> torch.Tensor:
         assert self._compiled_rows is not None
         if self._compile_checked:
-            return self._compiled_rows(*args)
+            return self._compiled_rows(self, *args)
         try:
-            s = self._compiled_rows(*args)
+            s = self._compiled_rows(self, *args)
         except Exception as e:  # the first call is the compilation: keep training, eagerly
             log.warning("train.compile: DIN's activation unit did not compile (%s: %s); running it eagerly",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")  # fmt: skip
