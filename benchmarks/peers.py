@@ -354,8 +354,10 @@ def main() -> int:
     for model, peer, variant, expid, ours_variant, sets in plans:
         row: dict[str, Any] = {"model": model, "peer": peer, "variant": variant, "ours_variant": ours_variant}
         nproc = args.ours_ranks if ours_variant == ranks_variant(args) else 1
-        key = {OURS_DEFAULTS: model, OURS_PEER_ARCH: f"{model}_{peer.lower()}_arch", OURS_COMPILED: f"{model}_compiled"}
-        key = key.get(ours_variant, f"{model}_ranks")
+        run_names = {
+            OURS_DEFAULTS: model, OURS_PEER_ARCH: f"{model}_{peer.lower()}_arch", OURS_COMPILED: f"{model}_compiled"
+        }  # fmt: skip
+        key = run_names.get(ours_variant, f"{model}_ranks")
         if key not in ours_done:
             print(f"[ours] {model} ({ours_variant}): ctr train + ctr evaluate", flush=True)
             try:

@@ -323,11 +323,12 @@ class R2LED(TwoStageModel):
         """`SIDFusion` of each ``(emb, prefix, ids)`` feature pair's jagged rows ``[N_i, 2d]``, every distinct
         (item, category) fused once over all of them (`SIDFusion.forward_unique`); the fused rows per part."""
         n_cate = max(1, int(self.info.vocab_sizes["cate"]))
-        items = torch.cat([ids[f"{prefix}item"].values().long() for _, prefix, ids in parts])
+        items = [ids[f"{prefix}item"].values().long() for _, prefix, ids in parts]
         cates = torch.cat([ids[f"{prefix}cate"].values().long() for _, prefix, ids in parts])
         e_id = torch.cat([self.pair(emb, prefix) for emb, prefix, _ in parts])
-        fused = self.sid.forward_unique(e_id, self.sid_codes[items], items * n_cate + cates)
-        return list(fused.split([ids[f"{prefix}item"].values().numel() for _, prefix, ids in parts]))
+        flat = torch.cat(items)
+        fused = self.sid.forward_unique(e_id, self.sid_codes[flat], flat * n_cate + cates)
+        return list(fused.split([i.numel() for i in items]))
 
     def route_outputs(self, inp: RouteInput) -> tuple[torch.Tensor, torch.Tensor]:
         """Per route, the target attention over its retrieved behaviors: (``u [B, R, 2d]``, non-empty ``[B, R]``)."""
