@@ -102,7 +102,7 @@ from peers_config import (  # noqa: E402, F401 - re-exported: cost_curve.py and 
     our_overrides,
 )
 from peers_convert import convert_dataset  # noqa: E402
-from peers_report import defects_report, table  # noqa: E402
+from peers_report import RESAMPLES, defects_report, paired_quality, table  # noqa: E402
 
 FUXICTR_VERSION = "2.3.10"
 TORCH_PIN = "torch==2.13.0"  # the CPU build on local disk; an open range would pull a multi-GB CUDA build
@@ -214,6 +214,23 @@ def run_ours(
     }
 
 
+def lr_expid(expid: str, lr: float, lrs: list[float], dense_lr: float) -> str:
+    """FuxiCTR's experiment id for one learning rate (the plain id when ours' dense rate is the only one)."""
+    return expid if lrs == [dense_lr] else f"{expid}_lr{lr:g}"
+
+
+def best_by_validation(runs: dict[float, dict[str, Any]]) -> dict[str, Any]:
+    """The FuxiCTR run (of one per learning rate) with the best validation gAUC, with every rate's outcome under
+    ``lr_search``; the test split plays no part in the choice."""
+    search = [
+        {"learning_rate": lr, "best_valid_gauc": r.get("best_valid_gauc"), "test_auc": r["metrics"]["auc"],
+         "test_gauc": r["metrics"]["gauc"], "samples_per_s": r.get("samples_per_s"), "epochs_run": r.get("epochs_run")}
+        for lr, r in runs.items()
+    ]  # fmt: skip
+    lr = max(runs, key=lambda k: runs[k].get("best_valid_gauc") or -math.inf)
+    return {**runs[lr], "learning_rate": lr, "lr_search": search}
+
+
 def run_fuxictr(py: Path, expid: str, variant: str, args: argparse.Namespace, work: Path, log_every: int) -> dict:
     from _common import run_measured
 
@@ -235,6 +252,7 @@ def run_fuxictr(py: Path, expid: str, variant: str, args: argparse.Namespace, wo
     res["samples_per_s"] = _windows_median(res.pop("window_rates"))
     preds = pq.read_table(out / "predictions.parquet")
     res["metrics"] = score(preds["label"].to_numpy(), preds["score"].to_numpy(), preds["user_index"].to_numpy())
+    res["predictions"] = str(out / "predictions.parquet")
     res["wall_seconds"] = measured["seconds"]
     res["peak_pss_bytes"] = measured["peak_pss_bytes"]
     return res
@@ -264,6 +282,13 @@ def main() -> int:
         help="loader worker processes of each side, the same count for both (default: our data.num_workers rule, "
         "features.loader.loader_workers: 0, loading in the training process, with at most 2 cores)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fuxictr-lr", default=None,
+        help="FuxiCTR's learning rates, comma-separated (its one Adam trains the tables and the dense part; "
+        "default: our optim.dense_lr, 1e-3, where ours trains its tables with Adagrad at optim.sparse_lr). With "
+        "more than one, FuxiCTR trains once per rate and each row keeps the run with the best validation gAUC "
+        "(its test metrics and samples/s; every rate's result is in the JSON, fuxictr.lr_search)",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/lifelong-ctr-peers"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "peers.json")
     args = parser.parse_args()
@@ -291,6 +316,8 @@ def main() -> int:
 
     import yaml
 
+    dense_lr = float(defaults[models[0]]["optim"]["dense_lr"])
+    fx_lrs = [float(x) for x in args.fuxictr_lr.split(",")] if args.fuxictr_lr else [dense_lr]
     steps_per_epoch = max(1, math.ceil(conv["rows"]["train"] / args.batch_size))
     log_every = max(1, steps_per_epoch // 5)
     plans = []
@@ -311,7 +338,8 @@ def main() -> int:
             ours_variants.append((OURS_PEER_ARCH, sets + architecture_sets(peer, params, cfg)))
         for v in variants:
             expid = f"{peer}_peers" + ("_post" if v == "post-padded" else "")
-            model_cfg[expid] = params
+            for lr in fx_lrs:
+                model_cfg[lr_expid(expid, lr, fx_lrs, dense_lr)] = params | {"learning_rate": lr}
             for ours_variant, ours_sets in ours_variants:
                 plans.append((model, peer, v, expid, ours_variant, ours_sets))
     (work / "config" / "model_config.yaml").write_text(yaml.safe_dump(model_cfg, sort_keys=False))
@@ -330,13 +358,18 @@ def main() -> int:
             "work": str(work),
             "settings": {"max_len": args.max_len, "batch_size": args.batch_size, "epochs": args.epochs,
                          "threads": args.threads, "log_every_steps": log_every, "loader_workers_each": args.workers,
-                         "seed": int(defaults[models[0]]["train"]["seed"]) if args.seed is None else args.seed},
+                         "seed": int(defaults[models[0]]["train"]["seed"]) if args.seed is None else args.seed,
+                         "fuxictr_learning_rates": fx_lrs, "fuxictr_lr_choice": "best validation gAUC",
+                         "quality_delta": f"ours minus FuxiCTR, paired bootstrap over test users, {RESAMPLES} "
+                         "resamples, 95% percentile interval (ctr.evaluation.metrics.paired_bootstrap)"},
             "fuxictr": {"version": FUXICTR_VERSION, "venv": str(py.parents[1]), "torch": TORCH_PIN,
                         "configs": str(work / "config")},
             "gauc_definition": "per-user AUC over users with both classes, weighted by the user's impressions "
             "(ctr.evaluation.metrics.gauc; FuxiCTR's gAUC is the same definition)",
             "differences": [
-                "sparse tables: ours Adagrad at optim.sparse_lr, FuxiCTR Adam at the dense learning rate",
+                "sparse tables: ours Adagrad at optim.sparse_lr; FuxiCTR's one Adam trains tables and dense part at "
+                "the rate of settings.fuxictr_learning_rates with the best validation gAUC (ours' dense rate unless "
+                "--fuxictr-lr)",
                 "dien: ours adds the auxiliary loss (model.aux_alpha); FuxiCTR's LongCTR DIEN has none",
                 "sim_soft/eta/sdim/twin at our defaults: our short-term branch is DIN-style attention over the "
                 "last short_len behaviors; FuxiCTR's is multi-head target attention over short_seq_len - 1 (defect "
@@ -368,10 +401,16 @@ def main() -> int:
         if expid not in fuxictr_done:  # one FuxiCTR run serves both of our variants
             print(f"[fuxictr] {peer} ({variant})", flush=True)
             try:
-                fuxictr_done[expid] = run_fuxictr(py, expid, variant, args, work, log_every)
+                runs = {lr: run_fuxictr(py, lr_expid(expid, lr, fx_lrs, dense_lr), variant, args, work, log_every)
+                        for lr in fx_lrs}  # fmt: skip
+                fuxictr_done[expid] = best_by_validation(runs)
             except (JobError, FileNotFoundError) as e:
                 fuxictr_done[expid] = {"error": str(e)[:300]}
         row["fuxictr"] = fuxictr_done[expid]
+        if "run" in row["ours"] and "predictions" in row["fuxictr"]:
+            row["quality_delta"] = paired_quality(
+                Path(row["ours"]["run"]) / "predictions.parquet", Path(row["fuxictr"]["predictions"])
+            )
         rows.append(row)
         save()
     print()

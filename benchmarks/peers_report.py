@@ -3,7 +3,49 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+RESAMPLES = 200  # paired bootstrap resamples of the test users (ctr.evaluation.metrics.paired_bootstrap)
+
+
+def paired_quality(ours_predictions: Path, fuxictr_predictions: Path, resamples: int = RESAMPLES) -> dict[str, Any]:
+    """Ours minus FuxiCTR in test AUC and GAUC with a paired bootstrap over the test users (95% interval).
+
+    Both sides score the same test split in its stored order (peers_convert writes it row for row; neither tool
+    shuffles at test time); that is checked: the labels and the users must agree row by row, else the result says
+    why it is not paired instead of pairing rows that are not the same samples."""
+    from ctr.evaluation.metrics import paired_bootstrap
+
+    ours = pq.read_table(ours_predictions, columns=["user_idx", "label", "score"])
+    fx = pq.read_table(fuxictr_predictions, columns=["user_index", "label", "score"])
+    if ours.num_rows != fx.num_rows:
+        return {"paired": False, "why": f"{ours.num_rows} test rows (ours) against {fx.num_rows} (FuxiCTR)"}
+    users, labels = ours["user_idx"].to_numpy(), ours["label"].to_numpy()
+    for name, a, b in (("users", users, fx["user_index"].to_numpy()), ("labels", labels, fx["label"].to_numpy())):
+        if not np.array_equal(a.astype(np.int64), b.astype(np.int64)):
+            bad = int(np.flatnonzero(a.astype(np.int64) != b.astype(np.int64))[0])
+            return {"paired": False, "why": f"the two prediction sets' {name} differ first at test row {bad}"}
+    out: dict[str, Any] = {"paired": True, "resamples": resamples, "groups": "user"}
+    for metric in ("auc", "gauc"):
+        d = paired_bootstrap(
+            labels, ours["score"].to_numpy(), fx["score"].to_numpy(), users, metric=metric, resamples=resamples
+        )
+        out[metric] = {"delta": d.delta, "lo": d.lo, "hi": d.hi, "significant": d.significant}
+    return out
+
+
+def delta_text(q: dict[str, Any] | None, metric: str = "auc") -> str:
+    """``+0.0123 [+0.0050, +0.0190]`` (ours − FuxiCTR and its 95% interval), or why there is none."""
+    if not q:
+        return "-"
+    if not q.get("paired"):
+        return "not paired"
+    d = q[metric]
+    return f"{d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
 
 
 def defects_report(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -84,8 +126,8 @@ def _fmt(x: Any, digits: int = 4) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | ours as | FuxiCTR | ours AUC / GAUC / logloss | FuxiCTR AUC / GAUC / logloss | FuxiCTR's own gAUC "
-        "| ours samples/s | FuxiCTR samples/s | ratio |",
-        "|---|---|---|---|---|---:|---:|---:|---:|",
+        "| ours − FuxiCTR AUC [95%] | ours − FuxiCTR GAUC [95%] | ours samples/s | FuxiCTR samples/s | ratio |",
+        "|---|---|---|---|---|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         ours, fx = r.get("ours") or {}, r.get("fuxictr") or {}
@@ -94,10 +136,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         f = " / ".join(_fmt(fm.get(k)) for k in ("auc", "gauc", "logloss")) if fm else fx.get("error", "failed")
         own = (fx.get("fuxictr_own_metrics") or {}).get("gAUC")
         osps, fsps = ours.get("samples_per_s"), fx.get("samples_per_s")
+        lr = f", lr {fx['learning_rate']:g}" if "learning_rate" in fx else ""
         ratio = f"{osps / fsps:.2f}" if osps and fsps else "-"
         lines.append(
-            f"| {r['model']} | {r.get('ours_variant', 'defaults')} | {r['peer']} ({r['variant']}) | {o} | {f} | "
-            f"{_fmt(own)} | "
+            f"| {r['model']} | {r.get('ours_variant', 'defaults')} | {r['peer']} ({r['variant']}{lr}) | {o} | {f} | "
+            f"{_fmt(own)} | {delta_text(r.get('quality_delta'))} | {delta_text(r.get('quality_delta'), 'gauc')} | "
             f"{f'{osps:,.0f}' if osps else '-'} | {f'{fsps:,.0f}' if fsps else '-'} | {ratio} |"
         )
     return "\n".join(lines)
