@@ -137,9 +137,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         own = (fx.get("fuxictr_own_metrics") or {}).get("gAUC")
         osps, fsps = ours.get("samples_per_s"), fx.get("samples_per_s")
         lr = f", lr {fx['learning_rate']:g}" if "learning_rate" in fx else ""
+        slr = f", tables' lr {ours['sparse_lr']:g}" if "sparse_lr" in ours else ""
         ratio = f"{osps / fsps:.2f}" if osps and fsps else "-"
         lines.append(
-            f"| {r['model']} | {r.get('ours_variant', 'defaults')} | {r['peer']} ({r['variant']}{lr}) | {o} | {f} | "
+            f"| {r['model']} | {r.get('ours_variant', 'defaults')}{slr} | {r['peer']} ({r['variant']}{lr}) | "
+            f"{o} | {f} | "
             f"{_fmt(own)} | {delta_text(r.get('quality_delta'))} | {delta_text(r.get('quality_delta'), 'gauc')} | "
             f"{f'{osps:,.0f}' if osps else '-'} | {f'{fsps:,.0f}' if fsps else '-'} | {ratio} |"
         )

@@ -88,3 +88,23 @@ def test_fuxictr_learning_rate_is_chosen_on_validation_not_test():
     assert best["learning_rate"] == 0.01 and best["metrics"]["auc"] == 0.75 and best["samples_per_s"] == 9100.0
     assert [r["learning_rate"] for r in best["lr_search"]] == [0.001, 0.01]
     assert best["lr_search"][0]["test_auc"] == 0.80
+
+
+def test_our_table_learning_rate_is_chosen_on_validation_too():
+    peers, report = _peers_modules()
+
+    def run(valid: float, test: float) -> dict:
+        return {"best_valid_gauc": valid, "metrics": {"auc": test, "gauc": test}, "samples_per_s": 1.0}
+
+    best = peers.best_ours_by_validation({0.05: run(0.79, 0.82), 0.2: run(0.75, 0.83)})
+    assert best["sparse_lr"] == 0.05 and best["metrics"]["auc"] == 0.82
+    assert [r["sparse_lr"] for r in best["lr_search"]] == [0.05, 0.2]
+    row = {
+        "model": "din",
+        "peer": "DIN",
+        "variant": "as shipped",
+        "ours_variant": "defaults",
+        "ours": best,
+        "fuxictr": {"learning_rate": 0.01, "metrics": run(0, 0.81)["metrics"], "samples_per_s": 1.0},
+    }
+    assert "| din | defaults, tables' lr 0.05 | DIN (as shipped, lr 0.01) |" in report.table([row])

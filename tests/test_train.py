@@ -108,6 +108,19 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     assert abs(s1["auc"] - s2["auc"]) < 0.08
 
 
+def test_sparse_adam_on_the_cpu_is_a_clear_error_before_any_rank_starts(tiny_data, tmp_path):
+    """FBGEMM's CPU kernels have no fused Adam: `ctr train` says so and how to fix it (it used to fail in FBGEMM's
+    own assertion inside the rank); on CUDA the same setting passes the check."""
+    from ctr.train.trainer import check_sparse_optimizer
+
+    with pytest.raises(ConfigError, match=r"optim.sparse=adam.*How to fix"):
+        _train(tiny_data, tmp_path / "adam", ["train.max_steps=1", "optim.sparse=adam"])
+    assert not (tmp_path / "adam").exists()  # nothing claimed or written
+    check_sparse_optimizer("adam", cuda=True)
+    for name in ("adagrad", "rowwise_adagrad", "sgd"):
+        check_sparse_optimizer(name, cuda=False)
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="optim.dens_lr"):
         resolve_train_config("sum_pool", None, ["optim.dens_lr=0.1"])

@@ -34,6 +34,19 @@ from .worker import run_rank
 log = logging.getLogger(__name__)
 
 
+def check_sparse_optimizer(name: str, cuda: bool | None = None) -> None:
+    """FBGEMM's CPU embedding kernels have no Adam (their fused optimizers there: exact Adagrad, row-wise Adagrad
+    and SGD): fail before any rank starts, not in FBGEMM's assertion inside the first rank's model build."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if name == "adam" and not cuda:
+        raise ConfigError(
+            "optim.sparse=adam: FBGEMM's CPU embedding kernels have no fused Adam (on the CPU they train tables with "
+            "adagrad, rowwise_adagrad or sgd). How to fix: set optim.sparse to one of those, or train on a GPU"
+        )
+
+
 def train(
     data_dir: Path,
     run_dir: Path,
@@ -59,6 +72,7 @@ def train(
         log.warning("--nproc %d is more than the %d CPU cores here: it works (gloo), but slower", nproc, os.cpu_count())
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite: choose one (continue the run, or start it again)")
+    check_sparse_optimizer(cfg.optim.sparse)
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     info = DatasetInfo.load(data_dir)  # fail early on a bad dataset directory
     if not info.split_rows.get("train"):
