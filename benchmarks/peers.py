@@ -224,28 +224,16 @@ def lr_expid(expid: str, lr: float, lrs: list[float], dense_lr: float) -> str:
     return expid if lrs == [dense_lr] else f"{expid}_lr{lr:g}"
 
 
-def best_by_validation(runs: dict[float, dict[str, Any]]) -> dict[str, Any]:
-    """The FuxiCTR run (of one per learning rate) with the best validation gAUC, with every rate's outcome under
-    ``lr_search``; the test split plays no part in the choice."""
+def best_by_validation(runs: dict[float, dict[str, Any]], rate: str = "learning_rate") -> dict[str, Any]:
+    """The run (of one per learning rate: FuxiCTR's ``learning_rate``, our ``sparse_lr``) with the best validation
+    GAUC, with every rate's outcome under ``lr_search``; the test split plays no part in the choice."""
     search = [
-        {"learning_rate": lr, "best_valid_gauc": r.get("best_valid_gauc"), "test_auc": r["metrics"]["auc"],
+        {rate: lr, "best_valid_gauc": r.get("best_valid_gauc"), "test_auc": r["metrics"]["auc"],
          "test_gauc": r["metrics"]["gauc"], "samples_per_s": r.get("samples_per_s"), "epochs_run": r.get("epochs_run")}
         for lr, r in runs.items()
     ]  # fmt: skip
     lr = max(runs, key=lambda k: runs[k].get("best_valid_gauc") or -math.inf)
-    return {**runs[lr], "learning_rate": lr, "lr_search": search}
-
-
-def best_ours_by_validation(runs: dict[float, dict[str, Any]]) -> dict[str, Any]:
-    """Our run (of one per table learning rate) with the best validation GAUC, every rate's outcome under
-    ``lr_search``; the test split plays no part in the choice."""
-    search = [
-        {"sparse_lr": lr, "best_valid_gauc": r.get("best_valid_gauc"), "test_auc": r["metrics"]["auc"],
-         "test_gauc": r["metrics"]["gauc"], "samples_per_s": r.get("samples_per_s")}
-        for lr, r in runs.items()
-    ]  # fmt: skip
-    lr = max(runs, key=lambda k: runs[k].get("best_valid_gauc") or -math.inf)
-    return {**runs[lr], "sparse_lr": lr, "lr_search": search}
+    return {**runs[lr], rate: lr, "lr_search": search}
 
 
 def run_fuxictr(py: Path, expid: str, variant: str, args: argparse.Namespace, work: Path, log_every: int) -> dict:
@@ -422,11 +410,11 @@ def main() -> int:
                 if ours_lrs is None:
                     ours_done[key] = run_ours(model, sets, args, work, log_every, run_name=key, nproc=nproc)
                 else:  # one run per table learning rate, the best validation GAUC kept (as FuxiCTR's rates)
-                    ours_done[key] = best_ours_by_validation({
+                    ours_done[key] = best_by_validation({
                         lr: run_ours(model, [*sets, f"optim.sparse_lr={lr:g}"], args, work, log_every,
                                      run_name=f"{key}_slr{lr:g}", nproc=nproc)
                         for lr in ours_lrs
-                    })  # fmt: skip
+                    }, rate="sparse_lr")  # fmt: skip
             except JobError as e:
                 ours_done[key] = {"error": str(e)[:300]}
         row["ours"] = ours_done[key]

@@ -96,7 +96,7 @@ def test_our_table_learning_rate_is_chosen_on_validation_too():
     def run(valid: float, test: float) -> dict:
         return {"best_valid_gauc": valid, "metrics": {"auc": test, "gauc": test}, "samples_per_s": 1.0}
 
-    best = peers.best_ours_by_validation({0.05: run(0.79, 0.82), 0.2: run(0.75, 0.83)})
+    best = peers.best_by_validation({0.05: run(0.79, 0.82), 0.2: run(0.75, 0.83)}, rate="sparse_lr")
     assert best["sparse_lr"] == 0.05 and best["metrics"]["auc"] == 0.82
     assert [r["sparse_lr"] for r in best["lr_search"]] == [0.05, 0.2]
     row = {
