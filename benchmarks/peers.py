@@ -39,7 +39,7 @@ rate (1e-3) unless --fuxictr-lr lists others, each trained, the row keeping the 
 tables learn far slower than ours, Adagrad at optim.sparse_lr 0.05: on the demo world its one-epoch AUC was 0.69 (DIN)
 and 0.52 (SIM) at 1e-3 against 0.81 at 1e-2). Not the same on both sides, by design
 or because one side has no such option (listed in the JSON under "differences"): our sparse tables train with
-Adagrad (optim.sparse_lr), FuxiCTR's with Adam at the dense learning rate; our DIEN adds its auxiliary loss;
+Adagrad (optim.sparse_lr), FuxiCTR's with its one Adam at the rate it is given; our DIEN adds its auxiliary loss;
 our two-stage models use DIN-style short-term attention and their own GSU/ESU details (TWIN's cross features, SDIM's
 hash attention) where FuxiCTR uses multi-head target attention.
 
@@ -229,7 +229,8 @@ def best_by_validation(runs: dict[float, dict[str, Any]], rate: str = "learning_
     GAUC, with every rate's outcome under ``lr_search``; the test split plays no part in the choice."""
     search = [
         {rate: lr, "best_valid_gauc": r.get("best_valid_gauc"), "test_auc": r["metrics"]["auc"],
-         "test_gauc": r["metrics"]["gauc"], "samples_per_s": r.get("samples_per_s"), "epochs_run": r.get("epochs_run")}
+         "test_gauc": r["metrics"]["gauc"], "samples_per_s": r.get("samples_per_s"),
+         "epochs_run": r.get("epochs_run", r.get("epochs_done"))}
         for lr, r in runs.items()
     ]  # fmt: skip
     lr = max(runs, key=lambda k: runs[k].get("best_valid_gauc") or -math.inf)

@@ -26,8 +26,9 @@ def paired_quality(ours_predictions: Path, fuxictr_predictions: Path, resamples:
         return {"paired": False, "why": f"{ours.num_rows} test rows (ours) against {fx.num_rows} (FuxiCTR)"}
     users, labels = ours["user_idx"].to_numpy(), ours["label"].to_numpy()
     for name, a, b in (("users", users, fx["user_index"].to_numpy()), ("labels", labels, fx["label"].to_numpy())):
-        if not np.array_equal(a.astype(np.int64), b.astype(np.int64)):
-            bad = int(np.flatnonzero(a.astype(np.int64) != b.astype(np.int64))[0])
+        differ = a.astype(np.int64) != b.astype(np.int64)
+        if differ.any():
+            bad = int(np.flatnonzero(differ)[0])
             return {"paired": False, "why": f"the two prediction sets' {name} differ first at test row {bad}"}
     out: dict[str, Any] = {"paired": True, "resamples": resamples, "groups": "user"}
     for metric in ("auc", "gauc"):

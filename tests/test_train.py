@@ -111,7 +111,7 @@ def test_two_processes_match_one(tiny_data, tmp_path):
 def test_sparse_adam_on_the_cpu_is_a_clear_error_before_any_rank_starts(tiny_data, tmp_path):
     """FBGEMM's CPU kernels have no fused Adam: `ctr train` says so and how to fix it (it used to fail in FBGEMM's
     own assertion inside the rank); on CUDA the same setting passes the check."""
-    from ctr.train.trainer import check_sparse_optimizer
+    from ctr.train.setup import check_sparse_optimizer
 
     with pytest.raises(ConfigError, match=r"optim.sparse=adam.*How to fix"):
         _train(tiny_data, tmp_path / "adam", ["train.max_steps=1", "optim.sparse=adam"])

@@ -17,7 +17,7 @@ import torch
 from features.dataset import DatasetInfo
 from features.loader import Batch, LoaderConfig, SplitLoader, loader_workers
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..models import CTRModel
 from .distributed import DistContext
 
@@ -32,6 +32,17 @@ def sparse_optimizer_class(name: str) -> type:
 
         return RowWiseAdagrad
     return getattr(torch.optim, SPARSE_OPTIMIZERS[name])
+
+
+def check_sparse_optimizer(name: str, cuda: bool | None = None) -> None:
+    """FBGEMM's CPU embedding kernels have no Adam (their fused optimizers there: exact Adagrad, row-wise Adagrad
+    and SGD): fail before any rank starts, not in FBGEMM's assertion inside the first rank's model build."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if name == "adam" and not cuda:
+        raise ConfigError(
+            "optim.sparse=adam: FBGEMM's CPU embedding kernels have no fused Adam (on the CPU they train tables with "
+            "adagrad, rowwise_adagrad or sgd). How to fix: set optim.sparse to one of those, or train on a GPU"
+        )
 
 
 def dense_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -28,23 +28,10 @@ from ..config import ConfigError, TrainConfig
 from ..models import ModelParams
 from ..runs import claim_run, clear_run_outputs, model_params, write_json_atomic
 from .distributed import launch
-from .setup import FAULT_ENV
+from .setup import FAULT_ENV, check_sparse_optimizer
 from .worker import run_rank
 
 log = logging.getLogger(__name__)
-
-
-def check_sparse_optimizer(name: str, cuda: bool | None = None) -> None:
-    """FBGEMM's CPU embedding kernels have no Adam (their fused optimizers there: exact Adagrad, row-wise Adagrad
-    and SGD): fail before any rank starts, not in FBGEMM's assertion inside the first rank's model build."""
-    import torch
-
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if name == "adam" and not cuda:
-        raise ConfigError(
-            "optim.sparse=adam: FBGEMM's CPU embedding kernels have no fused Adam (on the CPU they train tables with "
-            "adagrad, rowwise_adagrad or sgd). How to fix: set optim.sparse to one of those, or train on a GPU"
-        )
 
 
 def train(
