@@ -11,8 +11,9 @@ Per model, after `--warmup` steps on prefetched batches (so the loader is not in
 * ``step``: ms per step and samples/s of the steps alone (prefetched batches), without the profiler.
 * the phases of the profiled steps, in ms per step (profiler CPU time of each span, on the main thread):
   ``lookup`` (the sharded EmbeddingCollection's forward: input split, the fbgemm lookup, the output's jagged
-  tensors), ``forward`` (the rest of the model and the loss), ``sparse update`` (fbgemm's fused backward +
-  Adagrad over the looked-up rows, inside backward), ``backward`` (the rest of backward: the dense gradients),
+  tensors), ``forward`` (the rest of the model and the loss), ``sparse update`` (the fused sparse optimizer
+  inside backward: on the CPU `ctr.train.cpu_tables`' update, with `optim.sparse_cpu_kernel=fbgemm` or elsewhere
+  FBGEMM's backward + Adagrad over the looked-up rows), ``backward`` (the rest of backward: the dense gradients),
   ``dense optimizer`` (gradient clipping and the dense optimizer's step), and the top operators by self time.
 
 The phases are CPU time of spans, so they sum to the step's time within the profiler's overhead (it is reported as
@@ -37,7 +38,7 @@ ROOT = HERE.parent
 # benchmark) would shadow the `kernels` package the models import: the repository root comes first instead
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (HERE, ROOT)]
 
-SPARSE_BACKWARD = "fbgemm::split_embedding_nobag_backward"  # the fused sparse optimizer's kernel (prefix)
+SPARSE_BACKWARD = "fbgemm::split_embedding_nobag_backward"  # FBGEMM's fused sparse optimizer's kernel (prefix)
 PHASES = ("lookup", "forward", "sparse update", "backward", "dense optimizer")
 
 
@@ -55,6 +56,7 @@ def profile_model(
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from ctr.config import resolve_train_config
+    from ctr.train.cpu_tables import UPDATE_SPAN
     from ctr.train.distributed import launch
     from ctr.train.worker import Training
 
@@ -116,7 +118,8 @@ def profile_model(
         lookup = _span_total(prof, "phase:lookup") / k
         fwd = _span_total(prof, "phase:forward+lookup") / k
         bwd = _span_total(prof, "phase:backward+sparse") / k
-        sparse = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith(SPARSE_BACKWARD)) / k
+        sparse = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith(SPARSE_BACKWARD))
+        sparse = (sparse + _span_total(prof, UPDATE_SPAN)) / k
         opt = _span_total(prof, "phase:dense optimizer") / k
         out["phases_ms"] = {
             "lookup": lookup,

@@ -38,6 +38,12 @@ class OptimSection(StrictModel):
     clip_norm: float | None = Field(10.0, description="max global norm of the dense gradients; null = off")
     sparse: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
     sparse_lr: float = Field(0.05, gt=0)
+    sparse_cpu_kernel: Literal["torch", "fbgemm"] = Field(
+        "torch",
+        description="on the CPU, the look-up and fused update of the sequence tables: torch (ctr.train.cpu_tables, "
+        "FBGEMM's update as sorted tensor operations) or fbgemm (FBGEMM's own CPU kernels, about 10x slower per "
+        "distinct row); the same update either way",
+    )
 
 
 class TrainSection(StrictModel):

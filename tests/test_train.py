@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,21 @@ def test_launch_with_a_relative_run_directory(tmp_path, monkeypatch):
     launch(_world_size, 1, Path("out") / "runs" / "m", seen)
     assert seen == [1]
     assert not (tmp_path / "out" / "runs" / "m" / ".dist_store").exists()  # cleaned up
+
+
+def _rank_dies(ctx, how: str) -> None:
+    if ctx.rank == 1:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+        os._exit(3)
+
+
+@pytest.mark.parametrize(("how", "said"), [("kill", r"SIGKILL \(the kernel's OOM killer"), ("exit", r"exit code 3;")])
+def test_a_rank_killed_or_exiting_is_named(tmp_path, how, said):
+    from ctr.train.distributed import WorkerError, launch
+
+    with pytest.raises(WorkerError, match=rf"training process rank 1 was stopped by {said}"):
+        launch(_rank_dies, 2, tmp_path / "rdv", how)
 
 
 def test_narrow_dare_tables_train_sharded(tiny_data, tmp_path):

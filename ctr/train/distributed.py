@@ -142,8 +142,13 @@ def _run_ranks(fn: Callable[..., Any], nproc: int, init_method: str, error_dir: 
         raise
     except mp.ProcessExitedException as exc:
         _stop(context.processes)
-        name = signal.Signals(exc.signal_number).name if exc.signal_number else f"exit code {exc.exit_code}"
-        hint = " (the kernel's OOM killer sends SIGKILL when memory runs out)" if exc.signal_number == 9 else ""
+        # torch reports a rank killed by a signal as a negative exit code (and the signal's name)
+        killed = exc.exit_code is not None and exc.exit_code < 0
+        if killed:
+            name = exc.signal_name or signal.Signals(-exc.exit_code).name
+        else:
+            name = f"exit code {exc.exit_code}"
+        hint = " (the kernel's OOM killer sends SIGKILL when memory runs out)" if name == "SIGKILL" else ""
         raise WorkerError(
             f"training process rank {exc.error_index} was stopped by {name}{hint}; the other ranks were stopped too. "
             "How to fix: find the cause, then continue with --resume (from the last complete checkpoint)"

@@ -1,0 +1,190 @@
+"""The CPU training path of TorchRec's unpooled (sequence) tables: the look-up and the fused sparse update in torch.
+
+TorchRec trains an `EmbeddingCollection` through FBGEMM's table-batched embedding (TBE) with the optimizer fused
+into backward. On the CPU, FBGEMM's backward for unpooled look-ups (`split_embedding_nobag_backward_codegen_*_cpu`)
+accumulates each row's gradient in a serial loop over two nested `std::unordered_map`s holding one `std::vector`
+per distinct row: its cost is about 1 µs per distinct row looked up, on one thread. A batch of 1,024 samples with 50
+behaviors each looks up 20K to 40K distinct items, and DIEN's negatives as many again: 13 ms of DIN's 76 ms step and
+44 ms of DIEN's 185 on the demo world at L = 50 (`benchmarks/results/step-profile-demo-L50.json`); FBGEMM's backward
+alone over 42,000 look-ups of 28,356 distinct rows took 31 ms against 3 ms for the same update written as sorted
+tensor operations (`torch.unique`, `index_add_`, one pass of the optimizer over the distinct rows).
+
+`install(module)` gives every CPU TBE of `module` that trains unpooled float32 tables with exact Adagrad, exact
+row-wise Adagrad or exact SGD a forward that looks rows up with `index_select` and a backward that applies the same
+update to the same state tensors (`weights_host`, `momentum1_host`), so TorchRec's fused optimizer, its state dict
+and our checkpoints see no difference. The update is FBGEMM's CPU update, term for term (its `split_weight_update_cpu`
+for each optimizer); only the order in which a row's gradients are summed differs (float rounding).
+`tests/test_cpu_tables.py` holds the outputs, weights and optimizer states equal to FBGEMM's own kernel's over
+several steps, with repeated rows, tables shared by two features, several tables, empty features and row-wise
+sharding. Any other TBE (GPU, pooled, another optimizer or dtype, weighted or variable-batch look-ups) keeps
+FBGEMM's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+UPDATE_SPAN = "ctr::cpu_table_update"  # the profiler span of the update (benchmarks/step_profile.py reads it)
+
+
+def _optim_names() -> dict[Any, str]:
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
+
+    return {
+        OptimType.EXACT_ADAGRAD: "adagrad",
+        OptimType.EXACT_ROWWISE_ADAGRAD: "rowwise_adagrad",
+        OptimType.EXACT_SGD: "sgd",
+    }
+
+
+def supported(tbe: Any) -> str | None:
+    """The update this module applies for `tbe`, or None where FBGEMM's own path must stay (and why, logged)."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+
+    name = _optim_names().get(tbe.optimizer)
+    reasons = []
+    if not tbe.use_cpu:
+        reasons.append("not on the CPU")
+    if tbe.pooling_mode != PoolingMode.NONE:
+        reasons.append("pooled")
+    if name is None:
+        reasons.append(f"optimizer {tbe.optimizer}")
+    if tbe.weights_host.dtype != torch.float32:
+        reasons.append(f"weights {tbe.weights_host.dtype}")
+    if name == "rowwise_adagrad" and int(tbe.optimizer_args.weight_decay_mode) not in (0, 1, 2, 5):
+        reasons.append(f"weight_decay_mode {tbe.optimizer_args.weight_decay_mode}")
+    if reasons:
+        log.debug("TBE keeps FBGEMM's path: %s", ", ".join(reasons))
+        return None
+    return name
+
+
+class _Rows:
+    """Where each looked-up index lives in the TBE's flat weight and momentum buffers."""
+
+    def __init__(self, tbe: Any, name: str, indices: torch.Tensor, offsets: torch.Tensor) -> None:
+        n_features = len(tbe.feature_table_map)
+        dim = int(tbe.D_offsets[1] - tbe.D_offsets[0])
+        batch = (offsets.numel() - 1) // n_features
+        bounds = offsets[::batch].tolist() if batch else [0] * (n_features + 1)
+        lengths = torch.tensor([bounds[f + 1] - bounds[f] for f in range(n_features)])
+        indices = indices[: bounds[-1]].long()
+        table_rows = torch.tensor([tbe.embedding_specs[t][0] for t in tbe.feature_table_map])
+        sizes = table_rows.repeat_interleave(lengths, output_size=indices.numel())
+        bad = (indices < 0) | (indices >= sizes)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            f = int(torch.searchsorted(torch.tensor(bounds[1:]), i, right=True))
+            raise IndexError(
+                f"embedding look-up: index {int(indices[i])} of feature #{f} (position {i} of the batch's look-ups) is "
+                f"outside its table of {int(table_rows[f])} rows. The ids fed to the tables must be in [0, rows): "
+                "check the dataset's vocab sizes against the model's tables (rebuild the dataset or the config)"
+            )
+        w_base = (tbe.weights_offsets // dim).repeat_interleave(lengths, output_size=indices.numel())
+        self.weight = indices + w_base
+        self.dim = dim
+        # exact Adagrad keeps a value per weight, row-wise Adagrad one per row, SGD none
+        per = {"adagrad": dim, "rowwise_adagrad": 1}.get(name)
+        if per is None:
+            self.momentum = self.weight
+        else:
+            m_base = (tbe.momentum1_offsets // per).repeat_interleave(lengths, output_size=indices.numel())
+            self.momentum = indices + m_base
+
+
+def _update(tbe: Any, name: str, rows: _Rows, grad: torch.Tensor) -> None:
+    """FBGEMM's CPU update of `name`, applied to each distinct row once with the sum of its gradients."""
+    with torch.no_grad(), torch.profiler.record_function(UPDATE_SPAN):
+        grad = grad.reshape(-1, rows.dim).float()
+        unique, inverse = torch.unique(rows.weight, return_inverse=True)
+        g = grad.new_zeros(unique.numel(), rows.dim).index_add_(0, inverse, grad)
+        weights = tbe.weights_host.view(-1, rows.dim)
+        w = weights.index_select(0, unique)
+        lr = float(tbe.learning_rate_tensor)
+        if name == "sgd":
+            weights.index_copy_(0, unique, w.add_(g, alpha=-lr))
+            return
+        m_rows = torch.empty_like(unique).index_copy_(0, inverse, rows.momentum)
+        eps = float(tbe.optimizer_args.eps)
+        if name == "adagrad":
+            momentum = tbe.momentum1_host.view(-1, rows.dim)
+            m = momentum.index_select(0, m_rows).addcmul_(g, g)
+            momentum.index_copy_(0, m_rows, m)
+            weights.index_copy_(0, unique, w.addcdiv_(g, m.sqrt().add_(eps), value=-lr))
+            return
+        # row-wise Adagrad, with FBGEMM's weight decay modes (1: L2 in the gradient's square; 2 and 5: decoupled)
+        mode = int(tbe.optimizer_args.weight_decay_mode)
+        decay = float(tbe.optimizer_args.weight_decay)
+        g_sq = (g + decay * w) if mode == 1 else g
+        m = tbe.momentum1_host.index_select(0, m_rows) + g_sq.square().mean(dim=1)
+        tbe.momentum1_host.index_copy_(0, m_rows, m)
+        multiplier = lr / (m.sqrt() + eps)
+        if mode == 1:
+            correction = 1.0 - multiplier * decay
+        elif mode in (2, 5):
+            correction = torch.full_like(multiplier, 1.0 - lr * decay)
+        else:
+            correction = torch.ones_like(multiplier)
+        weights.index_copy_(0, unique, w.mul_(correction[:, None]).sub_(g * multiplier[:, None]))
+
+
+class _Lookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, placeholder: torch.Tensor, tbe: Any, name: str, rows: _Rows) -> torch.Tensor:  # noqa: ARG004
+        ctx.tbe, ctx.name, ctx.rows = tbe, name, rows
+        return tbe.weights_host.detach().view(-1, rows.dim).index_select(0, rows.weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None]:
+        _update(ctx.tbe, ctx.name, ctx.rows, grad)
+        return None, None, None, None
+
+
+def _forward(self: Any, indices: torch.Tensor, offsets: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    plain = not args and all(v is None for v in kwargs.values())
+    if not plain:  # weighted, variable-batch or any other extra input: FBGEMM's own path
+        return self._ctr_fbgemm_forward(indices, offsets, *args, **kwargs)
+    rows = _Rows(self, self._ctr_update, indices, offsets.long())
+    return _Lookup.apply(self.placeholder_autograd_tensor, self, self._ctr_update, rows)
+
+
+def tbes(module: torch.nn.Module) -> list[Any]:
+    """Every FBGEMM TBE under `module`. TorchRec keeps them in plain lists (a sharded collection's `_lookups`, each
+    lookup's `_emb_modules`), outside `module.modules()`."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+    found: list[Any] = []
+    for m in module.modules():
+        for lookup in getattr(m, "_lookups", None) or []:
+            for emb in getattr(lookup, "_emb_modules", None) or []:
+                tbe = getattr(emb, "_emb_module", None)
+                if isinstance(tbe, SplitTableBatchedEmbeddingBagsCodegen) and all(tbe is not t for t in found):
+                    found.append(tbe)
+    return found
+
+
+def install_tbe(tbe: Any) -> bool:
+    """Give `tbe` this module's look-up and update where `supported`; True if it has them now."""
+    if getattr(tbe, "_ctr_update", None):
+        return True
+    name = supported(tbe)
+    if name is None:
+        return False
+    tbe._ctr_fbgemm_forward = tbe.forward
+    tbe._ctr_update = name
+    tbe.forward = types.MethodType(_forward, tbe)
+    return True
+
+
+def install(module: torch.nn.Module) -> int:
+    """`install_tbe` on every TBE under `module`; returns how many now train through this module."""
+    n = sum(install_tbe(tbe) for tbe in tbes(module))
+    if n:
+        log.info("%d CPU embedding table group(s) train through ctr.train.cpu_tables (FBGEMM's update, in torch)", n)
+    return n

@@ -1,0 +1,136 @@
+"""`ctr.train.cpu_tables` against FBGEMM's own CPU kernels: the same look-ups, weights and optimizer states."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+    ComputeDevice,
+    SplitTableBatchedEmbeddingBagsCodegen,
+    WeightDecayMode,
+)
+
+from ctr.train import cpu_tables
+
+DIM = 8
+ROWS = (50, 7)  # two tables; features 0 and 1 share table 0, feature 2 reads table 1
+FEATURE_TABLE_MAP = [0, 0, 1]
+
+
+def _tbe(optimizer: OptimType, pooling: PoolingMode = PoolingMode.NONE, **kw) -> SplitTableBatchedEmbeddingBagsCodegen:
+    torch.manual_seed(0)
+    specs = [(r, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU) for r in ROWS]
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        specs, feature_table_map=FEATURE_TABLE_MAP, optimizer=optimizer, pooling_mode=pooling, learning_rate=0.1,
+        eps=1e-3, **kw,
+    )  # fmt: skip
+
+
+def _batch(step: int, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lengths per (feature, sample) with an empty sample and, at step 1, an empty feature; ids repeat."""
+    g = torch.Generator().manual_seed(step)
+    lengths = torch.randint(0, 6, (len(FEATURE_TABLE_MAP), batch), generator=g)
+    lengths[0, 1] = 0
+    if step == 1:
+        lengths[2] = 0
+    ids = [torch.randint(0, ROWS[t] // 3, (int(lengths[f].sum()),), generator=g) for f, t in
+           enumerate(FEATURE_TABLE_MAP)]  # fmt: skip
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.flatten().cumsum(0)])
+    return torch.cat(ids), offsets
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kw"),
+    [
+        (OptimType.EXACT_ADAGRAD, {}),
+        (OptimType.EXACT_SGD, {}),
+        (OptimType.EXACT_ROWWISE_ADAGRAD, {}),
+        (OptimType.EXACT_ROWWISE_ADAGRAD, {"weight_decay": 0.05, "weight_decay_mode": WeightDecayMode.L2}),
+        (OptimType.EXACT_ROWWISE_ADAGRAD, {"weight_decay": 0.05, "weight_decay_mode": WeightDecayMode.DECOUPLE}),
+    ],
+)
+def test_same_lookups_weights_and_states_as_fbgemm(optimizer, kw):
+    ref = _tbe(optimizer, **kw)
+    ours = copy.deepcopy(ref)
+    assert cpu_tables.install_tbe(ours)
+    for step in range(5):
+        indices, offsets = _batch(step)
+        out_ref, out = ref(indices, offsets), ours(indices, offsets)
+        exact = step == 0  # a copy of the same rows; after updates, the sums' order differs (float rounding)
+        torch.testing.assert_close(out, out_ref, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(100 + step))
+        out_ref.backward(grad)
+        out.backward(grad)
+        torch.testing.assert_close(ours.weights_host, ref.weights_host, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.momentum1_host, ref.momentum1_host, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ours.weights_host, _tbe(optimizer, **kw).weights_host)  # it trained
+
+
+def test_evaluation_and_unsupported_tables():
+    ours = _tbe(OptimType.EXACT_ADAGRAD)
+    before = ours.weights_host.detach().clone()
+    assert cpu_tables.install_tbe(ours)
+    with torch.no_grad():
+        out = ours(*_batch(0))
+    assert not out.requires_grad and torch.equal(ours.weights_host, before)
+    # pooled tables and optimizers without this path keep FBGEMM's
+    assert cpu_tables.supported(_tbe(OptimType.EXACT_ADAGRAD, PoolingMode.SUM)) is None
+    assert cpu_tables.supported(_tbe(OptimType.EMAINPLACE_ROWWISE_ADAGRAD)) is None
+
+
+def test_an_index_outside_its_table_is_a_clear_error():
+    ours = _tbe(OptimType.EXACT_ADAGRAD)
+    cpu_tables.install_tbe(ours)
+    indices, offsets = _batch(0)
+    indices[-1] = ROWS[1]  # the last look-up is feature 2's, into table 1
+    with pytest.raises(IndexError, match=r"index 7 of feature #2 .* outside its table of 7 rows"):
+        ours(indices, offsets)
+
+
+@pytest.mark.parametrize(("model", "nproc"), [("dien", 1), ("sum_pool", 2)])
+def test_training_matches_fbgemms_kernels(tiny_data, tmp_path, model, nproc):
+    """`ctr train` with the tables on this module's path and on FBGEMM's: the same model after the same steps (one
+    rank, tables placed whole; two ranks, tables sharded by rows). The dense part trains with SGD here: Adam turns
+    the rounding noise of a gradient that is zero in exact arithmetic (a bias before a batch norm) into steps of
+    its full learning rate, which would compare the noise, not the update."""
+    from ctr.config import resolve_train_config
+    from ctr.train.checkpoint import latest_complete, load_rank
+    from ctr.train.trainer import train
+
+    states = {}
+    for kernel in ("torch", "fbgemm"):
+        sets = ["data.num_workers=0", "data.batch_size=64", "train.max_steps=6", "train.validation=false",
+                "optim.dense=sgd", "optim.dense_lr=0.05", f"optim.sparse_cpu_kernel={kernel}"]  # fmt: skip
+        cfg, _ = resolve_train_config(model, None, sets)
+        run = train(tiny_data, tmp_path / kernel, cfg, nproc=nproc)
+        groups = json.loads((run / "train_summary.json").read_text())["cpu_table_groups"]
+        assert (groups > 0) == (kernel == "torch"), (kernel, groups)
+        found = latest_complete(run / "checkpoints")
+        assert found is not None
+        states[kernel] = [load_rank(found[0], r) for r in range(nproc)]
+    compared = 0
+    for rank in range(nproc):
+        ours, ref = states["torch"][rank], states["fbgemm"][rank]
+        for part in ("model", "sparse_opt"):
+            for key, a, b in _tensors(ours[part], ref[part]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {part} {key}")
+                compared += part == "sparse_opt" or "embedding" in key
+    assert compared >= 2 * nproc  # the tables and their Adagrad states were among them
+
+
+def _tensors(a: dict, b: dict, prefix: str = ""):
+    """The floating-point tensors of two checkpoint parts, key by key (nested dicts, sharded tensors' local shard)."""
+    assert a.keys() == b.keys(), prefix
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, dict):
+            yield from _tensors(x, y, f"{prefix}{key}.")
+            continue
+        x, y = (x[0], y[0]) if isinstance(x, list) else (x, y)
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            yield prefix + key, x, y
