@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
+from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     ComputeDevice,
@@ -81,6 +82,7 @@ def test_evaluation_and_unsupported_tables():
     # pooled tables and optimizers without this path keep FBGEMM's
     assert cpu_tables.supported(_tbe(OptimType.EXACT_ADAGRAD, PoolingMode.SUM)) is None
     assert cpu_tables.supported(_tbe(OptimType.EMAINPLACE_ROWWISE_ADAGRAD)) is None
+    assert cpu_tables.supported(_tbe(OptimType.EXACT_ADAGRAD, output_dtype=SparseType.FP16)) is None
 
 
 def test_an_index_outside_its_table_is_a_clear_error():
@@ -134,3 +136,33 @@ def _tensors(a: dict, b: dict, prefix: str = ""):
         x, y = (x[0], y[0]) if isinstance(x, list) else (x, y)
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             yield prefix + key, x, y
+
+
+def test_a_run_resumes_across_the_two_kernels(tiny_data, tmp_path):
+    """Checkpoints hold the same tensors either way: four steps on FBGEMM's kernels, resumed for four more on this
+    module's, end where eight straight steps on this module's do."""
+    from ctr.config import resolve_train_config
+    from ctr.train.checkpoint import latest_complete, load_rank
+    from ctr.train.trainer import train
+
+    base = ["data.num_workers=0", "data.batch_size=64", "train.validation=false", "optim.dense=sgd",
+            "optim.dense_lr=0.05"]  # fmt: skip
+
+    def run(name: str, sets: list[str], resume: bool = False) -> dict:
+        cfg, _ = resolve_train_config("din", None, base + sets)
+        out = train(tiny_data, tmp_path / name, cfg, resume=resume)
+        found = latest_complete(out / "checkpoints")
+        assert found is not None
+        return load_rank(found[0], 0)
+
+    straight = run("straight", ["train.max_steps=8"])
+    run("switched", ["train.max_steps=4", "train.checkpoint_every=4", "optim.sparse_cpu_kernel=fbgemm"])
+    resumed = run("switched", ["train.max_steps=8"], resume=True)
+    assert straight["state"]["step"] == resumed["state"]["step"] == 8
+    for part in ("model", "sparse_opt"):
+        for key, a, b in _tensors(straight[part], resumed[part]):
+            # atol 1e-4: Adagrad's step is lr * g / sqrt(sum g^2), so a row whose few gradients are near zero moves
+            # by a rounding-sized difference in g times 1 / |g| (a wrong update would be off by about lr, 0.05)
+            torch.testing.assert_close(
+                a, b, rtol=1e-4, atol=1e-4, msg=lambda m, part=part, key=key: f"{part} {key}: {m}"
+            )

@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.keep_checkpoints",
         "data.num_workers",
         "train.compile",  # how the step is computed, not what: the same model to float rounding
+        "optim.sparse_cpu_kernel",  # likewise (and absent from checkpoints written before it existed)
     }
 )
 

@@ -45,6 +45,7 @@ def _optim_names() -> dict[Any, str]:
 
 def supported(tbe: Any) -> str | None:
     """The update this module applies for `tbe`, or None where FBGEMM's own path must stay (and why, logged)."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
     name = _optim_names().get(tbe.optimizer)
@@ -55,8 +56,12 @@ def supported(tbe: Any) -> str | None:
         reasons.append("pooled")
     if name is None:
         reasons.append(f"optimizer {tbe.optimizer}")
-    if tbe.weights_host.dtype != torch.float32:
-        reasons.append(f"weights {tbe.weights_host.dtype}")
+    if tbe.weights_host.dtype != torch.float32 or tbe.weights_host.numel() == 0:
+        reasons.append(f"weights {tbe.weights_host.dtype} on the host: {tbe.weights_host.numel()} values")
+    if int(tbe.output_dtype) != SparseType.FP32.as_int():
+        reasons.append(f"output dtype {tbe.output_dtype}")
+    if len(set(torch.diff(tbe.D_offsets).tolist())) > 1:
+        reasons.append("features of different widths")
     if name == "rowwise_adagrad" and int(tbe.optimizer_args.weight_decay_mode) not in (0, 1, 2, 5):
         reasons.append(f"weight_decay_mode {tbe.optimizer_args.weight_decay_mode}")
     if reasons:
