@@ -77,35 +77,35 @@ class _Rows:
         n_features = len(tbe.feature_table_map)
         dim = int(tbe.D_offsets[1] - tbe.D_offsets[0])
         batch = (offsets.numel() - 1) // n_features
-        bounds = offsets[::batch].tolist() if batch else [0] * (n_features + 1)
-        lengths = torch.tensor([bounds[f + 1] - bounds[f] for f in range(n_features)])
-        indices = indices[: bounds[-1]].long()
+        bounds = offsets[::batch] if batch else offsets.new_zeros(n_features + 1)
+        indices = indices[: int(bounds[-1])].long()
+        # per feature: its table's rows, its first row in the flat weights and in the flat momentum (exact Adagrad
+        # keeps a value per weight, row-wise Adagrad one per row, SGD none); spread over the look-ups in one pass
+        per = {"adagrad": dim, "rowwise_adagrad": 1}.get(name)
         table_rows = torch.tensor([tbe.embedding_specs[t][0] for t in tbe.feature_table_map])
-        sizes = table_rows.repeat_interleave(lengths, output_size=indices.numel())
-        bad = (indices < 0) | (indices >= sizes)
+        w_base = tbe.weights_offsets // dim
+        m_base = tbe.momentum1_offsets // per if per else w_base
+        per_lookup = torch.stack([table_rows, w_base, m_base], dim=1).repeat_interleave(
+            torch.diff(bounds), dim=0, output_size=indices.numel()
+        )
+        bad = (indices < 0) | (indices >= per_lookup[:, 0])
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
-            f = int(torch.searchsorted(torch.tensor(bounds[1:]), i, right=True))
+            f = int(torch.searchsorted(bounds[1:], i, right=True))
             raise IndexError(
                 f"embedding look-up: index {int(indices[i])} of feature #{f} (position {i} of the batch's look-ups) is "
                 f"outside its table of {int(table_rows[f])} rows. The ids fed to the tables must be in [0, rows): "
                 "check the dataset's vocab sizes against the model's tables (rebuild the dataset or the config)"
             )
-        w_base = (tbe.weights_offsets // dim).repeat_interleave(lengths, output_size=indices.numel())
-        self.weight = indices + w_base
-        self.dim = dim
-        # exact Adagrad keeps a value per weight, row-wise Adagrad one per row, SGD none
-        per = {"adagrad": dim, "rowwise_adagrad": 1}.get(name)
-        if per is None:
-            self.momentum = self.weight
-        else:
-            m_base = (tbe.momentum1_offsets // per).repeat_interleave(lengths, output_size=indices.numel())
-            self.momentum = indices + m_base
+        self.name, self.dim = name, dim
+        self.weight = indices + per_lookup[:, 1]
+        self.momentum = indices + per_lookup[:, 2]
 
 
-def _update(tbe: Any, name: str, rows: _Rows, grad: torch.Tensor) -> None:
-    """FBGEMM's CPU update of `name`, applied to each distinct row once with the sum of its gradients."""
+def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
+    """FBGEMM's CPU update (`rows.name`), applied to each distinct row once with the sum of its gradients."""
     with torch.no_grad(), torch.profiler.record_function(UPDATE_SPAN):
+        name = rows.name
         grad = grad.reshape(-1, rows.dim).float()
         unique, inverse = torch.unique(rows.weight, return_inverse=True)
         g = grad.new_zeros(unique.numel(), rows.dim).index_add_(0, inverse, grad)
@@ -141,14 +141,14 @@ def _update(tbe: Any, name: str, rows: _Rows, grad: torch.Tensor) -> None:
 
 class _Lookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, placeholder: torch.Tensor, tbe: Any, name: str, rows: _Rows) -> torch.Tensor:  # noqa: ARG004
-        ctx.tbe, ctx.name, ctx.rows = tbe, name, rows
+    def forward(ctx: Any, placeholder: torch.Tensor, tbe: Any, rows: _Rows) -> torch.Tensor:  # noqa: ARG004
+        ctx.tbe, ctx.rows = tbe, rows
         return tbe.weights_host.detach().view(-1, rows.dim).index_select(0, rows.weight)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None]:
-        _update(ctx.tbe, ctx.name, ctx.rows, grad)
-        return None, None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+        _update(ctx.tbe, ctx.rows, grad)
+        return None, None, None
 
 
 def _forward(self: Any, indices: torch.Tensor, offsets: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -156,7 +156,7 @@ def _forward(self: Any, indices: torch.Tensor, offsets: torch.Tensor, *args: Any
     if not plain:  # weighted, variable-batch or any other extra input: FBGEMM's own path
         return self._ctr_fbgemm_forward(indices, offsets, *args, **kwargs)
     rows = _Rows(self, self._ctr_update, indices, offsets.long())
-    return _Lookup.apply(self.placeholder_autograd_tensor, self, self._ctr_update, rows)
+    return _Lookup.apply(self.placeholder_autograd_tensor, self, rows)
 
 
 def tbes(module: torch.nn.Module) -> list[Any]:
