@@ -42,7 +42,7 @@ class OptimSection(StrictModel):
         "torch",
         description="on the CPU, the look-up and fused update of the sequence tables: torch (ctr.train.cpu_tables, "
         "FBGEMM's update as sorted tensor operations) or fbgemm (FBGEMM's own CPU kernels, about 10x slower per "
-        "distinct row); the same update either way",
+        "distinct row); the same update either way. Only torch has Adam (optim.sparse=adam) on the CPU",
     )
 
 

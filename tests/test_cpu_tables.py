@@ -166,3 +166,147 @@ def test_a_run_resumes_across_the_two_kernels(tiny_data, tmp_path):
             torch.testing.assert_close(
                 a, b, rtol=1e-4, atol=1e-4, msg=lambda m, part=part, key=key: f"{part} {key}: {m}"
             )
+
+
+# ---- Adam (FBGEMM has no CPU Adam: the reference is its GPU formula, written per row) ----------------------------
+ADAM = {"beta1": 0.8, "beta2": 0.95, "eps": 1e-3}
+
+
+def _adam_tbe(feature_table_map=FEATURE_TABLE_MAP, rows=ROWS, **kw) -> SplitTableBatchedEmbeddingBagsCodegen:
+    torch.manual_seed(0)
+    specs = [(r, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU) for r in rows]
+    tbe = cpu_tables._adam_tbe(
+        SplitTableBatchedEmbeddingBagsCodegen, specs, feature_table_map=feature_table_map, optimizer=OptimType.ADAM,
+        pooling_mode=PoolingMode.NONE, learning_rate=0.1, **{**ADAM, **kw},
+    )  # fmt: skip
+    assert tbe.optimizer == OptimType.ADAM and cpu_tables.install_tbe(tbe)
+    return tbe
+
+
+class _ReferenceAdam:
+    """FBGEMM's GPU Adam (`optimizers.py::adam`) on plain per-table tensors, one looked-up row at a time: the step
+    count goes up once per step; a row's gradient is the sum over its look-ups; only those rows move."""
+
+    def __init__(self, tbe, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0) -> None:
+        self.tables = [w.detach().clone() for w in tbe.split_embedding_weights()]
+        self.m1 = [torch.zeros_like(w) for w in self.tables]
+        self.m2 = [torch.zeros_like(w) for w in self.tables]
+        self.hp = (lr, beta1, beta2, eps, weight_decay)
+        self.t = 0
+
+    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        per_feature = (offsets.numel() - 1) // len(FEATURE_TABLE_MAP)
+        table_of = [FEATURE_TABLE_MAP[i // per_feature] for i in range(offsets.numel() - 1)]
+        return torch.stack(
+            [
+                self.tables[table_of[bag]][int(indices[j])]
+                for bag in range(offsets.numel() - 1)
+                for j in range(offsets[bag], offsets[bag + 1])
+            ]
+        )
+
+    def step(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor) -> None:
+        lr, beta1, beta2, eps, decay = self.hp
+        self.t += 1
+        per_feature = (offsets.numel() - 1) // len(FEATURE_TABLE_MAP)
+        sums: dict[tuple[int, int], torch.Tensor] = {}
+        n = 0
+        for bag in range(offsets.numel() - 1):
+            table = FEATURE_TABLE_MAP[bag // per_feature]
+            for j in range(int(offsets[bag]), int(offsets[bag + 1])):
+                key = (table, int(indices[j]))
+                sums[key] = sums.get(key, 0) + grad[n]
+                n += 1
+        for (table, row), g in sums.items():
+            m = self.m1[table][row] = beta1 * self.m1[table][row] + (1 - beta1) * g
+            v = self.m2[table][row] = beta2 * self.m2[table][row] + (1 - beta2) * g * g
+            w = self.tables[table][row]
+            m_hat, v_hat = m / (1 - beta1**self.t), v / (1 - beta2**self.t)
+            self.tables[table][row] = w - lr * (m_hat / (v_hat.sqrt() + eps) + decay * w)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adam_is_fbgemms_gpu_adam_row_by_row(weight_decay):
+    ours = _adam_tbe(weight_decay=weight_decay)
+    ref = _ReferenceAdam(ours, lr=0.1, weight_decay=weight_decay, **ADAM)
+    for step in range(5):
+        indices, offsets = _batch(step)
+        out = ours(indices, offsets)
+        torch.testing.assert_close(out, ref.lookup(indices, offsets), rtol=1e-5, atol=1e-6)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(100 + step))
+        out.backward(grad)
+        ref.step(indices, offsets, grad)
+        states = ours.split_optimizer_states()
+        for t in range(len(ROWS)):
+            torch.testing.assert_close(ours.split_embedding_weights()[t], ref.tables[t], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(states[t][0].view(-1, DIM), ref.m1[t], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(states[t][1].view(-1, DIM), ref.m2[t], rtol=1e-5, atol=1e-7)
+    assert int(ours.iter) == 5
+    assert [sorted(s) for s in ours.get_optimizer_state()] == [["exp_avg", "exp_avg_sq"]] * len(ROWS)
+    assert "iter" in ours.state_dict() and "momentum2_host" in ours.state_dict()
+
+
+def test_adam_agrees_with_torch_sparse_adam():
+    """An independent implementation: `torch.optim.SparseAdam` on an `nn.Embedding(sparse=True)` adds eps to
+    sqrt(v) before the bias correction, FBGEMM after it; with eps tiny the two are the same update."""
+    eps = 1e-10
+    ours = _adam_tbe(feature_table_map=[0], rows=(40,), eps=eps)
+    emb = torch.nn.Embedding(40, DIM, sparse=True)
+    with torch.no_grad():
+        emb.weight.copy_(ours.split_embedding_weights()[0])
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=0.1, betas=(ADAM["beta1"], ADAM["beta2"]), eps=eps)
+    g = torch.Generator().manual_seed(7)
+    for step in range(6):
+        indices = torch.randint(0, 12, (30,), generator=g)
+        offsets = torch.arange(0, 31, 3)
+        grad = torch.randn(30, DIM, generator=g)
+        ours(indices, offsets).backward(grad)
+        opt.zero_grad()
+        emb(indices).backward(grad)
+        opt.step()
+        torch.testing.assert_close(ours.split_embedding_weights()[0], emb.weight.detach(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, step=step: f"step {step}: {m}")  # fmt: skip
+
+
+def test_adam_without_this_path_is_an_error_not_fbgemms_crash():
+    with pytest.raises(ValueError, match=r"optim.sparse=adam on the CPU.*How to fix"):
+        cpu_tables.install_tbe(
+            cpu_tables._adam_tbe(
+                SplitTableBatchedEmbeddingBagsCodegen, [(10, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+                optimizer=OptimType.ADAM, pooling_mode=PoolingMode.SUM,
+            )
+        )  # fmt: skip
+
+
+def test_training_with_adam_tables_on_the_cpu_resumes_exactly(tiny_data, tmp_path):
+    """`ctr train` with optim.sparse=adam on the CPU: the tables train, the checkpoint holds Adam's two moments
+    under TorchRec's names and each table group's step count, and four steps resumed for four more end where eight
+    straight steps do (a step count restarted at 0 would make the first resumed steps about 3x too large)."""
+    from ctr.config import resolve_train_config
+    from ctr.train.checkpoint import latest_complete, load_rank
+    from ctr.train.trainer import train
+
+    base = ["data.num_workers=0", "data.batch_size=64", "train.validation=false", "optim.dense=sgd",
+            "optim.dense_lr=0.05", "optim.sparse=adam", "optim.sparse_lr=0.01"]  # fmt: skip
+
+    def run(name: str, sets: list[str], resume: bool = False) -> dict:
+        cfg, _ = resolve_train_config("din", None, base + sets)
+        out = train(tiny_data, tmp_path / name, cfg, resume=resume)
+        found = latest_complete(out / "checkpoints")
+        assert found is not None
+        return load_rank(found[0], 0)
+
+    straight = run("straight", ["train.max_steps=8"])
+    run("resumed", ["train.max_steps=4", "train.checkpoint_every=4"])
+    resumed = run("resumed", ["train.max_steps=8"], resume=True)
+    names = {k.rsplit(".", 1)[-1] for state in straight["sparse_opt"].values() for k in state}
+    assert names == {"momentum1", "exp_avg_sq"}, names  # TorchRec's names for Adam's two moments, as on a GPU
+    compared = 0
+    for part in ("model", "sparse_opt"):
+        for key, a, b in _tensors(straight[part], resumed[part]):
+            torch.testing.assert_close(
+                a, b, rtol=1e-4, atol=1e-5, msg=lambda m, part=part, key=key: f"{part} {key}: {m}"
+            )
+            compared += part == "sparse_opt"
+    assert compared >= 2
+    assert straight["table_steps"] == resumed["table_steps"] and set(straight["table_steps"]) == {8}

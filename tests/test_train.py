@@ -110,17 +110,20 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     assert abs(s1["auc"] - s2["auc"]) < 0.08
 
 
-def test_sparse_adam_on_the_cpu_is_a_clear_error_before_any_rank_starts(tiny_data, tmp_path):
-    """FBGEMM's CPU kernels have no fused Adam: `ctr train` says so and how to fix it (it used to fail in FBGEMM's
-    own assertion inside the rank); on CUDA the same setting passes the check."""
+def test_sparse_adam_on_fbgemms_cpu_kernels_is_a_clear_error_before_any_rank_starts(tiny_data, tmp_path):
+    """FBGEMM's CPU kernels have no fused Adam: with optim.sparse_cpu_kernel=fbgemm `ctr train` says so and how to fix
+    it (it used to fail in FBGEMM's own assertion inside the rank); ours (the default kernel) and CUDA pass the check
+    (`tests/test_cpu_tables.py` trains with it)."""
     from ctr.train.setup import check_sparse_optimizer
 
-    with pytest.raises(ConfigError, match=r"optim.sparse=adam.*How to fix"):
-        _train(tiny_data, tmp_path / "adam", ["train.max_steps=1", "optim.sparse=adam"])
+    sets = ["train.max_steps=1", "optim.sparse=adam", "optim.sparse_cpu_kernel=fbgemm"]
+    with pytest.raises(ConfigError, match=r"optim.sparse=adam with optim.sparse_cpu_kernel=fbgemm.*How to fix"):
+        _train(tiny_data, tmp_path / "adam", sets)
     assert not (tmp_path / "adam").exists()  # nothing claimed or written
-    check_sparse_optimizer("adam", cuda=True)
+    check_sparse_optimizer("adam", cuda=True, cpu_kernel="fbgemm")
+    check_sparse_optimizer("adam", cuda=False, cpu_kernel="torch")
     for name in ("adagrad", "rowwise_adagrad", "sgd"):
-        check_sparse_optimizer(name, cuda=False)
+        check_sparse_optimizer(name, cuda=False, cpu_kernel="fbgemm")
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -10,20 +10,31 @@ alone over 42,000 look-ups of 28,356 distinct rows took 31 ms against 3 ms for t
 tensor operations (`torch.unique`, `index_add_`, one pass of the optimizer over the distinct rows).
 
 `install(module)` gives every CPU TBE of `module` that trains unpooled float32 tables with exact Adagrad, exact
-row-wise Adagrad or exact SGD a forward that looks rows up with `index_select` and a backward that applies the same
-update to the same state tensors (`weights_host`, `momentum1_host`), so TorchRec's fused optimizer, its state dict
-and our checkpoints see no difference. The update is FBGEMM's CPU update, term for term (its `split_weight_update_cpu`
-for each optimizer); only the order in which a row's gradients are summed differs (float rounding).
-`tests/test_cpu_tables.py` holds the outputs, weights and optimizer states equal to FBGEMM's own kernel's over
-several steps, with repeated rows, tables shared by two features, several tables, empty features and row-wise
-sharding. Any other TBE (GPU, pooled, another optimizer or dtype, weighted or variable-batch look-ups) keeps
-FBGEMM's path.
+row-wise Adagrad, exact SGD or Adam a forward that looks rows up with `index_select` and a backward that applies the
+same update to the same state tensors (`weights_host`, `momentum1_host`, Adam's `momentum2_host`), so TorchRec's
+fused optimizer, its state dict and our checkpoints see no difference. The update is FBGEMM's CPU update, term for
+term (its `split_weight_update_cpu` for each optimizer); only the order in which a row's gradients are summed
+differs (float rounding). `tests/test_cpu_tables.py` holds the outputs, weights and optimizer states equal to
+FBGEMM's own kernel's over several steps, with repeated rows, tables shared by two features, several tables, empty
+features and row-wise sharding. Any other TBE (GPU, pooled, another optimizer or dtype, weighted or variable-batch
+look-ups) keeps FBGEMM's path.
+
+Adam (`optim.sparse=adam`) has no CPU kernel in FBGEMM at all: its TBE refuses Adam on the CPU at construction.
+`cpu_adam()` lets TorchRec build such a TBE anyway (built as exact Adagrad, whose per-weight `momentum1` is Adam's
+first moment, then given Adam's second moment, its persistent step counter and its optimizer type, so TorchRec's
+fused optimizer holds and names both moments as it does on a GPU), and this module's update is FBGEMM's
+GPU Adam (`codegen/genscript/optimizers.py::adam`), term for term: lazy (only the rows looked up in the step move),
+bias-corrected by the table group's step count, ``w -= lr (m̂ / (sqrt(v̂) + eps) + weight_decay w)``. Its reference
+in `tests/test_cpu_tables.py` is that formula written per row, and `torch.optim.SparseAdam` (the same update up to
+where eps enters) agrees with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,7 +51,45 @@ def _optim_names() -> dict[Any, str]:
         OptimType.EXACT_ADAGRAD: "adagrad",
         OptimType.EXACT_ROWWISE_ADAGRAD: "rowwise_adagrad",
         OptimType.EXACT_SGD: "sgd",
+        OptimType.ADAM: "adam",
     }
+
+
+def _adam_tbe(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``cls(*args, **kwargs)`` (TorchRec's call of the TBE class); on the CPU with Adam, the TBE described in the
+    module docstring: built with exact Adagrad (FBGEMM's CPU mode accepts it), then made an Adam TBE."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, construct_split_state
+
+    specs = kwargs.get("embedding_specs", args[0] if args else None)
+    on_cpu = specs is not None and all(spec[3] == ComputeDevice.CPU for spec in specs)
+    if kwargs.get("optimizer") != OptimType.ADAM or not on_cpu:
+        return cls(*args, **kwargs)
+    tbe = cls(*args, **{**kwargs, "optimizer": OptimType.EXACT_ADAGRAD})
+    tbe._apply_split(
+        construct_split_state(tbe.embedding_specs, rowwise=False, cacheable=False), prefix="momentum2",
+        dtype=torch.float32,  # type: ignore[arg-type]
+    )  # fmt: skip
+    tbe.register_buffer("iter", tbe.iter, persistent=True)  # Adam's step count, kept with the table as on a GPU
+    tbe.optimizer = OptimType.ADAM
+    return tbe
+
+
+@contextlib.contextmanager
+def cpu_adam() -> Iterator[None]:
+    """While open, TorchRec builds CPU TBEs with Adam as this module's Adam TBEs (see the module docstring); `install`
+    must then take every one of them (FBGEMM has no CPU forward for them)."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+    from torchrec.distributed import batched_embedding_kernel as kernel
+
+    assert kernel.SplitTableBatchedEmbeddingBagsCodegen is SplitTableBatchedEmbeddingBagsCodegen, "already open"
+    kernel.SplitTableBatchedEmbeddingBagsCodegen = lambda *a, **kw: _adam_tbe(  # type: ignore[misc,assignment]
+        SplitTableBatchedEmbeddingBagsCodegen, *a, **kw
+    )
+    try:
+        yield
+    finally:
+        kernel.SplitTableBatchedEmbeddingBagsCodegen = SplitTableBatchedEmbeddingBagsCodegen  # type: ignore[misc]
 
 
 def supported(tbe: Any) -> str | None:
@@ -64,7 +113,14 @@ def supported(tbe: Any) -> str | None:
         reasons.append("features of different widths")
     if name == "rowwise_adagrad" and int(tbe.optimizer_args.weight_decay_mode) not in (0, 1, 2, 5):
         reasons.append(f"weight_decay_mode {tbe.optimizer_args.weight_decay_mode}")
+    if name == "adam" and not torch.equal(tbe.momentum1_offsets, getattr(tbe, "momentum2_offsets", torch.empty(0))):
+        reasons.append("Adam's moments laid out differently")
     if reasons:
+        if name == "adam" and tbe.use_cpu:  # FBGEMM has no CPU path to fall back to
+            raise ValueError(
+                f"optim.sparse=adam on the CPU: a table group cannot train here ({', '.join(reasons)}); FBGEMM has "
+                "no CPU Adam. How to fix: optim.sparse=adagrad or rowwise_adagrad, or train on a GPU"
+            )
         log.debug("TBE keeps FBGEMM's path: %s", ", ".join(reasons))
         return None
     return name
@@ -81,7 +137,7 @@ class _Rows:
         indices = indices[: int(bounds[-1])].long()
         # per feature: its table's rows, its first row in the flat weights and in the flat momentum (exact Adagrad
         # keeps a value per weight, row-wise Adagrad one per row, SGD none); spread over the look-ups in one pass
-        per = {"adagrad": dim, "rowwise_adagrad": 1}.get(name)
+        per = {"adagrad": dim, "adam": dim, "rowwise_adagrad": 1}.get(name)
         table_rows = torch.tensor([tbe.embedding_specs[t][0] for t in tbe.feature_table_map])
         w_base = tbe.weights_offsets // dim
         m_base = tbe.momentum1_offsets // per if per else w_base
@@ -117,6 +173,9 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
             return
         m_rows = torch.empty_like(unique).index_copy_(0, inverse, rows.momentum)
         eps = float(tbe.optimizer_args.eps)
+        if name == "adam":
+            _adam(tbe, weights, unique, m_rows, w, g, lr, eps)
+            return
         if name == "adagrad":
             momentum = tbe.momentum1_host.view(-1, rows.dim)
             m = momentum.index_select(0, m_rows).addcmul_(g, g)
@@ -137,6 +196,34 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
         else:
             correction = torch.ones_like(multiplier)
         weights.index_copy_(0, unique, w.mul_(correction[:, None]).sub_(g * multiplier[:, None]))
+
+
+def _adam(
+    tbe: Any,
+    weights: torch.Tensor,
+    unique: torch.Tensor,
+    m_rows: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    lr: float,
+    eps: float,
+) -> None:
+    """FBGEMM's (GPU) Adam on the distinct rows ``unique``: moments of those rows only, bias correction by the
+    group's step count (one per backward, as FBGEMM counts one per training forward)."""
+    args = tbe.optimizer_args
+    beta1, beta2, decay = float(args.beta1), float(args.beta2), float(args.weight_decay)
+    step = int(tbe.iter.add_(1))
+    dim = w.shape[1]
+    m1, m2 = tbe.momentum1_host.view(-1, dim), tbe.momentum2_host.view(-1, dim)
+    m = m1.index_select(0, m_rows).mul_(beta1).add_(g, alpha=1 - beta1)
+    v = m2.index_select(0, m_rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    m1.index_copy_(0, m_rows, m)
+    m2.index_copy_(0, m_rows, v)
+    denom = v.div_(1 - beta2**step).sqrt_().add_(eps)
+    step_dir = m.div_(1 - beta1**step).div_(denom)
+    if decay:
+        step_dir.add_(w, alpha=decay)
+    weights.index_copy_(0, unique, w.sub_(step_dir, alpha=lr))
 
 
 class _Lookup(torch.autograd.Function):

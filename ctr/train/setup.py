@@ -34,14 +34,16 @@ def sparse_optimizer_class(name: str) -> type:
     return getattr(torch.optim, SPARSE_OPTIMIZERS[name])
 
 
-def check_sparse_optimizer(name: str, cuda: bool | None = None) -> None:
+def check_sparse_optimizer(name: str, cuda: bool | None = None, cpu_kernel: str = "torch") -> None:
     """FBGEMM's CPU embedding kernels have no Adam (their fused optimizers there: exact Adagrad, row-wise Adagrad
-    and SGD): fail before any rank starts, not in FBGEMM's assertion inside the first rank's model build."""
+    and SGD); ours (`ctr.train.cpu_tables`, `optim.sparse_cpu_kernel=torch`) have. Fail before any rank starts, not
+    in FBGEMM's assertion inside the first rank's model build."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if name == "adam" and not cuda:
+    if name == "adam" and not cuda and cpu_kernel != "torch":
         raise ConfigError(
-            "optim.sparse=adam: FBGEMM's CPU embedding kernels have no fused Adam (on the CPU they train tables with "
-            "adagrad, rowwise_adagrad or sgd). How to fix: set optim.sparse to one of those, or train on a GPU"
+            f"optim.sparse=adam with optim.sparse_cpu_kernel={cpu_kernel}: FBGEMM's CPU embedding kernels have no "
+            "fused Adam (on the CPU they train tables with adagrad, rowwise_adagrad or sgd). How to fix: "
+            "optim.sparse_cpu_kernel=torch (ours, which has Adam), another optim.sparse, or train on a GPU"
         )
 
 

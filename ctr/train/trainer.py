@@ -59,7 +59,7 @@ def train(
         log.warning("--nproc %d is more than the %d CPU cores here: it works (gloo), but slower", nproc, os.cpu_count())
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite: choose one (continue the run, or start it again)")
-    check_sparse_optimizer(cfg.optim.sparse)
+    check_sparse_optimizer(cfg.optim.sparse, cpu_kernel=cfg.optim.sparse_cpu_kernel)
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     info = DatasetInfo.load(data_dir)  # fail early on a bad dataset directory
     if not info.split_rows.get("train"):

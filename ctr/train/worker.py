@@ -117,7 +117,9 @@ class Training:
         topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type, local_world_size=ctx.world_size)
         planner = EmbeddingShardingPlanner(topology=topology, constraints=single_rank_constraints(model, ctx))
         plan = planner.collective_plan(model, None, dist.GroupMember.WORLD)
-        self.dmp = DistributedModelParallel(model, device=ctx.device, plan=plan)
+        cpu_adam = ctx.device.type == "cpu" and cfg.optim.sparse == "adam"
+        with cpu_tables.cpu_adam() if cpu_adam else nullcontext():  # FBGEMM refuses Adam on the CPU
+            self.dmp = DistributedModelParallel(model, device=ctx.device, plan=plan)
         # how the sequence tables' look-up and fused update run on this rank (the run summary says it)
         self.cpu_table_groups = cpu_tables.install(self.dmp) if cfg.optim.sparse_cpu_kernel == "torch" else 0
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters(), include=False)]
@@ -165,6 +167,7 @@ class Training:
         saved = checkpoint.load_rank(gen, self.ctx.rank)
         copy_local_state(self.dmp.state_dict(), saved["model"], "model")
         copy_local_state(self.dmp.fused_optimizer.state_dict()["state"], saved["sparse_opt"], "sparse_opt")
+        self._set_table_steps(saved.get("table_steps"))
         self.dense_opt.load_state_dict(saved["dense_opt"])
         self.scheduler.load_state_dict(saved["scheduler"])
         state = dict(saved["state"])
@@ -179,6 +182,21 @@ class Training:
                 gen, state["step"], state["epoch"], state["batch_in_epoch"],
             )  # fmt: skip
 
+    def _set_table_steps(self, steps: list[int] | None) -> None:
+        """Each table group's step count (FBGEMM's `iter`: Adam's bias correction counts it), which TorchRec's state
+        dicts leave out. Checkpoints written before it was kept have none: the counts restart (Adam's first steps
+        after such a resume are larger)."""
+        groups = cpu_tables.tbes(self.dmp)
+        if steps is None:
+            return
+        if len(steps) != len(groups):
+            raise ConfigError(
+                f"--resume: the checkpoint has {len(steps)} embedding table group(s) on rank {self.ctx.rank}, the "
+                f"model {len(groups)}. How to fix: resume with the configuration the run was started with"
+            )
+        for tbe, step in zip(groups, steps, strict=True):
+            tbe.iter.fill_(step)
+
     # ---- outputs -----------------------------------------------------------------------------------------------
     def save_generation(self) -> None:
         """One checkpoint generation: every rank's file, then (rank 0) the generation published as complete."""
@@ -187,6 +205,7 @@ class Training:
         payload = {
             "model": local_state(self.dmp.state_dict()),
             "sparse_opt": local_state(self.dmp.fused_optimizer.state_dict()["state"]),
+            "table_steps": [int(tbe.iter) for tbe in cpu_tables.tbes(self.dmp)],
             "dense_opt": self.dense_opt.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "state": dict(state),
