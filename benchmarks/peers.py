@@ -224,17 +224,25 @@ def lr_expid(expid: str, lr: float, lrs: list[float], dense_lr: float) -> str:
     return expid if lrs == [dense_lr] else f"{expid}_lr{lr:g}"
 
 
-def best_by_validation(runs: dict[float, dict[str, Any]], rate: str = "learning_rate") -> dict[str, Any]:
-    """The run (of one per learning rate: FuxiCTR's ``learning_rate``, our ``sparse_lr``) with the best validation
-    GAUC, with every rate's outcome under ``lr_search``; the test split plays no part in the choice."""
+def best_by_validation(
+    runs: dict[Any, dict[str, Any]], rate: str | tuple[str, ...] = "learning_rate"
+) -> dict[str, Any]:
+    """The run (of one per learning rate: FuxiCTR's ``learning_rate``, our ``sparse_lr``; or one per combination of
+    rates, keyed by tuples and named by the tuple ``rate``) with the best validation GAUC, with every run's outcome
+    under ``lr_search``; the test split plays no part in the choice."""
+    names = rate if isinstance(rate, tuple) else (rate,)
+
+    def rates(key: Any) -> dict[str, Any]:
+        return dict(zip(names, key if isinstance(rate, tuple) else (key,), strict=True))
+
     search = [
-        {rate: lr, "best_valid_gauc": r.get("best_valid_gauc"), "test_auc": r["metrics"]["auc"],
+        {**rates(key), "best_valid_gauc": r.get("best_valid_gauc"), "test_auc": r["metrics"]["auc"],
          "test_gauc": r["metrics"]["gauc"], "samples_per_s": r.get("samples_per_s"),
          "epochs_run": r.get("epochs_run", r.get("epochs_done"))}
-        for lr, r in runs.items()
+        for key, r in runs.items()
     ]  # fmt: skip
-    lr = max(runs, key=lambda k: runs[k].get("best_valid_gauc") or -math.inf)
-    return {**runs[lr], rate: lr, "lr_search": search}
+    best = max(runs, key=lambda k: runs[k].get("best_valid_gauc") or -math.inf)
+    return {**runs[best], **rates(best), "lr_search": search}
 
 
 def run_fuxictr(py: Path, expid: str, variant: str, args: argparse.Namespace, work: Path, log_every: int) -> dict:
@@ -301,6 +309,21 @@ def main() -> int:
         "rate and its row keeps the best validation GAUC, as --fuxictr-lr does for FuxiCTR (default: our "
         "optim.sparse_lr alone; every rate's result is in the JSON, ours.lr_search)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ours-dense-lr", default=None,
+        help="our dense part's learning rates (optim.dense_lr), comma-separated: with --ours-sparse-lr, every pair "
+        "trains once and the row keeps the best validation GAUC (default: our optim.dense_lr alone, 1e-3; FuxiCTR's "
+        "one Adam trains its dense part at its one rate)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ours-sparse", default=None, choices=["adagrad", "rowwise_adagrad", "sgd", "adam"],
+        help="our tables' optimizer (optim.sparse) in every one of our runs (default: ours, adagrad); adam is "
+        "FBGEMM's lazy Adam, the closest to FuxiCTR's one Adam over tables and dense part",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ours-set", action="append", default=[], metavar="KEY=VALUE",
+        help="an extra `ctr train --set` for every one of our runs (repeatable), e.g. model.embedding_init=1.7e-4",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/lifelong-ctr-peers"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "peers.json")
     args = parser.parse_args()
@@ -331,12 +354,16 @@ def main() -> int:
     dense_lr = float(defaults[models[0]]["optim"]["dense_lr"])
     fx_lrs = [float(x) for x in args.fuxictr_lr.split(",")] if args.fuxictr_lr else [dense_lr]
     ours_lrs = [float(x) for x in args.ours_sparse_lr.split(",")] if args.ours_sparse_lr else None
+    ours_dense_lrs = [float(x) for x in args.ours_dense_lr.split(",")] if args.ours_dense_lr else None
     steps_per_epoch = max(1, math.ceil(conv["rows"]["train"] / args.batch_size))
     log_every = max(1, steps_per_epoch // 5)
     plans = []
     model_cfg: dict[str, Any] = {"Base": base_config(work, defaults[models[0]], args.workers)}
     for model in models:
         sets = our_overrides(model, defaults[model], args)
+        if args.ours_sparse:
+            sets.append(f"optim.sparse={args.ours_sparse}")
+        sets.extend(args.ours_set)
         cfg = our_config(model, sets)
         peer = PEERS[model]
         params = fuxictr_params(peer, cfg, args)
@@ -373,7 +400,10 @@ def main() -> int:
                          "threads": args.threads, "log_every_steps": log_every, "loader_workers_each": args.workers,
                          "seed": int(defaults[models[0]]["train"]["seed"]) if args.seed is None else args.seed,
                          "fuxictr_learning_rates": fx_lrs, "fuxictr_lr_choice": "best validation gAUC",
-                         "ours_sparse_lrs": ours_lrs, "ours_lr_choice": "best validation GAUC" if ours_lrs else None,
+                         "ours_sparse": args.ours_sparse or str(defaults[models[0]]["optim"]["sparse"]),
+                         "ours_sparse_lrs": ours_lrs, "ours_dense_lrs": ours_dense_lrs,
+                         "ours_extra_sets": args.ours_set,
+                         "ours_lr_choice": "best validation GAUC" if ours_lrs else None,
                          "quality_delta": f"ours minus FuxiCTR, paired bootstrap over test users, {RESAMPLES} "
                          "resamples, 95% percentile interval (ctr.evaluation.metrics.paired_bootstrap)"},
             "fuxictr": {"version": FUXICTR_VERSION, "venv": str(py.parents[1]), "torch": TORCH_PIN,
@@ -381,7 +411,9 @@ def main() -> int:
             "gauc_definition": "per-user AUC over users with both classes, weighted by the user's impressions "
             "(ctr.evaluation.metrics.gauc; FuxiCTR's gAUC is the same definition)",
             "differences": [
-                "sparse tables: ours Adagrad at optim.sparse_lr; FuxiCTR's one Adam trains tables and dense part at "
+                "sparse tables: ours settings.ours_sparse (Adagrad by default; adam: FBGEMM's lazy Adam, only the rows "
+                "a step looks up move) at optim.sparse_lr; FuxiCTR's one Adam (dense: every row's moments decay and "
+                "every row moves each step) trains tables and dense part at "
                 "the rate of settings.fuxictr_learning_rates with the best validation gAUC (ours' dense rate unless "
                 "--fuxictr-lr)",
                 "dien: ours adds the auxiliary loss (model.aux_alpha); FuxiCTR's LongCTR DIEN has none",
@@ -408,14 +440,23 @@ def main() -> int:
         if key not in ours_done:
             print(f"[ours] {model} ({ours_variant}): ctr train + ctr evaluate", flush=True)
             try:
-                if ours_lrs is None:
+                if ours_lrs is None and ours_dense_lrs is None:
                     ours_done[key] = run_ours(model, sets, args, work, log_every, run_name=key, nproc=nproc)
-                else:  # one run per table learning rate, the best validation GAUC kept (as FuxiCTR's rates)
-                    ours_done[key] = best_by_validation({
-                        lr: run_ours(model, [*sets, f"optim.sparse_lr={lr:g}"], args, work, log_every,
-                                     run_name=f"{key}_slr{lr:g}", nproc=nproc)
-                        for lr in ours_lrs
-                    }, rate="sparse_lr")  # fmt: skip
+                else:  # one run per rate (or pair of rates), the best validation GAUC kept (as FuxiCTR's rates)
+                    grid = [(d, s) for d in ours_dense_lrs or [None] for s in ours_lrs or [None]]
+                    runs = {}
+                    for d, s in grid:
+                        extra, name = [], key
+                        if d is not None:
+                            extra, name = [*extra, f"optim.dense_lr={d:g}"], f"{name}_dlr{d:g}"
+                        if s is not None:
+                            extra, name = [*extra, f"optim.sparse_lr={s:g}"], f"{name}_slr{s:g}"
+                        runs[(d, s) if ours_dense_lrs else s] = run_ours(
+                            model, [*sets, *extra], args, work, log_every, run_name=name, nproc=nproc
+                        )
+                    ours_done[key] = best_by_validation(
+                        runs, rate=("dense_lr", "sparse_lr") if ours_dense_lrs else "sparse_lr"
+                    )
             except JobError as e:
                 ours_done[key] = {"error": str(e)[:300]}
         row["ours"] = ours_done[key]

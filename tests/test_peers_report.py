@@ -108,3 +108,20 @@ def test_our_table_learning_rate_is_chosen_on_validation_too():
         "fuxictr": {"learning_rate": 0.01, "metrics": run(0, 0.81)["metrics"], "samples_per_s": 1.0},
     }
     assert "| din | defaults, tables' lr 0.05 | DIN (as shipped, lr 0.01) |" in report.table([row])
+
+
+def test_both_our_rates_are_chosen_on_validation_as_a_pair():
+    """`--ours-dense-lr` with `--ours-sparse-lr`: one run per (dense, tables) pair, the best validation GAUC kept
+    and named by both rates in the table."""
+    peers, report = _peers_modules()
+
+    def run(valid: float, test: float) -> dict:
+        return {"best_valid_gauc": valid, "metrics": {"auc": test, "gauc": test}, "samples_per_s": 1.0}
+
+    runs = {(0.001, 0.2): run(0.75, 0.83), (0.01, 0.2): run(0.79, 0.80), (0.01, 0.05): run(0.70, 0.85)}
+    best = peers.best_by_validation(runs, rate=("dense_lr", "sparse_lr"))
+    assert (best["dense_lr"], best["sparse_lr"], best["metrics"]["auc"]) == (0.01, 0.2, 0.80)
+    assert [(r["dense_lr"], r["sparse_lr"]) for r in best["lr_search"]] == list(runs)
+    row = {"model": "dien", "peer": "DIEN", "variant": "as shipped", "ours_variant": "defaults", "ours": best,
+           "fuxictr": {"learning_rate": 0.01, "metrics": run(0, 0.81)["metrics"], "samples_per_s": 1.0}}  # fmt: skip
+    assert "| dien | defaults, dense lr 0.01, tables' lr 0.2 | DIEN (as shipped, lr 0.01) |" in report.table([row])

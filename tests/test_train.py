@@ -126,6 +126,20 @@ def test_sparse_adam_on_fbgemms_cpu_kernels_is_a_clear_error_before_any_rank_sta
         check_sparse_optimizer(name, cuda=False, cpu_kernel="fbgemm")
 
 
+def test_embedding_init_sets_the_tables_starting_range(tiny_data, tmp_path):
+    """`model.embedding_init=a`: every table starts uniform in [-a, a] (FuxiCTR's tables start at std 1e-4); by
+    default TorchRec's sqrt(1 / rows), far wider. One step at a negligible table rate leaves the start visible."""
+    sets = ["train.max_steps=1", "train.validation=false", "optim.sparse=sgd", "optim.sparse_lr=1e-12"]
+    spans = {}
+    for name, extra in (("small", ["model.embedding_init=0.001"]), ("default", [])):
+        state = _last_state(_train(tiny_data, tmp_path / name, sets + extra))["model"]
+        tables = {k: v[0] if isinstance(v, list) else v for k, v in state.items() if "embeddings" in k}
+        assert tables, list(state)
+        spans[name] = {k: float(v.abs().max()) for k, v in tables.items()}
+    assert all(0.0009 < a <= 0.001 + 1e-9 for a in spans["small"].values()), spans["small"]
+    assert all(a > 0.003 for a in spans["default"].values()), spans["default"]
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="optim.dens_lr"):
         resolve_train_config("sum_pool", None, ["optim.dens_lr=0.1"])

@@ -47,6 +47,9 @@ class ModelParams(BaseModel):
     # random hashing of the item ids into this many rows (the paper's baseline at a fixed table size); None = a row
     # per item id
     item_rows: int | None = Field(None, ge=2)
+    # the tables start uniform in [-a, a]; None = TorchRec's default a = sqrt(1 / rows) (FuxiCTR starts its tables
+    # at normal(0, 1e-4), which a = 1.7e-4 matches in scale)
+    embedding_init: float | None = Field(None, gt=0)
     sid: SidParams = Field(default_factory=SidParams)
 
     @model_validator(mode="before")
@@ -121,6 +124,8 @@ class CTRModel(nn.Module):
                         # a DARE attention table (`item_att`) has as many rows as its id space (`item`)
                         num_embeddings=sizes[space if space in sizes else space.removesuffix(ATT_SUFFIX)],
                         feature_names=spaces[space],
+                        weight_init_max=params.embedding_init,
+                        weight_init_min=-params.embedding_init if params.embedding_init else None,
                     )
                     for space in names
                 ],
