@@ -416,6 +416,8 @@ def main() -> int:
                 "every row moves each step) trains tables and dense part at "
                 "the rate of settings.fuxictr_learning_rates with the best validation gAUC (ours' dense rate unless "
                 "--fuxictr-lr)",
+                "dense part: ours Adam at optim.dense_lr (1e-3; chosen on validation with the tables' rate among "
+                "settings.ours_dense_lrs when given), FuxiCTR's at its one rate",
                 "dien: ours adds the auxiliary loss (model.aux_alpha); FuxiCTR's LongCTR DIEN has none",
                 "sim_soft/eta/sdim/twin at our defaults: our short-term branch is DIN-style attention over the "
                 "last short_len behaviors; FuxiCTR's is multi-head target attention over short_seq_len - 1 (defect "
