@@ -138,22 +138,28 @@ def _tensors(a: dict, b: dict, prefix: str = ""):
             yield prefix + key, x, y
 
 
-def test_a_run_resumes_across_the_two_kernels(tiny_data, tmp_path):
-    """Checkpoints hold the same tensors either way: four steps on FBGEMM's kernels, resumed for four more on this
-    module's, end where eight straight steps on this module's do."""
+def _train_din(data, root, name: str, sets: list[str], resume: bool = False) -> dict:
+    """`ctr train` of DIN on the tiny world (small batches, SGD on the dense part, no validation): its last
+    checkpoint's rank-0 state."""
     from ctr.config import resolve_train_config
     from ctr.train.checkpoint import latest_complete, load_rank
     from ctr.train.trainer import train
 
     base = ["data.num_workers=0", "data.batch_size=64", "train.validation=false", "optim.dense=sgd",
             "optim.dense_lr=0.05"]  # fmt: skip
+    cfg, _ = resolve_train_config("din", None, base + sets)
+    out = train(data, root / name, cfg, resume=resume)
+    found = latest_complete(out / "checkpoints")
+    assert found is not None
+    return load_rank(found[0], 0)
+
+
+def test_a_run_resumes_across_the_two_kernels(tiny_data, tmp_path):
+    """Checkpoints hold the same tensors either way: four steps on FBGEMM's kernels, resumed for four more on this
+    module's, end where eight straight steps on this module's do."""
 
     def run(name: str, sets: list[str], resume: bool = False) -> dict:
-        cfg, _ = resolve_train_config("din", None, base + sets)
-        out = train(tiny_data, tmp_path / name, cfg, resume=resume)
-        found = latest_complete(out / "checkpoints")
-        assert found is not None
-        return load_rank(found[0], 0)
+        return _train_din(tiny_data, tmp_path, name, sets, resume)
 
     straight = run("straight", ["train.max_steps=8"])
     run("switched", ["train.max_steps=4", "train.checkpoint_every=4", "optim.sparse_cpu_kernel=fbgemm"])
@@ -282,19 +288,10 @@ def test_training_with_adam_tables_on_the_cpu_resumes_exactly(tiny_data, tmp_pat
     """`ctr train` with optim.sparse=adam on the CPU: the tables train, the checkpoint holds Adam's two moments
     under TorchRec's names and each table group's step count, and four steps resumed for four more end where eight
     straight steps do (a step count restarted at 0 would make the first resumed steps about 3x too large)."""
-    from ctr.config import resolve_train_config
-    from ctr.train.checkpoint import latest_complete, load_rank
-    from ctr.train.trainer import train
-
-    base = ["data.num_workers=0", "data.batch_size=64", "train.validation=false", "optim.dense=sgd",
-            "optim.dense_lr=0.05", "optim.sparse=adam", "optim.sparse_lr=0.01"]  # fmt: skip
+    adam = ["optim.sparse=adam", "optim.sparse_lr=0.01"]
 
     def run(name: str, sets: list[str], resume: bool = False) -> dict:
-        cfg, _ = resolve_train_config("din", None, base + sets)
-        out = train(tiny_data, tmp_path / name, cfg, resume=resume)
-        found = latest_complete(out / "checkpoints")
-        assert found is not None
-        return load_rank(found[0], 0)
+        return _train_din(tiny_data, tmp_path, name, adam + sets, resume)
 
     straight = run("straight", ["train.max_steps=8"])
     run("resumed", ["train.max_steps=4", "train.checkpoint_every=4"])
