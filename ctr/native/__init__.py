@@ -1,0 +1,159 @@
+"""Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`).
+
+Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
+elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
+DIN's activation unit. `dice.cpp` does the forward in a pass of column sums and a pass of outputs and the backward in
+a pass of sums and a pass of input gradients (`benchmarks/native_ops.py` measures both forms side by side).
+
+The operators are built with `torch.utils.cpp_extension` (g++ and ninja, both set up by `make setup`) the first time
+a process needs them, into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``;
+a few seconds, once per machine and source), and loaded from there afterwards. Where they cannot be built (no
+compiler) or ``LIFELONG_CTR_NATIVE=0`` is set, every caller runs its eager PyTorch form instead, with one warning
+for a failed build: the results agree to float rounding either way (`tests/test_native.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "LIFELONG_CTR_NATIVE"
+SOURCES = (Path(__file__).resolve().parent / "dice.cpp",)
+_lock = threading.Lock()
+_loaded: bool | None = None
+_error: str | None = None
+_use = True  # set_enabled(): an in-process switch for A/B measurements
+
+
+def set_enabled(on: bool) -> None:
+    """Use the native operators where they apply (True, the default) or the eager forms (False), in this process."""
+    global _use
+    _use = bool(on)
+
+
+def enabled_by_env() -> bool:
+    """False when ``LIFELONG_CTR_NATIVE`` is 0/false/off (the eager forms everywhere, e.g. for an A/B run)."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _build_flags() -> tuple[str, list[str]]:
+    """The extension's name and compiler flags: vector instructions by the CPU torch itself dispatches to.
+
+    The name carries the instruction set, so a cache shared by machines of different CPUs keeps one build each.
+    """
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]  # the last two let the loops vectorize
+    capability = "generic"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2" or "DEFAULT"
+        if cap in ("AVX2", "AVX512"):
+            flags += ["-mavx2", "-mfma"]
+            capability = "avx2"
+    return f"ctr_native_{capability}", flags
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (first time) and load the operators; True when ``torch.ops.ctr_native`` is usable. Never raises."""
+    global _loaded, _error
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if not enabled_by_env():
+            _loaded, _error = False, f"{ENV}=0"
+            return False
+        try:
+            from torch.utils.cpp_extension import load as cpp_load
+
+            name, flags = _build_flags()
+            cpp_load(
+                name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                is_python_module=False, verbose=verbose,
+            )  # fmt: skip
+            _loaded = hasattr(torch.ops.ctr_native, "dice_forward")
+        except Exception as e:  # no compiler, no ninja, a failed build: the eager forms, said once
+            _loaded, _error = False, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+            log.warning("native CPU operators unavailable (%s); running their eager PyTorch forms", _error)
+    return bool(_loaded)
+
+
+def available() -> bool:
+    """Whether the native operators are loaded (building them if needed)."""
+    return load()
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True or was not asked yet)."""
+    return _error
+
+
+class _DiceBatchStats(torch.autograd.Function):
+    """Dice with batch statistics: ``x (α + (1 − α) σ((x − mean) · invstd))``, mean and invstd those of x's columns.
+
+    ``mean`` and ``invstd`` arrive computed (without autograd); the backward includes their dependence on x, as a
+    batch norm's does."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, mean, invstd):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(x, alpha, mean, invstd)
+        return torch.ops.ctr_native.dice_forward(x, alpha, mean, invstd)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        x, alpha, mean, invstd = ctx.saved_tensors
+        dx, dalpha = torch.ops.ctr_native.dice_backward(grad.contiguous(), x, alpha, mean, invstd)
+        return dx, dalpha, None, None
+
+
+def dice(x: torch.Tensor, alpha: torch.Tensor, norm: torch.nn.BatchNorm1d) -> torch.Tensor | None:
+    """Dice over the rows of ``x [N, H]`` with ``norm``'s statistics, natively; None where the caller must run eager.
+
+    Training (``norm.training``): batch statistics (biased variance in the output, unbiased into the running
+    variance, ``momentum`` and ``num_batches_tracked`` as `nn.BatchNorm1d` updates them); evaluation: the running
+    statistics, forward only (None when a gradient is needed). Native only for float32 CPU tensors, more than one
+    row, a BatchNorm without affine parameters that tracks running statistics with a fixed momentum, outside
+    `torch.compile` (which fuses the eager form itself).
+    """
+    if (
+        x.dim() != 2 or x.dtype != torch.float32 or alpha.dtype != torch.float32 or x.device.type != "cpu"
+        or norm.affine or not norm.track_running_stats or norm.momentum is None or norm.running_mean is None
+        or norm.running_var is None or not _use or torch.compiler.is_compiling() or not available()
+    ):  # fmt: skip
+        return None
+    x = x.contiguous()
+    n = x.size(0)
+    if norm.training:
+        if n < 2:
+            return None  # one row has no variance: the module's own rule (BatchNorm1dAnySize)
+        with torch.no_grad():
+            sums = torch.ops.ctr_native.dice_column_sums(x.detach())  # float64 [2, H]
+            mean64 = sums[0] / n
+            var64 = (sums[1] / n - mean64 * mean64).clamp_min_(0.0)
+            m = float(norm.momentum)
+            norm.running_mean.mul_(1.0 - m).add_(mean64.to(norm.running_mean.dtype), alpha=m)
+            norm.running_var.mul_(1.0 - m).add_((var64 * (n / (n - 1))).to(norm.running_var.dtype), alpha=m)
+            if norm.num_batches_tracked is not None:
+                norm.num_batches_tracked.add_(1)
+            mean = mean64.float()
+            invstd = (var64 + norm.eps).rsqrt().float()
+        return _DiceBatchStats.apply(x, alpha.contiguous(), mean, invstd)
+    if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
+        return None
+    invstd = (norm.running_var.float() + norm.eps).rsqrt()
+    return torch.ops.ctr_native.dice_forward(x, alpha.contiguous(), norm.running_mean.float().contiguous(), invstd)
+
+
+def main() -> None:
+    """``python -m ctr.native``: build the operators now (`make setup` does), and say whether they load."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = load(verbose=False)
+    name, flags = _build_flags()
+    msg = f"native CPU operators ({name}, {' '.join(flags)}): {'loaded' if ok else 'unavailable: ' + str(_error)}"
+    print(msg)  # noqa: T201  (the module's command-line output)

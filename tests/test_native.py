@@ -1,0 +1,140 @@
+"""The native CPU operators (`ctr.native`): they build wherever a C++ compiler is, and Dice through them is the eager
+module's function: outputs, both gradients, running statistics, evaluation, every fallback."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from ctr import native
+from ctr.modules.activations import Dice
+from ctr.modules.attention import DinAttention
+
+
+@pytest.fixture(autouse=True)
+def _native_on():
+    native.set_enabled(True)
+    yield
+    native.set_enabled(True)
+
+
+def _pair(h: int, seed: int = 0) -> tuple[Dice, Dice]:
+    torch.manual_seed(seed)
+    a = Dice(h)
+    a.alpha.data.uniform_(-0.6, 0.6)
+    b = Dice(h)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _run(d: Dice, x: torch.Tensor, g: torch.Tensor, use_native: bool) -> tuple[torch.Tensor, ...]:
+    native.set_enabled(use_native)
+    x = x.clone().requires_grad_()
+    out = d(x)
+    out.backward(g)
+    assert x.grad is not None and d.alpha.grad is not None
+    return out.detach(), x.grad, d.alpha.grad.clone(), d.norm.running_mean.clone(), d.norm.running_var.clone()
+
+
+def test_the_native_operators_build_wherever_a_cxx_compiler_is():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.fail("no C++ compiler on this machine: `make setup` expects g++ (Debian: build-essential)")
+    assert native.available(), native.unavailable_reason()
+
+
+@pytest.mark.parametrize("rows,h", [(2, 7), (3, 40), (513, 80), (4097, 33)])
+def test_native_dice_in_training_is_the_eager_module(rows, h):
+    """Batch statistics: output, dx (through the statistics too), dalpha and the running statistics."""
+    assert native.available(), native.unavailable_reason()
+    eager, fused = _pair(h)
+    torch.manual_seed(1)
+    x = torch.randn(rows, h) * torch.linspace(0.1, 3.0, h) + torch.linspace(-2.0, 2.0, h)
+    g = torch.randn(rows, h)
+    want = _run(eager, x, g, use_native=False)
+    got = _run(fused, x, g, use_native=True)
+    for name, w, o in zip(("out", "dx", "dalpha", "running_mean", "running_var"), want, got, strict=True):
+        scale = max(1.0, float(w.abs().max()))
+        torch.testing.assert_close(o, w, rtol=2e-5, atol=2e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+    assert int(fused.norm.num_batches_tracked) == int(eager.norm.num_batches_tracked) == 1
+
+
+def test_native_dice_on_3d_input_and_in_evaluation():
+    eager, fused = _pair(16)
+    x = torch.randn(8, 5, 16) * 2 + 0.5
+    g = torch.randn(8, 5, 16)
+    want, got = _run(eager, x, g, False), _run(fused, x, g, True)
+    torch.testing.assert_close(got[0], want[0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=2e-5)
+    eager.eval()
+    fused.eval()
+    with torch.no_grad():
+        native.set_enabled(False)
+        w = eager(x)
+        native.set_enabled(True)
+        o = fused(x)
+    torch.testing.assert_close(o, w, rtol=2e-5, atol=2e-5)
+    with torch.no_grad():
+        assert native.dice(x.reshape(-1, 16), fused.alpha, fused.norm) is not None  # native in no-grad evaluation
+    with torch.enable_grad():  # evaluation with a gradient wanted: the eager module's
+        assert native.dice(x.reshape(-1, 16).requires_grad_(), fused.alpha, fused.norm) is None
+
+
+def test_native_dice_falls_back_where_it_does_not_apply():
+    d = Dice(8)
+    d.train()
+    one = torch.randn(1, 8)
+    assert native.dice(one, d.alpha, d.norm) is None  # one row: running statistics, unchanged (the module's rule)
+    before = d.norm.running_mean.clone()
+    d(one)
+    assert torch.equal(d.norm.running_mean, before)
+    assert native.dice(torch.randn(4, 8, dtype=torch.float64), d.alpha, d.norm) is None
+    native.set_enabled(False)
+    assert native.dice(torch.randn(4, 8), d.alpha, d.norm) is None
+
+
+def test_native_dice_is_finite_at_extremes_and_on_constant_columns():
+    eager, fused = _pair(6)
+    x = torch.tensor([[1e3, -1e3, 0.0, 5.0, 1e-30, 88.0], [-1e3, 1e3, 0.0, 5.0, -1e-30, -88.0]] * 4)
+    g = torch.ones_like(x)
+    want, got = _run(eager, x, g, False), _run(fused, x, g, True)
+    for w, o in zip(want, got, strict=True):
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-3 * max(1.0, float(w.abs().max())))
+
+
+def test_native_dice_does_not_depend_on_the_thread_count():
+    d = Dice(40)
+    x = torch.randn(3000, 40)
+    g = torch.randn(3000, 40)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            d.alpha.grad = None
+            results.append(_run(d, x, g, True)[:3])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dins_activation_unit_through_native_dice_is_the_eager_one():
+    torch.manual_seed(0)
+    b, n, dim = 64, 20, 16
+    unit = DinAttention(dim, (80, 40), "dice")
+    q, keys = torch.randn(b, dim), torch.randn(b, n, dim)
+    mask = torch.arange(n)[None] < torch.randint(0, n + 1, (b,))[:, None]
+    outs = []
+    for use in (False, True):
+        native.set_enabled(use)
+        unit.zero_grad()
+        qq, kk = q.clone().requires_grad_(), keys.clone().requires_grad_()
+        pooled, weights = unit(qq, kk, mask)
+        (pooled.square().sum() + weights.sum()).backward()
+        grads = [p.grad.clone() for p in unit.parameters()]
+        outs.append((pooled.detach(), weights.detach(), qq.grad, kk.grad, *grads))
+    for w, o in zip(*outs, strict=True):
+        torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
