@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-cache-dir torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-cache-dir -e '.[dev]'
+	$(BIN)/python -m ctr.native  # build the native CPU operators now, not in the first run (ctr/native)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -18,7 +18,8 @@ ALLOWED = {
 }
 # Inside ctr, what each part may import: arrows run one way, from the CLI down to the modules.
 CTR_ALLOWED = {
-    "modules": set(),
+    "modules": {"native"},
+    "native": set(),  # native CPU operators (ctr/native): a leaf under the modules that use them
     "malloc": set(),  # the process's allocator settings: a leaf the training and scoring processes call
     "models": {"modules"},
     "config": {"models"},

@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ENV = "LIFELONG_CTR_NATIVE"
 SOURCES = (Path(__file__).resolve().parent / "dice.cpp",)
+STALE_LOCK_S = 600.0
 _lock = threading.Lock()
 _loaded: bool | None = None
 _error: str | None = None
@@ -58,6 +60,28 @@ def _build_flags() -> tuple[str, list[str]]:
     return f"ctr_native_{capability}", flags
 
 
+def _build_directory(name: str) -> Path:
+    """``<torch's extension root>/<name>-torch<version>`` (a torch upgrade builds anew), without a stale lock.
+
+    torch serializes concurrent builds of one extension with a ``lock`` file in this directory and waits for it
+    without end; a build killed midway (Ctrl-C on the first run) would leave it behind. A build takes seconds, so a
+    lock older than `STALE_LOCK_S` is removed.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    path = root / f"{name}-torch{torch.__version__.replace('+', '_')}"
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale build lock %s (a build was killed)", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+    return path
+
+
 def load(verbose: bool = False) -> bool:
     """Build (first time) and load the operators; True when ``torch.ops.ctr_native`` is usable. Never raises."""
     global _loaded, _error
@@ -75,7 +99,7 @@ def load(verbose: bool = False) -> bool:
             name, flags = _build_flags()
             cpp_load(
                 name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                is_python_module=False, verbose=verbose,
+                build_directory=str(_build_directory(name)), is_python_module=False, verbose=verbose,
             )  # fmt: skip
             _loaded = hasattr(torch.ops.ctr_native, "dice_forward")
         except Exception as e:  # no compiler, no ninja, a failed build: the eager forms, said once
