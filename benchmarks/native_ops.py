@@ -8,7 +8,7 @@
 * ``din_unit``: DIN's activation unit and pooling (`DinAttention`, [80, 40] Dice, D = 32), forward and backward, on
   1,024 samples of 50 slots with lengths drawn from 20 to 50;
 * with ``--data``: each model's training step on prefetched batches (`step_profile.profile_model` without the
-  profiler: the trainer's own model, sharding and optimizers), one process per (model, form), ``LIFELONG_CTR_NATIVE``
+  profiler: the trainer's own model, sharding and optimizers, on one rank in this process), `native.set_enabled`
   switching the form.
 
 Every measurement alternates the two forms ``--rounds`` times (eager first); the medians and every round are kept.
@@ -90,21 +90,22 @@ def op_benchmarks(rounds: int, steps: int) -> dict[str, Any]:
 
 
 def step_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
-    from step_profile import profile_model
+    from step_profile import _applies, profile_model
 
-    from ctr.native import ENV
+    from ctr import native
 
-    sets = [f"data.batch_size={args.batch_size}", *args.set]
+    sets = [f"data.batch_size={args.batch_size}", "data.num_workers=1", *args.set]  # as step_profile.py
     out: dict[str, Any] = {}
     for model in args.models.split(","):
+        own = [s for s in sets if _applies(model, s)]  # each model takes the overrides its config has
         runs: dict[str, list[float]] = {"eager": [], "native": []}
         for _ in range(args.rounds):
             for form in ("eager", "native"):
-                os.environ[ENV] = "1" if form == "native" else "0"
-                r = profile_model(model, args.data, sets, args.steps, 5, args.work / form, profile_steps=False)
+                native.set_enabled(form == "native")  # the step runs in this process (one rank)
+                r = profile_model(model, args.data.resolve(), own, args.steps, 5, args.work / form, profile_steps=False)
                 runs[form].append(r["step_ms"])
                 print(f"{model} {form}: {r['step_ms']:.1f} ms per step ({r['samples_per_s']:,.0f} samples/s)")
-        os.environ.pop(ENV, None)
+        native.set_enabled(True)
         med = {k: statistics.median(v) for k, v in runs.items()}
         out[model] = {"step_ms": runs, "median_step_ms": med, "speedup": med["eager"] / med["native"]}
     return out
