@@ -7,6 +7,8 @@
   layers of DIN's activation unit, N = the real behaviors of a batch of 1,024 at L = 50 on the demo world;
 * ``din_unit``: DIN's activation unit and pooling (`DinAttention`, [80, 40] Dice, D = 32), forward and backward, on
   1,024 samples of 50 slots with lengths drawn from 20 to 50;
+* ``gru_scan_torch`` / ``gru_scan_paper``: DIEN's two recurrences (`ctr.modules.gru_scan`: the interest extractor's
+  GRU and the AUGRU), forward and backward, over the same 1,024 x 50 slots with a state of 32;
 * with ``--data``: each model's training step on prefetched batches (`step_profile.profile_model` without the
   profiler: the trainer's own model, sharding and optimizers, on one rank in this process), `native.set_enabled`
   switching the form.
@@ -86,6 +88,21 @@ def op_benchmarks(rounds: int, steps: int) -> dict[str, Any]:
 
     out["din_unit_1024x50_d32"] = _ab(unit_step, rounds, steps)
     out["din_unit_1024x50_d32"]["real_behaviors"] = int(mask.sum())
+
+    from ctr.modules.gru_scan import gru_scan
+
+    hd = 32  # DIEN's state: 2 x embedding_dim 16
+    gx = torch.randn(b, n, 3 * hd, requires_grad=True)
+    att = torch.rand(b, n, requires_grad=True)
+    w = (torch.randn(3 * hd, hd) * 0.3).requires_grad_()
+    b_c = torch.zeros(hd, requires_grad=True)
+    for form in ("torch", "paper"):
+
+        def scan_step(_: bool, form: str = form) -> Callable[[], None]:
+            a = att if form != "torch" else None
+            return lambda: gru_scan(gx, a, mask, None, w, b_c, form)[0].sum().backward()
+
+        out[f"gru_scan_{form}_1024x50_h32"] = _ab(scan_step, rounds, steps)
     return out
 
 
@@ -136,8 +153,12 @@ def main() -> int:
         return 1
     name, flags = native._build_flags()
     res: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },  # fmt: skip
         "threads": args.threads,
         "extension": {"name": name, "flags": flags},
         "rounds": args.rounds,

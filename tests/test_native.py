@@ -138,3 +138,40 @@ def test_dins_activation_unit_through_native_dice_is_the_eager_one():
         outs.append((pooled.detach(), weights.detach(), qq.grad, kk.grad, *grads))
     for w, o in zip(*outs, strict=True):
         torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
+
+
+@pytest.mark.parametrize("form", ["torch", "paper", "official"])
+@pytest.mark.parametrize("b,steps,hd", [(5, 7, 3), (300, 12, 32)])
+def test_native_gru_scan_is_the_pytorch_loop(form, b, steps, hd):
+    """`gru_scan` in float32 through ctr/native/gru_scan.cpp against its PyTorch loop: states, last state and the
+    gradients of the projections, attention, initial state, weight and bias; padded steps keep the state exactly."""
+    from ctr.modules.gru_scan import gru_scan
+
+    g = torch.Generator().manual_seed(b + steps)
+    lengths = torch.randint(0, steps + 1, (b,), generator=g)
+    lengths[0], lengths[-1] = 0, steps
+    mask = torch.arange(steps) < lengths.unsqueeze(1)
+    gx = torch.randn(b, steps, 3 * hd, generator=g)
+    att = torch.rand(b, steps, generator=g) if form != "torch" else None
+    h0 = torch.randn(b, hd, generator=g)
+    weight = torch.randn(3 * hd, hd, generator=g) * 0.5
+    b_c = torch.randn(hd, generator=g) if form != "official" else None
+    d_states, d_last = torch.randn(b, steps, hd, generator=g), torch.randn(b, hd, generator=g)
+    leaves = [v for v in (gx, att, h0, weight, b_c) if v is not None]
+    results = []
+    for use in (False, True):
+        native.set_enabled(use)
+        xs = [v.clone().requires_grad_() for v in leaves]
+        it = iter(xs)
+        args = [next(it) if v is not None else None for v in (gx, att, h0, weight, b_c)]
+        states, last = gru_scan(args[0], args[1], mask, args[2], args[3], args[4], form)
+        ((states * d_states).sum() + (last * d_last).sum()).backward()
+        results.append((states.detach(), last.detach(), *[x.grad for x in xs]))
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))
+    states = results[1][0]
+    assert torch.equal(results[1][1][0], h0[0])  # a row without behaviors ends where it started
+    short = int(torch.argmin(lengths[1:-1])) + 1 if b > 2 else None
+    if short is not None and 0 < lengths[short] < steps:
+        n = int(lengths[short])
+        assert torch.equal(states[short, n:], states[short, n - 1].expand(steps - n, -1))

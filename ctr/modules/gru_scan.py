@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .. import native
+
 FORMS = ("torch", "paper", "official")
 
 
@@ -210,7 +212,15 @@ class _GRUScan(torch.autograd.Function):
         z_all = gx.new_empty(steps, b, hd)
         hs[0] = h0
         bufs = (hs, ru_all, c_all, g_all, z_all)
-        _in_row_blocks(b, lambda rows: _forward_rows(rows, gx, bufs, p, q, w_hh, b_c, form))
+        ctx.native = native.applies(gx, w_hh)
+        if ctx.native:  # ctr/native/gru_scan.cpp: the same loop, one row at a time through all L steps
+            p, keep = p.reshape(steps, b).contiguous(), keep.reshape(steps, b).contiguous()
+            q = q.reshape(steps, b).contiguous() if q is not None else None
+            torch.ops.ctr_native.gru_scan_forward(
+                gx.contiguous(), p, q, w_hh.contiguous(), b_c, FORMS.index(form), hs, ru_all, c_all, g_all, z_all
+            )
+        else:
+            _in_row_blocks(b, lambda rows: _forward_rows(rows, gx, bufs, p, q, w_hh, b_c, form))
         ctx.form = form
         ctx.has_bias = b_c is not None
         ctx.att_grad = att is not None and ctx.needs_input_grad[1]
@@ -231,9 +241,15 @@ class _GRUScan(torch.autograd.Function):
         d_gx = hs.new_empty(steps, b, 3 * hd)
         d_z = hs.new_empty(steps, b, hd) if form != "official" else None
         d_a = hs.new_empty(steps, b) if ctx.att_grad else None
-        saved = (hs, ru_all, c_all, g_all, z_all, keep, p)
-        grads = (dh, d_gx, d_z, d_a)
-        _in_row_blocks(b, lambda rows: _backward_rows(rows, d_st, saved, grads, w_hh, form))
+        if ctx.native:
+            torch.ops.ctr_native.gru_scan_backward(
+                d_states.contiguous() if d_states is not None else None, hs, ru_all, c_all, g_all, z_all, keep, p,
+                w_hh.contiguous(), FORMS.index(form), dh, d_gx, d_z, d_a,
+            )  # fmt: skip
+        else:
+            saved = (hs, ru_all, c_all, g_all, z_all, keep, p)
+            grads = (dh, d_gx, d_z, d_a)
+            _in_row_blocks(b, lambda rows: _backward_rows(rows, d_st, saved, grads, w_hh, form))
         h_in = hs[:-1].reshape(flat, hd)
         d_ru_rows = d_gx[:, :, : 2 * hd].reshape(flat, 2 * hd)
         if form == "official":

@@ -1,4 +1,5 @@
-"""Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`).
+"""Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`) and the loops of DIEN's GRU
+recurrences, one row at a time (`gru_scan.cpp`, used by `ctr.modules.gru_scan`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -26,7 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "LIFELONG_CTR_NATIVE"
-SOURCES = (Path(__file__).resolve().parent / "dice.cpp",)
+SOURCES = tuple(Path(__file__).resolve().parent / f for f in ("dice.cpp", "gru_scan.cpp"))
 STALE_LOCK_S = 600.0
 _lock = threading.Lock()
 _loaded: bool | None = None
@@ -103,7 +104,11 @@ def load(verbose: bool = False) -> bool:
             )  # fmt: skip
             _loaded = hasattr(torch.ops.ctr_native, "dice_forward")
         except Exception as e:  # no compiler, no ninja, a failed build: the eager forms, said once
-            _loaded, _error = False, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+            lines = str(e).strip().splitlines()
+            said = [ln.strip() for ln in lines if "error" in ln.lower() and "Error building" not in ln][:3] or lines[
+                -1:
+            ]
+            _loaded, _error = False, f"{type(e).__name__}: {' | '.join(said)}"
             log.warning("native CPU operators unavailable (%s); running their eager PyTorch forms", _error)
     return bool(_loaded)
 
@@ -116,6 +121,15 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why `available()` is False (None when it is True or was not asked yet)."""
     return _error
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether an op on these tensors runs natively: all float32 on the CPU, outside `torch.compile`, switched on
+    (`set_enabled`) and built (`available`)."""
+    return (
+        _use and not torch.compiler.is_compiling()
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and available()
+    )  # fmt: skip
 
 
 class _DiceBatchStats(torch.autograd.Function):
