@@ -105,9 +105,8 @@ def load(verbose: bool = False) -> bool:
             _loaded = hasattr(torch.ops.ctr_native, "dice_forward")
         except Exception as e:  # no compiler, no ninja, a failed build: the eager forms, said once
             lines = str(e).strip().splitlines()
-            said = [ln.strip() for ln in lines if "error" in ln.lower() and "Error building" not in ln][:3] or lines[
-                -1:
-            ]
+            said = [ln.strip() for ln in lines if "error" in ln.lower() and "Error building" not in ln]
+            said = said[:3] or lines[-1:]  # the compiler's first errors, else the last line
             _loaded, _error = False, f"{type(e).__name__}: {' | '.join(said)}"
             log.warning("native CPU operators unavailable (%s); running their eager PyTorch forms", _error)
     return bool(_loaded)
