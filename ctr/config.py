@@ -63,7 +63,8 @@ class TrainSection(StrictModel):
     compile: bool | Literal["auto"] = Field(
         "auto",
         description="torch.compile DIN's activation unit (DIN, the two-stage models' short branch) for training; "
-        "auto: true for CPU runs of at least 2,000 planned steps per rank (compiling takes seconds)",
+        "auto: true for CPU runs of at least 2,000 planned steps per rank where the native CPU operators "
+        "(ctr/native, as fast) are unavailable (compiling takes seconds)",
     )
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 
+from ctr import native
 from ctr.config import ConfigError, resolve_train_config
 from ctr.modules.attention import DinAttention
 from ctr.train import setup
@@ -103,9 +104,13 @@ def test_auto_compiles_long_cpu_runs_only(monkeypatch):
     monkeypatch.setattr(DinAttention, "compile_rows", lambda self: None)
     model = torch.nn.Sequential(DinAttention(8, (16,), "dice"), DinAttention(8, (16,), "sigmoid"))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(native, "available", lambda: False)  # no native operators: auto compiles long CPU runs
     assert compile_units(model, "auto", COMPILE_AUTO_MIN_STEPS - 1, cpu) == 0
     assert compile_units(model, "auto", COMPILE_AUTO_MIN_STEPS, cpu) == 2
     assert compile_units(model, "auto", 10**6, cuda) == 0
+    monkeypatch.setattr(native, "available", lambda: True)  # the native Dice is as fast: auto leaves Dice units eager
+    assert compile_units(model, "auto", 10**6, cpu) == 1
+    assert compile_units(model, True, 10, cpu) == 2
     assert compile_units(model, False, 10**6, cpu) == 0
     assert compile_units(model, True, 1, cpu) == 2
     assert compile_units(torch.nn.Linear(2, 2), True, 1, cpu) == 0  # nothing to compile
