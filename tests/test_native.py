@@ -3,6 +3,7 @@ module's function: outputs, both gradients, running statistics, evaluation, ever
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -175,3 +176,13 @@ def test_native_gru_scan_is_the_pytorch_loop(form, b, steps, hd):
     if short is not None and 0 < lengths[short] < steps:
         n = int(lengths[short])
         assert torch.equal(states[short, n:], states[short, n - 1].expand(steps - n, -1))
+
+
+def test_the_virtualenvs_ninja_is_put_on_path_when_none_is(monkeypatch):
+    """torch's build runs `ninja` from PATH; an unactivated virtualenv's own (the `ninja` dependency) is added."""
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    native._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(ninja.BIN_DIR)
+    assert shutil.which("ninja") is not None

@@ -15,9 +15,11 @@ for a failed build: the results agree to float rounding either way (`tests/test_
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,7 +29,9 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "LIFELONG_CTR_NATIVE"
-SOURCES = tuple(Path(__file__).resolve().parent / f for f in ("dice.cpp", "gru_scan.cpp"))
+HERE = Path(__file__).resolve().parent
+SOURCES = (HERE / "dice.cpp", HERE / "gru_scan.cpp")
+HEADERS = (HERE / "vec_math.h",)
 STALE_LOCK_S = 600.0
 _lock = threading.Lock()
 _loaded: bool | None = None
@@ -62,7 +66,8 @@ def _build_flags() -> tuple[str, list[str]]:
 
 
 def _build_directory(name: str) -> Path:
-    """``<torch's extension root>/<name>-torch<version>`` (a torch upgrade builds anew), without a stale lock.
+    """``<torch's extension root>/<name>-torch<version>-<digest>`` (a torch upgrade or an edit builds anew), without
+    a stale lock.
 
     torch serializes concurrent builds of one extension with a ``lock`` file in this directory and waits for it
     without end; a build killed midway (Ctrl-C on the first run) would leave it behind. A build takes seconds, so a
@@ -71,7 +76,9 @@ def _build_directory(name: str) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    path = root / f"{name}-torch{torch.__version__.replace('+', '_')}"
+    # torch rebuilds when a source file changes but not a header: the sources' and headers' digest names the build
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))).hexdigest()[:10]
+    path = root / f"{name}-torch{torch.__version__.replace('+', '_')}-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     lock = path / "lock"
     try:
@@ -81,6 +88,17 @@ def _build_directory(name: str) -> Path:
     except FileNotFoundError:
         pass
     return path
+
+
+def _ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; a virtualenv's own (the `ninja` package, a dependency) is not on it unless the
+    virtualenv is activated: its folder is added then."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # type: ignore[import-untyped]
+        except ImportError:
+            return
+        os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
 
 
 def load(verbose: bool = False) -> bool:
@@ -98,6 +116,7 @@ def load(verbose: bool = False) -> bool:
             from torch.utils.cpp_extension import load as cpp_load
 
             name, flags = _build_flags()
+            _ninja_on_path()
             cpp_load(
                 name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                 build_directory=str(_build_directory(name)), is_python_module=False, verbose=verbose,

@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -17,28 +19,11 @@
 
 namespace {
 
+using ctr_native::sigmoid_f;
+
 constexpr int64_t kRows = 512;  // rows per parallel block of the column sums
 
-// exp(x) for float: Cephes' range reduction and degree-5 polynomial (about 1 ulp on [-87, 88]), branch-free so
-// that the column loops below vectorize
-inline float exp_f(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return y * scale;
-}
 
-inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
 
 // the loops over one row's H columns: separate functions with restrict pointers so the compiler vectorizes them
 void sums_row(const float* __restrict x, double* __restrict s, double* __restrict q, int64_t h) {

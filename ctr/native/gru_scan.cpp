@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -18,24 +20,7 @@ namespace {
 
 constexpr int64_t kFormTorch = 0, kFormPaper = 1, kFormOfficial = 2;
 
-inline float exp_f(float x) {  // as dice.cpp: Cephes' expf, branch-free
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return y * scale;
-}
-
-inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+using ctr_native::sigmoid_f;
 inline float tanh_f(float x) { return 2.0f * sigmoid_f(2.0f * x) - 1.0f; }  // as gru_scan.py's _tanh_into
 
 // torch.lerp's formula: exact at both ends (a padded step keeps its state bit for bit)
