@@ -25,7 +25,7 @@ CTR_ALLOWED = {
     "config": {"models"},
     "runs": {"config", "models"},
     "evaluation": {"runs", "config", "models", "malloc"},
-    "train": {"evaluation", "runs", "config", "models", "modules", "malloc"},
+    "train": {"evaluation", "runs", "config", "models", "modules", "malloc", "native"},
     "report": {"evaluation", "runs"},
 }
 
