@@ -178,9 +178,8 @@ def dice(x: torch.Tensor, alpha: torch.Tensor, norm: torch.nn.BatchNorm1d) -> to
     `torch.compile` (which fuses the eager form itself).
     """
     if (
-        x.dim() != 2 or x.dtype != torch.float32 or alpha.dtype != torch.float32 or x.device.type != "cpu"
-        or norm.affine or not norm.track_running_stats or norm.momentum is None or norm.running_mean is None
-        or norm.running_var is None or not _use or torch.compiler.is_compiling() or not available()
+        x.dim() != 2 or norm.affine or not norm.track_running_stats or norm.momentum is None
+        or norm.running_mean is None or norm.running_var is None or not applies(x, alpha)
     ):  # fmt: skip
         return None
     x = x.contiguous()
