@@ -286,3 +286,42 @@ def test_no_validation_keeps_the_last_model(tiny_data, tmp_path):
     assert (run / "model.pt").exists() and evaluate_run(run, "test")["samples"] > 0
     with pytest.raises(ConfigError, match="eval_every"):
         resolve_train_config("sum_pool", None, ["train.validation=false", "train.eval_every=5"])
+
+
+def _export_threads(ctx, data: Path, run: Path, out: dict) -> None:
+    from ctr.train.distributed import _is_sharded, full_state_dict, serial_collective_copies
+    from ctr.train.worker import Training
+
+    # 2,000 rows x 32 = 64,000 floats: above ATen's grain (32,768), so gloo's copy of a gathered table goes parallel
+    cfg, params = resolve_train_config("din", None, [*QUICK, "model.item_rows=2000", "model.embedding_dim=32"])
+    tr = Training(ctx, data, run, {"config": {}}, cfg, params)
+    before = len(os.listdir("/proc/self/task"))
+    weights = full_state_dict(tr.dmp, ctx)
+    out["threads"] = (before, len(os.listdir("/proc/self/task")))
+    assert weights is not None
+    for key, t in tr.dmp.state_dict().items():
+        if _is_sharded(t):
+            full = torch.empty(t.size(), dtype=t.dtype)
+            with serial_collective_copies():
+                t.gather(dst=0, out=full)
+            out.setdefault("sharded", []).append(key)
+            assert torch.equal(weights[key], full), key
+
+
+def test_one_rank_export_matches_gather_and_starts_no_thread_team(tiny_data, tmp_path):
+    """The export (each validation that improves) on one rank copies the tables from the local shards: the gather
+    through gloo copied them on gloo's worker thread, which kept an OpenMP team of its own from then on and made
+    libgomp stop spinning in every team (each later step 20-25% slower on 2 cores). Same tensors as the gather,
+    and no thread is started."""
+    from ctr.train.distributed import launch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out: dict = {}
+        launch(_export_threads, 1, tmp_path / "run", tiny_data, tmp_path / "run", out)
+    finally:
+        torch.set_num_threads(threads)
+    assert "embedding.embeddings.item.weight" in out["sharded"], out
+    before, after = out["threads"]
+    assert after == before, f"full_state_dict started {after - before} thread(s)"
