@@ -137,6 +137,33 @@ def test_sampler_schedule_and_randomness():
         DMIG(8, steps=10, t0=5)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_denoiser_at_one_token_is_the_whole_output_there(layers):
+    """The channel-folded denoiser call computes only the token each copy reads in its last block: the same value
+    and the same gradients (inputs and every weight) as the whole output's diagonal, the readable form."""
+    torch.manual_seed(0)
+    dmig = DMIG(8, layers=layers)
+    b, c, d = 6, 3, 8
+    r = torch.nn.functional.normalize(torch.randn(b, c, d), dim=-1).requires_grad_()
+    o, x = torch.randn(b, c, d, requires_grad=True), torch.randn(b, c, d, requires_grad=True)
+    t = torch.randint(0, dmig.timesteps, (b, c))
+    eye = torch.eye(c, dtype=torch.bool)
+    tokens = torch.where(eye.view(1, c, c, 1), x.unsqueeze(2), r.unsqueeze(1)).reshape(b * c, c, d)
+    whole = dmig.denoiser(tokens, t.reshape(-1), o.reshape(b * c, d))  # every token of every copy
+    reference = whole.view(b, c, c, d).diagonal(dim1=1, dim2=2).transpose(1, 2)
+    fast = dmig.predict(x, r, o, t)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    g = torch.randn(b, c, d)
+    inputs = [r, o, x, *dmig.parameters()]
+    fast_grads = torch.autograd.grad(fast, inputs, g, allow_unused=True)
+    ref_grads = torch.autograd.grad(reference, inputs, g, allow_unused=True)
+    for got, want in zip(fast_grads, ref_grads, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_each_loss_term_decreases(info):
     """CTR, diffusion and contrastive terms each lower after training on the tiny world; the ablation (weights 0)
     has the CTR term only."""

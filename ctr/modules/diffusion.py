@@ -58,10 +58,22 @@ class TokenSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``[N, C, D]`` -> ``[N, C, D]``; with ``at [N]`` (one token per row) only that token's output,
+        ``[N, 1, D]``: its query alone, every token's key and value."""
         n, c, d = x.shape
-        q, k, v = self.qkv(x).view(n, c, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, c, d))
+        if at is None:
+            q, k, v = self.qkv(x).view(n, c, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, c, d))
+        w_q, w_kv = self.qkv.weight.split([d, 2 * d])  # the packed rows: q, then k, then v
+        q = F.linear(_token(x, at), w_q).view(n, 1, self.heads, d // self.heads).transpose(1, 2)
+        k, v = F.linear(x, w_kv).view(n, c, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, 1, d))
+
+
+def _token(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """``x [N, C, D]``, ``at [N]`` -> ``[N, 1, D]``: token ``at[n]`` of row n (a gather: its backward is a scatter)."""
+    return x.gather(1, at.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
 
 
 class DenoiserBlock(nn.Module):
@@ -74,9 +86,10 @@ class DenoiserBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_factor * dim), nn.ReLU(), nn.Linear(ffn_factor * dim, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x ``[N, C, D]``, cond ``[N, D]`` -> ``[N, C, D]``."""
-        x = self.norms[0](x + self.attention(x))
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``[N, C, D]``, cond ``[N, D]`` -> ``[N, C, D]``; with ``at [N]``, token ``at[n]``'s output only
+        (``[N, 1, D]``: everything after the attention is per token)."""
+        x = self.norms[0]((x if at is None else _token(x, at)) + self.attention(x, at))
         x = self.norms[1](x + self.cond(cond).unsqueeze(1))
         return self.norms[2](x + self.ffn(x))
 
@@ -92,11 +105,16 @@ class Denoiser(nn.Module):
         self.time = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
         self.blocks = nn.ModuleList(DenoiserBlock(dim, heads, ffn_factor) for _ in range(layers))
 
-    def forward(self, tokens: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """tokens ``[N, C, D]``, t ``[N]`` int, cond ``[N, D]`` -> the prediction at every token ``[N, C, D]``."""
+    def forward(
+        self, tokens: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens ``[N, C, D]``, t ``[N]`` int, cond ``[N, D]`` -> the prediction at every token ``[N, C, D]``, or
+        with ``at [N]`` at token ``at[n]`` of each row only, ``[N, 1, D]`` (the last block computes that token's
+        query, attention output and FFN alone; the blocks before still run on every token, whose outputs are the
+        last block's keys and values)."""
         x = tokens + self.time(sinusoidal_embedding(t, self.dim)).unsqueeze(1)
-        for block in self.blocks:
-            x = block(x, cond)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, at if i + 1 == len(self.blocks) else None)
         return x
 
 
@@ -135,8 +153,12 @@ class DMIG(nn.Module):
         b, c, d = r.shape
         eye = torch.eye(c, dtype=torch.bool, device=r.device)  # copy i: token i noisy
         tokens = torch.where(eye.view(1, c, c, 1), x.unsqueeze(2), r.unsqueeze(1))  # [B, C(copy), C(token), D]
-        out = self.denoiser(tokens.reshape(b * c, c, d), t.reshape(-1), o.reshape(b * c, d))
-        return out.view(b, c, c, d).diagonal(dim1=1, dim2=2).transpose(1, 2)  # [B, C, D]: copy i at token i
+        # only copy i's token i is read: the last block computes that token alone (`Denoiser.forward`'s `at`), the
+        # same values as the whole copy's output at i (to float rounding; tests/test_diffumin.py); at C = 4 and two
+        # blocks, 56 of the 80 D x D row products per copy (the second block's q, output and FFN on 1 token of 4)
+        at = torch.arange(c, device=r.device).repeat(b)  # row b * C + i is copy i
+        out = self.denoiser(tokens.reshape(b * c, c, d), t.reshape(-1), o.reshape(b * c, d), at)
+        return out.view(b, c, d)
 
     def q_sample(self, r: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         a = self.alpha_bar[t].unsqueeze(-1)
