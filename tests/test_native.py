@@ -186,3 +186,51 @@ def test_the_virtualenvs_ninja_is_put_on_path_when_none_is(monkeypatch):
     native._ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == str(ninja.BIN_DIR)
     assert shutil.which("ninja") is not None
+
+
+def _gsu_pair(dk: int, dv: int | None) -> tuple[torch.Tensor, ...]:
+    from ctr.modules.gsu import InnerProductGSU
+
+    torch.manual_seed(3)
+    gsu = InnerProductGSU(dk, dk, dim=8)
+    lengths = torch.tensor([0, 5, 1, 0, 37, 2, 0, 300, 9, 0])  # empty samples first, inside and last; one long
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    n, b = int(lengths.sum()), len(lengths)
+    target = torch.randn(b, dk, requires_grad=True)
+    behaviors = torch.randn(n, dk, requires_grad=True)
+    values = None if dv is None else torch.randn(n, dv, requires_grad=True)
+    return gsu, target, behaviors, values, offsets
+
+
+@pytest.mark.parametrize("dv", [None, 6])  # the keys pooled themselves (SIM-soft), or DARE's other tables
+def test_native_relevance_pooling_is_the_eager_form(dv):
+    """SIM-soft's auxiliary pooling `Σ r_i v_i` natively (one pass each way) against `relevance` + index_add: the
+    output and the gradients of the target, the behaviors, the values and the search's two projections."""
+    gsu, target, behaviors, values, offsets = _gsu_pair(12, dv)
+    assert native.dot_pool(behaviors.detach(), target.detach(), offsets) is not None  # the native path is taken
+    inputs = [target, behaviors, *([] if values is None else [values]), *gsu.parameters()]
+    g = torch.randn(len(offsets) - 1, 12 if dv is None else dv)
+    outs = {}
+    for use in (False, True):
+        native.set_enabled(use)
+        out = gsu.pooled(target, behaviors, offsets, values)
+        outs[use] = (out, *torch.autograd.grad(out, inputs, g))
+    native.set_enabled(True)
+    assert outs[True][0][[0, 3, 6, 9]].abs().max() == 0  # the empty samples pool nothing
+    for got, want in zip(outs[True], outs[False], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_native_relevance_pooling_does_not_depend_on_the_thread_count():
+    gsu, target, behaviors, _, offsets = _gsu_pair(12, None)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            out = gsu.pooled(target, behaviors, offsets)
+            results.append((out, *torch.autograd.grad(out.sum(), [target, behaviors])))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -200,15 +200,11 @@ class SIMSoft(SIMBase):
         p: SIMSoftParams = self.p  # type: ignore[assignment]
         extras = {}
         if self.training and self.aux_mlp is not None:
-            r = self.gsu.relevance(target_att, behaviors_att, offsets)  # [total_L], with gradient
-            behaviors = self.pair(emb, "long_") if p.dare else behaviors_att
+            # Σ_i r_i e_i over the whole prefix, r_i the soft search's relevance, with gradient (DARE: the
+            # representation tables' e_i weighted by the attention tables' relevance)
+            values = self.pair(emb, "long_") if p.dare else None
+            pooled = self.gsu.pooled(target_att, behaviors_att, offsets, values)
             lengths = offsets[1:] - offsets[:-1]
-            sample = torch.repeat_interleave(
-                torch.arange(batch.size, device=r.device), lengths, output_size=behaviors.shape[0]
-            )
-            pooled = behaviors.new_zeros(batch.size, behaviors.shape[-1]).index_add_(
-                0, sample, r.unsqueeze(-1) * behaviors
-            )
             if p.aux_pooling == "mean":
                 pooled = pooled / lengths.clamp(min=1).unsqueeze(-1).to(pooled.dtype)
             target = self.pair(emb, "") if p.dare else target_att

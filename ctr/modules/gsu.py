@@ -30,6 +30,8 @@ from torch import nn
 
 import kernels
 
+from .. import native
+
 
 @dataclass
 class Selection:
@@ -169,6 +171,24 @@ class InnerProductGSU(nn.Module):
             torch.arange(q.shape[0], device=q.device), offsets[1:] - offsets[:-1], output_size=behaviors.shape[0]
         )
         return (behaviors * q.index_select(0, sample)).sum(-1)
+
+    def pooled(
+        self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``Σ_i r_i v_i`` per sample ``[B, Dv]`` over its jagged behaviors (``v`` = ``values``, default the
+        behaviors), differentiable: the auxiliary CTR head's input (``ctr/models/sim.py``). The readable form is
+        `relevance` then an ``index_add``; float32 CPU tensors run it natively in one pass each way
+        (`ctr.native.dot_pool`, about ten passes over the [N, D] prefix eagerly)."""
+        q = self.query(target)
+        fused = native.dot_pool(behaviors, q, offsets, values)
+        if fused is not None:
+            return fused
+        r = self.relevance(target, behaviors, offsets)
+        v = behaviors if values is None else values
+        sample = torch.repeat_interleave(
+            torch.arange(target.shape[0], device=r.device), offsets[1:] - offsets[:-1], output_size=v.shape[0]
+        )
+        return v.new_zeros(target.shape[0], v.shape[-1]).index_add_(0, sample, r.unsqueeze(-1) * v)
 
     def forward(
         self, offsets: torch.Tensor, target: torch.Tensor, behaviors: torch.Tensor, k: int, max_len: int | None = None

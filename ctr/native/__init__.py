@@ -1,5 +1,7 @@
-"""Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`) and the loops of DIEN's GRU
-recurrences, one row at a time (`gru_scan.cpp`, used by `ctr.modules.gru_scan`).
+"""Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`), the loops of DIEN's GRU
+recurrences, one row at a time (`gru_scan.cpp`, used by `ctr.modules.gru_scan`), and the soft search's
+relevance-weighted pooling over a jagged prefix in one pass each way (`dot_pool.cpp`, SIM-soft's auxiliary head,
+used by `ctr.modules.gsu.InnerProductGSU.pooled`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ENV = "LIFELONG_CTR_NATIVE"
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "dice.cpp", HERE / "gru_scan.cpp")
+SOURCES = (HERE / "dice.cpp", HERE / "gru_scan.cpp", HERE / "dot_pool.cpp")
 HEADERS = (HERE / "vec_math.h",)
 STALE_LOCK_S = 600.0
 _lock = threading.Lock()
@@ -203,6 +205,37 @@ def dice(x: torch.Tensor, alpha: torch.Tensor, norm: torch.nn.BatchNorm1d) -> to
         return None
     invstd = (norm.running_var.float() + norm.eps).rsqrt()
     return torch.ops.ctr_native.dice_forward(x, alpha.contiguous(), norm.running_mean.float().contiguous(), invstd)
+
+
+class _DotPool(torch.autograd.Function):
+    """``pooled_b = Σ_n <k_n, q_b> v_n`` over each sample's jagged rows (`dot_pool.cpp`); ``same``: keys are values."""
+
+    @staticmethod
+    def forward(ctx, keys, values, q, offsets, same):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(keys, values, q, offsets)
+        ctx.same = same
+        return torch.ops.ctr_native.dot_pool_forward(keys, values, q, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        keys, values, q, offsets = ctx.saved_tensors
+        gk, gv, gq = torch.ops.ctr_native.dot_pool_backward(grad.contiguous(), keys, values, q, offsets, ctx.same)
+        return gk, (None if ctx.same else gv), gq, None, None
+
+
+def dot_pool(
+    keys: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``[B, Dv]``: for each sample b, ``Σ_n <keys_n, q_b> values_n`` over its rows ``offsets[b] .. offsets[b+1]``
+    (``values`` None: the keys themselves), natively; None where the caller must run its eager form (not float32 on
+    the CPU, not built, switched off, or inside `torch.compile`)."""
+    vals = keys if values is None else values
+    if keys.dim() != 2 or vals.dim() != 2 or q.dim() != 2 or not applies(keys, vals, q):
+        return None
+    same = values is None or values is keys
+    keys = keys.contiguous()
+    offsets = offsets.to(torch.int64).contiguous()
+    return _DotPool.apply(keys, keys if same else vals.contiguous(), q.contiguous(), offsets, same)
 
 
 def main() -> None:
