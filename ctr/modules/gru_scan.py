@@ -238,7 +238,11 @@ class _GRUScan(torch.autograd.Function):
         dh = d_last.clone() if d_last is not None else hs.new_zeros(b, hd)
         # d_gx[t]: the gradient of step t's input projection [r | u | c]; the state product W h has the same r and u
         # rows, and its c rows are d_z[t] = ∂pc ⊙ r ("official": ∂pc itself, on r ⊙ h)
-        d_gx = hs.new_empty(steps, b, 3 * hd)
+        # the native loop writes d_gx batch-major [B, L, 3H], gx's own layout: the Python loop's time-major d_gx,
+        # returned as a transposed view, makes the input projection's backward copy it first (DIEN on the demo world
+        # at L = 50: most of 18 ms of `copy_` per step); the weight's gradient then pairs d_gx's rows with a
+        # batch-major copy of the states, a third as wide
+        d_gx = hs.new_empty(b, steps, 3 * hd) if ctx.native else hs.new_empty(steps, b, 3 * hd)
         d_z = hs.new_empty(steps, b, hd) if form != "official" else None
         d_a = hs.new_empty(steps, b) if ctx.att_grad else None
         if ctx.native:
@@ -250,16 +254,18 @@ class _GRUScan(torch.autograd.Function):
             saved = (hs, ru_all, c_all, g_all, z_all, keep, p)
             grads = (dh, d_gx, d_z, d_a)
             _in_row_blocks(b, lambda rows: _backward_rows(rows, d_st, saved, grads, w_hh, form))
-        h_in = hs[:-1].reshape(flat, hd)
+        h_in = hs[:-1].reshape(flat, hd)  # time-major rows (t, b)
+        h_in_gx = h_in if not ctx.native else hs[:-1].transpose(0, 1).reshape(flat, hd)  # in d_gx's row order
         d_ru_rows = d_gx[:, :, : 2 * hd].reshape(flat, 2 * hd)
-        if form == "official":
-            d_c_rows, c_in = d_gx[:, :, 2 * hd :].reshape(flat, hd), z_all.reshape(flat, hd)
+        if form == "official":  # the c rows are d_gx's too: z (r ⊙ h) in d_gx's row order
+            c_in = z_all.transpose(0, 1).reshape(flat, hd) if ctx.native else z_all.reshape(flat, hd)
+            d_c_rows = d_gx[:, :, 2 * hd :].reshape(flat, hd)
         else:
             d_c_rows, c_in = d_z.reshape(flat, hd), h_in
-        d_w_hh = torch.cat([d_ru_rows.t() @ h_in, d_c_rows.t() @ c_in])
+        d_w_hh = torch.cat([d_ru_rows.t() @ h_in_gx, d_c_rows.t() @ c_in])
         d_b_c = d_c_rows.sum(0) if ctx.has_bias else None
         d_att = d_a.t() if d_a is not None else None
-        return d_gx.transpose(0, 1), d_att, None, dh, d_w_hh, d_b_c, None
+        return (d_gx if ctx.native else d_gx.transpose(0, 1)), d_att, None, dh, d_w_hh, d_b_c, None
 
 
 def gru_scan(

@@ -259,7 +259,7 @@ void backward_rows(const BackwardArgs& a, int64_t r0, int64_t r1) {
       const float* hp = a.hs + at * h;
       const float* rut = a.ru + at * 2 * h;
       const float *ct = a.c + at * h, *gt = a.g + at * h, *zt = a.z + at * h;
-      float* dg = a.dgx + at * 3 * h;  // [d_r | d_u | d_c] pre-activation gradients
+      float* dg = a.dgx + (row * steps + t) * 3 * h;  // [d_r | d_u | d_c] pre-activation gradients, batch-major
       const float pt = a.p[at];
       const float du_scale = a.form == kFormTorch ? -pt : pt;  // ∂g/∂u = p ("torch": −p)
       if (a.form == kFormOfficial)
@@ -322,7 +322,8 @@ void gru_scan_forward(const at::Tensor& gx, const at::Tensor& p, const std::opti
 }
 
 // The backward loop: d_states [B, L, H] or none; the saved buffers as the forward wrote them; keep, p [L, B];
-// writes dh [B, H] (in: the last state's gradient; out: h0's), d_gx [L, B, 3H], d_z [L, B, H] (not "official"),
+// writes dh [B, H] (in: the last state's gradient; out: h0's), d_gx [B, L, 3H] (batch-major, as gx: the input
+// projection's backward reads it without a transposing copy), d_z [L, B, H] (not "official"),
 // d_a [L, B] (when the attention needs a gradient)
 void gru_scan_backward(const std::optional<at::Tensor>& d_states, const at::Tensor& hs, const at::Tensor& ru,
                        const at::Tensor& c, const at::Tensor& g, const at::Tensor& z, const at::Tensor& keep,
