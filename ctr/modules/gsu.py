@@ -166,11 +166,17 @@ class InnerProductGSU(nn.Module):
 
     def relevance(self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """``r_i`` for every jagged behavior, ``[total_L]``, differentiable (the auxiliary CTR task)."""
-        q = self.query(target)
+        return self._relevance(self.query(target), behaviors, offsets)[0]
+
+    @staticmethod
+    def _relevance(
+        q: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``r_i = e_i · q_b`` ``[total_L]``, each behavior's sample ``[total_L]``)."""
         sample = torch.repeat_interleave(
             torch.arange(q.shape[0], device=q.device), offsets[1:] - offsets[:-1], output_size=behaviors.shape[0]
         )
-        return (behaviors * q.index_select(0, sample)).sum(-1)
+        return (behaviors * q.index_select(0, sample)).sum(-1), sample
 
     def pooled(
         self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor | None = None
@@ -183,11 +189,8 @@ class InnerProductGSU(nn.Module):
         fused = native.dot_pool(behaviors, q, offsets, values)
         if fused is not None:
             return fused
-        r = self.relevance(target, behaviors, offsets)
+        r, sample = self._relevance(q, behaviors, offsets)
         v = behaviors if values is None else values
-        sample = torch.repeat_interleave(
-            torch.arange(target.shape[0], device=r.device), offsets[1:] - offsets[:-1], output_size=v.shape[0]
-        )
         return v.new_zeros(target.shape[0], v.shape[-1]).index_add_(0, sample, r.unsqueeze(-1) * v)
 
     def forward(
