@@ -14,9 +14,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from model_helpers import batches, build, loss_of, subset  # noqa: E402
 
+from ctr.models.diffumin import encode_first_token  # noqa: E402
 from ctr.modules.diffusion import DMIG  # noqa: E402
 from ctr.modules.gsu import lengths_to_offsets  # noqa: E402
-from ctr.modules.multi_interest import orthonormal_rows, orthonormal_rows_qr, select_per_channel  # noqa: E402
+from ctr.modules.multi_interest import (  # noqa: E402
+    orthonormal_rows,
+    orthonormal_rows_qr,
+    route,
+    select_by_channel,
+    select_per_channel,
+    select_routed_sorted,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,12 +77,43 @@ def test_selection_matches_brute_force_with_ties(mode, p, cap, lengths):
         lengths_to_offsets(lengths), behaviors, channels, cap=cap, p=p, mode=mode, backend="reference"
     )
     want = brute_force(lengths, behaviors, channels, cap, p, mode)
-    pos = sel.positions.view(len(lengths), 3, cap)
-    for b in range(len(lengths)):
-        for c in range(3):
-            got = [int(x) for x in pos[b, c] if x >= 0]
-            assert got == want[b][c], (b, c, got, want[b][c])
+    offsets = lengths_to_offsets(lengths)
+    a, routed = route(behaviors, channels, torch.repeat_interleave(torch.arange(len(lengths)), lengths), offsets)
+    # select_per_channel takes the one-sort form for the paper's selection on the CPU: the per-channel one too
+    by_channel = select_by_channel(a, routed, offsets, n_routed, cap, p, mode, backend="reference")
+    for got_sel in (sel, by_channel):
+        pos = got_sel.positions.view(len(lengths), 3, cap)
+        for b in range(len(lengths)):
+            for c in range(3):
+                got = [int(x) for x in pos[b, c] if x >= 0]
+                assert got == want[b][c], (b, c, got, want[b][c])
     assert n_routed.sum().item() == int(lengths.sum())
+
+
+@pytest.mark.parametrize("cap, p", [(1, 0.5), (3, 0.5), (7, 1.0), (40, 0.25)])
+def test_one_sort_selection_equals_per_channel_bit_for_bit(cap, p):
+    """`select_routed_sorted` (the CPU's paper selection) gives `select_by_channel`'s positions and scores exactly:
+    ties (integer scores, -0.0 against 0.0), NaN scores (never selected), empty samples, groups under and over the
+    cap, a long sample (the padded and the jagged top-K of gsu_topk both behind the per-channel form)."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([0, 1, 2, 13, 0, 60, 7, 300, 5])
+    n, c = int(lengths.sum()), 4
+    offsets = lengths_to_offsets(lengths)
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    a = torch.randint(-3, 4, (n, c), generator=g).float()
+    a[torch.rand(n, c, generator=g) < 0.1] = -0.0
+    a[torch.rand(n, c, generator=g) < 0.03] = float("nan")
+    routed = torch.randint(0, c, (n,), generator=g)
+    n_routed = torch.bincount(sample * c + routed, minlength=len(lengths) * c).view(-1, c)
+    want = select_by_channel(a, routed, offsets, n_routed, cap, p, "paper", backend="reference")
+    got = select_routed_sorted(a, routed, sample, offsets, n_routed, cap, p)
+    assert torch.equal(got.positions, want.positions)
+    assert torch.equal(got.scores.view(torch.int32), want.scores.view(torch.int32))  # the sign of -0.0 too
+    assert int((want.positions >= 0).sum()) > len(lengths)  # something was selected
+    nan_rows = torch.isnan(a.gather(1, routed.unsqueeze(1)).squeeze(1)).nonzero().squeeze(1)
+    assert nan_rows.numel() > 0
+    rows = got.rows(offsets)[got.mask]
+    assert not set(nan_rows.tolist()) & set(rows.tolist())
 
 
 def test_selection_on_real_batches_has_no_look_ahead(info):
@@ -162,6 +201,29 @@ def test_denoiser_at_one_token_is_the_whole_output_there(layers):
             assert got is None
         else:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_short_branch_first_token_equals_the_whole_encoder(layers, training):
+    """`encode_first_token` (the last layer computes token 0's output alone) equals the stock encoder's output at
+    token 0, and so do the gradients of the tokens and of every parameter; empty and full short windows included."""
+    torch.manual_seed(0)
+    d, s = 32, 12
+    layer = torch.nn.TransformerEncoderLayer(d, 2, dim_feedforward=4 * d, dropout=0.0, batch_first=True)
+    enc = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).double().train(training)
+    tokens = torch.randn(9, s + 1, d, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([0, 1, 2, 3, 12, 5, 6, 7, 11])
+    pad = torch.cat([torch.zeros(9, 1, dtype=torch.bool), torch.arange(s) >= lengths[:, None]], 1)
+    want, got = enc(tokens, src_key_padding_mask=pad)[:, 0], encode_first_token(enc, tokens, pad)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    w = torch.randn_like(want)
+    inputs = [tokens, *enc.parameters()]
+    grads_got = torch.autograd.grad((got * w).sum(), inputs)
+    for g_got, g_want in zip(grads_got, torch.autograd.grad((want * w).sum(), inputs), strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
+    with torch.no_grad():  # evaluation: the first layers may take PyTorch's fused inference path
+        torch.testing.assert_close(encode_first_token(enc, tokens, pad), want.detach(), rtol=0, atol=1e-10)
 
 
 def test_each_loss_term_decreases(info):

@@ -234,3 +234,52 @@ def test_native_relevance_pooling_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("queries", ["all", "one"])
+@pytest.mark.parametrize("heads, tokens", [(1, 4), (2, 4), (2, 1), (4, 9)])
+def test_native_token_attention_matches_scaled_dot_product_attention(heads, tokens, queries):
+    """DiffuMIN's self-attention over the C interest tokens natively against its `scaled_dot_product_attention`
+    form: the module's output and the gradients of the tokens and both projections, every query or one per row
+    (the denoiser's last block), with scores large enough that the softmax is far from uniform."""
+    from ctr.modules.diffusion import TokenSelfAttention
+
+    torch.manual_seed(0)
+    n, d = 37, 32
+    att = TokenSelfAttention(d, heads)
+    att.qkv.weight.data.mul_(4.0)
+    x = torch.randn(n, tokens, d, requires_grad=True)
+    at = torch.randint(0, tokens, (n,)) if queries == "one" else None
+    q = torch.nn.functional.linear(x.detach(), att.qkv.weight[:d].detach())
+    kv = torch.nn.functional.linear(x.detach(), att.qkv.weight[d:].detach())
+    assert native.token_attention(q, kv, heads, 0.5) is not None  # the native path is taken
+    probs = torch.softmax(torch.einsum("nid,njd->nij", q[..., : d // heads], kv[..., : d // heads]), -1)
+    if tokens > 1:
+        assert probs.max() > 0.9  # a peaked softmax, not a near-average
+    g = torch.randn(n, tokens if at is None else 1, d)
+    outs = {}
+    for use in (False, True):
+        native.set_enabled(use)
+        out = att(x, at)
+        outs[use] = (out, *torch.autograd.grad(out, [x, att.qkv.weight, att.out.weight], g))
+    native.set_enabled(True)
+    for got, want in zip(outs[True], outs[False], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def test_native_token_attention_does_not_depend_on_the_thread_count():
+    torch.manual_seed(1)
+    q = torch.randn(700, 4, 32, requires_grad=True)
+    kv = torch.randn(700, 4, 64, requires_grad=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            out = native.token_attention(q, kv, 2, 0.25)
+            assert out is not None
+            results.append((out, *torch.autograd.grad(out.square().sum(), [q, kv])))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

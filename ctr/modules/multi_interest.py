@@ -12,10 +12,11 @@ behaviors routed to it (its *selection*), and its interest is their relevance-we
 * Selection, ``select: paper``: the top ``ceil(p · n_c)`` routed behaviors by ``A_ic`` (the README's top-p%; p is
   not published, 0.5 by default), at most ``cap`` per channel (ours: with 10K-long prefixes an uncapped p% would
   average thousands). ``select: code``: the release's top ``cap`` (100) by ``A_ic`` over every behavior, kept
-  where routed to c. Both go through `kernels.gsu_topk` (dot mode), one call per channel, on the jagged scores
-  ``A_ic`` (a 1-d vector per behavior against a target of 1), set to -inf where a behavior is routed elsewhere
-  (-inf is never selected), so no dense ``[B, L, C]`` tensor or sort is built. Ties go to the most recent
-  behavior, as in every GSU of this library.
+  where routed to c. `select_by_channel` is the readable form of both: one `kernels.gsu_topk` (dot mode) per
+  channel on the jagged scores ``A_ic`` (a 1-d "vector" per behavior against a target of 1), set to -inf where a
+  behavior is routed elsewhere (-inf is never selected), so no dense ``[B, L, C]`` tensor or sort is built. On the
+  CPU the paper's selection takes `select_routed_sorted` instead: the same positions and scores from one sort of
+  the prefix rather than C. Ties go to the most recent behavior, as in every GSU of this library.
 """
 
 from __future__ import annotations
@@ -90,7 +91,26 @@ def select_per_channel(
     sample = torch.repeat_interleave(torch.arange(b, device=offsets.device), lengths, output_size=behaviors.shape[0])
     a, routed = route(behaviors, channels, sample, offsets)
     n_routed = torch.bincount(sample * c + routed, minlength=b * c).view(b, c)
-    ones = torch.ones(b, 1, device=channels.device)
+    if mode == "paper" and not behaviors.is_cuda:
+        return select_routed_sorted(a, routed, sample, offsets, n_routed, cap, p), n_routed
+    return select_by_channel(a, routed, offsets, n_routed, cap, p, mode, backend), n_routed
+
+
+def select_by_channel(
+    a: torch.Tensor,
+    routed: torch.Tensor,
+    offsets: torch.Tensor,
+    n_routed: torch.Tensor,
+    cap: int,
+    p: float,
+    mode: Literal["paper", "code"],
+    backend: str | None = None,
+) -> Selection:
+    """The selection as the module docstring defines it: one `kernels.gsu_topk` per channel over the jagged scores
+    ``A [N, C]`` (``routed [N]``: each behavior's channel; ``n_routed [B, C]``: how many each channel got). The
+    readable form, and the one the ``code`` mode and CUDA take."""
+    b, c = n_routed.shape
+    ones = torch.ones(b, 1, device=a.device)
     positions, scores = [], []
     for ch in range(c):
         # the score is A_ic itself (a 1-d "vector" against a target of 1), -inf where not routed (paper)
@@ -104,11 +124,60 @@ def select_per_channel(
             keep = torch.arange(cap, device=pos.device).unsqueeze(0) < torch.ceil(p * n_routed[:, ch : ch + 1])
         else:  # the top cap over all, where routed to this channel
             rows = Selection(pos, score).rows(offsets)
-            keep = routed[rows] == ch if behaviors.shape[0] else torch.zeros_like(pos, dtype=torch.bool)
+            keep = routed[rows] == ch if a.shape[0] else torch.zeros_like(pos, dtype=torch.bool)
         keep = keep & (pos >= 0)
         positions.append(torch.where(keep, pos, -1))
         scores.append(torch.where(keep, score, 0.0))
-    return Selection(torch.cat(positions, 1), torch.cat(scores, 1)), n_routed
+    return Selection(torch.cat(positions, 1), torch.cat(scores, 1))
 
 
-__all__ = ["orthonormal_rows", "orthonormal_rows_qr", "route", "select_per_channel"]
+def select_routed_sorted(
+    a: torch.Tensor,
+    routed: torch.Tensor,
+    sample: torch.Tensor,
+    offsets: torch.Tensor,
+    n_routed: torch.Tensor,
+    cap: int,
+    p: float,
+) -> Selection:
+    """``select: paper``'s selection by one stable sort of every behavior, the same positions and scores as
+    `select_by_channel` (bit for bit; `tests/test_diffumin.py`).
+
+    Routing is exclusive, so each behavior competes only in its own (sample, channel) group: sorting all of them once
+    by (group ascending, ``A`` at the routed channel descending), read newest first so that ties keep the newer
+    behavior first, puts every group's ranking in one run, and a group keeps its first ``min(cap, ceil(p · n_c))``.
+    The per-channel form sorts (or top-Ks) the whole prefix once per channel with the other channels' behaviors at
+    -inf: C passes instead of one (DiffuMIN's search on the demo world: 134 ms of a 906 ms step at one thread).
+    NaN scores are never selected, as in `kernels.gsu_topk`."""
+    b, c = n_routed.shape
+    n = a.shape[0]
+    positions = torch.full((b, c * cap), -1, dtype=torch.int64, device=a.device)
+    scores = torch.zeros(b, c * cap, dtype=torch.float32, device=a.device)
+    if n == 0 or cap == 0:
+        return Selection(positions, scores)
+    score = a.gather(1, routed.unsqueeze(1)).squeeze(1).float()
+    # NaN is never a candidate; + 0.0 makes -0.0 into 0.0 (they tie), as gsu_topk's scores (1 · A, summed from 0)
+    score = torch.where(torch.isnan(score), float("-inf"), score) + 0.0
+    bits = score.view(torch.int32)  # float32 -> an int32 of the same order
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + 2**31  # in [0, 2^32), larger score = larger
+    group = sample * c + routed
+    key = group * 2**32 + (2**32 - 1 - ordered)  # group ascending, then score descending
+    newest_first = torch.arange(n - 1, -1, -1, device=a.device)
+    order = newest_first[torch.sort(key[newest_first], stable=True).indices]
+    counts = n_routed.reshape(-1)
+    starts = torch.cumsum(counts, 0) - counts  # each group's first index in the sorted order
+    g = group[order]
+    rank = torch.arange(n, device=a.device) - starts[g]
+    quota = torch.ceil(p * counts.to(torch.float32)).clamp(max=cap).to(torch.int64)  # select_by_channel's rule
+    take = (rank < quota[g]) & (score[order] > float("-inf"))
+    kept = order[take]
+    slot = routed[kept] * cap + rank[take]
+    positions[sample[kept], slot] = kept - offsets[sample[kept]]
+    scores[sample[kept], slot] = score[kept]
+    return Selection(positions, scores)
+
+
+__all__ = [
+    "orthonormal_rows", "orthonormal_rows_qr", "route", "select_by_channel", "select_per_channel",
+    "select_routed_sorted",
+]  # fmt: skip

@@ -1,7 +1,8 @@
 """Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`), the loops of DIEN's GRU
 recurrences, one row at a time (`gru_scan.cpp`, used by `ctr.modules.gru_scan`), and the soft search's
 relevance-weighted pooling over a jagged prefix in one pass each way (`dot_pool.cpp`, SIM-soft's auxiliary head,
-used by `ctr.modules.gsu.InnerProductGSU.pooled`).
+used by `ctr.modules.gsu.InnerProductGSU.pooled`), and softmax attention over a handful of tokens per row
+(`token_attention.cpp`, DiffuMIN's denoiser, used by `ctr.modules.diffusion.TokenSelfAttention`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 ENV = "LIFELONG_CTR_NATIVE"
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "dice.cpp", HERE / "gru_scan.cpp", HERE / "dot_pool.cpp")
+SOURCES = (HERE / "dice.cpp", HERE / "gru_scan.cpp", HERE / "dot_pool.cpp", HERE / "token_attention.cpp")
 HEADERS = (HERE / "vec_math.h",)
 STALE_LOCK_S = 600.0
 _lock = threading.Lock()
@@ -236,6 +237,35 @@ def dot_pool(
     keys = keys.contiguous()
     offsets = offsets.to(torch.int64).contiguous()
     return _DotPool.apply(keys, keys if same else vals.contiguous(), q.contiguous(), offsets, same)
+
+
+class _TokenAttention(torch.autograd.Function):
+    """Softmax attention over a few tokens per row (`token_attention.cpp`); the probabilities are saved."""
+
+    @staticmethod
+    def forward(ctx, q, kv, heads, scale):  # type: ignore[no-untyped-def]
+        out, probs = torch.ops.ctr_native.token_attention_forward(q, kv, heads, scale)
+        ctx.save_for_backward(q, kv, probs)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        q, kv, probs = ctx.saved_tensors
+        gq, gkv = torch.ops.ctr_native.token_attention_backward(grad.contiguous(), q, kv, probs, ctx.heads, ctx.scale)
+        return gq, gkv, None, None
+
+
+def token_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, scale: float) -> torch.Tensor | None:
+    """``[N, Cq, D]``: per row and head, ``softmax(scale · q kᵀ) v`` over the row's C tokens, with ``q [N, Cq, D]``
+    and ``kv [N, C, 2D]`` (the keys' D columns, then the values'; heads of ``D / heads`` columns each), natively;
+    None where the caller must run its eager form (not float32 on the CPU, not built, switched off, inside
+    `torch.compile`)."""
+    if q.dim() != 3 or kv.dim() != 3 or kv.shape[-1] != 2 * q.shape[-1] or q.shape[-1] % heads:
+        return None
+    if not applies(q, kv):
+        return None
+    return _TokenAttention.apply(q.contiguous(), kv.contiguous(), heads, float(scale))
 
 
 def main() -> None:
