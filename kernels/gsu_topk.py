@@ -9,7 +9,7 @@ import torch
 
 from ._backend import requested_backend, resolve_backend
 from ._jagged import check_offsets, check_rows, jagged_max_len
-from .reference.gsu_topk import gsu_topk_reference
+from .reference.gsu_topk import Selector, gsu_topk_reference
 
 MODES = ("cosine", "dot", "category")
 TRITON_MAX_K = 256  # kernels/triton/gsu_topk.py keeps K (rounded up to a power of two) keys per program
@@ -32,6 +32,7 @@ def gsu_topk(
     behavior_category: torch.Tensor | None = None,
     max_len: int | None = None,
     backend: str | None = None,
+    cpu_select: Selector | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K behaviors of each sample's jagged prefix by their score against the sample's target.
 
@@ -53,6 +54,9 @@ def gsu_topk(
         max_len: the longest sample, if the caller knows it (skips a host sync and the checks of the offsets and
             of the ids' range).
         backend: ``"triton"``, ``"reference"`` or ``"auto"`` (default: ``$KERNELS_BACKEND``, else auto).
+        cpu_select: on the CPU path (not the reference asked for by name), a faster implementation of the selection
+            from the scores, ``cpu_select(scores [total_L], offsets, k)`` giving the same result or None to decline
+            (`ctr.native.jagged_topk`: this package stays free of the project's native build).
 
     Returns:
         ``(positions, scores)``: ``[B, K]`` int64 index of the behavior within its sample (-1 for an empty slot,
@@ -151,4 +155,5 @@ def gsu_topk(
         # on the CPU, the scores organized for it (`gsu_scores_cpu`), unless the readable reference is asked for by
         # name (the Triton tests compare against it bit for bit)
         cpu_scores = offsets.device.type == "cpu" and requested_backend(backend) != "reference"
-        return gsu_topk_reference(offsets, k, mode, *args, cpu_scores=cpu_scores)
+        select = cpu_select if cpu_scores else None
+        return gsu_topk_reference(offsets, k, mode, *args, cpu_scores=cpu_scores, select=select)

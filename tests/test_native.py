@@ -283,3 +283,77 @@ def test_native_token_attention_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _jagged_scores(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer-valued scores (ties everywhere), some -0.0, -inf and NaN; empty, short and long samples."""
+    from ctr.modules.gsu import lengths_to_offsets
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([0, 1, 3, 40, 0, 7, 1000, 2, 64, 5])
+    n = int(lengths.sum())
+    scores = torch.randint(-4, 5, (n,), generator=g).float()
+    scores[torch.rand(n, generator=g) < 0.1] = -0.0
+    scores[torch.rand(n, generator=g) < 0.05] = float("-inf")
+    scores[torch.rand(n, generator=g) < 0.05] = float("nan")
+    return scores, lengths_to_offsets(lengths)
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 1500])
+def test_native_jagged_topk_equals_both_pytorch_forms_exactly(k):
+    """The GSU's selection natively against the padded and the jagged PyTorch top-K: the same positions and the same
+    score bits (ties to the later position, -0.0 kept, -inf and NaN never selected, K above every length)."""
+    from kernels.reference.gsu_topk import jagged_topk_newest_first, topk_newest_first
+
+    scores, offsets = _jagged_scores(k)
+    masked = torch.where(torch.isnan(scores), float("-inf"), scores)
+    got = native.jagged_topk(scores, offsets, k)
+    assert got is not None
+    lengths = (offsets[1:] - offsets[:-1]).tolist()
+    padded = torch.full((len(lengths), max(max(lengths), k)), float("-inf"))
+    for b, n in enumerate(lengths):
+        padded[b, :n] = masked[int(offsets[b]) : int(offsets[b]) + n]
+    for want in (jagged_topk_newest_first(masked, offsets, k), topk_newest_first(padded, k)):
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1].view(torch.int32), want[1].view(torch.int32))
+    assert int((got[0] >= 0).sum()) > 0 and bool((got[0] == -1).any())
+    # two columns ranked apart: each column as its own call
+    two = torch.stack([scores, -scores], 1)
+    pos2, val2 = native.jagged_topk(two, offsets, k)
+    for h in range(2):
+        pos1, val1 = native.jagged_topk(two[:, h].contiguous(), offsets, k)
+        assert torch.equal(pos2[:, h], pos1) and torch.equal(val2[:, h].view(torch.int32), val1.view(torch.int32))
+
+
+def test_searches_take_the_native_selection_with_the_same_result(monkeypatch):
+    """`ctr.modules.gsu.gsu_topk` (every search) hands its selection to the native op on the CPU, and its result is
+    `kernels.gsu_topk`'s without it; the readable reference asked for by name never takes it."""
+    import kernels
+    from ctr.modules.gsu import gsu_topk
+
+    scores, offsets = _jagged_scores(11)
+    vectors = torch.stack([scores, torch.ones_like(scores)], 1)
+    target = torch.tensor([[1.0, 0.5]]).expand(len(offsets) - 1, 2).contiguous()
+    calls = []
+    real = native.jagged_topk
+    monkeypatch.setattr(native, "jagged_topk", lambda *a: calls.append(1) or real(*a))
+    got = gsu_topk(offsets, 9, mode="dot", target=target, behavior_vectors=vectors)
+    assert calls
+    want = kernels.gsu_topk(offsets, 9, mode="dot", target=target, behavior_vectors=vectors)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    calls.clear()
+    gsu_topk(offsets, 9, mode="dot", target=target, behavior_vectors=vectors, backend="reference")
+    assert not calls
+
+
+def test_native_jagged_topk_does_not_depend_on_the_thread_count():
+    scores, offsets = _jagged_scores(5)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            results.append(native.jagged_topk(scores, offsets, 17))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

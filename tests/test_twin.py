@@ -229,3 +229,30 @@ def test_twin_v2_needs_clusters(info):
 
     with pytest.raises(DatasetError, match="ctr cluster"):
         build(info, "twin_v2")
+
+
+@pytest.mark.parametrize("lengths", [[0, 1, 5, 17, 40, 9], [0, 3000, 1, 900, 2500, 0]])
+def test_cpu_search_of_every_head_at_once_equals_one_search_per_head(lengths):
+    """The CPU's search (α of every head in one pass, `per_sample_products`, then each head's top k natively) picks
+    what one `gsu_topk` per head picks: integer-valued keys and biases make the scores exact and ties common; the
+    long batch takes the per-sample matmuls, the short one the vectorized products."""
+    from ctr import native
+
+    gen = torch.Generator().manual_seed(1)
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    n = int(offsets[-1])
+    twin = TwinAttention(8, heads=3, head_dim=4, time_buckets=0, btype=False, cross_dim=3)
+    with torch.no_grad():
+        for w in (twin.w_q.weight, twin.w_h.weight):
+            w.copy_(torch.randint(-1, 2, w.shape, generator=gen).float())
+    keys = torch.randint(-2, 3, (n, 8), generator=gen).float()
+    bias = torch.randint(-3, 4, (n, 3), generator=gen).float()
+    target = torch.randint(-1, 2, (len(lengths), 8), generator=gen).float()
+    sels = {}
+    for use in (True, False):
+        native.set_enabled(use)
+        sels[use] = twin.search(offsets, target, keys, bias, 7)
+    native.set_enabled(True)
+    assert torch.equal(sels[True].positions, sels[False].positions)
+    assert torch.equal(sels[True].scores, sels[False].scores)
+    assert int((sels[True].positions >= 0).sum()) > 0

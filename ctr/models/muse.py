@@ -40,12 +40,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-import kernels
 from features.dataset import DatasetInfo
 from features.loader import Batch
 
 from ..modules.esu import LinearTargetAttention, SimilarityAwareTargetAttention, SimTier, masked_mean
-from ..modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, Selection
+from ..modules.gsu import CategoryGSU, CosineGSU, InnerProductGSU, Selection, gsu_topk
 from .base import register, register_lain_variant
 from .two_stage import DiceHead, StageInput, TwoStageModel, TwoStageParams
 
@@ -129,7 +128,7 @@ class MUSE(TwoStageModel):
             target, behaviors = self.pair(emb, "", att=True), self.pair(emb, "long_", att=True)
             if self.ip_gsu is not None:
                 return self.ip_gsu(offsets, target, behaviors, p.k), {}
-            positions, scores = kernels.gsu_topk(
+            positions, scores = gsu_topk(
                 offsets, p.k, mode="cosine", target=target.detach().float(),
                 behavior_vectors=behaviors.detach().float(), backend=p.backend,
             )  # fmt: skip

@@ -58,12 +58,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-import kernels
 from features.dataset import DatasetInfo
 from features.loader import Batch
 
 from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
-from ..modules.gsu import CosineGSU, Selection, gather_slots, lengths_to_offsets
+from ..modules.gsu import CosineGSU, Selection, gather_slots, gsu_topk, lengths_to_offsets
 from ..modules.sid_routes import PrefixGSU, RouteFusion, SIDFusion, prefix_codes, vector_topk
 from .base import ModelOutput, register, register_lain_variant
 from .two_stage import LengthContext, TwoStageModel, TwoStageParams, to_slots
@@ -239,7 +238,7 @@ class R2LED(TwoStageModel):
                 assert target_id is not None and long_id is not None
                 sel = vector_topk(offsets, target_id, long_id, k, r.score, backend)
             elif self.mm_gsu is not None:
-                positions, scores = kernels.gsu_topk(
+                positions, scores = gsu_topk(
                     offsets, k, mode=r.score, target=self.mm_gsu.vectors(target_items), behavior_ids=items,
                     table=self.mm_gsu.table, backend=backend,
                 )  # fmt: skip

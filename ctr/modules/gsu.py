@@ -24,13 +24,39 @@ with ``register_buffer(..., persistent=False)`` so that checkpoints stay small.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 import kernels
+from kernels.reference.gsu_topk import SEGMENT_MIN_WORK
 
 from .. import native
+
+
+def gsu_topk(offsets: torch.Tensor, k: int, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.gsu_topk` with the CPU's selection native where it is built (`ctr.native.jagged_topk`: each sample's
+    top-K in one pass instead of a padded top-K or a sort of the whole batch; the same positions and scores exactly).
+    Every search of this library goes through here."""
+    return kernels.gsu_topk(offsets, k, cpu_select=native.jagged_topk, **kwargs)
+
+
+def per_sample_products(rows: torch.Tensor, queries: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[N, Q]``: each jagged row ``rows [N, D]`` (sample b's at ``offsets[b] .. offsets[b + 1]``) against its
+    sample's ``queries [B, Q, D]``. On the CPU with long samples (`SEGMENT_MIN_WORK`), one matmul per sample over its
+    contiguous rows instead of a gathered ``[N, Q, D]`` copy of the queries (`kernels.reference.gsu_topk`'s rule)."""
+    b, n = queries.shape[0], rows.shape[0]
+    if not rows.is_cuda and b > 0 and n * rows.shape[1] >= SEGMENT_MIN_WORK * b:
+        out = rows.new_empty(n, queries.shape[1])
+        bounds = offsets.tolist()
+        for i in range(b):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                torch.mm(rows[lo:hi], queries[i].t(), out=out[lo:hi])
+        return out
+    sample = torch.repeat_interleave(torch.arange(b, device=rows.device), offsets[1:] - offsets[:-1], output_size=n)
+    return torch.einsum("nd,nqd->nq", rows, queries.index_select(0, sample))
 
 
 @dataclass
@@ -121,7 +147,7 @@ class CategoryGSU(nn.Module):
             skip = torch.isin(target_category, torch.tensor(self.unmatched, device=target_category.device))
             target_category = torch.where(skip, -2, target_category.long())
         if not self.prefilter:
-            positions, scores = kernels.gsu_topk(
+            positions, scores = gsu_topk(
                 offsets, k, mode="category", target_category=target_category,
                 behavior_category=behavior_category, max_len=max_len, backend=self.backend,
             )  # fmt: skip
@@ -133,7 +159,7 @@ class CategoryGSU(nn.Module):
         )
         candidates = torch.nonzero(behavior_category.long() == target_category.long()[sample]).squeeze(1)
         sub_offsets = lengths_to_offsets(torch.bincount(sample[candidates], minlength=b))
-        local, scores = kernels.gsu_topk(
+        local, scores = gsu_topk(
             sub_offsets, k, mode="category", target_category=target_category,
             behavior_category=behavior_category[candidates], backend=self.backend,
         )  # fmt: skip
@@ -198,7 +224,7 @@ class InnerProductGSU(nn.Module):
     ) -> Selection:
         with torch.no_grad():
             q = self.query(target).float()
-        positions, scores = kernels.gsu_topk(
+        positions, scores = gsu_topk(
             offsets,
             k,
             mode="dot",
@@ -254,7 +280,7 @@ class CosineGSU(nn.Module):
         k: int,
         max_len: int | None = None,
     ) -> Selection:
-        positions, scores = kernels.gsu_topk(
+        positions, scores = gsu_topk(
             offsets, k, mode="cosine", target=self.vectors(target_ids), behavior_ids=behavior_ids, table=self.table,
             zero_vector_score=self.zero_vector_score, max_len=max_len, backend=self.backend,
         )  # fmt: skip

@@ -20,9 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
-
-from .gsu import Selection
+from .gsu import Selection, gsu_topk
 
 
 def _rotations(dim: int, bits: int, seed: int, groups: int = 1) -> torch.Tensor:
@@ -54,7 +52,7 @@ class SimHashGSU(nn.Module):
         self, offsets: torch.Tensor, target: torch.Tensor, behaviors: torch.Tensor, k: int, max_len: int | None = None
     ) -> Selection:
         bits = self.rotation.shape[1]
-        positions, scores = kernels.gsu_topk(
+        positions, scores = gsu_topk(
             offsets,
             k,
             mode="dot",

@@ -25,10 +25,7 @@ from typing import Literal
 
 import torch
 
-import kernels
-from kernels.reference.gsu_topk import SEGMENT_MIN_WORK
-
-from .gsu import Selection
+from .gsu import Selection, gsu_topk, per_sample_products
 
 
 def orthonormal_rows(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -54,16 +51,9 @@ def route(
     behaviors: torch.Tensor, channels: torch.Tensor, sample: torch.Tensor, offsets: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A [N, C], route [N])`` of jagged ``behaviors [N, D]`` of samples ``sample [N]`` against ``channels [B, C, D]``
-    (ties to the lower channel). With ``offsets`` and long samples on the CPU, each sample's rows take one matmul
-    with its channels instead of a gathered ``[N, C, D]`` copy of them (`kernels.reference.gsu_topk`'s rule)."""
-    b, n = channels.shape[0], behaviors.shape[0]
-    if offsets is not None and not behaviors.is_cuda and b > 0 and n * behaviors.shape[1] >= SEGMENT_MIN_WORK * b:
-        a = behaviors.new_empty(n, channels.shape[1])
-        bounds = offsets.tolist()
-        for i in range(b):
-            lo, hi = bounds[i], bounds[i + 1]
-            if hi > lo:
-                torch.mm(behaviors[lo:hi], channels[i].t(), out=a[lo:hi])
+    (ties to the lower channel). With ``offsets``, `per_sample_products` (one matmul per long sample on the CPU)."""
+    if offsets is not None:
+        a = per_sample_products(behaviors, channels, offsets)
     else:
         a = torch.einsum("nd,ncd->nc", behaviors, channels.index_select(0, sample))
     return a, a.argmax(-1)
@@ -117,7 +107,7 @@ def select_by_channel(
         score_c = a[:, ch : ch + 1]
         if mode == "paper":
             score_c = score_c.masked_fill((routed != ch).unsqueeze(1), float("-inf"))
-        pos, score = kernels.gsu_topk(
+        pos, score = gsu_topk(
             offsets, cap, mode="dot", target=ones, behavior_vectors=score_c.contiguous(), backend=backend
         )
         if mode == "paper":  # the top ceil(p · n_c) of the routed

@@ -39,10 +39,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-import kernels
-
 from .attention import masked_softmax
-from .gsu import Selection, lengths_to_offsets
+from .gsu import Selection, gsu_topk, lengths_to_offsets
 
 
 def prefix_codes(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
@@ -81,7 +79,7 @@ def vector_topk(
     backend: str | None = None,
 ) -> Selection:
     """Top-K of ``score(target_b, behavior_i)`` over each sample's jagged behaviors (no gradient)."""
-    positions, scores = kernels.gsu_topk(
+    positions, scores = gsu_topk(
         offsets, k, mode=score, target=target.detach().float(), behavior_vectors=behaviors.detach().float(),
         backend=backend,
     )  # fmt: skip
@@ -116,7 +114,7 @@ class PrefixGSU(nn.Module):
         candidates = torch.nonzero(behavior_prefix.long() == target_prefix[sample]).squeeze(1)
         sub_offsets = lengths_to_offsets(torch.bincount(sample[candidates], minlength=b))
         if target_vec is None:
-            local, scores = kernels.gsu_topk(
+            local, scores = gsu_topk(
                 sub_offsets, k, mode="category", target_category=target_prefix,
                 behavior_category=behavior_prefix[candidates].long(), backend=self.backend,
             )  # fmt: skip

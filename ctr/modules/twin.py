@@ -37,10 +37,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-import kernels
-
+from .. import native
 from .esu import slot_attention, time_gap_bucket
-from .gsu import Selection
+from .gsu import Selection, gsu_topk, per_sample_products
 
 RelevancePath = Literal["query", "projected"]
 BTYPE_OFFSET = 128  # int8 behavior types -> rows 0..255 of the type embedding
@@ -157,6 +156,12 @@ class TwinAttention(nn.Module):
         ``keys [N, key_dim]`` and ``bias [N, H]`` of the jagged prefix; ``item_ids [N]`` for the projected path (the
         projection is computed once per distinct item, then gathered)."""
         target, keys, bias = target.detach().float(), keys.detach().float(), bias.detach().float()
+        if path == "query" and not keys.is_cuda:
+            # on the CPU every head at once: α [N, H] in one pass over the keys, each head's top k natively
+            alpha = per_sample_products(keys, self.query_keys(target), offsets) + bias
+            chosen = native.jagged_topk(alpha, offsets, k)
+            if chosen is not None:
+                return union_round_robin(chosen[0], chosen[1], k)
         if path == "query":
             q, vectors = self.query_keys(target), keys
         else:
@@ -172,7 +177,7 @@ class TwinAttention(nn.Module):
         per_head, per_score = [], []
         for a in range(self.heads):  # α_ai = [v_i; bias_ai] · [q_a; 1], ranked with ties to the most recent
             v = vectors if vectors.dim() == 2 else vectors[:, a]
-            pos, score = kernels.gsu_topk(
+            pos, score = gsu_topk(
                 offsets, k, mode="dot", target=torch.cat([q[:, a], ones], -1),
                 behavior_vectors=torch.cat([v, bias[:, a : a + 1]], -1), max_len=max_len, backend=self.backend,
             )  # fmt: skip

@@ -1,8 +1,9 @@
-"""Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`), the loops of DIEN's GRU
-recurrences, one row at a time (`gru_scan.cpp`, used by `ctr.modules.gru_scan`), and the soft search's
+"""Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`); the loops of DIEN's GRU
+recurrences, one row at a time (`gru_scan.cpp`, used by `ctr.modules.gru_scan`); the soft search's
 relevance-weighted pooling over a jagged prefix in one pass each way (`dot_pool.cpp`, SIM-soft's auxiliary head,
-used by `ctr.modules.gsu.InnerProductGSU.pooled`), and softmax attention over a handful of tokens per row
-(`token_attention.cpp`, DiffuMIN's denoiser, used by `ctr.modules.diffusion.TokenSelfAttention`).
+used by `ctr.modules.gsu.InnerProductGSU.pooled`); softmax attention over a handful of tokens per row
+(`token_attention.cpp`, DiffuMIN's denoiser, used by `ctr.modules.diffusion.TokenSelfAttention`); and the GSU's
+top-K over a jagged prefix, one pass per sample (`jagged_topk.cpp`, every search through `ctr.modules.gsu.gsu_topk`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -33,7 +34,13 @@ log = logging.getLogger(__name__)
 
 ENV = "LIFELONG_CTR_NATIVE"
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "dice.cpp", HERE / "gru_scan.cpp", HERE / "dot_pool.cpp", HERE / "token_attention.cpp")
+SOURCES = (
+    HERE / "dice.cpp",
+    HERE / "gru_scan.cpp",
+    HERE / "dot_pool.cpp",
+    HERE / "token_attention.cpp",
+    HERE / "jagged_topk.cpp",
+)
 HEADERS = (HERE / "vec_math.h",)
 STALE_LOCK_S = 600.0
 _lock = threading.Lock()
@@ -266,6 +273,18 @@ def token_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, scale: float)
     if not applies(q, kv):
         return None
     return _TokenAttention.apply(q.contiguous(), kv.contiguous(), heads, float(scale))
+
+
+def jagged_topk(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each sample's top ``k`` of jagged ``scores [total_L]`` (or ``[total_L, H]``, H columns ranked apart) by score
+    descending, the later position first among equal scores, -inf and NaN never selected: ``(positions, scores)``
+    ``[B, K]`` (``[B, H, K]``), -1 and 0 in empty slots; None where the caller must run its PyTorch form (not float32
+    on the CPU, not built, switched off, inside `torch.compile`). `kernels.gsu_topk`'s ``cpu_select``."""
+    if scores.dim() not in (1, 2) or offsets.device.type != "cpu" or not applies(scores):
+        return None
+    columns = scores if scores.dim() == 2 else scores.unsqueeze(1)
+    pos, val = torch.ops.ctr_native.jagged_topk(columns.contiguous(), offsets.to(torch.int64).contiguous(), int(k))
+    return (pos, val) if scores.dim() == 2 else (pos[:, 0], val[:, 0])
 
 
 def main() -> None:

@@ -14,11 +14,15 @@ A behavior is a candidate when its score is neither -inf nor NaN. Order: score d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .._jagged import segment_ids
 
 EPS = 1e-12
+# a top-K selection over jagged scores: (scores [total_L], offsets [B + 1], K) -> (positions, scores) [B, K], or None
+Selector = Callable[[torch.Tensor, torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
 def gsu_scores_reference(
@@ -158,10 +162,13 @@ def gsu_topk_reference(
     behavior_category: torch.Tensor | None = None,
     *,
     cpu_scores: bool = False,
+    select: Selector | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K positions ``[B, K]`` int64 (index within the sample, -1 = empty) and scores ``[B, K]`` float32.
 
-    ``cpu_scores``: score with `gsu_scores_cpu` (the dispatcher's CPU path) instead of the readable reference."""
+    ``cpu_scores``: score with `gsu_scores_cpu` (the dispatcher's CPU path) instead of the readable reference.
+    ``select``: another implementation of the selection below, ``select(scores, offsets, k)`` on the scores with NaN
+    made -inf, returning the same ``(positions, scores)`` or None to decline (`kernels.gsu_topk`'s ``cpu_select``)."""
     scores = (gsu_scores_cpu if cpu_scores else gsu_scores_reference)(
         offsets,
         mode,
@@ -175,6 +182,10 @@ def gsu_topk_reference(
         behavior_category,
     )
     scores = torch.where(torch.isnan(scores), float("-inf"), scores)
+    if select is not None:
+        chosen = select(scores, offsets, k)
+        if chosen is not None:
+            return chosen
     batch = offsets.numel() - 1
     total = scores.shape[0]
     width = max(int((offsets[1:] - offsets[:-1]).max()) if batch > 0 else 0, k, 1)
