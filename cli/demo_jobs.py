@@ -44,14 +44,14 @@ PRELOAD = [
 ]  # fmt: skip
 MAX_DEFAULT_JOBS = 4  # beyond a few jobs, memory (each holds its own tables and loader) matters more than cores
 
-# Seconds each model's job took in a full demo on 2 cores (two jobs side by side, 1 thread each; the eleventh
+# Seconds each model's job took in a full demo on 2 cores (two jobs side by side, 1 thread each; the sixteenth
 # fresh-clone run in the README). Used only to start the longest jobs first, so that the last minutes are not one long
 # job alone on one core while the other idles (longest-first list scheduling); in alphabetical order DiffuMIN (the
 # longest) started third and TWIN ended the demo alone. A model not listed starts first.
 DEMO_SECONDS = {
-    "diffumin": 214, "r2led_lain": 79, "r2led": 68, "twin": 67, "sim_soft_lain": 54, "twin_v2": 51,
-    "sim_soft": 49, "muse_lain": 41, "sdim": 39, "eta": 39, "muse": 37, "dien": 34, "dien_lain": 33,
-    "sim_hard_lain": 27, "sim_hard": 21, "din_lain": 19, "din": 17, "din_sid": 17, "tin": 8, "sum_pool": 5,
+    "diffumin": 184, "r2led_lain": 77, "r2led": 69, "twin": 65, "sim_soft_lain": 56, "twin_v2": 54,
+    "sim_soft": 50, "muse_lain": 50, "sdim": 47, "eta": 46, "muse": 43, "dien_lain": 34, "dien": 33,
+    "sim_hard_lain": 32, "sim_hard": 25, "din_sid": 22, "din_lain": 20, "din": 17, "tin": 12, "sum_pool": 7,
 }  # fmt: skip
 
 
