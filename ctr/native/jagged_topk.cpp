@@ -6,8 +6,9 @@
 // The PyTorch forms pad the batch to its longest sample and take a top-K (B x the longest history: one 10K-long
 // user among 512 makes it 5M scores) or, when that padding would more than quadruple the work, stably sort every
 // behavior of the batch by (sample, score) through a dozen gathers and scatters of [N] tensors. Here each sample's
-// candidates are partitioned around the K-th (nth_element, linear on average) and only the K are sorted: one pass
-// over the scores. The positions and scores are the PyTorch forms' exactly (a selection, no arithmetic);
+// candidates are partitioned around the K-th (nth_element, linear on average), or, for a sample more than four
+// times K long, kept in a heap of the K best so far (each behavior compared with the worst of them), and only the K
+// are sorted: one pass over the scores. The positions and scores are the PyTorch forms' exactly (a selection, no arithmetic);
 // tests/test_native.py holds them equal, ties and NaN included.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +23,15 @@
 namespace {
 
 constexpr int64_t kChunksPerThread = 8;
+constexpr int64_t kHeapFrom = 4;  // samples longer than kHeapFrom x K keep a heap of K instead of all candidates
+
+struct Cand {
+  float v;    // the score (never -inf or NaN here)
+  int64_t i;  // the position within the sample
+};
+
+// a before b: a higher score, then (equal scores, -0.0 == 0.0 included) the later position
+inline bool better(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.i > b.i); }
 
 std::tuple<at::Tensor, at::Tensor> jagged_topk(const at::Tensor& scores, const at::Tensor& offsets, int64_t k) {
   TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kFloat && scores.dim() == 2 &&
@@ -44,7 +54,9 @@ std::tuple<at::Tensor, at::Tensor> jagged_topk(const at::Tensor& scores, const a
   const int64_t n = o[b];
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(b, at::get_num_threads() * kChunksPerThread));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<int64_t> cand;
+    // the candidates as (score, position) pairs side by side: the partition and the sort compare values in one
+    // contiguous buffer instead of loading strided scores through positions
+    std::vector<Cand> cand;
     for (int64_t c = c0; c < c1; ++c) {
       // chunk c: the samples whose first behavior lies in [c n / chunks, (c + 1) n / chunks) (about equal behaviors)
       const int64_t lo = c * n / chunks, hi = (c + 1) * n / chunks;
@@ -54,25 +66,39 @@ std::tuple<at::Tensor, at::Tensor> jagged_topk(const at::Tensor& scores, const a
         const int64_t start = o[smp], len = o[smp + 1] - start;
         for (int64_t col = 0; col < h; ++col) {
           cand.clear();
-          for (int64_t i = 0; i < len; ++i) {
-            const float v = s[(start + i) * h + col];
-            if (v > -INFINITY) cand.push_back(i);  // false for -inf and NaN
+          const float* sc = s + start * h + col;
+          if (len <= kHeapFrom * k) {
+            for (int64_t i = 0; i < len; ++i) {
+              const float v = sc[i * h];
+              if (v > -INFINITY) cand.push_back({v, i});  // false for -inf and NaN
+            }
+            if (static_cast<int64_t>(cand.size()) > k) {
+              std::nth_element(cand.begin(), cand.begin() + k, cand.end(), better);
+              cand.resize(k);
+            }
+          } else {
+            // a long sample: the K best so far in a heap whose front is the worst of them; a behavior is compared
+            // with that front and enters only if better (about K ln(len / K) entries, not len)
+            for (int64_t i = 0; i < len; ++i) {
+              const float v = sc[i * h];
+              if (!(v > -INFINITY)) continue;
+              if (static_cast<int64_t>(cand.size()) < k) {
+                cand.push_back({v, i});
+                std::push_heap(cand.begin(), cand.end(), better);
+              } else if (better({v, i}, cand.front())) {
+                std::pop_heap(cand.begin(), cand.end(), better);
+                cand.back() = {v, i};
+                std::push_heap(cand.begin(), cand.end(), better);
+              }
+            }
           }
-          // better: a higher score, then (equal scores, -0.0 == 0.0 included) the later position
-          auto better = [&](int64_t x, int64_t y) {
-            const float vx = s[(start + x) * h + col], vy = s[(start + y) * h + col];
-            return vx > vy || (vx == vy && x > y);
-          };
-          const int64_t keep = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
-          if (keep < static_cast<int64_t>(cand.size())) {
-            std::nth_element(cand.begin(), cand.begin() + keep, cand.end(), better);
-          }
-          std::sort(cand.begin(), cand.begin() + keep, better);
+          const int64_t keep = static_cast<int64_t>(cand.size());
+          std::sort(cand.begin(), cand.end(), better);
           int64_t* pp = pos_p + (smp * h + col) * k;
           float* vp = val_p + (smp * h + col) * k;
           for (int64_t j = 0; j < keep; ++j) {
-            pp[j] = cand[j];
-            vp[j] = s[(start + cand[j]) * h + col];
+            pp[j] = cand[j].i;
+            vp[j] = cand[j].v;
           }
         }
       }
