@@ -42,10 +42,13 @@ def gsu_topk(offsets: torch.Tensor, k: int, **kwargs: Any) -> tuple[torch.Tensor
     return kernels.gsu_topk(offsets, k, cpu_select=native.jagged_topk, **kwargs)
 
 
-def per_sample_products(rows: torch.Tensor, queries: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def per_sample_products(
+    rows: torch.Tensor, queries: torch.Tensor, offsets: torch.Tensor, sample: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[N, Q]``: each jagged row ``rows [N, D]`` (sample b's at ``offsets[b] .. offsets[b + 1]``) against its
     sample's ``queries [B, Q, D]``. On the CPU with long samples (`SEGMENT_MIN_WORK`), one matmul per sample over its
-    contiguous rows instead of a gathered ``[N, Q, D]`` copy of the queries (`kernels.reference.gsu_topk`'s rule)."""
+    contiguous rows instead of a gathered ``[N, Q, D]`` copy of the queries (`kernels.reference.gsu_topk`'s rule).
+    ``sample [N]``: each row's sample, when the caller has it."""
     b, n = queries.shape[0], rows.shape[0]
     if not rows.is_cuda and b > 0 and n * rows.shape[1] >= SEGMENT_MIN_WORK * b:
         out = rows.new_empty(n, queries.shape[1])
@@ -55,7 +58,8 @@ def per_sample_products(rows: torch.Tensor, queries: torch.Tensor, offsets: torc
             if hi > lo:
                 torch.mm(rows[lo:hi], queries[i].t(), out=out[lo:hi])
         return out
-    sample = torch.repeat_interleave(torch.arange(b, device=rows.device), offsets[1:] - offsets[:-1], output_size=n)
+    if sample is None:
+        sample = torch.repeat_interleave(torch.arange(b, device=rows.device), offsets[1:] - offsets[:-1], output_size=n)
     return torch.einsum("nd,nqd->nq", rows, queries.index_select(0, sample))
 
 

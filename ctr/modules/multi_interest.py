@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from kernels.reference.gsu_topk import group_score_key
+
 from .gsu import Selection, gsu_topk, per_sample_products
 
 
@@ -53,7 +55,7 @@ def route(
     """``(A [N, C], route [N])`` of jagged ``behaviors [N, D]`` of samples ``sample [N]`` against ``channels [B, C, D]``
     (ties to the lower channel). With ``offsets``, `per_sample_products` (one matmul per long sample on the CPU)."""
     if offsets is not None:
-        a = per_sample_products(behaviors, channels, offsets)
+        a = per_sample_products(behaviors, channels, offsets, sample)
     else:
         a = torch.einsum("nd,ncd->nc", behaviors, channels.index_select(0, sample))
     return a, a.argmax(-1)
@@ -148,10 +150,8 @@ def select_routed_sorted(
     score = a.gather(1, routed.unsqueeze(1)).squeeze(1).float()
     # NaN is never a candidate; + 0.0 makes -0.0 into 0.0 (they tie), as gsu_topk's scores (1 · A, summed from 0)
     score = torch.where(torch.isnan(score), float("-inf"), score) + 0.0
-    bits = score.view(torch.int32)  # float32 -> an int32 of the same order
-    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + 2**31  # in [0, 2^32), larger score = larger
     group = sample * c + routed
-    key = group * 2**32 + (2**32 - 1 - ordered)  # group ascending, then score descending
+    key = group_score_key(group, score)  # group ascending, then score descending
     newest_first = torch.arange(n - 1, -1, -1, device=a.device)
     order = newest_first[torch.sort(key[newest_first], stable=True).indices]
     counts = n_routed.reshape(-1)

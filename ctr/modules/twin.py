@@ -156,12 +156,11 @@ class TwinAttention(nn.Module):
         ``keys [N, key_dim]`` and ``bias [N, H]`` of the jagged prefix; ``item_ids [N]`` for the projected path (the
         projection is computed once per distinct item, then gathered)."""
         target, keys, bias = target.detach().float(), keys.detach().float(), bias.detach().float()
-        if path == "query" and not keys.is_cuda:
+        if path == "query" and native.applies(keys, bias):
             # on the CPU every head at once: α [N, H] in one pass over the keys, each head's top k natively
             alpha = per_sample_products(keys, self.query_keys(target), offsets) + bias
-            chosen = native.jagged_topk(alpha, offsets, k)
-            if chosen is not None:
-                return union_round_robin(chosen[0], chosen[1], k)
+            positions, scores = native.jagged_topk(alpha, offsets, k)  # type: ignore[misc]
+            return union_round_robin(positions, scores, k)
         if path == "query":
             q, vectors = self.query_keys(target), keys
         else:

@@ -203,6 +203,14 @@ def gsu_topk_reference(
 JAGGED_WHEN = 4
 
 
+def group_score_key(group: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """An int64 sort key per element: ``group [N]`` (non-negative int64) ascending, then ``scores [N]`` (float32, no
+    NaN) descending; -0.0 ties with 0.0, as in torch.topk. The float's bits made into an int32 of the same order."""
+    bits = (scores.float() + 0.0).view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + 2**31  # in [0, 2^32), larger score = larger
+    return group * 2**32 + (2**32 - 1 - ordered)
+
+
 def jagged_topk_newest_first(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`topk_newest_first` on jagged ``scores [total_L]`` (``offsets [B + 1]``, -inf = not a candidate), without
     padding: one stable sort of all behaviors by (sample ascending, score descending), read from the newest, so that
@@ -214,10 +222,7 @@ def jagged_topk_newest_first(scores: torch.Tensor, offsets: torch.Tensor, k: int
         return pos_out, score_out
     sample = segment_ids(offsets, total)
     position = torch.arange(total, device=scores.device) - offsets[sample]
-    # float32 -> an int32 of the same order (-0.0 made 0.0 first, so that it ties with 0.0 as in torch.topk)
-    bits = (scores.float() + 0.0).view(torch.int32)
-    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + 2**31  # in [0, 2^32), larger score = larger
-    key = sample * 2**32 + (2**32 - 1 - ordered)  # sample ascending, then score descending
+    key = group_score_key(sample, scores)  # sample ascending, then score descending
     newest_first = torch.arange(total - 1, -1, -1, device=scores.device)
     order = newest_first[torch.sort(key[newest_first], stable=True).indices]
     rank = torch.arange(total, device=scores.device) - offsets[sample[order]]
