@@ -188,6 +188,23 @@ def test_the_virtualenvs_ninja_is_put_on_path_when_none_is(monkeypatch):
     assert shutil.which("ninja") is not None
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3, 64])
+def test_the_build_groups_every_source_into_one_unit_per_core(tmp_path, parts):
+    """Each source is in exactly one translation unit, included by its own path; one per source where cores allow."""
+    import re
+
+    files = native._unity_sources(tmp_path, parts)
+    assert len(files) == min(parts, len(native.SOURCES))
+    if len(files) == len(native.SOURCES):
+        assert sorted(files) == sorted(str(s) for s in native.SOURCES)
+        return
+    included = [m for f in files for m in re.findall(r'#include "(.+)"', open(f).read())]
+    assert sorted(included) == sorted(str(s) for s in native.SOURCES)
+    before = [os.stat(f).st_mtime_ns for f in files]
+    assert native._unity_sources(tmp_path, parts) == files  # unchanged units are not rewritten (no rebuild)
+    assert [os.stat(f).st_mtime_ns for f in files] == before
+
+
 def _gsu_pair(dk: int, dv: int | None) -> tuple[torch.Tensor, ...]:
     from ctr.modules.gsu import InnerProductGSU
 

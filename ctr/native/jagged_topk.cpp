@@ -22,7 +22,7 @@
 
 namespace {
 
-constexpr int64_t kChunksPerThread = 8;
+constexpr int64_t kTopKChunksPerThread = 8;
 constexpr int64_t kHeapFrom = 4;  // samples longer than kHeapFrom x K keep a heap of K instead of all candidates
 
 struct Cand {
@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> jagged_topk(const at::Tensor& scores, const a
   int64_t* pos_p = pos.data_ptr<int64_t>();
   float* val_p = val.data_ptr<float>();
   const int64_t n = o[b];
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(b, at::get_num_threads() * kChunksPerThread));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(b, at::get_num_threads() * kTopKChunksPerThread));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     // the candidates as (score, position) pairs side by side: the partition and the sort compare values in one
     // contiguous buffer instead of loading strided scores through positions
