@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -20,11 +22,7 @@ namespace {
 
 constexpr int64_t kChunksPerThread = 8;  // work items per thread: samples grouped into chunks of about equal behaviors
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
-  float s = 0.0f;
-  for (int64_t j = 0; j < d; ++j) s += a[j] * b[j];
-  return s;
-}
+using ctr_native::dot;  // eight partial sums: vectorized (vec_math.h)
 
 inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t d) {
   for (int64_t j = 0; j < d; ++j) y[j] += a * x[j];

@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,7 +25,10 @@
 
 namespace {
 
+using ctr_native::dot;
+
 constexpr int64_t kGrain = 64;  // rows per parallel work item
+
 
 void check(const at::Tensor& q, const at::Tensor& kv, int64_t heads) {
   for (const at::Tensor* t : {&q, &kv}) {
@@ -58,15 +63,12 @@ std::tuple<at::Tensor, at::Tensor> token_attention_forward(const at::Tensor& q, 
           const float* qi = qp + (r * cq + i) * d + h * dh;
           float m = -INFINITY;
           for (int64_t j = 0; j < c; ++j) {
-            const float* kj = kr + j * 2 * d + h * dh;
-            float acc = 0.0f;
-            for (int64_t e = 0; e < dh; ++e) acc += qi[e] * kj[e];
-            s[j] = acc * sc;
+            s[j] = dot(qi, kr + j * 2 * d + h * dh, dh) * sc;
             m = std::max(m, s[j]);
           }
           float total = 0.0f;
           for (int64_t j = 0; j < c; ++j) {
-            s[j] = std::exp(s[j] - m);
+            s[j] = ctr_native::exp_f(s[j] - m);  // about 1 ulp, inline (libm's exp is a call per element)
             total += s[j];
           }
           const float inv = 1.0f / total;
@@ -118,11 +120,8 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(const at::Tensor& gr
           for (int64_t j = 0; j < c; ++j) {
             const float* vj = kr + j * 2 * d + d + h * dh;
             float* __restrict gvj = gkr + j * 2 * d + d + h * dh;
-            float dp = 0.0f;
-            for (int64_t e = 0; e < dh; ++e) {
-              dp += go[e] * vj[e];
-              gvj[e] += p[j] * go[e];
-            }
+            const float dp = dot(go, vj, dh);
+            for (int64_t e = 0; e < dh; ++e) gvj[e] += p[j] * go[e];
             ds[j] = dp;
             dot_pdp += p[j] * dp;
           }

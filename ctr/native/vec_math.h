@@ -1,4 +1,4 @@
-// Vectorizable float math shared by the native operators (dice.cpp, gru_scan.cpp).
+// Vectorizable float math shared by the native operators (dice.cpp, gru_scan.cpp, dot_pool.cpp, token_attention.cpp).
 #pragma once
 
 #include <cstdint>
@@ -26,5 +26,20 @@ inline float exp_f(float x) {
 }
 
 inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+
+// <a, b> over n floats in eight partial sums, combined pairwise. A float sum in one accumulator does not vectorize
+// (its order is fixed: n dependent multiply-adds, four cycles apart); eight lanes are one vector register, so a
+// 32-wide product is four vector multiply-adds. The order is the same on every call: results do not depend on
+// threads or on where the rows lie in memory.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    for (int k = 0; k < 8; ++k) lane[k] += a[e + k] * b[e + k];
+  }
+  float acc = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+  for (; e < n; ++e) acc += a[e] * b[e];
+  return acc;
+}
 
 }  // namespace ctr_native
