@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import logging
 import os
 import pkgutil
@@ -48,8 +49,8 @@ def imported_names(root: Path = ROOT) -> set[str]:
 
 
 def module_names() -> list[str]:
-    """Every module of our packages (walked from the source tree, not imported to be found), then every other module
-    our files import."""
+    """Every module of our packages (`pkgutil.walk_packages` imports the packages themselves to find their
+    subpackages, which is safe: importing runs no job), then every other module our files import."""
     names: list[str] = []
     for pkg in PACKAGES:
         spec = importlib.util.find_spec(pkg)

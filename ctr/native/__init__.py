@@ -122,7 +122,10 @@ def _unity_sources(directory: Path, parts: int | None = None) -> list[str]:
         unit = directory / f"unity_{i}.cpp"
         text = "".join(f'#include "{source}"\n' for source in sorted(group))
         if not unit.exists() or unit.read_text() != text:  # an unchanged unit keeps torch from rebuilding
-            unit.write_text(text)
+            # whole or not at all: a process building meanwhile (the demo's jobs) never reads a half-written unit
+            tmp = unit.with_name(f".{unit.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, unit)
         files.append(str(unit))
     return files
 
