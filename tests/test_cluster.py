@@ -28,9 +28,10 @@ def planted(n: int, topics: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, topic
 
 
-def test_every_cluster_within_the_cap_and_pure():
-    x, topic = planted(20_000, 50, seed=0)
-    labels = cluster_history(x, max_size=20, seed=0)
+@pytest.mark.parametrize("native", [True, False])
+def test_every_cluster_within_the_cap_and_pure(native):
+    x, topic = planted(20_000 if native else 5_000, 50, seed=0)
+    labels = cluster_history(x, max_size=20, seed=0, native=native)
     sizes = np.bincount(labels)
     assert sizes.max() <= 20 and sizes.sum() == len(x)
     # purity: the share of behaviors in their cluster's majority topic
@@ -39,13 +40,41 @@ def test_every_cluster_within_the_cap_and_pure():
     # compression: about n / max_size clusters, not one per behavior
     assert len(sizes) < 0.15 * len(x)
     # labels are numbered by first appearance, deterministic for a seed
-    assert labels[0] == 0 and np.array_equal(labels, cluster_history(x, max_size=20, seed=0))
+    assert labels[0] == 0 and np.array_equal(labels, cluster_history(x, max_size=20, seed=0, native=native))
 
 
-def test_identical_vectors_are_cut_into_chunks():
+@pytest.mark.parametrize("native", [True, False])
+def test_identical_vectors_are_cut_into_chunks(native):
     x = np.ones((55, 4))
-    labels = cluster_history(x, max_size=10)
+    labels = cluster_history(x, max_size=10, native=native)
     assert np.bincount(labels).tolist() == [10, 10, 10, 10, 10, 5]
+
+
+def test_native_tree_equals_the_numpy_reference():
+    """`ctr/native/kmeans_tree.cpp` takes the reference's steps: the same draws, distances, tie rules and order of
+    parts, so the same labels on data where float rounding of a dot product cannot flip a comparison: continuous
+    vectors. (Where one vector repeats, two centroids can be means of its copies a rounding apart, and the order of
+    a dot product's additions picks between them: there both forms only keep the cap.)"""
+    from ctr import native
+
+    assert native.available(), native.unavailable_reason()
+    rng = np.random.default_rng(0)
+    for case in range(40):
+        n, d, max_size = int(rng.integers(1, 700)), int(rng.integers(1, 40)), int(rng.integers(1, 30))
+        x = rng.normal(size=(n, d)).astype(np.float32)
+        if case % 4 == 1:
+            x, _ = planted(n, int(rng.integers(1, 12)), seed=case)
+        repeats = case % 4 == 0
+        if repeats:
+            x[: n // 2] = x[0]  # half the history one item
+        want = cluster_history(x, max_size, seed=case, native=False)
+        got = cluster_history(x, max_size, seed=case, native=True)
+        if repeats:
+            assert got[0] == 0 and np.bincount(got).max() <= max_size and np.bincount(got).min() >= 1
+        else:
+            assert np.array_equal(got, want), (case, n, d, max_size)
+    assert len(cluster_history(np.zeros((0, 3)), 4)) == 0
+    assert cluster_history(np.zeros((3, 3)), 4).tolist() == [0, 0, 0]
 
 
 def test_kmeans_separates_two_blobs():

@@ -3,7 +3,8 @@ recurrences, one row at a time (`gru_scan.cpp`, used by `ctr.modules.gru_scan`);
 relevance-weighted pooling over a jagged prefix in one pass each way (`dot_pool.cpp`, SIM-soft's auxiliary head,
 used by `ctr.modules.gsu.InnerProductGSU.pooled`); softmax attention over a handful of tokens per row
 (`token_attention.cpp`, DiffuMIN's denoiser, used by `ctr.modules.diffusion.TokenSelfAttention`); and the GSU's
-top-K over a jagged prefix, one pass per sample (`jagged_topk.cpp`, every search through `ctr.modules.gsu.gsu_topk`).
+top-K over a jagged prefix, one pass per sample (`jagged_topk.cpp`, every search through `ctr.modules.gsu.gsu_topk`);
+and TWIN-V2's hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -28,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ SOURCES = (
     HERE / "dot_pool.cpp",
     HERE / "token_attention.cpp",
     HERE / "jagged_topk.cpp",
+    HERE / "kmeans_tree.cpp",
 )
 HEADERS = (HERE / "vec_math.h",)
 STALE_LOCK_S = 600.0
@@ -316,6 +319,15 @@ def jagged_topk(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[to
     columns = scores if scores.dim() == 2 else scores.unsqueeze(1)
     pos, val = torch.ops.ctr_native.jagged_topk(columns.contiguous(), offsets.to(torch.int64).contiguous(), int(k))
     return (pos, val) if scores.dim() == 2 else (pos[:, 0], val[:, 0])
+
+
+def kmeans_tree(x: np.ndarray, max_size: int, seed: int, iters: int, branching: int) -> np.ndarray | None:
+    """Labels ``[n]`` of TWIN-V2's hierarchical k-means of the rows of ``x [n, D]`` (`pipelines.cluster`'s
+    ``cluster_history``, its reference); None where the reference must run (not built or switched off)."""
+    if not (_use and available()):
+        return None
+    rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+    return torch.ops.ctr_native.kmeans_tree(rows, int(max_size), int(seed), int(iters), int(branching)).numpy()
 
 
 def main() -> None:
