@@ -9,7 +9,7 @@ import torch
 
 from ._backend import requested_backend, resolve_backend
 from ._jagged import check_offsets, check_rows, jagged_max_len
-from .reference.gsu_topk import Selector, gsu_topk_reference
+from .reference.gsu_topk import DotFn, Selector, gsu_topk_reference
 
 MODES = ("cosine", "dot", "category")
 TRITON_MAX_K = 256  # kernels/triton/gsu_topk.py keeps K (rounded up to a power of two) keys per program
@@ -33,6 +33,7 @@ def gsu_topk(
     max_len: int | None = None,
     backend: str | None = None,
     cpu_select: Selector | None = None,
+    cpu_dot: DotFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K behaviors of each sample's jagged prefix by their score against the sample's target.
 
@@ -57,6 +58,8 @@ def gsu_topk(
         cpu_select: on the CPU path (not the reference asked for by name), a faster implementation of the selection
             from the scores, ``cpu_select(scores [total_L], offsets, k)`` giving the same result or None to decline
             (`ctr.native.jagged_topk`: this package stays free of the project's native build).
+        cpu_dot: on the same path, a fused gather-and-dot for float32 vectors (`ctr.native.gather_dot`; see
+            `gsu_scores_cpu`), None to decline.
 
     Returns:
         ``(positions, scores)``: ``[B, K]`` int64 index of the behavior within its sample (-1 for an empty slot,
@@ -156,4 +159,5 @@ def gsu_topk(
         # name (the Triton tests compare against it bit for bit)
         cpu_scores = offsets.device.type == "cpu" and requested_backend(backend) != "reference"
         select = cpu_select if cpu_scores else None
-        return gsu_topk_reference(offsets, k, mode, *args, cpu_scores=cpu_scores, select=select)
+        dot_fn = cpu_dot if cpu_scores else None
+        return gsu_topk_reference(offsets, k, mode, *args, cpu_scores=cpu_scores, select=select, dot_fn=dot_fn)

@@ -374,3 +374,61 @@ def test_native_jagged_topk_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("mode", ["dot", "cosine"])
+@pytest.mark.parametrize("source", ["table", "jagged"])
+@pytest.mark.parametrize("lengths", [[0, 5, 0, 37, 1], [900, 3, 2500, 0], []])
+def test_native_gather_dot_scores_equal_the_reference(mode, source, lengths):
+    """The GSU's scores with the fused gather-and-dot (`gsu_scores_cpu`'s ``dot_fn``) equal the readable reference
+    within float rounding: table rows by id or per-behavior vectors, empty samples, a zero vector under cosine
+    (with and without ``zero_vector_score``)."""
+    from ctr.modules.gsu import lengths_to_offsets
+    from kernels.reference.gsu_topk import gsu_scores_cpu, gsu_scores_reference
+
+    g = torch.Generator().manual_seed(len(lengths))
+    offsets = lengths_to_offsets(torch.tensor(lengths, dtype=torch.int64))
+    total, batch, dim = int(offsets[-1]), len(lengths), 37  # a width off the 8-lane blocks
+    n = 50 if source == "table" else total
+    vectors = torch.randn(n, dim, generator=g) * 3
+    if n > 2:
+        vectors[1] = 0
+    ids = torch.randint(0, n, (total,), generator=g) if source == "table" and n else None
+    if ids is not None and total:
+        ids[0] = 1
+    target = torch.randn(batch, dim, generator=g)
+    calls = []
+
+    def dot_fn(*a):
+        calls.append(1)
+        return native.gather_dot(*a)
+
+    for zero in [None, -1.1] if mode == "cosine" else [None]:
+        args = (offsets, mode, target, ids, vectors)
+        want = gsu_scores_reference(*args, zero_vector_score=zero)
+        got = gsu_scores_cpu(*args, zero_vector_score=zero, dot_fn=dot_fn)
+        assert got.dtype == torch.float32 and got.shape == (total,)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    assert calls
+
+
+def test_native_gather_dot_checks_ids_and_thread_count():
+    from ctr.modules.gsu import lengths_to_offsets
+
+    g = torch.Generator().manual_seed(0)
+    offsets = lengths_to_offsets(torch.tensor([3000, 1, 0, 4000]))
+    table, query = torch.randn(100, 64, generator=g), torch.randn(4, 64, generator=g)
+    ids = torch.randint(0, 100, (7001,), generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            results.append(native.gather_dot(table, ids, query, offsets, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    bad = ids.clone()
+    bad[5] = 100
+    with pytest.raises(RuntimeError, match="id 100 at behavior 5 is outside the table's 100 rows"):
+        native.gather_dot(table, bad, query, offsets, False)

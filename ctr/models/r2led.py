@@ -224,7 +224,7 @@ class R2LED(TwoStageModel):
         items = ids["long_item"].values().long()
         target_items = ids["item"].values().long()
         backend = self.rp.backend
-        semantic: tuple[torch.Tensor, torch.Tensor] | None = None
+        semantic: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         out = []
         for r, k in zip(self.rp.routes, self.route_k, strict=True):
             if r.kind == "prefix":
@@ -245,14 +245,29 @@ class R2LED(TwoStageModel):
                 sel = Selection(positions, scores)
             else:
                 if semantic is None:
-                    with torch.no_grad():
-                        semantic = (
-                            self.sid.sid_embedding(self.sid_codes[target_items]),
-                            self.sid.sid_embedding(self.sid_codes[items]),
-                        )
-                sel = vector_topk(offsets, semantic[0], semantic[1], k, r.score, backend)
+                    semantic = self.semantic_vectors(target_items, items)
+                positions, scores = gsu_topk(
+                    offsets, k, mode=r.score, target=semantic[0], behavior_ids=semantic[2], table=semantic[1],
+                    backend=backend,
+                )  # fmt: skip
+                sel = Selection(positions, scores)
             out.append(sel)
         return out
+
+    @torch.no_grad()
+    def semantic_vectors(
+        self, target_items: torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The semantic route's view: (targets' ``Σ_l E_l[c_l]`` ``[B, 2d]``, a table of it, each behavior's row
+        in the table). The table is every item's when the vocabulary is no longer than the batch's behaviors, else
+        the batch's distinct items': a few thousand distinct items among 10^5 behaviors, each summed once instead
+        of once per behavior (the same sums either way)."""
+        if self.sid_codes.shape[0] <= items.numel():
+            table, rows = self.sid.sid_embedding(self.sid_codes), items
+        else:
+            distinct, rows = torch.unique(items, return_inverse=True)
+            table = self.sid.sid_embedding(self.sid_codes[distinct])
+        return self.sid.sid_embedding(self.sid_codes[target_items]), table, rows
 
     def select_routes(self, batch: Batch) -> tuple[list[Selection], torch.Tensor]:
         """The retrieval alone (for inspection and tests): (one selection per route, offsets of the `long` view)."""

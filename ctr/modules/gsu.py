@@ -37,9 +37,10 @@ from .. import native
 
 def gsu_topk(offsets: torch.Tensor, k: int, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """`kernels.gsu_topk` with the CPU's selection native where it is built (`ctr.native.jagged_topk`: each sample's
-    top-K in one pass instead of a padded top-K or a sort of the whole batch; the same positions and scores exactly).
-    Every search of this library goes through here."""
-    return kernels.gsu_topk(offsets, k, cpu_select=native.jagged_topk, **kwargs)
+    top-K in one pass instead of a padded top-K or a sort of the whole batch; the same positions and scores exactly)
+    and its scores too (`ctr.native.gather_dot`: each behavior's vector read in place, no [total_L, D] copy; equal
+    within float rounding). Every search of this library goes through here."""
+    return kernels.gsu_topk(offsets, k, cpu_select=native.jagged_topk, cpu_dot=native.gather_dot, **kwargs)
 
 
 def per_sample_products(

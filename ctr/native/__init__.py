@@ -4,7 +4,8 @@ relevance-weighted pooling over a jagged prefix in one pass each way (`dot_pool.
 used by `ctr.modules.gsu.InnerProductGSU.pooled`); softmax attention over a handful of tokens per row
 (`token_attention.cpp`, DiffuMIN's denoiser, used by `ctr.modules.diffusion.TokenSelfAttention`); and the GSU's
 top-K over a jagged prefix, one pass per sample (`jagged_topk.cpp`, every search through `ctr.modules.gsu.gsu_topk`);
-and TWIN-V2's hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`).
+the GSU's scores, each behavior's vector read once in place (`gather_dot.cpp`, the CPU path of every search); and
+TWIN-V2's hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -43,6 +44,7 @@ SOURCES = (
     HERE / "token_attention.cpp",
     HERE / "jagged_topk.cpp",
     HERE / "kmeans_tree.cpp",
+    HERE / "gather_dot.cpp",
 )
 HEADERS = (HERE / "vec_math.h",)
 STALE_LOCK_S = 600.0
@@ -319,6 +321,17 @@ def jagged_topk(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[to
     columns = scores if scores.dim() == 2 else scores.unsqueeze(1)
     pos, val = torch.ops.ctr_native.jagged_topk(columns.contiguous(), offsets.to(torch.int64).contiguous(), int(k))
     return (pos, val) if scores.dim() == 2 else (pos[:, 0], val[:, 0])
+
+
+def gather_dot(
+    vectors: torch.Tensor, ids: torch.Tensor | None, query: torch.Tensor, offsets: torch.Tensor, with_norms: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For behavior i of sample b (``offsets [B + 1]``), ``<v_i, query[b]>`` and, ``with_norms``, ``|v_i|²``, where
+    ``v_i`` is row ``ids[i]`` of ``vectors [N, D]`` (or row i, ``ids`` None): `kernels.gsu_topk`'s ``cpu_dot``. None
+    where the caller must run its PyTorch form (not float32 on the CPU, not built, switched off)."""
+    if not applies(vectors, query) or offsets.device.type != "cpu":
+        return None
+    return torch.ops.ctr_native.gather_dot(vectors, ids, query, offsets, bool(with_norms))
 
 
 def kmeans_tree(x: np.ndarray, max_size: int, seed: int, iters: int, branching: int) -> np.ndarray | None:

@@ -23,6 +23,9 @@ from .._jagged import segment_ids
 EPS = 1e-12
 # a top-K selection over jagged scores: (scores [total_L], offsets [B + 1], K) -> (positions, scores) [B, K], or None
 Selector = Callable[[torch.Tensor, torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor] | None"]
+DotFn = Callable[
+    [torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor] | None"
+]
 
 
 def gsu_scores_reference(
@@ -85,8 +88,13 @@ def gsu_scores_cpu(
     zero_vector_score: float | None = None,
     target_category: torch.Tensor | None = None,
     behavior_category: torch.Tensor | None = None,
+    dot_fn: DotFn | None = None,
 ) -> torch.Tensor:
     """`gsu_scores_reference`'s scores, organized for the CPU (equal within float rounding; tests hold it so).
+
+    ``dot_fn``: a fused gather-and-dot for float32 vectors without a scale, ``dot_fn(vectors, ids or None, query,
+    offsets, with_norms)`` giving ``(<v_i, q_b> [total_L], |v_i|² [total_L] or empty)`` or None to decline
+    (`ctr.native.gather_dot`: every behavior's row read once in place); the forms below otherwise.
 
     The reference gathers a [total_L, D] copy of the behavior vectors and of the targets; at long histories that
     copy is the whole cost. Here:
@@ -107,9 +115,15 @@ def gsu_scores_cpu(
         query = query * (1.0 / torch.sqrt((query * query).sum(-1)).clamp_min(EPS)).unsqueeze(-1)
     if scale is not None and not scale_per_row:
         query = query * scale.reshape(()).to(acc)  # a global scale: on the B targets, not the total_L behaviors
-    sample = segment_ids(offsets, total)
     row_sq: torch.Tensor | None = None
-    if behavior_ids is not None and vectors.shape[0] * batch <= total * vectors.shape[1]:
+    fused = None
+    if dot_fn is not None and acc == torch.float32 and scale is None and vectors.dtype == torch.float32:
+        ids = behavior_ids.long().contiguous() if behavior_ids is not None else None
+        fused = dot_fn(vectors.contiguous(), ids, query.contiguous(), offsets.long().contiguous(), mode == "cosine")
+    if fused is not None:
+        dot, row_sq = fused
+    elif behavior_ids is not None and vectors.shape[0] * batch <= total * vectors.shape[1]:
+        sample = segment_ids(offsets, total)
         table = vectors.to(acc)
         if scale is not None and scale_per_row:
             table = table * scale.to(acc)[:, None]
@@ -134,7 +148,7 @@ def gsu_scores_cpu(
                 if hi > lo:
                     torch.mv(behavior[lo:hi], query[b], out=dot[lo:hi])
         else:
-            dot = (behavior * query.index_select(0, sample)).sum(-1)
+            dot = (behavior * query.index_select(0, segment_ids(offsets, total))).sum(-1)
         if mode == "cosine":
             row_sq = torch.linalg.vecdot(behavior, behavior)
     if mode == "dot":
@@ -163,24 +177,19 @@ def gsu_topk_reference(
     *,
     cpu_scores: bool = False,
     select: Selector | None = None,
+    dot_fn: DotFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K positions ``[B, K]`` int64 (index within the sample, -1 = empty) and scores ``[B, K]`` float32.
 
-    ``cpu_scores``: score with `gsu_scores_cpu` (the dispatcher's CPU path) instead of the readable reference.
+    ``cpu_scores``: score with `gsu_scores_cpu` (the dispatcher's CPU path, ``dot_fn`` its fused gather-and-dot)
+    instead of the readable reference.
     ``select``: another implementation of the selection below, ``select(scores, offsets, k)`` on the scores with NaN
     made -inf, returning the same ``(positions, scores)`` or None to decline (`kernels.gsu_topk`'s ``cpu_select``)."""
-    scores = (gsu_scores_cpu if cpu_scores else gsu_scores_reference)(
-        offsets,
-        mode,
-        target,
-        behavior_ids,
-        vectors,
-        scale,
-        scale_per_row,
-        zero_vector_score,
-        target_category,
-        behavior_category,
-    )
+    args = (offsets, mode, target, behavior_ids, vectors, scale, scale_per_row, zero_vector_score)
+    if cpu_scores:
+        scores = gsu_scores_cpu(*args, target_category, behavior_category, dot_fn=dot_fn)
+    else:
+        scores = gsu_scores_reference(*args, target_category, behavior_category)
     scores = torch.where(torch.isnan(scores), float("-inf"), scores)
     if select is not None:
         chosen = select(scores, offsets, k)
