@@ -1,0 +1,114 @@
+"""A model's training step with one native CPU operator used and declined, alternating in one process.
+
+    python benchmarks/native_toggle.py --data DATA_DIR --op gather_dot [--models muse,r2led] [--rounds 4]
+        [--steps 4] [--batch-size 512] [--set KEY=VALUE ...] [--results FILE]
+
+Each `ctr.native` operator returns None to decline, and its caller then runs its PyTorch form: this benchmark
+replaces ``ctr.native.<op>`` with a function that declines ("off") or with the operator itself ("on") and times the
+same prefetched batches through the trainer's own `Training` step (the model, sharding, fused sparse optimizer and
+loader of `ctr train`), one thread, off then on, ``--rounds`` times: both forms share the process, the batches
+and the hour, so the ratio is not the machine's drift between two runs. One process per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (HERE, ROOT)]
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """One model: the step's ms per round with the operator declined and used (runs in its own process)."""
+    import tempfile
+
+    import torch
+
+    from ctr import native
+    from ctr.config import resolve_train_config
+    from ctr.train.distributed import launch
+    from ctr.train.worker import Training
+
+    real = getattr(native, args.op)
+    sets = [f"data.batch_size={args.batch_size}", "data.num_workers=0", *args.set]
+    cfg, params = resolve_train_config(args.models, None, sets)
+    out: dict = {"off": [], "on": [], "calls_on": 0}
+
+    def counted(*a, **kw):  # type: ignore[no-untyped-def]
+        out["calls_on"] += 1
+        return real(*a, **kw)
+
+    def on_rank(ctx) -> None:  # type: ignore[no-untyped-def]
+        torch.set_num_threads(1)
+        run = Path(tempfile.mkdtemp(prefix="native-toggle-"))
+        tr = Training(ctx, Path(args.data), run, {"config": cfg.model_dump()}, cfg, params)
+        tr.dmp.train()
+        tr.train_loader.set_epoch(0)
+        it = iter(tr.train_loader)
+        batches = [next(it) for _ in range(args.steps + 2)]
+        for b in batches[:2]:  # warm-up
+            tr.step(b)
+        for _ in range(args.rounds):
+            for side in ("off", "on"):
+                setattr(native, args.op, counted if side == "on" else (lambda *a, **kw: None))
+                t0 = time.perf_counter()
+                for b in batches[2:]:
+                    tr.step(b)
+                out[side].append(round((time.perf_counter() - t0) / args.steps * 1e3, 2))
+        setattr(native, args.op, real)
+
+    launch(on_rank, 1, Path(tempfile.mkdtemp(prefix="native-toggle-")))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--op", required=True, help="a ctr.native function that returns None to decline")
+    parser.add_argument("--models", default="muse,r2led")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "native-toggle.json")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-model process
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(measure(args)), flush=True)
+        return
+    rows = []
+    for model in args.models.split(","):
+        cmd = [sys.executable, __file__, "--one", "--data", args.data, "--op", args.op, "--models", model]
+        cmd += ["--rounds", str(args.rounds), "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+        cmd += [f"--set={s}" for s in args.set]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if done.returncode != 0 or not line:
+            sys.exit(f"{model}: failed\n{done.stderr[-3000:]}")
+        r = json.loads(line[0][len("RESULT ") :])
+        r["model"] = model
+        r["speedup_of_medians"] = round(statistics.median(r["off"]) / statistics.median(r["on"]), 3)
+        rows.append(r)
+        print(f"{model:14s} off {r['off']}  on {r['on']}  {r['speedup_of_medians']:.2f}x  ({r['calls_on']} calls)")
+    result = {
+        "op": args.op,
+        "data": args.data,
+        "settings": {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "sets": args.set},
+        "unit": "ms per training step (prefetched batches, one thread), each round off then on",
+        "results": rows,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {args.results}")
+
+
+if __name__ == "__main__":
+    main()
