@@ -255,3 +255,30 @@ def test_refusals(info):
         get_model_class("diffumin").Params(dare=True)
     with pytest.raises(ValueError, match="channels"):
         build(info, "diffumin", channels=64)
+
+
+def test_native_and_eager_interests_give_the_same_loss_and_gradients(info):
+    """The interests' pooling Σ_k <e_k, o_c> e_k natively (`ctr.native.dot_pool`, empty slots zero vectors) and
+    eagerly (masked elementwise products): the same loss and parameter gradients within float rounding."""
+    from ctr import native
+
+    model = build(info, "diffumin").train()
+    batch = batches(info, model, 1)[0]
+    results = []
+    for on in (True, False):
+        native.set_enabled(on)
+        try:
+            model.zero_grad()
+            torch.manual_seed(5)  # the diffusion loss and the sampler draw noise
+            loss = loss_of(model, model(batch), batch)
+            loss.backward()
+            results.append(
+                (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            )
+        finally:
+            native.set_enabled(True)
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and "project.weight" in g1
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-5, msg=name)
