@@ -18,18 +18,23 @@ setup: $(STAMP)
 # install byte-compiles every module (--no-compile, uv's default; 40 s saved): cli/precompile.py caches the ones this
 # project imports, while the native CPU operators (ctr/native) compile, both once every package is in place (an
 # import must not see a half-installed one).
-PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-cache-dir --no-compile
+PIP_FLAGS := --quiet --disable-pip-version-check --no-cache-dir --no-compile
+PIP := $(BIN)/pip install $(PIP_FLAGS)
 UV_VERSION := 0.13.9
 UV := $(BIN)/uv pip install --quiet --no-cache --python $(BIN)/python
 TORCH := torch==2.13.0
 PIP_PICKS := $(BIN)/python -c 'import json, sys; print(json.load(sys.stdin)["install"][0]["download_info"]["url"])'
+# The virtualenv starts without pip (ensurepip took 6 s): the system's pip installs uv into it (pip --python), and uv
+# installs pip with the rest; where that cannot be done, ensurepip and pip as before.
 $(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) uv==$(UV_VERSION) || echo "setup: uv unavailable, pip installs the packages"
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(BIN)/python install $(PIP_FLAGS) uv==$(UV_VERSION) \
+	  || echo "setup: uv unavailable, pip installs the packages"
 	if [ -x $(BIN)/uv ] \
-	  && torch=$$($(BIN)/pip install --quiet --dry-run --no-deps --ignore-installed --report - $(TORCH) | $(PIP_PICKS)) \
-	  && $(UV) "torch @ $$torch" -e '.[dev]' && $(UV) --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0; then :; \
-	  else $(PIP) $(TORCH) && $(PIP) --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 && $(PIP) -e '.[dev]'; fi
+	  && torch=$$($(PYTHON) -m pip install --quiet --dry-run --no-deps --ignore-installed --report - $(TORCH) | $(PIP_PICKS)) \
+	  && $(UV) "torch @ $$torch" -e '.[dev]' pip && $(UV) --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0; then :; \
+	  else $(BIN)/python -m ensurepip --upgrade > /dev/null && $(PIP) $(TORCH) \
+	    && $(PIP) --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 && $(PIP) -e '.[dev]'; fi
 	$(BIN)/python -m ctr.native > $(VENV)/native-build.log 2>&1 & native=$$!; \
 	  $(BIN)/python -m cli.precompile > $(VENV)/precompile.log 2>&1; compiled=$$?; \
 	  wait $$native; built=$$?; grep -h -E '^(native|precompiled)' $(VENV)/native-build.log $(VENV)/precompile.log; \
