@@ -19,7 +19,7 @@ setup: $(STAMP)
 # project imports, while the native CPU operators (ctr/native) compile, both once every package is in place (an
 # import must not see a half-installed one).
 PIP_FLAGS := --quiet --disable-pip-version-check --no-cache-dir --no-compile
-PIP := $(BIN)/pip install $(PIP_FLAGS)
+PIP := $(BIN)/python -m pip install $(PIP_FLAGS)
 UV_VERSION := 0.13.9
 UV := $(BIN)/uv pip install --quiet --no-cache --python $(BIN)/python
 TORCH := torch==2.13.0
