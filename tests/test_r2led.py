@@ -372,3 +372,36 @@ def test_sid_fusion_once_per_item_trains_the_same(info, monkeypatch):
     assert tables and any(grads[n].abs().sum() > 0 for n in tables)
     for n in grads:
         torch.testing.assert_close(grads[n], grads1[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_semantic_route_scores_a_table_of_the_same_vectors(info):
+    """The semantic route's table (every item's Σ_l E_l[c_l], or the batch's distinct items' when the vocabulary is
+    longer than the batch's behaviors) gives each behavior exactly its own vector, and the route's selection equals
+    a top-K over the per-behavior vectors."""
+    from ctr.modules.sid_routes import vector_topk
+
+    model = build(info).eval()
+    batch = batches(info, model, 1)[0]
+    ids = batch.sparse.to_dict()
+    items = ids["long_item"].values().long()
+    target_items = ids["item"].values().long()
+    offsets = lengths_to_offsets(ids["long_item"].lengths())
+    with torch.no_grad():
+        per_behavior = model.sid.sid_embedding(model.sid_codes[items])
+        want = vector_topk(offsets, model.sid.sid_embedding(model.sid_codes[target_items]), per_behavior, 20)
+        for subset_only in (False, True):
+            few = items[: max(1, model.sid_codes.shape[0] - 1)] if subset_only else items
+            target, table, rows = model.semantic_vectors(target_items, few)
+            assert torch.equal(table[rows], model.sid.sid_embedding(model.sid_codes[few]))
+            assert (table.shape[0] < model.sid_codes.shape[0]) == (model.sid_codes.shape[0] > few.numel())
+        semantic = [i for i, r in enumerate(model.rp.routes) if r.kind == "semantic"]
+        assert semantic
+        saved = model.rp.routes, model.route_k
+        try:
+            model.rp.__dict__["routes"] = [saved[0][semantic[0]]]
+            model.route_k = [20]
+            (got,) = model.route_selections(ids, offsets)
+        finally:
+            model.rp.__dict__["routes"], model.route_k = saved
+    assert torch.equal(got.positions, want.positions)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-6, atol=1e-6)
