@@ -106,11 +106,13 @@ def cmd_sid(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
+    from ctr import native
     from pipelines.cluster import build_clusters
 
     block = build_clusters(
-        Path(args.data), max_size=args.max_size, block=args.block, seed=args.seed, address=args.address
-    )
+        Path(args.data), max_size=args.max_size, block=args.block, seed=args.seed, address=args.address,
+        tree=native.kmeans_tree,
+    )  # fmt: skip
     print(
         f"clusters: {block['clusters']:,} for {block['behaviors']:,} behaviors of {block['users']:,} users "
         f"(blocks of {block['block']}, at most {block['max_size']} each) in {args.data}/clusters"
@@ -189,6 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cli.demo_jobs import JobFailed, JobResult, ModelJob, default_jobs, run_inline, run_jobs, warm_up
     from ctr.config import resolve_train_config
     from ctr.models import model_names
+    from ctr.native import kmeans_tree
     from ctr.report.render import render_report
     from pipelines.build import build_dataset, ray_session
     from pipelines.cluster import build_clusters
@@ -222,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"      semantic IDs for R2LED: {data / 'items.parquet'}")
         build_semantic_ids(data, seed=args.seed)
         if "twin_v2" in models:
-            block = build_clusters(data, block=100 if args.quick else 1000, seed=args.seed)
+            block = build_clusters(data, block=100 if args.quick else 1000, seed=args.seed, tree=kmeans_tree)
             n, covered = block["clusters"], block["behaviors"]
             print(f"      TWIN-V2 clusters: {n:,} for {covered:,} behaviors ({block['seconds']} s)")
     sets = (DEMO_QUICK_SETS if args.quick else DEMO_SETS) + [f"train.seed={args.seed}"] + list(args.set or [])

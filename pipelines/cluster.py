@@ -26,11 +26,15 @@ so a sample's clusters are a prefix of its user's list (`visible_count`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# `cluster_history`'s one-call form: (x, max_size, seed, iters, branching) -> labels, or None to decline
+TreeFn = Callable[[np.ndarray, int, int, int, int], "np.ndarray | None"]
 
 
 def sum_by_label(labels: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
@@ -90,21 +94,26 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 10) -> np.ndarray:
 
 
 def cluster_history(
-    x: np.ndarray, max_size: int, seed: int = 0, iters: int = 10, branching: int = 16, native: bool = True
+    x: np.ndarray,
+    max_size: int,
+    seed: int = 0,
+    iters: int = 10,
+    branching: int = 16,
+    tree: TreeFn | None = None,
 ) -> np.ndarray:
     """Hierarchical k-means: labels ``[n]`` (0..C-1, in order of first appearance) with every cluster at most
     ``max_size`` rows of ``x [n, D]``. A node of n rows splits into ``min(branching, ceil(n / max_size))`` (at
     least 2): the cost is O(n · branching · depth), not O(n²/max_size) as one flat k-means with k = n / max_size.
 
-    ``native``: the same steps in one call of `ctr/native/kmeans_tree.cpp` where it is built (about 20x faster; the
-    labels equal this function's wherever float rounding cannot flip a comparison); False runs the NumPy form below.
+    ``tree``: the same steps in one call, ``tree(x, max_size, seed, iters, branching)`` giving the labels or None to
+    decline (`ctr.native.kmeans_tree`, about 7x faster; the CLI passes it, so this package stays free of the
+    project's native build; its labels equal this function's wherever float rounding cannot flip a comparison);
+    None runs the NumPy form below.
     """
     if max_size < 1:
         raise ValueError(f"max_size must be >= 1, got {max_size}")
-    if native and len(x) > max_size:
-        from ctr import native as ops
-
-        labels = ops.kmeans_tree(x, max_size, seed, iters, max(2, branching))
+    if tree is not None and len(x) > max_size:
+        labels = tree(x, max_size, seed, iters, max(2, branching))
         if labels is not None:
             return labels
     n = len(x)
@@ -168,10 +177,12 @@ def cluster_user(
     group: np.ndarray | None = None,
     seed: int = 0,
     iters: int = 10,
+    tree: TreeFn | None = None,
 ) -> np.ndarray:
     """Labels ``[n]`` of one user's behaviors (oldest first): within each ``group`` value (behavior types; None =
-    one group), hierarchical k-means of the behaviors with a vector, and the behaviors without one cut by category
-    (chunks of ``max_size``). Clusters never mix groups; labels are numbered by first appearance."""
+    one group), hierarchical k-means of the behaviors with a vector (``tree``: see `cluster_history`), and the
+    behaviors without one cut by category (chunks of ``max_size``). Clusters never mix groups; labels are numbered
+    by first appearance."""
     n = len(x)
     labels = np.full(n, -1, dtype=np.int64)
     offset = 0
@@ -180,7 +191,7 @@ def cluster_user(
         in_group = groups == g
         with_vec = np.flatnonzero(in_group & has_vector)
         if len(with_vec):
-            sub = cluster_history(x[with_vec], max_size, seed=seed + int(g), iters=iters)
+            sub = cluster_history(x[with_vec], max_size, seed=seed + int(g), iters=iters, tree=tree)
             labels[with_vec] = sub + offset
             offset += int(sub.max()) + 1
         without = np.flatnonzero(in_group & ~has_vector)
@@ -215,6 +226,7 @@ def cluster_blocks(
     max_size: int,
     group: np.ndarray | None = None,
     seed: int = 0,
+    tree: TreeFn | None = None,
 ) -> UserClusters:
     """The clusters of the complete blocks ``[j·block, (j+1)·block)`` of one user's history, each block clustered
     from its own behaviors only (`cluster_user`): the snapshot of length ``s`` (a multiple of ``block``) is then the
@@ -224,7 +236,8 @@ def cluster_blocks(
     for start in range(0, (len(x) // block) * block, block):
         end = start + block
         sl = slice(start, end)
-        labels = cluster_user(x[sl], has_vector[sl], cate[sl], max_size, None if group is None else group[sl], seed)
+        grp = None if group is None else group[sl]
+        labels = cluster_user(x[sl], has_vector[sl], cate[sl], max_size, grp, seed, tree=tree)
         v = virtual_items(labels, x[sl], ts[sl])
         parts.append(UserClusters(v.rep + start, v.size, v.mean_ts, np.full(len(v.size), end, dtype=np.int64)))
     if not parts:
@@ -281,7 +294,15 @@ def cluster_file(path: str, out_dir: str, tables: tuple[np.ndarray, np.ndarray, 
         items, ts = flat["item_idx"][sl], flat["ts"][sl]
         group = flat["btype"][sl] if "btype" in flat else None
         uc = cluster_blocks(
-            vectors[items], has[items], cate_of[items], ts, spec["block"], spec["max_size"], group, spec["seed"]
+            vectors[items],
+            has[items],
+            cate_of[items],
+            ts,
+            spec["block"],
+            spec["max_size"],
+            group,
+            spec["seed"],
+            tree=spec.get("tree"),
         )
         rows["user_idx"].append(int(user))
         for f in ("rep", "size", "mean_ts", "block_end"):
@@ -310,9 +331,12 @@ def build_clusters(
     seed: int = 0,
     by_btype: bool = True,
     address: str | None = None,
+    tree: TreeFn | None = None,
 ) -> dict[str, Any]:
     """`ctr cluster`: TWIN-V2's clusters of every user's complete blocks of ``block`` behaviors into
-    ``DATA_DIR/clusters/`` (replacing earlier ones) and a ``clusters`` block in the manifest; returns that block."""
+    ``DATA_DIR/clusters/`` (replacing earlier ones) and a ``clusters`` block in the manifest; returns that block.
+    ``tree``: `cluster_history`'s one-call form for the Ray tasks (the CLI passes `ctr.native.kmeans_tree`; an
+    importable function, so the tasks unpickle it by name)."""
     import shutil
     import time
 
@@ -331,7 +355,7 @@ def build_clusters(
     tmp = data_dir / f".{CLUSTERS}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    spec = {"block": block, "max_size": max_size, "seed": seed, "by_btype": by_btype and info.has_btype}
+    spec = {"block": block, "max_size": max_size, "seed": seed, "by_btype": by_btype and info.has_btype, "tree": tree}
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctr import native
 from pipelines.cluster import (
     cluster_blocks,
     cluster_history,
@@ -15,6 +16,8 @@ from pipelines.cluster import (
     virtual_items,
     visible_count,
 )
+
+TREE = native.kmeans_tree  # the native form (`ctr/native/kmeans_tree.cpp`); None: the NumPy reference
 
 
 def planted(n: int, topics: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +34,7 @@ def planted(n: int, topics: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("native", [True, False])
 def test_every_cluster_within_the_cap_and_pure(native):
     x, topic = planted(20_000 if native else 5_000, 50, seed=0)
-    labels = cluster_history(x, max_size=20, seed=0, native=native)
+    labels = cluster_history(x, max_size=20, seed=0, tree=TREE if native else None)
     sizes = np.bincount(labels)
     assert sizes.max() <= 20 and sizes.sum() == len(x)
     # purity: the share of behaviors in their cluster's majority topic
@@ -40,13 +43,13 @@ def test_every_cluster_within_the_cap_and_pure(native):
     # compression: about n / max_size clusters, not one per behavior
     assert len(sizes) < 0.15 * len(x)
     # labels are numbered by first appearance, deterministic for a seed
-    assert labels[0] == 0 and np.array_equal(labels, cluster_history(x, max_size=20, seed=0, native=native))
+    assert labels[0] == 0 and np.array_equal(labels, cluster_history(x, 20, seed=0, tree=TREE if native else None))
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_identical_vectors_are_cut_into_chunks(native):
     x = np.ones((55, 4))
-    labels = cluster_history(x, max_size=10, native=native)
+    labels = cluster_history(x, max_size=10, tree=TREE if native else None)
     assert np.bincount(labels).tolist() == [10, 10, 10, 10, 10, 5]
 
 
@@ -67,14 +70,14 @@ def test_native_tree_equals_the_numpy_reference():
         repeats = case % 4 == 0
         if repeats:
             x[: n // 2] = x[0]  # half the history one item
-        want = cluster_history(x, max_size, seed=case, native=False)
-        got = cluster_history(x, max_size, seed=case, native=True)
+        want = cluster_history(x, max_size, seed=case)
+        got = cluster_history(x, max_size, seed=case, tree=native.kmeans_tree)
         if repeats:
             assert got[0] == 0 and np.bincount(got).max() <= max_size and np.bincount(got).min() >= 1
         else:
             assert np.array_equal(got, want), (case, n, d, max_size)
-    assert len(cluster_history(np.zeros((0, 3)), 4)) == 0
-    assert cluster_history(np.zeros((3, 3)), 4).tolist() == [0, 0, 0]
+    assert len(native.kmeans_tree(np.zeros((0, 3)), 4, 0, 10, 16)) == 0
+    assert native.kmeans_tree(np.zeros((3, 3)), 2, 0, 10, 16).tolist() == [0, 0, 1]  # identical rows: chunks
 
 
 def test_kmeans_separates_two_blobs():

@@ -42,10 +42,9 @@ from torch import nn
 from features.dataset import DatasetInfo
 from features.loader import Batch
 
-from .. import native
 from ..modules.diffusion import DMIG, ChannelContrast
 from ..modules.gsu import Selection
-from ..modules.multi_interest import orthonormal_rows, select_per_channel
+from ..modules.multi_interest import channel_pooling, orthonormal_rows, select_per_channel
 from .base import ModelOutput, register
 from .two_stage import StageInput, TwoStageModel, TwoStageParams
 
@@ -147,20 +146,9 @@ class DiffuMIN(TwoStageModel):
         # the search's channels again (the same values), with gradient: the search may have run without it
         o = self.channels_of(inp.target)
         b, c, d = o.shape
-        k = p.per_channel
-        e = inp.long.view(b, c, k, d)
-        mask = inp.long_mask.view(b, c, k).to(e.dtype)
-        # Σ_k <e_k, o_c> e_k per (sample, channel) natively in one pass each way (`ctr.native.dot_pool`, each channel's
-        # K slots a jagged row; an empty slot holds a zero vector, `to_slots`, so it adds nothing there either);
-        # eagerly elementwise, not einsum: its batched products with an inner size of 1 (B·C matrix-vector products
-        # forward, outer products backward) and the strided gradients they leave were the slowest part of the step
-        rows = torch.arange(0, b * c * k + 1, k, device=e.device)
-        total = native.dot_pool(inp.long.reshape(b * c * k, d), o.reshape(b * c, d), rows)
-        if total is not None:
-            total = total.view(b, c, d)
-        else:
-            a = (e * o.unsqueeze(2)).sum(-1) * mask
-            total = (a.unsqueeze(-1) * e).sum(2)
+        e = inp.long.view(b, c, p.per_channel, d)
+        mask = inp.long_mask.view(b, c, p.per_channel).to(e.dtype)
+        total = channel_pooling(e, o, mask)
         if p.aggregate == "count":
             denom = mask.sum(-1, keepdim=True)
         else:

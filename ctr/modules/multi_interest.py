@@ -27,6 +27,7 @@ import torch
 
 from kernels.reference.gsu_topk import group_score_key
 
+from .. import native
 from .gsu import Selection, gsu_topk, per_sample_products
 
 
@@ -167,7 +168,25 @@ def select_routed_sorted(
     return Selection(positions, scores)
 
 
+def channel_pooling(e: torch.Tensor, o: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ_k <e_k, o_c> e_k`` per (sample, channel): ``e [B, C, K, D]`` each channel's selected behaviors (zero
+    vectors in empty slots, as `to_slots` leaves them), ``o [B, C, D]``, ``mask [B, C, K]`` -> ``[B, C, D]``.
+
+    Natively in one pass each way (`ctr.native.dot_pool`, each channel's K slots a jagged row; an empty slot's zero
+    vector adds nothing); eagerly elementwise with the mask, not einsum: its batched products with an inner size of
+    1 (B·C matrix-vector products forward, outer products backward) and the strided gradients they leave were the
+    slowest part of DiffuMIN's step on the CPU."""
+    b, c, k, d = e.shape
+    rows = torch.arange(0, b * c * k + 1, k, device=e.device)
+    total = native.dot_pool(e.reshape(b * c * k, d), o.reshape(b * c, d), rows)
+    if total is not None:
+        return total.view(b, c, d)
+    a = (e * o.unsqueeze(2)).sum(-1) * mask.to(e.dtype)
+    return (a.unsqueeze(-1) * e).sum(2)
+
+
 __all__ = [
+    "channel_pooling",
     "orthonormal_rows", "orthonormal_rows_qr", "route", "select_by_channel", "select_per_channel",
     "select_routed_sorted",
 ]  # fmt: skip
