@@ -302,7 +302,7 @@ def cluster_file(path: str, out_dir: str, tables: tuple[np.ndarray, np.ndarray, 
             spec["max_size"],
             group,
             spec["seed"],
-            tree=spec.get("tree"),
+            tree=spec["tree"],
         )
         rows["user_idx"].append(int(user))
         for f in ("rep", "size", "mean_ts", "block_end"):

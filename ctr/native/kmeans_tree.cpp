@@ -71,7 +71,8 @@ void kmeans(const double* x, int64_t n, int64_t d, int64_t k, int64_t seed, int6
   double* d2 = scratch.data();
   double* cum = d2 + n;
   auto pick_row = [&](double u) { return std::min<int64_t>(static_cast<int64_t>(u * static_cast<double>(n)), n - 1); };
-  std::copy(x + pick_row(unit(seed, 0)) * d, x + (pick_row(unit(seed, 0)) + 1) * d, centers.begin());
+  const int64_t first = pick_row(unit(seed, 0));
+  std::copy(x + first * d, x + (first + 1) * d, centers.begin());
   for (int64_t i = 0; i < n; ++i) d2[i] = sq_dist(x + i * d, centers.data(), d);
   for (int64_t j = 1; j < k; ++j) {  // the next center with probability proportional to the squared distance
     double total = 0.0;
