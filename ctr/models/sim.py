@@ -112,7 +112,9 @@ class SIMBase(TwoStageModel):
         if self.time is not None:
             t = self.time(inp.long_gap, mask)
             t_att = self.time_att(inp.long_gap, mask) if self.time_att is not None else t
-            keys, values = torch.cat([keys, t_att], -1), torch.cat([values, t], -1)
+            same = keys is values and t_att is t  # without DARE: one [e; e(Δt)] tensor is both (built once)
+            keys = torch.cat([keys, t_att], -1)
+            values = keys if same else torch.cat([values, t], -1)
         br = self.lain_branch(inp.lc, inp.target_att, keys, mask, values)
         u = self.esu(br.query, br.keys, br.mask, values=br.values, temperature=br.temperature)
         return [u, u * inp.target] if self.p.target_cross else [u]

@@ -10,7 +10,8 @@ them) and a bool ``mask [B, K]`` (True = a selected behavior).
   ``softmax((W_q e_t)·(W_k z_j)/sqrt(d_h))`` over the real slots, values ``W_v z_j``, heads concatenated and mapped by
   ``W_o``. Where ``kernels.target_attention`` runs as a Triton kernel, the projected keys and values go to it as a
   jagged batch (`slot_attention`); elsewhere (the CPU) ``W_k`` is folded into the query and ``W_v`` applied after the
-  pooling, so no slot is projected (`MultiHeadTargetAttention.absorbed`, the same values up to float rounding).
+  pooling, so no slot is projected (`MultiHeadTargetAttention.absorbed`, the same values up to float rounding), and
+  the masked softmax pooling runs natively (`ctr.native.target_attention`; eagerly without the build).
 * `SimTier` (MUSE, Wu et al., arXiv 2512.07216, §4.3): the target-behavior similarities ``R`` bucketed into tiers.
   Paper mode: ``N`` equal tiers over ``[-1, 1]``, raw counts of the real behaviors. Code mode (alimama-tech/MUSE
   ``SimTier``): ``tier = ceil(cos / eps) + 1/eps`` over ``2/eps + 2`` slots (22 for eps = 0.1), output
@@ -33,6 +34,7 @@ from torch import nn
 
 import kernels
 
+from .. import native
 from .attention import masked_softmax, pool
 
 
@@ -235,10 +237,12 @@ class MultiHeadTargetAttention(nn.Module):
         w_k = self.w_k.weight.reshape(h, d, -1)  # [H, d, Dk]
         w_v = self.w_v.weight.reshape(h, d, -1)  # [H, d, Dv]
         q_keys = torch.bmm(q.transpose(0, 1), w_k).transpose(0, 1) * scale  # [B, H, Dk]
-        logits = torch.bmm(keys, q_keys.transpose(1, 2))  # [B, K, H]
-        m = mask.unsqueeze(-1)
-        weights = torch.softmax(logits.masked_fill(~m, torch.finfo(logits.dtype).min), dim=1) * m.to(logits.dtype)
-        pooled = torch.bmm(weights.transpose(1, 2), values)  # [B, H, Dv]
+        pooled = native.target_attention(q_keys, keys, mask, values)  # [B, H, Dv]
+        if pooled is None:  # the eager form: one sample per batched product
+            logits = torch.bmm(keys, q_keys.transpose(1, 2))  # [B, K, H]
+            m = mask.unsqueeze(-1)
+            weights = torch.softmax(logits.masked_fill(~m, torch.finfo(logits.dtype).min), dim=1) * m.to(logits.dtype)
+            pooled = torch.bmm(weights.transpose(1, 2), values)
         return torch.bmm(pooled.transpose(0, 1), w_v.transpose(1, 2)).transpose(0, 1).reshape(b, h * d)
 
 

@@ -4,8 +4,9 @@ relevance-weighted pooling over a jagged prefix in one pass each way (`dot_pool.
 used by `ctr.modules.gsu.InnerProductGSU.pooled`); softmax attention over a handful of tokens per row
 (`token_attention.cpp`, DiffuMIN's denoiser, used by `ctr.modules.diffusion.TokenSelfAttention`); and the GSU's
 top-K over a jagged prefix, one pass per sample (`jagged_topk.cpp`, every search through `ctr.modules.gsu.gsu_topk`);
-the GSU's scores, each behavior's vector read once in place (`gather_dot.cpp`, the CPU path of every search); and
-TWIN-V2's hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`).
+the GSU's scores, each behavior's vector read once in place (`gather_dot.cpp`, the CPU path of every search);
+masked multi-head target attention over a sample's slots (`target_attention.cpp`, the CPU path of
+`ctr.modules.esu.MultiHeadTargetAttention`: SIM's and R2LED's ESUs, the ``mhta`` short branch); and TWIN-V2's hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -45,6 +46,7 @@ SOURCES = (
     HERE / "jagged_topk.cpp",
     HERE / "kmeans_tree.cpp",
     HERE / "gather_dot.cpp",
+    HERE / "target_attention.cpp",
 )
 HEADERS = (HERE / "vec_math.h",)
 STALE_LOCK_S = 600.0
@@ -309,6 +311,42 @@ def token_attention(q: torch.Tensor, kv: torch.Tensor, heads: int, scale: float)
     if not applies(q, kv):
         return None
     return _TokenAttention.apply(q.contiguous(), kv.contiguous(), heads, float(scale))
+
+
+class _TargetAttention(torch.autograd.Function):
+    """Masked softmax attention of H queries over a sample's K slots (`target_attention.cpp`); the probabilities
+    are saved; ``same``: keys are values."""
+
+    @staticmethod
+    def forward(ctx, q, keys, values, mask, same):  # type: ignore[no-untyped-def]
+        out, probs = torch.ops.ctr_native.target_attention_forward(q, keys, values, mask)
+        ctx.save_for_backward(q, keys, values, mask, probs)
+        ctx.same = same
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        q, keys, values, mask, probs = ctx.saved_tensors
+        gq, gk, gv = torch.ops.ctr_native.target_attention_backward(
+            grad.contiguous(), q, keys, values, mask, probs, ctx.same
+        )
+        return gq, gk, (None if ctx.same else gv), None, None
+
+
+def target_attention(
+    q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``[B, H, Dv]``: for sample b and head h, ``Σ_j p_hj values[b, j]`` with ``p_h = softmax_j <q[b, h], keys[b,
+    j]>`` over the slots where ``mask [B, K]`` is true (zeros for a sample without any), ``q [B, H, Dk]`` already
+    scaled, ``keys [B, K, Dk]``, ``values [B, K, Dv]`` (None: the keys), natively; None where the caller must run its
+    eager form (not float32 on the CPU, not built, switched off, inside `torch.compile`)."""
+    vals = keys if values is None else values
+    if q.dim() != 3 or keys.dim() != 3 or vals.dim() != 3 or mask.dim() != 2 or not applies(q, keys, vals):
+        return None
+    same = vals is keys
+    keys = keys.contiguous()
+    mask = mask.to(torch.bool).contiguous()
+    return _TargetAttention.apply(q.contiguous(), keys, keys if same else vals.contiguous(), mask, same)
 
 
 def jagged_topk(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
