@@ -6,7 +6,8 @@ used by `ctr.modules.gsu.InnerProductGSU.pooled`); softmax attention over a hand
 top-K over a jagged prefix, one pass per sample (`jagged_topk.cpp`, every search through `ctr.modules.gsu.gsu_topk`);
 the GSU's scores, each behavior's vector read once in place (`gather_dot.cpp`, the CPU path of every search);
 masked multi-head target attention over a sample's slots (`target_attention.cpp`, the CPU path of
-`ctr.modules.esu.MultiHeadTargetAttention`: SIM's and R2LED's ESUs, the ``mhta`` short branch); and TWIN-V2's hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`).
+`ctr.modules.esu.MultiHeadTargetAttention`: SIM's and R2LED's ESUs, the ``mhta`` short branch); and TWIN-V2's
+hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
