@@ -85,3 +85,27 @@ def test_native_target_attention_declines_what_it_does_not_serve():
     assert native.target_attention(q.view(4, 1, 8), keys[0], mask) is None  # not [B, K, D]
     native.set_enabled(False)
     assert native.target_attention(q.view(4, 1, 8), keys, mask) is None
+
+
+@pytest.mark.parametrize("bias_shape", ["none", "shared", "per query"])
+def test_slot_attention_with_one_key_head_is_the_eager_form(bias_shape):
+    """TWIN's ESU layout: its heads are Q queries over one key head, a cross-feature bias per slot (and query)."""
+    from ctr.modules.esu import slot_attention
+
+    b, k, nq, dk, dv = 37, 20, 4, 12, 20
+    q, keys, values, mask = _inputs(b, k, nq * dk, dk, dv, seed=9)
+    g = torch.Generator().manual_seed(4)
+    bias = {"none": None, "shared": torch.randn(b, k, generator=g), "per query": torch.randn(b, k, nq, generator=g)}
+    inputs = [q.view(b, nq, 1, dk), keys.unsqueeze(2), values.unsqueeze(2), bias[bias_shape]]
+    grad_out = torch.randn(b, nq, 1, dv, generator=g)
+
+    def run(use_native: bool) -> list[torch.Tensor]:
+        native.set_enabled(use_native)
+        leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+        out = slot_attention(leaves[0], leaves[1], leaves[2], mask, bias=leaves[3], scale=0.3)
+        out.backward(grad_out)
+        return [out.detach(), *(t.grad for t in leaves if t is not None)]
+
+    want, got = run(False), run(True)
+    for i, (w, o) in enumerate(zip(want, got, strict=True)):
+        torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"tensor #{i}: {m}")

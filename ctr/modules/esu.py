@@ -60,9 +60,10 @@ def slot_attention(
 
     Where the op resolves to its Triton kernel, the slots are handed to it as a jagged batch (``offsets =
     arange(B + 1) * K``, the empty slots masked). Elsewhere (the CPU) the same formula is computed on the slots as
-    they are, with broadcast products and a masked softmax over K: the kernel's reference works on jagged rows with
-    gathers and scatters whose backward accumulates serially on the CPU, about 3x the time here. The two agree to
-    float rounding (`tests/test_two_stage.py`); an all-masked sample gets zeros in both.
+    they are: with one key head (TWIN) natively (`ctr.native.target_attention`, the Q queries its heads), else with
+    broadcast products and a masked softmax over K: the kernel's reference works on jagged rows with gathers and
+    scatters whose backward accumulates serially on the CPU, about 3x the time here. They agree to float rounding
+    (`tests/test_two_stage.py`, `tests/test_native_target_attention.py`); an all-masked sample gets zeros in all.
     """
     b, k = mask.shape
     if kernels.resolve_backend("target_attention", (query, keys, values), backend) == "triton":
@@ -72,6 +73,12 @@ def slot_attention(
             query, keys.reshape(b * k, *keys.shape[2:]), values.reshape(b * k, *values.shape[2:]), offsets,
             bias=flat_bias, mask=mask.reshape(-1), scale=scale, max_len=k, backend=backend,
         )  # fmt: skip
+    if keys.shape[2] == 1 and values.shape[2] == 1:  # one key head (TWIN: its heads are the Q queries): natively
+        nq = query.shape[1]
+        q_bias = None if bias is None else (bias.unsqueeze(-1) if bias.dim() == 2 else bias).expand(b, k, nq)
+        out = native.target_attention(query[:, :, 0] * scale, keys[:, :, 0], mask, values[:, :, 0], q_bias)
+        if out is not None:
+            return out.unsqueeze(2)
     if query.shape[1] == 1:  # one query (SIM's ESU): broadcast products, cheaper than a batch of [1, K] matmuls
         logits = (query.unsqueeze(1) * keys.unsqueeze(2)).sum(-1) * scale  # [B, K, 1, H]
         if bias is not None:

@@ -319,35 +319,43 @@ class _TargetAttention(torch.autograd.Function):
     are saved; ``same``: keys are values."""
 
     @staticmethod
-    def forward(ctx, q, keys, values, mask, same):  # type: ignore[no-untyped-def]
-        out, probs = torch.ops.ctr_native.target_attention_forward(q, keys, values, mask)
+    def forward(ctx, q, keys, values, mask, bias, same):  # type: ignore[no-untyped-def]
+        out, probs = torch.ops.ctr_native.target_attention_forward(q, keys, values, mask, bias)
         ctx.save_for_backward(q, keys, values, mask, probs)
-        ctx.same = same
+        ctx.same, ctx.with_bias = same, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         q, keys, values, mask, probs = ctx.saved_tensors
-        gq, gk, gv = torch.ops.ctr_native.target_attention_backward(
-            grad.contiguous(), q, keys, values, mask, probs, ctx.same
+        gq, gk, gv, gb = torch.ops.ctr_native.target_attention_backward(
+            grad.contiguous(), q, keys, values, mask, probs, ctx.same, ctx.with_bias
         )
-        return gq, gk, (None if ctx.same else gv), None, None
+        return gq, gk, (None if ctx.same else gv), None, (gb if ctx.with_bias else None), None
 
 
 def target_attention(
-    q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None = None
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """``[B, H, Dv]``: for sample b and head h, ``Σ_j p_hj values[b, j]`` with ``p_h = softmax_j <q[b, h], keys[b,
-    j]>`` over the slots where ``mask [B, K]`` is true (zeros for a sample without any), ``q [B, H, Dk]`` already
-    scaled, ``keys [B, K, Dk]``, ``values [B, K, Dv]`` (None: the keys), natively; None where the caller must run its
-    eager form (not float32 on the CPU, not built, switched off, inside `torch.compile`)."""
+    """``[B, H, Dv]``: for sample b and head h, ``Σ_j p_hj values[b, j]`` with ``p_h = softmax_j(<q[b, h], keys[b,
+    j]> + bias[b, j, h])`` over the slots where ``mask [B, K]`` is true (zeros for a sample without any), ``q [B, H,
+    Dk]`` already scaled, ``keys [B, K, Dk]``, ``values [B, K, Dv]`` (None: the keys), ``bias [B, K, H]`` or None,
+    natively; None where the caller must run its eager form (not float32 on the CPU, not built, switched off, inside
+    `torch.compile`)."""
     vals = keys if values is None else values
-    if q.dim() != 3 or keys.dim() != 3 or vals.dim() != 3 or mask.dim() != 2 or not applies(q, keys, vals):
+    if q.dim() != 3 or keys.dim() != 3 or vals.dim() != 3 or mask.dim() != 2:
+        return None
+    if not applies(q, keys, vals, *(() if bias is None else (bias,))):
         return None
     same = vals is keys
     keys = keys.contiguous()
     mask = mask.to(torch.bool).contiguous()
-    return _TargetAttention.apply(q.contiguous(), keys, keys if same else vals.contiguous(), mask, same)
+    bias = None if bias is None else bias.contiguous()
+    return _TargetAttention.apply(q.contiguous(), keys, keys if same else vals.contiguous(), mask, bias, same)
 
 
 def jagged_topk(scores: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:

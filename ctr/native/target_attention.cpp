@@ -1,9 +1,10 @@
 // Masked target attention over a few dozen slots per sample, the CPU form of `MultiHeadTargetAttention.absorbed`
 // (ctr/modules/esu.py: SIM's and R2LED's ESUs, and every two-stage model's short branch with `short_attention:
 // mhta`): for sample b, head h and slot j with mask[b, j] true,
-//   s_hj = <q_bh, k_bj>,   p_h = softmax_j(s_h) over the real slots,   out_bh = sum_j p_hj v_bj,
-// with the query already mapped into the key space and scaled (``W_k^hT W_q^h e_t / sqrt(d_h)``). A sample without
-// real slots pools to zeros, and padded slots get probability 0 and no gradient, as the eager masked softmax.
+//   s_hj = <q_bh, k_bj> (+ bias_bjh),   p_h = softmax_j(s_h) over the real slots,   out_bh = sum_j p_hj v_bj,
+// with the query already mapped into the key space and scaled (``W_k^hT W_q^h e_t / sqrt(d_h)``) and an optional
+// per-slot, per-head bias (TWIN's cross features, ctr/modules/twin.py: its heads are the H queries here). A sample
+// without real slots pools to zeros, and padded slots get probability 0 and no gradient, as the eager masked softmax.
 //
 // Eager PyTorch runs it as batched matrix products of one sample each ([K, Dk] by [Dk, H], [H, K] by [K, Dv]; four
 // more in backward) with a masked_fill, a softmax and a product between: at SIM's 1,024 x 50 slots, two heads, the
@@ -27,13 +28,14 @@ namespace {
 
 using ctr_native::dot;
 
-constexpr int64_t kGrain = 16;  // samples per parallel work item
+constexpr int64_t kSamplesPerItem = 16;  // samples per parallel work item
 
-inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t d) {
+inline void add_scaled(float a, const float* __restrict x, float* __restrict y, int64_t d) {
   for (int64_t e = 0; e < d; ++e) y[e] += a * x[e];
 }
 
-void check(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask) {
+void check(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
+           const c10::optional<at::Tensor>& bias) {
   for (const at::Tensor* t : {&q, &keys, &values}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->is_contiguous(),
                 "ctr_native target_attention: q, keys and values must be contiguous float32 3-d CPU tensors");
@@ -45,12 +47,19 @@ void check(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values
                   mask.size(1) == k && keys.size(2) == q.size(2),
               "ctr_native target_attention: expected q [B, H, Dk], keys [B, K, Dk], values [B, K, Dv], mask [B, K]; "
               "got q ", q.sizes(), ", keys ", keys.sizes(), ", values ", values.sizes(), ", mask ", mask.sizes());
+  if (bias.has_value()) {
+    const at::Tensor& t = *bias;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 &&
+                    t.size(0) == b && t.size(1) == k && t.size(2) == q.size(1),
+                "ctr_native target_attention: bias must be a contiguous float32 [B, K, H] CPU tensor, got ", t.sizes());
+  }
 }
 
 // (out [B, H, Dv], probs [B, H, K]); the probabilities are saved for the backward
 std::tuple<at::Tensor, at::Tensor> target_attention_forward(const at::Tensor& q, const at::Tensor& keys,
-                                                            const at::Tensor& values, const at::Tensor& mask) {
-  check(q, keys, values, mask);
+                                                            const at::Tensor& values, const at::Tensor& mask,
+                                                            const c10::optional<at::Tensor>& bias) {
+  check(q, keys, values, mask, bias);
   const int64_t b = q.size(0), h = q.size(1), dk = q.size(2), k = keys.size(1), dv = values.size(2);
   at::Tensor out = at::zeros({b, h, dv}, q.options());
   at::Tensor probs = at::zeros({b, h, k}, q.options());
@@ -60,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor> target_attention_forward(const at::Tensor& q,
   const bool* mp = mask.data_ptr<bool>();
   float* op = out.data_ptr<float>();
   float* pp = probs.data_ptr<float>();
-  at::parallel_for(0, b, kGrain, [&](int64_t s0, int64_t s1) {
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, b, kSamplesPerItem, [&](int64_t s0, int64_t s1) {
     std::vector<int64_t> real(k);
     for (int64_t s = s0; s < s1; ++s) {
       const bool* m = mp + s * k;
@@ -77,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> target_attention_forward(const at::Tensor& q,
         float top = -INFINITY;
         for (int64_t i = 0; i < n; ++i) {
           const int64_t j = real[i];
-          p[j] = dot(qh, ks + j * dk, dk);
+          p[j] = dot(qh, ks + j * dk, dk) + (bp ? bp[(s * k + j) * h + head] : 0.0f);
           top = std::max(top, p[j]);
         }
         float total = 0.0f;
@@ -91,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> target_attention_forward(const at::Tensor& q,
         for (int64_t i = 0; i < n; ++i) {
           const int64_t j = real[i];
           p[j] *= inv;
-          axpy(p[j], vs + j * dv, o, dv);
+          add_scaled(p[j], vs + j * dv, o, dv);
         }
       }
     }
@@ -99,14 +109,12 @@ std::tuple<at::Tensor, at::Tensor> target_attention_forward(const at::Tensor& q,
   return {out, probs};
 }
 
-// (grad_q [B, H, Dk], grad_keys [B, K, Dk], grad_values [B, K, Dv]); with `same` (keys and values are one tensor)
-// grad_keys holds both gradients and grad_values is empty
-std::tuple<at::Tensor, at::Tensor, at::Tensor> target_attention_backward(const at::Tensor& grad, const at::Tensor& q,
-                                                                         const at::Tensor& keys,
-                                                                         const at::Tensor& values,
-                                                                         const at::Tensor& mask,
-                                                                         const at::Tensor& probs, bool same) {
-  check(q, keys, values, mask);
+// (grad_q [B, H, Dk], grad_keys [B, K, Dk], grad_values [B, K, Dv], grad_bias [B, K, H]); with `same` (keys and
+// values are one tensor) grad_keys holds both gradients and grad_values is empty; grad_bias is empty without a bias
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> target_attention_backward(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+    const at::Tensor& mask, const at::Tensor& probs, bool same, bool with_bias) {
+  check(q, keys, values, mask, c10::nullopt);
   const int64_t b = q.size(0), h = q.size(1), dk = q.size(2), k = keys.size(1), dv = values.size(2);
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 3 && grad.size(0) == b &&
                   grad.size(1) == h && grad.size(2) == dv,
@@ -117,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> target_attention_backward(const a
   at::Tensor gq = at::zeros_like(q);
   at::Tensor gk = at::zeros_like(keys);
   at::Tensor gv = same ? at::empty({0}, values.options()) : at::zeros_like(values);
+  at::Tensor gb = with_bias ? at::zeros({b, k, h}, q.options()) : at::empty({0}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
@@ -126,7 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> target_attention_backward(const a
   float* gqp = gq.data_ptr<float>();
   float* gkp = gk.data_ptr<float>();
   float* gvp = same ? gkp : gv.data_ptr<float>();
-  at::parallel_for(0, b, kGrain, [&](int64_t s0, int64_t s1) {
+  float* gbp = with_bias ? gb.data_ptr<float>() : nullptr;
+  at::parallel_for(0, b, kSamplesPerItem, [&](int64_t s0, int64_t s1) {
     std::vector<int64_t> real(k);
     std::vector<float> ds(k);
     for (int64_t s = s0; s < s1; ++s) {
@@ -150,27 +160,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> target_attention_backward(const a
           const int64_t j = real[i];
           ds[i] = dot(go, vs + j * dv, dv);
           centre += p[j] * ds[i];
-          axpy(p[j], go, gvs + j * dv, dv);  // d out / d v_j
+          add_scaled(p[j], go, gvs + j * dv, dv);  // d out / d v_j
         }
         for (int64_t i = 0; i < n; ++i) {
           const int64_t j = real[i];
           const float g = p[j] * (ds[i] - centre);  // d loss / d s_j
-          axpy(g, ks + j * dk, gqh, dk);
-          axpy(g, qh, gks + j * dk, dk);
+          if (gbp) gbp[(s * k + j) * h + head] = g;
+          add_scaled(g, ks + j * dk, gqh, dk);
+          add_scaled(g, qh, gks + j * dk, dk);
         }
       }
     }
   });
-  return {gq, gk, gv};
+  return {gq, gk, gv, gb};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
-  m.def("target_attention_forward(Tensor q, Tensor keys, Tensor values, Tensor mask) -> (Tensor, Tensor)");
+  m.def(
+      "target_attention_forward(Tensor q, Tensor keys, Tensor values, Tensor mask, Tensor? bias) -> (Tensor, "
+      "Tensor)");
   m.def(
       "target_attention_backward(Tensor grad, Tensor q, Tensor keys, Tensor values, Tensor mask, Tensor probs, "
-      "bool same) -> (Tensor, Tensor, Tensor)");
+      "bool same, bool with_bias) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {
