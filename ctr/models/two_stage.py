@@ -81,6 +81,7 @@ from ..modules.gsu import Selection, gather_slots, lengths_to_offsets, to_slots
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
 from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams, check_dare_att_dim
+from .slots import fixed_slots, pair_jt, prefix_tail, without_short
 
 ATT_SOURCES = ("item", "cate", "long_item", "long_cate", "short_item", "short_cate")
 
@@ -171,13 +172,6 @@ class StageInput:
     @property
     def long_mask(self) -> torch.Tensor:
         return self.selection.mask
-
-
-def fixed_slots(jt: Any, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A jagged JaggedTensor (oldest first, at most ``width`` per row) -> right-padded ``[B, width, ...]`` and mask."""
-    lengths = jt.lengths().long()
-    mask = torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
-    return to_slots(jt.values(), mask), mask
 
 
 class TwoStageModel(CTRModel):
@@ -340,8 +334,10 @@ class TwoStageModel(CTRModel):
         long_item = ids["long_item"]
         offsets = lengths_to_offsets(long_item.lengths())
         esu_out = None
+        tail = False  # the short window read from the embedded prefix (`short_in_prefix`)
         if self.embeds_prefix and (self.prefix_grad or not torch.is_grad_enabled()):
-            emb = self.embed(ids)
+            tail = self.short_in_prefix()
+            emb = self.embed(without_short(ids) if tail else ids)
             fused = self.search_attend(batch, ids, offsets, emb)
             if fused is not None:
                 selection, extras, esu_out = fused
@@ -370,8 +366,12 @@ class TwoStageModel(CTRModel):
             long_att = to_slots(self.pair(emb, "long_", att=True), mask) if self.p.dare else long
         target = self.pair(emb, "")
         target_att = self.pair(emb, "", att=True) if self.p.dare else target
-        short, short_mask = fixed_slots(_pair_jt(emb, "short_", ""), self.p.short_len)
-        short_att = fixed_slots(_pair_jt(emb, "short_", ATT_SUFFIX), self.p.short_len)[0] if self.p.dare else short
+        if tail:
+            short, short_mask = prefix_tail(emb, offsets, self.p.short_len, "")
+            short_att = prefix_tail(emb, offsets, self.p.short_len, ATT_SUFFIX)[0] if self.p.dare else short
+        else:
+            short, short_mask = fixed_slots(pair_jt(emb, "short_", ""), self.p.short_len)
+            short_att = fixed_slots(pair_jt(emb, "short_", ATT_SUFFIX), self.p.short_len)[0] if self.p.dare else short
         short_ids, _ = fixed_slots(ids["short_item"], self.p.short_len)
         return StageInput(
             batch=batch,
@@ -393,6 +393,17 @@ class TwoStageModel(CTRModel):
             lc=self.length_context(batch),
             esu_out=esu_out,
         )
+
+    def short_in_prefix(self) -> bool:
+        """Whether the short window is the tail of the long view, so that a model which embeds the whole prefix reads
+        its short branch's embeddings there instead of looking the same behaviors up again: both views are the last
+        behaviors strictly before the sample (the loader's contract), so the last ``short_len`` of the long view are
+        the short view whenever ``short_len <= max_len`` and the long view holds behaviors (not TWIN-V2's
+        clusters). The same rows, so the same values (`tests/test_two_stage.py`); the look-up and its sparse update
+        skip ``B x S`` rows a step (half of them at L = 50)."""
+        views = {v.name: v for v in self.views()}
+        long, short = views.get("long"), views.get("short")
+        return long is not None and short is not None and not long.clusters and short.length <= long.length
 
     def tower_input(self, inp: StageInput, long: list[torch.Tensor] | None = None) -> torch.Tensor:
         u_short = self.short_interest(inp)
@@ -422,24 +433,6 @@ class TwoStageModel(CTRModel):
             aux = F.binary_cross_entropy_with_logits(out.extras["dare_aux_logit"], batch.dense["label"])
             terms["dare_aux"] = self.p.dare_aux_alpha * aux
         return terms
-
-
-class _PairJT:
-    """The minimal JaggedTensor interface `fixed_slots` needs, over ``[e(item); e(cate)]``."""
-
-    def __init__(self, item: Any, cate: Any) -> None:
-        self._values = torch.cat([item.values(), cate.values()], dim=-1)
-        self._lengths = item.lengths()
-
-    def values(self) -> torch.Tensor:
-        return self._values
-
-    def lengths(self) -> torch.Tensor:
-        return self._lengths
-
-
-def _pair_jt(emb: dict[str, Any], prefix: str, suffix: str) -> _PairJT:
-    return _PairJT(emb[f"{prefix}item{suffix}"], emb[f"{prefix}cate{suffix}"])
 
 
 class DiceHead(nn.Module):
