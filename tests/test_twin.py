@@ -146,6 +146,27 @@ def test_esu_matches_a_readable_reference():
     assert torch.equal(got[0], torch.zeros(5))
 
 
+@pytest.mark.parametrize(("time_buckets", "btype"), [(8, True), (8, False), (0, True), (0, False)])
+def test_cross_bias_from_projected_tables_is_the_reference(time_buckets, btype):
+    """The GSU's form (each table mapped to its heads' scalars, then read per behavior) equals the features' bias,
+    on a jagged prefix and on [B, K] slots, padded positions included; btype's int8 range stays in its table."""
+    torch.manual_seed(3)
+    twin = randomize_cross(TwinAttention(6, heads=3, head_dim=2, time_buckets=time_buckets, btype=btype, cross_dim=4))
+    if twin.beta is not None:
+        with torch.no_grad():
+            twin.beta.uniform_(0.5, 1.5)
+    for shape in ((97,), (5, 11)):
+        gap = torch.randint(0, 10**7, shape)
+        bt = torch.randint(-128, 128, shape) if btype else None
+        mask = gap > 10**6
+        want = twin.cross_bias(twin.cross_features(gap, bt, mask))
+        got = twin.cross_bias_of(gap, bt, mask)
+        assert got.shape == (*shape, 3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if time_buckets or btype:
+            assert got.abs().sum() > 0
+
+
 def test_cross_features_start_neutral():
     twin = TwinAttention(6, heads=2, head_dim=3, time_buckets=8, btype=True)
     gap = torch.tensor([1, 100, 10**6])

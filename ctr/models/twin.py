@@ -89,10 +89,10 @@ class TWIN(TwoStageModel):
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None
     ) -> tuple[Selection, dict[str, torch.Tensor]]:
         assert emb is not None
-        keys = self.pair(emb, "long_", att=True)
+        keys = self.pair_parts(emb, "long_", att=True)  # [e(item); e(cate)] as two blocks: read in place
         gap = batch.dense["long_ts_gap"]
         with torch.no_grad():
-            bias = self.twin.cross_bias(self.twin.cross_features(gap, self._btype(batch), gap > 0))
+            bias = self.twin.cross_bias_of(gap, self._btype(batch), gap > 0)
             bias = bias + self.extra_bias(batch)
         sel = self.twin.search(
             offsets, self.pair(emb, "", att=True), keys, bias, self.p.k,

@@ -293,8 +293,12 @@ class TwoStageModel(CTRModel):
 
     def pair(self, emb: dict[str, Any], prefix: str, att: bool = False) -> torch.Tensor:
         """``[e(item); e(cate)]`` of a feature pair, jagged values ``[N, 2d]`` (``prefix`` "" for the target)."""
+        return torch.cat(self.pair_parts(emb, prefix, att), dim=-1)
+
+    def pair_parts(self, emb: dict[str, Any], prefix: str, att: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pair`'s two halves as looked up, ``(e(item) [N, d], e(cate) [N, d])``, for readers that need no copy."""
         suffix = ATT_SUFFIX if att and self.p.dare else ""
-        return torch.cat([emb[f"{prefix}item{suffix}"].values(), emb[f"{prefix}cate{suffix}"].values()], dim=-1)
+        return emb[f"{prefix}item{suffix}"].values(), emb[f"{prefix}cate{suffix}"].values()
 
     def search(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any] | None

@@ -63,7 +63,7 @@ def slot_attention(
     they are: with one key head (TWIN) natively (`ctr.native.target_attention`, the Q queries its heads), else with
     broadcast products and a masked softmax over K: the kernel's reference works on jagged rows with gathers and
     scatters whose backward accumulates serially on the CPU, about 3x the time here. They agree to float rounding
-    (`tests/test_two_stage.py`, `tests/test_native_target_attention.py`); an all-masked sample gets zeros in all.
+    (`tests/test_two_stage.py`, `tests/test_native_esu.py`); an all-masked sample gets zeros in all.
     """
     b, k = mask.shape
     if kernels.resolve_backend("target_attention", (query, keys, values), backend) == "triton":

@@ -32,6 +32,7 @@ shared keys ``k_i`` (query path), the cross term its per-query ``bias`` input, a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -109,7 +110,7 @@ class TwinAttention(nn.Module):
             parts.append(self.time(torch.where(mask, time_gap_bucket(gap, self.time.num_embeddings), 0)))
         if self.btype is not None:
             assert btype is not None, "the model was built with a btype cross feature: the batch needs <view>_btype"
-            parts.append(self.btype((btype + BTYPE_OFFSET).clamp(0, 255)) * mask.unsqueeze(-1))
+            parts.append(self.btype((btype.long() + BTYPE_OFFSET).clamp(0, 255)) * mask.unsqueeze(-1))
         if not parts:
             return gap.new_zeros(*gap.shape, 0, 1, dtype=torch.float32)
         return torch.stack(parts, -2)
@@ -119,6 +120,29 @@ class TwinAttention(nn.Module):
         if self.w_c is None or self.beta is None:
             return cross.new_zeros(*cross.shape[:-2], self.heads)
         return torch.einsum("...jc,jch,jh->...h", cross, self.w_c, self.beta)
+
+    def cross_bias_of(self, gap: torch.Tensor, btype: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """``cross_bias(cross_features(gap, btype, mask))`` without building the ``[..., J, c]`` features: the bias is
+        linear in each feature's embedding, so each table is mapped to its H scalars per row first (``E_j (w^c_j ⊙
+        β_j)``, a few dozen rows) and each behavior reads its row. The GSU's form over the whole prefix, where the
+        features' stack and the batched products ``[N, c] x [c, H]`` (an inner size of 8 and 4 outputs: a slow shape
+        for the CPU's matrix kernels) took about 15 ms per step at 300K behaviors; equal to the reference to float
+        rounding (`tests/test_twin.py`)."""
+        if self.w_c is None or self.beta is None:
+            return torch.zeros(*gap.shape, self.heads, device=gap.device)
+        per = self.w_c * self.beta.unsqueeze(1)  # [J, c, H]
+        flat_mask = mask.reshape(-1)
+        out = torch.zeros(flat_mask.numel(), self.heads, device=gap.device, dtype=per.dtype)
+        j = 0
+        if self.time is not None:
+            rows = torch.where(flat_mask, time_gap_bucket(gap.reshape(-1), self.time.num_embeddings), 0)
+            out = out + (self.time.weight @ per[j]).index_select(0, rows)  # row 0 (an empty slot) is zero
+            j += 1
+        if self.btype is not None:
+            assert btype is not None, "the model was built with a btype cross feature: the batch needs <view>_btype"
+            rows = (btype.reshape(-1).long() + BTYPE_OFFSET).clamp(0, 255)
+            out = out + (self.btype.weight @ per[j]).index_select(0, rows) * flat_mask.unsqueeze(-1).to(per.dtype)
+        return out.view(*gap.shape, self.heads)
 
     def relevance(
         self,
@@ -143,7 +167,7 @@ class TwinAttention(nn.Module):
         self,
         offsets: torch.Tensor,
         target: torch.Tensor,
-        keys: torch.Tensor,
+        keys: torch.Tensor | Sequence[torch.Tensor],
         bias: torch.Tensor,
         k: int,
         *,
@@ -153,14 +177,21 @@ class TwinAttention(nn.Module):
     ) -> Selection:
         """Top ``k`` unique behaviors of the union over the heads (round robin over their rankings).
 
-        ``keys [N, key_dim]`` and ``bias [N, H]`` of the jagged prefix; ``item_ids [N]`` for the projected path (the
-        projection is computed once per distinct item, then gathered)."""
-        target, keys, bias = target.detach().float(), keys.detach().float(), bias.detach().float()
-        if path == "query" and native.applies(keys, bias):
-            # on the CPU every head at once: α [N, H] in one pass over the keys, each head's top k natively
-            alpha = per_sample_products(keys, self.query_keys(target), offsets) + bias
-            positions, scores = native.jagged_topk(alpha, offsets, k)  # type: ignore[misc]
+        ``keys [N, key_dim]`` (or its column blocks, ``[N, D_p]`` each, e.g. the item and category halves as looked
+        up) and ``bias [N, H]`` of the jagged prefix; ``item_ids [N]`` for the projected path (the projection is
+        computed once per distinct item, then gathered)."""
+        parts = [keys] if isinstance(keys, torch.Tensor) else list(keys)
+        parts = [part.detach().float() for part in parts]
+        target, bias = target.detach().float(), bias.detach().float()
+        if path == "query" and native.applies(*parts, bias):
+            # on the CPU every head at once: α [N, H] in one pass over the keys' blocks (read in place), each head's
+            # top k natively
+            alpha = native.segment_dots(parts, self.query_keys(target), offsets)
+            if alpha is None:
+                alpha = per_sample_products(torch.cat(parts, -1), self.query_keys(target), offsets)
+            positions, scores = native.jagged_topk(alpha + bias, offsets, k)  # type: ignore[misc]
             return union_round_robin(positions, scores, k)
+        keys = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
         if path == "query":
             q, vectors = self.query_keys(target), keys
         else:

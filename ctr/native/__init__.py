@@ -381,6 +381,19 @@ def gather_dot(
     return torch.ops.ctr_native.gather_dot(vectors, ids, query, offsets, bool(with_norms))
 
 
+def segment_dots(parts: list[torch.Tensor], queries: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
+    """``[N, Q]``: for row i of sample b (``offsets [B + 1]``) and query q, ``<row_i, queries[b, q]>`` where row i is
+    the concatenation of ``parts``' rows i (``[N, D_p]`` each, read in place: no concatenated copy) and ``queries [B,
+    Q, Σ D_p]``. `ctr.modules.gsu.per_sample_products` without building the rows. None where the caller must run its
+    PyTorch form (not float32 on the CPU, not built, switched off)."""
+    if queries.dim() != 3 or any(p.dim() != 2 for p in parts) or not applies(queries, *parts):
+        return None
+    if offsets.device.type != "cpu":
+        return None
+    blocks = [p.contiguous() for p in parts]
+    return torch.ops.ctr_native.segment_dots(blocks, queries.contiguous(), offsets.to(torch.int64).contiguous())
+
+
 def kmeans_tree(x: np.ndarray, max_size: int, seed: int, iters: int, branching: int) -> np.ndarray | None:
     """Labels ``[n]`` of TWIN-V2's hierarchical k-means of the rows of ``x [n, D]`` (`pipelines.cluster`'s
     ``cluster_history``, its reference); None where the reference must run (not built or switched off)."""

@@ -1,6 +1,7 @@
-"""The native masked target attention (`ctr.native.target_attention`, the CPU path of
-`ctr.modules.esu.MultiHeadTargetAttention`) is the eager form: outputs and every gradient, padded and empty samples,
-shared and separate keys and values, any thread count."""
+"""The native operators of the ESUs and of TWIN's search: the masked target attention (`ctr.native.target_attention`,
+the CPU path of `ctr.modules.esu.MultiHeadTargetAttention` and of `slot_attention` with one key head) is the eager
+form (outputs and every gradient, padded and empty samples, shared and separate keys and values, any thread count),
+and `ctr.native.segment_dots` is `per_sample_products` of the blocks' concatenation."""
 
 from __future__ import annotations
 
@@ -109,3 +110,46 @@ def test_slot_attention_with_one_key_head_is_the_eager_form(bias_shape):
     want, got = run(False), run(True)
     for i, (w, o) in enumerate(zip(want, got, strict=True)):
         torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"tensor #{i}: {m}")
+
+
+@pytest.mark.parametrize("widths", [(32,), (16, 16), (8, 3, 21)])
+def test_native_segment_dots_are_the_per_sample_products(widths):
+    """Rows given as column blocks, read in place: the per-sample products of their concatenation (empty samples,
+    a long one), 1 and 3 threads bit for bit; TWIN's search takes the blocks and selects what the whole keys give."""
+    from ctr.modules.gsu import lengths_to_offsets, per_sample_products
+
+    g = torch.Generator().manual_seed(len(widths))
+    offsets = lengths_to_offsets(torch.tensor([0, 5, 3000, 0, 1, 777, 0]))
+    n = int(offsets[-1])
+    parts = [torch.randn(n, w, generator=g) for w in widths]
+    queries = torch.randn(7, 4, sum(widths), generator=g)
+    want = per_sample_products(torch.cat(parts, -1), queries, offsets)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            got.append(native.segment_dots(parts, queries, offsets))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], got[1])
+    assert native.segment_dots([p.double() for p in parts], queries.double(), offsets) is None
+
+
+def test_twin_search_takes_the_keys_as_blocks():
+    from ctr.modules.gsu import lengths_to_offsets
+    from ctr.modules.twin import TwinAttention
+
+    torch.manual_seed(2)
+    twin = TwinAttention(32, heads=4, head_dim=8, time_buckets=0)
+    offsets = lengths_to_offsets(torch.tensor([40, 0, 300, 7]))
+    n = int(offsets[-1])
+    item, cate = torch.randn(n, 16), torch.randn(n, 16)
+    target, bias = torch.randn(4, 32), torch.zeros(n, 4)
+    whole = twin.search(offsets, target, torch.cat([item, cate], -1), bias, 20)
+    blocks = twin.search(offsets, target, (item, cate), bias, 20)
+    assert torch.equal(whole.positions, blocks.positions)
+    native.set_enabled(False)
+    eager = twin.search(offsets, target, (item, cate), bias, 20)
+    assert torch.equal(eager.positions, blocks.positions)
