@@ -82,6 +82,24 @@ def test_the_short_window_from_the_prefix_is_the_separate_look_up(info, name, pa
         assert any("embedding" in n and grads[n].abs().sum() > 0 for n in grads)
 
 
+@pytest.mark.parametrize("item_repr", ["sid", "id+sid"])
+def test_the_short_window_from_the_prefix_with_semantic_id_items(sid_data, item_repr, monkeypatch):
+    """Items pooled from their semantic-ID pieces (`item_repr`): the short window's vectors are its items' pooled
+    vectors either way."""
+    from features.dataset import DatasetInfo
+
+    info = DatasetInfo.load(sid_data)
+    params = {"item_repr": item_repr}
+    (seen, logit, terms, grads), (seen1, logit1, terms1, grads1) = (
+        _run(info, "sim_soft", params, tail, True, monkeypatch) for tail in (False, True)
+    )
+    for k in seen:
+        assert torch.equal(seen[k], seen1[k]), k
+    torch.testing.assert_close(logit1, logit, rtol=0, atol=1e-6)
+    for n in grads:
+        torch.testing.assert_close(grads1[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_which_models_read_the_short_window_from_the_prefix(info):
     assert build(info, "sim_soft").short_in_prefix()
     assert not build(info, "sim_soft", short_len=60, max_len=50).short_in_prefix()  # the window is longer
