@@ -5,24 +5,14 @@ embedding tables' included: a row the short window shares with the prefix is sum
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from model_helpers import batches, build
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
-if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", None) is None:
-    for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
-        del sys.modules[_name]
-
-from model_helpers import batches, build  # noqa: E402
-
-from ctr.models import two_stage  # noqa: E402
-from features.loader import SequenceView  # noqa: E402
+from ctr.models import two_stage
+from features.loader import SequenceView
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -186,9 +186,10 @@ class TwinAttention(nn.Module):
         if path == "query" and native.applies(*parts, bias):
             # on the CPU every head at once: α [N, H] in one pass over the keys' blocks (read in place), each head's
             # top k natively
-            alpha = native.segment_dots(parts, self.query_keys(target), offsets)
+            q_keys = self.query_keys(target)
+            alpha = native.segment_dots(parts, q_keys, offsets)
             if alpha is None:
-                alpha = per_sample_products(torch.cat(parts, -1), self.query_keys(target), offsets)
+                alpha = per_sample_products(torch.cat(parts, -1), q_keys, offsets)
             positions, scores = native.jagged_topk(alpha + bias, offsets, k)  # type: ignore[misc]
             return union_round_robin(positions, scores, k)
         keys = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
