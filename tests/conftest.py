@@ -96,3 +96,17 @@ def info(request):
     from features.dataset import DatasetInfo
 
     return DatasetInfo.load(prebuilt or request.getfixturevalue("tiny_data"))
+
+
+@pytest.fixture(scope="module")
+def cluster_info(tiny_data, tmp_path_factory):
+    """A copy of the tiny dataset with `ctr cluster`'s clusters (blocks of 40, at most 6 behaviors each)."""
+    import shutil
+
+    from features.dataset import DatasetInfo
+    from pipelines.cluster import build_clusters
+
+    data = tmp_path_factory.mktemp("clusters") / "data"
+    shutil.copytree(tiny_data, data)
+    build_clusters(data, max_size=6, block=40)
+    return DatasetInfo.load(data)

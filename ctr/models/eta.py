@@ -47,6 +47,7 @@ class ETA(SIMBase):
     Params = ETAParams
     embeds_prefix = True  # the hashes are of the live embeddings of the whole searched prefix
     prefix_grad = False  # the ESU reads the selected only
+    keeps_all_within_k = True  # a top-k over every behavior of the prefix
 
     def __init__(self, params: ETAParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)

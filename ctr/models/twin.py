@@ -56,6 +56,7 @@ class TWIN(TwoStageModel):
     Params = TWINParams
     embeds_prefix = True  # the GSU scores the live embeddings of the whole prefix
     prefix_grad = False  # the ESU reads the selected only
+    keeps_all_within_k = True  # a top-k over every behavior of the prefix
 
     def __init__(self, params: TWINParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)

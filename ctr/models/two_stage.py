@@ -183,6 +183,8 @@ class TwoStageModel(CTRModel):
     embeds_prefix: ClassVar[bool] = False  # True: the GSU needs learned embeddings of the whole prefix (SIM soft)
     # with embeds_prefix: True when the loss reaches prefix embeddings beyond the selected rows (module docstring)
     prefix_grad: ClassVar[bool] = True
+    # the GSU keeps every behavior of a prefix of at most k (a top-k of a score over all of them): `fits_k`
+    keeps_all_within_k: ClassVar[bool] = False
 
     def __init__(self, params: TwoStageParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
@@ -339,7 +341,7 @@ class TwoStageModel(CTRModel):
         offsets = lengths_to_offsets(long_item.lengths())
         esu_out = None
         tail = False  # the short window read from the embedded prefix (`short_in_prefix`)
-        if self.embeds_prefix and (self.prefix_grad or not torch.is_grad_enabled()):
+        if self.embeds_prefix and (self.prefix_grad or not torch.is_grad_enabled() or self.fits_k(long_item.lengths())):
             tail = self.short_in_prefix()
             emb = self.embed(without_short(ids) if tail else ids)
             fused = self.search_attend(batch, ids, offsets, emb)
@@ -397,6 +399,17 @@ class TwoStageModel(CTRModel):
             lc=self.length_context(batch),
             esu_out=esu_out,
         )
+
+    def fits_k(self, lengths: torch.Tensor) -> bool:
+        """Whether every searched prefix of the batch holds at most ``k`` behaviors, so that a GSU keeping the top
+        ``k`` keeps all of them (`keeps_all_within_k`: TWIN, ETA; at ``max_len <= k`` every batch). Then the loss
+        reaches every prefix row, and the ``prefix_grad = False`` path's two look-ups (the prefix without gradient
+        for the search, the selected rows again with gradient) would read the same rows twice: one look-up with
+        gradient serves both (and the short window from its tail), the sparse update sees each row once. The same
+        values and gradients either way (`tests/test_fits_k.py`). Only for a GSU that keeps everything it can: with
+        one that keeps fewer (a category filter), the unselected rows would reach the sparse optimizer with a zero
+        gradient, which Adagrad leaves unchanged but Adam's momentum would not."""
+        return self.keeps_all_within_k and (lengths.numel() == 0 or int(lengths.max()) <= self.p.k)
 
     def short_in_prefix(self) -> bool:
         """Whether the short window is the tail of the long view, so that a model which embeds the whole prefix reads

@@ -175,13 +175,20 @@ class TwinAttention(nn.Module):
         item_ids: torch.Tensor | None = None,
         max_len: int | None = None,
     ) -> Selection:
-        """Top ``k`` unique behaviors of the union over the heads (round robin over their rankings).
+        """Top ``k`` unique behaviors of the union over the heads (round robin over their rankings), ``[B, k']``
+        with ``k' = min(k, the batch's longest prefix)`` (or ``max_len``, when given: no host sync).
 
         ``keys [N, key_dim]`` (or its column blocks, ``[N, D_p]`` each, e.g. the item and category halves as looked
         up) and ``bias [N, H]`` of the jagged prefix; ``item_ids [N]`` for the projected path (the projection is
         computed once per distinct item, then gathered)."""
         parts = [keys] if isinstance(keys, torch.Tensor) else list(keys)
         parts = [part.detach().float() for part in parts]
+        # no sample has more than its prefix to keep: k past the batch's longest prefix (TWIN's 100 over a window of
+        # 50) would only add empty slots, which every later [B, K, ...] tensor of the ESU then carries
+        if max_len is not None:
+            k = max(1, min(k, max_len))
+        elif offsets.numel() > 1:
+            k = max(1, min(k, int((offsets[1:] - offsets[:-1]).max())))
         target, bias = target.detach().float(), bias.detach().float()
         if path == "query" and native.applies(*parts, bias):
             # on the CPU every head at once: α [N, H] in one pass over the keys' blocks (read in place), each head's

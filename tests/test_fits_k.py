@@ -1,0 +1,77 @@
+"""A GSU that keeps the top k of every behavior (TWIN, ETA) keeps the whole prefix when no prefix of the batch is
+longer than k (`TwoStageModel.fits_k`): training then looks the prefix up once, with gradient, instead of once for
+the search and again for the selected rows. The logits, loss terms and every gradient (the embedding tables'
+included) are those of the two look-ups; a batch with a longer prefix still takes the two."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import batches, build
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(info, name: str, params: dict, fits: bool | None, monkeypatch) -> tuple:
+    """One training forward/backward; ``fits`` forces `fits_k` (None: the model's own answer). Returns the look-ups
+    made (grad enabled or not, per call), the logits, loss terms and gradients."""
+    model = build(info, name, **params).train()
+    if fits is not None:
+        monkeypatch.setattr(type(model), "fits_k", lambda self, lengths: fits)
+    calls: list[bool] = []
+    embed = type(model).embed
+
+    def spy(self, ids):  # type: ignore[no-untyped-def]
+        calls.append(torch.is_grad_enabled())
+        return embed(self, ids)
+
+    monkeypatch.setattr(type(model), "embed", spy)
+    batch = batches(info, model, 1)[0]
+    torch.manual_seed(1)
+    out = model(batch)
+    terms = model.loss(out, batch)
+    sum(terms.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    monkeypatch.undo()
+    return calls, out.logit.detach(), {k: v.detach() for k, v in terms.items()}, grads
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("twin", {"max_len": 30}),  # k 100
+        ("twin", {"max_len": 30, "gsu_path": "projected"}),
+        ("twin", {"max_len": 30, "k": 30, "short_len": 12}),
+        ("eta", {"max_len": 40, "k": 40}),
+    ],
+)
+def test_one_look_up_when_every_prefix_fits_in_k(info, name, params, monkeypatch):
+    calls2, logit2, terms2, grads2 = _run(info, name, params, False, monkeypatch)
+    calls1, logit1, terms1, grads1 = _run(info, name, params, None, monkeypatch)
+    assert calls2 == [False, True] and calls1 == [True]  # the search's look-up without gradient, then the selected
+    torch.testing.assert_close(logit1, logit2, rtol=0, atol=1e-6)
+    assert terms1.keys() == terms2.keys() and grads1.keys() == grads2.keys()
+    for k in terms1:
+        torch.testing.assert_close(terms1[k], terms2[k], rtol=0, atol=1e-6)
+    tables = [n for n in grads1 if "embedding" in n]
+    assert tables and all(grads1[n].abs().sum() > 0 for n in tables)
+    for n in grads1:
+        torch.testing.assert_close(grads1[n], grads2[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_twin_v2_over_virtual_items(cluster_info, monkeypatch):
+    calls2, logit2, _, grads2 = _run(cluster_info, "twin_v2", {"max_len": 30}, False, monkeypatch)
+    calls1, logit1, _, grads1 = _run(cluster_info, "twin_v2", {"max_len": 30}, None, monkeypatch)
+    assert calls2 == [False, True] and calls1 == [True]
+    torch.testing.assert_close(logit1, logit2, rtol=0, atol=1e-6)
+    for n in grads1:
+        torch.testing.assert_close(grads1[n], grads2[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_a_longer_prefix_takes_the_two_look_ups(info):
+    model = build(info, "twin", max_len=500, k=20)
+    lengths = batches(info, model, 1)[0].dense["long_lengths"]
+    assert int(lengths.max()) > 20 and not model.fits_k(lengths)
+    assert model.fits_k(lengths.clamp(max=20)) and model.fits_k(lengths[:0])
+    # a GSU that may keep fewer than its prefix (SIM hard's category filter) never takes the one look-up
+    assert not build(info, "sim_hard").fits_k(lengths.clamp(max=1))
