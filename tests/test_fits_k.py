@@ -1,13 +1,16 @@
 """A GSU that keeps the top k of every behavior (TWIN, ETA) keeps the whole prefix when no prefix of the batch is
-longer than k (`TwoStageModel.fits_k`): training then looks the prefix up once, with gradient, instead of once for
-the search and again for the selected rows. The logits, loss terms and every gradient (the embedding tables'
-included) are those of the two look-ups; a batch with a longer prefix still takes the two."""
+longer than k (`TwoStageModel.fits_k`): the search is skipped (its choice is known, and these ESUs do not depend on
+the slots' order) and training looks the prefix up once, with gradient, instead of once for the search and again
+for the selected rows. The logits, loss terms and every gradient (the embedding tables' included) are those of the
+search and the two look-ups; a batch with a longer prefix still takes them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from model_helpers import batches, build
+
+from ctr.modules.gsu import Selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,14 +21,19 @@ def _run(info, name: str, params: dict, fits: bool | None, monkeypatch) -> tuple
     model = build(info, name, **params).train()
     if fits is not None:
         monkeypatch.setattr(type(model), "fits_k", lambda self, lengths: fits)
-    calls: list[bool] = []
-    embed = type(model).embed
+    calls: list[bool | str] = []
+    embed, search = type(model).embed, type(model).search
 
     def spy(self, ids):  # type: ignore[no-untyped-def]
         calls.append(torch.is_grad_enabled())
         return embed(self, ids)
 
+    def spy_search(self, *args):  # type: ignore[no-untyped-def]
+        calls.append("search")
+        return search(self, *args)
+
     monkeypatch.setattr(type(model), "embed", spy)
+    monkeypatch.setattr(type(model), "search", spy_search)
     batch = batches(info, model, 1)[0]
     torch.manual_seed(1)
     out = model(batch)
@@ -48,7 +56,8 @@ def _run(info, name: str, params: dict, fits: bool | None, monkeypatch) -> tuple
 def test_one_look_up_when_every_prefix_fits_in_k(info, name, params, monkeypatch):
     calls2, logit2, terms2, grads2 = _run(info, name, params, False, monkeypatch)
     calls1, logit1, terms1, grads1 = _run(info, name, params, None, monkeypatch)
-    assert calls2 == [False, True] and calls1 == [True]  # the search's look-up without gradient, then the selected
+    # the search's look-up without gradient, the search, the selected rows' look-up; or one look-up
+    assert calls2 == [False, "search", True] and calls1 == [True]
     torch.testing.assert_close(logit1, logit2, rtol=0, atol=1e-6)
     assert terms1.keys() == terms2.keys() and grads1.keys() == grads2.keys()
     for k in terms1:
@@ -62,7 +71,7 @@ def test_one_look_up_when_every_prefix_fits_in_k(info, name, params, monkeypatch
 def test_twin_v2_over_virtual_items(cluster_info, monkeypatch):
     calls2, logit2, _, grads2 = _run(cluster_info, "twin_v2", {"max_len": 30}, False, monkeypatch)
     calls1, logit1, _, grads1 = _run(cluster_info, "twin_v2", {"max_len": 30}, None, monkeypatch)
-    assert calls2 == [False, True] and calls1 == [True]
+    assert calls2 == [False, "search", True] and calls1 == [True]
     torch.testing.assert_close(logit1, logit2, rtol=0, atol=1e-6)
     for n in grads1:
         torch.testing.assert_close(grads1[n], grads2[n], rtol=1e-5, atol=1e-7, msg=n)
@@ -75,3 +84,10 @@ def test_a_longer_prefix_takes_the_two_look_ups(info):
     assert model.fits_k(lengths.clamp(max=20)) and model.fits_k(lengths[:0])
     # a GSU that may keep fewer than its prefix (SIM hard's category filter) never takes the one look-up
     assert not build(info, "sim_hard").fits_k(lengths.clamp(max=1))
+
+
+def test_the_whole_selection():
+    sel = Selection.whole(torch.tensor([3, 0, 1]))
+    assert sel.positions.tolist() == [[0, 1, 2], [-1, -1, -1], [0, -1, -1]]
+    assert sel.mask.sum(1).tolist() == [3, 0, 1] and not sel.scores.any()
+    assert Selection.whole(torch.zeros(2, dtype=torch.long)).positions.tolist() == [[-1], [-1]]

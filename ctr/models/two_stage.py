@@ -183,7 +183,8 @@ class TwoStageModel(CTRModel):
     embeds_prefix: ClassVar[bool] = False  # True: the GSU needs learned embeddings of the whole prefix (SIM soft)
     # with embeds_prefix: True when the loss reaches prefix embeddings beyond the selected rows (module docstring)
     prefix_grad: ClassVar[bool] = True
-    # the GSU keeps every behavior of a prefix of at most k (a top-k of a score over all of them): `fits_k`
+    # the GSU keeps every behavior of a prefix of at most k (a top-k of a score over all of them), its search returns
+    # no extras and the ESU does not depend on the slots' order: `fits_k`
     keeps_all_within_k: ClassVar[bool] = False
 
     def __init__(self, params: TwoStageParams, info: DatasetInfo, device: torch.device | None = None) -> None:
@@ -341,7 +342,8 @@ class TwoStageModel(CTRModel):
         offsets = lengths_to_offsets(long_item.lengths())
         esu_out = None
         tail = False  # the short window read from the embedded prefix (`short_in_prefix`)
-        if self.embeds_prefix and (self.prefix_grad or not torch.is_grad_enabled() or self.fits_k(long_item.lengths())):
+        whole = self.fits_k(long_item.lengths())  # the GSU would keep every behavior: no search, one look-up
+        if self.embeds_prefix and (self.prefix_grad or not torch.is_grad_enabled() or whole):
             tail = self.short_in_prefix()
             emb = self.embed(without_short(ids) if tail else ids)
             fused = self.search_attend(batch, ids, offsets, emb)
@@ -350,7 +352,10 @@ class TwoStageModel(CTRModel):
                 rows, mask = selection.rows(offsets), selection.mask
                 long = long_att = None
             else:
-                selection, extras = self.search(batch, ids, offsets, emb)
+                if whole:
+                    selection, extras = Selection.whole(long_item.lengths()), {}
+                else:
+                    selection, extras = self.search(batch, ids, offsets, emb)
                 rows, mask = selection.rows(offsets), selection.mask
                 long = gather_slots(self.pair(emb, "long_"), rows, mask)
                 long_att = gather_slots(self.pair(emb, "long_", att=True), rows, mask) if self.p.dare else long
@@ -401,14 +406,18 @@ class TwoStageModel(CTRModel):
         )
 
     def fits_k(self, lengths: torch.Tensor) -> bool:
-        """Whether every searched prefix of the batch holds at most ``k`` behaviors, so that a GSU keeping the top
-        ``k`` keeps all of them (`keeps_all_within_k`: TWIN, ETA; at ``max_len <= k`` every batch). Then the loss
-        reaches every prefix row, and the ``prefix_grad = False`` path's two look-ups (the prefix without gradient
-        for the search, the selected rows again with gradient) would read the same rows twice: one look-up with
-        gradient serves both (and the short window from its tail), the sparse update sees each row once. The same
-        values and gradients either way (`tests/test_fits_k.py`). Only for a GSU that keeps everything it can: with
-        one that keeps fewer (a category filter), the unselected rows would reach the sparse optimizer with a zero
-        gradient, which Adagrad leaves unchanged but Adam's momentum would not."""
+        """Whether every searched prefix of the batch holds at most ``k`` behaviors and the model's GSU would keep all
+        of them (`keeps_all_within_k`: TWIN, ETA; at ``max_len <= k``, every batch). Then:
+
+        * the search is skipped: its choice is known (`Selection.whole`, the prefix in its own order) and the ESU of
+          these models is a function of the set of kept behaviors, not of their order (attention sums over slots);
+        * training looks the prefix up once, with gradient, instead of once for the search and again for the
+          selected rows (`prefix_grad = False`): the loss reaches every row, the sparse update sees each row once,
+          and the short window comes from the prefix's tail.
+
+        The same logits, loss and gradients as the search and the two look-ups, to float rounding (the slots' sum runs
+        in another order; `tests/test_fits_k.py`). Only for a GSU that keeps all it can: one that keeps fewer (a
+        category filter) would give unselected rows a zero gradient, which Adagrad ignores but Adam's momentum not."""
         return self.keeps_all_within_k and (lengths.numel() == 0 or int(lengths.max()) <= self.p.k)
 
     def short_in_prefix(self) -> bool:

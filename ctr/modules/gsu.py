@@ -67,7 +67,8 @@ def per_sample_products(
 @dataclass
 class Selection:
     """The GSU's top-K of each sample: positions ``[B, K]`` int64 within the sample (best first, ``-1`` = empty
-    slot; the real ones come first) and their scores ``[B, K]`` float32 (0 in empty slots)."""
+    slot; the real ones come first) and their scores ``[B, K]`` float32 (0 in empty slots). `whole`: every
+    behavior, in prefix order."""
 
     positions: torch.Tensor
     scores: torch.Tensor
@@ -80,6 +81,16 @@ class Selection:
     @property
     def k(self) -> int:
         return int(self.positions.shape[1])
+
+    @classmethod
+    def whole(cls, lengths: torch.Tensor) -> Selection:
+        """Every behavior of each prefix, in prefix order (oldest first), ``[B, longest]``: what a top-k GSU keeps
+        when no prefix is longer than k, in an order that only an ESU indifferent to slot order may read
+        (`TwoStageModel.fits_k`). Scores are 0."""
+        longest = int(lengths.max()) if lengths.numel() else 0
+        slot = torch.arange(max(longest, 1), device=lengths.device)
+        positions = torch.where(slot < lengths.unsqueeze(1).long(), slot, -1)
+        return cls(positions=positions, scores=torch.zeros(positions.shape, device=lengths.device))
 
     def rows(self, offsets: torch.Tensor) -> torch.Tensor:
         """``[B, K]`` rows of the jagged values (``offsets[b] + position``); empty slots point at the sample's first
