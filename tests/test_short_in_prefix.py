@@ -50,6 +50,7 @@ def _run(info, name: str, params: dict, tail: bool, train: bool, monkeypatch) ->
         ("sim_soft_lain", {}, True),
         ("sdim", {}, True),
         ("sim_soft", {"short_len": 7, "max_len": 30}, True),
+        ("sim_soft", {"short_len": 30, "max_len": 30}, True),  # every prefix is its own tail: laid out, not gathered
         ("twin", {}, False),  # the models that look up the selected rows again in training: evaluation only
         ("muse", {"gsu": "id_cosine"}, False),
         ("eta", {}, False),

@@ -52,15 +52,13 @@ def prefix_tail(
     n = lengths.clamp(max=width)
     slots = torch.arange(width, device=offsets.device)
     mask = slots.unsqueeze(0) < n.unsqueeze(1)
-    rows = ((offsets[1:] - n).unsqueeze(1) + slots)[mask]  # each sample's slots in order, row-major
-    values = torch.cat(
-        [
-            emb[f"long_item{suffix}"].values().index_select(0, rows),
-            emb[f"long_cate{suffix}"].values().index_select(0, rows),
-        ],
-        dim=-1,
-    )
-    return to_slots(values, mask), mask
+    item, cate = emb[f"long_item{suffix}"].values(), emb[f"long_cate{suffix}"].values()
+    if lengths.numel() and int(lengths.max()) > width:
+        rows = ((offsets[1:] - n).unsqueeze(1) + slots)[mask]  # each sample's slots in order, row-major
+        item, cate = item.index_select(0, rows), cate.index_select(0, rows)
+    # else every prefix is its own tail: the rows are all of them, in order (no gather, and no scatter back in the
+    # backward)
+    return to_slots(torch.cat([item, cate], dim=-1), mask), mask
 
 
 def pair_jt(emb: dict[str, Any], prefix: str, suffix: str) -> PairJT:

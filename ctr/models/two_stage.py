@@ -357,8 +357,12 @@ class TwoStageModel(CTRModel):
                 else:
                     selection, extras = self.search(batch, ids, offsets, emb)
                 rows, mask = selection.rows(offsets), selection.mask
-                long = gather_slots(self.pair(emb, "long_"), rows, mask)
-                long_att = gather_slots(self.pair(emb, "long_", att=True), rows, mask) if self.p.dare else long
+                if whole:  # the rows in order: laid out, not gathered
+                    long = to_slots(self.pair(emb, "long_"), mask)
+                    long_att = to_slots(self.pair(emb, "long_", att=True), mask) if self.p.dare else long
+                else:
+                    long = gather_slots(self.pair(emb, "long_"), rows, mask)
+                    long_att = gather_slots(self.pair(emb, "long_", att=True), rows, mask) if self.p.dare else long
         else:
             from torchrec.sparse.jagged_tensor import JaggedTensor
 
