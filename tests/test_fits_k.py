@@ -1,8 +1,9 @@
-"""A GSU that keeps the top k of every behavior (TWIN, ETA) keeps the whole prefix when no prefix of the batch is
-longer than k (`TwoStageModel.fits_k`): the search is skipped (its choice is known, and these ESUs do not depend on
+"""A GSU that keeps the top k of every behavior (TWIN, ETA) keeps the whole prefix when no prefix can be longer than k
+(`TwoStageModel.fits_k`: max_len <= k): the search is skipped (its choice is known, and these ESUs do not depend on
 the slots' order) and training looks the prefix up once, with gradient, instead of once for the search and again
 for the selected rows. The logits, loss terms and every gradient (the embedding tables' included) are those of the
-search and the two look-ups; a batch with a longer prefix still takes them."""
+search and the two look-ups; with max_len > k every batch still takes them, whatever its lengths (ranks must make
+the same look-ups)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _run(info, name: str, params: dict, fits: bool | None, monkeypatch) -> tuple
     made (grad enabled or not, per call), the logits, loss terms and gradients."""
     model = build(info, name, **params).train()
     if fits is not None:
-        monkeypatch.setattr(type(model), "fits_k", lambda self, lengths: fits)
+        monkeypatch.setattr(type(model), "fits_k", lambda self: fits)
     calls: list[bool | str] = []
     embed, search = type(model).embed, type(model).search
 
@@ -77,13 +78,18 @@ def test_twin_v2_over_virtual_items(cluster_info, monkeypatch):
         torch.testing.assert_close(grads1[n], grads2[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
-def test_a_longer_prefix_takes_the_two_look_ups(info):
-    model = build(info, "twin", max_len=500, k=20)
-    lengths = batches(info, model, 1)[0].dense["long_lengths"]
-    assert int(lengths.max()) > 20 and not model.fits_k(lengths)
-    assert model.fits_k(lengths.clamp(max=20)) and model.fits_k(lengths[:0])
-    # a GSU that may keep fewer than its prefix (SIM hard's category filter) never takes the one look-up
-    assert not build(info, "sim_hard").fits_k(lengths.clamp(max=1))
+def test_fits_k_is_decided_by_the_configuration(info, monkeypatch):
+    assert build(info, "twin", max_len=100).fits_k() and build(info, "eta", max_len=50, k=50).fits_k()
+    # not by a batch's lengths: with max_len > k, a batch whose prefixes all fit in k still takes the search and the
+    # two look-ups, as another rank's batch may not (each look-up of sharded tables is a collective)
+    params = {"max_len": 10001, "k": 10000}
+    model = build(info, "twin", **params)
+    assert not model.fits_k()
+    assert int(batches(info, model, 1)[0].dense["long_lengths"].max()) <= 10000
+    calls = _run(info, "twin", params, None, monkeypatch)[0]
+    assert calls == [False, "search", True]
+    # a GSU that may keep fewer than its prefix (SIM hard's category filter) never skips it
+    assert not build(info, "sim_hard", max_len=10).fits_k()
 
 
 def test_the_whole_selection():

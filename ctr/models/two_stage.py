@@ -184,7 +184,7 @@ class TwoStageModel(CTRModel):
     # with embeds_prefix: True when the loss reaches prefix embeddings beyond the selected rows (module docstring)
     prefix_grad: ClassVar[bool] = True
     # the GSU keeps every behavior of a prefix of at most k (a top-k of a score over all of them), its search returns
-    # no extras and the ESU does not depend on the slots' order: `fits_k`
+    # no extras and the ESU does not depend on the slots' order: `fits_k` (at max_len <= k)
     keeps_all_within_k: ClassVar[bool] = False
 
     def __init__(self, params: TwoStageParams, info: DatasetInfo, device: torch.device | None = None) -> None:
@@ -342,7 +342,7 @@ class TwoStageModel(CTRModel):
         offsets = lengths_to_offsets(long_item.lengths())
         esu_out = None
         tail = False  # the short window read from the embedded prefix (`short_in_prefix`)
-        whole = self.fits_k(long_item.lengths())  # the GSU would keep every behavior: no search, one look-up
+        whole = self.fits_k()  # the GSU keeps every behavior: no search, one look-up
         if self.embeds_prefix and (self.prefix_grad or not torch.is_grad_enabled() or whole):
             tail = self.short_in_prefix()
             emb = self.embed(without_short(ids) if tail else ids)
@@ -409,9 +409,10 @@ class TwoStageModel(CTRModel):
             esu_out=esu_out,
         )
 
-    def fits_k(self, lengths: torch.Tensor) -> bool:
-        """Whether every searched prefix of the batch holds at most ``k`` behaviors and the model's GSU would keep all
-        of them (`keeps_all_within_k`: TWIN, ETA; at ``max_len <= k``, every batch). Then:
+    def fits_k(self) -> bool:
+        """Whether no searched prefix can hold more than ``k`` behaviors (``max_len <= k``; the loader reads at most
+        the last ``max_len``) and the model's GSU keeps all of a prefix that fits (`keeps_all_within_k`: TWIN, ETA).
+        Then, on every batch:
 
         * the search is skipped: its choice is known (`Selection.whole`, the prefix in its own order) and the ESU of
           these models is a function of the set of kept behaviors, not of their order (attention sums over slots);
@@ -420,9 +421,12 @@ class TwoStageModel(CTRModel):
           and the short window comes from the prefix's tail.
 
         The same logits, loss and gradients as the search and the two look-ups, to float rounding (the slots' sum runs
-        in another order; `tests/test_fits_k.py`). Only for a GSU that keeps all it can: one that keeps fewer (a
-        category filter) would give unselected rows a zero gradient, which Adagrad ignores but Adam's momentum not."""
-        return self.keeps_all_within_k and (lengths.numel() == 0 or int(lengths.max()) <= self.p.k)
+        in another order; `tests/test_fits_k.py`). Decided from the configuration, not from each batch's lengths: with
+        sharded tables every look-up is a collective, so every rank must make the same number of them, and ranks'
+        batches (a dry rank's stand-in batch too) differ. Only for a GSU that keeps all it can: one that keeps fewer
+        (a category filter) would give unselected rows a zero gradient, which Adagrad ignores but Adam's momentum
+        not."""
+        return self.keeps_all_within_k and self.p.max_len <= self.p.k
 
     def short_in_prefix(self) -> bool:
         """Whether the short window is the tail of the long view, so that a model which embeds the whole prefix reads
