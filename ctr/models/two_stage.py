@@ -352,17 +352,14 @@ class TwoStageModel(CTRModel):
                 rows, mask = selection.rows(offsets), selection.mask
                 long = long_att = None
             else:
-                if whole:
-                    selection, extras = Selection.whole(long_item.lengths()), {}
-                else:
-                    selection, extras = self.search(batch, ids, offsets, emb)
+                # `whole`: every behavior kept, the rows in order, so laid out rather than gathered
+                selection, extras = (
+                    (Selection.whole(long_item.lengths()), {}) if whole else self.search(batch, ids, offsets, emb)
+                )
                 rows, mask = selection.rows(offsets), selection.mask
-                if whole:  # the rows in order: laid out, not gathered
-                    long = to_slots(self.pair(emb, "long_"), mask)
-                    long_att = to_slots(self.pair(emb, "long_", att=True), mask) if self.p.dare else long
-                else:
-                    long = gather_slots(self.pair(emb, "long_"), rows, mask)
-                    long_att = gather_slots(self.pair(emb, "long_", att=True), rows, mask) if self.p.dare else long
+                place = (lambda v: to_slots(v, mask)) if whole else (lambda v: gather_slots(v, rows, mask))
+                long = place(self.pair(emb, "long_"))
+                long_att = place(self.pair(emb, "long_", att=True)) if self.p.dare else long
         else:
             from torchrec.sparse.jagged_tensor import JaggedTensor
 
