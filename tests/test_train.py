@@ -325,3 +325,28 @@ def test_one_rank_export_matches_gather_and_starts_no_thread_team(tiny_data, tmp
     assert "embedding.embeddings.item.weight" in out["sharded"], out
     before, after = out["threads"]
     assert after == before, f"full_state_dict started {after - before} thread(s)"
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "adagrad", "sgd"])
+def test_dense_optimizer_is_fused_on_the_cpu_and_steps_as_the_loop_does(name):
+    from ctr.train.setup import dense_optimizer
+
+    cfg, _ = resolve_train_config(
+        "din", None, [f"optim.dense={name}", "optim.dense_lr=0.01", "optim.weight_decay=0.001"]
+    )
+    torch.manual_seed(0)
+    fused = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3))]
+    loop = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    start = [p.detach().clone() for p in fused]
+    opt = dense_optimizer(cfg, fused)
+    assert opt.defaults["fused"] is True
+    ref = type(opt)(loop, lr=0.01, weight_decay=0.001, foreach=False)
+    for step in range(4):
+        for a, b in zip(fused, loop, strict=True):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step)) * (step + 1)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b, a0 in zip(fused, loop, start, strict=True):
+        assert (a.detach() - a0).abs().min() > 0  # every weight moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -42,6 +42,7 @@ from torch import nn
 from features.dataset import DatasetInfo
 from features.loader import Batch
 
+from ..modules.dense_embedding import DenseEmbedding
 from ..modules.diffusion import DMIG, ChannelContrast
 from ..modules.gsu import Selection
 from ..modules.multi_interest import channel_pooling, orthonormal_rows, select_per_channel
@@ -118,7 +119,7 @@ class DiffuMIN(TwoStageModel):
             d, params.short_heads, dim_feedforward=4 * d, dropout=0.0, batch_first=True, norm_first=False
         )
         self.short_encoder = nn.TransformerEncoder(layer, params.short_layers, enable_nested_tensor=False)
-        self.recency = nn.Embedding(params.short_len + 1, d)
+        self.recency = DenseEmbedding(params.short_len + 1, d)
         nn.init.zeros_(self.recency.weight)
         self.long_dim = 2 * params.channels * d
         self.build_tower()

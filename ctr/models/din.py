@@ -60,6 +60,7 @@ from features.loader import Batch, SequenceView
 
 from ..modules.activations import BatchNorm1dAnySize
 from ..modules.attention import DinAttention
+from ..modules.dense_embedding import DenseEmbedding
 from ..modules.gsu import lengths_to_offsets
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention
 from ..modules.mlp import MLP
@@ -127,7 +128,7 @@ class DIN(CTRModel):
         )  # fmt: skip
         self.item_bias = None
         if params.item_bias:
-            self.item_bias = nn.Embedding(info.vocab_sizes["item"], 1)
+            self.item_bias = DenseEmbedding(info.vocab_sizes["item"], 1)
             nn.init.zeros_(self.item_bias.weight)
         self.lain: LainConditioner | None = None
         if params.lain.enabled:  # built last: the backbone's parameters start as a plain DIN's with the same seed

@@ -31,6 +31,7 @@ from features.dataset import DatasetInfo
 from features.loader import Batch, SequenceView
 
 from ..modules.activations import BatchNorm1dAnySize
+from ..modules.dense_embedding import DenseEmbedding
 from ..modules.esu import TemporalTargetAttention, time_gap_bucket
 from ..modules.gsu import to_slots
 from ..modules.mlp import MLP
@@ -68,7 +69,7 @@ class TIN(CTRModel):
             n_in, params.hidden, activation=params.activation, batch_norm=params.batch_norm,
             dropout=params.dropout, out_dim=1,
         )  # fmt: skip
-        self.item_bias = nn.Embedding(info.vocab_sizes["item"], 1) if params.item_bias else None
+        self.item_bias = DenseEmbedding(info.vocab_sizes["item"], 1) if params.item_bias else None
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
 

@@ -36,6 +36,7 @@ import kernels
 
 from .. import native
 from .attention import masked_softmax, pool
+from .dense_embedding import DenseEmbedding
 
 
 def time_gap_bucket(gap: torch.Tensor, n_buckets: int) -> torch.Tensor:
@@ -102,7 +103,7 @@ class TimeGapEmbedding(nn.Module):
         if n_buckets < 2:
             raise ValueError(f"TimeGapEmbedding needs n_buckets >= 2, got {n_buckets}")
         self.n_buckets = n_buckets
-        self.embedding = nn.Embedding(n_buckets, dim, padding_idx=0)
+        self.embedding = DenseEmbedding(n_buckets, dim, padding_idx=0)
 
     def forward(self, gap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """gap ``[B, K]`` seconds, mask ``[B, K]`` -> ``[B, K, dim]`` (zeros where not mask)."""
@@ -121,7 +122,7 @@ class TemporalTargetAttention(nn.Module):
 
     def __init__(self, dim: int, buckets: int) -> None:
         super().__init__()
-        self.table = nn.Embedding(buckets, dim)
+        self.table = DenseEmbedding(buckets, dim)
         nn.init.zeros_(self.table.weight)
 
     def forward(

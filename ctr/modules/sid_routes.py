@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .attention import masked_softmax
+from .dense_embedding import DenseEmbedding
 from .gsu import Selection, gsu_topk, lengths_to_offsets
 
 
@@ -148,7 +149,7 @@ class SIDFusion(nn.Module):
     ) -> None:
         super().__init__()
         self.dim, self.levels, self.num_codes, self.mode = dim, levels, num_codes, mode
-        self.tables = nn.ModuleList(nn.Embedding(num_codes, dim, padding_idx=num_codes - 1) for _ in range(levels))
+        self.tables = nn.ModuleList(DenseEmbedding(num_codes, dim, padding_idx=num_codes - 1) for _ in range(levels))
         for t in self.tables:
             nn.init.normal_(t.weight, std=init_std)
             with torch.no_grad():

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .. import native
+from .dense_embedding import DenseEmbedding
 from .esu import slot_attention, time_gap_bucket
 from .gsu import Selection, gsu_topk, per_sample_products
 
@@ -76,8 +77,8 @@ class TwinAttention(nn.Module):
         self.heads, self.head_dim, self.backend = heads, head_dim, backend
         self.w_q = nn.Linear(key_dim, heads * head_dim, bias=False)
         self.w_h = nn.Linear(key_dim, heads * head_dim, bias=False)
-        self.time = nn.Embedding(time_buckets, cross_dim, padding_idx=0) if time_buckets else None
-        self.btype = nn.Embedding(256, cross_dim) if btype else None
+        self.time = DenseEmbedding(time_buckets, cross_dim, padding_idx=0) if time_buckets else None
+        self.btype = DenseEmbedding(256, cross_dim) if btype else None
         # the cross features start neutral (zero bias, zero value part): drawn N(0, 1) they outweighed the
         # inherent score, whose embeddings TorchRec starts at ±sqrt(1 / rows), and the first GSU ranked by time gap
         for table in (self.time, self.btype):

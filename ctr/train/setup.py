@@ -48,14 +48,24 @@ def check_sparse_optimizer(name: str, cuda: bool | None = None, cpu_kernel: str 
 
 
 def dense_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The dense parameters' optimizer, in PyTorch's fused form where it has one for these parameters.
+
+    PyTorch picks its per-parameter loop on the CPU (it defaults to the multi-tensor forms on CUDA only): for TWIN's
+    24 dense tensors that was about 240 small operators a step, 1.2 ms, against 0.3 ms fused (same update, float
+    rounding aside). Fused Adam, AdamW and SGD run on the CPU and CUDA; fused Adagrad on the CPU only.
+    """
     o = cfg.optim
+    devices = {p.device.type for p in params}
+    fused_on = {"cpu", "cuda"} if o.dense != "adagrad" else {"cpu"}
+    fused = bool(params) and len(devices) == 1 and devices <= fused_on and all(p.is_floating_point() for p in params)
+    kwargs = {"lr": o.dense_lr, "weight_decay": o.weight_decay, "fused": True if fused else None}
     if o.dense == "adam":
-        return torch.optim.Adam(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, **kwargs)
     if o.dense == "adamw":
-        return torch.optim.AdamW(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, **kwargs)
     if o.dense == "adagrad":
-        return torch.optim.Adagrad(params, lr=o.dense_lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+        return torch.optim.Adagrad(params, **kwargs)
+    return torch.optim.SGD(params, **kwargs)
 
 
 def single_rank_constraints(model: torch.nn.Module, ctx: DistContext) -> dict[str, Any] | None:
