@@ -27,7 +27,7 @@ from torch import nn
 from features.dataset import DatasetInfo
 from features.loader import Batch, SequenceView, sparse_feature_names
 
-from ..modules.gsu import lengths_to_offsets, to_slots
+from ..modules.gsu import gather_rows, lengths_to_offsets, to_slots
 from ..modules.sid_embedding import SID_TABLE, SemanticIdEmbedding, SidParams, build_pieces
 
 ATT_SUFFIX = "_att"  # DARE's attention copy of a feature: `long_item` -> `long_item_att` (table `item_att`)
@@ -235,7 +235,7 @@ class CTRModel(nn.Module):
         pooled = self.sid_embedding.pool(out.pop(SID_TABLE).values(), seg, n_items)
         parts = inverse.split([raw[f].values().numel() for f in raw])
         for f, part in zip(raw, parts, strict=True):
-            v = pooled.index_select(0, part)
+            v = gather_rows(pooled, part)
             if self.params.item_repr == "id+sid":
                 v = out[f].values() + v
             out[f] = jagged(values=v, lengths=raw[f].lengths())
@@ -284,7 +284,7 @@ class CTRModel(nn.Module):
         dest = mask.reshape(-1).nonzero().squeeze(1)
         if bool((lengths > width).any()):  # a row longer than the window keeps its first `width` behaviors
             index = (lengths_to_offsets(lengths)[:-1].unsqueeze(1) + pos.unsqueeze(0)).reshape(-1).index_select(0, dest)
-            values = values.index_select(0, index)
+            values = gather_rows(values, index)
         return to_slots(values, mask, dest), mask
 
     def context_vector(self, emb: dict[str, Any]) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..modules.gsu import to_slots
+from ..modules.gsu import gather_rows, to_slots
 
 
 def fixed_slots(jt: Any, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +55,7 @@ def prefix_tail(
     item, cate = emb[f"long_item{suffix}"].values(), emb[f"long_cate{suffix}"].values()
     if lengths.numel() and int(lengths.max()) > width:
         rows = ((offsets[1:] - n).unsqueeze(1) + slots)[mask]  # each sample's slots in order, row-major
-        item, cate = item.index_select(0, rows), cate.index_select(0, rows)
+        item, cate = gather_rows(item, rows), gather_rows(cate, rows)
     # else every prefix is its own tail: the rows are all of them, in order (no gather, and no scatter back in the
     # backward)
     return to_slots(torch.cat([item, cate], dim=-1), mask), mask

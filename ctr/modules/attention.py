@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from .activations import Dice, make_activation
 
 DIN_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
@@ -102,9 +103,9 @@ class DinAttention(nn.Module):
         * the first layer is split by input block, ``W [q; k; q − k; q ⊙ k] = (W_q + W_d) q + [W_k − W_d, W_p]
           [k; q ⊙ k]``: the query's share is computed once per sample (B rows, not one per behavior) and the
           [N, 4D] concatenation is never built, which halves the layer's multiply-adds;
-        * the real behaviors are gathered by flat position (``index_select``, whose backward is a plain
-          ``index_add``) rather than by a boolean mask, whose backward is an accumulating ``index_put`` that runs
-          serially on the CPU.
+        * the real behaviors are gathered by flat position (`native.gather_rows`: an ``index_select`` whose
+          backward sums rows by index in one pass) rather than by a boolean mask, whose backward is an
+          accumulating ``index_put`` that runs serially on the CPU.
         """
         b, n, d = keys.shape
         flat = mask.reshape(-1).nonzero().squeeze(1)  # the real positions, row-major
@@ -112,11 +113,11 @@ class DinAttention(nn.Module):
         if flat.numel() == 0:
             return out.view(b, n)
         rows = torch.div(flat, n, rounding_mode="floor")
-        k = keys.reshape(b * n, d).index_select(0, flat)
+        k = native.gather_rows(keys.reshape(b * n, d), flat)
         first = self.linears[0]
         w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
-        q_part = F.linear(query, w_q + w_d, first.bias).index_select(0, rows)
-        q = query.index_select(0, rows)
+        q_part = native.gather_rows(F.linear(query, w_q + w_d, first.bias), rows)
+        q = native.gather_rows(query, rows)
         w_kp = torch.cat([w_k - w_d, w_p], dim=1)
         if self._compiled_rows is not None and self.training and torch.is_grad_enabled():
             s = self._run_compiled(q_part, q, k, w_kp)

@@ -3,13 +3,14 @@
 
 These tables are trained by the dense optimizer, not TorchRec's fused sparse one, and they are looked up at every
 behavior position: TWIN's two cross-feature tables at 1,024 x 50 positions, SIM's time-gap embedding at each
-selected behavior. PyTorch's CPU backward of ``F.embedding`` (``embedding_dense_backward``) took 3.2 to 3.6 ms for
-51,200 look-ups of an 8- to 32-wide table on the 2-core machine, where an ``index_add_`` of the same gradient rows
-takes 0.7 to 1.1 ms (0.3 against 3.1 ms for a 50,000 x 1 item-bias table); in TWIN's step at L = 50 the two tables'
-backward was 7.8 of 88 ms. Same parameters, same state dict, same values: each row's gradient is the sum of the
-gradients of the positions that looked it up, the ``padding_idx`` row's is zero (``tests/test_dense_embedding.py``
-holds both against ``nn.Embedding``). On CUDA, without gradient, or with ``max_norm``, ``scale_grad_by_freq`` or
-``sparse``, it is ``nn.Embedding``'s own path.
+selected behavior. A look-up and its backward through ``F.embedding`` (whose CPU backward is
+``embedding_dense_backward``) took 3.1 to 4.8 ms for 51,200 look-ups of an 8- to 32-wide table, or of a 50,000 x 1
+item-bias table, on the 2-core machine; here (``index_select``, then the gradient rows summed by index in one pass,
+`native.index_add_rows`) 0.7 to 1.2 ms. In TWIN's step at L = 50 the two cross-feature tables' backward was 7.8
+of 88 ms. Same parameters, same state dict, same values: each row's gradient is the sum of the gradients of the
+positions that looked it up, the ``padding_idx`` row's is zero (``tests/test_dense_embedding.py`` holds both against
+``nn.Embedding``). On CUDA, without gradient, or with ``max_norm``, ``scale_grad_by_freq`` or ``sparse``, it is
+``nn.Embedding``'s own path.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
+
 
 class _IndexAddLookup(torch.autograd.Function):
-    """``weight[idx]`` forward (``index_select``), ``zeros.index_add_(0, idx, grad)`` backward, padding row zeroed."""
+    """``weight[idx]`` forward (``index_select``), the gradient rows summed by index backward (`native.index_add_rows`,
+    PyTorch's ``index_add_`` where it does not apply), padding row zeroed."""
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, idx: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
@@ -33,7 +37,7 @@ class _IndexAddLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (idx,) = ctx.saved_tensors
-        g = grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, idx, grad)
+        g = native.index_add_rows(grad, idx, ctx.rows)
         if ctx.padding_idx is not None:
             g[ctx.padding_idx] = 0
         return g, None, None

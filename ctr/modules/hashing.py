@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import native
 from .gsu import Selection, gsu_topk
 
 
@@ -106,8 +107,8 @@ class SimHashBucketPool(nn.Module):
         # only the matching (row, function) pairs are added (about N m / 2^bits of them), all functions in one pass:
         # pair (i, h) goes to slot sample_i * m + h
         row, h = match.nonzero().unbind(1)
-        pooled = values.new_zeros(b * m, values.shape[1])
-        pooled = pooled.index_add_(0, sample.index_select(0, row) * m + h, values.index_select(0, row)).view(b, m, -1)
+        slot = sample.index_select(0, row) * m + h
+        pooled = native.sum_rows(native.gather_rows(values, row), slot, b * m).view(b, m, -1)
         if self.normalize:
             pooled = nn.functional.normalize(pooled, dim=-1)
         return pooled.mean(1)

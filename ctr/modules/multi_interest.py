@@ -58,7 +58,7 @@ def route(
     if offsets is not None:
         a = per_sample_products(behaviors, channels, offsets, sample)
     else:
-        a = torch.einsum("nd,ncd->nc", behaviors, channels.index_select(0, sample))
+        a = torch.einsum("nd,ncd->nc", behaviors, native.gather_rows(channels, sample))
     return a, a.argmax(-1)
 
 

@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .. import native
 from .attention import masked_softmax
 from .dense_embedding import DenseEmbedding
 from .gsu import Selection, gsu_topk, lengths_to_offsets
@@ -200,7 +201,7 @@ class SIDFusion(nn.Module):
         n = keys.numel()
         first = torch.full((uniq.numel(),), n, dtype=torch.long, device=keys.device)
         first.scatter_reduce_(0, inverse, torch.arange(n, device=keys.device), "amin")
-        return self(e_id.index_select(0, first), codes.index_select(0, first)).index_select(0, inverse)
+        return native.gather_rows(self(native.gather_rows(e_id, first), codes.index_select(0, first)), inverse)
 
 
 class RouteFusion(nn.Module):

@@ -137,12 +137,12 @@ class TwinAttention(nn.Module):
         j = 0
         if self.time is not None:
             rows = torch.where(flat_mask, time_gap_bucket(gap.reshape(-1), self.time.num_embeddings), 0)
-            out = out + (self.time.weight @ per[j]).index_select(0, rows)  # row 0 (an empty slot) is zero
+            out = out + native.gather_rows(self.time.weight @ per[j], rows)  # row 0 (an empty slot) is zero
             j += 1
         if self.btype is not None:
             assert btype is not None, "the model was built with a btype cross feature: the batch needs <view>_btype"
             rows = (btype.reshape(-1).long() + BTYPE_OFFSET).clamp(0, 255)
-            out = out + (self.btype.weight @ per[j]).index_select(0, rows) * flat_mask.unsqueeze(-1).to(per.dtype)
+            out = out + native.gather_rows(self.btype.weight @ per[j], rows) * flat_mask.unsqueeze(-1).to(per.dtype)
         return out.view(*gap.shape, self.heads)
 
     def relevance(
@@ -157,9 +157,9 @@ class TwinAttention(nn.Module):
         """α ``[N, H]`` of behaviors ``keys [N, key_dim]`` of samples ``sample [N]`` (reference; the GSU and the
         ESU compute the same quantity). ``projected``: `item_projection` rows of the behaviors (projected path)."""
         if path == "query":
-            return torch.einsum("nk,nhk->nh", keys, self.query_keys(target).index_select(0, sample)) + bias
+            return torch.einsum("nk,nhk->nh", keys, native.gather_rows(self.query_keys(target), sample)) + bias
         p = self.item_projection(keys) if projected is None else projected
-        q = self.w_q(target).view(-1, self.heads, self.head_dim).index_select(0, sample)
+        q = native.gather_rows(self.w_q(target).view(-1, self.heads, self.head_dim), sample)
         return (p * q).sum(-1) / math.sqrt(self.head_dim) + bias
 
     # ---- GSU --------------------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ class TwinAttention(nn.Module):
                 0, inverse, torch.arange(len(keys), device=keys.device)
             )
             # [N, H, d_k], one projection per distinct item
-            vectors = self.item_projection(keys.index_select(0, first)).index_select(0, inverse)
+            vectors = native.gather_rows(self.item_projection(native.gather_rows(keys, first)), inverse)
             q = self.w_q(target).view(-1, self.heads, self.head_dim) / math.sqrt(self.head_dim)
         ones = torch.ones(len(target), 1, device=target.device)
         per_head, per_score = [], []

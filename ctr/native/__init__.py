@@ -7,7 +7,9 @@ top-K over a jagged prefix, one pass per sample (`jagged_topk.cpp`, every search
 the GSU's scores, each behavior's vector read once in place (`gather_dot.cpp`, the CPU path of every search);
 masked multi-head target attention over a sample's slots (`target_attention.cpp`, the CPU path of
 `ctr.modules.esu.MultiHeadTargetAttention`: SIM's and R2LED's ESUs, the ``mhta`` short branch); and TWIN-V2's
-hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`).
+hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`); and the sum of rows by
+index that is the backward of every row gather and the sparse update's per-row sum (`index_add.cpp`, `gather_rows`,
+`index_add_rows`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -48,6 +50,7 @@ SOURCES = (
     HERE / "kmeans_tree.cpp",
     HERE / "gather_dot.cpp",
     HERE / "target_attention.cpp",
+    HERE / "index_add.cpp",
 )
 HEADERS = (HERE / "vec_math.h",)
 STALE_LOCK_S = 600.0
@@ -392,6 +395,65 @@ def segment_dots(parts: list[torch.Tensor], queries: torch.Tensor, offsets: torc
         return None
     blocks = [p.contiguous() for p in parts]
     return torch.ops.ctr_native.segment_dots(blocks, queries.contiguous(), offsets.to(torch.int64).contiguous())
+
+
+def index_add_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """``zeros(rows, D).index_add_(0, index, src)`` for ``src [N, D]`` and ``index [N]``: natively where it applies
+    (float32 on the CPU; `index_add.cpp`: one pass in index order, not PyTorch's sort of the index), else PyTorch's.
+    Not differentiable itself: the backward of `gather_rows` and the sparse update call it."""
+    if src.dim() == 2 and index.dim() == 1 and index.device.type == "cpu" and applies(src):
+        return torch.ops.ctr_native.index_add_rows(src.contiguous(), index.to(torch.int64).contiguous(), int(rows))
+    return src.new_zeros(rows, *src.shape[1:]).index_add_(0, index, src)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward is `index_add_rows` (x [R, ...] summed as [R, prod(...)])."""
+
+    @staticmethod
+    def forward(ctx, x, index):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(index)
+        ctx.shape = x.shape
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (index,) = ctx.saved_tensors
+        rows = ctx.shape[0]
+        summed = index_add_rows(grad.reshape(grad.shape[0], -1), index, rows)
+        return summed.view(ctx.shape), None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)``; where a gradient flows back to a float32 CPU ``x``, its backward is the native
+    `index_add_rows` instead of PyTorch's ``index_add_`` (which sorts the index first; see `index_add.cpp`)."""
+    if (
+        x.dim() >= 1 and index.dim() == 1 and x.requires_grad and torch.is_grad_enabled()
+        and index.device.type == "cpu" and applies(x)
+    ):  # fmt: skip
+        return _GatherRows.apply(x, index)
+    return x.index_select(0, index)
+
+
+class _SumRows(torch.autograd.Function):
+    """`index_add_rows` with its gradient: each source row's is its destination's."""
+
+    @staticmethod
+    def forward(ctx, src, index, rows):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(index)
+        return index_add_rows(src, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def sum_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """``zeros(rows, D).index_add(0, index, src)`` for ``src [N, D]``, differentiable in ``src``: natively where it
+    applies (`index_add_rows`), else PyTorch's ``index_add``."""
+    if src.dim() == 2 and index.dim() == 1 and index.device.type == "cpu" and applies(src):
+        return _SumRows.apply(src, index, int(rows))
+    return src.new_zeros(rows, *src.shape[1:]).index_add(0, index, src)
 
 
 def kmeans_tree(x: np.ndarray, max_size: int, seed: int, iters: int, branching: int) -> np.ndarray | None:

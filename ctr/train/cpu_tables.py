@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from .. import native
+
 log = logging.getLogger(__name__)
 
 UPDATE_SPAN = "ctr::cpu_table_update"  # the profiler span of the update (benchmarks/step_profile.py reads it)
@@ -164,7 +166,7 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
         name = rows.name
         grad = grad.reshape(-1, rows.dim).float()
         unique, inverse = torch.unique(rows.weight, return_inverse=True)
-        g = grad.new_zeros(unique.numel(), rows.dim).index_add_(0, inverse, grad)
+        g = native.index_add_rows(grad, inverse, unique.numel())  # one pass, not index_add_'s sort of the index
         weights = tbe.weights_host.view(-1, rows.dim)
         w = weights.index_select(0, unique)
         lr = float(tbe.learning_rate_tensor)

@@ -1,0 +1,139 @@
+"""Rows summed by index (`native.index_add_rows`, `index_add.cpp`) and the gathers built on it (`gather_rows`,
+`sum_rows`): PyTorch's ``index_add_`` and ``index_select`` values and gradients, the fallbacks, the sparse update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctr import native
+
+
+@pytest.fixture(autouse=True)
+def _native_on():
+    native.set_enabled(True)
+    yield
+    native.set_enabled(True)
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "d", "order"),
+    [(14, 880, 16, "random"), (1024, 4300, 80, "sorted"), (5, 0, 3, "random"), (3, 7, 1, "one row"), (9, 40, 0, "")],
+)
+def test_index_add_rows_is_pytorchs_index_add(rows, n, d, order):
+    assert native.available()
+    gen = torch.Generator().manual_seed(rows + n)
+    src = torch.randn(n, d, generator=gen)
+    index = torch.randint(0, rows, (n,), generator=gen)
+    if order == "sorted":
+        index = index.sort().values
+    elif order == "one row":
+        index.fill_(1)
+    out = native.index_add_rows(src, index, rows)
+    ref = torch.zeros(rows, d).index_add_(0, index, src)
+    assert out.shape == (rows, d)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_index_add_rows_refuses_an_index_outside_the_rows():
+    with pytest.raises(RuntimeError, match="outside the 4 rows"):
+        native.index_add_rows(torch.ones(3, 2), torch.tensor([0, 4, 1]), 4)
+    with pytest.raises(RuntimeError, match="outside"):
+        native.index_add_rows(torch.ones(1, 2), torch.tensor([-1]), 4)
+
+
+def test_index_add_rows_falls_back_off_the_native_path():
+    src, index = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 2, 2, 1, 0, 2])
+    ref = torch.zeros(3, 3, dtype=torch.float64).index_add_(0, index, src)
+    assert torch.equal(native.index_add_rows(src, index, 3), ref)  # float64: PyTorch's
+    native.set_enabled(False)
+    src32 = src.float()
+    assert torch.equal(native.index_add_rows(src32, index, 3), torch.zeros(3, 3).index_add_(0, index, src32))
+
+
+@pytest.mark.parametrize("shape", [(50, 8), (30, 4, 5), (40,)])
+def test_gather_rows_values_and_gradient_are_index_selects(shape):
+    gen = torch.Generator().manual_seed(len(shape))
+    base = torch.randn(*shape, generator=gen)
+    index = torch.randint(0, shape[0], (200,), generator=gen)
+    x, y = base.clone().requires_grad_(), base.clone().requires_grad_()
+    a, b = native.gather_rows(x, index), y.index_select(0, index)
+    assert torch.equal(a, b)
+    up = torch.randn(b.shape, generator=gen)
+    a.backward(up)
+    b.backward(up)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_gather_rows_of_a_non_contiguous_input_and_a_non_contiguous_gradient():
+    base = torch.randn(8, 12)
+    x = base.t().clone().requires_grad_()  # [12, 8]
+    view = x[:, ::2]  # non-contiguous rows
+    index = torch.tensor([3, 3, 0, 11, 7])
+    out = native.gather_rows(view, index)
+    (out.t() * torch.arange(5.0)).sum().backward()  # the gradient arrives transposed
+    ref = x.detach().clone().requires_grad_()
+    (ref[:, ::2].index_select(0, index).t() * torch.arange(5.0)).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+def test_gather_rows_without_gradient_is_a_plain_index_select(monkeypatch):
+    calls = []
+    monkeypatch.setattr(native._GatherRows, "apply", lambda *a: calls.append(a))
+    x, index = torch.randn(5, 2), torch.tensor([1, 4])
+    assert torch.equal(native.gather_rows(x, index), x[index])  # x needs no gradient
+    with torch.no_grad():
+        native.gather_rows(x.requires_grad_(), index)
+    assert calls == []
+
+
+def test_sum_rows_value_and_gradient():
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(60, 5, generator=gen)
+    index = torch.randint(0, 7, (60,), generator=gen)
+    a_in, b_in = src.clone().requires_grad_(), src.clone().requires_grad_()
+    a = native.sum_rows(a_in, index, 7)
+    b = torch.zeros(7, 5).index_add(0, index, b_in)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    up = torch.randn(7, 5, generator=gen)
+    a.backward(up)
+    b.backward(up)
+    assert torch.equal(a_in.grad, b_in.grad)
+
+
+def test_the_sparse_update_sums_each_rows_gradients_natively(monkeypatch):
+    """`cpu_tables._update` sums the gradients of each distinct row through `index_add_rows` (the same sum as
+    PyTorch's ``index_add_``; `tests/test_cpu_tables.py` holds the update itself against FBGEMM's)."""
+    from ctr.train import cpu_tables
+
+    seen = []
+    original = native.index_add_rows
+
+    def spy(src, index, rows):
+        seen.append((src.shape, rows))
+        return original(src, index, rows)
+
+    monkeypatch.setattr(cpu_tables.native, "index_add_rows", spy)
+    tbe = _FakeTbe(rows=6, dim=4)
+    indices = torch.tensor([5, 1, 5, 0, 1, 5])
+    rows = cpu_tables._Rows(tbe, "sgd", indices, torch.tensor([0, 3, 6]))
+    grad = torch.arange(24.0).view(6, 4)
+    before = tbe.weights_host.clone().view(6, 4)
+    cpu_tables._update(tbe, rows, grad)
+    assert seen == [((6, 4), 3)]
+    expected = before.clone()
+    expected.index_add_(0, indices, grad, alpha=-0.5)
+    torch.testing.assert_close(tbe.weights_host.view(6, 4), expected)
+
+
+class _FakeTbe:
+    """The attributes of FBGEMM's TBE that `_Rows` and the SGD update read: one table, two features."""
+
+    def __init__(self, rows: int, dim: int) -> None:
+        self.feature_table_map = [0, 0]
+        self.D_offsets = torch.tensor([0, dim, 2 * dim])
+        self.embedding_specs = [(rows, dim)]
+        self.weights_offsets = torch.tensor([0, 0])  # per feature: both features read the one table
+        self.momentum1_offsets = torch.tensor([0, 0])
+        self.weights_host = torch.randn(rows * dim)
+        self.learning_rate_tensor = torch.tensor(0.5)
