@@ -261,18 +261,24 @@ def _sharding_types(ctx, data: Path, run: Path, out: list) -> None:
     cfg, params = resolve_train_config("din", None, [*QUICK, "model.dare=true", "model.dare_att_dim=4"])
     tr = Training(ctx, data, run, {"config": {}}, cfg, params)
     out.extend((name, s.sharding_type) for module in tr.dmp.plan.plan.values() for name, s in module.items())
+    out.append(("dense part", type(tr.dmp._dmp_wrapped_module).__name__))
 
 
 def test_one_rank_places_every_table_whole(tiny_data, tmp_path):
     """On one rank every table of every embedding collection is table-wise: row-wise there (the planner's pick
-    before) bucketized the input and permuted every looked-up row on each step for a single shard."""
+    before) bucketized the input and permuted every looked-up row on each step for a single shard. The dense part
+    is the model itself, not DDP around it."""
     from ctr.train.distributed import launch
 
     seen: list = []
     launch(_sharding_types, 1, tmp_path / "run", tiny_data, tmp_path / "run", seen)
-    names = {name for name, _ in seen}
-    assert {"item", "cate", "item_att", "cate_att"} <= names, seen
-    assert all(kind == "table_wise" for _, kind in seen), seen
+    dense = dict(seen).pop("dense part")
+    tables = [(name, kind) for name, kind in seen if name != "dense part"]
+    assert {"item", "cate", "item_att", "cate_att"} <= {name for name, _ in tables}, seen
+    assert all(kind == "table_wise" for _, kind in tables), seen
+    # and the dense part is not wrapped in DistributedDataParallel for a world of one (`SingleRankWrapper`); with
+    # more ranks it is, which `test_two_processes_match_one` needs (the gradients averaged over ranks)
+    assert dense == "DIN", dense
 
 
 def test_no_validation_keeps_the_last_model(tiny_data, tmp_path):

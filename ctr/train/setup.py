@@ -85,6 +85,21 @@ def single_rank_constraints(model: torch.nn.Module, ctx: DistContext) -> dict[st
     return {name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]) for name in tables}
 
 
+class SingleRankWrapper:
+    """TorchRec's data-parallel wrapper for a world of one rank: the dense part is placed on the device and not
+    wrapped in `DistributedDataParallel`.
+
+    With one rank there is nothing to all-reduce, but DDP still ran its forward bookkeeping and its reducer's hooks on
+    every step: about 0.6 ms a step (TWIN at L = 50, two models built in one process and stepped alternately: 16.1
+    against 15.5 ms at batch 32, 36.8 against 35.2 at 256; at 1,024 less than the noise). The gradients are the same
+    (DDP divides by a world size of 1). `DistributedModelParallel.state_dict` drops DDP's ``module.`` prefix, so
+    checkpoints are the same either way (a run resumes with the world size it started with).
+    """
+
+    def wrap(self, dmp: Any, env: Any, device: torch.device) -> None:  # noqa: ARG002 (TorchRec's interface)
+        dmp._dmp_wrapped_module = dmp._dmp_wrapped_module.to(device)
+
+
 COMPILE_AUTO_MIN_STEPS = 2_000  # train.compile=auto: compiling (3 to 15 s) pays off after about 1,000 steps
 
 

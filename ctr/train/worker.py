@@ -31,6 +31,7 @@ from ..runs import JsonlLog, build_model, write_seen
 from . import checkpoint, cpu_tables
 from .distributed import DistContext, copy_local_state, full_state_dict, local_state
 from .setup import (
+    SingleRankWrapper,
     compile_units,
     dense_optimizer,
     fault,
@@ -119,7 +120,8 @@ class Training:
         plan = planner.collective_plan(model, None, dist.GroupMember.WORLD)
         cpu_adam = ctx.device.type == "cpu" and cfg.optim.sparse == "adam"
         with cpu_tables.cpu_adam() if cpu_adam else nullcontext():  # FBGEMM refuses Adam on the CPU
-            self.dmp = DistributedModelParallel(model, device=ctx.device, plan=plan)
+            one_rank = SingleRankWrapper() if ctx.world_size == 1 else None  # no DDP around a world of one
+            self.dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, data_parallel_wrapper=one_rank)
         # how the sequence tables' look-up and fused update run on this rank (the run summary says it)
         self.cpu_table_groups = cpu_tables.install(self.dmp) if cfg.optim.sparse_cpu_kernel == "torch" else 0
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters(), include=False)]
