@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from ctr.modules.dense_embedding import DenseEmbedding, _IndexAddLookup
+from ctr import native
+from ctr.modules.dense_embedding import DenseEmbedding
 
 
 def _pair(rows: int, dim: int, padding_idx: int | None) -> tuple[nn.Embedding, DenseEmbedding]:
@@ -39,13 +40,13 @@ def test_same_values_and_gradients(rows: int, dim: int, padding_idx: int | None)
 
 def test_its_backward_runs_on_the_cpu_training_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    original = _IndexAddLookup.apply
+    original = native._GatherRows.apply
 
     def counting(*args: object) -> torch.Tensor:
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(_IndexAddLookup, "apply", counting)
+    monkeypatch.setattr(native._GatherRows, "apply", counting)
     emb = DenseEmbedding(10, 3)
     idx = torch.tensor([[1, 2], [3, 1]])
     emb(idx).sum().backward()

@@ -9,13 +9,11 @@ item-bias table, on the 2-core machine; here (``index_select``, then the gradien
 `native.index_add_rows`) 0.7 to 1.2 ms. In TWIN's step at L = 50 the two cross-feature tables' backward was 7.8
 of 88 ms. Same parameters, same state dict, same values: each row's gradient is the sum of the gradients of the
 positions that looked it up, the ``padding_idx`` row's is zero (``tests/test_dense_embedding.py`` holds both against
-``nn.Embedding``). On CUDA, without gradient, or with ``max_norm``, ``scale_grad_by_freq`` or ``sparse``, it is
-``nn.Embedding``'s own path.
+``nn.Embedding``). On CUDA (or wherever the native operators do not apply), without gradient, or with ``max_norm``,
+``scale_grad_by_freq`` or ``sparse``, it is ``nn.Embedding``'s own path.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,36 +22,17 @@ from torch import nn
 from .. import native
 
 
-class _IndexAddLookup(torch.autograd.Function):
-    """``weight[idx]`` forward (``index_select``), the gradient rows summed by index backward (`native.index_add_rows`,
-    PyTorch's ``index_add_`` where it does not apply), padding row zeroed."""
-
-    @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, idx: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
-        ctx.save_for_backward(idx)
-        ctx.rows, ctx.padding_idx = weight.shape[0], padding_idx
-        return weight.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (idx,) = ctx.saved_tensors
-        g = native.index_add_rows(grad, idx, ctx.rows)
-        if ctx.padding_idx is not None:
-            g[ctx.padding_idx] = 0
-        return g, None, None
-
-
 class DenseEmbedding(nn.Embedding):
-    """``nn.Embedding`` whose CPU training look-up has an ``index_add_`` backward (see the module docstring)."""
+    """``nn.Embedding`` whose CPU training look-up is `native.gather_rows` (see the module docstring)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Embedding's own argument name)
         w = self.weight
         if (
-            w.device.type != "cpu" or not (w.requires_grad and torch.is_grad_enabled())
+            not (w.requires_grad and torch.is_grad_enabled()) or not native.applies(w)
             or self.max_norm is not None or self.scale_grad_by_freq or self.sparse
         ):  # fmt: skip
             return F.embedding(
                 input, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
             )
-        out = _IndexAddLookup.apply(w, input.reshape(-1), self.padding_idx)
+        out = native.gather_rows(w, input.reshape(-1), zero_row=self.padding_idx)
         return out.view(*input.shape, w.shape[1])

@@ -62,7 +62,7 @@ def per_sample_products(
         return out
     if sample is None:
         sample = torch.repeat_interleave(torch.arange(b, device=rows.device), offsets[1:] - offsets[:-1], output_size=n)
-    return torch.einsum("nd,nqd->nq", rows, native.gather_rows(queries, sample))
+    return torch.einsum("nd,nqd->nq", rows, gather_rows(queries, sample))
 
 
 @dataclass
@@ -119,7 +119,7 @@ def gather_slots(values: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -
     if values.shape[0] == 0:
         return values.new_zeros(*rows.shape, *values.shape[1:])
     dest = mask.reshape(-1).nonzero().squeeze(1)
-    return to_slots(native.gather_rows(values, rows.reshape(-1).index_select(0, dest)), mask, dest)
+    return to_slots(gather_rows(values, rows.reshape(-1).index_select(0, dest)), mask, dest)
 
 
 def to_slots(values: torch.Tensor, mask: torch.Tensor, dest: torch.Tensor | None = None) -> torch.Tensor:
@@ -219,7 +219,7 @@ class InnerProductGSU(nn.Module):
         sample = torch.repeat_interleave(
             torch.arange(q.shape[0], device=q.device), offsets[1:] - offsets[:-1], output_size=behaviors.shape[0]
         )
-        return (behaviors * native.gather_rows(q, sample)).sum(-1), sample
+        return (behaviors * gather_rows(q, sample)).sum(-1), sample
 
     def pooled(
         self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor | None = None
@@ -287,7 +287,7 @@ class CosineGSU(nn.Module):
         sample = torch.repeat_interleave(
             torch.arange(t.shape[0], device=t.device), offsets[1:] - offsets[:-1], output_size=v.shape[0]
         )
-        return (v * native.gather_rows(t, sample)).sum(-1)
+        return (v * gather_rows(t, sample)).sum(-1)
 
     def forward(
         self,

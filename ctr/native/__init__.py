@@ -407,30 +407,34 @@ def index_add_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.T
 
 
 class _GatherRows(torch.autograd.Function):
-    """``x.index_select(0, index)`` whose backward is `index_add_rows` (x [R, ...] summed as [R, prod(...)])."""
+    """``x.index_select(0, index)`` whose backward is `index_add_rows` (x [R, ...] summed as [R, prod(...)]), the
+    gradient of row ``zero_row`` (None: none) set to zero."""
 
     @staticmethod
-    def forward(ctx, x, index):  # type: ignore[no-untyped-def]
+    def forward(ctx, x, index, zero_row):  # type: ignore[no-untyped-def]
         ctx.save_for_backward(index)
-        ctx.shape = x.shape
+        ctx.shape, ctx.zero_row = x.shape, zero_row
         return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         (index,) = ctx.saved_tensors
-        rows = ctx.shape[0]
-        summed = index_add_rows(grad.reshape(grad.shape[0], -1), index, rows)
-        return summed.view(ctx.shape), None
+        summed = index_add_rows(grad.reshape(grad.shape[0], -1), index, ctx.shape[0])
+        if ctx.zero_row is not None:
+            summed[ctx.zero_row] = 0
+        return summed.view(ctx.shape), None, None
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, index: torch.Tensor, *, zero_row: int | None = None) -> torch.Tensor:
     """``x.index_select(0, index)``; where a gradient flows back to a float32 CPU ``x``, its backward is the native
-    `index_add_rows` instead of PyTorch's ``index_add_`` (which sorts the index first; see `index_add.cpp`)."""
+    `index_add_rows` instead of PyTorch's ``index_add_`` (which sorts the index first; see `index_add.cpp`).
+    ``zero_row``: a row whose gradient is zero on that path (``nn.Embedding``'s ``padding_idx``; callers that need
+    it elsewhere check `applies` first, as `ctr.modules.dense_embedding` does)."""
     if (
         x.dim() >= 1 and index.dim() == 1 and x.requires_grad and torch.is_grad_enabled()
         and index.device.type == "cpu" and applies(x)
     ):  # fmt: skip
-        return _GatherRows.apply(x, index)
+        return _GatherRows.apply(x, index, zero_row)
     return x.index_select(0, index)
 
 
