@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
+from ..native.din_unit import din_unit
 from .activations import Dice, make_activation
 
 DIN_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
@@ -106,6 +107,10 @@ class DinAttention(nn.Module):
         * the real behaviors are gathered by flat position (`native.gather_rows`: an ``index_select`` whose
           backward sums rows by index in one pass) rather than by a boolean mask, whose backward is an
           accumulating ``index_put`` that runs serially on the CPU.
+
+        With Dice (the default) on float32 CPU tensors the rows go to `ctr.native.din_unit`: the same two rewrites,
+        forward and backward in passes over blocks of rows that stay in cache (`ctr/native/din_unit.cpp`), instead
+        of the chain of whole-batch operators below, which on 2 cores run at the memory's rate.
         """
         b, n, d = keys.shape
         flat = mask.reshape(-1).nonzero().squeeze(1)  # the real positions, row-major
@@ -113,13 +118,20 @@ class DinAttention(nn.Module):
         if flat.numel() == 0:
             return out.view(b, n)
         rows = torch.div(flat, n, rounding_mode="floor")
-        k = native.gather_rows(keys.reshape(b * n, d), flat)
         first = self.linears[0]
         w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
-        q_part = native.gather_rows(F.linear(query, w_q + w_d, first.bias), rows)
-        q = native.gather_rows(query, rows)
         w_kp = torch.cat([w_k - w_d, w_p], dim=1)
-        if self._compiled_rows is not None and self.training and torch.is_grad_enabled():
+        q_share = F.linear(query, w_q + w_d, first.bias)
+        compiled = self._compiled_rows is not None and self.training and torch.is_grad_enabled()
+        if self.activation == "dice" and not compiled:  # the unit in cache-sized blocks (ctr/native/din_unit.cpp)
+            flat_keys = keys.reshape(b * n, d)
+            s = din_unit(flat_keys, flat, query, rows, q_share, w_kp, self.linears[1:], self.acts, self.out)
+            if s is not None:
+                return out.index_copy(0, flat, s).view(b, n)
+        k = native.gather_rows(keys.reshape(b * n, d), flat)
+        q_part = native.gather_rows(q_share, rows)
+        q = native.gather_rows(query, rows)
+        if compiled:
             s = self._run_compiled(q_part, q, k, w_kp)
         else:
             s = self._rows(q_part, q, k, w_kp)

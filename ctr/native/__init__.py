@@ -51,6 +51,7 @@ SOURCES = (
     HERE / "gather_dot.cpp",
     HERE / "target_attention.cpp",
     HERE / "index_add.cpp",
+    HERE / "din_unit.cpp",
 )
 HEADERS = (HERE / "vec_math.h",)
 STALE_LOCK_S = 600.0

@@ -1,0 +1,488 @@
+// DIN's activation unit with Dice, forward and backward, in passes over blocks of rows that stay in cache
+// (ctr/modules/attention.py, `DinAttention.scores`): for every real behavior i of sample r_i,
+//   x_0 = qpart[r_i] + W_kp [k_i; q_{r_i} ⊙ k_i],   y_l = Dice_l(x_l),   x_l = W_l y_{l-1} + b_l,   s_i = w_out · y_L + b_out
+// where k_i = keys[flat_i], Dice_l(x) = x (α + (1 − α) σ((x − mean) · invstd)) with the batch's column statistics in
+// training (the running ones in evaluation), and qpart = (W_q + W_d) q + b_1 is the first layer's per-sample share.
+//
+// Eager, the unit is a chain of whole-batch operators, each a pass through memory over [N, 64..128] blocks (N: every
+// real behavior of a batch, 43K at batch 1,024 and L = 50): gathers of the keys and queries, their product, a
+// concatenation, the layer, the column sums, Dice, the next layer, ...; on 2 cores the passes run at the memory's
+// rate, and backward makes about twice as many. Here each pass reads a group of rows once and keeps everything
+// derived from it (the [k; q ⊙ k] inputs, Dice's outputs, the gradients flowing back) in per-thread buffers: a
+// layer's product is BLAS on a 256-row block. What must reach memory is what the batch statistics need between
+// passes: the layers' pre-activations forward, and one gradient block per hidden layer but the last backward.
+//
+// Groups of whole samples (about 2,048 rows) are the parallel work items: each writes its samples' gradients of
+// qpart and the queries alone, and the column sums and weight gradients are added group by group in order, so the
+// result does not depend on the thread count. `flat` must be strictly increasing and `rows` nondecreasing (the
+// real positions of a row-major [B, L] mask, as `DinAttention.scores` builds them).
+// tests/test_din_unit.py holds the scores, every gradient and the running statistics to the eager module's.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "vec_math.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+// MKL's (or any BLAS's) Fortran sgemm, which libtorch_cpu exports where torch is built with it; weak, so that a
+// build without it loads and multiplies through ATen instead
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace din_unit_impl {
+
+using ctr_native::sigmoid_f;
+
+constexpr int64_t kGroupRows = 2048;  // rows per parallel work item (whole samples)
+constexpr int64_t kBlockRows = 256;   // rows per block inside a group, whose buffers stay in cache
+
+// row-major C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C, with row strides lda, ldb, ldc
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ != nullptr) {  // column-major BLAS on the transposes: C^T = op(B)^T op(A)^T
+    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+    const int ia = static_cast<int>(ldb), ib = static_cast<int>(lda), ic = static_cast<int>(ldc);
+    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &im, &in, &ik, &alpha, b, &ia, a, &ib, &beta, c, &ic);
+    return;
+  }
+  auto opt = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor am = at::from_blob(const_cast<float*>(a), {ta ? k : m, ta ? m : k}, {lda, 1}, opt);
+  at::Tensor bm = at::from_blob(const_cast<float*>(b), {tb ? n : k, tb ? k : n}, {ldb, 1}, opt);
+  at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, opt);
+  if (beta == 0.0f) cm.zero_();
+  cm.addmm_(ta ? am.t() : am, tb ? bm.t() : bm, beta == 0.0f ? 1.0f : beta, alpha);
+}
+
+inline void dice_row(const float* __restrict x, const float* __restrict a, const float* __restrict m,
+                     const float* __restrict is, float* __restrict y, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) {
+    const float p = sigmoid_f((x[j] - m[j]) * is[j]);
+    y[j] = x[j] * (a[j] + (1.0f - a[j]) * p);
+  }
+}
+
+// Dice forward keeping σ: y = x (α + (1 − α) p), p = σ(x_hat) into p
+inline void dice_p_row(const float* __restrict x, const float* __restrict a, const float* __restrict m,
+                       const float* __restrict is, float* __restrict y, float* __restrict p, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) {
+    p[j] = sigmoid_f((x[j] - m[j]) * is[j]);
+    y[j] = x[j] * (a[j] + (1.0f - a[j]) * p[j]);
+  }
+}
+
+// the last hidden layer's row for backward: its gradient is gs w_out; gw_out += gs y, and Dice's sums as below
+inline void last_sums_row(const float* __restrict x, float gs, const float* __restrict wo, const float* __restrict a,
+                          const float* __restrict m, const float* __restrict is, float* __restrict gwo,
+                          float* __restrict ga, float* __restrict s1, float* __restrict s2, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) {
+    const float xh = (x[j] - m[j]) * is[j];
+    const float p = sigmoid_f(xh);
+    gwo[j] += gs * x[j] * (a[j] + (1.0f - a[j]) * p);
+    const float t = gs * wo[j] * x[j];
+    ga[j] += t * (1.0f - p);
+    const float gxh = t * (1.0f - a[j]) * p * (1.0f - p);
+    s1[j] += gxh;
+    s2[j] += gxh * xh;
+  }
+}
+
+// Dice's backward sums with σ already computed (p)
+inline void dice_sums_p_row(const float* __restrict x, const float* __restrict g, const float* __restrict p,
+                            const float* __restrict a, const float* __restrict m, const float* __restrict is,
+                            float* __restrict ga, float* __restrict s1, float* __restrict s2, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) {
+    const float xh = (x[j] - m[j]) * is[j];
+    const float t = g[j] * x[j];
+    ga[j] += t * (1.0f - p[j]);
+    const float gxh = t * (1.0f - a[j]) * p[j] * (1.0f - p[j]);
+    s1[j] += gxh;
+    s2[j] += gxh * xh;
+  }
+}
+
+inline void sums_row(const float* __restrict x, float* __restrict s, float* __restrict q, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) {
+    s[j] += x[j];
+    q[j] += x[j] * x[j];
+  }
+}
+
+// dx = g (α + (1 − α) p) + invstd (g_xhat − mean(g_xhat) − x_hat mean(g_xhat x_hat))
+inline void dice_dx_row(const float* __restrict x, const float* __restrict g, const float* __restrict a,
+                        const float* __restrict m, const float* __restrict is, const float* __restrict m1,
+                        const float* __restrict m2, float* __restrict d, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) {
+    const float xh = (x[j] - m[j]) * is[j];
+    const float p = sigmoid_f(xh);
+    const float gxh = g[j] * x[j] * (1.0f - a[j]) * p * (1.0f - p);
+    d[j] = g[j] * (a[j] + (1.0f - a[j]) * p) + is[j] * (gxh - m1[j] - xh * m2[j]);
+  }
+}
+
+inline void scale_row(float s, const float* __restrict w, float* __restrict out, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) out[j] = s * w[j];
+}
+
+// [k; q ⊙ k] for rows [r0, r1) into x [r1 - r0, 2d]
+void build_inputs(const float* keys, const float* query, const int64_t* flat, const int64_t* rows, int64_t d,
+                  int64_t r0, int64_t r1, float* x) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* __restrict k = keys + flat[i] * d;
+    const float* __restrict q = query + rows[i] * d;
+    float* __restrict o = x + (i - r0) * 2 * d;
+    for (int64_t j = 0; j < d; ++j) {
+      o[j] = k[j];
+      o[d + j] = q[j] * k[j];
+    }
+  }
+}
+
+// group boundaries at sample changes, each group at least kGroupRows rows but the last
+std::vector<int64_t> sample_groups(const int64_t* rows, int64_t n) {
+  std::vector<int64_t> bounds{0};
+  for (int64_t i = 1; i < n; ++i) {
+    if (i - bounds.back() >= kGroupRows && rows[i] != rows[i - 1]) bounds.push_back(i);
+  }
+  if (n > 0) bounds.push_back(n);
+  return bounds;
+}
+
+void check_float(const at::Tensor& t, int64_t dim, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(),
+              "ctr_native din_unit: ", what, " must be a contiguous float32 CPU tensor of ", dim, " dims, got ",
+              t.sizes(), " ", t.scalar_type());
+}
+
+struct Shapes {
+  int64_t n, d, b, m;
+  std::vector<int64_t> h;  // hidden widths
+};
+
+// the inputs' checks, shared by forward and backward
+Shapes check_inputs(const at::Tensor& keys, const at::Tensor& flat, const at::Tensor& query, const at::Tensor& rows,
+                    const at::Tensor& w1, at::TensorList ws, at::TensorList alphas, const at::Tensor& w_out) {
+  check_float(keys, 2, "keys");
+  check_float(query, 2, "query");
+  check_float(w1, 2, "w1");
+  check_float(w_out, 1, "w_out");
+  for (const auto* t : {&flat, &rows}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(),
+                "ctr_native din_unit: flat and rows must be contiguous int64 [N] CPU tensors");
+  }
+  Shapes s{flat.size(0), keys.size(1), query.size(0), keys.size(0), {}};
+  TORCH_CHECK(rows.size(0) == s.n, "ctr_native din_unit: flat has ", s.n, " rows, rows ", rows.size(0));
+  TORCH_CHECK(query.size(1) == s.d, "ctr_native din_unit: query width ", query.size(1), " != keys width ", s.d);
+  TORCH_CHECK(w1.size(1) == 2 * s.d, "ctr_native din_unit: w1 must be [H, 2D], got ", w1.sizes());
+  TORCH_CHECK(alphas.size() == ws.size() + 1, "ctr_native din_unit: one alpha per hidden layer");
+  s.h.push_back(w1.size(0));
+  for (const auto& w : ws) {
+    check_float(w, 2, "a hidden weight");
+    TORCH_CHECK(w.size(1) == s.h.back(), "ctr_native din_unit: hidden weight ", w.sizes(), " after width ",
+                s.h.back());
+    s.h.push_back(w.size(0));
+  }
+  for (size_t l = 0; l < alphas.size(); ++l) {
+    check_float(alphas[l], 1, "alpha");
+    TORCH_CHECK(alphas[l].size(0) == s.h[l], "ctr_native din_unit: alpha ", l, " has ", alphas[l].size(0),
+                " units, the layer ", s.h[l]);
+  }
+  TORCH_CHECK(w_out.size(0) == s.h.back(), "ctr_native din_unit: w_out must be [", s.h.back(), "]");
+  const int64_t* fp = flat.data_ptr<int64_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.n; ++i) {
+    TORCH_CHECK(fp[i] >= 0 && fp[i] < s.m && rp[i] >= 0 && rp[i] < s.b, "ctr_native din_unit: row ", i,
+                " (flat ", fp[i], ", sample ", rp[i], ") is outside the ", s.m, " keys or ", s.b, " samples");
+    TORCH_CHECK(i == 0 || (fp[i] > fp[i - 1] && rp[i] >= rp[i - 1]),
+                "ctr_native din_unit: flat must increase and rows must not decrease (row ", i, ")");
+  }
+  return s;
+}
+
+// per-group float partials of `width` values, added into double totals in group order
+at::Tensor reduce_groups(const std::vector<float>& part, int64_t groups, int64_t width) {
+  std::vector<double> tot(static_cast<size_t>(width), 0.0);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t j = 0; j < width; ++j) tot[j] += part[g * width + j];
+  }
+  auto out = at::empty({width}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(tot.begin(), tot.end(), out.data_ptr<double>());
+  return out;
+}
+
+}  // namespace din_unit_impl
+
+// forward: [scores [N], x_0..x_{L-1} (pre-activations), mean_0.., invstd_0.., var_0.. (biased, float64; training)]
+std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tensor& flat, const at::Tensor& query,
+                                         const at::Tensor& rows, const at::Tensor& qpart, const at::Tensor& w1,
+                                         at::TensorList ws, at::TensorList bs, at::TensorList alphas,
+                                         const at::Tensor& w_out, double b_out, at::TensorList means,
+                                         at::TensorList invstds, double eps) {
+  using namespace din_unit_impl;
+  const Shapes s = check_inputs(keys, flat, query, rows, w1, ws, alphas, w_out);
+  const int64_t n = s.n, d = s.d, layers = static_cast<int64_t>(s.h.size());
+  check_float(qpart, 2, "qpart");
+  TORCH_CHECK(qpart.size(0) == s.b && qpart.size(1) == s.h[0], "ctr_native din_unit: qpart must be [B, H]");
+  TORCH_CHECK(static_cast<int64_t>(bs.size()) == layers - 1, "ctr_native din_unit: one bias per hidden layer after the first");
+  const bool batch_stats = means.empty();
+  TORCH_CHECK(batch_stats || (static_cast<int64_t>(means.size()) == layers && invstds.size() == means.size()),
+              "ctr_native din_unit: means and invstds: one per hidden layer, or none (batch statistics)");
+  const auto opt = keys.options();
+  std::vector<at::Tensor> pre, mean(layers), invstd(layers), var(layers);
+  for (int64_t l = 0; l < layers; ++l) pre.push_back(at::empty({n, s.h[l]}, opt));
+  at::Tensor scores = at::empty({n}, opt);
+  const std::vector<int64_t> bounds = sample_groups(rows.data_ptr<int64_t>(), n);
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
+  const float *kp = keys.data_ptr<float>(), *qp = query.data_ptr<float>(), *qpp = qpart.data_ptr<float>(),
+              *w1p = w1.data_ptr<float>();
+  const int64_t *fp = flat.data_ptr<int64_t>(), *rp = rows.data_ptr<int64_t>();
+
+  for (int64_t l = 0; l <= layers; ++l) {  // pass l: x_l from y_{l-1} (l = 0: from the inputs); pass L: the scores
+    const int64_t hin = l == 0 ? 2 * d : s.h[l - 1];
+    const int64_t hout = l < layers ? s.h[l] : 1;
+    std::vector<float> part(static_cast<size_t>(groups * 2 * hout), 0.0f);  // column sums, sums of squares
+    const float *a = nullptr, *mp = nullptr, *ip = nullptr;
+    if (l > 0) {
+      a = alphas[l - 1].data_ptr<float>();
+      mp = mean[l - 1].data_ptr<float>();
+      ip = invstd[l - 1].data_ptr<float>();
+    }
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> in(static_cast<size_t>(kBlockRows * hin)), acc(static_cast<size_t>(2 * hout));
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int64_t r0 = bounds[g]; r0 < bounds[g + 1]; r0 += kBlockRows) {
+          const int64_t r1 = std::min(bounds[g + 1], r0 + kBlockRows), nb = r1 - r0;
+          if (l == 0) {
+            build_inputs(kp, qp, fp, rp, d, r0, r1, in.data());
+          } else {
+            const float* x = pre[l - 1].data_ptr<float>() + r0 * hin;
+            for (int64_t i = 0; i < nb; ++i) dice_row(x + i * hin, a, mp, ip, in.data() + i * hin, hin);
+          }
+          if (l == layers) {
+            const float* w = w_out.data_ptr<float>();
+            float* out = scores.data_ptr<float>() + r0;
+            for (int64_t i = 0; i < nb; ++i) out[i] = static_cast<float>(b_out) + ctr_native::dot(in.data() + i * hin, w, hin);
+            continue;
+          }
+          float* x = pre[l].data_ptr<float>() + r0 * hout;
+          if (l == 0) {
+            for (int64_t i = 0; i < nb; ++i) std::copy_n(qpp + rp[r0 + i] * hout, hout, x + i * hout);
+            gemm(false, true, nb, hout, hin, 1.0f, in.data(), hin, w1p, hin, 1.0f, x, hout);
+          } else {
+            const float* bias = bs[l - 1].data_ptr<float>();
+            for (int64_t i = 0; i < nb; ++i) std::copy_n(bias, hout, x + i * hout);
+            gemm(false, true, nb, hout, hin, 1.0f, in.data(), hin, ws[l - 1].data_ptr<float>(), hin, 1.0f, x, hout);
+          }
+          if (batch_stats) {
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t i = 0; i < nb; ++i) sums_row(x + i * hout, acc.data(), acc.data() + hout, hout);
+            float* pp = part.data() + g * 2 * hout;
+            for (int64_t j = 0; j < 2 * hout; ++j) pp[j] += acc[j];
+          }
+        }
+      }
+    });
+    if (l == layers) break;
+    if (batch_stats) {
+      auto tot = reduce_groups(part, groups, 2 * hout).view({2, hout});
+      auto m64 = tot[0] / static_cast<double>(std::max<int64_t>(n, 1));
+      auto v64 = (tot[1] / static_cast<double>(std::max<int64_t>(n, 1)) - m64 * m64).clamp_min(0.0);
+      mean[l] = m64.to(at::kFloat).contiguous();
+      invstd[l] = (v64 + eps).rsqrt().to(at::kFloat).contiguous();
+      var[l] = v64;
+    } else {
+      check_float(means[l], 1, "mean");
+      check_float(invstds[l], 1, "invstd");
+      mean[l] = means[l];
+      invstd[l] = invstds[l];
+      var[l] = at::empty({0}, opt.dtype(at::kDouble));
+    }
+  }
+  std::vector<at::Tensor> out{scores};
+  for (auto* v : {&pre, &mean, &invstd, &var}) out.insert(out.end(), v->begin(), v->end());
+  return out;
+}
+
+// backward through batch statistics: [grad keys [M, D], query [B, D], qpart [B, H_0], w1, w_2.., b_2..,
+// alpha_1.., w_out, b_out (one value)]
+std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tensor& keys, const at::Tensor& flat,
+                                          const at::Tensor& query, const at::Tensor& rows, const at::Tensor& w1,
+                                          at::TensorList ws, at::TensorList alphas, const at::Tensor& w_out,
+                                          at::TensorList pre, at::TensorList mean, at::TensorList invstd) {
+  using namespace din_unit_impl;
+  const Shapes s = check_inputs(keys, flat, query, rows, w1, ws, alphas, w_out);
+  const int64_t n = s.n, d = s.d, layers = static_cast<int64_t>(s.h.size());
+  check_float(grad, 1, "grad");
+  TORCH_CHECK(grad.size(0) == n && static_cast<int64_t>(pre.size()) == layers &&
+                  static_cast<int64_t>(mean.size()) == layers && static_cast<int64_t>(invstd.size()) == layers,
+              "ctr_native din_unit: backward's saved tensors do not match the layers");
+  const auto opt = keys.options();
+  const std::vector<int64_t> bounds = sample_groups(rows.data_ptr<int64_t>(), n);
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
+  const float *kp = keys.data_ptr<float>(), *qp = query.data_ptr<float>(), *gp = grad.data_ptr<float>(),
+              *wo = w_out.data_ptr<float>();
+  const int64_t *fp = flat.data_ptr<int64_t>(), *rp = rows.data_ptr<int64_t>();
+  const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
+
+  // the last hidden layer's Dice sums, its gradient being grad ⊗ w_out, with w_out's and b_out's gradients
+  const int64_t hl = s.h.back();
+  std::vector<at::Tensor> galpha(layers), gw(layers), gb(layers);
+  at::Tensor gw_out, gb_out;
+  std::vector<at::Tensor> m1(layers), m2(layers);
+  {
+    std::vector<float> part(static_cast<size_t>(groups * (4 * hl + 1)), 0.0f);  // gw_out, ga, s1, s2, gb_out
+    const float *x = pre[layers - 1].data_ptr<float>(), *a = alphas[layers - 1].data_ptr<float>(),
+                *mp = mean[layers - 1].data_ptr<float>(), *ip = invstd[layers - 1].data_ptr<float>();
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> acc(static_cast<size_t>(4 * hl + 1));
+      for (int64_t gi = g0; gi < g1; ++gi) {
+        for (int64_t r0 = bounds[gi]; r0 < bounds[gi + 1]; r0 += kBlockRows) {
+          const int64_t r1 = std::min(bounds[gi + 1], r0 + kBlockRows);
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          for (int64_t i = r0; i < r1; ++i) {
+            last_sums_row(x + i * hl, gp[i], wo, a, mp, ip, acc.data(), acc.data() + hl, acc.data() + 2 * hl,
+                          acc.data() + 3 * hl, hl);
+            acc[4 * hl] += gp[i];
+          }
+          float* pp = part.data() + gi * (4 * hl + 1);
+          for (int64_t j = 0; j < 4 * hl + 1; ++j) pp[j] += acc[j];
+        }
+      }
+    });
+    auto tot = reduce_groups(part, groups, 4 * hl + 1);
+    gw_out = tot.narrow(0, 0, hl).to(at::kFloat);
+    galpha[layers - 1] = tot.narrow(0, hl, hl).to(at::kFloat);
+    m1[layers - 1] = (tot.narrow(0, 2 * hl, hl) * inv_n).to(at::kFloat).contiguous();
+    m2[layers - 1] = (tot.narrow(0, 3 * hl, hl) * inv_n).to(at::kFloat).contiguous();
+    gb_out = tot.narrow(0, 4 * hl, 1).to(at::kFloat);
+  }
+
+  // layers L-1 .. 1: dx_l (in cache) -> the gradients of W_l, b_l, and y_{l-1}'s (stored) with Dice_{l-1}'s sums
+  at::Tensor gy;  // the gradient of y_l for the layer below the last, [N, H_l]
+  for (int64_t l = layers - 1; l >= 1; --l) {
+    const int64_t ho = s.h[l], hi = s.h[l - 1];
+    at::Tensor gy_prev = at::empty({n, hi}, opt);
+    const int64_t width = ho * hi + ho + 3 * hi;  // gW, gb, and Dice_{l-1}'s ga, s1, s2
+    std::vector<float> part(static_cast<size_t>(groups * width), 0.0f);
+    const float *x = pre[l].data_ptr<float>(), *a = alphas[l].data_ptr<float>(), *mp = mean[l].data_ptr<float>(),
+                *ip = invstd[l].data_ptr<float>(), *m1p = m1[l].data_ptr<float>(), *m2p = m2[l].data_ptr<float>();
+    const float *xp = pre[l - 1].data_ptr<float>(), *ap = alphas[l - 1].data_ptr<float>(),
+                *mpp = mean[l - 1].data_ptr<float>(), *ipp = invstd[l - 1].data_ptr<float>();
+    const float* w = ws[l - 1].data_ptr<float>();
+    const float* gyp = gy.defined() ? gy.data_ptr<float>() : nullptr;
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> dx(static_cast<size_t>(kBlockRows * ho)), y(static_cast<size_t>(kBlockRows * hi)),
+          py(static_cast<size_t>(kBlockRows * hi)), g(static_cast<size_t>(ho)), acc(static_cast<size_t>(ho + 3 * hi));
+      for (int64_t gi = g0; gi < g1; ++gi) {
+        float* pp = part.data() + gi * width;
+        for (int64_t r0 = bounds[gi]; r0 < bounds[gi + 1]; r0 += kBlockRows) {
+          const int64_t r1 = std::min(bounds[gi + 1], r0 + kBlockRows), nb = r1 - r0;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          for (int64_t i = 0; i < nb; ++i) {
+            const float* gr;
+            if (gyp == nullptr) {
+              scale_row(gp[r0 + i], wo, g.data(), ho);
+              gr = g.data();
+            } else {
+              gr = gyp + (r0 + i) * ho;
+            }
+            float* dr = dx.data() + i * ho;
+            dice_dx_row(x + (r0 + i) * ho, gr, a, mp, ip, m1p, m2p, dr, ho);
+            for (int64_t j = 0; j < ho; ++j) acc[j] += dr[j];
+            dice_p_row(xp + (r0 + i) * hi, ap, mpp, ipp, y.data() + i * hi, py.data() + i * hi, hi);
+          }
+          gemm(true, false, ho, hi, nb, 1.0f, dx.data(), ho, y.data(), hi, 1.0f, pp, hi);  // gW += dxᵀ y
+          float* gyr = gy_prev.data_ptr<float>() + r0 * hi;
+          gemm(false, false, nb, hi, ho, 1.0f, dx.data(), ho, w, hi, 0.0f, gyr, hi);  // gy_{l-1} = dx W
+          for (int64_t i = 0; i < nb; ++i) {
+            dice_sums_p_row(xp + (r0 + i) * hi, gyr + i * hi, py.data() + i * hi, ap, mpp, ipp, acc.data() + ho,
+                            acc.data() + ho + hi, acc.data() + ho + 2 * hi, hi);
+          }
+          for (int64_t j = 0; j < ho + 3 * hi; ++j) pp[ho * hi + j] += acc[j];
+        }
+      }
+    });
+    auto tot = reduce_groups(part, groups, width);
+    gw[l] = tot.narrow(0, 0, ho * hi).view({ho, hi}).to(at::kFloat);
+    gb[l] = tot.narrow(0, ho * hi, ho).to(at::kFloat);
+    galpha[l - 1] = tot.narrow(0, ho * hi + ho, hi).to(at::kFloat);
+    m1[l - 1] = (tot.narrow(0, ho * hi + ho + hi, hi) * inv_n).to(at::kFloat).contiguous();
+    m2[l - 1] = (tot.narrow(0, ho * hi + ho + 2 * hi, hi) * inv_n).to(at::kFloat).contiguous();
+    gy = gy_prev;
+  }
+
+  // the first layer: dx_0 -> qpart's, W_kp's, the keys' and the queries' gradients
+  const int64_t h0 = s.h[0], din = 2 * d;
+  at::Tensor gkeys = at::zeros({s.m, d}, opt), gquery = at::zeros({s.b, d}, opt), gqpart = at::zeros({s.b, h0}, opt);
+  {
+    std::vector<float> part(static_cast<size_t>(groups * h0 * din), 0.0f);
+    const float *x = pre[0].data_ptr<float>(), *a = alphas[0].data_ptr<float>(), *mp = mean[0].data_ptr<float>(),
+                *ip = invstd[0].data_ptr<float>(), *m1p = m1[0].data_ptr<float>(), *m2p = m2[0].data_ptr<float>();
+    const float* w = w1.data_ptr<float>();
+    const float* gyp = gy.defined() ? gy.data_ptr<float>() : nullptr;
+    float *gk = gkeys.data_ptr<float>(), *gq = gquery.data_ptr<float>(), *gqp = gqpart.data_ptr<float>();
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> dx(static_cast<size_t>(kBlockRows * h0)), in(static_cast<size_t>(kBlockRows * din)),
+          gin(static_cast<size_t>(kBlockRows * din)), g(static_cast<size_t>(h0));
+      for (int64_t gi = g0; gi < g1; ++gi) {
+        for (int64_t r0 = bounds[gi]; r0 < bounds[gi + 1]; r0 += kBlockRows) {
+          const int64_t r1 = std::min(bounds[gi + 1], r0 + kBlockRows), nb = r1 - r0;
+          for (int64_t i = 0; i < nb; ++i) {
+            const float* gr;
+            if (gyp == nullptr) {
+              scale_row(gp[r0 + i], wo, g.data(), h0);
+              gr = g.data();
+            } else {
+              gr = gyp + (r0 + i) * h0;
+            }
+            float* dr = dx.data() + i * h0;
+            dice_dx_row(x + (r0 + i) * h0, gr, a, mp, ip, m1p, m2p, dr, h0);
+            float* __restrict dst = gqp + rp[r0 + i] * h0;
+            for (int64_t j = 0; j < h0; ++j) dst[j] += dr[j];
+          }
+          build_inputs(kp, qp, fp, rp, d, r0, r1, in.data());
+          gemm(true, false, h0, din, nb, 1.0f, dx.data(), h0, in.data(), din, 1.0f, part.data() + gi * h0 * din, din);
+          gemm(false, false, nb, din, h0, 1.0f, dx.data(), h0, w, din, 0.0f, gin.data(), din);
+          for (int64_t i = 0; i < nb; ++i) {
+            const float* __restrict k = kp + fp[r0 + i] * d;
+            const float* __restrict q = qp + rp[r0 + i] * d;
+            const float* __restrict gi_ = gin.data() + i * din;
+            float* __restrict gkr = gk + fp[r0 + i] * d;
+            float* __restrict gqr = gq + rp[r0 + i] * d;
+            for (int64_t j = 0; j < d; ++j) {
+              gkr[j] = gi_[j] + gi_[d + j] * q[j];
+              gqr[j] += gi_[d + j] * k[j];
+            }
+          }
+        }
+      }
+    });
+    gw[0] = reduce_groups(part, groups, h0 * din).view({h0, din}).to(at::kFloat);
+  }
+  std::vector<at::Tensor> out{gkeys, gquery, gqpart, gw[0]};
+  for (int64_t l = 1; l < layers; ++l) out.push_back(gw[l]);
+  for (int64_t l = 1; l < layers; ++l) out.push_back(gb[l]);
+  out.insert(out.end(), galpha.begin(), galpha.end());
+  out.push_back(gw_out);
+  out.push_back(gb_out);
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
+  m.def(
+      "din_unit_forward(Tensor keys, Tensor flat, Tensor query, Tensor rows, Tensor qpart, Tensor w1, Tensor[] ws, "
+      "Tensor[] bs, Tensor[] alphas, Tensor w_out, float b_out, Tensor[] means, Tensor[] invstds, float eps) "
+      "-> Tensor[]");
+  m.def(
+      "din_unit_backward(Tensor grad, Tensor keys, Tensor flat, Tensor query, Tensor rows, Tensor w1, Tensor[] ws, "
+      "Tensor[] alphas, Tensor w_out, Tensor[] pre, Tensor[] mean, Tensor[] invstd) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {
+  m.impl("din_unit_forward", &din_unit_forward);
+  m.impl("din_unit_backward", &din_unit_backward);
+}

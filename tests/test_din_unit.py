@@ -1,0 +1,155 @@
+"""DIN's activation unit in cache-sized blocks (`ctr/native/din_unit.cpp`, `DinAttention.scores`'s native path):
+the eager unit's scores, every gradient and the running statistics, in training and evaluation, at every depth;
+the same result at one and two threads; the checks and the fallbacks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ctr.modules.attention as attention_module
+from ctr import native
+from ctr.modules.attention import DinAttention
+from ctr.native.din_unit import din_unit
+
+
+@pytest.fixture(autouse=True)
+def _native_on():
+    native.set_enabled(True)
+    yield
+    native.set_enabled(True)
+
+
+def _pair(hidden, d, seed, softmax=False):
+    torch.manual_seed(seed)
+    a = DinAttention(d, hidden, "dice", softmax=softmax)
+    for act in a.acts:  # away from the initial values, so that every term of the backward counts
+        act.alpha.data.uniform_(-0.5, 0.5)
+        act.norm.running_mean.uniform_(-1, 1)
+        act.norm.running_var.uniform_(0.5, 2)
+    return a, copy.deepcopy(a)
+
+
+def _eager(monkeypatch):
+    monkeypatch.setattr(attention_module, "din_unit", lambda *args, **kwargs: None)
+
+
+def _mask(b, n, seed, p=0.7):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, n + 1, (b,), generator=gen)
+    lengths[0], lengths[-1] = 0, n  # an empty row and a full one
+    return torch.arange(n)[None, :] < lengths[:, None]
+
+
+@pytest.mark.parametrize(
+    ("hidden", "b", "n", "d", "softmax"),
+    [((80, 40), 37, 9, 6, False), ((36,), 23, 7, 5, True), ((16, 12, 8), 19, 11, 4, False),
+     ((80, 40), 260, 20, 8, False)],  # the last: several parallel groups and blocks
+)  # fmt: skip
+def test_training_matches_the_eager_unit(monkeypatch, hidden, b, n, d, softmax):
+    fused, eager = _pair(hidden, d, seed=b, softmax=softmax)
+    mask = _mask(b, n, seed=b)
+    q = torch.randn(b, d, requires_grad=True)
+    k = torch.randn(b, n, d, requires_grad=True)
+    q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    g = torch.randn(b, d)
+    assert din_unit is attention_module.din_unit
+    pooled, weights = fused(q, k, mask)
+    (pooled * g).sum().backward()
+    _eager(monkeypatch)
+    pooled2, weights2 = eager(q2, k2, mask)
+    (pooled2 * g).sum().backward()
+    torch.testing.assert_close(pooled, pooled2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights, weights2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.grad, q2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k.grad, k2.grad, rtol=1e-4, atol=1e-5)
+    assert k.grad[~mask].abs().max() < 1e-6 if softmax is False else True  # padding gets no gradient from the unit
+    for (name, p1), (_, p2) in zip(fused.named_parameters(), eager.named_parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b1), (_, b2) in zip(fused.named_buffers(), eager.named_buffers(), strict=True):
+        torch.testing.assert_close(b1, b2, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_evaluation_matches_the_eager_unit_and_leaves_the_statistics(monkeypatch):
+    fused, eager = _pair((80, 40), 6, seed=3)
+    fused.eval()
+    eager.eval()
+    mask = _mask(41, 12, seed=3)
+    q, k = torch.randn(41, 6), torch.randn(41, 12, 6)
+    before = {name: t.clone() for name, t in fused.named_buffers()}
+    with torch.no_grad():
+        s1 = fused.scores(q, k, mask)
+        _eager(monkeypatch)
+        s2 = eager.scores(q, k, mask)
+    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-6)
+    for name, t in fused.named_buffers():
+        assert torch.equal(t, before[name]), name
+
+
+def test_evaluation_scores_are_the_readable_unit():
+    att, _ = _pair((80, 40), 5, seed=4)
+    att.eval()
+    mask = _mask(17, 6, seed=4)
+    q, k = torch.randn(17, 5), torch.randn(17, 6, 5)
+    with torch.no_grad():
+        s = att.scores(q, k, mask)
+        rows = mask.nonzero()
+        ref = att.unit(q[rows[:, 0]], k[rows[:, 0], rows[:, 1]])
+    torch.testing.assert_close(s[mask], ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(s[~mask] == 0)
+
+
+def test_one_and_two_threads_give_the_same_result():
+    att, _ = _pair((80, 40), 8, seed=5)
+    mask = _mask(300, 25, seed=5)
+    q, k = torch.randn(300, 8), torch.randn(300, 25, 8)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            a = copy.deepcopy(att)
+            qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+            pooled, _ = a(qq, kk, mask)
+            pooled.square().sum().backward()
+            out.append([pooled, kk.grad, qq.grad, *(p.grad for p in a.parameters())])
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(*out, strict=True):
+        torch.testing.assert_close(x, y, rtol=2e-5, atol=1e-6)
+
+
+def test_falls_back_where_the_native_unit_does_not_apply():
+    att, _ = _pair((8,), 4, seed=6)
+    keys, query = torch.randn(6, 4), torch.randn(2, 4)
+    flat, rows = torch.tensor([0, 1, 3, 4]), torch.tensor([0, 0, 1, 1])
+    first = att.linears[0]
+    w_kp = first.weight[:, 4:12].detach()
+    qpart = torch.randn(2, 8)
+    args = (keys, flat, query, rows, qpart, w_kp, att.linears[1:], att.acts, att.out)
+    assert din_unit(*args) is not None
+    assert din_unit(keys, flat[:1], query, rows[:1], qpart, w_kp, att.linears[1:], att.acts, att.out) is None  # one row
+    att.eval()
+    w_grad = w_kp.clone().requires_grad_()
+    assert din_unit(keys, flat, query, rows, qpart, w_grad, att.linears[1:], att.acts, att.out) is None  # eval + grad
+    native.set_enabled(False)
+    assert din_unit(*args) is None
+    native.set_enabled(True)
+    sig = DinAttention(4, (8,), "sigmoid")
+    assert din_unit(keys, flat, query, rows, qpart, w_kp, sig.linears[1:], sig.acts, sig.out) is None
+    assert din_unit(keys.double(), flat, query.double(), rows, qpart.double(), w_kp.double(), *args[6:]) is None
+
+
+def test_refuses_rows_out_of_order_or_range():
+    att, _ = _pair((8,), 4, seed=7)
+    keys, query, qpart = torch.randn(6, 4), torch.randn(2, 4), torch.randn(2, 8)
+    w_kp = att.linears[0].weight[:, 4:12].detach()
+    rest = (att.linears[1:], att.acts, att.out)
+    with pytest.raises(RuntimeError, match="flat must increase"):
+        din_unit(keys, torch.tensor([1, 0]), query, torch.tensor([0, 0]), qpart, w_kp, *rest)
+    with pytest.raises(RuntimeError, match="rows must not decrease"):
+        din_unit(keys, torch.tensor([0, 1]), query, torch.tensor([1, 0]), qpart, w_kp, *rest)
+    with pytest.raises(RuntimeError, match="outside the 6 keys"):
+        din_unit(keys, torch.tensor([0, 6]), query, torch.tensor([0, 1]), qpart, w_kp, *rest)
