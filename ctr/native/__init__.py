@@ -9,7 +9,8 @@ masked multi-head target attention over a sample's slots (`target_attention.cpp`
 `ctr.modules.esu.MultiHeadTargetAttention`: SIM's and R2LED's ESUs, the ``mhta`` short branch); and TWIN-V2's
 hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`); and the sum of rows by
 index that is the backward of every row gather and the sparse update's per-row sum (`index_add.cpp`, `gather_rows`,
-`index_add_rows`).
+`index_add_rows`); and DIN's activation unit with Dice in cache-sized blocks, forward and backward (`din_unit.cpp`,
+its autograd function in `ctr.native.din_unit`, used by `DinAttention.scores`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
