@@ -101,6 +101,27 @@ def test_evaluation_scores_are_the_readable_unit():
     assert torch.all(s[~mask] == 0)
 
 
+def test_as_accurate_as_the_eager_unit_against_float64(monkeypatch):
+    att, _ = _pair((80, 40), 16, seed=8)
+    mask = _mask(300, 30, seed=8)
+    q, k, g = torch.randn(300, 16), torch.randn(300, 30, 16), torch.randn(300, 16)
+
+    def run(dtype, fused):
+        if not fused:
+            monkeypatch.setattr(attention_module, "din_unit", lambda *args, **kwargs: None)
+        m = copy.deepcopy(att).to(dtype)
+        qq, kk = q.to(dtype).clone().requires_grad_(), k.to(dtype).clone().requires_grad_()
+        pooled, _ = m(qq, kk, mask)
+        (pooled * g.to(dtype)).sum().backward()
+        monkeypatch.setattr(attention_module, "din_unit", din_unit)
+        return [pooled, kk.grad, qq.grad, *(p.grad for p in m.parameters())]
+
+    exact, eager = run(torch.float64, False), run(torch.float32, False)
+    for i, (x, y, ref) in enumerate(zip(run(torch.float32, True), eager, exact, strict=True)):
+        err, eager_err = (x.double() - ref).abs().max().item(), (y.double() - ref).abs().max().item()
+        assert err <= 3 * eager_err + 1e-6 * ref.abs().max().item(), (i, err, eager_err)
+
+
 def test_one_and_two_threads_give_the_same_result():
     att, _ = _pair((80, 40), 8, seed=5)
     mask = _mask(300, 25, seed=5)

@@ -203,8 +203,9 @@ Shapes check_inputs(const at::Tensor& keys, const at::Tensor& flat, const at::Te
   return s;
 }
 
-// per-group float partials of `width` values, added into double totals in group order
-at::Tensor reduce_groups(const std::vector<float>& part, int64_t groups, int64_t width) {
+// per-group partials of `width` values, added into double totals in group order
+template <typename T>
+at::Tensor reduce_groups(const std::vector<T>& part, int64_t groups, int64_t width) {
   std::vector<double> tot(static_cast<size_t>(width), 0.0);
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t j = 0; j < width; ++j) tot[j] += part[g * width + j];
@@ -244,7 +245,7 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
   for (int64_t l = 0; l <= layers; ++l) {  // pass l: x_l from y_{l-1} (l = 0: from the inputs); pass L: the scores
     const int64_t hin = l == 0 ? 2 * d : s.h[l - 1];
     const int64_t hout = l < layers ? s.h[l] : 1;
-    std::vector<float> part(static_cast<size_t>(groups * 2 * hout), 0.0f);  // column sums, sums of squares
+    std::vector<double> part(static_cast<size_t>(groups * 2 * hout), 0.0);  // column sums, sums of squares
     const float *a = nullptr, *mp = nullptr, *ip = nullptr;
     if (l > 0) {
       a = alphas[l - 1].data_ptr<float>();
@@ -280,7 +281,7 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
           if (batch_stats) {
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (int64_t i = 0; i < nb; ++i) sums_row(x + i * hout, acc.data(), acc.data() + hout, hout);
-            float* pp = part.data() + g * 2 * hout;
+            double* pp = part.data() + g * 2 * hout;
             for (int64_t j = 0; j < 2 * hout; ++j) pp[j] += acc[j];
           }
         }
@@ -334,22 +335,24 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   at::Tensor gw_out, gb_out;
   std::vector<at::Tensor> m1(layers), m2(layers);
   {
-    std::vector<float> part(static_cast<size_t>(groups * (4 * hl + 1)), 0.0f);  // gw_out, ga, s1, s2, gb_out
+    std::vector<double> part(static_cast<size_t>(groups * (4 * hl + 1)), 0.0);  // gw_out, ga, s1, s2, gb_out
     const float *x = pre[layers - 1].data_ptr<float>(), *a = alphas[layers - 1].data_ptr<float>(),
                 *mp = mean[layers - 1].data_ptr<float>(), *ip = invstd[layers - 1].data_ptr<float>();
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> acc(static_cast<size_t>(4 * hl + 1));
+      std::vector<float> acc(static_cast<size_t>(4 * hl));
       for (int64_t gi = g0; gi < g1; ++gi) {
         for (int64_t r0 = bounds[gi]; r0 < bounds[gi + 1]; r0 += kBlockRows) {
           const int64_t r1 = std::min(bounds[gi + 1], r0 + kBlockRows);
           std::fill(acc.begin(), acc.end(), 0.0f);
+          double bias = 0.0;
           for (int64_t i = r0; i < r1; ++i) {
             last_sums_row(x + i * hl, gp[i], wo, a, mp, ip, acc.data(), acc.data() + hl, acc.data() + 2 * hl,
                           acc.data() + 3 * hl, hl);
-            acc[4 * hl] += gp[i];
+            bias += gp[i];
           }
-          float* pp = part.data() + gi * (4 * hl + 1);
-          for (int64_t j = 0; j < 4 * hl + 1; ++j) pp[j] += acc[j];
+          double* pp = part.data() + gi * (4 * hl + 1);
+          for (int64_t j = 0; j < 4 * hl; ++j) pp[j] += acc[j];
+          pp[4 * hl] += bias;
         }
       }
     });
@@ -366,8 +369,9 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   for (int64_t l = layers - 1; l >= 1; --l) {
     const int64_t ho = s.h[l], hi = s.h[l - 1];
     at::Tensor gy_prev = at::empty({n, hi}, opt);
-    const int64_t width = ho * hi + ho + 3 * hi;  // gW, gb, and Dice_{l-1}'s ga, s1, s2
-    std::vector<float> part(static_cast<size_t>(groups * width), 0.0f);
+    const int64_t width = ho + 3 * hi;  // gb and Dice_{l-1}'s ga, s1, s2
+    std::vector<float> part_w(static_cast<size_t>(groups * ho * hi), 0.0f);  // gW, accumulated by the products
+    std::vector<double> part(static_cast<size_t>(groups * width), 0.0);
     const float *x = pre[l].data_ptr<float>(), *a = alphas[l].data_ptr<float>(), *mp = mean[l].data_ptr<float>(),
                 *ip = invstd[l].data_ptr<float>(), *m1p = m1[l].data_ptr<float>(), *m2p = m2[l].data_ptr<float>();
     const float *xp = pre[l - 1].data_ptr<float>(), *ap = alphas[l - 1].data_ptr<float>(),
@@ -378,7 +382,8 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
       std::vector<float> dx(static_cast<size_t>(kBlockRows * ho)), y(static_cast<size_t>(kBlockRows * hi)),
           py(static_cast<size_t>(kBlockRows * hi)), g(static_cast<size_t>(ho)), acc(static_cast<size_t>(ho + 3 * hi));
       for (int64_t gi = g0; gi < g1; ++gi) {
-        float* pp = part.data() + gi * width;
+        double* pp = part.data() + gi * width;
+        float* pw = part_w.data() + gi * ho * hi;
         for (int64_t r0 = bounds[gi]; r0 < bounds[gi + 1]; r0 += kBlockRows) {
           const int64_t r1 = std::min(bounds[gi + 1], r0 + kBlockRows), nb = r1 - r0;
           std::fill(acc.begin(), acc.end(), 0.0f);
@@ -395,23 +400,23 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
             for (int64_t j = 0; j < ho; ++j) acc[j] += dr[j];
             dice_p_row(xp + (r0 + i) * hi, ap, mpp, ipp, y.data() + i * hi, py.data() + i * hi, hi);
           }
-          gemm(true, false, ho, hi, nb, 1.0f, dx.data(), ho, y.data(), hi, 1.0f, pp, hi);  // gW += dxᵀ y
+          gemm(true, false, ho, hi, nb, 1.0f, dx.data(), ho, y.data(), hi, 1.0f, pw, hi);  // gW += dxᵀ y
           float* gyr = gy_prev.data_ptr<float>() + r0 * hi;
           gemm(false, false, nb, hi, ho, 1.0f, dx.data(), ho, w, hi, 0.0f, gyr, hi);  // gy_{l-1} = dx W
           for (int64_t i = 0; i < nb; ++i) {
             dice_sums_p_row(xp + (r0 + i) * hi, gyr + i * hi, py.data() + i * hi, ap, mpp, ipp, acc.data() + ho,
                             acc.data() + ho + hi, acc.data() + ho + 2 * hi, hi);
           }
-          for (int64_t j = 0; j < ho + 3 * hi; ++j) pp[ho * hi + j] += acc[j];
+          for (int64_t j = 0; j < width; ++j) pp[j] += acc[j];
         }
       }
     });
     auto tot = reduce_groups(part, groups, width);
-    gw[l] = tot.narrow(0, 0, ho * hi).view({ho, hi}).to(at::kFloat);
-    gb[l] = tot.narrow(0, ho * hi, ho).to(at::kFloat);
-    galpha[l - 1] = tot.narrow(0, ho * hi + ho, hi).to(at::kFloat);
-    m1[l - 1] = (tot.narrow(0, ho * hi + ho + hi, hi) * inv_n).to(at::kFloat).contiguous();
-    m2[l - 1] = (tot.narrow(0, ho * hi + ho + 2 * hi, hi) * inv_n).to(at::kFloat).contiguous();
+    gw[l] = reduce_groups(part_w, groups, ho * hi).view({ho, hi}).to(at::kFloat);
+    gb[l] = tot.narrow(0, 0, ho).to(at::kFloat);
+    galpha[l - 1] = tot.narrow(0, ho, hi).to(at::kFloat);
+    m1[l - 1] = (tot.narrow(0, ho + hi, hi) * inv_n).to(at::kFloat).contiguous();
+    m2[l - 1] = (tot.narrow(0, ho + 2 * hi, hi) * inv_n).to(at::kFloat).contiguous();
     gy = gy_prev;
   }
 

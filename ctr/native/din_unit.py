@@ -49,12 +49,11 @@ class _DinUnit(torch.autograd.Function):
 
 
 def fits(dices: Sequence[nn.Module]) -> bool:
-    """Whether every hidden activation is batch-statistics Dice whose norm the native op reproduces (no affine
-    parameters, running statistics tracked with a fixed momentum), as `ctr.native.dice` requires."""
-    from ..modules.activations import Dice
-
+    """Whether every hidden activation is batch-statistics Dice (`ctr.modules.activations.Dice`, ``mode="batch"``)
+    whose norm the native op reproduces (no affine parameters, running statistics tracked with a fixed momentum),
+    as `ctr.native.dice` requires. Read by attribute: `ctr.native` does not import the modules built on it."""
     for act in dices:
-        if not isinstance(act, Dice) or act.mode != "batch":
+        if getattr(act, "mode", None) != "batch" or not isinstance(getattr(act, "alpha", None), torch.Tensor):
             return False
         norm = act.norm
         if (
