@@ -1,12 +1,13 @@
 """A model's training step with one native CPU operator used and declined, alternating in one process.
 
     python benchmarks/native_toggle.py --data DATA_DIR --op gather_dot [--models muse,r2led] [--rounds 4]
-        [--steps 4] [--batch-size 512] [--set KEY=VALUE ...] [--results FILE]
+        [--steps 4] [--batch-size 512] [--threads 1] [--set KEY=VALUE ...] [--results FILE]
 
 Each `ctr.native` operator returns None to decline, and its caller then runs its PyTorch form: this benchmark
 replaces ``ctr.native.<op>`` with a function that declines ("off") or with the operator itself ("on") and times the
 same prefetched batches through the trainer's own `Training` step (the model, sharding, fused sparse optimizer and
-loader of `ctr train`), one thread, off then on, ``--rounds`` times: both forms share the process, the batches
+loader of `ctr train`), ``--threads`` threads (1 unless given; the trainer uses 2 on a 2-core machine), off then on,
+``--rounds`` times: both forms share the process, the batches
 and the hour, so the ratio is not the machine's drift between two runs. One process per model.
 """
 
@@ -47,7 +48,7 @@ def measure(args: argparse.Namespace) -> dict:
         return real(*a, **kw)
 
     def on_rank(ctx) -> None:  # type: ignore[no-untyped-def]
-        torch.set_num_threads(1)
+        torch.set_num_threads(args.threads)
         run = Path(tempfile.mkdtemp(prefix="native-toggle-"))
         tr = Training(ctx, Path(args.data), run, {"config": cfg.model_dump()}, cfg, params)
         tr.dmp.train()
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "native-toggle.json")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-model process
@@ -88,8 +90,10 @@ def main() -> None:
     for model in args.models.split(","):
         cmd = [sys.executable, __file__, "--one", "--data", args.data, "--op", args.op, "--models", model]
         cmd += ["--rounds", str(args.rounds), "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+        cmd += ["--threads", str(args.threads)]
         cmd += [f"--set={s}" for s in args.set]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode != 0 or not line:
             sys.exit(f"{model}: failed\n{done.stderr[-3000:]}")
@@ -101,8 +105,9 @@ def main() -> None:
     result = {
         "op": args.op,
         "data": args.data,
-        "settings": {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "sets": args.set},
-        "unit": "ms per training step (prefetched batches, one thread), each round off then on",
+        "settings": {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "sets": args.set,
+                     "threads": args.threads},  # fmt: skip
+        "unit": f"ms per training step (prefetched batches, {args.threads} thread(s)), each round off then on",
         "results": rows,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,9 @@ import copy
 import pytest
 import torch
 
-import ctr.modules.attention as attention_module
 from ctr import native
 from ctr.modules.attention import DinAttention
-from ctr.native.din_unit import din_unit
+from ctr.native import din_unit
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +32,7 @@ def _pair(hidden, d, seed, softmax=False):
 
 
 def _eager(monkeypatch):
-    monkeypatch.setattr(attention_module, "din_unit", lambda *args, **kwargs: None)
+    monkeypatch.setattr(native, "din_unit", lambda *args, **kwargs: None)
 
 
 def _mask(b, n, seed, p=0.7):
@@ -55,7 +54,7 @@ def test_training_matches_the_eager_unit(monkeypatch, hidden, b, n, d, softmax):
     k = torch.randn(b, n, d, requires_grad=True)
     q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
     g = torch.randn(b, d)
-    assert din_unit is attention_module.din_unit
+    assert din_unit is native.din_unit
     pooled, weights = fused(q, k, mask)
     (pooled * g).sum().backward()
     _eager(monkeypatch)
@@ -108,12 +107,12 @@ def test_as_accurate_as_the_eager_unit_against_float64(monkeypatch):
 
     def run(dtype, fused):
         if not fused:
-            monkeypatch.setattr(attention_module, "din_unit", lambda *args, **kwargs: None)
+            monkeypatch.setattr(native, "din_unit", lambda *args, **kwargs: None)
         m = copy.deepcopy(att).to(dtype)
         qq, kk = q.to(dtype).clone().requires_grad_(), k.to(dtype).clone().requires_grad_()
         pooled, _ = m(qq, kk, mask)
         (pooled * g.to(dtype)).sum().backward()
-        monkeypatch.setattr(attention_module, "din_unit", din_unit)
+        monkeypatch.setattr(native, "din_unit", din_unit)
         return [pooled, kk.grad, qq.grad, *(p.grad for p in m.parameters())]
 
     exact, eager = run(torch.float64, False), run(torch.float32, False)

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
-from ..native.din_unit import din_unit
 from .activations import Dice, make_activation
 
 DIN_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
@@ -108,7 +107,7 @@ class DinAttention(nn.Module):
           backward sums rows by index in one pass) rather than by a boolean mask, whose backward is an
           accumulating ``index_put`` that runs serially on the CPU.
 
-        With Dice (the default) on float32 CPU tensors the rows go to `ctr.native.din_unit`: the same two rewrites,
+        With Dice (the default) on float32 CPU tensors the rows go to `native.din_unit`: the same two rewrites,
         forward and backward in passes over blocks of rows that stay in cache (`ctr/native/din_unit.cpp`), instead
         of the chain of whole-batch operators below, which on 2 cores run at the memory's rate.
         """
@@ -125,7 +124,7 @@ class DinAttention(nn.Module):
         compiled = self._compiled_rows is not None and self.training and torch.is_grad_enabled()
         if self.activation == "dice" and not compiled:  # the unit in cache-sized blocks (ctr/native/din_unit.cpp)
             flat_keys = keys.reshape(b * n, d)
-            s = din_unit(flat_keys, flat, query, rows, q_share, w_kp, self.linears[1:], self.acts, self.out)
+            s = native.din_unit(flat_keys, flat, query, rows, q_share, w_kp, self.linears[1:], self.acts, self.out)
             if s is not None:
                 return out.index_copy(0, flat, s).view(b, n)
         k = native.gather_rows(keys.reshape(b * n, d), flat)

@@ -10,7 +10,7 @@ masked multi-head target attention over a sample's slots (`target_attention.cpp`
 hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`); and the sum of rows by
 index that is the backward of every row gather and the sparse update's per-row sum (`index_add.cpp`, `gather_rows`,
 `index_add_rows`); and DIN's activation unit with Dice in cache-sized blocks, forward and backward (`din_unit.cpp`,
-its autograd function in `ctr.native.din_unit`, used by `DinAttention.scores`).
+its autograd function in `ctr.native.activation_unit`, `din_unit` here, used by `DinAttention.scores`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -478,3 +478,6 @@ def main() -> None:
     name, flags = _build_flags()
     msg = f"native CPU operators ({name}, {' '.join(flags)}): {'loaded' if ok else 'unavailable: ' + str(_error)}"
     print(msg)  # noqa: T201  (the module's command-line output)
+
+
+from .activation_unit import din_unit as din_unit  # noqa: E402  (it uses `applies` above)
