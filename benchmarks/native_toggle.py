@@ -105,8 +105,13 @@ def main() -> None:
     result = {
         "op": args.op,
         "data": args.data,
-        "settings": {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "sets": args.set,
-                     "threads": args.threads},  # fmt: skip
+        "settings": {
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "sets": args.set,
+            "threads": args.threads,
+        },  # fmt: skip
         "unit": f"ms per training step (prefetched batches, {args.threads} thread(s)), each round off then on",
         "results": rows,
     }
