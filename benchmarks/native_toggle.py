@@ -3,6 +3,9 @@
     python benchmarks/native_toggle.py --data DATA_DIR --op gather_dot [--models muse,r2led] [--rounds 4]
         [--steps 4] [--batch-size 512] [--threads 1] [--set KEY=VALUE ...] [--results FILE]
 
+(a ``--set model.KEY=VALUE`` goes to the models whose config has KEY: ``model.seq_len`` to DIN, ``model.max_len`` to
+the two-stage models)
+
 Each `ctr.native` operator returns None to decline, and its caller then runs its PyTorch form: this benchmark
 replaces ``ctr.native.<op>`` with a function that declines ("off") or with the operator itself ("on") and times the
 same prefetched batches through the trainer's own `Training` step (the model, sharding, fused sparse optimizer and
@@ -24,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (HERE, ROOT)]
+sys.path[:] = [str(ROOT), str(HERE)] + [p for p in sys.path if Path(p or ".").resolve() not in (HERE, ROOT)]
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -39,7 +42,10 @@ def measure(args: argparse.Namespace) -> dict:
     from ctr.train.worker import Training
 
     real = getattr(native, args.op)
-    sets = [f"data.batch_size={args.batch_size}", "data.num_workers=0", *args.set]
+    from step_profile import _applies
+
+    own = [s for s in args.set if _applies(args.models, s)]  # each model takes the overrides its config has
+    sets = [f"data.batch_size={args.batch_size}", "data.num_workers=0", *own]
     cfg, params = resolve_train_config(args.models, None, sets)
     out: dict = {"off": [], "on": [], "calls_on": 0}
 
