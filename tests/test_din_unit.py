@@ -38,7 +38,7 @@ def _eager(monkeypatch):
 def _mask(b, n, seed, p=0.7):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, n + 1, (b,), generator=gen)
-    lengths[0], lengths[-1] = 0, n  # an empty row and a full one
+    lengths[0], lengths[1], lengths[-1] = 0, n, n // 2  # an empty row, a full one, padding at the very end
     return torch.arange(n)[None, :] < lengths[:, None]
 
 

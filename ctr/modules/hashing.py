@@ -102,7 +102,9 @@ class SimHashBucketPool(nn.Module):
         sample = torch.repeat_interleave(
             torch.arange(b, device=target.device), offsets[1:] - offsets[:-1], output_size=n
         )
-        match = (self.bits(behaviors) == self.bits(target).index_select(0, sample)).all(-1)  # same bucket: [N, m]
+        # same bucket: [N, m]. Compared as bucket ids (all bits equal), the target's gathered as [B, m] int64: a gather
+        # of the [B, m, bits] bool bits took 2.5 ms at 43K behaviors (PyTorch's bool index_select is not vectorized)
+        match = self.buckets(behaviors) == self.buckets(target).index_select(0, sample)
         m = match.shape[1]
         # only the matching (row, function) pairs are added (about N m / 2^bits of them), all functions in one pass:
         # pair (i, h) goes to slot sample_i * m + h

@@ -422,7 +422,17 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
 
   // the first layer: dx_0 -> qpart's, W_kp's, the keys' and the queries' gradients
   const int64_t h0 = s.h[0], din = 2 * d;
-  at::Tensor gkeys = at::zeros({s.m, d}, opt), gquery = at::zeros({s.b, d}, opt), gqpart = at::zeros({s.b, h0}, opt);
+  // the keys' gradient: the rows read are written below; the rest (padding) zeroed here, not the whole block first
+  at::Tensor gkeys = at::empty({s.m, d}, opt), gquery = at::zeros({s.b, d}, opt), gqpart = at::zeros({s.b, h0}, opt);
+  {
+    float* gk = gkeys.data_ptr<float>();
+    int64_t next = 0;  // the first row not yet written or zeroed
+    for (int64_t i = 0; i <= n; ++i) {
+      const int64_t upto = i < n ? fp[i] : s.m;
+      if (upto > next) std::fill(gk + next * d, gk + upto * d, 0.0f);
+      next = upto + 1;
+    }
+  }
   {
     std::vector<float> part(static_cast<size_t>(groups * h0 * din), 0.0f);
     const float *x = pre[0].data_ptr<float>(), *a = alphas[0].data_ptr<float>(), *mp = mean[0].data_ptr<float>(),
