@@ -125,7 +125,7 @@ inline void dice_dx_row(const float* __restrict x, const float* __restrict g, co
 }
 
 inline void scale_row(float s, const float* __restrict w, float* __restrict out, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) out[j] = s * w[j];
+  for (int64_t j = 0; j < h; ++j) out[j] = s * w[j];  // the last layer's gradient, s w_out
 }
 
 // [k; q ⊙ k] for rows [r0, r1) into x [r1 - r0, 2d]
@@ -424,14 +424,10 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   const int64_t h0 = s.h[0], din = 2 * d;
   // the keys' gradient: the rows read are written below; the rest (padding) zeroed here, not the whole block first
   at::Tensor gkeys = at::empty({s.m, d}, opt), gquery = at::zeros({s.b, d}, opt), gqpart = at::zeros({s.b, h0}, opt);
-  {
-    float* gk = gkeys.data_ptr<float>();
-    int64_t next = 0;  // the first row not yet written or zeroed
-    for (int64_t i = 0; i <= n; ++i) {
-      const int64_t upto = i < n ? fp[i] : s.m;
-      if (upto > next) std::fill(gk + next * d, gk + upto * d, 0.0f);
-      next = upto + 1;
-    }
+  for (int64_t i = 0, next = 0; i <= n; ++i) {  // next: the first row not yet written or zeroed
+    const int64_t upto = i < n ? fp[i] : s.m;
+    if (upto > next) std::fill(gkeys.data_ptr<float>() + next * d, gkeys.data_ptr<float>() + upto * d, 0.0f);
+    next = upto + 1;
   }
   {
     std::vector<float> part(static_cast<size_t>(groups * h0 * din), 0.0f);
