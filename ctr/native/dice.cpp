@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "dice_rows.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -19,6 +20,8 @@
 
 namespace {
 
+using ctr_native::dice_dx_row;
+using ctr_native::dice_row;
 using ctr_native::sigmoid_f;
 
 constexpr int64_t kRows = 512;  // rows per parallel block of the column sums
@@ -34,14 +37,6 @@ void sums_row(const float* __restrict x, double* __restrict s, double* __restric
   }
 }
 
-void forward_row(const float* __restrict x, const float* __restrict a, const float* __restrict m,
-                 const float* __restrict is, float* __restrict o, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) {
-    const float p = sigmoid_f((x[j] - m[j]) * is[j]);
-    o[j] = x[j] * (a[j] + (1.0f - a[j]) * p);
-  }
-}
-
 // per column: ga += g x (1 - p) (alpha's gradient), s1 += g_xhat, s2 += g_xhat * x_hat (the batch norm's sums)
 void backward_sums_row(const float* __restrict x, const float* __restrict g, const float* __restrict a,
                        const float* __restrict m, const float* __restrict is, float* __restrict ga,
@@ -54,18 +49,6 @@ void backward_sums_row(const float* __restrict x, const float* __restrict g, con
     const float gxh = t * (1.0f - a[j]) * p * (1.0f - p);
     s1[j] += gxh;
     s2[j] += gxh * xh;
-  }
-}
-
-// dx = g * (alpha + (1 - alpha) p) + invstd * (g_xhat - mean(g_xhat) - x_hat * mean(g_xhat * x_hat))
-void backward_dx_row(const float* __restrict x, const float* __restrict g, const float* __restrict a,
-                     const float* __restrict m, const float* __restrict is, const float* __restrict m1,
-                     const float* __restrict m2, float* __restrict d, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) {
-    const float xh = (x[j] - m[j]) * is[j];
-    const float p = sigmoid_f(xh);
-    const float gxh = g[j] * x[j] * (1.0f - a[j]) * p * (1.0f - p);
-    d[j] = g[j] * (a[j] + (1.0f - a[j]) * p) + is[j] * (gxh - m1[j] - xh * m2[j]);
   }
 }
 
@@ -113,7 +96,7 @@ at::Tensor dice_forward(const at::Tensor& x, const at::Tensor& alpha, const at::
               *ip = invstd.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, kRows, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) forward_row(xp + i * h, ap, mp, ip, op + i * h, h);
+    for (int64_t i = r0; i < r1; ++i) dice_row(xp + i * h, ap, mp, ip, op + i * h, h);
   });
   return out;
 }
@@ -149,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> dice_backward(const at::Tensor& grad, const a
   const float *m1p = m1.data_ptr<float>(), *m2p = m2.data_ptr<float>();
   float* dp = dx.data_ptr<float>();
   at::parallel_for(0, n, kRows, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) backward_dx_row(xp + i * h, gp + i * h, ap, mp, ip, m1p, m2p, dp + i * h, h);
+    for (int64_t i = r0; i < r1; ++i) dice_dx_row(xp + i * h, gp + i * h, ap, mp, ip, m1p, m2p, dp + i * h, h);
   });
   return {dx, dalpha};
 }

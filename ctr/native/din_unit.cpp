@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "dice_rows.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -35,6 +36,8 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace din_unit_impl {
 
+using ctr_native::dice_dx_row;
+using ctr_native::dice_row;
 using ctr_native::sigmoid_f;
 
 constexpr int64_t kGroupRows = 2048;  // rows per parallel work item (whole samples)
@@ -56,14 +59,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, opt);
   if (beta == 0.0f) cm.zero_();
   cm.addmm_(ta ? am.t() : am, tb ? bm.t() : bm, beta == 0.0f ? 1.0f : beta, alpha);
-}
-
-inline void dice_row(const float* __restrict x, const float* __restrict a, const float* __restrict m,
-                     const float* __restrict is, float* __restrict y, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) {
-    const float p = sigmoid_f((x[j] - m[j]) * is[j]);
-    y[j] = x[j] * (a[j] + (1.0f - a[j]) * p);
-  }
 }
 
 // Dice forward keeping σ: y = x (α + (1 − α) p), p = σ(x_hat) into p
@@ -112,20 +107,12 @@ inline void sums_row(const float* __restrict x, float* __restrict s, float* __re
   }
 }
 
-// dx = g (α + (1 − α) p) + invstd (g_xhat − mean(g_xhat) − x_hat mean(g_xhat x_hat))
-inline void dice_dx_row(const float* __restrict x, const float* __restrict g, const float* __restrict a,
-                        const float* __restrict m, const float* __restrict is, const float* __restrict m1,
-                        const float* __restrict m2, float* __restrict d, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) {
-    const float xh = (x[j] - m[j]) * is[j];
-    const float p = sigmoid_f(xh);
-    const float gxh = g[j] * x[j] * (1.0f - a[j]) * p * (1.0f - p);
-    d[j] = g[j] * (a[j] + (1.0f - a[j]) * p) + is[j] * (gxh - m1[j] - xh * m2[j]);
-  }
-}
-
-inline void scale_row(float s, const float* __restrict w, float* __restrict out, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) out[j] = s * w[j];  // the last layer's gradient, s w_out
+// the gradient of row i of a hidden layer's output: the stored block's row, or for the last layer grad_i w_out
+inline const float* grad_row(const float* gy, const float* grad, const float* __restrict wo, int64_t i, int64_t h,
+                             float* __restrict buf) {
+  if (gy != nullptr) return gy + i * h;
+  for (int64_t j = 0; j < h; ++j) buf[j] = grad[i] * wo[j];
+  return buf;
 }
 
 // [k; q ⊙ k] for rows [r0, r1) into x [r1 - r0, 2d]
@@ -388,13 +375,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
           const int64_t r1 = std::min(bounds[gi + 1], r0 + kBlockRows), nb = r1 - r0;
           std::fill(acc.begin(), acc.end(), 0.0f);
           for (int64_t i = 0; i < nb; ++i) {
-            const float* gr;
-            if (gyp == nullptr) {
-              scale_row(gp[r0 + i], wo, g.data(), ho);
-              gr = g.data();
-            } else {
-              gr = gyp + (r0 + i) * ho;
-            }
+            const float* gr = grad_row(gyp, gp, wo, r0 + i, ho, g.data());
             float* dr = dx.data() + i * ho;
             dice_dx_row(x + (r0 + i) * ho, gr, a, mp, ip, m1p, m2p, dr, ho);
             for (int64_t j = 0; j < ho; ++j) acc[j] += dr[j];
@@ -443,13 +424,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
         for (int64_t r0 = bounds[gi]; r0 < bounds[gi + 1]; r0 += kBlockRows) {
           const int64_t r1 = std::min(bounds[gi + 1], r0 + kBlockRows), nb = r1 - r0;
           for (int64_t i = 0; i < nb; ++i) {
-            const float* gr;
-            if (gyp == nullptr) {
-              scale_row(gp[r0 + i], wo, g.data(), h0);
-              gr = g.data();
-            } else {
-              gr = gyp + (r0 + i) * h0;
-            }
+            const float* gr = grad_row(gyp, gp, wo, r0 + i, h0, g.data());
             float* dr = dx.data() + i * h0;
             dice_dx_row(x + (r0 + i) * h0, gr, a, mp, ip, m1p, m2p, dr, h0);
             float* __restrict dst = gqp + rp[r0 + i] * h0;
