@@ -54,7 +54,7 @@ SOURCES = (
     HERE / "index_add.cpp",
     HERE / "din_unit.cpp",
 )
-HEADERS = (HERE / "vec_math.h", HERE / "dice_rows.h")
+HEADERS = (HERE / "vec_math.h", HERE / "dice_rows.h", HERE / "unit_first_layer.h")
 STALE_LOCK_S = 600.0
 _lock = threading.Lock()
 _loaded: bool | None = None

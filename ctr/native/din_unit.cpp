@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "dice_rows.h"
+#include "unit_first_layer.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -115,18 +116,42 @@ inline const float* grad_row(const float* gy, const float* grad, const float* __
   return buf;
 }
 
-// [k; q ⊙ k] for rows [r0, r1) into x [r1 - r0, 2d]
-void build_inputs(const float* keys, const float* query, const int64_t* flat, const int64_t* rows, int64_t d,
-                  int64_t r0, int64_t r1, float* x) {
-  for (int64_t i = r0; i < r1; ++i) {
-    const float* __restrict k = keys + flat[i] * d;
-    const float* __restrict q = query + rows[i] * d;
-    float* __restrict o = x + (i - r0) * 2 * d;
-    for (int64_t j = 0; j < d; ++j) {
-      o[j] = k[j];
-      o[d + j] = q[j] * k[j];
+// the end of the run of rows of sample rows[i0], within [i0, end)
+inline int64_t sample_end(const int64_t* rows, int64_t i0, int64_t end) {
+  int64_t i1 = i0;
+  while (i1 < end && rows[i1] == rows[i0]) ++i1;
+  return i1;
+}
+
+// the first layer's pre-activations x_0 = qpart[b] + M_bᵀ k (unit_first_layer.h) into x [N, H], sample by sample in
+// chunks of at most kBlockRows rows, with each group's column sums and sums of squares added to part ([groups, 2H])
+void first_forward(const float* kp, const float* qp, const float* qpp, const int64_t* fp, const int64_t* rp,
+                   const std::vector<int64_t>& bounds, const float* wkt, const float* wpt, int64_t d, int64_t h,
+                   float* x, std::vector<double>& part) {
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1, hp = unit_first_layer::pad16(h);
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> m(static_cast<size_t>(d * hp)), acc(static_cast<size_t>(2 * hp));
+    std::vector<const float*> krow(kBlockRows);
+    for (int64_t g = g0; g < g1; ++g) {
+      double* pp = part.data() + g * 2 * h;
+      for (int64_t i0 = bounds[g], i1; i0 < bounds[g + 1]; i0 = i1) {
+        i1 = sample_end(rp, i0, bounds[g + 1]);
+        const int64_t b = rp[i0];
+        unit_first_layer::sample_matrix(wkt, wpt, qp + b * d, d, hp, m.data());
+        for (int64_t r0 = i0; r0 < i1; r0 += kBlockRows) {
+          const int64_t nb = std::min(i1, r0 + kBlockRows) - r0;
+          for (int64_t i = 0; i < nb; ++i) krow[i] = kp + fp[r0 + i] * d;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          unit_first_layer::forward(nb, krow.data(), m.data(), qpp + b * h, d, h, x + r0 * h, acc.data(),
+                                    acc.data() + hp);
+          for (int64_t j = 0; j < h; ++j) {
+            pp[j] += acc[j];
+            pp[h + j] += acc[hp + j];
+          }
+        }
+      }
     }
-  }
+  });
 }
 
 // group boundaries at sample changes, each group at least kGroupRows rows but the last
@@ -228,6 +253,9 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
   const float *kp = keys.data_ptr<float>(), *qp = query.data_ptr<float>(), *qpp = qpart.data_ptr<float>(),
               *w1p = w1.data_ptr<float>();
   const int64_t *fp = flat.data_ptr<int64_t>(), *rp = rows.data_ptr<int64_t>();
+  const int64_t hp0 = unit_first_layer::pad16(s.h[0]);
+  std::vector<float> wkt(static_cast<size_t>(d * hp0)), wpt(static_cast<size_t>(d * hp0));
+  unit_first_layer::transpose_weights(w1p, s.h[0], d, wkt.data(), wpt.data());
 
   for (int64_t l = 0; l <= layers; ++l) {  // pass l: x_l from y_{l-1} (l = 0: from the inputs); pass L: the scores
     const int64_t hin = l == 0 ? 2 * d : s.h[l - 1];
@@ -239,17 +267,16 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
       mp = mean[l - 1].data_ptr<float>();
       ip = invstd[l - 1].data_ptr<float>();
     }
+    if (l == 0) {
+      first_forward(kp, qp, qpp, fp, rp, bounds, wkt.data(), wpt.data(), d, hout, pre[0].data_ptr<float>(), part);
+    } else {
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       std::vector<float> in(static_cast<size_t>(kBlockRows * hin)), acc(static_cast<size_t>(2 * hout));
       for (int64_t g = g0; g < g1; ++g) {
         for (int64_t r0 = bounds[g]; r0 < bounds[g + 1]; r0 += kBlockRows) {
           const int64_t r1 = std::min(bounds[g + 1], r0 + kBlockRows), nb = r1 - r0;
-          if (l == 0) {
-            build_inputs(kp, qp, fp, rp, d, r0, r1, in.data());
-          } else {
-            const float* x = pre[l - 1].data_ptr<float>() + r0 * hin;
-            for (int64_t i = 0; i < nb; ++i) dice_row(x + i * hin, a, mp, ip, in.data() + i * hin, hin);
-          }
+          const float* xin = pre[l - 1].data_ptr<float>() + r0 * hin;
+          for (int64_t i = 0; i < nb; ++i) dice_row(xin + i * hin, a, mp, ip, in.data() + i * hin, hin);
           if (l == layers) {
             const float* w = w_out.data_ptr<float>();
             float* out = scores.data_ptr<float>() + r0;
@@ -257,14 +284,9 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
             continue;
           }
           float* x = pre[l].data_ptr<float>() + r0 * hout;
-          if (l == 0) {
-            for (int64_t i = 0; i < nb; ++i) std::copy_n(qpp + rp[r0 + i] * hout, hout, x + i * hout);
-            gemm(false, true, nb, hout, hin, 1.0f, in.data(), hin, w1p, hin, 1.0f, x, hout);
-          } else {
-            const float* bias = bs[l - 1].data_ptr<float>();
-            for (int64_t i = 0; i < nb; ++i) std::copy_n(bias, hout, x + i * hout);
-            gemm(false, true, nb, hout, hin, 1.0f, in.data(), hin, ws[l - 1].data_ptr<float>(), hin, 1.0f, x, hout);
-          }
+          const float* bias = bs[l - 1].data_ptr<float>();
+          for (int64_t i = 0; i < nb; ++i) std::copy_n(bias, hout, x + i * hout);
+          gemm(false, true, nb, hout, hin, 1.0f, in.data(), hin, ws[l - 1].data_ptr<float>(), hin, 1.0f, x, hout);
           if (batch_stats) {
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (int64_t i = 0; i < nb; ++i) sums_row(x + i * hout, acc.data(), acc.data() + hout, hout);
@@ -274,6 +296,7 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
         }
       }
     });
+    }
     if (l == layers) break;
     if (batch_stats) {
       auto tot = reduce_groups(part, groups, 2 * hout).view({2, hout});
@@ -402,7 +425,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   }
 
   // the first layer: dx_0 -> qpart's, W_kp's, the keys' and the queries' gradients
-  const int64_t h0 = s.h[0], din = 2 * d;
+  const int64_t h0 = s.h[0];
   // the keys' gradient: the rows read are written below; the rest (padding) zeroed here, not the whole block first
   at::Tensor gkeys = at::empty({s.m, d}, opt), gquery = at::zeros({s.b, d}, opt), gqpart = at::zeros({s.b, h0}, opt);
   for (int64_t i = 0, next = 0; i <= n; ++i) {  // next: the first row not yet written or zeroed
@@ -411,43 +434,47 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
     next = upto + 1;
   }
   {
-    std::vector<float> part(static_cast<size_t>(groups * h0 * din), 0.0f);
+    const int64_t hp = unit_first_layer::pad16(h0), dp = unit_first_layer::pad16(d);
+    std::vector<float> wkt(static_cast<size_t>(d * hp)), wpt(static_cast<size_t>(d * hp));
+    unit_first_layer::transpose_weights(w1.data_ptr<float>(), h0, d, wkt.data(), wpt.data());
+    std::vector<float> part_k(static_cast<size_t>(groups * d * hp), 0.0f), part_p(part_k.size(), 0.0f);
     const float *x = pre[0].data_ptr<float>(), *a = alphas[0].data_ptr<float>(), *mp = mean[0].data_ptr<float>(),
                 *ip = invstd[0].data_ptr<float>(), *m1p = m1[0].data_ptr<float>(), *m2p = m2[0].data_ptr<float>();
     const float* w = w1.data_ptr<float>();
     const float* gyp = gy.defined() ? gy.data_ptr<float>() : nullptr;
     float *gk = gkeys.data_ptr<float>(), *gq = gquery.data_ptr<float>(), *gqp = gqpart.data_ptr<float>();
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> dx(static_cast<size_t>(kBlockRows * h0)), in(static_cast<size_t>(kBlockRows * din)),
-          gin(static_cast<size_t>(kBlockRows * din)), g(static_cast<size_t>(h0));
+      // dx's rows hp apart, the columns from h0 on zero (the tiles read whole slabs)
+      std::vector<float> dx(static_cast<size_t>(kBlockRows * hp), 0.0f), mt(static_cast<size_t>(h0 * dp)),
+          g(static_cast<size_t>(h0));
+      std::vector<const float*> krow(kBlockRows);
+      std::vector<float*> gkrow(kBlockRows);
       for (int64_t gi = g0; gi < g1; ++gi) {
-        for (int64_t r0 = bounds[gi]; r0 < bounds[gi + 1]; r0 += kBlockRows) {
-          const int64_t r1 = std::min(bounds[gi + 1], r0 + kBlockRows), nb = r1 - r0;
-          for (int64_t i = 0; i < nb; ++i) {
-            const float* gr = grad_row(gyp, gp, wo, r0 + i, h0, g.data());
-            float* dr = dx.data() + i * h0;
-            dice_dx_row(x + (r0 + i) * h0, gr, a, mp, ip, m1p, m2p, dr, h0);
-            float* __restrict dst = gqp + rp[r0 + i] * h0;
-            for (int64_t j = 0; j < h0; ++j) dst[j] += dr[j];
-          }
-          build_inputs(kp, qp, fp, rp, d, r0, r1, in.data());
-          gemm(true, false, h0, din, nb, 1.0f, dx.data(), h0, in.data(), din, 1.0f, part.data() + gi * h0 * din, din);
-          gemm(false, false, nb, din, h0, 1.0f, dx.data(), h0, w, din, 0.0f, gin.data(), din);
-          for (int64_t i = 0; i < nb; ++i) {
-            const float* __restrict k = kp + fp[r0 + i] * d;
-            const float* __restrict q = qp + rp[r0 + i] * d;
-            const float* __restrict gi_ = gin.data() + i * din;
-            float* __restrict gkr = gk + fp[r0 + i] * d;
-            float* __restrict gqr = gq + rp[r0 + i] * d;
-            for (int64_t j = 0; j < d; ++j) {
-              gkr[j] = gi_[j] + gi_[d + j] * q[j];
-              gqr[j] += gi_[d + j] * k[j];
+        float *pk = part_k.data() + gi * d * hp, *pw = part_p.data() + gi * d * hp;
+        for (int64_t i0 = bounds[gi], i1; i0 < bounds[gi + 1]; i0 = i1) {
+          i1 = sample_end(rp, i0, bounds[gi + 1]);
+          const int64_t b = rp[i0];
+          unit_first_layer::sample_matrix_t(w, qp + b * d, h0, d, mt.data());
+          for (int64_t r0 = i0; r0 < i1; r0 += kBlockRows) {
+            const int64_t nb = std::min(i1, r0 + kBlockRows) - r0;
+            float* __restrict dst = gqp + b * h0;
+            for (int64_t i = 0; i < nb; ++i) {
+              const float* gr = grad_row(gyp, gp, wo, r0 + i, h0, g.data());
+              float* dr = dx.data() + i * hp;
+              dice_dx_row(x + (r0 + i) * h0, gr, a, mp, ip, m1p, m2p, dr, h0);
+              for (int64_t j = 0; j < h0; ++j) dst[j] += dr[j];
+              krow[i] = kp + fp[r0 + i] * d;
+              gkrow[i] = gk + fp[r0 + i] * d;
             }
+            unit_first_layer::backward(nb, krow.data(), gkrow.data(), dx.data(), mt.data(), wpt.data(), qp + b * d,
+                                       d, h0, pk, pw, gq + b * d);
           }
         }
       }
     });
-    gw[0] = reduce_groups(part, groups, h0 * din).view({h0, din}).to(at::kFloat);
+    auto tk = reduce_groups(part_k, groups, d * hp).view({d, hp}).narrow(1, 0, h0);
+    auto tp = reduce_groups(part_p, groups, d * hp).view({d, hp}).narrow(1, 0, h0);
+    gw[0] = at::cat({tk.t(), tp.t()}, 1).to(at::kFloat).contiguous();
   }
   std::vector<at::Tensor> out{gkeys, gquery, gqpart, gw[0]};
   for (int64_t l = 1; l < layers; ++l) out.push_back(gw[l]);

@@ -1,0 +1,216 @@
+// The first layer of DIN's activation unit one sample at a time (din_unit.cpp): with the query's share (qpart) apart,
+// the layer on a behavior k of sample b is  x = W_k' k + W_p (q_b ⊙ k) = M_bᵀ k,  M_b[p, c] = W_k'[c, p] + q_b[p] W_p[c, p],
+// one [D, H] matrix per sample. A batch's block product on [k; q ⊙ k] (2D inputs) does twice the multiply-adds
+// of the per-sample products on k (D inputs), and so do its two backward products: with dx the layer's gradient,
+//   dk = M_b dx,   dM_b = Σ_i k_i dx_iᵀ,   dW_k'ᵀ += dM_b,   dW_pᵀ += diag(q_b) dM_b,   dq_b[p] = Σ_c W_p[c, p] dM_b[p, c]
+// (the last two from M_b's dependence on q_b), each a product of the sample's ~40 rows with a [D, H] matrix.
+// BLAS on such small products spends most of its time packing; here they run through one register tile
+// (6 rows x 16 columns, 12 vector accumulators) with M_b built in cache per sample, and each tile's epilogue does the
+// bookkeeping (the column sums of the batch statistics forward; the weights' and the query's gradients backward)
+// while the tile is still in registers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace unit_first_layer {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline v8 fma8(v8 a, v8 b, v8 c) {
+#if defined(__FMA__)
+  return reinterpret_cast<v8>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                              reinterpret_cast<__m256>(c)));
+#else
+  return a * b + c;
+#endif
+}
+inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+constexpr int kTile = 6;   // rows of a register tile
+constexpr int kSlab = 16;  // its columns (two vectors)
+
+inline int64_t pad16(int64_t n) { return (n + kSlab - 1) / kSlab * kSlab; }
+
+// acc[r] = Σ_k a(r, k) b[k, 0:16] for r < R, b's rows ldb apart
+// (the sums in locals, copied out at the end: summed into `acc` itself, which the epilogue reads by reference, the
+// compiler stored every accumulator on every step, a third of the speed)
+template <int R, typename A>
+inline void tile(int64_t kd, const A& a, const float* __restrict b, int64_t ldb, v8 (&acc)[kTile][2]) {
+  v8 c0[R], c1[R];
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = splat8(0.0f);
+  for (int64_t k = 0; k < kd; ++k) {
+    const v8 b0 = load8(b + k * ldb), b1 = load8(b + k * ldb + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const v8 av = splat8(a(r, k));
+      c0[r] = fma8(av, b0, c0[r]);
+      c1[r] = fma8(av, b1, c1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = c0[r];
+    acc[r][1] = c1[r];
+  }
+}
+
+// every row tile of `rows` rows (the last one shorter) and slab of `slabs`: tile, then epi(row0, R, slab, acc)
+template <typename A, typename E>
+inline void tiles(int64_t rows, int64_t slabs, int64_t kd, const A& a, const float* b, int64_t ldb, const E& epi) {
+  v8 acc[kTile][2];
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
+    const auto ar = [&](int r, int64_t k) { return a(r0 + r, k); };
+    for (int64_t s = 0; s < slabs; ++s) {
+      const float* bs = b + s * kSlab;
+      switch (n) {
+        case 6: tile<6>(kd, ar, bs, ldb, acc); break;
+        case 5: tile<5>(kd, ar, bs, ldb, acc); break;
+        case 4: tile<4>(kd, ar, bs, ldb, acc); break;
+        case 3: tile<3>(kd, ar, bs, ldb, acc); break;
+        case 2: tile<2>(kd, ar, bs, ldb, acc); break;
+        default: tile<1>(kd, ar, bs, ldb, acc); break;
+      }
+      epi(r0, n, s, acc);
+    }
+  }
+}
+
+// The layer's weights rearranged once per pass: wkt[p, c] = W_k'[c, p], wpt[p, c] = W_p[c, p] ([D, Hp], columns
+// from H to Hp zero), from w1 = [W_k', W_p] ([H, 2D])
+inline void transpose_weights(const float* w1, int64_t h, int64_t d, float* wkt, float* wpt) {
+  const int64_t hp = pad16(h);
+  std::fill(wkt, wkt + d * hp, 0.0f);
+  std::fill(wpt, wpt + d * hp, 0.0f);
+  for (int64_t c = 0; c < h; ++c) {
+    for (int64_t p = 0; p < d; ++p) {
+      wkt[p * hp + c] = w1[c * 2 * d + p];
+      wpt[p * hp + c] = w1[c * 2 * d + d + p];
+    }
+  }
+}
+
+// M_b = wkt + diag(q) wpt  ([D, Hp])
+inline void sample_matrix(const float* __restrict wkt, const float* __restrict wpt, const float* __restrict q,
+                          int64_t d, int64_t hp, float* __restrict m) {
+  for (int64_t p = 0; p < d; ++p) {
+    const float qp = q[p];
+    for (int64_t c = 0; c < hp; ++c) m[p * hp + c] = wkt[p * hp + c] + qp * wpt[p * hp + c];
+  }
+}
+
+// M_bᵀ ([H, Dp], columns from D to Dp zero) from w1 directly
+inline void sample_matrix_t(const float* __restrict w1, const float* __restrict q, int64_t h, int64_t d,
+                            float* __restrict mt) {
+  const int64_t dp = pad16(d);
+  for (int64_t c = 0; c < h; ++c) {
+    const float* __restrict wk = w1 + c * 2 * d;
+    const float* __restrict wp = wk + d;
+    float* __restrict o = mt + c * dp;
+    for (int64_t p = 0; p < d; ++p) o[p] = wk[p] + q[p] * wp[p];
+    for (int64_t p = d; p < dp; ++p) o[p] = 0.0f;
+  }
+}
+
+// Forward for one sample's rows: x_i = qpart + M_bᵀ k_i into x (rows h apart), the column sums and sums of squares
+// of x added to sum and sq ([Hp] each). keys: the sample's key rows (krow[i], D floats each); m: M_b.
+inline void forward(int64_t rows, const float* const* krow, const float* m, const float* __restrict qpart,
+                    int64_t d, int64_t h, float* x, float* __restrict sum, float* __restrict sq) {
+  const int64_t hp = pad16(h);
+  const auto a = [&](int64_t r, int64_t k) { return krow[r][k]; };
+  tiles(rows, hp / kSlab, d, a, m, hp, [&](int64_t r0, int n, int64_t s, v8 (&acc)[kTile][2]) {
+    const int64_t c0 = s * kSlab;
+    if (c0 + kSlab <= h) {
+      const v8 q0 = load8(qpart + c0), q1 = load8(qpart + c0 + 8);
+      v8 s0 = load8(sum + c0), s1 = load8(sum + c0 + 8), t0 = load8(sq + c0), t1 = load8(sq + c0 + 8);
+      for (int r = 0; r < n; ++r) {
+        const v8 x0 = acc[r][0] + q0, x1 = acc[r][1] + q1;
+        float* xr = x + (r0 + r) * h + c0;
+        store8(xr, x0);
+        store8(xr + 8, x1);
+        s0 += x0;
+        s1 += x1;
+        t0 = fma8(x0, x0, t0);
+        t1 = fma8(x1, x1, t1);
+      }
+      store8(sum + c0, s0);
+      store8(sum + c0 + 8, s1);
+      store8(sq + c0, t0);
+      store8(sq + c0 + 8, t1);
+      return;
+    }
+    for (int r = 0; r < n; ++r) {  // the last, partial slab
+      float v[kSlab];
+      store8(v, acc[r][0]);
+      store8(v + 8, acc[r][1]);
+      for (int64_t j = 0; c0 + j < h; ++j) {
+        const float xv = v[j] + qpart[c0 + j];
+        x[(r0 + r) * h + c0 + j] = xv;
+        sum[c0 + j] += xv;
+        sq[c0 + j] += xv * xv;
+      }
+    }
+  });
+}
+
+// Backward for one sample's rows, given dx (rows hp apart, columns from H to Hp zero): the keys' gradient rows
+// gkrow[i] = M_b dx_i (D floats), and dM_b's share added to gwkt and gwpt ([D, Hp]: W_k'ᵀ's and W_pᵀ's gradients)
+// and to gq ([D], the query's). mt: M_bᵀ; wpt: W_pᵀ; tmp: Dp floats.
+inline void backward(int64_t rows, const float* const* krow, float* const* gkrow, const float* dx, const float* mt,
+                     const float* __restrict wpt, const float* __restrict q, int64_t d, int64_t h, float* gwkt,
+                     float* gwpt, float* __restrict gq) {
+  const int64_t hp = pad16(h), dp = pad16(d);
+  // dk_i = M_b dx_i: rows i, inner dimension c (H), columns p (Dp)
+  const auto adx = [&](int64_t r, int64_t k) { return dx[r * hp + k]; };
+  tiles(rows, dp / kSlab, h, adx, mt, dp, [&](int64_t r0, int n, int64_t s, v8 (&acc)[kTile][2]) {
+    const int64_t p0 = s * kSlab;
+    for (int r = 0; r < n; ++r) {
+      float* g = gkrow[r0 + r] + p0;
+      if (p0 + kSlab <= d) {
+        store8(g, acc[r][0]);
+        store8(g + 8, acc[r][1]);
+      } else {
+        float v[kSlab];
+        store8(v, acc[r][0]);
+        store8(v + 8, acc[r][1]);
+        for (int64_t j = 0; p0 + j < d; ++j) g[j] = v[j];
+      }
+    }
+  });
+  // dM_b[p, c] = Σ_i k_i[p] dx_i[c]: rows p (D), inner dimension i, columns c (Hp)
+  const auto ak = [&](int64_t r, int64_t k) { return krow[k][r]; };
+  v8 dq[kTile];
+  tiles(d, hp / kSlab, rows, ak, dx, hp, [&](int64_t p0, int n, int64_t s, v8 (&acc)[kTile][2]) {
+    const int64_t c0 = s * kSlab;
+    if (s == 0) {
+      for (int r = 0; r < n; ++r) dq[r] = splat8(0.0f);
+    }
+    for (int r = 0; r < n; ++r) {
+      const int64_t o = (p0 + r) * hp + c0;
+      const v8 qv = splat8(q[p0 + r]);
+      store8(gwkt + o, load8(gwkt + o) + acc[r][0]);
+      store8(gwkt + o + 8, load8(gwkt + o + 8) + acc[r][1]);
+      store8(gwpt + o, fma8(qv, acc[r][0], load8(gwpt + o)));
+      store8(gwpt + o + 8, fma8(qv, acc[r][1], load8(gwpt + o + 8)));
+      dq[r] = fma8(load8(wpt + o), acc[r][0], dq[r]);
+      dq[r] = fma8(load8(wpt + o + 8), acc[r][1], dq[r]);
+    }
+    if ((s + 1) * kSlab == hp) {
+      for (int r = 0; r < n; ++r) gq[p0 + r] += hsum8(dq[r]);
+    }
+  });
+}
+
+}  // namespace unit_first_layer
