@@ -386,7 +386,8 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
                 *ip = invstd[l].data_ptr<float>(), *m1p = m1[l].data_ptr<float>(), *m2p = m2[l].data_ptr<float>();
     const float *xp = pre[l - 1].data_ptr<float>(), *ap = alphas[l - 1].data_ptr<float>(),
                 *mpp = mean[l - 1].data_ptr<float>(), *ipp = invstd[l - 1].data_ptr<float>();
-    const float* w = ws[l - 1].data_ptr<float>();
+    std::vector<float> wpad(static_cast<size_t>(ho * unit_first_layer::pad16(hi)));
+    unit_first_layer::pad_columns(ws[l - 1].data_ptr<float>(), ho, hi, wpad.data());
     const float* gyp = gy.defined() ? gy.data_ptr<float>() : nullptr;
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       std::vector<float> dx(static_cast<size_t>(kBlockRows * ho)), y(static_cast<size_t>(kBlockRows * hi)),
@@ -406,7 +407,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
           }
           gemm(true, false, ho, hi, nb, 1.0f, dx.data(), ho, y.data(), hi, 1.0f, pw, hi);  // gW += dxᵀ y
           float* gyr = gy_prev.data_ptr<float>() + r0 * hi;
-          gemm(false, false, nb, hi, ho, 1.0f, dx.data(), ho, w, hi, 0.0f, gyr, hi);  // gy_{l-1} = dx W
+          unit_first_layer::product(nb, ho, hi, dx.data(), ho, wpad.data(), gyr, hi);  // gy_{l-1} = dx W
           for (int64_t i = 0; i < nb; ++i) {
             dice_sums_p_row(xp + (r0 + i) * hi, gyr + i * hi, py.data() + i * hi, ap, mpp, ipp, acc.data() + ho,
                             acc.data() + ho + hi, acc.data() + ho + 2 * hi, hi);

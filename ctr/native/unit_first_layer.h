@@ -88,6 +88,38 @@ inline void tiles(int64_t rows, int64_t slabs, int64_t kd, const A& a, const flo
   }
 }
 
+// c = a b for a [rows, k] (rows lda apart) and b [k, pad16(n)] (zero past column n): through the tile, for the
+// products whose inner dimension is too short for BLAS to run near its rate (a hidden layer's backward, k = 40)
+inline void product(int64_t rows, int64_t k, int64_t n, const float* a, int64_t lda, const float* b, float* c,
+                    int64_t ldc) {
+  const int64_t np = pad16(n);
+  const auto aa = [&](int64_t r, int64_t kk) { return a[r * lda + kk]; };
+  tiles(rows, np / kSlab, k, aa, b, np, [&](int64_t r0, int nr, int64_t s, v8 (&acc)[kTile][2]) {
+    const int64_t c0 = s * kSlab;
+    for (int r = 0; r < nr; ++r) {
+      float* o = c + (r0 + r) * ldc + c0;
+      if (c0 + kSlab <= n) {
+        store8(o, acc[r][0]);
+        store8(o + 8, acc[r][1]);
+      } else {
+        float v[kSlab];
+        store8(v, acc[r][0]);
+        store8(v + 8, acc[r][1]);
+        for (int64_t j = 0; c0 + j < n; ++j) o[j] = v[j];
+      }
+    }
+  });
+}
+
+// w [k, n] into wp [k, pad16(n)], the columns past n zero
+inline void pad_columns(const float* w, int64_t k, int64_t n, float* wp) {
+  const int64_t np = pad16(n);
+  for (int64_t i = 0; i < k; ++i) {
+    std::copy_n(w + i * n, n, wp + i * np);
+    std::fill(wp + i * np + n, wp + (i + 1) * np, 0.0f);
+  }
+}
+
 // The layer's weights rearranged once per pass: wkt[p, c] = W_k'[c, p], wpt[p, c] = W_p[c, p] ([D, Hp], columns
 // from H to Hp zero), from w1 = [W_k', W_p] ([H, 2D])
 inline void transpose_weights(const float* w1, int64_t h, int64_t d, float* wkt, float* wpt) {
