@@ -1,7 +1,7 @@
 """A model's training step with one native CPU operator used and declined, alternating in one process.
 
     python benchmarks/native_toggle.py --data DATA_DIR --op gather_dot [--models muse,r2led] [--rounds 4]
-        [--steps 4] [--batch-size 512] [--threads 1] [--set KEY=VALUE ...] [--results FILE]
+        [--steps 4] [--batch-size 512] [--threads 1] [--set KEY=VALUE ...] [--against REV[:PATH]] [--results FILE]
 
 (a ``--set model.KEY=VALUE`` goes to the models whose config has KEY: ``model.seq_len`` to DIN, ``model.max_len`` to
 the two-stage models)
@@ -12,6 +12,12 @@ same prefetched batches through the trainer's own `Training` step (the model, sh
 loader of `ctr train`), ``--threads`` threads (1 unless given; the trainer uses 2 on a 2-core machine), off then on,
 ``--rounds`` times: both forms share the process, the batches
 and the hour, so the ratio is not the machine's drift between two runs. One process per model.
+
+``--against REV`` compares two versions of the operator's C++ instead: "off" runs the source at git revision REV
+(``ctr/native/<op>.cpp`` and the headers beside it, or ``--against REV:PATH``), built as a second extension under
+another operator namespace, "on" the working tree's; every ``torch.ops.ctr_native`` operator that file defines is
+swapped while "off" runs. The Python around the operator is the working tree's on both sides, so the two versions
+must share their operators' signatures.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ def measure(args: argparse.Namespace) -> dict:
     real = getattr(native, args.op)
     from step_profile import _applies
 
+    swapped = base_operators(args.against, args.op) if args.against else {}
+
     own = [s for s in args.set if _applies(args.models, s)]  # each model takes the overrides its config has
     sets = [f"data.batch_size={args.batch_size}", "data.num_workers=0", *own]
     cfg, params = resolve_train_config(args.models, None, sets)
@@ -65,7 +73,12 @@ def measure(args: argparse.Namespace) -> dict:
             tr.step(b)
         for _ in range(args.rounds):
             for side in ("off", "on"):
-                setattr(native, args.op, counted if side == "on" else (lambda *a, **kw: None))
+                if swapped:  # REV's operators ("off") or the working tree's
+                    for op_name, (ours, theirs) in swapped.items():
+                        setattr(torch.ops.ctr_native, op_name, ours if side == "on" else theirs)
+                    setattr(native, args.op, counted)
+                else:
+                    setattr(native, args.op, counted if side == "on" else (lambda *a, **kw: None))
                 t0 = time.perf_counter()
                 for b in batches[2:]:
                     tr.step(b)
@@ -74,6 +87,45 @@ def measure(args: argparse.Namespace) -> dict:
 
     launch(on_rank, 1, Path(tempfile.mkdtemp(prefix="native-toggle-")))
     return out
+
+
+def base_operators(against: str, op: str) -> dict:
+    """Build the operator's C++ at a git revision as the ``ctr_native_base`` namespace: {name: (working tree's
+    operator, the revision's)} for every operator its source defines."""
+    import re
+    import tempfile
+
+    import torch
+    from torch.utils.cpp_extension import load
+
+    from ctr import native
+
+    rev, _, path = against.partition(":")
+    path = path or f"ctr/native/{op}.cpp"
+
+    def show(p: str) -> str:
+        done = subprocess.run(["git", "show", f"{rev}:{p}"], cwd=ROOT, capture_output=True, text=True, check=True)
+        return done.stdout
+
+    work = Path(tempfile.mkdtemp(prefix="native-base-"))
+    folder = str(Path(path).parent)
+    listed = subprocess.run(["git", "ls-tree", "--name-only", rev, folder + "/"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()  # fmt: skip
+    for header in (h for h in listed if h.endswith(".h")):
+        (work / Path(header).name).write_text(show(header))
+    text = re.sub(r"TORCH_LIBRARY(_FRAGMENT|_IMPL)?\(ctr_native\b", r"TORCH_LIBRARY\1(ctr_native_base", show(path))
+    source = work / Path(path).name
+    source.write_text(text)
+    assert native.available(), native.unavailable_reason()
+    name, flags = native._build_flags()
+    digest = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()  # fmt: skip
+    load(f"{name}_base_{digest}", [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+         build_directory=str(work), is_python_module=False)  # fmt: skip
+    names = re.findall(r'm\.def\(\s*"(\w+)\(', text)
+    if not names:
+        raise SystemExit(f"{rev}:{path} defines no operator")
+    return {n: (getattr(torch.ops.ctr_native, n), getattr(torch.ops.ctr_native_base, n)) for n in names}
 
 
 def main() -> None:
@@ -86,6 +138,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--against", help="REV[:PATH]: the operator's C++ at a git revision as 'off' (see above)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "native-toggle.json")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-model process
     args = parser.parse_args()
@@ -96,7 +149,7 @@ def main() -> None:
     for model in args.models.split(","):
         cmd = [sys.executable, __file__, "--one", "--data", args.data, "--op", args.op, "--models", model]
         cmd += ["--rounds", str(args.rounds), "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-        cmd += ["--threads", str(args.threads)]
+        cmd += ["--threads", str(args.threads)] + (["--against", args.against] if args.against else [])
         cmd += [f"--set={s}" for s in args.set]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -110,6 +163,7 @@ def main() -> None:
         print(f"{model:14s} off {r['off']}  on {r['on']}  {r['speedup_of_medians']:.2f}x  ({r['calls_on']} calls)")
     result = {
         "op": args.op,
+        "off": f"the C++ at {args.against}" if args.against else "declined (the eager form)",
         "data": args.data,
         "settings": {
             "batch_size": args.batch_size,
