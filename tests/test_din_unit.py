@@ -45,7 +45,9 @@ def _mask(b, n, seed, p=0.7):
 @pytest.mark.parametrize(
     ("hidden", "b", "n", "d", "softmax"),
     [((80, 40), 37, 9, 6, False), ((36,), 23, 7, 5, True), ((16, 12, 8), 19, 11, 4, False),
-     ((80, 40), 260, 20, 8, False)],  # the last: several parallel groups and blocks
+     ((80, 40), 260, 20, 8, False),  # several parallel groups and blocks
+     ((80, 40), 40, 50, 64, True),  # the shipped shape: whole 16-wide slabs of the first layer's tiles
+     ((24, 8), 5, 300, 17, False)],  # samples longer than a block (a sample's rows in chunks); partial slabs
 )  # fmt: skip
 def test_training_matches_the_eager_unit(monkeypatch, hidden, b, n, d, softmax):
     fused, eager = _pair(hidden, d, seed=b, softmax=softmax)

@@ -2,7 +2,9 @@
 
 The eager unit (`DinAttention._rows` on gathered rows) runs a chain of whole-batch operators whose passes through
 memory, not their arithmetic, set its time on a 2-core machine; the native form reads each block of rows once per
-layer and keeps what it derives from it in cache (see `din_unit.cpp`). Same function, same parameters, the same
+layer and keeps what it derives from it in cache (see `din_unit.cpp`), and runs the first layer sample by sample on
+the keys alone (``x = qpart + M_bᵀ k`` with ``M_b = W_k' + diag(q_b) W_p``: half the multiply-adds, forward and
+backward; `unit_first_layer.h`). Same function, same parameters, the same
 running statistics as the eager module (`tests/test_din_unit.py`). Called as `ctr.native.din_unit`.
 """
 

@@ -5,12 +5,12 @@
 // training (the running ones in evaluation), and qpart = (W_q + W_d) q + b_1 is the first layer's per-sample share.
 //
 // Eager, the unit is a chain of whole-batch operators, each a pass through memory over [N, 64..128] blocks (N: every
-// real behavior of a batch, 43K at batch 1,024 and L = 50): gathers of the keys and queries, their product, a
-// concatenation, the layer, the column sums, Dice, the next layer, ...; on 2 cores the passes run at the memory's
-// rate, and backward makes about twice as many. Here each pass reads a group of rows once and keeps everything
-// derived from it (the [k; q ⊙ k] inputs, Dice's outputs, the gradients flowing back) in per-thread buffers: a
-// layer's product is BLAS on a 256-row block. What must reach memory is what the batch statistics need between
-// passes: the layers' pre-activations forward, and one gradient block per hidden layer but the last backward.
+// real behavior of a batch, 43K at batch 1,024 and L = 50); on 2 cores the passes run at the memory's rate. Here
+// each pass reads a group of rows once and keeps what it derives from them (Dice's outputs, the gradients flowing
+// back) in per-thread buffers; what must reach memory is what the batch statistics need between passes: the layers'
+// pre-activations forward, one gradient block per hidden layer but the last backward. The first layer runs sample
+// by sample as x_0 = qpart + M_bᵀ k (unit_first_layer.h: half the multiply-adds of a product on [k; q ⊙ k]); the
+// others as BLAS on 256-row blocks, but a hidden layer's input gradient (inner dimension 40) through the same tile.
 //
 // Groups of whole samples (about 2,048 rows) are the parallel work items: each writes its samples' gradients of
 // qpart and the queries alone, and the column sums and weight gradients are added group by group in order, so the
@@ -116,44 +116,6 @@ inline const float* grad_row(const float* gy, const float* grad, const float* __
   return buf;
 }
 
-// the end of the run of rows of sample rows[i0], within [i0, end)
-inline int64_t sample_end(const int64_t* rows, int64_t i0, int64_t end) {
-  int64_t i1 = i0;
-  while (i1 < end && rows[i1] == rows[i0]) ++i1;
-  return i1;
-}
-
-// the first layer's pre-activations x_0 = qpart[b] + M_bᵀ k (unit_first_layer.h) into x [N, H], sample by sample in
-// chunks of at most kBlockRows rows, with each group's column sums and sums of squares added to part ([groups, 2H])
-void first_forward(const float* kp, const float* qp, const float* qpp, const int64_t* fp, const int64_t* rp,
-                   const std::vector<int64_t>& bounds, const float* wkt, const float* wpt, int64_t d, int64_t h,
-                   float* x, std::vector<double>& part) {
-  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1, hp = unit_first_layer::pad16(h);
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> m(static_cast<size_t>(d * hp)), acc(static_cast<size_t>(2 * hp));
-    std::vector<const float*> krow(kBlockRows);
-    for (int64_t g = g0; g < g1; ++g) {
-      double* pp = part.data() + g * 2 * h;
-      for (int64_t i0 = bounds[g], i1; i0 < bounds[g + 1]; i0 = i1) {
-        i1 = sample_end(rp, i0, bounds[g + 1]);
-        const int64_t b = rp[i0];
-        unit_first_layer::sample_matrix(wkt, wpt, qp + b * d, d, hp, m.data());
-        for (int64_t r0 = i0; r0 < i1; r0 += kBlockRows) {
-          const int64_t nb = std::min(i1, r0 + kBlockRows) - r0;
-          for (int64_t i = 0; i < nb; ++i) krow[i] = kp + fp[r0 + i] * d;
-          std::fill(acc.begin(), acc.end(), 0.0f);
-          unit_first_layer::forward(nb, krow.data(), m.data(), qpp + b * h, d, h, x + r0 * h, acc.data(),
-                                    acc.data() + hp);
-          for (int64_t j = 0; j < h; ++j) {
-            pp[j] += acc[j];
-            pp[h + j] += acc[hp + j];
-          }
-        }
-      }
-    }
-  });
-}
-
 // group boundaries at sample changes, each group at least kGroupRows rows but the last
 std::vector<int64_t> sample_groups(const int64_t* rows, int64_t n) {
   std::vector<int64_t> bounds{0};
@@ -253,9 +215,6 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
   const float *kp = keys.data_ptr<float>(), *qp = query.data_ptr<float>(), *qpp = qpart.data_ptr<float>(),
               *w1p = w1.data_ptr<float>();
   const int64_t *fp = flat.data_ptr<int64_t>(), *rp = rows.data_ptr<int64_t>();
-  const int64_t hp0 = unit_first_layer::pad16(s.h[0]);
-  std::vector<float> wkt(static_cast<size_t>(d * hp0)), wpt(static_cast<size_t>(d * hp0));
-  unit_first_layer::transpose_weights(w1p, s.h[0], d, wkt.data(), wpt.data());
 
   for (int64_t l = 0; l <= layers; ++l) {  // pass l: x_l from y_{l-1} (l = 0: from the inputs); pass L: the scores
     const int64_t hin = l == 0 ? 2 * d : s.h[l - 1];
@@ -268,34 +227,37 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
       ip = invstd[l - 1].data_ptr<float>();
     }
     if (l == 0) {
-      first_forward(kp, qp, qpp, fp, rp, bounds, wkt.data(), wpt.data(), d, hout, pre[0].data_ptr<float>(), part);
+      float* x0 = pre[0].data_ptr<float>();
+      unit_first_layer::forward_pass(kp, qp, qpp, fp, rp, bounds, w1p, d, hout, kBlockRows, x0, part);
     } else {
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> in(static_cast<size_t>(kBlockRows * hin)), acc(static_cast<size_t>(2 * hout));
-      for (int64_t g = g0; g < g1; ++g) {
-        for (int64_t r0 = bounds[g]; r0 < bounds[g + 1]; r0 += kBlockRows) {
-          const int64_t r1 = std::min(bounds[g + 1], r0 + kBlockRows), nb = r1 - r0;
-          const float* xin = pre[l - 1].data_ptr<float>() + r0 * hin;
-          for (int64_t i = 0; i < nb; ++i) dice_row(xin + i * hin, a, mp, ip, in.data() + i * hin, hin);
-          if (l == layers) {
-            const float* w = w_out.data_ptr<float>();
-            float* out = scores.data_ptr<float>() + r0;
-            for (int64_t i = 0; i < nb; ++i) out[i] = static_cast<float>(b_out) + ctr_native::dot(in.data() + i * hin, w, hin);
-            continue;
-          }
-          float* x = pre[l].data_ptr<float>() + r0 * hout;
-          const float* bias = bs[l - 1].data_ptr<float>();
-          for (int64_t i = 0; i < nb; ++i) std::copy_n(bias, hout, x + i * hout);
-          gemm(false, true, nb, hout, hin, 1.0f, in.data(), hin, ws[l - 1].data_ptr<float>(), hin, 1.0f, x, hout);
-          if (batch_stats) {
-            std::fill(acc.begin(), acc.end(), 0.0f);
-            for (int64_t i = 0; i < nb; ++i) sums_row(x + i * hout, acc.data(), acc.data() + hout, hout);
-            double* pp = part.data() + g * 2 * hout;
-            for (int64_t j = 0; j < 2 * hout; ++j) pp[j] += acc[j];
+      at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+        std::vector<float> in(static_cast<size_t>(kBlockRows * hin)), acc(static_cast<size_t>(2 * hout));
+        for (int64_t g = g0; g < g1; ++g) {
+          for (int64_t r0 = bounds[g]; r0 < bounds[g + 1]; r0 += kBlockRows) {
+            const int64_t r1 = std::min(bounds[g + 1], r0 + kBlockRows), nb = r1 - r0;
+            const float* xin = pre[l - 1].data_ptr<float>() + r0 * hin;
+            for (int64_t i = 0; i < nb; ++i) dice_row(xin + i * hin, a, mp, ip, in.data() + i * hin, hin);
+            if (l == layers) {
+              const float* w = w_out.data_ptr<float>();
+              float* out = scores.data_ptr<float>() + r0;
+              for (int64_t i = 0; i < nb; ++i) {
+                out[i] = static_cast<float>(b_out) + ctr_native::dot(in.data() + i * hin, w, hin);
+              }
+              continue;
+            }
+            float* x = pre[l].data_ptr<float>() + r0 * hout;
+            const float* bias = bs[l - 1].data_ptr<float>();
+            for (int64_t i = 0; i < nb; ++i) std::copy_n(bias, hout, x + i * hout);
+            gemm(false, true, nb, hout, hin, 1.0f, in.data(), hin, ws[l - 1].data_ptr<float>(), hin, 1.0f, x, hout);
+            if (batch_stats) {
+              std::fill(acc.begin(), acc.end(), 0.0f);
+              for (int64_t i = 0; i < nb; ++i) sums_row(x + i * hout, acc.data(), acc.data() + hout, hout);
+              double* pp = part.data() + g * 2 * hout;
+              for (int64_t j = 0; j < 2 * hout; ++j) pp[j] += acc[j];
+            }
           }
         }
-      }
-    });
+      });
     }
     if (l == layers) break;
     if (batch_stats) {
@@ -453,7 +415,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
       for (int64_t gi = g0; gi < g1; ++gi) {
         float *pk = part_k.data() + gi * d * hp, *pw = part_p.data() + gi * d * hp;
         for (int64_t i0 = bounds[gi], i1; i0 < bounds[gi + 1]; i0 = i1) {
-          i1 = sample_end(rp, i0, bounds[gi + 1]);
+          i1 = unit_first_layer::sample_end(rp, i0, bounds[gi + 1]);
           const int64_t b = rp[i0];
           unit_first_layer::sample_matrix_t(w, qp + b * d, h0, d, mt.data());
           for (int64_t r0 = i0; r0 < i1; r0 += kBlockRows) {

@@ -122,10 +122,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> target_attention_back
   TORCH_CHECK(probs.scalar_type() == at::kFloat && probs.is_contiguous() && probs.numel() == b * h * k,
               "ctr_native target_attention: probs must be the forward's [B, H, K]");
   TORCH_CHECK(!same || dk == dv, "ctr_native target_attention: shared keys and values need one width");
-  at::Tensor gq = at::zeros_like(q);
-  at::Tensor gk = at::zeros_like(keys);
-  at::Tensor gv = same ? at::empty({0}, values.options()) : at::zeros_like(values);
-  at::Tensor gb = with_bias ? at::zeros({b, k, h}, q.options()) : at::empty({0}, q.options());
+  // zeroed sample by sample in the loop below, by the thread that then adds into them (one pass, not a serial
+  // fill of fresh [B, K, D] blocks first)
+  at::Tensor gq = at::empty_like(q);
+  at::Tensor gk = at::empty_like(keys);
+  at::Tensor gv = same ? at::empty({0}, values.options()) : at::empty_like(values);
+  at::Tensor gb = with_bias ? at::empty({b, k, h}, q.options()) : at::empty({0}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
@@ -141,6 +143,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> target_attention_back
     std::vector<float> ds(k);
     for (int64_t s = s0; s < s1; ++s) {
       const bool* m = mp + s * k;
+      float* gks = gkp + s * k * dk;
+      float* gvs = gvp + s * k * dv;
+      std::fill(gqp + s * h * dk, gqp + (s + 1) * h * dk, 0.0f);
+      std::fill(gks, gks + k * dk, 0.0f);
+      if (!same) std::fill(gvs, gvs + k * dv, 0.0f);
+      if (gbp) std::fill(gbp + s * k * h, gbp + (s + 1) * k * h, 0.0f);
       int64_t n = 0;
       for (int64_t j = 0; j < k; ++j) {
         if (m[j]) real[n++] = j;
@@ -148,8 +156,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> target_attention_back
       if (n == 0) continue;
       const float* ks = kp + s * k * dk;
       const float* vs = vp + s * k * dv;
-      float* gks = gkp + s * k * dk;
-      float* gvs = gvp + s * k * dv;
       for (int64_t head = 0; head < h; ++head) {
         const float* p = pp + (s * h + head) * k;
         const float* go = gp + (s * h + head) * dv;

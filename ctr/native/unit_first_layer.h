@@ -1,7 +1,8 @@
-// The first layer of DIN's activation unit one sample at a time (din_unit.cpp): with the query's share (qpart) apart,
-// the layer on a behavior k of sample b is  x = W_k' k + W_p (q_b ⊙ k) = M_bᵀ k,  M_b[p, c] = W_k'[c, p] + q_b[p] W_p[c, p],
-// one [D, H] matrix per sample. A batch's block product on [k; q ⊙ k] (2D inputs) does twice the multiply-adds
-// of the per-sample products on k (D inputs), and so do its two backward products: with dx the layer's gradient,
+// The first layer of DIN's activation unit one sample at a time (din_unit.cpp). With the query's share (qpart)
+// apart, the layer on a behavior k of sample b is
+//   x = W_k' k + W_p (q_b ⊙ k) = M_bᵀ k,   M_b[p, c] = W_k'[c, p] + q_b[p] W_p[c, p],
+// one [D, H] matrix per sample. A batch's block product on [k; q ⊙ k] (2D inputs) does twice the multiply-adds of
+// the per-sample products on k (D inputs), and so do its two backward products: with dx the layer's gradient,
 //   dk = M_b dx,   dM_b = Σ_i k_i dx_iᵀ,   dW_k'ᵀ += dM_b,   dW_pᵀ += diag(q_b) dM_b,   dq_b[p] = Σ_c W_p[c, p] dM_b[p, c]
 // (the last two from M_b's dependence on q_b), each a product of the sample's ~40 rows with a [D, H] matrix.
 // BLAS on such small products spends most of its time packing; here they run through one register tile
@@ -10,9 +11,12 @@
 // while the tile is still in registers.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__FMA__)
 #include <immintrin.h>
@@ -241,6 +245,46 @@ inline void backward(int64_t rows, const float* const* krow, float* const* gkrow
     }
     if ((s + 1) * kSlab == hp) {
       for (int r = 0; r < n; ++r) gq[p0 + r] += hsum8(dq[r]);
+    }
+  });
+}
+
+// the end of the run of rows of sample rows[i0], within [i0, end)
+inline int64_t sample_end(const int64_t* rows, int64_t i0, int64_t end) {
+  int64_t i1 = i0;
+  while (i1 < end && rows[i1] == rows[i0]) ++i1;
+  return i1;
+}
+
+// the first layer's pre-activations x_0 = qpart[b] + M_bᵀ k (unit_first_layer.h) into x [N, H], sample by sample in
+// chunks of at most `chunk` rows, with each group's column sums and sums of squares added to part ([groups, 2H])
+inline void forward_pass(const float* kp, const float* qp, const float* qpp, const int64_t* fp, const int64_t* rp,
+                         const std::vector<int64_t>& bounds, const float* w1, int64_t d, int64_t h, int64_t chunk,
+                         float* x, std::vector<double>& part) {
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1, hp = pad16(h);
+  std::vector<float> wkt(static_cast<size_t>(d * hp)), wpt(static_cast<size_t>(d * hp));
+  transpose_weights(w1, h, d, wkt.data(), wpt.data());
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> m(static_cast<size_t>(d * hp)), acc(static_cast<size_t>(2 * hp));
+    std::vector<const float*> krow(chunk);
+    for (int64_t g = g0; g < g1; ++g) {
+      double* pp = part.data() + g * 2 * h;
+      for (int64_t i0 = bounds[g], i1; i0 < bounds[g + 1]; i0 = i1) {
+        i1 = sample_end(rp, i0, bounds[g + 1]);
+        const int64_t b = rp[i0];
+        sample_matrix(wkt.data(), wpt.data(), qp + b * d, d, hp, m.data());
+        for (int64_t r0 = i0; r0 < i1; r0 += chunk) {
+          const int64_t nb = std::min(i1, r0 + chunk) - r0;
+          for (int64_t i = 0; i < nb; ++i) krow[i] = kp + fp[r0 + i] * d;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          forward(nb, krow.data(), m.data(), qpp + b * h, d, h, x + r0 * h, acc.data(),
+                                    acc.data() + hp);
+          for (int64_t j = 0; j < h; ++j) {
+            pp[j] += acc[j];
+            pp[h + j] += acc[hp + j];
+          }
+        }
+      }
     }
   });
 }
