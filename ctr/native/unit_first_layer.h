@@ -92,6 +92,19 @@ inline void tiles(int64_t rows, int64_t slabs, int64_t kd, const A& a, const flo
   }
 }
 
+// a tile's row (16 values) into o, of which the first `valid` are kept (the last slab of a width not a multiple of 16)
+inline void store_row(float* o, const v8 (&row)[2], int64_t valid) {
+  if (valid >= kSlab) {
+    store8(o, row[0]);
+    store8(o + 8, row[1]);
+    return;
+  }
+  float v[kSlab];
+  store8(v, row[0]);
+  store8(v + 8, row[1]);
+  for (int64_t j = 0; j < valid; ++j) o[j] = v[j];
+}
+
 // c = a b for a [rows, k] (rows lda apart) and b [k, pad16(n)] (zero past column n): through the tile, for the
 // products whose inner dimension is too short for BLAS to run near its rate (a hidden layer's backward, k = 40)
 inline void product(int64_t rows, int64_t k, int64_t n, const float* a, int64_t lda, const float* b, float* c,
@@ -101,16 +114,7 @@ inline void product(int64_t rows, int64_t k, int64_t n, const float* a, int64_t 
   tiles(rows, np / kSlab, k, aa, b, np, [&](int64_t r0, int nr, int64_t s, v8 (&acc)[kTile][2]) {
     const int64_t c0 = s * kSlab;
     for (int r = 0; r < nr; ++r) {
-      float* o = c + (r0 + r) * ldc + c0;
-      if (c0 + kSlab <= n) {
-        store8(o, acc[r][0]);
-        store8(o + 8, acc[r][1]);
-      } else {
-        float v[kSlab];
-        store8(v, acc[r][0]);
-        store8(v + 8, acc[r][1]);
-        for (int64_t j = 0; c0 + j < n; ++j) o[j] = v[j];
-      }
+      store_row(c + (r0 + r) * ldc + c0, acc[r], n - c0);
     }
   });
 }
@@ -213,16 +217,7 @@ inline void backward(int64_t rows, const float* const* krow, float* const* gkrow
   tiles(rows, dp / kSlab, h, adx, mt, dp, [&](int64_t r0, int n, int64_t s, v8 (&acc)[kTile][2]) {
     const int64_t p0 = s * kSlab;
     for (int r = 0; r < n; ++r) {
-      float* g = gkrow[r0 + r] + p0;
-      if (p0 + kSlab <= d) {
-        store8(g, acc[r][0]);
-        store8(g + 8, acc[r][1]);
-      } else {
-        float v[kSlab];
-        store8(v, acc[r][0]);
-        store8(v + 8, acc[r][1]);
-        for (int64_t j = 0; p0 + j < d; ++j) g[j] = v[j];
-      }
+      store_row(gkrow[r0 + r] + p0, acc[r], d - p0);
     }
   });
   // dM_b[p, c] = Σ_i k_i[p] dx_i[c]: rows p (D), inner dimension i, columns c (Hp)
