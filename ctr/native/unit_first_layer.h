@@ -22,6 +22,13 @@
 #include <immintrin.h>
 #endif
 
+// an 8-float vector type: one AVX register, two SSE or NEON ones where the build targets no AVX (the functions taking
+// and returning it are inline, so GCC's warning that such a build passes them differently does not apply; it comes
+// at the end of the translation unit, hence not popped)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace unit_first_layer {
 
 typedef float v8 __attribute__((vector_size(32)));
