@@ -398,8 +398,8 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   }
   {
     const int64_t hp = unit_first_layer::pad16(h0), dp = unit_first_layer::pad16(d);
-    std::vector<float> wkt(static_cast<size_t>(d * hp)), wpt(static_cast<size_t>(d * hp));
-    unit_first_layer::transpose_weights(w1.data_ptr<float>(), h0, d, wkt.data(), wpt.data());
+    std::vector<float> wpt(static_cast<size_t>(d * hp));
+    unit_first_layer::transpose_weights(w1.data_ptr<float>(), h0, d, nullptr, wpt.data());
     std::vector<float> part_k(static_cast<size_t>(groups * d * hp), 0.0f), part_p(part_k.size(), 0.0f);
     const float *x = pre[0].data_ptr<float>(), *a = alphas[0].data_ptr<float>(), *mp = mean[0].data_ptr<float>(),
                 *ip = invstd[0].data_ptr<float>(), *m1p = m1[0].data_ptr<float>(), *m2p = m2[0].data_ptr<float>();

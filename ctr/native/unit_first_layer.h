@@ -136,14 +136,14 @@ inline void pad_columns(const float* w, int64_t k, int64_t n, float* wp) {
 }
 
 // The layer's weights rearranged once per pass: wkt[p, c] = W_k'[c, p], wpt[p, c] = W_p[c, p] ([D, Hp], columns
-// from H to Hp zero), from w1 = [W_k', W_p] ([H, 2D])
+// from H to Hp zero), from w1 = [W_k', W_p] ([H, 2D]); wkt may be null (backward needs W_pᵀ alone)
 inline void transpose_weights(const float* w1, int64_t h, int64_t d, float* wkt, float* wpt) {
   const int64_t hp = pad16(h);
-  std::fill(wkt, wkt + d * hp, 0.0f);
+  if (wkt != nullptr) std::fill(wkt, wkt + d * hp, 0.0f);
   std::fill(wpt, wpt + d * hp, 0.0f);
   for (int64_t c = 0; c < h; ++c) {
     for (int64_t p = 0; p < d; ++p) {
-      wkt[p * hp + c] = w1[c * 2 * d + p];
+      if (wkt != nullptr) wkt[p * hp + c] = w1[c * 2 * d + p];
       wpt[p * hp + c] = w1[c * 2 * d + d + p];
     }
   }
