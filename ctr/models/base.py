@@ -287,6 +287,20 @@ class CTRModel(nn.Module):
             values = gather_rows(values, index)
         return to_slots(values, mask, dest), mask
 
+    @staticmethod
+    def window_rows(jt: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The behaviors `padded` lays out, as rows of ``jt.values()``: their positions (increasing) and samples
+        (nondecreasing), for `DinAttention.forward_rows`, which reads them without the padded copy."""
+        lengths = jt.lengths().long()
+        n = lengths.clamp(max=max_len)
+        b, total = lengths.shape[0], int(n.sum()) if lengths.numel() else 0
+        rows = torch.repeat_interleave(torch.arange(b, device=lengths.device), n, output_size=total)
+        flat = torch.arange(total, device=lengths.device)
+        if total != jt.values().shape[0]:  # a row longer than the window keeps its first `max_len` behaviors
+            shift = lengths_to_offsets(lengths)[:-1] - lengths_to_offsets(n)[:-1]
+            flat = flat + shift.index_select(0, rows)
+        return flat, rows
+
     def context_vector(self, emb: dict[str, Any]) -> list[torch.Tensor]:
         """The embedded user (if used) and context features, each [B, dim]."""
         parts = [self.single(emb["user"])] if self.params.use_user else []

@@ -147,7 +147,7 @@ class DIN(CTRModel):
                               self.padded(emb["hist_cate_att"], self.p.seq_len)[0]], dim=-1)  # fmt: skip
             query = torch.cat([self.single(emb["item_att"]), self.single(emb["cate_att"])], dim=-1)
             pooled, _ = self.attention(query, keys, mask, values=torch.cat([item, cate], dim=-1))
-        elif self.lain is not None:
+        elif self.lain is not None and self.lain.active:  # switched off: the backbone's own path below
             pooled = self._lain_attention(emb, target, batch.dense["hist_len"])
         elif self.p.backend != "module":
             hist_item = emb["hist_item"]
@@ -156,10 +156,10 @@ class DIN(CTRModel):
             pooled = self.attention.forward_jagged(
                 target, keys, offsets, max_len=self.p.seq_len, backend=self.p.backend
             )
-        else:
-            item, mask = self.padded(emb["hist_item"], self.p.seq_len)
-            cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)
-            pooled, _ = self.attention(target, torch.cat([item, cate], dim=-1), mask)
+        else:  # the behaviors as rows: the same function as on their padded layout, without building it
+            keys = torch.cat([emb["hist_item"].values(), emb["hist_cate"].values()], dim=-1)
+            flat, rows = self.window_rows(emb["hist_item"], self.p.seq_len)
+            pooled, _ = self.attention.forward_rows(target, keys, flat, rows)
         x = torch.cat([pooled, target, pooled * target, *self.context_vector(emb)], dim=-1)
         logit = self.tower(self.input_norm(x)).squeeze(-1)
         if self.item_bias is not None:

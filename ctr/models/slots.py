@@ -1,14 +1,17 @@
-"""The two-stage models' fixed-width slots: a jagged view as right-padded ``[B, W, 2d]`` (`fixed_slots`, the
-short branch's input), the same laid out from the tail of an embedded long prefix (`prefix_tail`), and the ids with
-the short view's look-up left out (`without_short`; `TwoStageModel.short_in_prefix` says when that holds)."""
+"""The two-stage models' fixed-width slots: a jagged view as right-padded ``[B, W, ...]`` (`fixed_slots`), the short
+branch's input as rows of a jagged block (`ShortRows`: the short view's own rows, `window_rows`, or the tail of an
+embedded long prefix, `tail_rows`), laid out as slots only when a model reads them so, and the ids with the short
+view's look-up left out (`without_short`; `TwoStageModel.short_in_prefix` says when that holds)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..modules.gsu import gather_rows, to_slots
+from .base import ATT_SUFFIX
 
 
 def fixed_slots(jt: Any, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,26 +46,82 @@ def without_short(ids: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def prefix_tail(
-    emb: dict[str, Any], offsets: torch.Tensor, width: int, suffix: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last ``width`` rows of each sample's embedded long prefix (``offsets [B + 1]``) as `fixed_slots` lays out
-    the short view: ``[e(item); e(cate)]`` oldest first, right-padded ``[B, width, 2d]``, and the mask."""
-    lengths = offsets[1:] - offsets[:-1]
+@dataclass
+class ShortRows:
+    """The short window (the last S behaviors of each sample, oldest first) as rows of a jagged block.
+
+    ``values [M, 2d]`` the block (``[e(item); e(cate)]``), ``values_att`` its attention embeddings (DARE; else the same
+    tensor), ``flat [N]`` the window's positions in it (increasing), ``rows [N]`` their samples (nondecreasing) and
+    ``mask [B, S]`` the padded layout's (each sample's first n_b slots). `slots` lays the window out right-padded
+    ``[B, S, 2d]`` (as `fixed_slots` does), once, for the models that read slots; DIN's unit reads the rows as they
+    are (`DinAttention.forward_rows`): no zero-filled copy, and no read-back of it in the backward.
+    """
+
+    values: torch.Tensor
+    values_att: torch.Tensor
+    flat: torch.Tensor
+    rows: torch.Tensor
+    mask: torch.Tensor
+    whole: bool  # flat is every row of the block, in order
+    _slots: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def slots(self, att: bool = False) -> torch.Tensor:
+        """``[B, S, 2d]``: the window's rows of ``values`` (``values_att`` with ``att``), right-padded with zeros."""
+        if att and self.values_att is self.values:
+            att = False
+        if att not in self._slots:
+            v = self.values_att if att else self.values
+            self._slots[att] = to_slots(v if self.whole else gather_rows(v, self.flat), self.mask)
+        return self._slots[att]
+
+
+def _window(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample's window size ``min(length, width)``, the slots' mask ``[B, width]`` and the window's samples."""
     n = lengths.clamp(max=width)
-    slots = torch.arange(width, device=offsets.device)
-    mask = slots.unsqueeze(0) < n.unsqueeze(1)
-    item, cate = emb[f"long_item{suffix}"].values(), emb[f"long_cate{suffix}"].values()
-    if lengths.numel() and int(lengths.max()) > width:
-        rows = ((offsets[1:] - n).unsqueeze(1) + slots)[mask]  # each sample's slots in order, row-major
-        item, cate = gather_rows(item, rows), gather_rows(cate, rows)
-    # else every prefix is its own tail: the rows are all of them, in order (no gather, and no scatter back in the
-    # backward)
-    return to_slots(torch.cat([item, cate], dim=-1), mask), mask
+    mask = torch.arange(width, device=lengths.device).unsqueeze(0) < n.unsqueeze(1)
+    b = lengths.shape[0]
+    rows = torch.repeat_interleave(torch.arange(b, device=lengths.device), n, output_size=int(n.sum()))
+    return n, mask, rows
+
+
+def tail_rows(emb: dict[str, Any], offsets: torch.Tensor, width: int, dare: bool) -> ShortRows:
+    """The last ``width`` rows of each sample's embedded long prefix (``offsets [B + 1]``), the short view's
+    behaviors where it is the prefix's tail (`TwoStageModel.short_in_prefix`), as `ShortRows` of the prefix."""
+    lengths = offsets[1:] - offsets[:-1]
+    n, mask, rows = _window(lengths, width)
+    total = int(offsets[-1]) if offsets.numel() else 0
+    whole = not (lengths.numel() and int(lengths.max()) > width)
+    if whole:  # every prefix is its own tail: the rows are all of them, in order
+        flat = torch.arange(total, device=offsets.device)
+    else:
+        slots = torch.arange(width, device=offsets.device)
+        flat = ((offsets[1:] - n).unsqueeze(1) + slots)[mask]  # each sample's window in order, row-major
+    values = torch.cat([emb["long_item"].values(), emb["long_cate"].values()], dim=-1)
+    values_att = values
+    if dare:
+        values_att = torch.cat([emb[f"long_item{ATT_SUFFIX}"].values(), emb[f"long_cate{ATT_SUFFIX}"].values()], dim=-1)
+    return ShortRows(values, values_att, flat, rows, mask, whole)
+
+
+def window_rows(emb: dict[str, Any], width: int, dare: bool) -> ShortRows:
+    """The short view's own rows (``short_item`` / ``short_cate``, at most ``width`` per sample: the loader's
+    window) as `ShortRows`."""
+    pair = pair_jt(emb, "short_", "")
+    lengths = pair.lengths().long()
+    _, mask, rows = _window(lengths, width)
+    values = pair.values()
+    if rows.numel() != values.shape[0]:
+        raise ValueError(
+            f"the short view holds {values.shape[0]} behaviors but its {width}-wide window {rows.numel()}: a sample "
+            f"has more than short_len behaviors in it (the loader reads at most short_len; a batch built elsewhere "
+            f"must do the same)"
+        )
+    values_att = pair_jt(emb, "short_", ATT_SUFFIX).values() if dare else values
+    return ShortRows(values, values_att, torch.arange(values.shape[0], device=values.device), rows, mask, True)
 
 
 def pair_jt(emb: dict[str, Any], prefix: str, suffix: str) -> PairJT:
     return PairJT(emb[f"{prefix}item{suffix}"], emb[f"{prefix}cate{suffix}"])
 
 
-__all__ = ["PairJT", "fixed_slots", "pair_jt", "prefix_tail", "without_short"]
+__all__ = ["PairJT", "ShortRows", "fixed_slots", "pair_jt", "tail_rows", "window_rows", "without_short"]

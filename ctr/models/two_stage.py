@@ -81,7 +81,7 @@ from ..modules.gsu import Selection, gather_slots, lengths_to_offsets, to_slots
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
 from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams, check_dare_att_dim
-from .slots import fixed_slots, pair_jt, prefix_tail, without_short
+from .slots import ShortRows, fixed_slots, tail_rows, window_rows, without_short
 
 ATT_SOURCES = ("item", "cate", "long_item", "long_cate", "short_item", "short_cate")
 
@@ -161,10 +161,8 @@ class StageInput:
     long_ids: torch.Tensor  # [B, K] item index (0 in empty slots)
     long_gap: torch.Tensor  # [B, K] seconds from the behavior to the sample (0 in empty slots)
     long_offsets: torch.Tensor  # [B + 1] of the whole searched prefix
-    short: torch.Tensor  # [B, S, 2d] the last S behaviors, oldest first, right-padded with zeros
-    short_att: torch.Tensor  # [B, S, 2d]
+    short_rows: ShortRows  # the last S behaviors as rows (`short`, `short_att`, `short_mask`: their slots)
     short_ids: torch.Tensor  # [B, S] item index (0 = padding)
-    short_mask: torch.Tensor  # [B, S]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the search's inputs to `loss` (training)
     lc: LengthContext | None = None  # LAIN's length state (None without LAIN or when switched off)
     esu_out: torch.Tensor | None = None  # the ESU's output when it ran fused with the search (`search_attend`)
@@ -172,6 +170,21 @@ class StageInput:
     @property
     def long_mask(self) -> torch.Tensor:
         return self.selection.mask
+
+    @property
+    def short(self) -> torch.Tensor:
+        """``[B, S, 2d]`` the last S behaviors, oldest first, right-padded with zeros (laid out on first use)."""
+        return self.short_rows.slots()
+
+    @property
+    def short_att(self) -> torch.Tensor:
+        """``[B, S, 2d]`` their attention embeddings (DARE; else `short`)."""
+        return self.short_rows.slots(att=True)
+
+    @property
+    def short_mask(self) -> torch.Tensor:
+        """``[B, S]`` True at the real behaviors of `short`."""
+        return self.short_rows.mask
 
 
 class TwoStageModel(CTRModel):
@@ -323,7 +336,11 @@ class TwoStageModel(CTRModel):
         return None
 
     def short_interest(self, inp: StageInput) -> torch.Tensor:
-        """The short branch's attention of the target over the last S behaviors: ``[B, 2d]``."""
+        """The short branch's attention of the target over the last S behaviors: ``[B, 2d]``. DIN's unit without
+        LAIN reads them as rows (`DinAttention.forward_rows`: the same function, no padded layout)."""
+        if inp.lc is None and isinstance(self.short_attention, DinAttention):
+            r = inp.short_rows
+            return self.short_attention.forward_rows(inp.target_att, r.values_att, r.flat, r.rows, values=r.values)[0]
         return self.attend_short(inp.lc, inp.target_att, inp.short_att, inp.short_mask, values=inp.short)
 
     # ---- the shared forward ----------------------------------------------------------------------------------------
@@ -379,11 +396,9 @@ class TwoStageModel(CTRModel):
         target = self.pair(emb, "")
         target_att = self.pair(emb, "", att=True) if self.p.dare else target
         if tail:
-            short, short_mask = prefix_tail(emb, offsets, self.p.short_len, "")
-            short_att = prefix_tail(emb, offsets, self.p.short_len, ATT_SUFFIX)[0] if self.p.dare else short
+            short_rows = tail_rows(emb, offsets, self.p.short_len, self.p.dare)
         else:
-            short, short_mask = fixed_slots(pair_jt(emb, "short_", ""), self.p.short_len)
-            short_att = fixed_slots(pair_jt(emb, "short_", ATT_SUFFIX), self.p.short_len)[0] if self.p.dare else short
+            short_rows = window_rows(emb, self.p.short_len, self.p.dare)
         short_ids, _ = fixed_slots(ids["short_item"], self.p.short_len)
         return StageInput(
             batch=batch,
@@ -397,10 +412,8 @@ class TwoStageModel(CTRModel):
             long_ids=gather_slots(long_item.values(), rows, mask),
             long_gap=gather_slots(batch.dense["long_ts_gap"], rows, mask),
             long_offsets=offsets,
-            short=short,
-            short_att=short_att,
+            short_rows=short_rows,
             short_ids=short_ids,
-            short_mask=short_mask,
             extras=extras,
             lc=self.length_context(batch),
             esu_out=esu_out,

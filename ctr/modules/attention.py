@@ -50,6 +50,20 @@ def pool(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (weights.unsqueeze(-1) * values).sum(1)
 
 
+def segment_softmax(scores: torch.Tensor, rows: torch.Tensor, b: int) -> torch.Tensor:
+    """Softmax of ``scores [N]`` within each sample (``rows [N]`` < ``b``): `masked_softmax` on rows."""
+    top = scores.new_full((b,), float("-inf")).scatter_reduce(0, rows, scores.detach(), "amax")
+    e = torch.exp(scores - top.index_select(0, rows))
+    total = e.new_zeros(b).index_add(0, rows, e)
+    return e / total.index_select(0, rows)
+
+
+def _is_identity(flat: torch.Tensor) -> bool:
+    """Whether the positions ``flat`` (increasing) are 0..N-1: then they read every row in order."""
+    n = flat.numel()
+    return n == 0 or (int(flat[0]) == 0 and int(flat[-1]) == n - 1)
+
+
 class DinAttention(nn.Module):
     """DIN's local activation unit and weighted sum pooling (see the module docstring).
 
@@ -117,24 +131,34 @@ class DinAttention(nn.Module):
         if flat.numel() == 0:
             return out.view(b, n)
         rows = torch.div(flat, n, rounding_mode="floor")
+        s = self.scores_rows(query, keys.reshape(b * n, d), flat, rows)
+        return out.index_copy(0, flat, s).view(b, n)
+
+    def scores_rows(
+        self, query: torch.Tensor, keys: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Raw scores [N] of the behaviors ``keys[flat]`` (``keys [M, D]``, ``flat [N]`` increasing int64
+        positions) of samples ``rows [N]`` (nondecreasing): `scores` without the padded layout. The keys may be the
+        rows of a jagged block as they come (``flat`` every position, or a tail of each sample's), so no padded
+        copy is built and none is read back in the backward."""
+        d = keys.shape[1]
+        if flat.numel() == 0:
+            return keys.new_zeros(0)
         first = self.linears[0]
         w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
         w_kp = torch.cat([w_k - w_d, w_p], dim=1)
         q_share = F.linear(query, w_q + w_d, first.bias)
         compiled = self._compiled_rows is not None and self.training and torch.is_grad_enabled()
         if self.activation == "dice" and not compiled:  # the unit in cache-sized blocks (ctr/native/din_unit.cpp)
-            flat_keys = keys.reshape(b * n, d)
-            s = native.din_unit(flat_keys, flat, query, rows, q_share, w_kp, self.linears[1:], self.acts, self.out)
+            s = native.din_unit(keys, flat, query, rows, q_share, w_kp, self.linears[1:], self.acts, self.out)
             if s is not None:
-                return out.index_copy(0, flat, s).view(b, n)
-        k = native.gather_rows(keys.reshape(b * n, d), flat)
+                return s
+        k = native.gather_rows(keys, flat)
         q_part = native.gather_rows(q_share, rows)
         q = native.gather_rows(query, rows)
         if compiled:
-            s = self._run_compiled(q_part, q, k, w_kp)
-        else:
-            s = self._rows(q_part, q, k, w_kp)
-        return out.index_copy(0, flat, s).view(b, n)
+            return self._run_compiled(q_part, q, k, w_kp)
+        return self._rows(q_part, q, k, w_kp)
 
     def _rows(self, q_part: torch.Tensor, q: torch.Tensor, k: torch.Tensor, w_kp: torch.Tensor) -> torch.Tensor:
         """The unit from the first layer's behavior share on: gathered rows [N, ...] -> scores [N]."""
@@ -177,6 +201,28 @@ class DinAttention(nn.Module):
         s = self.scores(query, keys, mask)
         weights = masked_softmax(s * self.scale, mask) if self.softmax else s * mask.to(s.dtype)
         return pool(weights, keys if values is None else values), weights
+
+    def forward_rows(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        flat: torch.Tensor,
+        rows: torch.Tensor,
+        values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on behaviors given as rows: ``keys [M, D]`` (and ``values [M, Dv]``, default the keys) at the
+        increasing positions ``flat [N]``, of samples ``rows [N]`` (nondecreasing, < B = ``query``'s rows) ->
+        (pooled [B, Dv], weights [N]). The same function as `forward` on the padded layout of the same behaviors
+        (`tests/test_attention_rows.py`), without building it: for a jagged block (a prefix's rows, ``flat`` all
+        or each sample's tail) the zero-filled ``[B, L, D]`` copy, its read-back in the backward and the padded
+        positions' share of the pooling are skipped. A sample without rows pools to zeros."""
+        b = query.shape[0]
+        s = self.scores_rows(query, keys, flat, rows)
+        weights = segment_softmax(s * self.scale, rows, b) if self.softmax else s
+        v = keys if values is None else values
+        if flat.numel() != v.shape[0] or not _is_identity(flat):
+            v = native.gather_rows(v, flat)
+        return native.sum_rows(weights.unsqueeze(1) * v, rows, b), weights
 
     # ---- the fused kernel on jagged keys --------------------------------------------------------------------
     def forward_jagged(
