@@ -48,30 +48,32 @@ def without_short(ids: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class ShortRows:
-    """The short window (the last S behaviors of each sample, oldest first) as rows of a jagged block.
+    """The short window (the last S behaviors of each sample, oldest first) as the rows of a jagged block.
 
-    ``values [M, 2d]`` the block (``[e(item); e(cate)]``), ``values_att`` its attention embeddings (DARE; else the same
-    tensor), ``flat [N]`` the window's positions in it (increasing), ``rows [N]`` their samples (nondecreasing) and
-    ``mask [B, S]`` the padded layout's (each sample's first n_b slots). `slots` lays the window out right-padded
-    ``[B, S, 2d]`` (as `fixed_slots` does), once, for the models that read slots; DIN's unit reads the rows as they
-    are (`DinAttention.forward_rows`): no zero-filled copy, and no read-back of it in the backward.
+    ``values [N, 2d]`` (``[e(item); e(cate)]``, each sample's window in order), ``values_att`` their attention
+    embeddings (DARE; else the same tensor), ``rows [N]`` their samples (nondecreasing) and ``mask [B, S]`` the padded
+    layout's (each sample's first n_b slots). `slots` lays the window out right-padded ``[B, S, 2d]`` (as
+    `fixed_slots` does), once, for the models that read slots; DIN's unit reads the rows as they are
+    (`DinAttention.forward_rows`): no zero-filled copy, and no read-back of it in the backward.
     """
 
     values: torch.Tensor
     values_att: torch.Tensor
-    flat: torch.Tensor
     rows: torch.Tensor
     mask: torch.Tensor
-    whole: bool  # flat is every row of the block, in order
     _slots: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    @property
+    def flat(self) -> torch.Tensor:
+        """``[N]`` the rows' positions in ``values``: all of them, in order."""
+        return torch.arange(self.values.shape[0], device=self.values.device)
+
     def slots(self, att: bool = False) -> torch.Tensor:
-        """``[B, S, 2d]``: the window's rows of ``values`` (``values_att`` with ``att``), right-padded with zeros."""
+        """``[B, S, 2d]``: ``values`` (``values_att`` with ``att``) right-padded with zeros."""
         if att and self.values_att is self.values:
             att = False
         if att not in self._slots:
-            v = self.values_att if att else self.values
-            self._slots[att] = to_slots(v if self.whole else gather_rows(v, self.flat), self.mask)
+            self._slots[att] = to_slots(self.values_att if att else self.values, self.mask)
         return self._slots[att]
 
 
@@ -86,21 +88,24 @@ def _window(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tens
 
 def tail_rows(emb: dict[str, Any], offsets: torch.Tensor, width: int, dare: bool) -> ShortRows:
     """The last ``width`` rows of each sample's embedded long prefix (``offsets [B + 1]``), the short view's
-    behaviors where it is the prefix's tail (`TwoStageModel.short_in_prefix`), as `ShortRows` of the prefix."""
+    behaviors where it is the prefix's tail (`TwoStageModel.short_in_prefix`), as `ShortRows`."""
     lengths = offsets[1:] - offsets[:-1]
     n, mask, rows = _window(lengths, width)
-    total = int(offsets[-1]) if offsets.numel() else 0
-    whole = not (lengths.numel() and int(lengths.max()) > width)
-    if whole:  # every prefix is its own tail: the rows are all of them, in order
-        flat = torch.arange(total, device=offsets.device)
-    else:
+    tail = None
+    if lengths.numel() and int(lengths.max()) > width:
         slots = torch.arange(width, device=offsets.device)
-        flat = ((offsets[1:] - n).unsqueeze(1) + slots)[mask]  # each sample's window in order, row-major
-    values = torch.cat([emb["long_item"].values(), emb["long_cate"].values()], dim=-1)
-    values_att = values
-    if dare:
-        values_att = torch.cat([emb[f"long_item{ATT_SUFFIX}"].values(), emb[f"long_cate{ATT_SUFFIX}"].values()], dim=-1)
-    return ShortRows(values, values_att, flat, rows, mask, whole)
+        tail = ((offsets[1:] - n).unsqueeze(1) + slots)[mask]  # each sample's window in order, row-major
+    # else every prefix is its own tail: the rows are all of them, in order (no gather, and no scatter back in the
+    # backward)
+
+    def pair(suffix: str) -> torch.Tensor:
+        item, cate = emb[f"long_item{suffix}"].values(), emb[f"long_cate{suffix}"].values()
+        if tail is not None:
+            item, cate = gather_rows(item, tail), gather_rows(cate, tail)
+        return torch.cat([item, cate], dim=-1)
+
+    values = pair("")
+    return ShortRows(values, pair(ATT_SUFFIX) if dare else values, rows, mask)
 
 
 def window_rows(emb: dict[str, Any], width: int, dare: bool) -> ShortRows:
@@ -116,8 +121,7 @@ def window_rows(emb: dict[str, Any], width: int, dare: bool) -> ShortRows:
             f"has more than short_len behaviors in it (the loader reads at most short_len; a batch built elsewhere "
             f"must do the same)"
         )
-    values_att = pair_jt(emb, "short_", ATT_SUFFIX).values() if dare else values
-    return ShortRows(values, values_att, torch.arange(values.shape[0], device=values.device), rows, mask, True)
+    return ShortRows(values, pair_jt(emb, "short_", ATT_SUFFIX).values() if dare else values, rows, mask)
 
 
 def pair_jt(emb: dict[str, Any], prefix: str, suffix: str) -> PairJT:
