@@ -72,6 +72,29 @@ def test_same_lookups_weights_and_states_as_fbgemm(optimizer, kw):
     assert not torch.equal(ours.weights_host, _tbe(optimizer, **kw).weights_host)  # it trained
 
 
+@pytest.mark.parametrize("optimizer", [OptimType.EXACT_ADAGRAD, OptimType.EXACT_ROWWISE_ADAGRAD])
+def test_the_distinct_rows_order_changes_no_value(optimizer):
+    """The update's distinct rows from the native hash table (first occurrence) or from ``torch.unique`` (sorted):
+    each row's gradients are summed in look-up order either way, so weights and states are equal bit for bit."""
+    from ctr import native
+
+    tbes = []
+    for use in (True, False):
+        native.set_enabled(use)
+        try:
+            tbe = _tbe(optimizer)
+            assert cpu_tables.install_tbe(tbe)
+            for step in range(4):
+                indices, offsets = _batch(step)
+                grad = torch.randn(int(offsets[-1]), DIM, generator=torch.Generator().manual_seed(100 + step))
+                tbe(indices, offsets).backward(grad)
+        finally:
+            native.set_enabled(True)
+        tbes.append(tbe)
+    assert torch.equal(tbes[0].weights_host, tbes[1].weights_host)
+    assert torch.equal(tbes[0].momentum1_host, tbes[1].momentum1_host)
+
+
 def test_evaluation_and_unsupported_tables():
     ours = _tbe(OptimType.EXACT_ADAGRAD)
     before = ours.weights_host.detach().clone()

@@ -1,5 +1,6 @@
 """Rows summed by index (`native.index_add_rows`, `index_add.cpp`) and the gathers built on it (`gather_rows`,
-`sum_rows`): PyTorch's ``index_add_`` and ``index_select`` values and gradients, the fallbacks, the sparse update."""
+`sum_rows`): PyTorch's ``index_add_`` and ``index_select`` values and gradients, the fallbacks, the sparse update; the
+sparse update's distinct rows (`native.unique_inverse`): ``torch.unique``'s, in order of first occurrence."""
 
 from __future__ import annotations
 
@@ -33,6 +34,37 @@ def test_index_add_rows_is_pytorchs_index_add(rows, n, d, order):
     ref = torch.zeros(rows, d).index_add_(0, index, src)
     assert out.shape == (rows, d)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [5, 3, 5, 5, 0, 3, 9],
+        [],
+        [7],
+        [-4, 2**40, -4, 2**62, 0, 2**62],  # negative and large values hash like any other
+        list(range(1000)) * 3,  # more distinct values than the table's first size
+        (torch.arange(4096) * 4096).tolist(),  # multiples of a power of two (the low bits all zero)
+    ],
+)
+def test_unique_inverse_is_torch_unique_in_first_occurrence_order(values):
+    x = torch.tensor(values, dtype=torch.int64)
+    unique, inverse = native.unique_inverse(x)
+    assert unique.dtype == inverse.dtype == torch.int64 and inverse.shape == x.shape
+    assert torch.equal(unique[inverse], x)
+    first = list(dict.fromkeys(values))  # distinct values in order of first occurrence
+    assert unique.tolist() == first
+    assert torch.equal(unique.sort().values, torch.unique(x))
+
+
+def test_unique_inverse_at_a_steps_size_and_off_the_native_path():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 60_000, (110_000,), generator=gen)
+    unique, inverse = native.unique_inverse(x)
+    assert torch.equal(unique[inverse], x) and torch.equal(unique.sort().values, torch.unique(x))
+    native.set_enabled(False)
+    unique, inverse = native.unique_inverse(x)  # torch.unique: sorted
+    assert torch.equal(unique, torch.unique(x)) and torch.equal(unique[inverse], x)
 
 
 def test_index_add_rows_refuses_an_index_outside_the_rows():

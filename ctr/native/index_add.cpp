@@ -9,10 +9,17 @@
 // each row of `src` is read once and added to its destination, whose 16 to 128 floats stay in cache for repeats.
 // Serial and in index order, so the result is the same on every run and thread count (each destination's terms are
 // added in index order; tests/test_native.py holds the result to PyTorch's).
+//
+// `unique_inverse` finds the sparse update's distinct rows: the distinct values of an int64 index in order of first
+// occurrence and each position's place among them, through an open-addressing hash table. `torch.unique` sorts the
+// index for the same answer (sorted), about 2.5 ms for the 110K look-ups of a two-stage model's step at L = 50; the
+// update sums each row's gradients in index order (`index_add_rows`), so the order of the distinct rows changes no
+// value, only which row is written first.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -40,8 +47,41 @@ at::Tensor index_add_rows(const at::Tensor& src, const at::Tensor& index, int64_
   return out;
 }
 
+// (distinct values of x in order of first occurrence [U], inverse [N]: x[i] == unique[inverse[i]])
+std::vector<at::Tensor> unique_inverse(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kLong && x.dim() == 1 && x.is_contiguous(),
+              "ctr_native unique_inverse: x must be a contiguous int64 [N] CPU tensor");
+  const int64_t n = x.size(0);
+  int bits = 4;
+  while ((int64_t{1} << bits) < 2 * n) ++bits;  // at most half full
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  std::vector<int64_t> slot(static_cast<size_t>(mask + 1), -1);  // -1 empty, else the value's place in `unique`
+  at::Tensor unique = at::empty({n}, x.options()), inverse = at::empty({n}, x.options());
+  const int64_t* xs = x.data_ptr<int64_t>();
+  int64_t *u = unique.data_ptr<int64_t>(), *inv = inverse.data_ptr<int64_t>();
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = xs[i];
+    // Fibonacci hashing: the product's top bits, so that runs of nearby rows spread over the table
+    uint64_t h = (static_cast<uint64_t>(v) * 0x9E3779B97F4A7C15ull) >> (64 - bits);
+    while (slot[h] >= 0 && u[slot[h]] != v) h = (h + 1) & mask;
+    if (slot[h] < 0) {
+      slot[h] = count;
+      u[count++] = v;
+    }
+    inv[i] = slot[h];
+  }
+  return {unique.narrow(0, 0, count).clone(), inverse};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(ctr_native, m) { m.def("index_add_rows(Tensor src, Tensor index, int rows) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
+  m.def("index_add_rows(Tensor src, Tensor index, int rows) -> Tensor");
+  m.def("unique_inverse(Tensor x) -> Tensor[]");
+}
 
-TORCH_LIBRARY_IMPL(ctr_native, CPU, m) { m.impl("index_add_rows", &index_add_rows); }
+TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {
+  m.impl("index_add_rows", &index_add_rows);
+  m.impl("unique_inverse", &unique_inverse);
+}

@@ -7,7 +7,9 @@ per distinct row: its cost is about 1 µs per distinct row looked up, on one thr
 behaviors each looks up 20K to 40K distinct items, and DIEN's negatives as many again: 13 ms of DIN's 76 ms step and
 44 ms of DIEN's 185 on the demo world at L = 50 (`benchmarks/results/step-profile-demo-L50.json`); FBGEMM's backward
 alone over 42,000 look-ups of 28,356 distinct rows took 31 ms against 3 ms for the same update written as sorted
-tensor operations (`torch.unique`, `index_add_`, one pass of the optimizer over the distinct rows).
+tensor operations (`torch.unique`, `index_add_`, one pass of the optimizer over the distinct rows). Those are now
+`native.unique_inverse` (the distinct rows through a hash table: no sort) and `native.index_add_rows` (one pass in
+look-up order) where the native operators are built, PyTorch's otherwise.
 
 `install(module)` gives every CPU TBE of `module` that trains unpooled float32 tables with exact Adagrad, exact
 row-wise Adagrad, exact SGD or Adam a forward that looks rows up with `index_select` and a backward that applies the
@@ -165,7 +167,7 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
     with torch.no_grad(), torch.profiler.record_function(UPDATE_SPAN):
         name = rows.name
         grad = grad.reshape(-1, rows.dim).float()
-        unique, inverse = torch.unique(rows.weight, return_inverse=True)
+        unique, inverse = native.unique_inverse(rows.weight)  # the distinct rows, without a sort
         g = native.index_add_rows(grad, inverse, unique.numel())  # one pass, not index_add_'s sort of the index
         weights = tbe.weights_host.view(-1, rows.dim)
         w = weights.index_select(0, unique)
