@@ -49,7 +49,9 @@ def test_index_add_rows_is_pytorchs_index_add(rows, n, d, order):
 )
 def test_unique_inverse_is_torch_unique_in_first_occurrence_order(values):
     x = torch.tensor(values, dtype=torch.int64)
-    unique, inverse = native.unique_inverse(x)
+    found = native.unique_inverse(x)
+    assert found is not None
+    unique, inverse = found
     assert unique.dtype == inverse.dtype == torch.int64 and inverse.shape == x.shape
     assert torch.equal(unique[inverse], x)
     first = list(dict.fromkeys(values))  # distinct values in order of first occurrence
@@ -57,14 +59,16 @@ def test_unique_inverse_is_torch_unique_in_first_occurrence_order(values):
     assert torch.equal(unique.sort().values, torch.unique(x))
 
 
-def test_unique_inverse_at_a_steps_size_and_off_the_native_path():
+def test_unique_inverse_at_a_steps_size_and_where_it_declines():
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 60_000, (110_000,), generator=gen)
-    unique, inverse = native.unique_inverse(x)
+    found = native.unique_inverse(x)
+    assert found is not None
+    unique, inverse = found
     assert torch.equal(unique[inverse], x) and torch.equal(unique.sort().values, torch.unique(x))
+    assert native.unique_inverse(x.int()) is None and native.unique_inverse(x.view(2, -1)) is None
     native.set_enabled(False)
-    unique, inverse = native.unique_inverse(x)  # torch.unique: sorted
-    assert torch.equal(unique, torch.unique(x)) and torch.equal(unique[inverse], x)
+    assert native.unique_inverse(x) is None  # the caller's torch.unique then
 
 
 def test_index_add_rows_refuses_an_index_outside_the_rows():

@@ -408,15 +408,17 @@ def index_add_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.T
     return src.new_zeros(rows, *src.shape[1:]).index_add_(0, index, src)
 
 
-def unique_inverse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct values of an int64 ``x [N]`` and each position's place among them (``x == unique[inverse]``):
-    natively in order of first occurrence where it applies (`index_add.cpp`, a hash table: no sort), else
-    ``torch.unique``'s (sorted). For the sparse update, whose per-row sums do not depend on the rows' order."""
-    native = _use and not torch.compiler.is_compiling() and available()
-    if native and x.dim() == 1 and x.device.type == "cpu" and x.dtype == torch.int64:
-        unique, inverse = torch.ops.ctr_native.unique_inverse(x.contiguous())
-        return unique, inverse
-    return torch.unique(x, return_inverse=True)
+def unique_inverse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The distinct values of an int64 ``x [N]`` in order of first occurrence and each position's place among them
+    (``x == unique[inverse]``), through a hash table (`index_add.cpp`: no sort); None where the caller must run
+    ``torch.unique`` (not an int64 CPU vector, not built, switched off). For the sparse update, whose per-row sums do
+    not depend on the rows' order."""
+    if x.dim() != 1 or x.device.type != "cpu" or x.dtype != torch.int64:
+        return None
+    if not _use or torch.compiler.is_compiling() or not available():
+        return None
+    unique, inverse = torch.ops.ctr_native.unique_inverse(x.contiguous())
+    return unique, inverse
 
 
 class _GatherRows(torch.autograd.Function):

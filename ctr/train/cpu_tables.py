@@ -167,7 +167,8 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
     with torch.no_grad(), torch.profiler.record_function(UPDATE_SPAN):
         name = rows.name
         grad = grad.reshape(-1, rows.dim).float()
-        unique, inverse = native.unique_inverse(rows.weight)  # the distinct rows, without a sort
+        found = native.unique_inverse(rows.weight)  # the distinct rows, without a sort
+        unique, inverse = found if found is not None else torch.unique(rows.weight, return_inverse=True)
         g = native.index_add_rows(grad, inverse, unique.numel())  # one pass, not index_add_'s sort of the index
         weights = tbe.weights_host.view(-1, rows.dim)
         w = weights.index_select(0, unique)
