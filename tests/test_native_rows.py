@@ -71,6 +71,22 @@ def test_unique_inverse_at_a_steps_size_and_where_it_declines():
     assert native.unique_inverse(x) is None  # the caller's torch.unique then
 
 
+def test_index_add_rows_is_the_same_on_any_thread_count():
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(40_000, 24, generator=gen)  # past the size where it splits the rows over threads
+    index = torch.randint(0, 9_000, (40_000,), generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(native.index_add_rows(src, index, 9_001))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(outs[0], torch.zeros(9_001, 24).index_add_(0, index, src), rtol=1e-5, atol=1e-5)
+
+
 def test_index_add_rows_refuses_an_index_outside_the_rows():
     with pytest.raises(RuntimeError, match="outside the 4 rows"):
         native.index_add_rows(torch.ones(3, 2), torch.tensor([0, 4, 1]), 4)

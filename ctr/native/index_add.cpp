@@ -7,21 +7,26 @@
 // time: summing 88K look-ups of 16 floats into 14K distinct table rows took 4.4 ms there, 0.5 ms here; a DIN step at
 // L = 50 ran four such sums (the table update and its activation unit's three gathers). Here one pass in index order:
 // each row of `src` is read once and added to its destination, whose 16 to 128 floats stay in cache for repeats.
-// Serial and in index order, so the result is the same on every run and thread count (each destination's terms are
-// added in index order; tests/test_native.py holds the result to PyTorch's).
+// In index order, so the result is the same on every run and thread count: each thread owns a range of destination
+// rows and reads the whole index for the rows bound there, so each destination's terms are added in index order
+// (tests/test_native_rows.py holds the result to PyTorch's, and equal across thread counts).
 //
 // `unique_inverse` finds the sparse update's distinct rows: the distinct values of an int64 index in order of first
 // occurrence and each position's place among them, through an open-addressing hash table. `torch.unique` sorts the
-// index for the same answer (sorted), about 2.5 ms for the 110K look-ups of a two-stage model's step at L = 50; the
+// index for the same answer (sorted): 1.4 ms against 0.65 here for 110K look-ups of 37K distinct rows, 2 threads; the
 // update sums each row's gradients in index order (`index_add_rows`), so the order of the distinct rows changes no
 // value, only which row is written first.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 namespace {
+
+constexpr int64_t kParallelFloats = 1 << 16;  // below this many source floats, one thread
 
 at::Tensor index_add_rows(const at::Tensor& src, const at::Tensor& index, int64_t rows) {
   TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 2 && src.is_contiguous(),
@@ -31,7 +36,7 @@ at::Tensor index_add_rows(const at::Tensor& src, const at::Tensor& index, int64_
               "ctr_native index_add_rows: index must be a contiguous int64 [N] CPU tensor, one per row of src");
   TORCH_CHECK(rows >= 0, "ctr_native index_add_rows: rows must be >= 0, got ", rows);
   const int64_t n = src.size(0), d = src.size(1);
-  at::Tensor out = at::zeros({rows, d}, src.options());
+  at::Tensor out = at::empty({rows, d}, src.options());  // each part zeroes its own rows below
   const int64_t* ix = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {  // every index checked before any row is added
     TORCH_CHECK(ix[i] >= 0 && ix[i] < rows, "ctr_native index_add_rows: index ", ix[i], " at row ", i,
@@ -39,11 +44,21 @@ at::Tensor index_add_rows(const at::Tensor& src, const at::Tensor& index, int64_
   }
   const float* s = src.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    float* __restrict dst = o + ix[i] * d;
-    const float* __restrict row = s + i * d;
-    for (int64_t j = 0; j < d; ++j) dst[j] += row[j];
-  }
+  // each thread owns a range of destination rows and adds, in index order, the source rows bound there: every
+  // destination's terms in the same order on any thread count (one thread below a few hundred KB of rows)
+  const int64_t parts = n * d < kParallelFloats ? 1 : std::min<int64_t>(at::get_num_threads(), rows);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t lo = rows * p / parts, hi = rows * (p + 1) / parts;
+      std::fill(o + lo * d, o + hi * d, 0.0f);
+      for (int64_t i = 0; i < n; ++i) {
+        if (ix[i] < lo || ix[i] >= hi) continue;
+        float* __restrict dst = o + ix[i] * d;
+        const float* __restrict row = s + i * d;
+        for (int64_t j = 0; j < d; ++j) dst[j] += row[j];
+      }
+    }
+  });
   return out;
 }
 
