@@ -87,8 +87,10 @@ inline void last_sums_row(const float* __restrict x, float gs, const float* __re
   }
 }
 
-// Dice's backward sums with σ already computed (p)
-inline void dice_sums_p_row(const float* __restrict x, const float* __restrict g, const float* __restrict p,
+// Dice's backward sums with σ already computed (p), and the row's share of its input gradient that needs no batch
+// sums, written over g: dx = A − invstd (m1 + x_hat m2) with A = g (α + (1 − α) p) + invstd g_xhat (`dice_dx_row`
+// split in two), so that the pass after the sums (`dx_from_a_row`) needs no σ again
+inline void dice_sums_a_row(const float* __restrict x, float* __restrict g, const float* __restrict p,
                             const float* __restrict a, const float* __restrict m, const float* __restrict is,
                             float* __restrict ga, float* __restrict s1, float* __restrict s2, int64_t h) {
   for (int64_t j = 0; j < h; ++j) {
@@ -98,7 +100,28 @@ inline void dice_sums_p_row(const float* __restrict x, const float* __restrict g
     const float gxh = t * (1.0f - a[j]) * p[j] * (1.0f - p[j]);
     s1[j] += gxh;
     s2[j] += gxh * xh;
+    g[j] = g[j] * (a[j] + (1.0f - a[j]) * p[j]) + is[j] * gxh;
   }
+}
+
+// dx = A − invstd (m1 + x_hat m2), A from `dice_sums_a_row`
+inline void dx_from_a_row(const float* __restrict x, const float* __restrict ar, const float* __restrict m,
+                          const float* __restrict is, const float* __restrict m1, const float* __restrict m2,
+                          float* __restrict d, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) d[j] = ar[j] - is[j] * (m1[j] + (x[j] - m[j]) * is[j] * m2[j]);
+}
+
+// layer l's input gradient dx for row i: from the last layer's gradient grad_i w_out (gy null), else from the
+// layer's A rows (gy, written by the pass above it)
+inline void layer_dx_row(const float* x, const float* gy, const float* grad, const float* wo, const float* a,
+                         const float* m, const float* is, const float* m1, const float* m2, int64_t i, int64_t h,
+                         float* buf, float* d) {
+  if (gy != nullptr) {
+    dx_from_a_row(x + i * h, gy + i * h, m, is, m1, m2, d, h);
+    return;
+  }
+  for (int64_t j = 0; j < h; ++j) buf[j] = grad[i] * wo[j];
+  dice_dx_row(x + i * h, buf, a, m, is, m1, m2, d, h);
 }
 
 inline void sums_row(const float* __restrict x, float* __restrict s, float* __restrict q, int64_t h) {
@@ -106,14 +129,6 @@ inline void sums_row(const float* __restrict x, float* __restrict s, float* __re
     s[j] += x[j];
     q[j] += x[j] * x[j];
   }
-}
-
-// the gradient of row i of a hidden layer's output: the stored block's row, or for the last layer grad_i w_out
-inline const float* grad_row(const float* gy, const float* grad, const float* __restrict wo, int64_t i, int64_t h,
-                             float* __restrict buf) {
-  if (gy != nullptr) return gy + i * h;
-  for (int64_t j = 0; j < h; ++j) buf[j] = grad[i] * wo[j];
-  return buf;
 }
 
 // group boundaries at sample changes, each group at least kGroupRows rows but the last
@@ -336,8 +351,9 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
     gb_out = tot.narrow(0, 4 * hl, 1).to(at::kFloat);
   }
 
-  // layers L-1 .. 1: dx_l (in cache) -> the gradients of W_l, b_l, and y_{l-1}'s (stored) with Dice_{l-1}'s sums
-  at::Tensor gy;  // the gradient of y_l for the layer below the last, [N, H_l]
+  // layers L-1 .. 1: dx_l (in cache) -> the gradients of W_l, b_l, and y_{l-1}'s with Dice_{l-1}'s sums; what is
+  // stored for the pass below is y_{l-1}'s gradient turned into Dice_{l-1}'s A rows (`dice_sums_a_row`)
+  at::Tensor gy;  // A of layer l, [N, H_l] (undefined for the last hidden layer, whose gradient is grad ⊗ w_out)
   for (int64_t l = layers - 1; l >= 1; --l) {
     const int64_t ho = s.h[l], hi = s.h[l - 1];
     at::Tensor gy_prev = at::empty({n, hi}, opt);
@@ -361,17 +377,16 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
           const int64_t r1 = std::min(bounds[gi + 1], r0 + kBlockRows), nb = r1 - r0;
           std::fill(acc.begin(), acc.end(), 0.0f);
           for (int64_t i = 0; i < nb; ++i) {
-            const float* gr = grad_row(gyp, gp, wo, r0 + i, ho, g.data());
             float* dr = dx.data() + i * ho;
-            dice_dx_row(x + (r0 + i) * ho, gr, a, mp, ip, m1p, m2p, dr, ho);
+            layer_dx_row(x, gyp, gp, wo, a, mp, ip, m1p, m2p, r0 + i, ho, g.data(), dr);
             for (int64_t j = 0; j < ho; ++j) acc[j] += dr[j];
             dice_p_row(xp + (r0 + i) * hi, ap, mpp, ipp, y.data() + i * hi, py.data() + i * hi, hi);
           }
           gemm(true, false, ho, hi, nb, 1.0f, dx.data(), ho, y.data(), hi, 1.0f, pw, hi);  // gW += dxᵀ y
           float* gyr = gy_prev.data_ptr<float>() + r0 * hi;
-          unit_first_layer::product(nb, ho, hi, dx.data(), ho, wpad.data(), gyr, hi);  // gy_{l-1} = dx W
+          unit_first_layer::product(nb, ho, hi, dx.data(), ho, wpad.data(), gyr, hi);  // gy_{l-1} = dx W, then A
           for (int64_t i = 0; i < nb; ++i) {
-            dice_sums_p_row(xp + (r0 + i) * hi, gyr + i * hi, py.data() + i * hi, ap, mpp, ipp, acc.data() + ho,
+            dice_sums_a_row(xp + (r0 + i) * hi, gyr + i * hi, py.data() + i * hi, ap, mpp, ipp, acc.data() + ho,
                             acc.data() + ho + hi, acc.data() + ho + 2 * hi, hi);
           }
           for (int64_t j = 0; j < width; ++j) pp[j] += acc[j];
@@ -422,9 +437,8 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
             const int64_t nb = std::min(i1, r0 + kBlockRows) - r0;
             float* __restrict dst = gqp + b * h0;
             for (int64_t i = 0; i < nb; ++i) {
-              const float* gr = grad_row(gyp, gp, wo, r0 + i, h0, g.data());
               float* dr = dx.data() + i * hp;
-              dice_dx_row(x + (r0 + i) * h0, gr, a, mp, ip, m1p, m2p, dr, h0);
+              layer_dx_row(x, gyp, gp, wo, a, mp, ip, m1p, m2p, r0 + i, h0, g.data(), dr);
               for (int64_t j = 0; j < h0; ++j) dst[j] += dr[j];
               krow[i] = kp + fp[r0 + i] * d;
               gkrow[i] = gk + fp[r0 + i] * d;
