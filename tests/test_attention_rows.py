@@ -136,3 +136,36 @@ def test_the_short_branch_on_rows_is_the_short_branch_on_slots(info, name, param
     grads_slots = torch.autograd.grad((u_slots * g).sum(), [*twin.parameters(), inp.target_att])
     for a, b in zip(grads_rows, grads_slots, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [None, 4])
+def test_native_weighted_pool_is_the_eager_sum_on_any_thread_count(width):
+    from ctr import native
+
+    _, values, flat, rows, _ = _block(width, 8, seed=3)
+    w = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(4))
+    g = torch.randn(len(LENGTHS), values.shape[1], generator=torch.Generator().manual_seed(5))
+    wa, va = w.clone().requires_grad_(), values.clone().requires_grad_()
+    ref = torch.zeros(len(LENGTHS), values.shape[1]).index_add(0, rows, wa.unsqueeze(1) * va[flat])
+    (ref * g).sum().backward()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            wb, vb = w.clone().requires_grad_(), values.clone().requires_grad_()
+            out = native.weighted_pool(wb, vb, flat, rows, len(LENGTHS))
+            assert out is not None
+            (out * g).sum().backward()
+            results.append((out.detach(), wb.grad, vb.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for out, gw, gv in results:
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gw, wa.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gv, va.grad, rtol=1e-6, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(results[0], (out, gw, gv), strict=True))
+    empty = torch.zeros(0, dtype=torch.int64)
+    out = native.weighted_pool(torch.zeros(0), values, empty, empty, 3)
+    assert out is not None and torch.equal(out, torch.zeros(3, values.shape[1]))
+    assert native.weighted_pool(w.double(), values.double(), flat, rows, len(LENGTHS)) is None  # the eager form then

@@ -220,6 +220,9 @@ class DinAttention(nn.Module):
         s = self.scores_rows(query, keys, flat, rows)
         weights = segment_softmax(s * self.scale, rows, b) if self.softmax else s
         v = keys if values is None else values
+        pooled = native.weighted_pool(weights, v, flat, rows, b)  # one pass each way (weighted_pool.cpp)
+        if pooled is not None:
+            return pooled, weights
         if flat.numel() != v.shape[0] or not _is_identity(flat):
             v = native.gather_rows(v, flat)
         return native.sum_rows(weights.unsqueeze(1) * v, rows, b), weights

@@ -10,7 +10,9 @@ masked multi-head target attention over a sample's slots (`target_attention.cpp`
 hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`); and the sum of rows by
 index that is the backward of every row gather and the sparse update's per-row sum (`index_add.cpp`, `gather_rows`,
 `index_add_rows`); and DIN's activation unit with Dice in cache-sized blocks, forward and backward (`din_unit.cpp`,
-its autograd function in `ctr.native.activation_unit`, `din_unit` here, used by `DinAttention.scores`).
+its autograd function in `ctr.native.activation_unit`, `din_unit` here, used by `DinAttention.scores`), with the
+weighted sum of its behaviors' rows after it (`weighted_pool.cpp`, `weighted_pool` here, used by
+`DinAttention.forward_rows`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -53,6 +55,7 @@ SOURCES = (
     HERE / "target_attention.cpp",
     HERE / "index_add.cpp",
     HERE / "din_unit.cpp",
+    HERE / "weighted_pool.cpp",
 )
 HEADERS = (HERE / "vec_math.h", HERE / "dice_rows.h", HERE / "unit_first_layer.h")
 STALE_LOCK_S = 600.0
@@ -494,3 +497,4 @@ def main() -> None:
 
 
 from .activation_unit import din_unit as din_unit  # noqa: E402  (it uses `applies` above)
+from .activation_unit import weighted_pool as weighted_pool  # noqa: E402

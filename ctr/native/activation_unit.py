@@ -143,3 +143,31 @@ def _update_running(
         norm.running_var.mul_(1.0 - m).add_(unbiased, alpha=m)  # type: ignore[operator]
         if norm.num_batches_tracked is not None:
             norm.num_batches_tracked.add_(1)  # type: ignore[operator]
+
+
+class _WeightedPool(torch.autograd.Function):
+    """``out[b] = Σ_{i: rows_i = b} w_i values[flat_i]`` (`weighted_pool.cpp`) with its backward."""
+
+    @staticmethod
+    def forward(ctx, w, values, flat, rows, b):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(w, values, flat, rows)
+        return torch.ops.ctr_native.weighted_pool_forward(w, values, flat, rows, b)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        w, values, flat, rows = ctx.saved_tensors
+        need = ctx.needs_input_grad[1]
+        gw, gv = torch.ops.ctr_native.weighted_pool_backward(grad.contiguous(), w, values, flat, rows, need)
+        return gw, (gv if need else None), None, None, None
+
+
+def weighted_pool(
+    w: torch.Tensor, values: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, b: int
+) -> torch.Tensor | None:
+    """``[B, Dv]``: for each sample b, ``Σ_i w_i values[flat_i]`` over its rows (``rows_i = b``; ``w [N]``, ``values
+    [M, Dv]``, ``flat [N]`` increasing, ``rows [N]`` nondecreasing), natively; None where the caller must run its eager
+    form (not float32 on the CPU, not built, switched off, inside `torch.compile`)."""
+    if w.dim() != 1 or values.dim() != 2 or not applies(w, values):
+        return None
+    flat, rows = flat.to(torch.int64).contiguous(), rows.to(torch.int64).contiguous()
+    return _WeightedPool.apply(w.contiguous(), values.contiguous(), flat, rows, int(b))
