@@ -1,5 +1,5 @@
 """A two-stage model that embeds the whole prefix reads its short window from the prefix's tail
-(`TwoStageModel.short_in_prefix`, `ctr.models.slots.prefix_tail`) instead of looking it up again: the short branch's
+(`TwoStageModel.short_in_prefix`, `ctr.models.slots.tail_rows`) instead of looking it up again: the short branch's
 inputs are the separate look-up's bit for bit, and training gives the same logits, loss terms and gradients (the
 embedding tables' included: a row the short window shares with the prefix is summed in one place instead of two)."""
 
