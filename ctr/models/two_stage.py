@@ -493,13 +493,4 @@ class DiceHead(nn.Module):
         return (z[..., 1] - z[..., 0]).unsqueeze(-1)
 
 
-__all__ = [
-    "BranchInput",
-    "DiceHead",
-    "LengthContext",
-    "StageInput",
-    "TwoStageModel",
-    "TwoStageParams",
-    "fixed_slots",
-    "to_slots",
-]
+__all__ = ["BranchInput", "DiceHead", "LengthContext", "StageInput", "TwoStageModel", "TwoStageParams", "to_slots"]
