@@ -97,3 +97,27 @@ def test_the_whole_selection():
     assert sel.positions.tolist() == [[0, 1, 2], [-1, -1, -1], [0, -1, -1]]
     assert sel.mask.sum(1).tolist() == [3, 0, 1] and not sel.scores.any()
     assert Selection.whole(torch.zeros(2, dtype=torch.long)).positions.tolist() == [[-1], [-1]]
+
+
+@pytest.mark.parametrize(("name", "params"), [("twin", {"max_len": 30}), ("eta", {"max_len": 40, "k": 40})])
+def test_the_whole_prefix_is_read_as_rows(info, name, params, monkeypatch):
+    """At `fits_k` the ESU reads the looked-up prefix as rows (`LongRows.jagged`, `ctr.native.attention_rows`): no
+    slot of the long branch (embeddings, time gaps, ids) is laid out, forward or in the loss."""
+    from ctr import native
+    from ctr.models.stage_input import LongRows
+
+    assert native.available(), native.unavailable_reason()
+    placed: list[str] = []
+    place = LongRows._place
+
+    def spy(self, what, v, prefix):  # type: ignore[no-untyped-def]
+        placed.append(what)
+        return place(self, what, v, prefix)
+
+    monkeypatch.setattr(LongRows, "_place", spy)
+    model = build(info, name, **params).train()
+    assert model.fits_k()
+    batch = batches(info, model, 1)[0]
+    out = model(batch)
+    sum(model.loss(out, batch).values()).backward()
+    assert placed == []

@@ -71,8 +71,9 @@ class SDIM(TwoStageModel):
         return Selection(positions=empty, scores=empty.float()), {}
 
     def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
-        values = self.pair(inp.emb, "long_")
-        keys = self.pair(inp.emb, "long_", att=True) if self.p.dare else values
+        lr = inp.long_rows  # the looked-up prefix's [e(item); e(cate)] rows (and attention rows), built once
+        assert lr.values is not None and lr.values_att is not None and not lr.compact
+        values, keys = lr.values, lr.values_att
         u = self.pool(inp.target_att, keys, inp.long_offsets, values=values)
         return [u, u * inp.target] if self.p.target_cross else [u]
 

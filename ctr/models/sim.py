@@ -103,6 +103,9 @@ class SIMBase(TwoStageModel):
         if inp.esu_out is not None:  # computed with the search (SIMSoft.search_attend)
             u = inp.esu_out
             return [u, u * inp.target] if self.p.target_cross else [u]
+        u = self._long_rows(inp)
+        if u is not None:
+            return [u, u * inp.target] if self.p.target_cross else [u]
         mask = inp.long_mask
         keys, values = inp.long_att, inp.long
         if isinstance(self.esu, TemporalTargetAttention):  # TIN's ESU: the time buckets index its encoding
@@ -118,6 +121,19 @@ class SIMBase(TwoStageModel):
         br = self.lain_branch(inp.lc, inp.target_att, keys, mask, values)
         u = self.esu(br.query, br.keys, br.mask, values=br.values, temperature=br.temperature)
         return [u, u * inp.target] if self.p.target_cross else [u]
+
+    def _long_rows(self, inp: StageInput) -> torch.Tensor | None:
+        """The ESU over every behavior as the rows they were looked up in (`fits_k`: ETA at ``max_len <= k``; no DARE,
+        no LAIN, the multi-head ESU), or None: the same function without the ``[B, K, ...]`` slots of the behaviors,
+        their time gaps and ``[e; e(Δt)]``."""
+        a = inp.long_rows.jagged()
+        if a is None or inp.lc is not None or not isinstance(self.esu, MultiHeadTargetAttention):
+            return None
+        t = None
+        if self.time is not None:
+            gap = inp.long_rows.prefix_gap
+            t = self.time(gap, torch.ones(gap.shape, dtype=torch.bool, device=gap.device))
+        return self.esu.forward_rows(inp.target_att, a, inp.long_offsets, t)
 
 
 @register

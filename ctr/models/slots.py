@@ -86,15 +86,25 @@ def _window(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tens
     return n, mask, rows
 
 
-def tail_rows(emb: dict[str, Any], offsets: torch.Tensor, width: int, dare: bool) -> ShortRows:
+def tail_rows(
+    emb: dict[str, Any],
+    offsets: torch.Tensor,
+    width: int,
+    dare: bool,
+    prefix_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> ShortRows:
     """The last ``width`` rows of each sample's embedded long prefix (``offsets [B + 1]``), the short view's
-    behaviors where it is the prefix's tail (`TwoStageModel.short_in_prefix`), as `ShortRows`."""
+    behaviors where it is the prefix's tail (`TwoStageModel.short_in_prefix`), as `ShortRows`. ``prefix_pairs``: the
+    prefix's ``[e(item); e(cate)]`` rows (and their attention rows) already built, read where the window is all of
+    them (no second copy of the same rows)."""
     lengths = offsets[1:] - offsets[:-1]
     n, mask, rows = _window(lengths, width)
     tail = None
     if lengths.numel() and int(lengths.max()) > width:
         slots = torch.arange(width, device=offsets.device)
         tail = ((offsets[1:] - n).unsqueeze(1) + slots)[mask]  # each sample's window in order, row-major
+    elif prefix_pairs is not None:  # every prefix is its own tail: the rows are all of them, in order
+        return ShortRows(prefix_pairs[0], prefix_pairs[1], rows, mask)
     # else every prefix is its own tail: the rows are all of them, in order (no gather, and no scatter back in the
     # backward)
 

@@ -102,6 +102,25 @@ class TWIN(TwoStageModel):
         return sel, {}
 
     def long_interest(self, inp: StageInput) -> list[torch.Tensor]:
+        u = self._long_rows(inp)
+        if u is None:
+            u = self._long_slots(inp)
+        return [u, u * inp.target] if self.p.target_cross else [u]
+
+    def _long_rows(self, inp: StageInput) -> torch.Tensor | None:
+        """The ESU over every behavior as the rows they were looked up in (`fits_k`, no DARE), or None: the same
+        function as `_long_slots` without laying the behaviors, their time gaps and cross features out as slots."""
+        keys = inp.long_rows.jagged()
+        if keys is None:
+            return None
+        gap = inp.long_rows.prefix_gap
+        real = torch.ones(gap.shape, dtype=torch.bool, device=gap.device)  # every row is a behavior
+        btype = self._btype(inp.batch)
+        cross = self.twin.cross_features(gap, btype, real).flatten(-2)  # [N, J c], live (with gradient)
+        bias = self.twin.cross_bias_of(gap, btype, real) + self.extra_bias(inp.batch)
+        return self.twin.forward_rows(inp.target_att, keys, cross, bias, inp.long_offsets)
+
+    def _long_slots(self, inp: StageInput) -> torch.Tensor:
         mask = inp.long_mask
         btype = self._btype(inp.batch)
         if btype is not None:
@@ -112,8 +131,7 @@ class TWIN(TwoStageModel):
         bias = self.twin.cross_bias_of(inp.long_gap, btype, mask)
         bias = bias + self.extra_bias(inp.batch, inp.selection.rows(inp.long_offsets), mask)
         values = torch.cat([inp.long, cross.flatten(-2)], -1)  # the full key: inherent + cross features
-        u = self.twin(inp.target_att, inp.long_att, values, bias, mask)
-        return [u, u * inp.target] if self.p.target_cross else [u]
+        return self.twin(inp.target_att, inp.long_att, values, bias, mask)
 
 
 class TWINV2Params(TWINParams):

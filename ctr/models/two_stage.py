@@ -63,7 +63,7 @@ Defaults (the Params classes of ``sim.py`` and ``muse.py``) and sources:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -77,11 +77,12 @@ from features.loader import Batch, SequenceView
 from ..modules.activations import make_activation
 from ..modules.attention import DinAttention
 from ..modules.esu import MultiHeadTargetAttention
-from ..modules.gsu import Selection, gather_slots, lengths_to_offsets, to_slots
+from ..modules.gsu import Selection, lengths_to_offsets, to_slots
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
 from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams, check_dare_att_dim
-from .slots import ShortRows, fixed_slots, tail_rows, window_rows, without_short
+from .slots import fixed_slots, tail_rows, window_rows, without_short
+from .stage_input import LongRows, StageInput
 
 ATT_SOURCES = ("item", "cate", "long_item", "long_cate", "short_item", "short_cate")
 
@@ -144,47 +145,6 @@ def _pad_width(x: torch.Tensor, width: int) -> torch.Tensor:
     """Zero-pad the last dimension of ``x`` to ``width``."""
     extra = width - x.shape[-1]
     return x if extra == 0 else torch.cat([x, x.new_zeros(*x.shape[:-1], extra)], dim=-1)
-
-
-@dataclass
-class StageInput:
-    """What the ESU and the tower see. Shapes: B samples, K GSU slots, S short slots, 2d = [item; cate]."""
-
-    batch: Batch
-    emb: dict[str, Any]  # feature -> JaggedTensor of embeddings (target, context, selected / whole long, short)
-    target: torch.Tensor  # [B, 2d] representation of the target
-    target_att: torch.Tensor  # [B, 2d] attention embedding of the target (== target without DARE)
-    target_ids: torch.Tensor  # [B] item index
-    selection: Selection
-    long: torch.Tensor | None  # [B, K, 2d] selected behaviors (zeros in empty slots); None when `esu_out` is set
-    long_att: torch.Tensor | None  # [B, K, 2d]; None when `esu_out` is set
-    long_ids: torch.Tensor  # [B, K] item index (0 in empty slots)
-    long_gap: torch.Tensor  # [B, K] seconds from the behavior to the sample (0 in empty slots)
-    long_offsets: torch.Tensor  # [B + 1] of the whole searched prefix
-    short_rows: ShortRows  # the last S behaviors as rows (`short`, `short_att`, `short_mask`: their slots)
-    short_ids: torch.Tensor  # [B, S] item index (0 = padding)
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the search's inputs to `loss` (training)
-    lc: LengthContext | None = None  # LAIN's length state (None without LAIN or when switched off)
-    esu_out: torch.Tensor | None = None  # the ESU's output when it ran fused with the search (`search_attend`)
-
-    @property
-    def long_mask(self) -> torch.Tensor:
-        return self.selection.mask
-
-    @property
-    def short(self) -> torch.Tensor:
-        """``[B, S, 2d]`` the last S behaviors, oldest first, right-padded with zeros (laid out on first use)."""
-        return self.short_rows.slots()
-
-    @property
-    def short_att(self) -> torch.Tensor:
-        """``[B, S, 2d]`` their attention embeddings (DARE; else `short`)."""
-        return self.short_rows.slots(att=True)
-
-    @property
-    def short_mask(self) -> torch.Tensor:
-        """``[B, S]`` True at the real behaviors of `short`."""
-        return self.short_rows.mask
 
 
 class TwoStageModel(CTRModel):
@@ -366,17 +326,14 @@ class TwoStageModel(CTRModel):
             fused = self.search_attend(batch, ids, offsets, emb)
             if fused is not None:
                 selection, extras, esu_out = fused
-                rows, mask = selection.rows(offsets), selection.mask
-                long = long_att = None
+                values = None
             else:
                 # `whole`: every behavior kept, the rows in order, so laid out rather than gathered
                 selection, extras = (
                     (Selection.whole(long_item.lengths()), {}) if whole else self.search(batch, ids, offsets, emb)
                 )
-                rows, mask = selection.rows(offsets), selection.mask
-                place = (lambda v: to_slots(v, mask)) if whole else (lambda v: gather_slots(v, rows, mask))
-                long = place(self.pair(emb, "long_"))
-                long_att = place(self.pair(emb, "long_", att=True)) if self.p.dare else long
+                values = self.pair(emb, "long_")
+            compact = False
         else:
             from torchrec.sparse.jagged_tensor import JaggedTensor
 
@@ -391,12 +348,19 @@ class TwoStageModel(CTRModel):
             for f in ("long_item", "long_cate"):
                 picked[f] = JaggedTensor(values=ids[f].values()[rows[mask]], lengths=n)
             emb = self.embed(picked)
-            long = to_slots(self.pair(emb, "long_"), mask)
-            long_att = to_slots(self.pair(emb, "long_", att=True), mask) if self.p.dare else long
+            values, compact, whole = self.pair(emb, "long_"), True, False
+        whole = whole and esu_out is None
+        values_att = self.pair(emb, "long_", att=True) if self.p.dare and values is not None else values
+        long_rows = LongRows(
+            values, values_att, long_item.values(), batch.dense["long_ts_gap"], selection.rows(offsets),
+            selection.mask, compact=compact, whole=whole,
+        )  # fmt: skip
         target = self.pair(emb, "")
         target_att = self.pair(emb, "", att=True) if self.p.dare else target
         if tail:
-            short_rows = tail_rows(emb, offsets, self.p.short_len, self.p.dare)
+            # where every prefix is its own tail, the short window's rows are the long branch's (one [N, 2d] copy)
+            pairs = None if values is None or compact else (values, values_att)
+            short_rows = tail_rows(emb, offsets, self.p.short_len, self.p.dare, pairs)  # type: ignore[arg-type]
         else:
             short_rows = window_rows(emb, self.p.short_len, self.p.dare)
         short_ids, _ = fixed_slots(ids["short_item"], self.p.short_len)
@@ -407,10 +371,7 @@ class TwoStageModel(CTRModel):
             target_att=target_att,
             target_ids=ids["item"].values(),
             selection=selection,
-            long=long,
-            long_att=long_att,
-            long_ids=gather_slots(long_item.values(), rows, mask),
-            long_gap=gather_slots(batch.dense["long_ts_gap"], rows, mask),
+            long_rows=long_rows,
             long_offsets=offsets,
             short_rows=short_rows,
             short_ids=short_ids,

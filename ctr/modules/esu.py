@@ -201,6 +201,24 @@ class MultiHeadTargetAttention(nn.Module):
             out = self.absorbed(q.reshape(b, h, d), keys, values, mask, scale)
         return self.w_o(out) if self.w_o is not None else out
 
+    def forward_rows(
+        self, query: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """`forward` over every behavior of each sample as jagged rows, keys = values = ``[a; x]`` (``a [N, Da]``,
+        ``x [N, Dx]`` or None: SIM's ``[e; e(Δt)]`` without building it), ``offsets [B + 1]``; `absorbed`'s
+        projections around `ctr.native.attention_rows`. None where that does not run (the caller uses slots)."""
+        b = query.shape[0]
+        h, d = self.heads, self.head_dim
+        w_k = self.w_k.weight.reshape(h, d, -1)  # [H, d, Dk]
+        scale = 1.0 / math.sqrt(d)
+        q_keys = torch.bmm(self.w_q(query).reshape(b, h, d).transpose(0, 1), w_k).transpose(0, 1) * scale
+        pooled = native.attention_rows(q_keys, a, offsets, x, scored=True)  # [B, H, Dv]
+        if pooled is None:
+            return None
+        w_v = self.w_v.weight.reshape(h, d, -1)  # [H, d, Dv]
+        out = torch.bmm(pooled.transpose(0, 1), w_v.transpose(1, 2)).transpose(0, 1).reshape(b, h * d)
+        return self.w_o(out) if self.w_o is not None else out
+
     def search_attend(
         self,
         query: torch.Tensor,

@@ -239,6 +239,19 @@ class TwinAttention(nn.Module):
         heads = torch.einsum("bhf,hfd->bhd", pooled, self.w_v)  # W^v_a after pooling (linear)
         return self.w_o(heads.reshape(b, -1))
 
+    def forward_rows(
+        self, target: torch.Tensor, keys: torch.Tensor, cross: torch.Tensor, bias: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor | None:
+        """`forward` over every behavior of each sample as the jagged rows they were looked up in (`fits_k`): keys
+        ``[N, key_dim]``, the cross features' embeddings ``[N, cross]`` (the values are ``[keys; cross]``), bias
+        ``[N, H]``, ``offsets [B + 1]``; natively (`ctr.native.attention_rows`), None where it does not run (the
+        caller lays the rows out as slots for `forward`)."""
+        pooled = native.attention_rows(self.query_keys(target), keys, offsets, cross, bias)  # [B, H, full]
+        if pooled is None:
+            return None
+        heads = torch.einsum("bhf,hfd->bhd", pooled, self.w_v)
+        return self.w_o(heads.reshape(pooled.shape[0], -1))
+
 
 def union_round_robin(positions: torch.Tensor, scores: torch.Tensor, k: int) -> Selection:
     """The first ``k`` distinct positions of ``positions [B, H, K]`` (each head best first, -1 = empty) read rank by

@@ -1,18 +1,15 @@
-"""Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`); the loops of DIEN's GRU
-recurrences, one row at a time (`gru_scan.cpp`, used by `ctr.modules.gru_scan`); the soft search's
-relevance-weighted pooling over a jagged prefix in one pass each way (`dot_pool.cpp`, SIM-soft's auxiliary head,
-used by `ctr.modules.gsu.InnerProductGSU.pooled`); softmax attention over a handful of tokens per row
-(`token_attention.cpp`, DiffuMIN's denoiser, used by `ctr.modules.diffusion.TokenSelfAttention`); and the GSU's
-top-K over a jagged prefix, one pass per sample (`jagged_topk.cpp`, every search through `ctr.modules.gsu.gsu_topk`);
-the GSU's scores, each behavior's vector read once in place (`gather_dot.cpp`, the CPU path of every search);
-masked multi-head target attention over a sample's slots (`target_attention.cpp`, the CPU path of
-`ctr.modules.esu.MultiHeadTargetAttention`: SIM's and R2LED's ESUs, the ``mhta`` short branch); and TWIN-V2's
-hierarchical k-means of a history block in one call (`kmeans_tree.cpp`, `pipelines.cluster`); and the sum of rows by
-index that is the backward of every row gather and the sparse update's per-row sum (`index_add.cpp`, `gather_rows`,
-`index_add_rows`); and DIN's activation unit with Dice in cache-sized blocks, forward and backward (`din_unit.cpp`,
-its autograd function in `ctr.native.activation_unit`, `din_unit` here, used by `DinAttention.scores`), with the
-weighted sum of its behaviors' rows after it (`weighted_pool.cpp`, `weighted_pool` here, used by
-`DinAttention.forward_rows`).
+"""Native CPU operators, compiled on first use: Dice in fused passes (`dice.cpp`); DIEN's GRU recurrences, a row at
+a time (`gru_scan.cpp`, `ctr.modules.gru_scan`); the soft search's relevance-weighted pooling over a jagged prefix
+(`dot_pool.cpp`, `ctr.modules.gsu.InnerProductGSU.pooled`); softmax attention over a few tokens per row
+(`token_attention.cpp`, DiffuMIN's `ctr.modules.diffusion.TokenSelfAttention`); the GSU's top-K over a jagged prefix
+(`jagged_topk.cpp`, `ctr.modules.gsu.gsu_topk`) and its scores, each behavior read once in place (`gather_dot.cpp`);
+masked multi-head target attention over a sample's slots (`target_attention.cpp`: SIM's, R2LED's and TWIN's ESUs,
+the ``mhta`` short branch) and over jagged rows (`attention_rows.cpp`, `attention_rows` here: TWIN's and ETA's ESUs
+at `fits_k`); TWIN-V2's hierarchical k-means of a history block (`kmeans_tree.cpp`, `pipelines.cluster`); the sum of
+rows by index, the backward of every row gather and the sparse update's per-row sum (`index_add.cpp`,
+`gather_rows`, `index_add_rows`); DIN's activation unit with Dice in cache-sized blocks (`din_unit.cpp`, its
+autograd function in `ctr.native.activation_unit`, `din_unit` here, `DinAttention.scores`) and the weighted sum
+after it (`weighted_pool.cpp`, `weighted_pool` here, `DinAttention.forward_rows`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -56,6 +53,7 @@ SOURCES = (
     HERE / "index_add.cpp",
     HERE / "din_unit.cpp",
     HERE / "weighted_pool.cpp",
+    HERE / "attention_rows.cpp",
 )
 HEADERS = (HERE / "vec_math.h", HERE / "dice_rows.h", HERE / "unit_first_layer.h")
 STALE_LOCK_S = 600.0
@@ -496,5 +494,6 @@ def main() -> None:
     print(msg)  # noqa: T201  (the module's command-line output)
 
 
-from .activation_unit import din_unit as din_unit  # noqa: E402  (it uses `applies` above)
+from .activation_unit import din_unit as din_unit  # noqa: E402  (these use `applies` above)
 from .activation_unit import weighted_pool as weighted_pool  # noqa: E402
+from .attention_rows import attention_rows as attention_rows  # noqa: E402

@@ -122,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> target_attention_back
   TORCH_CHECK(probs.scalar_type() == at::kFloat && probs.is_contiguous() && probs.numel() == b * h * k,
               "ctr_native target_attention: probs must be the forward's [B, H, K]");
   TORCH_CHECK(!same || dk == dv, "ctr_native target_attention: shared keys and values need one width");
-  // zeroed sample by sample in the loop below, by the thread that then adds into them (one pass, not a serial
-  // fill of fresh [B, K, D] blocks first)
+  // written sample by sample in the loop below by the thread that owns the sample (not a serial fill of fresh
+  // [B, K, D] blocks first)
   at::Tensor gq = at::empty_like(q);
   at::Tensor gk = at::empty_like(keys);
   at::Tensor gv = same ? at::empty({0}, values.options()) : at::empty_like(values);
@@ -140,41 +140,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> target_attention_back
   float* gbp = with_bias ? gb.data_ptr<float>() : nullptr;
   at::parallel_for(0, b, kSamplesPerItem, [&](int64_t s0, int64_t s1) {
     std::vector<int64_t> real(k);
-    std::vector<float> ds(k);
+    std::vector<float> ds(h * k), centre(h), g(h);
     for (int64_t s = s0; s < s1; ++s) {
       const bool* m = mp + s * k;
       float* gks = gkp + s * k * dk;
       float* gvs = gvp + s * k * dv;
-      std::fill(gqp + s * h * dk, gqp + (s + 1) * h * dk, 0.0f);
-      std::fill(gks, gks + k * dk, 0.0f);
-      if (!same) std::fill(gvs, gvs + k * dv, 0.0f);
+      float* gqs = gqp + s * h * dk;
+      std::fill(gqs, gqs + h * dk, 0.0f);
       if (gbp) std::fill(gbp + s * k * h, gbp + (s + 1) * k * h, 0.0f);
       int64_t n = 0;
       for (int64_t j = 0; j < k; ++j) {
-        if (m[j]) real[n++] = j;
+        if (m[j]) {
+          real[n++] = j;
+        } else {  // a padded slot: no gradient (its rows are written nowhere else)
+          std::fill(gks + j * dk, gks + (j + 1) * dk, 0.0f);
+          if (!same) std::fill(gvs + j * dv, gvs + (j + 1) * dv, 0.0f);
+        }
       }
       if (n == 0) continue;
       const float* ks = kp + s * k * dk;
       const float* vs = vp + s * k * dv;
-      for (int64_t head = 0; head < h; ++head) {
-        const float* p = pp + (s * h + head) * k;
-        const float* go = gp + (s * h + head) * dv;
-        const float* qh = qp + (s * h + head) * dk;
-        float* gqh = gqp + (s * h + head) * dk;
-        float centre = 0.0f;  // sum_j p_j <go, v_j>
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t j = real[i];
-          ds[i] = dot(go, vs + j * dv, dv);
-          centre += p[j] * ds[i];
-          add_scaled(p[j], go, gvs + j * dv, dv);  // d out / d v_j
+      const float* ps = pp + s * h * k;
+      const float* gos = gp + s * h * dv;
+      const float* qs = qp + s * h * dk;
+      // slot by slot, every head: each slot's rows are read once a pass and its gradient rows written once (not
+      // zeroed, then added to by each head); per head the sums run in slot order as before
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t j = real[i];
+        const float* vj = vs + j * dv;
+        float* row = gvs + j * dv;  // d out / d v_j = sum_h p_hj go_h
+        for (int64_t head = 0; head < h; ++head) {
+          const float* go = gos + head * dv;
+          ds[head * n + i] = dot(go, vj, dv);
+          const float pj = ps[head * k + j];
+          if (head == 0) {
+            for (int64_t e = 0; e < dv; ++e) row[e] = pj * go[e];
+          } else {
+            add_scaled(pj, go, row, dv);
+          }
         }
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t j = real[i];
-          const float g = p[j] * (ds[i] - centre);  // d loss / d s_j
-          if (gbp) gbp[(s * k + j) * h + head] = g;
-          add_scaled(g, ks + j * dk, gqh, dk);
-          add_scaled(g, qh, gks + j * dk, dk);
+      }
+      for (int64_t head = 0; head < h; ++head) {  // sum_j p_j <go, v_j>
+        float c = 0.0f;
+        for (int64_t i = 0; i < n; ++i) c += ps[head * k + real[i]] * ds[head * n + i];
+        centre[head] = c;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t j = real[i];
+        const float* kj = ks + j * dk;
+        float* row = gks + j * dk;  // d loss / d k_j = sum_h g_hj q_h (+ the value gradient above, when shared)
+        for (int64_t head = 0; head < h; ++head) {
+          const float gj = ps[head * k + j] * (ds[head * n + i] - centre[head]);  // d loss / d s_hj
+          if (gbp) gbp[(s * k + j) * h + head] = gj;
+          add_scaled(gj, kj, gqs + head * dk, dk);
+          g[head] = gj;
         }
+        const float* q0 = qs;
+        if (same) {
+          add_scaled(g[0], q0, row, dk);
+        } else {
+          for (int64_t e = 0; e < dk; ++e) row[e] = g[0] * q0[e];
+        }
+        for (int64_t head = 1; head < h; ++head) add_scaled(g[head], qs + head * dk, row, dk);
       }
     }
   });
