@@ -82,6 +82,39 @@ def test_bucket_pool_matches_brute_force(num_hashes, bits, normalize):
     assert pool.buckets(behaviors).max() < 2**bits
 
 
+@pytest.mark.parametrize("num_hashes, bits", [(1, 3), (2, 4), (4, 4), (3, 20), (5, 40)])
+def test_bucket_pool_native_is_the_eager_form(num_hashes, bits):
+    """The share of matching functions from `simhash.cpp` (each width of its register blocks) and the weighted pool
+    after it: the eager codes' share, the same pooled values and gradients."""
+    from ctr import native
+
+    gen = torch.Generator().manual_seed(num_hashes + bits)
+    lengths = random_lengths(gen)
+    lengths[0] = 0
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    pool = SimHashBucketPool(37, num_hashes, bits, seed=2)
+    target = torch.randn(len(lengths), 37, generator=gen)
+    behaviors = torch.randn(int(offsets[-1]), 37, generator=gen)
+    # half the behaviors are a target's own embedding: every function matches them
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    behaviors[::2] = target[sample[::2]]
+    values = torch.randn(int(offsets[-1]), 6, generator=gen)
+    runs = []
+    try:
+        for on in (True, False):
+            native.set_enabled(on)
+            v = values.clone().requires_grad_()
+            share = pool.match_share(target, behaviors, sample)
+            out = pool(target, behaviors, offsets, values=v)
+            (out * torch.linspace(-1, 1, 6)).sum().backward()
+            runs.append((share, out.detach(), v.grad))
+    finally:
+        native.set_enabled(True)
+    assert torch.equal(runs[0][0], runs[1][0]) and bool((runs[0][0][::2] == 1).all())
+    for got, want in zip(runs[0][1:], runs[1][1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bucket_pool_gradient_reaches_the_pooled_values():
     pool = SimHashBucketPool(4, 2, 2, seed=0)
     offsets = lengths_to_offsets(torch.tensor([3, 0, 5]))

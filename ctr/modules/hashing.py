@@ -92,6 +92,27 @@ class SimHashBucketPool(nn.Module):
         """Bucket id of each row of ``x`` under each hash function, ``[N, num_hashes]`` int64 (Σ_b bit_b 2^b)."""
         return (self.bits(x).long() * self.powers).sum(-1)
 
+    def match_share(self, target: torch.Tensor, behaviors: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """``[N]`` float: for each behavior, the share of the hash functions under which its bucket is its sample's
+        target's (``sample [N]``). The sign bits are `bits`' (the same products, so the same buckets); a bucket id
+        is summed in float32, exact up to 24 bits (int64 beyond)."""
+        m, _, nbits = self.rotation.shape
+        x, t = behaviors.detach().float().contiguous(), target.detach().float().contiguous()
+        if native.applies(x, t, self.rotation):  # each row's m x bits products in cache, the share written alone
+            offsets = torch.zeros(t.shape[0] + 1, dtype=torch.int64, device=x.device)
+            torch.cumsum(torch.bincount(sample, minlength=t.shape[0]), 0, out=offsets[1:])
+            return torch.ops.ctr_native.simhash_share(x, t, offsets, self.rotation)
+        wide = torch.float32 if nbits <= 24 else torch.int64
+
+        def codes(x: torch.Tensor) -> torch.Tensor:  # [m, rows]: the code of each row under each function
+            rotation = self.rotation.permute(0, 2, 1).reshape(m * nbits, -1)
+            signs = (rotation @ x.detach().float().t() >= 0).view(m, nbits, -1).to(wide)
+            return (signs * self.powers.to(wide).view(1, nbits, 1)).sum(1)
+
+        # the targets' codes gathered as [N, m] rows (a gather along the columns of [m, B] is a slow strided path)
+        same = codes(behaviors) == codes(target).t().contiguous().index_select(0, sample).t()  # [m, N]
+        return same.sum(0, dtype=torch.float32) / m
+
     def forward(
         self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -102,6 +123,14 @@ class SimHashBucketPool(nn.Module):
         sample = torch.repeat_interleave(
             torch.arange(b, device=target.device), offsets[1:] - offsets[:-1], output_size=n
         )
+        if not self.normalize:
+            # the mean over functions of the bucket sums is one weighted sum per sample, w_i = the share of the
+            # functions that put behavior i in its target's bucket: one pass each way (`native.weighted_pool`), not a
+            # gather of the (row, function) matches and a sum by slot whose backward scatters
+            w = self.match_share(target, behaviors, sample)
+            pooled = native.weighted_pool(w, values, torch.arange(n, device=values.device), sample, b)
+            if pooled is not None:
+                return pooled
         # same bucket: [N, m]. Compared as bucket ids (all bits equal), the target's gathered as [B, m] int64: a gather
         # of the [B, m, bits] bool bits took 2.5 ms at 43K behaviors (PyTorch's bool index_select is not vectorized)
         match = self.buckets(behaviors) == self.buckets(target).index_select(0, sample)

@@ -2,14 +2,14 @@
 a time (`gru_scan.cpp`, `ctr.modules.gru_scan`); the soft search's relevance-weighted pooling over a jagged prefix
 (`dot_pool.cpp`, `ctr.modules.gsu.InnerProductGSU.pooled`); softmax attention over a few tokens per row
 (`token_attention.cpp`, DiffuMIN's `ctr.modules.diffusion.TokenSelfAttention`); the GSU's top-K over a jagged prefix
-(`jagged_topk.cpp`, `ctr.modules.gsu.gsu_topk`) and its scores, each behavior read once in place (`gather_dot.cpp`);
-masked multi-head target attention over a sample's slots (`target_attention.cpp`: SIM's, R2LED's and TWIN's ESUs,
-the ``mhta`` short branch) and over jagged rows (`attention_rows.cpp`, `attention_rows` here: TWIN's and ETA's ESUs
-at `fits_k`); TWIN-V2's hierarchical k-means of a history block (`kmeans_tree.cpp`, `pipelines.cluster`); the sum of
-rows by index, the backward of every row gather and the sparse update's per-row sum (`index_add.cpp`,
-`gather_rows`, `index_add_rows`); DIN's activation unit with Dice in cache-sized blocks (`din_unit.cpp`, its
-autograd function in `ctr.native.activation_unit`, `din_unit` here, `DinAttention.scores`) and the weighted sum
-after it (`weighted_pool.cpp`, `weighted_pool` here, `DinAttention.forward_rows`).
+(`jagged_topk.cpp`, `gsu_topk`), its scores, each behavior read once in place (`gather_dot.cpp`), SDIM's bucket
+match (`simhash.cpp`, `ctr.modules.hashing`); masked multi-head target attention over a sample's slots
+(`target_attention.cpp`: SIM's, R2LED's and TWIN's ESUs, the ``mhta`` short branch) and over jagged rows
+(`attention_rows.cpp`, `attention_rows` here: TWIN's and ETA's ESUs at `fits_k`); TWIN-V2's hierarchical k-means of
+a history block (`kmeans_tree.cpp`, `pipelines.cluster`); the sum of rows by index, the backward of every row gather
+and the sparse update's per-row sum (`index_add.cpp`, `gather_rows`, `index_add_rows`); DIN's activation unit with
+Dice in cache-sized blocks (`din_unit.cpp`, its autograd function in `ctr.native.activation_unit`, `din_unit` here,
+`DinAttention.scores`) and the weighted sum after it (`weighted_pool.cpp`, `weighted_pool`, `forward_rows`).
 
 Eager PyTorch runs Dice (DIN's activation, on every real behavior of a batch in the activation unit) as about ten
 elementwise passes forward and twenty backward over [N, H] blocks, each through memory: on 2 cores that was half of
@@ -54,6 +54,7 @@ SOURCES = (
     HERE / "din_unit.cpp",
     HERE / "weighted_pool.cpp",
     HERE / "attention_rows.cpp",
+    HERE / "simhash.cpp",
 )
 HEADERS = (HERE / "vec_math.h", HERE / "dice_rows.h", HERE / "unit_first_layer.h")
 STALE_LOCK_S = 600.0
