@@ -104,7 +104,7 @@ def test_bucket_pool_native_is_the_eager_form(num_hashes, bits):
         for on in (True, False):
             native.set_enabled(on)
             v = values.clone().requires_grad_()
-            share = pool.match_share(target, behaviors, sample)
+            share = pool.match_share(target, behaviors, offsets)
             out = pool(target, behaviors, offsets, values=v)
             (out * torch.linspace(-1, 1, 6)).sum().backward()
             runs.append((share, out.detach(), v.grad))

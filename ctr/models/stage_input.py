@@ -62,6 +62,14 @@ class LongRows:
             return self._place("att", self.values_att, not self.compact)
         return self._place("values", self.values, not self.compact)
 
+    def ids(self) -> torch.Tensor:
+        """``[B, K]`` the kept behaviors' item ids (0 in empty slots)."""
+        return self._place("ids", self.prefix_ids, True)
+
+    def gap(self) -> torch.Tensor:
+        """``[B, K]`` their seconds before the sample (0 in empty slots)."""
+        return self._place("gap", self.prefix_gap, True)
+
     def jagged(self) -> torch.Tensor | None:
         """The kept behaviors' embeddings as the prefix's rows ``[N, 2d]``, where they are all of it, in order, and
         one tensor serves as attention and representation embeddings (no DARE); else None (read `slots`)."""
@@ -101,12 +109,12 @@ class StageInput:
     @property
     def long_ids(self) -> torch.Tensor:
         """``[B, K]`` item index (0 in empty slots)."""
-        return self.long_rows._place("ids", self.long_rows.prefix_ids, True)
+        return self.long_rows.ids()
 
     @property
     def long_gap(self) -> torch.Tensor:
         """``[B, K]`` seconds from the behavior to the sample (0 in empty slots)."""
-        return self.long_rows._place("gap", self.long_rows.prefix_gap, True)
+        return self.long_rows.gap()
 
     @property
     def long_mask(self) -> torch.Tensor:

@@ -92,16 +92,20 @@ class SimHashBucketPool(nn.Module):
         """Bucket id of each row of ``x`` under each hash function, ``[N, num_hashes]`` int64 (Σ_b bit_b 2^b)."""
         return (self.bits(x).long() * self.powers).sum(-1)
 
-    def match_share(self, target: torch.Tensor, behaviors: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """``[N]`` float: for each behavior, the share of the hash functions under which its bucket is its sample's
-        target's (``sample [N]``). The sign bits are `bits`' (the same products, so the same buckets); a bucket id
-        is summed in float32, exact up to 24 bits (int64 beyond)."""
+    def match_share(
+        self, target: torch.Tensor, behaviors: torch.Tensor, offsets: torch.Tensor, sample: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[N]`` float: for each behavior (jagged by ``offsets [B + 1]``; ``sample [N]``: each row's sample, if
+        known), the share of the hash functions under which its bucket is its sample's target's. The eager form's sign
+        bits are `bits`' (the same products, so the same buckets), a bucket id summed in float32, exact up to 24 bits
+        (int64 beyond); natively (`simhash.cpp`) each row's m x bits products in cache, the share written alone."""
         m, _, nbits = self.rotation.shape
         x, t = behaviors.detach().float().contiguous(), target.detach().float().contiguous()
-        if native.applies(x, t, self.rotation):  # each row's m x bits products in cache, the share written alone
-            offsets = torch.zeros(t.shape[0] + 1, dtype=torch.int64, device=x.device)
-            torch.cumsum(torch.bincount(sample, minlength=t.shape[0]), 0, out=offsets[1:])
-            return torch.ops.ctr_native.simhash_share(x, t, offsets, self.rotation)
+        if native.applies(x, t, self.rotation):
+            return torch.ops.ctr_native.simhash_share(x, t, offsets.long().contiguous(), self.rotation)
+        if sample is None:
+            lengths = offsets[1:] - offsets[:-1]
+            sample = torch.repeat_interleave(torch.arange(t.shape[0], device=x.device), lengths, output_size=x.shape[0])
         wide = torch.float32 if nbits <= 24 else torch.int64
 
         def codes(x: torch.Tensor) -> torch.Tensor:  # [m, rows]: the code of each row under each function
@@ -123,14 +127,14 @@ class SimHashBucketPool(nn.Module):
         sample = torch.repeat_interleave(
             torch.arange(b, device=target.device), offsets[1:] - offsets[:-1], output_size=n
         )
-        if not self.normalize:
+        if not self.normalize and native.applies(values):
             # the mean over functions of the bucket sums is one weighted sum per sample, w_i = the share of the
             # functions that put behavior i in its target's bucket: one pass each way (`native.weighted_pool`), not a
             # gather of the (row, function) matches and a sum by slot whose backward scatters
-            w = self.match_share(target, behaviors, sample)
+            w = self.match_share(target, behaviors, offsets, sample)
             pooled = native.weighted_pool(w, values, torch.arange(n, device=values.device), sample, b)
-            if pooled is not None:
-                return pooled
+            assert pooled is not None  # it runs wherever `applies` holds
+            return pooled
         # same bucket: [N, m]. Compared as bucket ids (all bits equal), the target's gathered as [B, m] int64: a gather
         # of the [B, m, bits] bool bits took 2.5 ms at 43K behaviors (PyTorch's bool index_select is not vectorized)
         match = self.buckets(behaviors) == self.buckets(target).index_select(0, sample)
