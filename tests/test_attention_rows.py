@@ -165,6 +165,14 @@ def test_native_weighted_pool_is_the_eager_sum_on_any_thread_count(width):
         torch.testing.assert_close(gw, wa.grad, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(gv, va.grad, rtol=1e-6, atol=1e-6)
         assert all(torch.equal(a, b) for a, b in zip(results[0], (out, gw, gv), strict=True))
+    # one side without a gradient (SDIM's weights, the hash functions' shares): the other side's is the same
+    for need_w in (False, True):
+        wc, vc = w.clone().requires_grad_(need_w), values.clone().requires_grad_(not need_w)
+        out = native.weighted_pool(wc, vc, flat, rows, len(LENGTHS))
+        assert out is not None
+        (out * g).sum().backward()
+        assert (vc.grad is None) == need_w and (wc.grad is None) != need_w
+        assert torch.equal(wc.grad, results[0][1]) if need_w else torch.equal(vc.grad, results[0][2])
     empty = torch.zeros(0, dtype=torch.int64)
     out = native.weighted_pool(torch.zeros(0), values, empty, empty, 3)
     assert out is not None and torch.equal(out, torch.zeros(3, values.shape[1]))

@@ -156,9 +156,9 @@ class _WeightedPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         w, values, flat, rows = ctx.saved_tensors
-        need = ctx.needs_input_grad[1]
-        gw, gv = torch.ops.ctr_native.weighted_pool_backward(grad.contiguous(), w, values, flat, rows, need)
-        return gw, (gv if need else None), None, None, None
+        need_w, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gw, gv = torch.ops.ctr_native.weighted_pool_backward(grad.contiguous(), w, values, flat, rows, need_v, need_w)
+        return (gw if need_w else None), (gv if need_v else None), None, None, None
 
 
 def weighted_pool(

@@ -72,9 +72,11 @@ at::Tensor weighted_pool_forward(const at::Tensor& w, const at::Tensor& values, 
   return out;
 }
 
-// [grad weights [N], grad values [M, D] (empty unless need_values)]
+// [grad weights [N] (empty unless need_weights), grad values [M, D] (empty unless need_values)]: SDIM's weights are
+// its hash functions' shares, which have no gradient, and skipping their dots skips a read of every value row
 std::vector<at::Tensor> weighted_pool_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& values,
-                                               const at::Tensor& flat, const at::Tensor& rows, bool need_values) {
+                                               const at::Tensor& flat, const at::Tensor& rows, bool need_values,
+                                               bool need_weights) {
   const int64_t b = grad.size(0);
   check(w, values, flat, rows, b);
   TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.dim() == 2 && grad.is_contiguous() &&
@@ -82,18 +84,17 @@ std::vector<at::Tensor> weighted_pool_backward(const at::Tensor& grad, const at:
               "ctr_native weighted_pool: grad must be a contiguous float32 [B, D] CPU tensor");
   const int64_t n = w.size(0), m = values.size(0), d = values.size(1);
   const std::vector<int64_t> starts = sample_starts(rows.data_ptr<int64_t>(), n, b);
-  at::Tensor gw = at::empty({n}, w.options());
+  at::Tensor gw = at::empty({need_weights ? n : 0}, w.options());
   at::Tensor gv = at::empty({need_values ? m : 0, d}, values.options());
   const float *gp = grad.data_ptr<float>(), *wp = w.data_ptr<float>(), *vp = values.data_ptr<float>();
   const int64_t* fp = flat.data_ptr<int64_t>();
-  float* gwp = gw.data_ptr<float>();
+  float* gwp = need_weights ? gw.data_ptr<float>() : nullptr;
   float* gvp = need_values ? gv.data_ptr<float>() : nullptr;
   at::parallel_for(0, b, 64, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const float* __restrict g = gp + s * d;
       for (int64_t i = starts[s]; i < starts[s + 1]; ++i) {
-        const float* __restrict v = vp + fp[i] * d;
-        gwp[i] = ctr_native::dot(g, v, d);
+        if (gwp != nullptr) gwp[i] = ctr_native::dot(g, vp + fp[i] * d, d);
         if (gvp == nullptr) continue;
         // the rows between the previous row read and this one are not read: zero (each by the thread of row i)
         const int64_t gap = i == 0 ? 0 : fp[i - 1] + 1;
@@ -117,8 +118,8 @@ std::vector<at::Tensor> weighted_pool_backward(const at::Tensor& grad, const at:
 TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
   m.def("weighted_pool_forward(Tensor w, Tensor values, Tensor flat, Tensor rows, int b) -> Tensor");
   m.def(
-      "weighted_pool_backward(Tensor grad, Tensor w, Tensor values, Tensor flat, Tensor rows, bool need_values) "
-      "-> Tensor[]");
+      "weighted_pool_backward(Tensor grad, Tensor w, Tensor values, Tensor flat, Tensor rows, bool need_values, "
+      "bool need_weights) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {
