@@ -37,9 +37,9 @@ bootstrap over the test users (both tools score the same test rows in the same o
 interval that holds 0 is a tie. FuxiCTR's one Adam trains its tables at the learning rate it is given: ours' dense
 rate (1e-3) unless --fuxictr-lr lists others, each trained, the row keeping the best validation gAUC (at 1e-3 its
 tables learn far slower than ours, Adagrad at optim.sparse_lr 0.05: on the demo world its one-epoch AUC was 0.69 (DIN)
-and 0.52 (SIM) at 1e-3 against 0.81 at 1e-2). Not the same on both sides, by design
-or because one side has no such option (listed in the JSON under "differences"): our sparse tables train with
-Adagrad (optim.sparse_lr), FuxiCTR's with its one Adam at the rate it is given; our DIEN adds its auxiliary loss;
+and 0.52 (SIM) at 1e-3 against 0.81 at 1e-2). Not the same on both sides, by design or because one side has no
+such option (the JSON's "differences"): our tables train with Adagrad (optim.sparse_lr; --ours-sparse adagrad,adam
+also searches FBGEMM's Adam on validation), FuxiCTR's with its one Adam; our DIEN adds its auxiliary loss;
 our two-stage models use DIN-style short-term attention and their own GSU/ESU details (TWIN's cross features, SDIM's
 hash attention) where FuxiCTR uses multi-head target attention.
 
@@ -62,9 +62,7 @@ the installed package at run time, and probed live where it can be; JSON "fuxict
     the test samples where it happens.
 (e) `fuxictr.metrics.evaluate_metrics` computes gAUC in `mp.Pool(processes=mp.cpu_count() // 2)`: on one core
     that is Pool(0), a ValueError. Worked around with an in-process pool (the same per-user function, serially).
-
-Results go to --results (default benchmarks/results/peers.json); the run directories, logs, configs and the
-converted data stay under --work.
+Results go to --results (default benchmarks/results/peers.json); run directories, logs, configs, data: --work.
 """
 
 from __future__ import annotations
@@ -99,12 +97,16 @@ from peers_arch import (  # noqa: E402
 from peers_config import (  # noqa: E402, F401 - re-exported: cost_curve.py and the tests call them as peers.*
     ACTIVATIONS,
     DATASET_ID,
+    SEARCH_TAGS,
+    SPARSE_OPTIMIZERS,
     _ctr,
     base_config,
     dataset_config,
     fuxictr_params,
     our_config,
     our_overrides,
+    search_grid,
+    sparse_search,
 )
 from peers_convert import convert_dataset  # noqa: E402
 from peers_report import RESAMPLES, defects_report, paired_quality, table  # noqa: E402
@@ -304,10 +306,10 @@ def main() -> int:
         "(its test metrics and samples/s; every rate's result is in the JSON, fuxictr.lr_search)",
     )  # fmt: skip
     parser.add_argument(
-        "--ours-sparse-lr", default=None,
-        help="our tables' learning rates (optim.sparse_lr), comma-separated: each of our variants trains once per "
-        "rate and its row keeps the best validation GAUC, as --fuxictr-lr does for FuxiCTR (default: our "
-        "optim.sparse_lr alone; every rate's result is in the JSON, ours.lr_search)",
+        "--ours-sparse-lr", action="append", default=None, metavar="[OPTIMIZER:]RATES",
+        help="our tables' rates (optim.sparse_lr), comma-separated: each of our variants trains once per rate, its "
+        "row keeping the best validation GAUC as --fuxictr-lr does (default: optim.sparse_lr; all in the JSON, "
+        "ours.lr_search). Repeatable, OPTIMIZER:RATES per optimizer of --ours-sparse (adagrad:0.05,0.2 adam:1e-3)",
     )  # fmt: skip
     parser.add_argument(
         "--ours-dense-lr", default=None,
@@ -316,9 +318,10 @@ def main() -> int:
         "one Adam trains its dense part at its one rate)",
     )  # fmt: skip
     parser.add_argument(
-        "--ours-sparse", default=None, choices=["adagrad", "rowwise_adagrad", "sgd", "adam"],
-        help="our tables' optimizer (optim.sparse) in every one of our runs (default: ours, adagrad); adam is "
-        "FBGEMM's lazy Adam, the closest to FuxiCTR's one Adam over tables and dense part",
+        "--ours-sparse", default=None,
+        help=f"our tables' optimizer (optim.sparse, of {', '.join(SPARSE_OPTIMIZERS)}; default ours, adagrad); adam "
+        "is FBGEMM's lazy Adam, the closest to FuxiCTR's one Adam. Comma-separated: searched too, each at its "
+        "rates (--ours-sparse-lr OPTIMIZER:RATES), the row keeping the best validation GAUC over all",
     )  # fmt: skip
     parser.add_argument(
         "--ours-set", action="append", default=[], metavar="KEY=VALUE",
@@ -353,7 +356,10 @@ def main() -> int:
 
     dense_lr = float(defaults[models[0]]["optim"]["dense_lr"])
     fx_lrs = [float(x) for x in args.fuxictr_lr.split(",")] if args.fuxictr_lr else [dense_lr]
-    ours_lrs = [float(x) for x in args.ours_sparse_lr.split(",")] if args.ours_sparse_lr else None
+    try:
+        sparse_opts, ours_lrs = sparse_search(args.ours_sparse, args.ours_sparse_lr)
+    except ValueError as e:
+        parser.error(str(e))
     ours_dense_lrs = [float(x) for x in args.ours_dense_lr.split(",")] if args.ours_dense_lr else None
     steps_per_epoch = max(1, math.ceil(conv["rows"]["train"] / args.batch_size))
     log_every = max(1, steps_per_epoch // 5)
@@ -361,8 +367,8 @@ def main() -> int:
     model_cfg: dict[str, Any] = {"Base": base_config(work, defaults[models[0]], args.workers)}
     for model in models:
         sets = our_overrides(model, defaults[model], args)
-        if args.ours_sparse:
-            sets.append(f"optim.sparse={args.ours_sparse}")
+        if len(sparse_opts) == 1 and sparse_opts[0] is not None:
+            sets.append(f"optim.sparse={sparse_opts[0]}")
         sets.extend(args.ours_set)
         cfg = our_config(model, sets)
         peer = PEERS[model]
@@ -401,9 +407,9 @@ def main() -> int:
                          "seed": int(defaults[models[0]]["train"]["seed"]) if args.seed is None else args.seed,
                          "fuxictr_learning_rates": fx_lrs, "fuxictr_lr_choice": "best validation gAUC",
                          "ours_sparse": args.ours_sparse or str(defaults[models[0]]["optim"]["sparse"]),
-                         "ours_sparse_lrs": ours_lrs, "ours_dense_lrs": ours_dense_lrs,
+                         "ours_sparse_lrs": (ours_lrs or {}).get(None, ours_lrs), "ours_dense_lrs": ours_dense_lrs,
                          "ours_extra_sets": args.ours_set,
-                         "ours_lr_choice": "best validation GAUC" if ours_lrs else None,
+                         "ours_lr_choice": "best validation GAUC" if ours_lrs or len(sparse_opts) > 1 else None,
                          "quality_delta": f"ours minus FuxiCTR, paired bootstrap over test users, {RESAMPLES} "
                          "resamples, 95% percentile interval (ctr.evaluation.metrics.paired_bootstrap)"},
             "fuxictr": {"version": FUXICTR_VERSION, "venv": str(py.parents[1]), "torch": TORCH_PIN,
@@ -412,7 +418,8 @@ def main() -> int:
             "(ctr.evaluation.metrics.gauc; FuxiCTR's gAUC is the same definition)",
             "differences": [
                 "sparse tables: ours settings.ours_sparse (Adagrad by default; adam: FBGEMM's lazy Adam, only the rows "
-                "a step looks up move) at optim.sparse_lr; FuxiCTR's one Adam (dense: every row's moments decay and "
+                "a step looks up move; several: each row's optimizer chosen with its rates on validation, ours.sparse) "
+                "at optim.sparse_lr; FuxiCTR's one Adam (dense: every row's moments decay and "
                 "every row moves each step) trains tables and dense part at "
                 "the rate of settings.fuxictr_learning_rates with the best validation gAUC (ours' dense rate unless "
                 "--fuxictr-lr)",
@@ -442,23 +449,20 @@ def main() -> int:
         if key not in ours_done:
             print(f"[ours] {model} ({ours_variant}): ctr train + ctr evaluate", flush=True)
             try:
-                if ours_lrs is None and ours_dense_lrs is None:
+                grid, names = search_grid(sparse_opts, ours_dense_lrs, ours_lrs)
+                if not names:
                     ours_done[key] = run_ours(model, sets, args, work, log_every, run_name=key, nproc=nproc)
-                else:  # one run per rate (or pair of rates), the best validation GAUC kept (as FuxiCTR's rates)
-                    grid = [(d, s) for d in ours_dense_lrs or [None] for s in ours_lrs or [None]]
+                else:  # one run per rate (or combination), the best validation GAUC kept (as FuxiCTR's rates)
                     runs = {}
-                    for d, s in grid:
+                    for point in grid:
                         extra, name = [], key
-                        if d is not None:
-                            extra, name = [*extra, f"optim.dense_lr={d:g}"], f"{name}_dlr{d:g}"
-                        if s is not None:
-                            extra, name = [*extra, f"optim.sparse_lr={s:g}"], f"{name}_slr{s:g}"
-                        runs[(d, s) if ours_dense_lrs else s] = run_ours(
+                        for dim, value in zip(names, point, strict=True):
+                            extra.append(f"optim.{dim}={value:g}" if dim != "sparse" else f"optim.sparse={value}")
+                            name += f"_{SEARCH_TAGS[dim]}{value:g}" if dim != "sparse" else f"_{value}"
+                        runs[point if len(names) > 1 else point[0]] = run_ours(
                             model, [*sets, *extra], args, work, log_every, run_name=name, nproc=nproc
                         )
-                    ours_done[key] = best_by_validation(
-                        runs, rate=("dense_lr", "sparse_lr") if ours_dense_lrs else "sparse_lr"
-                    )
+                    ours_done[key] = best_by_validation(runs, rate=names if len(names) > 1 else names[0])
             except JobError as e:
                 ours_done[key] = {"error": str(e)[:300]}
         row["ours"] = ours_done[key]

@@ -175,3 +175,46 @@ def base_config(work: Path, cfg: dict[str, Any], workers: int) -> dict[str, Any]
 __all__ = [
     "ACTIVATIONS", "DATASET_ID", "base_config", "dataset_config", "fuxictr_params", "our_config", "our_overrides",
 ]  # fmt: skip
+
+
+SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd", "adam")
+SEARCH_TAGS = {"dense_lr": "dlr", "sparse_lr": "slr"}  # run-name tags of the searched rates
+
+
+def sparse_search(
+    optimizers: str | None, rate_args: list[str] | None
+) -> tuple[list[str | None], dict[str | None, list[float]] | None]:
+    """--ours-sparse and --ours-sparse-lr read: the tables' optimizers searched (``[None]``: the config's one) and the
+    tables' rates of each (None: the config's rate), a plain list applying to every optimizer."""
+    opts: list[str | None] = [o.strip() for o in optimizers.split(",") if o.strip()] if optimizers else [None]
+    if unknown := [o for o in opts if o is not None and o not in SPARSE_OPTIMIZERS]:
+        raise ValueError(f"--ours-sparse: {unknown} are not tables' optimizers (known: {', '.join(SPARSE_OPTIMIZERS)})")
+    if not rate_args:
+        return opts, None
+    rates: dict[str | None, list[float]] = {}
+    for arg in rate_args:
+        opt, _, values = arg.rpartition(":")
+        target = [opt] if opt else opts
+        if opt and opt not in opts:
+            raise ValueError(f"--ours-sparse-lr {arg}: {opt} is not in --ours-sparse ({optimizers or 'the default'})")
+        for o in target:
+            rates[o] = [float(x) for x in values.split(",") if x.strip()]
+    if missing := [o for o in opts if o not in rates]:
+        raise ValueError(f"--ours-sparse-lr: no rates for {missing} (give OPTIMIZER:RATES for each, or one list)")
+    return opts, rates
+
+
+def search_grid(
+    opts: list[str | None], dense_lrs: list[float] | None, sparse_lrs: dict[str | None, list[float]] | None
+) -> tuple[list[tuple[Any, ...]], tuple[str, ...]]:
+    """Our runs of one variant as points of (tables' optimizer when several, dense rate when searched, tables' rate
+    when searched), with the names of those dimensions; no names: one run at the config's settings."""
+    names = (("sparse",) if len(opts) > 1 else ()) + (("dense_lr",) if dense_lrs else ())
+    names += ("sparse_lr",) if sparse_lrs else ()
+    grid = []
+    for o in opts:
+        for d in dense_lrs or [None]:
+            for s in (sparse_lrs or {}).get(o) or [None]:
+                point = ((o, len(opts) > 1), (d, bool(dense_lrs)), (s, bool(sparse_lrs)))
+                grid.append(tuple(v for v, on in point if on))
+    return grid, names

@@ -138,7 +138,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         own = (fx.get("fuxictr_own_metrics") or {}).get("gAUC")
         osps, fsps = ours.get("samples_per_s"), fx.get("samples_per_s")
         lr = f", lr {fx['learning_rate']:g}" if "learning_rate" in fx else ""
-        slr = f", dense lr {ours['dense_lr']:g}" if ours.get("dense_lr") is not None else ""
+        slr = f", tables' {ours['sparse']}" if ours.get("sparse") is not None else ""
+        slr += f", dense lr {ours['dense_lr']:g}" if ours.get("dense_lr") is not None else ""
         slr += f", tables' lr {ours['sparse_lr']:g}" if ours.get("sparse_lr") is not None else ""
         ratio = f"{osps / fsps:.2f}" if osps and fsps else "-"
         lines.append(

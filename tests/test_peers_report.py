@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ctr.evaluation.metrics import auc
 
@@ -125,3 +126,34 @@ def test_both_our_rates_are_chosen_on_validation_as_a_pair():
     row = {"model": "dien", "peer": "DIEN", "variant": "as shipped", "ours_variant": "defaults", "ours": best,
            "fuxictr": {"learning_rate": 0.01, "metrics": run(0, 0.81)["metrics"], "samples_per_s": 1.0}}  # fmt: skip
     assert "| dien | defaults, dense lr 0.01, tables' lr 0.2 | DIEN (as shipped, lr 0.01) |" in report.table([row])
+
+
+def test_the_tables_optimizer_is_searched_with_its_own_rates():
+    """`--ours-sparse adagrad,adam` with `--ours-sparse-lr adagrad:... adam:...`: each optimizer trains at its own
+    rates, the points name the optimizer, and the row keeps (and says) the one with the best validation GAUC."""
+    peers, report = _peers_modules()
+    opts, rates = peers.sparse_search("adagrad,adam", ["adagrad:0.05,0.2", "adam:0.001"])
+    assert opts == ["adagrad", "adam"] and rates == {"adagrad": [0.05, 0.2], "adam": [0.001]}
+    grid, names = peers.search_grid(opts, [0.003], rates)
+    assert names == ("sparse", "dense_lr", "sparse_lr")
+    assert grid == [("adagrad", 0.003, 0.05), ("adagrad", 0.003, 0.2), ("adam", 0.003, 0.001)]
+    # one list for every optimizer; one optimizer alone is no search dimension; nothing searched: one run
+    assert peers.sparse_search("adagrad,adam", ["0.1"])[1] == {"adagrad": [0.1], "adam": [0.1]}
+    assert peers.search_grid(["adam"], None, {"adam": [0.01]}) == ([(0.01,)], ("sparse_lr",))
+    assert peers.search_grid([None], None, None) == ([()], ())
+    for bad in (("adagrad,adamw", None), ("adagrad,adam", ["adagrad:0.1"]), ("adagrad", ["adam:0.1"])):
+        with pytest.raises(ValueError):
+            peers.sparse_search(*bad)
+
+    def run(valid: float, test: float) -> dict:
+        return {"best_valid_gauc": valid, "metrics": {"auc": test, "gauc": test}, "samples_per_s": 1.0}
+
+    runs = dict(zip(grid, (run(0.70, 0.80), run(0.72, 0.81), run(0.75, 0.79)), strict=True))
+    best = peers.best_by_validation(runs, rate=names)
+    assert (best["sparse"], best["sparse_lr"], best["metrics"]["auc"]) == ("adam", 0.001, 0.79)
+    assert [r["sparse"] for r in best["lr_search"]] == ["adagrad", "adagrad", "adam"]
+    row = {"model": "eta", "peer": "ETA", "variant": "as shipped", "ours_variant": "defaults", "ours": best,
+           "fuxictr": {"learning_rate": 0.01, "metrics": run(0, 0.81)["metrics"], "samples_per_s": 1.0}}  # fmt: skip
+    assert "| eta | defaults, tables' adam, dense lr 0.003, tables' lr 0.001 | ETA (as shipped, lr 0.01) |" in (
+        report.table([row])
+    )
