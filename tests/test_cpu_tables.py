@@ -73,26 +73,62 @@ def test_same_lookups_weights_and_states_as_fbgemm(optimizer, kw):
 
 
 @pytest.mark.parametrize("optimizer", [OptimType.EXACT_ADAGRAD, OptimType.EXACT_ROWWISE_ADAGRAD])
-def test_the_distinct_rows_order_changes_no_value(optimizer):
+def test_the_distinct_rows_order_changes_no_value(optimizer, monkeypatch):
     """The update's distinct rows from the native hash table (first occurrence) or from ``torch.unique`` (sorted):
     each row's gradients are summed in look-up order either way, so weights and states are equal bit for bit."""
     from ctr import native
 
     tbes = []
     for use in (True, False):
-        native.set_enabled(use)
-        try:
+        with monkeypatch.context() as m:
+            if not use:
+                m.setattr(native, "unique_inverse", lambda x: None)  # torch.unique's sorted rows instead
             tbe = _tbe(optimizer)
             assert cpu_tables.install_tbe(tbe)
             for step in range(4):
                 indices, offsets = _batch(step)
                 grad = torch.randn(int(offsets[-1]), DIM, generator=torch.Generator().manual_seed(100 + step))
                 tbe(indices, offsets).backward(grad)
-        finally:
-            native.set_enabled(True)
         tbes.append(tbe)
     assert torch.equal(tbes[0].weights_host, tbes[1].weights_host)
     assert torch.equal(tbes[0].momentum1_host, tbes[1].momentum1_host)
+
+
+def test_the_native_adagrad_update_is_the_eager_one_on_any_thread_count():
+    """`adagrad_rows` (one pass) against the update's eager operators (gathers, addcmul, sqrt, add, addcdiv,
+    scatters) on blocks big enough to split over threads: the same values within a unit in the last place (PyTorch's
+    float32 ``sqrt`` on the CPU is not always correctly rounded), the same bits on 1 and 2 threads, and the rows it
+    does not name untouched."""
+    from ctr import native
+
+    gen = torch.Generator().manual_seed(7)
+    weights, momentum = torch.randn(3000, 16, generator=gen), torch.rand(3000, 16, generator=gen)
+    rows = torch.randperm(3000, generator=gen)[:2500]
+    m_rows = torch.randperm(3000, generator=gen)[:2500]
+    g = torch.randn(2500, 16, generator=gen) * 10.0 ** torch.randint(-4, 2, (2500, 1), generator=gen)
+    lr, eps = 0.05, 1e-8
+    w_eager, m_eager = weights.clone(), momentum.clone()
+    m = m_eager.index_select(0, m_rows).addcmul_(g, g)
+    m_eager.index_copy_(0, m_rows, m)
+    w_eager.index_copy_(0, rows, w_eager.index_select(0, rows).addcdiv_(g, m.sqrt().add_(eps), value=-lr))
+    assert native.available()
+    results, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            w, mom = weights.clone(), momentum.clone()
+            torch.ops.ctr_native.adagrad_rows(w, mom, rows, m_rows, g, lr, eps)
+            results.append((w, mom))
+    finally:
+        torch.set_num_threads(before)
+    for w, mom in results:
+        torch.testing.assert_close(w, w_eager, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(mom, m_eager, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    untouched = torch.ones(3000, dtype=torch.bool).index_fill_(0, rows, False)
+    assert torch.equal(results[0][0][untouched], weights[untouched]) and not torch.equal(results[0][0], weights)
+    with pytest.raises(RuntimeError, match="outside the tables"):
+        torch.ops.ctr_native.adagrad_rows(w, mom, rows + 1000, m_rows, g, lr, eps)
 
 
 def test_evaluation_and_unsupported_tables():

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -89,14 +90,63 @@ std::vector<at::Tensor> unique_inverse(const at::Tensor& x) {
   return {unique.narrow(0, 0, count).clone(), inverse};
 }
 
+// Exact Adagrad on the update's distinct rows, in place: for each u, with g = grad[u] (the row's summed gradient),
+//   m = momentum[m_rows[u]] + g g,   weights[rows[u]] += (−lr g) / (√m + eps)
+// in one pass over the rows, where the eager form (ctr/train/cpu_tables.py) runs eight (two gathers, two scatters, the
+// square, the root, the sum and the quotient, each a block of its own). The same operations in the same order per
+// value, m + g g as one fused multiply-add and every operation correctly rounded; PyTorch's float32 `sqrt` on the CPU
+// is not always, so a weight can differ from the eager form's in its last place (tests/test_cpu_tables.py). The
+// result does not depend on the thread count. `rows` and `m_rows` must each be distinct (the rows are updated in
+// parallel), as the update's distinct rows are.
+void adagrad_rows(at::Tensor weights, at::Tensor momentum, const at::Tensor& rows, const at::Tensor& m_rows,
+                  const at::Tensor& grad, double lr, double eps) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&weights, &momentum, &grad}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
+                "ctr_native adagrad_rows: weights, momentum and grad must be contiguous float32 2-D CPU tensors");
+  }
+  const int64_t u = grad.size(0), d = grad.size(1);
+  TORCH_CHECK(weights.size(1) == d && momentum.size(1) == d, "ctr_native adagrad_rows: widths ", weights.size(1), ", ",
+              momentum.size(1), " and ", d, " differ");
+  for (const auto* t : {&rows, &m_rows}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous() &&
+                    t->size(0) == u,
+                "ctr_native adagrad_rows: rows and m_rows must be contiguous int64 [U] CPU tensors, one per grad row");
+  }
+  const int64_t *r = rows.data_ptr<int64_t>(), *mr = m_rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < u; ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < weights.size(0) && mr[i] >= 0 && mr[i] < momentum.size(0),
+                "ctr_native adagrad_rows: row ", i, " (weight row ", r[i], ", momentum row ", mr[i],
+                ") is outside the tables");
+  }
+  float *w = weights.data_ptr<float>(), *m = momentum.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  const float neg_lr = static_cast<float>(-lr), e = static_cast<float>(eps);
+  at::parallel_for(0, u, std::max<int64_t>(1, kParallelFloats / std::max<int64_t>(d, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* __restrict wr = w + r[i] * d;
+      float* __restrict mrow = m + mr[i] * d;
+      const float* __restrict gr = g + i * d;
+      for (int64_t j = 0; j < d; ++j) {
+        const float mv = std::fma(gr[j], gr[j], mrow[j]);
+        mrow[j] = mv;
+        wr[j] = wr[j] + (neg_lr * gr[j]) / (std::sqrt(mv) + e);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
   m.def("index_add_rows(Tensor src, Tensor index, int rows) -> Tensor");
   m.def("unique_inverse(Tensor x) -> Tensor[]");
+  m.def(
+      "adagrad_rows(Tensor(a!) weights, Tensor(b!) momentum, Tensor rows, Tensor m_rows, Tensor grad, float lr, "
+      "float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {
   m.impl("index_add_rows", &index_add_rows);
   m.impl("unique_inverse", &unique_inverse);
+  m.impl("adagrad_rows", &adagrad_rows);
 }

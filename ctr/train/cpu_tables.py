@@ -171,18 +171,22 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
         unique, inverse = found if found is not None else torch.unique(rows.weight, return_inverse=True)
         g = native.index_add_rows(grad, inverse, unique.numel())  # one pass, not index_add_'s sort of the index
         weights = tbe.weights_host.view(-1, rows.dim)
-        w = weights.index_select(0, unique)
         lr = float(tbe.learning_rate_tensor)
         if name == "sgd":
-            weights.index_copy_(0, unique, w.add_(g, alpha=-lr))
+            weights.index_copy_(0, unique, weights.index_select(0, unique).add_(g, alpha=-lr))
             return
         m_rows = torch.empty_like(unique).index_copy_(0, inverse, rows.momentum)
         eps = float(tbe.optimizer_args.eps)
+        if name == "adagrad":
+            momentum = tbe.momentum1_host.view(-1, rows.dim)
+            if native.applies(weights, momentum, g):  # the same values in one pass (`index_add.cpp`)
+                torch.ops.ctr_native.adagrad_rows(weights, momentum, unique, m_rows, g.contiguous(), lr, eps)
+                return
+        w = weights.index_select(0, unique)
         if name == "adam":
             _adam(tbe, weights, unique, m_rows, w, g, lr, eps)
             return
         if name == "adagrad":
-            momentum = tbe.momentum1_host.view(-1, rows.dim)
             m = momentum.index_select(0, m_rows).addcmul_(g, g)
             momentum.index_copy_(0, m_rows, m)
             weights.index_copy_(0, unique, w.addcdiv_(g, m.sqrt().add_(eps), value=-lr))
