@@ -172,11 +172,6 @@ def base_config(work: Path, cfg: dict[str, Any], workers: int) -> dict[str, Any]
     }
 
 
-__all__ = [
-    "ACTIVATIONS", "DATASET_ID", "base_config", "dataset_config", "fuxictr_params", "our_config", "our_overrides",
-]  # fmt: skip
-
-
 SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd", "adam")
 SEARCH_TAGS = {"dense_lr": "dlr", "sparse_lr": "slr"}  # run-name tags of the searched rates
 
@@ -218,3 +213,9 @@ def search_grid(
                 point = ((o, len(opts) > 1), (d, bool(dense_lrs)), (s, bool(sparse_lrs)))
                 grid.append(tuple(v for v, on in point if on))
     return grid, names
+
+
+__all__ = [
+    "ACTIVATIONS", "DATASET_ID", "SEARCH_TAGS", "SPARSE_OPTIMIZERS", "base_config", "dataset_config",
+    "fuxictr_params", "our_config", "our_overrides", "search_grid", "sparse_search",
+]  # fmt: skip

@@ -13,9 +13,9 @@
 // others as BLAS on 256-row blocks, but a hidden layer's input gradient (inner dimension 40) through the same tile.
 //
 // Groups of whole samples (32 about equal ones, `sample_groups`) are the parallel work items: each writes its
-// samples' gradients of qpart and the queries alone, and the column sums and weight gradients are added group by group
-// in order, so the result does not depend on the thread count. `flat` must be strictly increasing and `rows` nondecreasing (the
-// real positions of a row-major [B, L] mask, as `DinAttention.scores` builds them).
+// samples' gradients of qpart and the queries alone, and the column sums and weight gradients are added group by
+// group in order, so the result does not depend on the thread count. `flat` must be strictly increasing and `rows`
+// nondecreasing (the real positions of a row-major [B, L] mask, as `DinAttention.scores` builds them).
 // tests/test_din_unit.py holds the scores, every gradient and the running statistics to the eager module's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -179,17 +179,17 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
         eps = float(tbe.optimizer_args.eps)
         if name == "adagrad":
             momentum = tbe.momentum1_host.view(-1, rows.dim)
-            if native.applies(weights, momentum, g):  # the same values in one pass (`index_add.cpp`)
+            if native.applies(weights, momentum, g):  # the same step in one pass (`index_add.cpp`)
                 torch.ops.ctr_native.adagrad_rows(weights, momentum, unique, m_rows, g.contiguous(), lr, eps)
                 return
+            m = momentum.index_select(0, m_rows).addcmul_(g, g)
+            momentum.index_copy_(0, m_rows, m)
+            w = weights.index_select(0, unique)
+            weights.index_copy_(0, unique, w.addcdiv_(g, m.sqrt().add_(eps), value=-lr))
+            return
         w = weights.index_select(0, unique)
         if name == "adam":
             _adam(tbe, weights, unique, m_rows, w, g, lr, eps)
-            return
-        if name == "adagrad":
-            m = momentum.index_select(0, m_rows).addcmul_(g, g)
-            momentum.index_copy_(0, m_rows, m)
-            weights.index_copy_(0, unique, w.addcdiv_(g, m.sqrt().add_(eps), value=-lr))
             return
         # row-wise Adagrad, with FBGEMM's weight decay modes (1: L2 in the gradient's square; 2 and 5: decoupled)
         mode = int(tbe.optimizer_args.weight_decay_mode)
