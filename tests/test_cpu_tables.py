@@ -131,6 +131,55 @@ def test_the_native_adagrad_update_is_the_eager_one_on_any_thread_count():
         torch.ops.ctr_native.adagrad_rows(w, mom, rows + 1000, m_rows, g, lr, eps)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.05])
+def test_the_native_adam_update_is_the_eager_one_on_any_thread_count(decay):
+    """`adam_rows` (one pass) against `_adam_eager` (the update's fourteen eager operators) over several steps on
+    blocks big enough to split over threads: the same moments bit for bit, the weights within float rounding
+    (PyTorch's float32 ``sqrt`` on the CPU is not always correctly rounded), the same bits on 1 and 2 threads, the rows
+    it does not name untouched, and a clear error for a row outside the tables."""
+    from ctr import native
+
+    gen = torch.Generator().manual_seed(11)
+    start = (torch.randn(3000, 16, generator=gen), torch.zeros(3000, 16), torch.zeros(3000, 16))
+    lr, eps, beta1, beta2 = 0.01, 1e-8, 0.9, 0.999
+    steps = []
+    for _ in range(3):
+        rows = torch.randperm(3000, generator=gen)[:2500]
+        m_rows = torch.randperm(3000, generator=gen)[:2500]
+        steps.append(
+            (
+                rows,
+                m_rows,
+                torch.randn(2500, 16, generator=gen) * 10.0 ** torch.randint(-4, 2, (2500, 1), generator=gen),
+            )
+        )
+    eager = [t.clone() for t in start]
+    for step, (rows, m_rows, g) in enumerate(steps, start=1):
+        cpu_tables._adam_eager(*eager, rows, m_rows, g, lr, eps, beta1, beta2, decay, step)
+    assert native.available()
+    results, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            state = [t.clone() for t in start]
+            for step, (rows, m_rows, g) in enumerate(steps, start=1):
+                torch.ops.ctr_native.adam_rows(*state, rows, m_rows, g, lr, eps, beta1, beta2, decay, step)
+            results.append(state)
+    finally:
+        torch.set_num_threads(before)
+    for state in results:
+        torch.testing.assert_close(state[0], eager[0], rtol=1e-5, atol=1e-6)
+        assert torch.equal(state[1], eager[1]) and torch.equal(state[2], eager[2])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    named = torch.zeros(3000, dtype=torch.bool)
+    for rows, _, _ in steps:
+        named[rows] = True
+    assert torch.equal(results[0][0][~named], start[0][~named]) and not torch.equal(results[0][0], start[0])
+    rows, m_rows, g = steps[0]
+    with pytest.raises(RuntimeError, match="outside the tables"):
+        torch.ops.ctr_native.adam_rows(*results[0], rows, m_rows + 1000, g, lr, eps, beta1, beta2, decay, 4)
+
+
 def test_evaluation_and_unsupported_tables():
     ours = _tbe(OptimType.EXACT_ADAGRAD)
     before = ours.weights_host.detach().clone()

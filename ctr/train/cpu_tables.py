@@ -28,7 +28,8 @@ fused optimizer holds and names both moments as it does on a GPU), and this modu
 GPU Adam (`codegen/genscript/optimizers.py::adam`), term for term: lazy (only the rows looked up in the step move),
 bias-corrected by the table group's step count, ``w -= lr (m̂ / (sqrt(v̂) + eps) + weight_decay w)``. Its reference
 in `tests/test_cpu_tables.py` is that formula written per row, and `torch.optim.SparseAdam` (the same update up to
-where eps enters) agrees with it.
+where eps enters) agrees with it. Exact Adagrad and Adam run as one native pass over the distinct rows where the
+native operators are built (`adagrad_rows`, `adam_rows`), their eager operators otherwise.
 """
 
 from __future__ import annotations
@@ -187,10 +188,10 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
             w = weights.index_select(0, unique)
             weights.index_copy_(0, unique, w.addcdiv_(g, m.sqrt().add_(eps), value=-lr))
             return
-        w = weights.index_select(0, unique)
         if name == "adam":
-            _adam(tbe, weights, unique, m_rows, w, g, lr, eps)
+            _adam(tbe, weights, unique, m_rows, g.contiguous(), lr, eps)
             return
+        w = weights.index_select(0, unique)
         # row-wise Adagrad, with FBGEMM's weight decay modes (1: L2 in the gradient's square; 2 and 5: decoupled)
         mode = int(tbe.optimizer_args.weight_decay_mode)
         decay = float(tbe.optimizer_args.weight_decay)
@@ -208,22 +209,38 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
 
 
 def _adam(
-    tbe: Any,
+    tbe: Any, weights: torch.Tensor, unique: torch.Tensor, m_rows: torch.Tensor, g: torch.Tensor, lr: float, eps: float
+) -> None:
+    """FBGEMM's (GPU) Adam on the distinct rows ``unique``: moments of those rows only, bias correction by the
+    group's step count (one per backward, as FBGEMM counts one per training forward); in one native pass
+    (`adam_rows` in ``index_add.cpp``) where it applies, else `_adam_eager`."""
+    args = tbe.optimizer_args
+    hp = (float(args.beta1), float(args.beta2), float(args.weight_decay))
+    step = int(tbe.iter.add_(1))
+    m1, m2 = tbe.momentum1_host.view(-1, g.shape[1]), tbe.momentum2_host.view(-1, g.shape[1])
+    if native.applies(weights, m1, m2, g):
+        torch.ops.ctr_native.adam_rows(weights, m1, m2, unique, m_rows, g, lr, eps, *hp, step)
+    else:
+        _adam_eager(weights, m1, m2, unique, m_rows, g, lr, eps, *hp, step)
+
+
+def _adam_eager(
     weights: torch.Tensor,
+    m1: torch.Tensor,
+    m2: torch.Tensor,
     unique: torch.Tensor,
     m_rows: torch.Tensor,
-    w: torch.Tensor,
     g: torch.Tensor,
     lr: float,
     eps: float,
+    beta1: float,
+    beta2: float,
+    decay: float,
+    step: int,
 ) -> None:
-    """FBGEMM's (GPU) Adam on the distinct rows ``unique``: moments of those rows only, bias correction by the
-    group's step count (one per backward, as FBGEMM counts one per training forward)."""
-    args = tbe.optimizer_args
-    beta1, beta2, decay = float(args.beta1), float(args.beta2), float(args.weight_decay)
-    step = int(tbe.iter.add_(1))
-    dim = w.shape[1]
-    m1, m2 = tbe.momentum1_host.view(-1, dim), tbe.momentum2_host.view(-1, dim)
+    """Adam's step at `step` on the rows ``unique`` of `weights` (moments at ``m_rows`` of `m1`, `m2`), in PyTorch's
+    operators: the readable form of `adam_rows`, and its reference in tests/test_cpu_tables.py."""
+    w = weights.index_select(0, unique)
     m = m1.index_select(0, m_rows).mul_(beta1).add_(g, alpha=1 - beta1)
     v = m2.index_select(0, m_rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
     m1.index_copy_(0, m_rows, m)
