@@ -1,6 +1,7 @@
-"""A GSU that keeps the top k of every behavior (TWIN, ETA) keeps the whole prefix when no prefix can be longer than k
-(`TwoStageModel.fits_k`: max_len <= k): the search is skipped (its choice is known, and these ESUs do not depend on
-the slots' order) and training looks the prefix up once, with gradient, instead of once for the search and again
+"""A GSU that keeps the top k of every behavior (TWIN, ETA, SIM soft) keeps the whole prefix when no prefix can be
+longer than k (`TwoStageModel.fits_k`: max_len <= k): the search is skipped (its choice is known, these ESUs do not
+depend on the slots' order, and what else the search computes comes from `whole_extras`: SIM soft's auxiliary head)
+and training looks the prefix up once, with gradient, instead of once for the search and again
 for the selected rows. The logits, loss terms and every gradient (the embedding tables' included) are those of the
 search and the two look-ups; with max_len > k every batch still takes them, whatever its lengths (ranks must make
 the same look-ups)."""
@@ -45,20 +46,26 @@ def _run(info, name: str, params: dict, fits: bool | None, monkeypatch) -> tuple
     return calls, out.logit.detach(), {k: v.detach() for k, v in terms.items()}, grads
 
 
+TWO_LOOK_UPS = [False, "search", True]  # the search's look-up without gradient, the search, the selected rows'
+ONE_LOOK_UP = [True, "search"]  # SIM soft: its search and auxiliary head read the prefix looked up with gradient
+
+
 @pytest.mark.parametrize(
-    ("name", "params"),
+    ("name", "params", "searched"),
     [
-        ("twin", {"max_len": 30}),  # k 100
-        ("twin", {"max_len": 30, "gsu_path": "projected"}),
-        ("twin", {"max_len": 30, "k": 30, "short_len": 12}),
-        ("eta", {"max_len": 40, "k": 40}),
+        ("twin", {"max_len": 30}, TWO_LOOK_UPS),  # k 100
+        ("twin", {"max_len": 30, "gsu_path": "projected"}, TWO_LOOK_UPS),
+        ("twin", {"max_len": 30, "k": 30, "short_len": 12}, TWO_LOOK_UPS),
+        ("eta", {"max_len": 40, "k": 40}, TWO_LOOK_UPS),
+        ("sim_soft", {"max_len": 40, "k": 40}, ONE_LOOK_UP),  # the auxiliary loss from `whole_extras`
+        ("sim_soft", {"max_len": 40, "k": 40, "aux_pooling": "mean", "short_len": 12}, ONE_LOOK_UP),
     ],
 )
-def test_one_look_up_when_every_prefix_fits_in_k(info, name, params, monkeypatch):
+def test_one_look_up_when_every_prefix_fits_in_k(info, name, params, searched, monkeypatch):
     calls2, logit2, terms2, grads2 = _run(info, name, params, False, monkeypatch)
     calls1, logit1, terms1, grads1 = _run(info, name, params, None, monkeypatch)
-    # the search's look-up without gradient, the search, the selected rows' look-up; or one look-up
-    assert calls2 == [False, "search", True] and calls1 == [True]
+    # the search (and its look-ups); or one look-up and no search
+    assert calls2 == searched and calls1 == [True]
     torch.testing.assert_close(logit1, logit2, rtol=0, atol=1e-6)
     assert terms1.keys() == terms2.keys() and grads1.keys() == grads2.keys()
     for k in terms1:
@@ -99,7 +106,10 @@ def test_the_whole_selection():
     assert Selection.whole(torch.zeros(2, dtype=torch.long)).positions.tolist() == [[-1], [-1]]
 
 
-@pytest.mark.parametrize(("name", "params"), [("twin", {"max_len": 30}), ("eta", {"max_len": 40, "k": 40})])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("twin", {"max_len": 30}), ("eta", {"max_len": 40, "k": 40}), ("sim_soft", {"max_len": 40, "k": 40})],
+)
 def test_the_whole_prefix_is_read_as_rows(info, name, params, monkeypatch):
     """At `fits_k` the ESU reads the looked-up prefix as rows (`LongRows.jagged`, `ctr.native.attention_rows`): no
     slot of the long branch (embeddings, time gaps, ids) is laid out, forward or in the loss."""

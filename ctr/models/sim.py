@@ -123,9 +123,9 @@ class SIMBase(TwoStageModel):
         return [u, u * inp.target] if self.p.target_cross else [u]
 
     def _long_rows(self, inp: StageInput) -> torch.Tensor | None:
-        """The ESU over every behavior as the rows they were looked up in (`fits_k`: ETA at ``max_len <= k``; no DARE,
-        no LAIN, the multi-head ESU), or None: the same function without the ``[B, K, ...]`` slots of the behaviors,
-        their time gaps and ``[e; e(Δt)]``."""
+        """The ESU over every behavior as the rows they were looked up in (`fits_k`: ETA and SIM soft at ``max_len <=
+        k``; no DARE, no LAIN, the multi-head ESU), or None: the same function without the ``[B, K, ...]`` slots of the
+        behaviors, their time gaps and ``[e; e(Δt)]``."""
         a = inp.long_rows.jagged()
         if a is None or inp.lc is not None or not isinstance(self.esu, MultiHeadTargetAttention):
             return None
@@ -158,6 +158,7 @@ class SIMSoft(SIMBase):
     name = "sim_soft"
     Params = SIMSoftParams
     embeds_prefix = True
+    keeps_all_within_k = True  # a top-k of the inner product over every behavior of the prefix
 
     def __init__(self, params: SIMSoftParams, info: DatasetInfo, device: torch.device | None = None) -> None:
         super().__init__(params, info, device)
@@ -176,6 +177,11 @@ class SIMSoft(SIMBase):
         behaviors_att = self.pair(emb, "long_", att=True)
         selection = self.gsu(offsets, target_att, behaviors_att, self.p.k)
         return selection, self.aux_extras(batch, emb, offsets, target_att, behaviors_att)
+
+    def whole_extras(self, batch: Batch, offsets: torch.Tensor, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The auxiliary head where `fits_k` skips the search (its top k would keep every behavior): it reads the
+        whole prefix either way."""
+        return self.aux_extras(batch, emb, offsets, self.pair(emb, "", att=True), self.pair(emb, "long_", att=True))
 
     def search_attend(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any]

@@ -156,8 +156,9 @@ class TwoStageModel(CTRModel):
     embeds_prefix: ClassVar[bool] = False  # True: the GSU needs learned embeddings of the whole prefix (SIM soft)
     # with embeds_prefix: True when the loss reaches prefix embeddings beyond the selected rows (module docstring)
     prefix_grad: ClassVar[bool] = True
-    # the GSU keeps every behavior of a prefix of at most k (a top-k of a score over all of them), its search returns
-    # no extras and the ESU does not depend on the slots' order: `fits_k` (at max_len <= k)
+    # the GSU keeps every behavior of a prefix of at most k (a top-k of a score over all of them), the extras its
+    # search returns come from `whole_extras` without it, and the ESU does not depend on the slots' order: `fits_k`
+    # (at max_len <= k)
     keeps_all_within_k: ClassVar[bool] = False
 
     def __init__(self, params: TwoStageParams, info: DatasetInfo, device: torch.device | None = None) -> None:
@@ -330,7 +331,9 @@ class TwoStageModel(CTRModel):
             else:
                 # `whole`: every behavior kept, the rows in order, so laid out rather than gathered
                 selection, extras = (
-                    (Selection.whole(long_item.lengths()), {}) if whole else self.search(batch, ids, offsets, emb)
+                    (Selection.whole(long_item.lengths()), self.whole_extras(batch, offsets, emb))
+                    if whole
+                    else self.search(batch, ids, offsets, emb)
                 )
                 values = self.pair(emb, "long_")
             compact = False
@@ -382,11 +385,13 @@ class TwoStageModel(CTRModel):
 
     def fits_k(self) -> bool:
         """Whether no searched prefix can hold more than ``k`` behaviors (``max_len <= k``; the loader reads at most
-        the last ``max_len``) and the model's GSU keeps all of a prefix that fits (`keeps_all_within_k`: TWIN, ETA).
+        the last ``max_len``) and the model's GSU keeps all of a prefix that fits (`keeps_all_within_k`: TWIN, ETA, SIM
+        soft).
         Then, on every batch:
 
         * the search is skipped: its choice is known (`Selection.whole`, the prefix in its own order) and the ESU of
           these models is a function of the set of kept behaviors, not of their order (attention sums over slots);
+          what else the search computes (SIM soft's auxiliary head over the whole prefix) comes from `whole_extras`;
         * training looks the prefix up once, with gradient, instead of once for the search and again for the
           selected rows (`prefix_grad = False`): the loss reaches every row, the sparse update sees each row once,
           and the short window comes from the prefix's tail.
@@ -398,6 +403,11 @@ class TwoStageModel(CTRModel):
         (a category filter) would give unselected rows a zero gradient, which Adagrad ignores but Adam's momentum
         not."""
         return self.keeps_all_within_k and self.p.max_len <= self.p.k
+
+    def whole_extras(self, batch: Batch, offsets: torch.Tensor, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What `search` returns beside its selection, where `fits_k` skips the search (none by default; SIM soft's
+        auxiliary head, which reads the whole prefix whatever the search keeps)."""
+        return {}
 
     def short_in_prefix(self) -> bool:
         """Whether the short window is the tail of the long view, so that a model which embeds the whole prefix reads
