@@ -59,6 +59,7 @@ ONE_LOOK_UP = [True, "search"]  # SIM soft: its search and auxiliary head read t
         ("eta", {"max_len": 40, "k": 40}, TWO_LOOK_UPS),
         ("sim_soft", {"max_len": 40, "k": 40}, ONE_LOOK_UP),  # the auxiliary loss from `whole_extras`
         ("sim_soft", {"max_len": 40, "k": 40, "aux_pooling": "mean", "short_len": 12}, ONE_LOOK_UP),
+        ("sim_soft", {"max_len": 40, "k": 40, "dare": True}, ONE_LOOK_UP),  # the attention tables' relevance
     ],
 )
 def test_one_look_up_when_every_prefix_fits_in_k(info, name, params, searched, monkeypatch):

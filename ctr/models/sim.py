@@ -178,10 +178,13 @@ class SIMSoft(SIMBase):
         selection = self.gsu(offsets, target_att, behaviors_att, self.p.k)
         return selection, self.aux_extras(batch, emb, offsets, target_att, behaviors_att)
 
-    def whole_extras(self, batch: Batch, offsets: torch.Tensor, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def whole_extras(
+        self, batch: Batch, offsets: torch.Tensor, emb: dict[str, Any], behaviors: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The auxiliary head where `fits_k` skips the search (its top k would keep every behavior): it reads the
         whole prefix either way."""
-        return self.aux_extras(batch, emb, offsets, self.pair(emb, "", att=True), self.pair(emb, "long_", att=True))
+        behaviors_att = self.pair(emb, "long_", att=True) if self.p.dare else behaviors
+        return self.aux_extras(batch, emb, offsets, self.pair(emb, "", att=True), behaviors_att)
 
     def search_attend(
         self, batch: Batch, ids: dict[str, Any], offsets: torch.Tensor, emb: dict[str, Any]

@@ -328,13 +328,11 @@ class TwoStageModel(CTRModel):
             if fused is not None:
                 selection, extras, esu_out = fused
                 values = None
+            elif whole:  # every behavior kept, the rows in order, so laid out rather than gathered
+                values = self.pair(emb, "long_")
+                selection, extras = Selection.whole(long_item.lengths()), self.whole_extras(batch, offsets, emb, values)
             else:
-                # `whole`: every behavior kept, the rows in order, so laid out rather than gathered
-                selection, extras = (
-                    (Selection.whole(long_item.lengths()), self.whole_extras(batch, offsets, emb))
-                    if whole
-                    else self.search(batch, ids, offsets, emb)
-                )
+                selection, extras = self.search(batch, ids, offsets, emb)
                 values = self.pair(emb, "long_")
             compact = False
         else:
@@ -404,9 +402,12 @@ class TwoStageModel(CTRModel):
         not."""
         return self.keeps_all_within_k and self.p.max_len <= self.p.k
 
-    def whole_extras(self, batch: Batch, offsets: torch.Tensor, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def whole_extras(
+        self, batch: Batch, offsets: torch.Tensor, emb: dict[str, Any], behaviors: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """What `search` returns beside its selection, where `fits_k` skips the search (none by default; SIM soft's
-        auxiliary head, which reads the whole prefix whatever the search keeps)."""
+        auxiliary head, which reads the whole prefix whatever the search keeps). ``behaviors``: ``pair(emb,
+        "long_")``, the prefix's rows the ESU reads too (one copy)."""
         return {}
 
     def short_in_prefix(self) -> bool:
