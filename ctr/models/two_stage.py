@@ -269,21 +269,8 @@ class TwoStageModel(CTRModel):
         )
 
     def pair(self, emb: dict[str, Any], prefix: str, att: bool = False) -> torch.Tensor:
-        """``[e(item); e(cate)]`` of a feature pair, jagged values ``[N, 2d]`` (``prefix`` "" for the target).
-
-        The long prefix's pair is built once per `prepare`: a GSU that reads the embedded prefix (SIM soft's search
-        and auxiliary head, DiffuMIN's routing) and the ESU read the same rows, and each copy of ``[N, 2d]`` (up to
-        B x 10,000 rows) was a pass through memory forward and another backward. The copy is reused only for the
-        same two looked-up tensors in the same grad mode, and forgotten when `prepare` returns."""
-        item, cate = self.pair_parts(emb, prefix, att)
-        grad = torch.is_grad_enabled()
-        memo = self.__dict__.get("_pair_memo")
-        if memo is not None and memo[0] is item and memo[1] is cate and memo[2] == grad:
-            return memo[3]
-        out = torch.cat([item, cate], dim=-1)
-        if prefix == "long_":
-            self.__dict__["_pair_memo"] = (item, cate, grad, out)
-        return out
+        """``[e(item); e(cate)]`` of a feature pair, jagged values ``[N, 2d]`` (``prefix`` "" for the target)."""
+        return torch.cat(self.pair_parts(emb, prefix, att), dim=-1)
 
     def pair_parts(self, emb: dict[str, Any], prefix: str, att: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """`pair`'s two halves as looked up, ``(e(item) [N, d], e(cate) [N, d])``, for readers that need no copy."""
@@ -323,21 +310,11 @@ class TwoStageModel(CTRModel):
         ids = batch.sparse.to_dict()
         offsets = lengths_to_offsets(ids["long_item"].lengths())
         emb = self.embed(ids) if self.embeds_prefix else None
-        try:
-            selection, _ = self.search(batch, ids, offsets, emb)
-        finally:
-            self.__dict__["_pair_memo"] = None
+        selection, _ = self.search(batch, ids, offsets, emb)
         return selection, offsets
 
     def prepare(self, batch: Batch) -> StageInput:
         """GSU, then one embedding lookup (target, context, selected or whole long, short) -> `StageInput`."""
-        self.__dict__["_pair_memo"] = None
-        try:
-            return self._prepare(batch)
-        finally:
-            self.__dict__["_pair_memo"] = None  # the prefix's pair lives in the StageInput, not in the model
-
-    def _prepare(self, batch: Batch) -> StageInput:
         ids = batch.sparse.to_dict()
         long_item = ids["long_item"]
         offsets = lengths_to_offsets(long_item.lengths())
