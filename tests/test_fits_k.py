@@ -60,6 +60,8 @@ ONE_LOOK_UP = [True, "search"]  # SIM soft: its search and auxiliary head read t
         ("sim_soft", {"max_len": 40, "k": 40}, ONE_LOOK_UP),  # the auxiliary loss from `whole_extras`
         ("sim_soft", {"max_len": 40, "k": 40, "aux_pooling": "mean", "short_len": 12}, ONE_LOOK_UP),
         ("sim_soft", {"max_len": 40, "k": 40, "dare": True}, ONE_LOOK_UP),  # the attention tables' relevance
+        ("sim_soft", {"max_len": 40, "k": 40, "lain": {"enabled": True}}, ONE_LOOK_UP),  # the ESU on slots
+        ("sim_soft", {"max_len": 40, "k": 40, "esu": "tin"}, ONE_LOOK_UP),  # TIN's ESU, on slots too
     ],
 )
 def test_one_look_up_when_every_prefix_fits_in_k(info, name, params, searched, monkeypatch):
