@@ -175,3 +175,39 @@ def test_refuses_rows_out_of_order_or_range():
         din_unit(keys, torch.tensor([0, 1]), query, torch.tensor([1, 0]), qpart, w_kp, *rest)
     with pytest.raises(RuntimeError, match="outside the 6 keys"):
         din_unit(keys, torch.tensor([0, 6]), query, torch.tensor([0, 1]), qpart, w_kp, *rest)
+
+
+def test_backward_twice_gives_the_same_gradients():
+    """Backward reads each Dice's σ that forward kept, and must leave it (and every saved block) as it was: a graph
+    kept with ``retain_graph`` gives the same gradients on its second backward."""
+    att, _ = _pair((80, 40), 8, seed=9)
+    mask = _mask(64, 20, seed=9)
+    q, k = torch.randn(64, 8, requires_grad=True), torch.randn(64, 20, 8, requires_grad=True)
+    pooled, _ = att(q, k, mask)
+    loss = pooled.square().sum()
+    first = torch.autograd.grad(loss, [q, k, *att.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [q, k, *att.parameters()])
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_backward_needs_the_sigmoids_forward_kept():
+    att, _ = _pair((8,), 4, seed=10)
+    keys, query, qpart = torch.randn(6, 4), torch.randn(2, 4), torch.randn(2, 8)
+    flat, rows = torch.tensor([0, 1, 3, 4]), torch.tensor([0, 0, 1, 1])
+    w_kp = att.linears[0].weight[:, 4:12].detach().contiguous()
+    alpha, w_out = att.acts[0].alpha.detach(), att.out.weight.detach().reshape(-1).contiguous()
+    res = torch.ops.ctr_native.din_unit_forward(keys, flat, query, rows, qpart, w_kp, [], [], [alpha], w_out, 0.0,
+                                                [], [], 1e-8, True)  # fmt: skip
+    pre, mean, invstd, sig = res[1:2], res[2:3], res[3:4], res[5:6]
+    assert sig[0].shape == (4, 8) and bool(((sig[0] > 0) & (sig[0] < 1)).all())
+    grad = torch.randn(4)
+    args = (grad, keys, flat, query, rows, w_kp, [], [alpha], w_out, pre, mean, invstd)
+    torch.ops.ctr_native.din_unit_backward(*args, sig)
+    with pytest.raises(RuntimeError, match="keep = true"):
+        torch.ops.ctr_native.din_unit_backward(*args, [])
+    with pytest.raises(RuntimeError, match="saved rows"):
+        torch.ops.ctr_native.din_unit_backward(*args, [sig[0][:3]])
+    no_keep = torch.ops.ctr_native.din_unit_forward(keys, flat, query, rows, qpart, w_kp, [], [], [alpha], w_out, 0.0,
+                                                    [], [], 1e-8, False)  # fmt: skip
+    assert len(no_keep) == 5 and torch.equal(no_keep[0], res[0])  # evaluation keeps nothing, same scores

@@ -26,8 +26,8 @@ class _DinUnit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pack, flat, rows, layers, keys, query, qpart, w1, w_out, b_out, *rest):  # type: ignore[no-untyped-def]
         ws, alphas = rest[: layers - 1], rest[2 * layers - 2 :]
-        scores, pre, mean, invstd = pack
-        ctx.save_for_backward(keys, flat, query, rows, w1, w_out, *ws, *alphas, *pre, *mean, *invstd)
+        scores, pre, mean, invstd, sig = pack
+        ctx.save_for_backward(keys, flat, query, rows, w1, w_out, *ws, *alphas, *pre, *mean, *invstd, *sig)
         ctx.layers, ctx.b_shape = layers, b_out.shape
         return scores
 
@@ -36,10 +36,12 @@ class _DinUnit(torch.autograd.Function):
         layers = ctx.layers
         keys, flat, query, rows, w1, w_out, *rest = ctx.saved_tensors
         ws, alphas = rest[: layers - 1], rest[layers - 1 : 2 * layers - 1]
-        pre, mean, invstd = (rest[2 * layers - 1 + i * layers : 2 * layers - 1 + (i + 1) * layers] for i in range(3))
+        pre, mean, invstd, sig = (
+            rest[2 * layers - 1 + i * layers : 2 * layers - 1 + (i + 1) * layers] for i in range(4)
+        )
         g = torch.ops.ctr_native.din_unit_backward(
             grad.contiguous(), keys, flat, query, rows, w1, list(ws), list(alphas), w_out, list(pre), list(mean),
-            list(invstd),
+            list(invstd), list(sig),
         )  # fmt: skip
         gkeys, gquery, gqpart, gw1 = g[:4]
         gws, gbs = g[4 : 3 + layers], g[3 + layers : 2 + 2 * layers]
@@ -119,16 +121,16 @@ def din_unit(
             )
         res = torch.ops.ctr_native.din_unit_forward(
             keys, flat, query, rows, qpart, w_kp, [w.detach() for w in ws], [b.detach() for b in bs],
-            [a.detach() for a in alphas], w_out.detach().contiguous(), float(out.bias), *stats, eps,
+            [a.detach() for a in alphas], w_out.detach().contiguous(), float(out.bias), *stats, eps, grad,
         )  # fmt: skip
         scores, pre = res[0], res[1 : 1 + layers]
         mean, invstd = res[1 + layers : 1 + 2 * layers], res[1 + 2 * layers : 1 + 3 * layers]
-        var = res[1 + 3 * layers :]
+        var, sig = res[1 + 3 * layers : 1 + 4 * layers], res[1 + 4 * layers :]  # sig: each Dice's σ (with grad)
         if training:
             _update_running(norms, mean, var, n)
     if not grad:
         return scores
-    pack = (scores, pre, mean, invstd)
+    pack = (scores, pre, mean, invstd, sig)
     return _DinUnit.apply(pack, flat, rows, layers, keys, query, qpart, w_kp, w_out, out.bias, *ws, *bs, *alphas)
 
 

@@ -8,7 +8,10 @@
 // real behavior of a batch, 43K at batch 1,024 and L = 50); on 2 cores the passes run at the memory's rate. Here
 // each pass reads a group of rows once and keeps what it derives from them (Dice's outputs, the gradients flowing
 // back) in per-thread buffers; what must reach memory is what the batch statistics need between passes: the layers'
-// pre-activations forward, one gradient block per hidden layer but the last backward. The first layer runs sample
+// pre-activations forward, one gradient block per hidden layer backward. Training keeps each Dice's σ from forward
+// (`keep`), so that backward computes no sigmoid (an exp and a division each: it computed 160 per row of the
+// [80, 40] unit again, beside forward's 120); reading σ back costs less than recomputing it (backward 13.0 -> 11.0
+// ms at 43K rows on 2 threads), for [N, H] more floats per hidden layer held until backward. The first layer runs sample
 // by sample as x_0 = qpart + M_bᵀ k (unit_first_layer.h: half the multiply-adds of a product on [k; q ⊙ k]); the
 // others as BLAS on 256-row blocks, but a hidden layer's input gradient (inner dimension 40) through the same tile.
 //
@@ -37,9 +40,13 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace din_unit_impl {
 
-using ctr_native::dice_dx_row;
+using ctr_native::dice_from_p_row;
+using ctr_native::dice_p_row;
 using ctr_native::dice_row;
-using ctr_native::sigmoid_f;
+using ctr_native::dice_sums_a_row;
+using ctr_native::dx_from_a_row;
+using ctr_native::last_sums_row;
+using ctr_native::sums_row;
 
 constexpr int64_t kGroups = 32;        // parallel work items per pass (whole samples), about equal in rows
 constexpr int64_t kMinGroupRows = 256;  // fewer items where there are fewer rows
@@ -61,75 +68,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, opt);
   if (beta == 0.0f) cm.zero_();
   cm.addmm_(ta ? am.t() : am, tb ? bm.t() : bm, beta == 0.0f ? 1.0f : beta, alpha);
-}
-
-// Dice forward keeping σ: y = x (α + (1 − α) p), p = σ(x_hat) into p
-inline void dice_p_row(const float* __restrict x, const float* __restrict a, const float* __restrict m,
-                       const float* __restrict is, float* __restrict y, float* __restrict p, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) {
-    p[j] = sigmoid_f((x[j] - m[j]) * is[j]);
-    y[j] = x[j] * (a[j] + (1.0f - a[j]) * p[j]);
-  }
-}
-
-// the last hidden layer's row for backward: its gradient is gs w_out; gw_out += gs y, and Dice's sums as below
-inline void last_sums_row(const float* __restrict x, float gs, const float* __restrict wo, const float* __restrict a,
-                          const float* __restrict m, const float* __restrict is, float* __restrict gwo,
-                          float* __restrict ga, float* __restrict s1, float* __restrict s2, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) {
-    const float xh = (x[j] - m[j]) * is[j];
-    const float p = sigmoid_f(xh);
-    gwo[j] += gs * x[j] * (a[j] + (1.0f - a[j]) * p);
-    const float t = gs * wo[j] * x[j];
-    ga[j] += t * (1.0f - p);
-    const float gxh = t * (1.0f - a[j]) * p * (1.0f - p);
-    s1[j] += gxh;
-    s2[j] += gxh * xh;
-  }
-}
-
-// Dice's backward sums with σ already computed (p), and the row's share of its input gradient that needs no batch
-// sums, written over g: dx = A − invstd (m1 + x_hat m2) with A = g (α + (1 − α) p) + invstd g_xhat (`dice_dx_row`
-// split in two), so that the pass after the sums (`dx_from_a_row`) needs no σ again
-inline void dice_sums_a_row(const float* __restrict x, float* __restrict g, const float* __restrict p,
-                            const float* __restrict a, const float* __restrict m, const float* __restrict is,
-                            float* __restrict ga, float* __restrict s1, float* __restrict s2, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) {
-    const float xh = (x[j] - m[j]) * is[j];
-    const float t = g[j] * x[j];
-    ga[j] += t * (1.0f - p[j]);
-    const float gxh = t * (1.0f - a[j]) * p[j] * (1.0f - p[j]);
-    s1[j] += gxh;
-    s2[j] += gxh * xh;
-    g[j] = g[j] * (a[j] + (1.0f - a[j]) * p[j]) + is[j] * gxh;
-  }
-}
-
-// dx = A − invstd (m1 + x_hat m2), A from `dice_sums_a_row`
-inline void dx_from_a_row(const float* __restrict x, const float* __restrict ar, const float* __restrict m,
-                          const float* __restrict is, const float* __restrict m1, const float* __restrict m2,
-                          float* __restrict d, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) d[j] = ar[j] - is[j] * (m1[j] + (x[j] - m[j]) * is[j] * m2[j]);
-}
-
-// layer l's input gradient dx for row i: from the last layer's gradient grad_i w_out (gy null), else from the
-// layer's A rows (gy, written by the pass above it)
-inline void layer_dx_row(const float* x, const float* gy, const float* grad, const float* wo, const float* a,
-                         const float* m, const float* is, const float* m1, const float* m2, int64_t i, int64_t h,
-                         float* buf, float* d) {
-  if (gy != nullptr) {
-    dx_from_a_row(x + i * h, gy + i * h, m, is, m1, m2, d, h);
-    return;
-  }
-  for (int64_t j = 0; j < h; ++j) buf[j] = grad[i] * wo[j];
-  dice_dx_row(x + i * h, buf, a, m, is, m1, m2, d, h);
-}
-
-inline void sums_row(const float* __restrict x, float* __restrict s, float* __restrict q, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) {
-    s[j] += x[j];
-    q[j] += x[j] * x[j];
-  }
 }
 
 // group boundaries: the first sample change at or after each of kGroups equal shares of the rows. The groups depend on
@@ -219,7 +157,7 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
                                          const at::Tensor& rows, const at::Tensor& qpart, const at::Tensor& w1,
                                          at::TensorList ws, at::TensorList bs, at::TensorList alphas,
                                          const at::Tensor& w_out, double b_out, at::TensorList means,
-                                         at::TensorList invstds, double eps) {
+                                         at::TensorList invstds, double eps, bool keep) {
   using namespace din_unit_impl;
   const Shapes s = check_inputs(keys, flat, query, rows, w1, ws, alphas, w_out);
   const int64_t n = s.n, d = s.d, layers = static_cast<int64_t>(s.h.size());
@@ -231,7 +169,11 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
               "ctr_native din_unit: means and invstds: one per hidden layer, or none (batch statistics)");
   const auto opt = keys.options();
   std::vector<at::Tensor> pre, mean(layers), invstd(layers), var(layers);
+  std::vector<at::Tensor> sig;  // σ of each hidden layer's Dice, for backward (keep)
   for (int64_t l = 0; l < layers; ++l) pre.push_back(at::empty({n, s.h[l]}, opt));
+  if (keep) {
+    for (int64_t l = 0; l < layers; ++l) sig.push_back(at::empty({n, s.h[l]}, opt));
+  }
   at::Tensor scores = at::empty({n}, opt);
   const std::vector<int64_t> bounds = sample_groups(rows.data_ptr<int64_t>(), n);
   const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
@@ -259,7 +201,12 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
           for (int64_t r0 = bounds[g]; r0 < bounds[g + 1]; r0 += kBlockRows) {
             const int64_t r1 = std::min(bounds[g + 1], r0 + kBlockRows), nb = r1 - r0;
             const float* xin = pre[l - 1].data_ptr<float>() + r0 * hin;
-            for (int64_t i = 0; i < nb; ++i) dice_row(xin + i * hin, a, mp, ip, in.data() + i * hin, hin);
+            if (keep) {
+              float* pk = sig[l - 1].data_ptr<float>() + r0 * hin;
+              for (int64_t i = 0; i < nb; ++i) dice_p_row(xin + i * hin, a, mp, ip, in.data() + i * hin, pk + i * hin, hin);
+            } else {
+              for (int64_t i = 0; i < nb; ++i) dice_row(xin + i * hin, a, mp, ip, in.data() + i * hin, hin);
+            }
             if (l == layers) {
               const float* w = w_out.data_ptr<float>();
               float* out = scores.data_ptr<float>() + r0;
@@ -299,7 +246,7 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
     }
   }
   std::vector<at::Tensor> out{scores};
-  for (auto* v : {&pre, &mean, &invstd, &var}) out.insert(out.end(), v->begin(), v->end());
+  for (auto* v : {&pre, &mean, &invstd, &var, &sig}) out.insert(out.end(), v->begin(), v->end());
   return out;
 }
 
@@ -308,7 +255,8 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
 std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tensor& keys, const at::Tensor& flat,
                                           const at::Tensor& query, const at::Tensor& rows, const at::Tensor& w1,
                                           at::TensorList ws, at::TensorList alphas, const at::Tensor& w_out,
-                                          at::TensorList pre, at::TensorList mean, at::TensorList invstd) {
+                                          at::TensorList pre, at::TensorList mean, at::TensorList invstd,
+                                          at::TensorList sig) {
   using namespace din_unit_impl;
   const Shapes s = check_inputs(keys, flat, query, rows, w1, ws, alphas, w_out);
   const int64_t n = s.n, d = s.d, layers = static_cast<int64_t>(s.h.size());
@@ -316,6 +264,15 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   TORCH_CHECK(grad.size(0) == n && static_cast<int64_t>(pre.size()) == layers &&
                   static_cast<int64_t>(mean.size()) == layers && static_cast<int64_t>(invstd.size()) == layers,
               "ctr_native din_unit: backward's saved tensors do not match the layers");
+  TORCH_CHECK(static_cast<int64_t>(sig.size()) == layers,
+              "ctr_native din_unit: backward needs each hidden layer's σ (din_unit_forward with keep = true)");
+  for (int64_t l = 0; l < layers; ++l) {
+    for (const auto* t : {&pre[l], &sig[l]}) {
+      check_float(*t, 2, "a saved layer");
+      TORCH_CHECK(t->size(0) == n && t->size(1) == s.h[l], "ctr_native din_unit: layer ", l, "'s saved rows are ",
+                  t->sizes(), ", not [", n, ", ", s.h[l], "]");
+    }
+  }
   const auto opt = keys.options();
   const std::vector<int64_t> bounds = sample_groups(rows.data_ptr<int64_t>(), n);
   const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
@@ -327,12 +284,15 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   // the last hidden layer's Dice sums, its gradient being grad ⊗ w_out, with w_out's and b_out's gradients
   const int64_t hl = s.h.back();
   std::vector<at::Tensor> galpha(layers), gw(layers), gb(layers);
-  at::Tensor gw_out, gb_out;
+  at::Tensor gw_out, gb_out, a_last;
   std::vector<at::Tensor> m1(layers), m2(layers);
   {
     std::vector<double> part(static_cast<size_t>(groups * (4 * hl + 1)), 0.0);  // gw_out, ga, s1, s2, gb_out
     const float *x = pre[layers - 1].data_ptr<float>(), *a = alphas[layers - 1].data_ptr<float>(),
-                *mp = mean[layers - 1].data_ptr<float>(), *ip = invstd[layers - 1].data_ptr<float>();
+                *mp = mean[layers - 1].data_ptr<float>(), *ip = invstd[layers - 1].data_ptr<float>(),
+                *sp = sig[layers - 1].data_ptr<float>();
+    a_last = at::empty({n, hl}, opt);
+    float* alp = a_last.data_ptr<float>();
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       std::vector<float> acc(static_cast<size_t>(4 * hl));
       for (int64_t gi = g0; gi < g1; ++gi) {
@@ -341,8 +301,8 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
           std::fill(acc.begin(), acc.end(), 0.0f);
           double bias = 0.0;
           for (int64_t i = r0; i < r1; ++i) {
-            last_sums_row(x + i * hl, gp[i], wo, a, mp, ip, acc.data(), acc.data() + hl, acc.data() + 2 * hl,
-                          acc.data() + 3 * hl, hl);
+            last_sums_row(x + i * hl, sp + i * hl, gp[i], wo, a, mp, ip, acc.data(), acc.data() + hl,
+                          acc.data() + 2 * hl, acc.data() + 3 * hl, alp + i * hl, hl);
             bias += gp[i];
           }
           double* pp = part.data() + gi * (4 * hl + 1);
@@ -361,7 +321,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
 
   // layers L-1 .. 1: dx_l (in cache) -> the gradients of W_l, b_l, and y_{l-1}'s with Dice_{l-1}'s sums; what is
   // stored for the pass below is y_{l-1}'s gradient turned into Dice_{l-1}'s A rows (`dice_sums_a_row`)
-  at::Tensor gy;  // A of layer l, [N, H_l] (undefined for the last hidden layer, whose gradient is grad ⊗ w_out)
+  at::Tensor gy = a_last;  // A of layer l, [N, H_l]
   for (int64_t l = layers - 1; l >= 1; --l) {
     const int64_t ho = s.h[l], hi = s.h[l - 1];
     at::Tensor gy_prev = at::empty({n, hi}, opt);
@@ -371,13 +331,14 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
     const float *x = pre[l].data_ptr<float>(), *a = alphas[l].data_ptr<float>(), *mp = mean[l].data_ptr<float>(),
                 *ip = invstd[l].data_ptr<float>(), *m1p = m1[l].data_ptr<float>(), *m2p = m2[l].data_ptr<float>();
     const float *xp = pre[l - 1].data_ptr<float>(), *ap = alphas[l - 1].data_ptr<float>(),
-                *mpp = mean[l - 1].data_ptr<float>(), *ipp = invstd[l - 1].data_ptr<float>();
+                *mpp = mean[l - 1].data_ptr<float>(), *ipp = invstd[l - 1].data_ptr<float>(),
+                *spp = sig[l - 1].data_ptr<float>();
     std::vector<float> wpad(static_cast<size_t>(ho * unit_first_layer::pad16(hi)));
     unit_first_layer::pad_columns(ws[l - 1].data_ptr<float>(), ho, hi, wpad.data());
-    const float* gyp = gy.defined() ? gy.data_ptr<float>() : nullptr;
+    const float* gyp = gy.data_ptr<float>();
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       std::vector<float> dx(static_cast<size_t>(kBlockRows * ho)), y(static_cast<size_t>(kBlockRows * hi)),
-          py(static_cast<size_t>(kBlockRows * hi)), g(static_cast<size_t>(ho)), acc(static_cast<size_t>(ho + 3 * hi));
+          acc(static_cast<size_t>(ho + 3 * hi));
       for (int64_t gi = g0; gi < g1; ++gi) {
         double* pp = part.data() + gi * width;
         float* pw = part_w.data() + gi * ho * hi;
@@ -386,15 +347,15 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
           std::fill(acc.begin(), acc.end(), 0.0f);
           for (int64_t i = 0; i < nb; ++i) {
             float* dr = dx.data() + i * ho;
-            layer_dx_row(x, gyp, gp, wo, a, mp, ip, m1p, m2p, r0 + i, ho, g.data(), dr);
+            dx_from_a_row(x + (r0 + i) * ho, gyp + (r0 + i) * ho, mp, ip, m1p, m2p, dr, ho);
             for (int64_t j = 0; j < ho; ++j) acc[j] += dr[j];
-            dice_p_row(xp + (r0 + i) * hi, ap, mpp, ipp, y.data() + i * hi, py.data() + i * hi, hi);
+            dice_from_p_row(xp + (r0 + i) * hi, ap, spp + (r0 + i) * hi, y.data() + i * hi, hi);
           }
           gemm(true, false, ho, hi, nb, 1.0f, dx.data(), ho, y.data(), hi, 1.0f, pw, hi);  // gW += dxᵀ y
           float* gyr = gy_prev.data_ptr<float>() + r0 * hi;
           unit_first_layer::product(nb, ho, hi, dx.data(), ho, wpad.data(), gyr, hi);  // gy_{l-1} = dx W, then A
           for (int64_t i = 0; i < nb; ++i) {
-            dice_sums_a_row(xp + (r0 + i) * hi, gyr + i * hi, py.data() + i * hi, ap, mpp, ipp, acc.data() + ho,
+            dice_sums_a_row(xp + (r0 + i) * hi, gyr + i * hi, spp + (r0 + i) * hi, ap, mpp, ipp, acc.data() + ho,
                             acc.data() + ho + hi, acc.data() + ho + 2 * hi, hi);
           }
           for (int64_t j = 0; j < width; ++j) pp[j] += acc[j];
@@ -427,12 +388,11 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
     const float *x = pre[0].data_ptr<float>(), *a = alphas[0].data_ptr<float>(), *mp = mean[0].data_ptr<float>(),
                 *ip = invstd[0].data_ptr<float>(), *m1p = m1[0].data_ptr<float>(), *m2p = m2[0].data_ptr<float>();
     const float* w = w1.data_ptr<float>();
-    const float* gyp = gy.defined() ? gy.data_ptr<float>() : nullptr;
+    const float* gyp = gy.data_ptr<float>();
     float *gk = gkeys.data_ptr<float>(), *gq = gquery.data_ptr<float>(), *gqp = gqpart.data_ptr<float>();
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       // dx's rows hp apart, the columns from h0 on zero (the tiles read whole slabs)
-      std::vector<float> dx(static_cast<size_t>(kBlockRows * hp), 0.0f), mt(static_cast<size_t>(h0 * dp)),
-          g(static_cast<size_t>(h0));
+      std::vector<float> dx(static_cast<size_t>(kBlockRows * hp), 0.0f), mt(static_cast<size_t>(h0 * dp));
       std::vector<const float*> krow(kBlockRows);
       std::vector<float*> gkrow(kBlockRows);
       for (int64_t gi = g0; gi < g1; ++gi) {
@@ -446,7 +406,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
             float* __restrict dst = gqp + b * h0;
             for (int64_t i = 0; i < nb; ++i) {
               float* dr = dx.data() + i * hp;
-              layer_dx_row(x, gyp, gp, wo, a, mp, ip, m1p, m2p, r0 + i, h0, g.data(), dr);
+              dx_from_a_row(x + (r0 + i) * h0, gyp + (r0 + i) * h0, mp, ip, m1p, m2p, dr, h0);
               for (int64_t j = 0; j < h0; ++j) dst[j] += dr[j];
               krow[i] = kp + fp[r0 + i] * d;
               gkrow[i] = gk + fp[r0 + i] * d;
@@ -473,11 +433,11 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
 TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
   m.def(
       "din_unit_forward(Tensor keys, Tensor flat, Tensor query, Tensor rows, Tensor qpart, Tensor w1, Tensor[] ws, "
-      "Tensor[] bs, Tensor[] alphas, Tensor w_out, float b_out, Tensor[] means, Tensor[] invstds, float eps) "
+      "Tensor[] bs, Tensor[] alphas, Tensor w_out, float b_out, Tensor[] means, Tensor[] invstds, float eps, bool keep) "
       "-> Tensor[]");
   m.def(
       "din_unit_backward(Tensor grad, Tensor keys, Tensor flat, Tensor query, Tensor rows, Tensor w1, Tensor[] ws, "
-      "Tensor[] alphas, Tensor w_out, Tensor[] pre, Tensor[] mean, Tensor[] invstd) -> Tensor[]");
+      "Tensor[] alphas, Tensor w_out, Tensor[] pre, Tensor[] mean, Tensor[] invstd, Tensor[] sig) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {
