@@ -37,9 +37,19 @@ sys.path[:] = [str(ROOT), str(HERE)] + [p for p in sys.path if Path(p or ".").re
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """One model: the step's ms per round with the operator declined and used (runs in its own process)."""
+    """One model: the step's ms per round with the operator declined and used (runs in its own process); its
+    scratch (the runs' folders, the revision's build) is removed at the end."""
+    import shutil
     import tempfile
 
+    scratch = Path(tempfile.mkdtemp(prefix="native-toggle-"))
+    try:
+        return _measure(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, scratch: Path) -> dict:
     import torch
 
     from ctr import native
@@ -50,7 +60,7 @@ def measure(args: argparse.Namespace) -> dict:
     real = getattr(native, args.op)
     from step_profile import _applies
 
-    swapped = base_operators(args.against, args.op) if args.against else {}
+    swapped = base_operators(args.against, args.op, scratch / "base") if args.against else {}
 
     own = [s for s in args.set if _applies(args.models, s)]  # each model takes the overrides its config has
     sets = [f"data.batch_size={args.batch_size}", "data.num_workers=0", *own]
@@ -63,8 +73,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     def on_rank(ctx) -> None:  # type: ignore[no-untyped-def]
         torch.set_num_threads(args.threads)
-        run = Path(tempfile.mkdtemp(prefix="native-toggle-"))
-        tr = Training(ctx, Path(args.data), run, {"config": cfg.model_dump()}, cfg, params)
+        (scratch / "run").mkdir(exist_ok=True)
+        tr = Training(ctx, Path(args.data), scratch / "run", {"config": cfg.model_dump()}, cfg, params)
         tr.dmp.train()
         tr.train_loader.set_epoch(0)
         it = iter(tr.train_loader)
@@ -85,15 +95,14 @@ def measure(args: argparse.Namespace) -> dict:
                 out[side].append(round((time.perf_counter() - t0) / args.steps * 1e3, 2))
         setattr(native, args.op, real)
 
-    launch(on_rank, 1, Path(tempfile.mkdtemp(prefix="native-toggle-")))
+    launch(on_rank, 1, scratch / "launch")
     return out
 
 
-def base_operators(against: str, op: str) -> dict:
-    """Build the operator's C++ at a git revision as the ``ctr_native_base`` namespace: {name: (working tree's
-    operator, the revision's)} for every operator its source defines."""
+def base_operators(against: str, op: str, work: Path) -> dict:
+    """Build the operator's C++ at a git revision as the ``ctr_native_base`` namespace, in ``work``: {name: (working
+    tree's operator, the revision's)} for every operator its source defines."""
     import re
-    import tempfile
 
     import torch
     from torch.utils.cpp_extension import load
@@ -107,7 +116,7 @@ def base_operators(against: str, op: str) -> dict:
         done = subprocess.run(["git", "show", f"{rev}:{p}"], cwd=ROOT, capture_output=True, text=True, check=True)
         return done.stdout
 
-    work = Path(tempfile.mkdtemp(prefix="native-base-"))
+    work.mkdir(parents=True, exist_ok=True)
     folder = str(Path(path).parent)
     listed = subprocess.run(["git", "ls-tree", "--name-only", rev, folder + "/"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.split()  # fmt: skip
