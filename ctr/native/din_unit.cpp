@@ -11,8 +11,9 @@
 // pre-activations forward, one gradient block per hidden layer backward. Training keeps each Dice's σ from forward
 // (`keep`), so that backward computes no sigmoid (an exp and a division each: it computed 160 per row of the
 // [80, 40] unit again, beside forward's 120); reading σ back costs less than recomputing it (backward 13.0 -> 11.0
-// ms at 43K rows on 2 threads), for [N, H] more floats per hidden layer held until backward. The first layer runs sample
-// by sample as x_0 = qpart + M_bᵀ k (unit_first_layer.h: half the multiply-adds of a product on [k; q ⊙ k]); the
+// ms at 43K rows on 2 threads), for [N, H] more floats per hidden layer held until backward (as much again as the
+// pre-activations: 480 MB for the [80, 40] unit at `data.max_batch_behaviors`' default of 1M). The first layer runs
+// sample by sample as x_0 = qpart + M_bᵀ k (unit_first_layer.h: half the multiply-adds of a product on [k; q ⊙ k]); the
 // others as BLAS on 256-row blocks, but a hidden layer's input gradient (inner dimension 40) through the same tile.
 //
 // Groups of whole samples (32 about equal ones, `sample_groups`) are the parallel work items: each writes its
