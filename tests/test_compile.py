@@ -89,7 +89,6 @@ def test_a_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", broken)
     # the eager rows on both sides (not ctr.native.din_unit, the same function to float rounding: test_din_unit.py)
     monkeypatch.setattr(native, "din_unit", lambda *args, **kwargs: None)
-    monkeypatch.setattr(native, "din_unit_pooled", lambda *args, **kwargs: None)
     torch.manual_seed(0)
     unit, ref = DinAttention(8, (16, 8), "dice"), DinAttention(8, (16, 8), "dice")
     ref.load_state_dict(unit.state_dict())
@@ -131,7 +130,6 @@ def test_compiled_training_ends_where_eager_training_does(tiny_data, tmp_path, m
     # eager is the rows the compiler compiles, `_rows` (ctr.native.din_unit, the same function to float rounding, is
     # held to it in test_din_unit.py; six Adagrad steps magnify either's rounding past this test's tolerance)
     monkeypatch.setattr(native, "din_unit", lambda *args, **kwargs: None)
-    monkeypatch.setattr(native, "din_unit_pooled", lambda *args, **kwargs: None)
     quick = ["data.num_workers=0", "data.batch_size=128", "train.max_steps=6", "train.validation=false"]
     states = []
     for mode in ("false", "true"):

@@ -198,55 +198,16 @@ def test_backward_needs_the_sigmoids_forward_kept():
     w_kp = att.linears[0].weight[:, 4:12].detach().contiguous()
     alpha, w_out = att.acts[0].alpha.detach(), att.out.weight.detach().reshape(-1).contiguous()
     res = torch.ops.ctr_native.din_unit_forward(keys, flat, query, rows, qpart, w_kp, [], [], [alpha], w_out, 0.0,
-                                                [], [], 1e-8, True, False)  # fmt: skip
+                                                [], [], 1e-8, True)  # fmt: skip
     pre, mean, invstd, sig = res[1:2], res[2:3], res[3:4], res[5:6]
     assert sig[0].shape == (4, 8) and bool(((sig[0] > 0) & (sig[0] < 1)).all())
     grad = torch.randn(4)
     args = (grad, keys, flat, query, rows, w_kp, [], [alpha], w_out, pre, mean, invstd)
-    none = torch.empty(0)
-    torch.ops.ctr_native.din_unit_backward(*args, sig, none, none)
+    torch.ops.ctr_native.din_unit_backward(*args, sig)
     with pytest.raises(RuntimeError, match="keep = true"):
-        torch.ops.ctr_native.din_unit_backward(*args, [], none, none)
+        torch.ops.ctr_native.din_unit_backward(*args, [])
     with pytest.raises(RuntimeError, match="saved rows"):
-        torch.ops.ctr_native.din_unit_backward(*args, [sig[0][:3]], none, none)
-    with pytest.raises(RuntimeError, match=r"grad_pooled must be \[B, D\]"):
-        torch.ops.ctr_native.din_unit_backward(*args, sig, res[0], torch.randn(3, 4))
+        torch.ops.ctr_native.din_unit_backward(*args, [sig[0][:3]])
     no_keep = torch.ops.ctr_native.din_unit_forward(keys, flat, query, rows, qpart, w_kp, [], [], [alpha], w_out, 0.0,
-                                                    [], [], 1e-8, False, False)  # fmt: skip
+                                                    [], [], 1e-8, False)  # fmt: skip
     assert len(no_keep) == 5 and torch.equal(no_keep[0], res[0])  # evaluation keeps nothing, same scores
-
-
-@pytest.mark.parametrize("use_weights", [False, True])
-def test_the_pooling_in_the_unit_is_the_unit_then_weighted_pool(monkeypatch, use_weights):
-    """`forward_rows` with the keys as values pools in the unit's own passes (`din_unit_pooled`): the same pooled
-    rows, scores, every gradient (with the scores in the loss too, and without) and running statistics as the unit
-    followed by `weighted_pool`; in evaluation too."""
-    att, _ = _pair((80, 40), 8, seed=12)
-    mask = _mask(70, 30, seed=12)
-    flat = mask.reshape(-1).nonzero().squeeze(1)
-    rows = torch.div(flat, 30, rounding_mode="floor")
-    keys, query = torch.randn(70 * 30, 8), torch.randn(70, 8)
-    g, gw = torch.randn(70, 8), torch.randn(flat.numel())
-    calls = []
-    real = native.din_unit_pooled
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    def run(fused):
-        monkeypatch.setattr(native, "din_unit_pooled", counted if fused else (lambda *a, **k: None))
-        m = copy.deepcopy(att)
-        k, q = keys.clone().requires_grad_(), query.clone().requires_grad_()
-        pooled, weights = m.forward_rows(q, k, flat, rows)
-        loss = (pooled * g).sum() + ((weights * gw).sum() if use_weights else 0.0)
-        loss.backward()
-        m.eval()
-        with torch.no_grad():
-            evaluated = m.forward_rows(query, keys, flat, rows)
-        return [pooled, weights, k.grad, q.grad, *(p.grad for p in m.parameters()), *m.buffers(), *evaluated]
-
-    fused, unfused = run(True), run(False)
-    assert len(calls) == 2  # training and evaluation
-    for i, (a, b) in enumerate(zip(fused, unfused, strict=True)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=str(i))

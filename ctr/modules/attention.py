@@ -160,21 +160,6 @@ class DinAttention(nn.Module):
             return self._run_compiled(q_part, q, k, w_kp)
         return self._rows(q_part, q, k, w_kp)
 
-    def _pooled_rows(
-        self, query: torch.Tensor, keys: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(pooled [B, D], raw scores [N]) with the keys as values, from `native.din_unit_pooled`; None where it
-        does not apply (the caller pools the scores itself)."""
-        compiled = self._compiled_rows is not None and self.training and torch.is_grad_enabled()
-        if self.activation != "dice" or compiled or flat.numel() == 0:
-            return None
-        d, first = keys.shape[1], self.linears[0]
-        w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
-        q_share = F.linear(query, w_q + w_d, first.bias)
-        w_kp = torch.cat([w_k - w_d, w_p], dim=1)
-        res = native.din_unit_pooled(keys, flat, query, rows, q_share, w_kp, self.linears[1:], self.acts, self.out)
-        return None if res is None else (res[1], res[0])
-
     def _rows(self, q_part: torch.Tensor, q: torch.Tensor, k: torch.Tensor, w_kp: torch.Tensor) -> torch.Tensor:
         """The unit from the first layer's behavior share on: gathered rows [N, ...] -> scores [N]."""
         x = self.acts[0](torch.addmm(q_part, torch.cat([k, q * k], dim=-1), w_kp.t()))
@@ -232,10 +217,6 @@ class DinAttention(nn.Module):
         or each sample's tail) the zero-filled ``[B, L, D]`` copy, its read-back in the backward and the padded
         positions' share of the pooling are skipped. A sample without rows pools to zeros."""
         b = query.shape[0]
-        if (values is None or values is keys) and not self.softmax:
-            fused = self._pooled_rows(query, keys, flat, rows)
-            if fused is not None:  # the unit and its pooling in the same passes (din_unit.cpp's `pool`)
-                return fused
         s = self.scores_rows(query, keys, flat, rows)
         weights = segment_softmax(s * self.scale, rows, b) if self.softmax else s
         v = keys if values is None else values

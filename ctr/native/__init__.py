@@ -496,6 +496,5 @@ def main() -> None:
 
 
 from .activation_unit import din_unit as din_unit  # noqa: E402  (these use `applies` above)
-from .activation_unit import din_unit_pooled as din_unit_pooled  # noqa: E402
 from .activation_unit import weighted_pool as weighted_pool  # noqa: E402
 from .attention_rows import attention_rows as attention_rows  # noqa: E402

@@ -19,32 +19,29 @@ from . import applies
 
 
 class _DinUnit(torch.autograd.Function):
-    """The scores [N] (and with ``pool`` the pooled keys [B, D]), computed by `din_unit_forward` before the call
-    (``pack``: its outputs), with their backward: gradients for the keys (all M rows, zero where unread), the
-    queries, the first layer's per-sample share ``qpart``, every weight, bias and Dice's α."""
+    """The scores [N], computed by `din_unit_forward` before the call (``pack``: its outputs), with their backward:
+    gradients for the keys (all M rows, zero where unread), the queries, the first layer's per-sample share
+    ``qpart``, every weight, bias and Dice's α."""
 
     @staticmethod
     def forward(ctx, pack, flat, rows, layers, keys, query, qpart, w1, w_out, b_out, *rest):  # type: ignore[no-untyped-def]
         ws, alphas = rest[: layers - 1], rest[2 * layers - 2 :]
-        scores, pre, mean, invstd, sig, pooled = pack
-        kept = [scores] if pooled is not None else []  # the pooling's backward reads the scores
-        ctx.save_for_backward(keys, flat, query, rows, w1, w_out, *ws, *alphas, *pre, *mean, *invstd, *sig, *kept)
-        ctx.layers, ctx.b_shape, ctx.pooled = layers, b_out.shape, pooled is not None
-        return scores if pooled is None else (scores, pooled)
+        scores, pre, mean, invstd, sig = pack
+        ctx.save_for_backward(keys, flat, query, rows, w1, w_out, *ws, *alphas, *pre, *mean, *invstd, *sig)
+        ctx.layers, ctx.b_shape = layers, b_out.shape
+        return scores
 
     @staticmethod
-    def backward(ctx, grad, grad_pooled=None):  # type: ignore[no-untyped-def]
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
         layers = ctx.layers
         keys, flat, query, rows, w1, w_out, *rest = ctx.saved_tensors
         ws, alphas = rest[: layers - 1], rest[layers - 1 : 2 * layers - 1]
         pre, mean, invstd, sig = (
             rest[2 * layers - 1 + i * layers : 2 * layers - 1 + (i + 1) * layers] for i in range(4)
         )
-        none = keys.new_empty(0)
-        scores, grad_pooled = (rest[-1], grad_pooled.contiguous()) if ctx.pooled else (none, none)
         g = torch.ops.ctr_native.din_unit_backward(
             grad.contiguous(), keys, flat, query, rows, w1, list(ws), list(alphas), w_out, list(pre), list(mean),
-            list(invstd), list(sig), scores, grad_pooled,
+            list(invstd), list(sig),
         )  # fmt: skip
         gkeys, gquery, gqpart, gw1 = g[:4]
         gws, gbs = g[4 : 3 + layers], g[3 + layers : 2 + 2 * layers]
@@ -82,44 +79,7 @@ def din_unit(
     dices: Sequence[nn.Module],
     out: nn.Linear,
 ) -> torch.Tensor | None:
-    """The unit's scores [N] natively, or None where the caller must run its eager form (`_unit`)."""
-    res = _unit(keys, flat, query, rows, qpart, w_kp, linears, dices, out, pool=False)
-    return None if res is None else res[0]
-
-
-def din_unit_pooled(
-    keys: torch.Tensor,
-    flat: torch.Tensor,
-    query: torch.Tensor,
-    rows: torch.Tensor,
-    qpart: torch.Tensor,
-    w_kp: torch.Tensor,
-    linears: Sequence[nn.Linear],
-    dices: Sequence[nn.Module],
-    out: nn.Linear,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`din_unit` with DIN's pooling where the values are the keys: (scores [N], pooled [B, D] with ``pooled[b] =
-    Σ_{i: rows_i = b} s_i keys[flat_i]``), the sum made in the unit's last pass and its gradient in the backward's
-    (no pass of `weighted_pool` each way, and one gradient block for the keys instead of two to add); None where
-    `din_unit` declines."""
-    res = _unit(keys, flat, query, rows, qpart, w_kp, linears, dices, out, pool=True)
-    return None if res is None else (res[0], res[1])
-
-
-def _unit(
-    keys: torch.Tensor,
-    flat: torch.Tensor,
-    query: torch.Tensor,
-    rows: torch.Tensor,
-    qpart: torch.Tensor,
-    w_kp: torch.Tensor,
-    linears: Sequence[nn.Linear],
-    dices: Sequence[nn.Module],
-    out: nn.Linear,
-    pool: bool,
-) -> tuple[torch.Tensor, ...] | None:
-    """The unit natively: (scores [N],) or with ``pool`` (scores, pooled [B, D]); None where the caller must run
-    its eager form.
+    """The unit's scores [N] natively, or None where the caller must run its eager form.
 
     ``keys [M, D]`` (a padded block's rows), ``flat [N]`` the real rows' positions in it (increasing), ``rows [N]``
     their samples (nondecreasing), ``query [B, D]``, ``qpart [B, H_1]`` the first layer's per-sample share with its
@@ -161,20 +121,17 @@ def _unit(
             )
         res = torch.ops.ctr_native.din_unit_forward(
             keys, flat, query, rows, qpart, w_kp, [w.detach() for w in ws], [b.detach() for b in bs],
-            [a.detach() for a in alphas], w_out.detach().contiguous(), float(out.bias), *stats, eps, grad, pool,
+            [a.detach() for a in alphas], w_out.detach().contiguous(), float(out.bias), *stats, eps, grad,
         )  # fmt: skip
-        pooled = res[-1] if pool else None
-        res = res[:-1] if pool else res
         scores, pre = res[0], res[1 : 1 + layers]
         mean, invstd = res[1 + layers : 1 + 2 * layers], res[1 + 2 * layers : 1 + 3 * layers]
         var, sig = res[1 + 3 * layers : 1 + 4 * layers], res[1 + 4 * layers :]  # sig: each Dice's σ (with grad)
         if training:
             _update_running(norms, mean, var, n)
     if not grad:
-        return (scores,) if pooled is None else (scores, pooled)
-    pack = (scores, pre, mean, invstd, sig, pooled)
-    res = _DinUnit.apply(pack, flat, rows, layers, keys, query, qpart, w_kp, w_out, out.bias, *ws, *bs, *alphas)
-    return (res,) if pooled is None else tuple(res)
+        return scores
+    pack = (scores, pre, mean, invstd, sig)
+    return _DinUnit.apply(pack, flat, rows, layers, keys, query, qpart, w_kp, w_out, out.bias, *ws, *bs, *alphas)
 
 
 def _update_running(

@@ -20,8 +20,6 @@
 // samples' gradients of qpart and the queries alone, and the column sums and weight gradients are added group by
 // group in order, so the result does not depend on the thread count. `flat` must be strictly increasing and `rows`
 // nondecreasing (the real positions of a row-major [B, L] mask, as `DinAttention.scores` builds them).
-// With `pool` the forward also sums each sample's key rows weighted by their scores (DIN's pooling where the values
-// are the keys, `weighted_pool`'s work without its own passes) and backward takes that sum's gradient.
 // tests/test_din_unit.py holds the scores, every gradient and the running statistics to the eager module's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -71,27 +69,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, opt);
   if (beta == 0.0f) cm.zero_();
   cm.addmm_(ta ? am.t() : am, tb ? bm.t() : bm, beta == 0.0f ? 1.0f : beta, alpha);
-}
-
-// the pooling fused after the scores (forward's `pool`): pooled[rows_i] += s_i keys[flat_i] for a block's rows, each
-// sample's rows in order (a sample lies in one group, so in one thread's rows): `weighted_pool`'s sum on the keys
-inline void pool_rows(const float* s, const float* kp, const int64_t* fp, const int64_t* rp, int64_t nb, int64_t d,
-                      float* pooled) {
-  for (int64_t i = 0; i < nb; ++i) {
-    float* __restrict o = pooled + rp[i] * d;
-    const float* __restrict k = kp + fp[i] * d;
-    const float sv = s[i];
-    for (int64_t j = 0; j < d; ++j) o[j] += sv * k[j];
-  }
-}
-
-// its gradient's share of the key rows one sample's block just wrote: gkrow[i] += s_i grad_pooled[b]
-inline void pool_grad_rows(const float* s, const float* __restrict gb, float* const* gkrow, int64_t nb, int64_t d) {
-  for (int64_t i = 0; i < nb; ++i) {
-    float* __restrict o = gkrow[i];
-    const float sv = s[i];
-    for (int64_t j = 0; j < d; ++j) o[j] += sv * gb[j];
-  }
 }
 
 // group boundaries: the first sample change at or after each of kGroups equal shares of the rows. The groups depend on
@@ -181,7 +158,7 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
                                          const at::Tensor& rows, const at::Tensor& qpart, const at::Tensor& w1,
                                          at::TensorList ws, at::TensorList bs, at::TensorList alphas,
                                          const at::Tensor& w_out, double b_out, at::TensorList means,
-                                         at::TensorList invstds, double eps, bool keep, bool pool) {
+                                         at::TensorList invstds, double eps, bool keep) {
   using namespace din_unit_impl;
   const Shapes s = check_inputs(keys, flat, query, rows, w1, ws, alphas, w_out);
   const int64_t n = s.n, d = s.d, layers = static_cast<int64_t>(s.h.size());
@@ -199,8 +176,6 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
     for (int64_t l = 0; l < layers; ++l) sig.push_back(at::empty({n, s.h[l]}, opt));
   }
   at::Tensor scores = at::empty({n}, opt);
-  at::Tensor pooled = pool ? at::zeros({s.b, d}, opt) : at::Tensor();
-  float* pop = pool ? pooled.data_ptr<float>() : nullptr;
   const std::vector<int64_t> bounds = sample_groups(rows.data_ptr<int64_t>(), n);
   const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
   const float *kp = keys.data_ptr<float>(), *qp = query.data_ptr<float>(), *qpp = qpart.data_ptr<float>(),
@@ -239,7 +214,6 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
               for (int64_t i = 0; i < nb; ++i) {
                 out[i] = static_cast<float>(b_out) + ctr_native::dot(in.data() + i * hin, w, hin);
               }
-              if (pop != nullptr) pool_rows(out, kp, fp + r0, rp + r0, nb, d, pop);
               continue;
             }
             float* x = pre[l].data_ptr<float>() + r0 * hout;
@@ -274,7 +248,6 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
   }
   std::vector<at::Tensor> out{scores};
   for (auto* v : {&pre, &mean, &invstd, &var, &sig}) out.insert(out.end(), v->begin(), v->end());
-  if (pool) out.push_back(pooled);
   return out;
 }
 
@@ -284,8 +257,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
                                           const at::Tensor& query, const at::Tensor& rows, const at::Tensor& w1,
                                           at::TensorList ws, at::TensorList alphas, const at::Tensor& w_out,
                                           at::TensorList pre, at::TensorList mean, at::TensorList invstd,
-                                          at::TensorList sig, const at::Tensor& scores,
-                                          const at::Tensor& grad_pooled) {
+                                          at::TensorList sig) {
   using namespace din_unit_impl;
   const Shapes s = check_inputs(keys, flat, query, rows, w1, ws, alphas, w_out);
   const int64_t n = s.n, d = s.d, layers = static_cast<int64_t>(s.h.size());
@@ -308,25 +280,6 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   const float *kp = keys.data_ptr<float>(), *qp = query.data_ptr<float>(), *gp = grad.data_ptr<float>(),
               *wo = w_out.data_ptr<float>();
   const int64_t *fp = flat.data_ptr<int64_t>(), *rp = rows.data_ptr<int64_t>();
-  // the pooling's gradient (forward's `pool`): each score's gradient gains <grad_pooled[b], keys[flat_i]>, and each
-  // key row read s_i grad_pooled[b] (added in the first layer's pass below)
-  const bool pooled = grad_pooled.numel() > 0;
-  const float *gpp = nullptr, *sp = nullptr;
-  at::Tensor grad_scores;
-  if (pooled) {
-    check_float(grad_pooled, 2, "grad_pooled");
-    check_float(scores, 1, "scores");
-    TORCH_CHECK(grad_pooled.size(0) == s.b && grad_pooled.size(1) == d && scores.size(0) == n,
-                "ctr_native din_unit: grad_pooled must be [B, D] and scores [N]");
-    gpp = grad_pooled.data_ptr<float>();
-    sp = scores.data_ptr<float>();
-    grad_scores = at::empty({n}, opt);
-    float* gs = grad_scores.data_ptr<float>();
-    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) gs[i] = gp[i] + ctr_native::dot(gpp + rp[i] * d, kp + fp[i] * d, d);
-    });
-    gp = gs;
-  }
   const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
 
   // the last hidden layer's Dice sums, its gradient being grad ⊗ w_out, with w_out's and b_out's gradients
@@ -461,7 +414,6 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
             }
             unit_first_layer::backward(nb, krow.data(), gkrow.data(), dx.data(), mt.data(), wpt.data(), qp + b * d,
                                        d, h0, pk, pw, gq + b * d);
-            if (pooled) pool_grad_rows(sp + r0, gpp + b * d, gkrow.data(), nb, d);
           }
         }
       }
@@ -482,13 +434,11 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
 TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
   m.def(
       "din_unit_forward(Tensor keys, Tensor flat, Tensor query, Tensor rows, Tensor qpart, Tensor w1, Tensor[] ws, "
-      "Tensor[] bs, Tensor[] alphas, Tensor w_out, float b_out, Tensor[] means, Tensor[] invstds, float eps, bool keep, "
-      "bool pool) "
+      "Tensor[] bs, Tensor[] alphas, Tensor w_out, float b_out, Tensor[] means, Tensor[] invstds, float eps, bool keep) "
       "-> Tensor[]");
   m.def(
       "din_unit_backward(Tensor grad, Tensor keys, Tensor flat, Tensor query, Tensor rows, Tensor w1, Tensor[] ws, "
-      "Tensor[] alphas, Tensor w_out, Tensor[] pre, Tensor[] mean, Tensor[] invstd, Tensor[] sig, Tensor scores, "
-      "Tensor grad_pooled) -> Tensor[]");
+      "Tensor[] alphas, Tensor w_out, Tensor[] pre, Tensor[] mean, Tensor[] invstd, Tensor[] sig) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {
