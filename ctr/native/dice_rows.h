@@ -47,26 +47,6 @@ inline void dice_from_p_row(const float* __restrict x, const float* __restrict a
   for (int64_t j = 0; j < h; ++j) y[j] = x[j] * (a[j] + (1.0f - a[j]) * p[j]);
 }
 
-// the last hidden layer's row for backward: its gradient is g = gs w_out; gw_out += gs y, Dice's sums as below, and
-// the row's A (`dice_sums_a_row`) into ar
-inline void last_sums_row(const float* __restrict x, const float* __restrict p, float gs, const float* __restrict wo,
-                          const float* __restrict a, const float* __restrict m, const float* __restrict is,
-                          float* __restrict gwo, float* __restrict ga, float* __restrict s1, float* __restrict s2,
-                          float* __restrict ar, int64_t h) {
-  for (int64_t j = 0; j < h; ++j) {
-    const float xh = (x[j] - m[j]) * is[j];
-    const float f = a[j] + (1.0f - a[j]) * p[j];
-    gwo[j] += gs * x[j] * f;
-    const float g = gs * wo[j];
-    const float t = g * x[j];
-    ga[j] += t * (1.0f - p[j]);
-    const float gxh = t * (1.0f - a[j]) * p[j] * (1.0f - p[j]);
-    s1[j] += gxh;
-    s2[j] += gxh * xh;
-    ar[j] = g * f + is[j] * gxh;
-  }
-}
-
 // Dice's backward sums with σ already computed (p), and the row's share of its input gradient that needs no batch
 // sums, written over g: dx = A − invstd (m1 + x_hat m2) with A = g (α + (1 − α) p) + invstd g_xhat (`dice_dx_row`
 // split in two), so that the pass after the sums (`dx_from_a_row`) needs no σ again
@@ -82,6 +62,19 @@ inline void dice_sums_a_row(const float* __restrict x, float* __restrict g, cons
     s2[j] += gxh * xh;
     g[j] = g[j] * (a[j] + (1.0f - a[j]) * p[j]) + is[j] * gxh;
   }
+}
+
+// the last hidden layer's row for backward: its gradient is g = gs w_out; gw_out += gs y, and Dice's sums and the
+// row's A (`dice_sums_a_row`) into ar
+inline void last_sums_row(const float* __restrict x, const float* __restrict p, float gs, const float* __restrict wo,
+                          const float* __restrict a, const float* __restrict m, const float* __restrict is,
+                          float* __restrict gwo, float* __restrict ga, float* __restrict s1, float* __restrict s2,
+                          float* __restrict ar, int64_t h) {
+  for (int64_t j = 0; j < h; ++j) {
+    gwo[j] += gs * x[j] * (a[j] + (1.0f - a[j]) * p[j]);
+    ar[j] = gs * wo[j];
+  }
+  dice_sums_a_row(x, ar, p, a, m, is, ga, s1, s2, h);
 }
 
 // dx = A − invstd (m1 + x_hat m2), A from `dice_sums_a_row`

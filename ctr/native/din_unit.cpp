@@ -329,8 +329,8 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
     const int64_t width = ho + 3 * hi;  // gb and Dice_{l-1}'s ga, s1, s2
     std::vector<float> part_w(static_cast<size_t>(groups * ho * hi), 0.0f);  // gW, accumulated by the products
     std::vector<double> part(static_cast<size_t>(groups * width), 0.0);
-    const float *x = pre[l].data_ptr<float>(), *a = alphas[l].data_ptr<float>(), *mp = mean[l].data_ptr<float>(),
-                *ip = invstd[l].data_ptr<float>(), *m1p = m1[l].data_ptr<float>(), *m2p = m2[l].data_ptr<float>();
+    const float *x = pre[l].data_ptr<float>(), *mp = mean[l].data_ptr<float>(), *ip = invstd[l].data_ptr<float>(),
+                *m1p = m1[l].data_ptr<float>(), *m2p = m2[l].data_ptr<float>();
     const float *xp = pre[l - 1].data_ptr<float>(), *ap = alphas[l - 1].data_ptr<float>(),
                 *mpp = mean[l - 1].data_ptr<float>(), *ipp = invstd[l - 1].data_ptr<float>(),
                 *spp = sig[l - 1].data_ptr<float>();
@@ -386,8 +386,8 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
     std::vector<float> wpt(static_cast<size_t>(d * hp));
     unit_first_layer::transpose_weights(w1.data_ptr<float>(), h0, d, nullptr, wpt.data());
     std::vector<float> part_k(static_cast<size_t>(groups * d * hp), 0.0f), part_p(part_k.size(), 0.0f);
-    const float *x = pre[0].data_ptr<float>(), *a = alphas[0].data_ptr<float>(), *mp = mean[0].data_ptr<float>(),
-                *ip = invstd[0].data_ptr<float>(), *m1p = m1[0].data_ptr<float>(), *m2p = m2[0].data_ptr<float>();
+    const float *x = pre[0].data_ptr<float>(), *mp = mean[0].data_ptr<float>(), *ip = invstd[0].data_ptr<float>(),
+                *m1p = m1[0].data_ptr<float>(), *m2p = m2[0].data_ptr<float>();
     const float* w = w1.data_ptr<float>();
     const float* gyp = gy.data_ptr<float>();
     float *gk = gkeys.data_ptr<float>(), *gq = gquery.data_ptr<float>(), *gqp = gqpart.data_ptr<float>();
