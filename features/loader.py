@@ -213,23 +213,30 @@ class BatchAssembler:
                 f"sample of user_idx {users[bad]} has hist_len {hist_len[bad]} > its {avail[bad]} stored behaviors; "
                 "the sample index and the sequence store come from different builds: rebuild the dataset"
             )
+        plain: list[tuple[SequenceView, np.ndarray]] = []  # views read from the store so far, with their lengths
         for v in self.views:
             if v.clusters:  # virtual items: each a row of the store (a cluster's representative or a behavior)
                 idx, size, gap, n = self.cluster_store.view(users, base, hist_len, cols["ts"], store.ts, v.length)
                 out[f"{v.name}_size"] = size
+                item, cate = np.asarray(store.item_idx[idx]), np.asarray(store.cate_idx[idx])
+                btype = self._btype(idx) if v.btype else None
             else:
                 n = np.minimum(hist_len, v.length)
-                idx = ragged_ranges(base + hist_len - n, n)
-                gap = np.repeat(cols["ts"], n) - np.asarray(store.ts[idx])
-            item = np.asarray(store.item_idx[idx])
+                src = next(((s, sn) for s, sn in plain if s.length >= v.length and (s.btype or not v.btype)), None)
+                if src is not None:  # the tail of a longer view already read: the same behaviors, not read again
+                    item, cate, gap, btype = self._tail(out, *src, n, v.btype)
+                else:
+                    idx = ragged_ranges(base + hist_len - n, n)
+                    gap = np.repeat(cols["ts"], n) - np.asarray(store.ts[idx])
+                    item, cate = np.asarray(store.item_idx[idx]), np.asarray(store.cate_idx[idx])
+                    btype = self._btype(idx) if v.btype else None
+                plain.append((v, n))
             out[f"{v.name}_item"] = item
-            out[f"{v.name}_cate"] = np.asarray(store.cate_idx[idx])
+            out[f"{v.name}_cate"] = cate
             out[f"{v.name}_lengths"] = n.astype(np.int32)
             out[f"{v.name}_ts_gap"] = gap
-            if v.btype:
-                out[f"{v.name}_btype"] = (
-                    np.asarray(store.btype[idx]) if store.btype is not None else np.zeros(len(idx), np.int8)
-                )
+            if btype is not None:
+                out[f"{v.name}_btype"] = btype
             if v.negatives:
                 if self.sample_negatives:
                     neg = self.negatives(item, n, rng)
@@ -239,6 +246,28 @@ class BatchAssembler:
                 out[f"{v.name}_neg_item"] = neg
                 out[f"{v.name}_neg_cate"] = self.item_cate[neg]
         return out
+
+    def _btype(self, idx: np.ndarray) -> np.ndarray:
+        """The behavior types of store rows `idx` (zeros where the dataset has none)."""
+        btype = self.store.btype
+        return np.asarray(btype[idx]) if btype is not None else np.zeros(len(idx), np.int8)
+
+    @staticmethod
+    def _tail(
+        out: dict[str, np.ndarray], src: SequenceView, src_n: np.ndarray, n: np.ndarray, with_btype: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """A view's item, cate, ts_gap (and btype) as the last `n` of each sample's rows of the longer plain view
+        `src` (lengths `src_n`): both are the last behaviors strictly before the sample, so a view of length S <= L
+        is the tail of the view of length L. Where every sample's slice is the whole of `src`'s (S = L, or no prefix
+        longer than S), the arrays are `src`'s own: the collator and the models only read them."""
+        cols = [out[f"{src.name}_{c}"] for c in ("item", "cate", "ts_gap")]
+        if with_btype:
+            cols.append(out[f"{src.name}_btype"])
+        if not np.array_equal(n, src_n):
+            ends = np.cumsum(src_n)
+            at = ragged_ranges(ends - n, n)
+            cols = [c[at] for c in cols]
+        return cols[0], cols[1], cols[2], cols[3] if with_btype else None
 
 
 NEGATIVE_ROUNDS = 8  # redraws of a sampled negative that is one of the sample's window items

@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from features.loader import (
     DatasetInfo,
@@ -79,6 +80,38 @@ def test_views_are_exact_strictly_before_prefixes(tiny_data):
         assert long.values()[l_off[j] : l_off[j + 1]].tolist() == before
         assert hist.values()[h_off[j] : h_off[j + 1]].tolist() == before[-20:]
         assert int(batch.dense["hist_lengths"][j]) == min(20, len(before))
+
+
+def test_a_view_read_as_the_tail_of_a_longer_one_is_the_view_read_alone(tiny_data):
+    """A view no longer than one read before it is taken from that view's rows (not read from the store again): the
+    same items, categories, gaps, types and lengths as the view read on its own, for a shorter view, one of the same
+    length, and one with behavior types after a view without them (read from the store)."""
+    info = DatasetInfo.load(tiny_data)
+    views = (
+        SequenceView("long", 30),
+        SequenceView("short", 7),
+        SequenceView("same", 30),
+        SequenceView("typed", 5, btype=True),
+        SequenceView("short_typed", 3, btype=True),
+    )
+
+    def batches(vs: tuple[SequenceView, ...]) -> list:
+        cfg = LoaderConfig(batch_size=128, views=vs, shuffle=False)
+        return list(SplitLoader(info, "train", cfg, sparse_feature_names(vs, info.context_columns)))
+
+    together = batches(views)
+    assert sum(b.size for b in together) > 500
+    for v in views:
+        alone = batches((v,))
+        assert len(alone) == len(together)
+        for a, b in zip(alone, together, strict=True):
+            for f in (f"{v.name}_item", f"{v.name}_cate"):
+                assert torch.equal(a.sparse[f].values(), b.sparse[f].values())
+                assert torch.equal(a.sparse[f].lengths(), b.sparse[f].lengths())
+            for k in a.dense:
+                assert torch.equal(a.dense[k], b.dense[k]), (v.name, k)
+    gaps = together[0].dense
+    assert torch.equal(gaps["same_ts_gap"], gaps["long_ts_gap"]) and (gaps["short_ts_gap"] > 0).all()
 
 
 def test_negatives_differ_from_positives(tiny_data):
