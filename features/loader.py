@@ -10,7 +10,9 @@ A *view* is a named slice of the prefix: `hist` (the last 50 for DIN), `short` (
 up to max_len for a GSU). Each view gives jagged `<view>_item` / `<view>_cate` (and optionally sampled negatives
 `<view>_neg_item` / `<view>_neg_cate` for DIEN's auxiliary loss) as KeyedJaggedTensor features, plus the jagged
 `<view>_ts_gap` (sample ts minus behavior ts, seconds, > 0) and `<view>_lengths` as dense tensors. Behaviors are
-oldest first inside each jagged row (the newest is last).
+oldest first inside each jagged row (the newest is last). A view no longer than one already read (the `short`
+window beside the `long` prefix) is taken as that view's tail rather than read from the store again: the same
+behaviors, one gather fewer.
 
 Order and sharding. A split is a list of row groups ("units"). Training shuffles the units with a seed and the
 epoch; the epoch's row order is the concatenation of the (shuffled) units. Rank r of W takes the contiguous rows

@@ -16,6 +16,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     WeightDecayMode,
 )
 
+from ctr import native
 from ctr.train import cpu_tables
 
 DIM = 8
@@ -92,6 +93,34 @@ def test_the_distinct_rows_order_changes_no_value(optimizer, monkeypatch):
         tbes.append(tbe)
     assert torch.equal(tbes[0].weights_host, tbes[1].weights_host)
     assert torch.equal(tbes[0].momentum1_host, tbes[1].momentum1_host)
+
+
+@pytest.mark.parametrize("optimizer", [OptimType.EXACT_ADAGRAD, OptimType.EXACT_ROWWISE_ADAGRAD, OptimType.ADAM])
+def test_momentum_rows_placed_by_lookup_are_the_weights_rows(optimizer, monkeypatch):
+    """Where the momentum lies where the weights do (every TBE here) the update reads its rows as the distinct
+    weight rows; placing them look-up by look-up (the general path) gives the same weights and states bit for bit."""
+    hosts = []
+    for shortcut in (True, False):
+        with monkeypatch.context() as m:
+            if not shortcut:
+                init = cpu_tables._Rows.__init__
+
+                def general(self, *a, _init=init, **kw):  # type: ignore[no-untyped-def]
+                    _init(self, *a, **kw)
+                    assert self.same_rows
+                    self.same_rows = False
+
+                m.setattr(cpu_tables._Rows, "__init__", general)
+            tbe = _adam_tbe() if optimizer == OptimType.ADAM else _tbe(optimizer)
+            assert cpu_tables.install_tbe(tbe)
+            for step in range(4):
+                indices, offsets = _batch(step)
+                grad = torch.randn(int(offsets[-1]), DIM, generator=torch.Generator().manual_seed(100 + step))
+                tbe(indices, offsets).backward(grad)
+        hosts.append([t.clone() for t in (tbe.weights_host, tbe.momentum1_host, getattr(tbe, "momentum2_host", None))
+                      if t is not None])  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(*hosts, strict=True))
+    assert not torch.equal(hosts[0][0], _tbe(OptimType.EXACT_SGD).weights_host)
 
 
 def test_the_native_adagrad_update_is_the_eager_one_on_any_thread_count():
@@ -193,13 +222,52 @@ def test_evaluation_and_unsupported_tables():
     assert cpu_tables.supported(_tbe(OptimType.EXACT_ADAGRAD, output_dtype=SparseType.FP16)) is None
 
 
-def test_an_index_outside_its_table_is_a_clear_error():
+@pytest.mark.parametrize("native_on", [True, False])
+def test_an_index_outside_its_table_is_a_clear_error(native_on, monkeypatch):
+    monkeypatch.setattr(native, "_use", native_on)
     ours = _tbe(OptimType.EXACT_ADAGRAD)
     cpu_tables.install_tbe(ours)
     indices, offsets = _batch(0)
     indices[-1] = ROWS[1]  # the last look-up is feature 2's, into table 1
     with pytest.raises(IndexError, match=r"index 7 of feature #2 .* outside its table of 7 rows"):
         ours(indices, offsets)
+    indices, offsets = _batch(2)
+    indices[3] = -1  # feature 0's, the first bad one of two
+    indices[-1] = ROWS[1]
+    with pytest.raises(IndexError, match=r"index -1 of feature #0 \(position 3 "):
+        ours(indices, offsets)
+
+
+@pytest.mark.parametrize("optimizer", [OptimType.EXACT_ADAGRAD, OptimType.EXACT_ROWWISE_ADAGRAD, OptimType.EXACT_SGD])
+def test_the_lookups_places_are_the_same_natively_and_eager(optimizer, monkeypatch):
+    """`native.lookup_rows` (one pass) places every look-up where the eager form does, in the weights and in the
+    momentum (per weight, per row, none), with an empty feature at step 1."""
+    assert native.available()
+    tbe = _tbe(optimizer)
+    name = cpu_tables.supported(tbe)
+    for step in range(3):
+        indices, offsets = _batch(step)
+        native_rows = cpu_tables._Rows(tbe, name, indices, offsets)
+        monkeypatch.setattr(native, "_use", False)
+        eager = cpu_tables._Rows(tbe, name, indices, offsets)
+        monkeypatch.setattr(native, "_use", True)
+        assert torch.equal(native_rows.weight, eager.weight) and torch.equal(native_rows.momentum, eager.momentum)
+        assert native_rows.weight.numel() == int(offsets[-1])
+    # the op alone, with bases that differ between the weights and the momentum (they coincide in the TBEs above)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 9, 3])
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    table_rows, w_base, m_base = torch.tensor([4, 6, 8, 2]), torch.tensor([0, 4, 10, 18]), torch.tensor([3, 1, 7, 0])
+    parts = [torch.randint(0, int(r), (int(c),), generator=g) for r, c in zip(table_rows, counts, strict=True)]
+    indices = torch.cat(parts)
+    weight, momentum, bad = native.lookup_rows(indices, bounds, table_rows, w_base, m_base)
+    assert bad == -1
+    assert torch.equal(weight, indices + w_base.repeat_interleave(counts))
+    assert torch.equal(momentum, indices + m_base.repeat_interleave(counts))
+    for pos, value in ((7, 8), (16, -2), (0, 4)):  # feature 2's upper edge, feature 3 below 0, feature 0's edge
+        wrong = indices.clone()
+        wrong[pos] = value
+        assert native.lookup_rows(wrong, bounds, table_rows, w_base, m_base)[2] == pos
 
 
 @pytest.mark.parametrize(("model", "nproc"), [("dien", 1), ("sum_pool", 2)])

@@ -6,8 +6,9 @@ a time (`gru_scan.cpp`, `ctr.modules.gru_scan`); the soft search's relevance-wei
 match (`simhash.cpp`, `ctr.modules.hashing`); masked multi-head target attention over a sample's slots
 (`target_attention.cpp`: SIM's, R2LED's and TWIN's ESUs, the ``mhta`` short branch) and over jagged rows
 (`attention_rows.cpp`, `attention_rows` here: TWIN's and ETA's ESUs at `fits_k`); TWIN-V2's hierarchical k-means of
-a history block (`kmeans_tree.cpp`, `pipelines.cluster`); the sum of rows by index, the backward of every row gather
-and the sparse update's per-row sum (`index_add.cpp`, `gather_rows`, `index_add_rows`); DIN's activation unit with
+a history block (`kmeans_tree.cpp`, `pipelines.cluster`); the sum of rows by index, the backward of every row gather,
+the sparse update's per-row sum and its look-ups' places (`index_add.cpp`, `gather_rows`, `index_add_rows`,
+`lookup_rows`); DIN's activation unit with
 Dice in cache-sized blocks (`din_unit.cpp`, its autograd function in `ctr.native.activation_unit`, `din_unit` here,
 `DinAttention.scores`) and the weighted sum after it (`weighted_pool.cpp`, `weighted_pool`, `forward_rows`).
 
@@ -421,6 +422,21 @@ def unique_inverse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     unique, inverse = torch.ops.ctr_native.unique_inverse(x.contiguous())
     return unique, inverse
+
+
+def lookup_rows(
+    indices: torch.Tensor, bounds: torch.Tensor, table_rows: torch.Tensor, w_base: torch.Tensor, m_base: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """For a table-batched embedding's look-ups (int64 ``indices [N]``, feature f's at ``bounds[f]:bounds[f + 1]``):
+    each one's row in the flat weights (``indices + w_base[f]``) and momentum (``+ m_base[f]``), and the first look-up
+    whose index is outside ``[0, table_rows[f])`` (-1: none), in one pass (`index_add.cpp`); None where the caller
+    must run the eager form (not built, switched off)."""
+    if not _use or torch.compiler.is_compiling() or not available():
+        return None
+    weight, momentum, bad = torch.ops.ctr_native.lookup_rows(
+        *(t.to(torch.int64).contiguous() for t in (indices, bounds, table_rows, w_base, m_base))
+    )
+    return weight, momentum, int(bad)
 
 
 class _GatherRows(torch.autograd.Function):

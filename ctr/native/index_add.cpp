@@ -17,6 +17,7 @@
 // update sums each row's gradients in index order (`index_add_rows`), so the order of the distinct rows changes no
 // value, only which row is written first.
 //
+// `lookup_rows` places a step's look-ups in the tables' flat buffers (with their bounds check), and
 // `adagrad_rows` and `adam_rows` then apply the tables' optimizer step to those distinct rows in one pass each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -209,9 +210,56 @@ void adam_rows(at::Tensor weights, at::Tensor m1, at::Tensor m2, const at::Tenso
   });
 }
 
+// Where each look-up of a table-batched embedding lives in its flat weight and momentum buffers (cpu_tables._Rows):
+// look-up i of feature f (bounds[f] <= i < bounds[f + 1]) reads row indices[i] of that feature's table, so
+// weight[i] = indices[i] + w_base[f] and momentum[i] = indices[i] + m_base[f]. One pass, where the eager form
+// repeated a [F, 3] table to [N, 3] and ran five whole-vector operators (0.6 to 0.7 ms a step at 88K look-ups).
+// Returns [weight [N], momentum [N], bad [1]]: bad is the first look-up whose index is outside [0, table_rows[f])
+// (-1 when none; nothing else is read from the buffers), for the caller's error message.
+std::vector<at::Tensor> lookup_rows(const at::Tensor& indices, const at::Tensor& bounds, const at::Tensor& table_rows,
+                                    const at::Tensor& w_base, const at::Tensor& m_base) {
+  for (const auto* t : {&indices, &bounds, &table_rows, &w_base, &m_base}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(),
+                "ctr_native lookup_rows: every argument must be a contiguous int64 vector on the CPU");
+  }
+  const int64_t f = table_rows.size(0), n = indices.size(0);
+  TORCH_CHECK(bounds.size(0) == f + 1 && w_base.size(0) == f && m_base.size(0) == f,
+              "ctr_native lookup_rows: bounds must have one more entry than the features' table_rows, w_base, m_base");
+  const int64_t *b = bounds.data_ptr<int64_t>(), *ix = indices.data_ptr<int64_t>();
+  TORCH_CHECK(b[0] == 0 && b[f] == n, "ctr_native lookup_rows: bounds must run from 0 to the ", n, " look-ups");
+  for (int64_t k = 0; k < f; ++k) {
+    TORCH_CHECK(b[k] <= b[k + 1], "ctr_native lookup_rows: bounds must not decrease (feature ", k, ")");
+  }
+  at::Tensor weight = at::empty({n}, indices.options()), momentum = at::empty({n}, indices.options());
+  int64_t bad = -1;
+  int64_t *w = weight.data_ptr<int64_t>(), *m = momentum.data_ptr<int64_t>();
+  const int64_t *rows = table_rows.data_ptr<int64_t>(), *wb = w_base.data_ptr<int64_t>(),
+                *mb = m_base.data_ptr<int64_t>();
+  for (int64_t k = 0; k < f && bad < 0; ++k) {
+    const int64_t lim = rows[k], dw = wb[k], dm = mb[k];
+    bool ok = true;
+    for (int64_t i = b[k]; i < b[k + 1]; ++i) {  // branch-free inside, so that it vectorizes
+      const int64_t x = ix[i];
+      ok &= (x >= 0) & (x < lim);
+      w[i] = x + dw;
+      m[i] = x + dm;
+    }
+    if (!ok) {
+      for (int64_t i = b[k]; i < b[k + 1]; ++i) {
+        if (ix[i] < 0 || ix[i] >= lim) {
+          bad = i;
+          break;
+        }
+      }
+    }
+  }
+  return {weight, momentum, at::full({1}, bad, indices.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
+  m.def("lookup_rows(Tensor indices, Tensor bounds, Tensor table_rows, Tensor w_base, Tensor m_base) -> Tensor[]");
   m.def("index_add_rows(Tensor src, Tensor index, int rows) -> Tensor");
   m.def("unique_inverse(Tensor x) -> Tensor[]");
   m.def(
@@ -225,6 +273,7 @@ TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
 TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {
   m.impl("index_add_rows", &index_add_rows);
   m.impl("unique_inverse", &unique_inverse);
+  m.impl("lookup_rows", &lookup_rows);
   m.impl("adagrad_rows", &adagrad_rows);
   m.impl("adam_rows", &adam_rows);
 }

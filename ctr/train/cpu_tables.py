@@ -29,7 +29,9 @@ GPU Adam (`codegen/genscript/optimizers.py::adam`), term for term: lazy (only th
 bias-corrected by the table group's step count, ``w -= lr (m̂ / (sqrt(v̂) + eps) + weight_decay w)``. Its reference
 in `tests/test_cpu_tables.py` is that formula written per row, and `torch.optim.SparseAdam` (the same update up to
 where eps enters) agrees with it. Exact Adagrad and Adam run as one native pass over the distinct rows where the
-native operators are built (`adagrad_rows`, `adam_rows`), their eager operators otherwise.
+native operators are built (`adagrad_rows`, `adam_rows`), their eager operators otherwise. Where each look-up lies
+in the flat buffers (with the indices' bounds check) is one native pass too (`lookup_rows`), and the distinct rows'
+momentum rows are the rows themselves wherever the momentum lies where the weights do (every TBE built here).
 """
 
 from __future__ import annotations
@@ -146,21 +148,26 @@ class _Rows:
         table_rows = torch.tensor([tbe.embedding_specs[t][0] for t in tbe.feature_table_map])
         w_base = tbe.weights_offsets // dim
         m_base = tbe.momentum1_offsets // per if per else w_base
-        per_lookup = torch.stack([table_rows, w_base, m_base], dim=1).repeat_interleave(
-            torch.diff(bounds), dim=0, output_size=indices.numel()
-        )
-        bad = (indices < 0) | (indices >= per_lookup[:, 0])
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            f = int(torch.searchsorted(bounds[1:], i, right=True))
+        found = native.lookup_rows(indices, bounds, table_rows, w_base, m_base)  # one pass where built
+        if found is not None:
+            weight, momentum, i = found
+        else:
+            per_lookup = torch.stack([table_rows, w_base, m_base], dim=1).repeat_interleave(
+                torch.diff(bounds), dim=0, output_size=indices.numel()
+            )
+            bad = (indices < 0) | (indices >= per_lookup[:, 0])
+            i = int(bad.nonzero()[0]) if bool(bad.any()) else -1
+            weight, momentum = indices + per_lookup[:, 1], indices + per_lookup[:, 2]
+        if i >= 0:
+            f = int(torch.searchsorted(bounds[1:].contiguous(), i, right=True))
             raise IndexError(
                 f"embedding look-up: index {int(indices[i])} of feature #{f} (position {i} of the batch's look-ups) is "
                 f"outside its table of {int(table_rows[f])} rows. The ids fed to the tables must be in [0, rows): "
                 "check the dataset's vocab sizes against the model's tables (rebuild the dataset or the config)"
             )
         self.name, self.dim = name, dim
-        self.weight = indices + per_lookup[:, 1]
-        self.momentum = indices + per_lookup[:, 2]
+        self.weight, self.momentum = weight, momentum
+        self.same_rows = torch.equal(w_base, m_base)  # the momentum's rows are the weights' (`momentum` = `weight`)
 
 
 def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
@@ -176,7 +183,9 @@ def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
         if name == "sgd":
             weights.index_copy_(0, unique, weights.index_select(0, unique).add_(g, alpha=-lr))
             return
-        m_rows = torch.empty_like(unique).index_copy_(0, inverse, rows.momentum)
+        # each distinct row's momentum row: the row itself where every feature's momentum lies where its weights do
+        # (per-weight and per-row momentum alike, in every TBE TorchRec builds here), else placed by look-up
+        m_rows = unique if rows.same_rows else torch.empty_like(unique).index_copy_(0, inverse, rows.momentum)
         eps = float(tbe.optimizer_args.eps)
         if name == "adagrad":
             momentum = tbe.momentum1_host.view(-1, rows.dim)
