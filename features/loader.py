@@ -10,9 +10,8 @@ A *view* is a named slice of the prefix: `hist` (the last 50 for DIN), `short` (
 up to max_len for a GSU). Each view gives jagged `<view>_item` / `<view>_cate` (and optionally sampled negatives
 `<view>_neg_item` / `<view>_neg_cate` for DIEN's auxiliary loss) as KeyedJaggedTensor features, plus the jagged
 `<view>_ts_gap` (sample ts minus behavior ts, seconds, > 0) and `<view>_lengths` as dense tensors. Behaviors are
-oldest first inside each jagged row (the newest is last). A view no longer than one already read (the `short`
-window beside the `long` prefix) is taken as that view's tail rather than read from the store again: the same
-behaviors, one gather fewer.
+oldest first inside each jagged row (the newest is last). A view no longer than one already read (`short` beside
+`long`) is cut from that view's rows (`row_tails`), not read from the store again.
 
 Order and sharding. A split is a list of row groups ("units"). Training shuffles the units with a seed and the
 epoch; the epoch's row order is the concatenation of the (shuffled) units. Rank r of W takes the contiguous rows
@@ -53,7 +52,7 @@ from .clusters import ClusterStore
 from .dataset import DatasetInfo, samples_dir
 from .procs import die_with_parent, exit_when_gone
 from .schema import FIRST_IDX
-from .sequence_store import SequenceStore, ragged_ranges
+from .sequence_store import SequenceStore, ragged_ranges, row_tails
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +225,10 @@ class BatchAssembler:
                 n = np.minimum(hist_len, v.length)
                 src = next(((s, sn) for s, sn in plain if s.length >= v.length and (s.btype or not v.btype)), None)
                 if src is not None:  # the tail of a longer view already read: the same behaviors, not read again
-                    item, cate, gap, btype = self._tail(out, *src, n, v.btype)
+                    # (where every slice is the whole of src's, src's own arrays: the collator and models only read)
+                    names = ("item", "cate", "ts_gap", "btype")[: 4 if v.btype else 3]
+                    item, cate, gap, *bt = row_tails([out[f"{src[0].name}_{c}"] for c in names], src[1], n)
+                    btype = bt[0] if v.btype else None
                 else:
                     idx = ragged_ranges(base + hist_len - n, n)
                     gap = np.repeat(cols["ts"], n) - np.asarray(store.ts[idx])
@@ -253,23 +255,6 @@ class BatchAssembler:
         """The behavior types of store rows `idx` (zeros where the dataset has none)."""
         btype = self.store.btype
         return np.asarray(btype[idx]) if btype is not None else np.zeros(len(idx), np.int8)
-
-    @staticmethod
-    def _tail(
-        out: dict[str, np.ndarray], src: SequenceView, src_n: np.ndarray, n: np.ndarray, with_btype: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        """A view's item, cate, ts_gap (and btype) as the last `n` of each sample's rows of the longer plain view
-        `src` (lengths `src_n`): both are the last behaviors strictly before the sample, so a view of length S <= L
-        is the tail of the view of length L. Where every sample's slice is the whole of `src`'s (S = L, or no prefix
-        longer than S), the arrays are `src`'s own: the collator and the models only read them."""
-        cols = [out[f"{src.name}_{c}"] for c in ("item", "cate", "ts_gap")]
-        if with_btype:
-            cols.append(out[f"{src.name}_btype"])
-        if not np.array_equal(n, src_n):
-            ends = np.cumsum(src_n)
-            at = ragged_ranges(ends - n, n)
-            cols = [c[at] for c in cols]
-        return cols[0], cols[1], cols[2], cols[3] if with_btype else None
 
 
 NEGATIVE_ROUNDS = 8  # redraws of a sampled negative that is one of the sample's window items

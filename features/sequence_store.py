@@ -60,6 +60,16 @@ def ragged_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts.astype(np.int64) - row_starts, lengths) + np.arange(total, dtype=np.int64)
 
 
+def row_tails(columns: list[np.ndarray], lengths: np.ndarray, n: np.ndarray) -> list[np.ndarray]:
+    """The last ``n[r]`` values of each jagged row r (rows of ``lengths``) of every column; the columns themselves
+    where every row keeps all of its values. A shorter view of the prefix is the tail of a longer one: both are the
+    last behaviors strictly before the sample."""
+    if np.array_equal(n, lengths):
+        return list(columns)
+    at = ragged_ranges(np.cumsum(lengths) - n, n)
+    return [c[at] for c in columns]
+
+
 @dataclass
 class SequenceStore:
     """Flat behavior arrays with per-user offsets (see the module docstring)."""

@@ -240,7 +240,7 @@ def test_an_index_outside_its_table_is_a_clear_error(native_on, monkeypatch):
 
 @pytest.mark.parametrize("optimizer", [OptimType.EXACT_ADAGRAD, OptimType.EXACT_ROWWISE_ADAGRAD, OptimType.EXACT_SGD])
 def test_the_lookups_places_are_the_same_natively_and_eager(optimizer, monkeypatch):
-    """`native.lookup_rows` (one pass) places every look-up where the eager form does, in the weights and in the
+    """`lookup_rows` (one native pass) places every look-up where the eager form does, in the weights and in the
     momentum (per weight, per row, none), with an empty feature at step 1."""
     assert native.available()
     tbe = _tbe(optimizer)
@@ -260,14 +260,14 @@ def test_the_lookups_places_are_the_same_natively_and_eager(optimizer, monkeypat
     table_rows, w_base, m_base = torch.tensor([4, 6, 8, 2]), torch.tensor([0, 4, 10, 18]), torch.tensor([3, 1, 7, 0])
     parts = [torch.randint(0, int(r), (int(c),), generator=g) for r, c in zip(table_rows, counts, strict=True)]
     indices = torch.cat(parts)
-    weight, momentum, bad = native.lookup_rows(indices, bounds, table_rows, w_base, m_base)
+    weight, momentum, bad = cpu_tables._places(indices, bounds, table_rows, w_base, m_base)
     assert bad == -1
     assert torch.equal(weight, indices + w_base.repeat_interleave(counts))
     assert torch.equal(momentum, indices + m_base.repeat_interleave(counts))
     for pos, value in ((7, 8), (16, -2), (0, 4)):  # feature 2's upper edge, feature 3 below 0, feature 0's edge
         wrong = indices.clone()
         wrong[pos] = value
-        assert native.lookup_rows(wrong, bounds, table_rows, w_base, m_base)[2] == pos
+        assert cpu_tables._places(wrong, bounds, table_rows, w_base, m_base)[2] == pos
 
 
 @pytest.mark.parametrize(("model", "nproc"), [("dien", 1), ("sum_pool", 2)])

@@ -8,7 +8,7 @@ match (`simhash.cpp`, `ctr.modules.hashing`); masked multi-head target attention
 (`attention_rows.cpp`, `attention_rows` here: TWIN's and ETA's ESUs at `fits_k`); TWIN-V2's hierarchical k-means of
 a history block (`kmeans_tree.cpp`, `pipelines.cluster`); the sum of rows by index, the backward of every row gather,
 the sparse update's per-row sum and its look-ups' places (`index_add.cpp`, `gather_rows`, `index_add_rows`,
-`lookup_rows`); DIN's activation unit with
+`cpu_tables`); DIN's activation unit with
 Dice in cache-sized blocks (`din_unit.cpp`, its autograd function in `ctr.native.activation_unit`, `din_unit` here,
 `DinAttention.scores`) and the weighted sum after it (`weighted_pool.cpp`, `weighted_pool`, `forward_rows`).
 
@@ -424,21 +424,6 @@ def unique_inverse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return unique, inverse
 
 
-def lookup_rows(
-    indices: torch.Tensor, bounds: torch.Tensor, table_rows: torch.Tensor, w_base: torch.Tensor, m_base: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """For a table-batched embedding's look-ups (int64 ``indices [N]``, feature f's at ``bounds[f]:bounds[f + 1]``):
-    each one's row in the flat weights (``indices + w_base[f]``) and momentum (``+ m_base[f]``), and the first look-up
-    whose index is outside ``[0, table_rows[f])`` (-1: none), in one pass (`index_add.cpp`); None where the caller
-    must run the eager form (not built, switched off)."""
-    if not _use or torch.compiler.is_compiling() or not available():
-        return None
-    weight, momentum, bad = torch.ops.ctr_native.lookup_rows(
-        *(t.to(torch.int64).contiguous() for t in (indices, bounds, table_rows, w_base, m_base))
-    )
-    return weight, momentum, int(bad)
-
-
 class _GatherRows(torch.autograd.Function):
     """``x.index_select(0, index)`` whose backward is `index_add_rows` (x [R, ...] summed as [R, prod(...)]), the
     gradient of row ``zero_row`` (None: none) set to zero."""
@@ -500,15 +485,6 @@ def kmeans_tree(x: np.ndarray, max_size: int, seed: int, iters: int, branching: 
         return None
     rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
     return torch.ops.ctr_native.kmeans_tree(rows, int(max_size), int(seed), int(iters), int(branching)).numpy()
-
-
-def main() -> None:
-    """``python -m ctr.native``: build the operators now (`make setup` does), and say whether they load."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ok = load(verbose=False)
-    name, flags = _build_flags()
-    msg = f"native CPU operators ({name}, {' '.join(flags)}): {'loaded' if ok else 'unavailable: ' + str(_error)}"
-    print(msg)  # noqa: T201  (the module's command-line output)
 
 
 from .activation_unit import din_unit as din_unit  # noqa: E402  (these use `applies` above)

@@ -133,6 +133,19 @@ def supported(tbe: Any) -> str | None:
     return name
 
 
+def _places(
+    indices: torch.Tensor, bounds: torch.Tensor, table_rows: torch.Tensor, w_base: torch.Tensor, m_base: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """A TBE's look-ups (feature f's at ``bounds[f]:bounds[f + 1]``) placed in its flat weights (``indices +
+    w_base[f]``) and momentum (``+ m_base[f]``), and the first outside ``[0, table_rows[f])`` (-1: none), in one
+    native pass (`lookup_rows` in ``index_add.cpp``); None where `_Rows` runs the eager form."""
+    if not native.applies():  # (no float tensors to check: built, switched on, not compiling)
+        return None
+    args = (t.to(torch.int64).contiguous() for t in (indices, bounds, table_rows, w_base, m_base))
+    weight, momentum, bad = torch.ops.ctr_native.lookup_rows(*args)
+    return weight, momentum, int(bad)
+
+
 class _Rows:
     """Where each looked-up index lives in the TBE's flat weight and momentum buffers."""
 
@@ -148,7 +161,7 @@ class _Rows:
         table_rows = torch.tensor([tbe.embedding_specs[t][0] for t in tbe.feature_table_map])
         w_base = tbe.weights_offsets // dim
         m_base = tbe.momentum1_offsets // per if per else w_base
-        found = native.lookup_rows(indices, bounds, table_rows, w_base, m_base)  # one pass where built
+        found = _places(indices, bounds, table_rows, w_base, m_base)  # one pass where built
         if found is not None:
             weight, momentum, i = found
         else:
