@@ -45,6 +45,8 @@ def test_index_add_rows_is_pytorchs_index_add(rows, n, d, order):
         [-4, 2**40, -4, 2**62, 0, 2**62],  # negative and large values hash like any other
         list(range(1000)) * 3,  # more distinct values than the table's first size
         (torch.arange(4096) * 4096).tolist(),  # multiples of a power of two (the low bits all zero)
+        [7, 0, 7, 3],  # values below twice their count: placed by value, no hashing
+        [8, 0, 8, 3],  # the first range too wide for that: hashed
     ],
 )
 def test_unique_inverse_is_torch_unique_in_first_occurrence_order(values):

@@ -12,10 +12,11 @@
 // (tests/test_native_rows.py holds the result to PyTorch's, and equal across thread counts).
 //
 // `unique_inverse` finds the sparse update's distinct rows: the distinct values of an int64 index in order of first
-// occurrence and each position's place among them, through an open-addressing hash table. `torch.unique` sorts the
-// index for the same answer (sorted): 1.4 ms against 0.65 here for 110K look-ups of 37K distinct rows, 2 threads; the
-// update sums each row's gradients in index order (`index_add_rows`), so the order of the distinct rows changes no
-// value, only which row is written first.
+// occurrence and each position's place among them, through an open-addressing hash table, or by value where the
+// values lie in [0, 2N) (tables smaller than a step's look-ups: 0.46 -> 0.15 ms for 88K look-ups into 9,765 rows).
+// `torch.unique` sorts the index for the same answer (sorted): 1.4 ms against 0.65 here for 110K look-ups of 37K
+// distinct rows, 2 threads; the update sums each row's gradients in index order (`index_add_rows`), so the order of
+// the distinct rows changes no value, only which row is written first.
 //
 // `lookup_rows` places a step's look-ups in the tables' flat buffers (with their bounds check), and
 // `adagrad_rows` and `adam_rows` then apply the tables' optimizer step to those distinct rows in one pass each.
@@ -72,14 +73,34 @@ std::vector<at::Tensor> unique_inverse(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kLong && x.dim() == 1 && x.is_contiguous(),
               "ctr_native unique_inverse: x must be a contiguous int64 [N] CPU tensor");
   const int64_t n = x.size(0);
-  int bits = 4;
-  while ((int64_t{1} << bits) < 2 * n) ++bits;  // at most half full
-  const uint64_t mask = (uint64_t{1} << bits) - 1;
-  std::vector<int64_t> slot(static_cast<size_t>(mask + 1), -1);  // -1 empty, else the value's place in `unique`
   at::Tensor unique = at::empty({n}, x.options()), inverse = at::empty({n}, x.options());
   const int64_t* xs = x.data_ptr<int64_t>();
   int64_t *u = unique.data_ptr<int64_t>(), *inv = inverse.data_ptr<int64_t>();
   int64_t count = 0;
+  int64_t lo = 0, hi = -1;
+  if (n > 0) lo = hi = xs[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, xs[i]);
+    hi = std::max(hi, xs[i]);
+  }
+  if (n > 0 && lo >= 0 && hi < 2 * n) {
+    // values in a range no wider than twice their count (a step's rows of tables smaller than its look-ups): a place
+    // per value of the range, indexed directly, instead of hashing; the same places, in order of first occurrence
+    std::vector<int64_t> place(static_cast<size_t>(hi + 1), -1);
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t& p = place[static_cast<size_t>(xs[i])];
+      if (p < 0) {
+        p = count;
+        u[count++] = xs[i];
+      }
+      inv[i] = p;
+    }
+    return {unique.narrow(0, 0, count).clone(), inverse};
+  }
+  int bits = 4;
+  while ((int64_t{1} << bits) < 2 * n) ++bits;  // at most half full
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  std::vector<int64_t> slot(static_cast<size_t>(mask + 1), -1);  // -1 empty, else the value's place in `unique`
   for (int64_t i = 0; i < n; ++i) {
     const int64_t v = xs[i];
     // Fibonacci hashing: the product's top bits, so that runs of nearby rows spread over the table
