@@ -197,6 +197,26 @@ void adagrad_rows(at::Tensor weights, at::Tensor momentum, const at::Tensor& row
 // weight can differ from the eager form's in its last places, as it could already because `sqrt` here is correctly
 // rounded and PyTorch's float32 one on the CPU is not always (tests/test_cpu_tables.py). The result does not
 // depend on the thread count; `rows` and `m_rows` must each be distinct, as for `adagrad_rows`.
+struct AdamStep {
+  float b1, b2, c1, c2, rbc1, rsbc2, eps, neg_lr, decay;
+};
+
+// one row of Adam's step, restrict parameters and the constants by value so that it vectorizes (with the decay
+// branch outside the loop: 0 · w is not 0 for an infinite weight)
+template <bool kDecay>
+inline void adam_row(float* __restrict wr, float* __restrict mrow, float* __restrict vrow, const float* __restrict gr,
+                     int64_t d, AdamStep k) {
+  for (int64_t j = 0; j < d; ++j) {
+    const float mv = std::fma(k.c1, gr[j], mrow[j] * k.b1);
+    const float vv = std::fma(k.c2 * gr[j], gr[j], vrow[j] * k.b2);
+    mrow[j] = mv;
+    vrow[j] = vv;
+    float dir = (mv * k.rbc1) / std::fma(std::sqrt(vv), k.rsbc2, k.eps);
+    if (kDecay) dir = std::fma(k.decay, wr[j], dir);
+    wr[j] = std::fma(k.neg_lr, dir, wr[j]);
+  }
+}
+
 void adam_rows(at::Tensor weights, at::Tensor m1, at::Tensor m2, const at::Tensor& rows, const at::Tensor& m_rows,
                const at::Tensor& grad, double lr, double eps, double beta1, double beta2, double weight_decay,
                int64_t step) {
@@ -210,22 +230,16 @@ void adam_rows(at::Tensor weights, at::Tensor m1, at::Tensor m2, const at::Tenso
   const float c1 = static_cast<float>(1.0 - beta1), c2 = static_cast<float>(1.0 - beta2);
   const float rbc1 = static_cast<float>(1.0 / (1.0 - std::pow(beta1, static_cast<double>(step))));
   const float rsbc2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
-  const float e = static_cast<float>(eps), neg_lr = static_cast<float>(-lr), decay = static_cast<float>(weight_decay);
+  const AdamStep st{b1, b2, c1, c2, rbc1, rsbc2, static_cast<float>(eps), static_cast<float>(-lr),
+                    static_cast<float>(weight_decay)};
   const bool decays = weight_decay != 0.0;
   at::parallel_for(0, u, std::max<int64_t>(1, kParallelFloats / std::max<int64_t>(d, 1)), [&](int64_t i0, int64_t i1) {
+    const AdamStep k = st;  // by value: the row loops must not reload it through the closure (it kept them scalar)
     for (int64_t i = i0; i < i1; ++i) {
-      float* __restrict wr = w + r[i] * d;
-      float* __restrict mrow = mp + mr[i] * d;
-      float* __restrict vrow = vp + mr[i] * d;
-      const float* __restrict gr = g + i * d;
-      for (int64_t j = 0; j < d; ++j) {
-        const float mv = std::fma(c1, gr[j], mrow[j] * b1);
-        const float vv = std::fma(c2 * gr[j], gr[j], vrow[j] * b2);
-        mrow[j] = mv;
-        vrow[j] = vv;
-        float dir = (mv * rbc1) / std::fma(std::sqrt(vv), rsbc2, e);
-        if (decays) dir = std::fma(decay, wr[j], dir);
-        wr[j] = std::fma(neg_lr, dir, wr[j]);
+      if (decays) {
+        adam_row<true>(w + r[i] * d, mp + mr[i] * d, vp + mr[i] * d, g + i * d, d, k);
+      } else {
+        adam_row<false>(w + r[i] * d, mp + mr[i] * d, vp + mr[i] * d, g + i * d, d, k);
       }
     }
   });
@@ -237,6 +251,18 @@ void adam_rows(at::Tensor weights, at::Tensor m1, at::Tensor m2, const at::Tenso
 // repeated a [F, 3] table to [N, 3] and ran five whole-vector operators (0.6 to 0.7 ms a step at 88K look-ups).
 // Returns [weight [N], momentum [N], bad [1]]: bad is the first look-up whose index is outside [0, table_rows[f])
 // (-1 when none; nothing else is read from the buffers), for the caller's error message.
+// one feature's look-ups: their places, and how many lie outside [0, lim); branch-free, so that it vectorizes
+inline int64_t place_feature(const int64_t* __restrict ix, int64_t n, int64_t lim, int64_t dw, int64_t dm,
+                             int64_t* __restrict w, int64_t* __restrict m) {
+  int64_t outside = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    outside += static_cast<int64_t>(ix[i] < 0) | static_cast<int64_t>(ix[i] >= lim);
+    w[i] = ix[i] + dw;
+    m[i] = ix[i] + dm;
+  }
+  return outside;
+}
+
 std::vector<at::Tensor> lookup_rows(const at::Tensor& indices, const at::Tensor& bounds, const at::Tensor& table_rows,
                                     const at::Tensor& w_base, const at::Tensor& m_base) {
   for (const auto* t : {&indices, &bounds, &table_rows, &w_base, &m_base}) {
@@ -257,15 +283,8 @@ std::vector<at::Tensor> lookup_rows(const at::Tensor& indices, const at::Tensor&
   const int64_t *rows = table_rows.data_ptr<int64_t>(), *wb = w_base.data_ptr<int64_t>(),
                 *mb = m_base.data_ptr<int64_t>();
   for (int64_t k = 0; k < f && bad < 0; ++k) {
-    const int64_t lim = rows[k], dw = wb[k], dm = mb[k];
-    bool ok = true;
-    for (int64_t i = b[k]; i < b[k + 1]; ++i) {  // branch-free inside, so that it vectorizes
-      const int64_t x = ix[i];
-      ok &= (x >= 0) & (x < lim);
-      w[i] = x + dw;
-      m[i] = x + dm;
-    }
-    if (!ok) {
+    const int64_t lim = rows[k];
+    if (place_feature(ix + b[k], b[k + 1] - b[k], lim, wb[k], mb[k], w + b[k], m + b[k]) > 0) {
       for (int64_t i = b[k]; i < b[k + 1]; ++i) {
         if (ix[i] < 0 || ix[i] >= lim) {
           bad = i;
