@@ -75,8 +75,8 @@ def test_unique_inverse_at_a_steps_size_and_where_it_declines():
 
 def test_index_add_rows_is_the_same_on_any_thread_count():
     gen = torch.Generator().manual_seed(3)
-    src = torch.randn(40_000, 24, generator=gen)  # past the size where it splits the rows over threads
-    index = torch.randint(0, 9_000, (40_000,), generator=gen)
+    src = torch.randn(200_000, 24, generator=gen)  # past the size where it splits the rows over threads (4M floats)
+    index = torch.randint(0, 9_000, (200_000,), generator=gen)
     threads = torch.get_num_threads()
     try:
         outs = []
