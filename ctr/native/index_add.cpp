@@ -28,12 +28,23 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <utility>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kParallelFloats = 1 << 16;  // below this many source floats, one thread
 constexpr int64_t kParallelAddFloats = 1 << 22;  // the same for `index_add_rows` (see there)
+
+// (smallest, largest) of x[0..n) (n > 0)
+inline std::pair<int64_t, int64_t> value_range(const int64_t* __restrict x, int64_t n) {
+  int64_t lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  return {lo, hi};
+}
 
 inline void add_row(float* __restrict dst, const float* __restrict row, int64_t d) {
   for (int64_t j = 0; j < d; ++j) dst[j] += row[j];
@@ -49,12 +60,8 @@ at::Tensor index_add_rows(const at::Tensor& src, const at::Tensor& index, int64_
   const int64_t n = src.size(0), d = src.size(1);
   at::Tensor out = at::empty({rows, d}, src.options());  // each part zeroes its own rows below
   const int64_t* ix = index.data_ptr<int64_t>();
-  int64_t lo_ix = 0, hi_ix = 0;  // every index checked before any row is added: the range, then the first bad one
-  if (n > 0) lo_ix = hi_ix = ix[0];
-  for (int64_t i = 1; i < n; ++i) {
-    lo_ix = std::min(lo_ix, ix[i]);
-    hi_ix = std::max(hi_ix, ix[i]);
-  }
+  // every index checked before any row is added: the range, then the first bad one
+  const auto [lo_ix, hi_ix] = n > 0 ? value_range(ix, n) : std::pair<int64_t, int64_t>{0, 0};
   for (int64_t i = 0; n > 0 && (lo_ix < 0 || hi_ix >= rows) && i < n; ++i) {
     TORCH_CHECK(ix[i] >= 0 && ix[i] < rows, "ctr_native index_add_rows: index ", ix[i], " at row ", i,
                 " is outside the ", rows, " rows of the result");
@@ -93,12 +100,7 @@ std::vector<at::Tensor> unique_inverse(const at::Tensor& x) {
   const int64_t* xs = x.data_ptr<int64_t>();
   int64_t *u = unique.data_ptr<int64_t>(), *inv = inverse.data_ptr<int64_t>();
   int64_t count = 0;
-  int64_t lo = 0, hi = -1;
-  if (n > 0) lo = hi = xs[0];
-  for (int64_t i = 1; i < n; ++i) {
-    lo = std::min(lo, xs[i]);
-    hi = std::max(hi, xs[i]);
-  }
+  const auto [lo, hi] = n > 0 ? value_range(xs, n) : std::pair<int64_t, int64_t>{0, -1};
   if (n > 0 && lo >= 0 && hi < 2 * n) {
     // values in a range no wider than twice their count (a step's rows of tables smaller than its look-ups): a place
     // per value of the range, indexed directly, instead of hashing; the same places, in order of first occurrence
@@ -200,19 +202,6 @@ void adagrad_rows(at::Tensor weights, at::Tensor momentum, const at::Tensor& row
   });
 }
 
-// FBGEMM's (GPU) Adam on the update's distinct rows, in place, at the table group's step `step` (already counted):
-//   m = β1 m + (1 − β1) g,   v = β2 v + (1 − β2) g g,
-//   weights[rows[u]] −= lr ((m / (1 − β1^step)) / (√(v / (1 − β2^step)) + eps) + weight_decay w)
-// with m, v the rows m_rows[u] of `m1` and `m2`, in one pass over the rows where the eager form (`_adam_eager` in
-// ctr/train/cpu_tables.py) runs fourteen operators, each a pass of its own. Per value the eager operators' order and
-// roundings: β1 m, then (1 − β1) g added in one fused multiply-add (PyTorch's `add_` with alpha); β2 v, then
-// ((1 − β2) g) g added in one (its `addcmul_`); the decay and the step as fused multiply-adds (`add_` and `sub_` with
-// alpha). The moments come out bit for bit the eager ones. The step direction is m / bc1 / (√(v / bc2) + eps) computed
-// as (m · (1 / bc1)) / (√v · (1 / √bc2) + eps): one division and one root per value, not three divisions and a root
-// (the divider, which the root shares, bounded the pass: 0.53 -> 0.32 ms for 6,000 rows of 16 on one thread), so a
-// weight can differ from the eager form's in its last places, as it could already because `sqrt` here is correctly
-// rounded and PyTorch's float32 one on the CPU is not always (tests/test_cpu_tables.py). The result does not
-// depend on the thread count; `rows` and `m_rows` must each be distinct, as for `adagrad_rows`.
 struct AdamStep {
   float b1, b2, c1, c2, rbc1, rsbc2, eps, neg_lr, decay;
 };
@@ -233,6 +222,19 @@ inline void adam_row(float* __restrict wr, float* __restrict mrow, float* __rest
   }
 }
 
+// FBGEMM's (GPU) Adam on the update's distinct rows, in place, at the table group's step `step` (already counted):
+//   m = β1 m + (1 − β1) g,   v = β2 v + (1 − β2) g g,
+//   weights[rows[u]] −= lr ((m / (1 − β1^step)) / (√(v / (1 − β2^step)) + eps) + weight_decay w)
+// with m, v the rows m_rows[u] of `m1` and `m2`, in one pass over the rows where the eager form (`_adam_eager` in
+// ctr/train/cpu_tables.py) runs fourteen operators, each a pass of its own. Per value the eager operators' order and
+// roundings: β1 m, then (1 − β1) g added in one fused multiply-add (PyTorch's `add_` with alpha); β2 v, then
+// ((1 − β2) g) g added in one (its `addcmul_`); the decay and the step as fused multiply-adds (`add_` and `sub_` with
+// alpha). The moments come out bit for bit the eager ones. The step direction is m / bc1 / (√(v / bc2) + eps) computed
+// as (m · (1 / bc1)) / (√v · (1 / √bc2) + eps): one division and one root per value, not three divisions and a root
+// (the divider, which the root shares, bounded the pass: 0.53 -> 0.32 ms for 6,000 rows of 16 on one thread), so a
+// weight can differ from the eager form's in its last places, as it could already because `sqrt` here is correctly
+// rounded and PyTorch's float32 one on the CPU is not always (tests/test_cpu_tables.py). The result does not
+// depend on the thread count; `rows` and `m_rows` must each be distinct, as for `adagrad_rows`.
 void adam_rows(at::Tensor weights, at::Tensor m1, at::Tensor m2, const at::Tensor& rows, const at::Tensor& m_rows,
                const at::Tensor& grad, double lr, double eps, double beta1, double beta2, double weight_decay,
                int64_t step) {
@@ -261,12 +263,6 @@ void adam_rows(at::Tensor weights, at::Tensor m1, at::Tensor m2, const at::Tenso
   });
 }
 
-// Where each look-up of a table-batched embedding lives in its flat weight and momentum buffers (cpu_tables._Rows):
-// look-up i of feature f (bounds[f] <= i < bounds[f + 1]) reads row indices[i] of that feature's table, so
-// weight[i] = indices[i] + w_base[f] and momentum[i] = indices[i] + m_base[f]. One pass, where the eager form
-// repeated a [F, 3] table to [N, 3] and ran five whole-vector operators (0.6 to 0.7 ms a step at 88K look-ups).
-// Returns [weight [N], momentum [N], bad [1]]: bad is the first look-up whose index is outside [0, table_rows[f])
-// (-1 when none; nothing else is read from the buffers), for the caller's error message.
 // one feature's look-ups: their places, and how many lie outside [0, lim); branch-free, so that it vectorizes
 inline int64_t place_feature(const int64_t* __restrict ix, int64_t n, int64_t lim, int64_t dw, int64_t dm,
                              int64_t* __restrict w, int64_t* __restrict m) {
@@ -279,6 +275,12 @@ inline int64_t place_feature(const int64_t* __restrict ix, int64_t n, int64_t li
   return outside;
 }
 
+// Where each look-up of a table-batched embedding lives in its flat weight and momentum buffers (cpu_tables._Rows):
+// look-up i of feature f (bounds[f] <= i < bounds[f + 1]) reads row indices[i] of that feature's table, so
+// weight[i] = indices[i] + w_base[f] and momentum[i] = indices[i] + m_base[f]. One pass, where the eager form
+// repeated a [F, 3] table to [N, 3] and ran five whole-vector operators (0.6 to 0.7 ms a step at 88K look-ups).
+// Returns [weight [N], momentum [N], bad [1]]: bad is the first look-up whose index is outside [0, table_rows[f])
+// (-1 when none; nothing else is read from the buffers), for the caller's error message.
 std::vector<at::Tensor> lookup_rows(const at::Tensor& indices, const at::Tensor& bounds, const at::Tensor& table_rows,
                                     const at::Tensor& w_base, const at::Tensor& m_base) {
   for (const auto* t : {&indices, &bounds, &table_rows, &w_base, &m_base}) {
