@@ -3,7 +3,7 @@ PyTorch profiler, in one process per model (the trainer's own `Training` object:
 sparse optimizer and loader as `ctr train`).
 
     python benchmarks/step_profile.py --data DATA_DIR [--models din,dien,sim_soft] [--batch-size 1024]
-        [--set model.max_len=50 ...] [--steps 20] [--results FILE]
+        [--set model.max_len=50 ...] [--steps 20] [--threads 1,2] [--results FILE]
 
 Per model, after `--warmup` steps on prefetched batches (so the loader is not in the step time):
 
@@ -19,6 +19,11 @@ Per model, after `--warmup` steps on prefetched batches (so the loader is not in
 The phases are CPU time of spans, so they sum to the step's time within the profiler's overhead (it is reported as
 ``profiled_ms`` beside the unprofiled ``step_ms``). Run on a quiet machine: the figures of one run are comparable
 with each other, not with another day's (these machines differ by up to 35%).
+
+``--threads 1,2``: each model once per intra-op thread count (a row each), and from the lowest and highest counts
+its ``thread_split``: the step (and each phase) as ``T(t) = serial + parallel / t`` (Amdahl's law through the two
+points), i.e. how much of the step the added threads do not shorten: the chain of small operators and Python that
+runs on one core while the others wait.
 """
 
 from __future__ import annotations
@@ -48,10 +53,18 @@ def _span_total(prof: Any, name: str) -> float:
 
 
 def profile_model(
-    model: str, data: Path, sets: list[str], steps: int, warmup: int, work: Path, profile_steps: bool = True
+    model: str,
+    data: Path,
+    sets: list[str],
+    steps: int,
+    warmup: int,
+    work: Path,
+    profile_steps: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Loader throughput, step time and the step's phases for one model (runs on rank 0 of a 1-process group).
-    ``profile_steps=False``: the step time alone (no loader-alone pass, no profiler; `cost_curve.py`)."""
+    ``profile_steps=False``: the step time alone (no loader-alone pass, no profiler; `cost_curve.py`). ``threads``:
+    the step's intra-op threads (default: the trainer's, the cores per rank)."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -67,6 +80,9 @@ def profile_model(
 
     def on_rank(ctx: Any) -> None:
         tr = Training(ctx, data, run, {"config": cfg.model_dump()}, cfg, params)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        out["threads"] = torch.get_num_threads()
         tr.dmp.train()
         tr.train_loader.set_epoch(0)
         it = iter(tr.train_loader)
@@ -140,15 +156,47 @@ def profile_model(
     return out
 
 
+def thread_split(lo: list[dict[str, Any]], hi: list[dict[str, Any]]) -> dict[str, Any]:
+    """Amdahl's law through one model's runs at ``t_lo < t_hi`` threads (the median of each count's runs):
+    ``T(t) = serial + parallel / t`` for the step (unprofiled) and each phase (profiled); ``parallel`` is the
+    one-thread time of the part that threads divide. Solving through two points doubles their noise into the serial
+    share (serial = 2 T(2) − T(1) at 1 and 2 threads), hence several alternating rounds. A part that got slower with
+    threads has a negative parallel share (said as it is)."""
+    t_lo, t_hi = lo[0]["threads"], hi[0]["threads"]
+
+    def split(a: float, b: float) -> dict[str, float]:
+        par = (a - b) / (1.0 / t_lo - 1.0 / t_hi)
+        return {"serial_ms": round(a - par / t_lo, 3), "parallel_ms_one_thread": round(par, 3)}
+
+    def med(runs: list[dict[str, Any]], get: Any) -> float:
+        return statistics.median(get(r) for r in runs)
+
+    out: dict[str, Any] = {
+        "threads": [t_lo, t_hi],
+        "runs": [len(lo), len(hi)],
+        "step": split(med(lo, lambda r: r["step_ms"]), med(hi, lambda r: r["step_ms"])),
+    }
+    if all("phases_ms" in r for r in lo + hi):
+        out["phases"] = {
+            p: split(med(lo, lambda r, p=p: r["phases_ms"][p]), med(hi, lambda r, p=p: r["phases_ms"][p]))
+            for p in PHASES
+        }
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "loader samples/s", "step samples/s", "step ms", *(f"{p} ms" for p in PHASES), "top operator"]
+    head = [
+        "model", "threads", "loader samples/s", "step samples/s", "step ms", *(f"{p} ms" for p in PHASES),
+        "top operator",
+    ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | error: {r['error'][:80]} |")
             continue
         top = next(iter(r["top_ops_ms"].items()))
-        cells = [r["model"], f"{r['loader_samples_per_s']:,.0f}", f"{r['samples_per_s']:,.0f}", f"{r['step_ms']:.1f}"]
+        cells = [r["model"], str(r["threads"]), f"{r['loader_samples_per_s']:,.0f}", f"{r['samples_per_s']:,.0f}"]
+        cells.append(f"{r['step_ms']:.1f}")
         cells += [f"{r['phases_ms'][p]:.1f}" for p in PHASES]
         cells.append(f"{top[0]} {top[1]:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -163,6 +211,16 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], help="a config override for every model (repeatable)")
     parser.add_argument("--steps", type=int, default=20, help="timed (and profiled) steps per model")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--threads", default=None,
+        help="intra-op thread counts, comma-separated: each model runs once per count, and with two or more its "
+        "thread_split (serial and parallel shares of the step) is reported (default: the trainer's, cores per rank)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="with --threads: run the thread counts this many times, alternating (a row each; the split from each "
+        "count's median)",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/lifelong-ctr-step-profile"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "step-profile.json")
     args = parser.parse_args()
@@ -173,16 +231,32 @@ def main() -> int:
     from benchmarks._common import machine_info
 
     sets = [f"data.batch_size={args.batch_size}", "data.num_workers=1", *args.set]
-    rows = []
+    counts: list[int | None] = [None]
+    if args.threads:
+        try:
+            counts = sorted({int(t) for t in args.threads.split(",")})
+        except ValueError:
+            parser.error(f"--threads {args.threads!r}: comma-separated thread counts, e.g. 1,2")
+        if counts[0] < 1:
+            parser.error(f"--threads {args.threads!r}: every count must be at least 1")
+    rows, splits = [], {}
     for model in args.models.split(","):
-        print(f"[profile] {model}", flush=True)
         # a model may not take every override (seq_len is DIN/DIEN's, max_len the two-stage models'): keep the ones
         # its config has
         own = [s for s in sets if _applies(model, s)]
-        try:
-            rows.append(profile_model(model, args.data.resolve(), own, args.steps, args.warmup, args.work))
-        except Exception as e:  # one model's failure is reported in its row, the others still run
-            rows.append({"model": model, "error": f"{type(e).__name__}: {e}"})
+        mine = []
+        for _ in range(max(1, args.rounds) if args.threads else 1):
+            for t in counts:
+                print(f"[profile] {model}" + (f" on {t} threads" if t else ""), flush=True)
+                try:
+                    row = profile_model(model, args.data.resolve(), own, args.steps, args.warmup, args.work, True, t)
+                except Exception as e:  # one model's failure is reported in its row, the others still run
+                    row = {"model": model, "threads": t, "error": f"{type(e).__name__}: {e}"}
+                mine.append(row)
+        rows += mine
+        by_count = {t: [r for r in mine if r.get("threads") == t and "error" not in r] for t in counts}
+        if len(counts) >= 2 and by_count[counts[0]] and by_count[counts[-1]]:
+            splits[model] = thread_split(by_count[counts[0]], by_count[counts[-1]])
     result = {
         "machine": machine_info(),
         "dataset": str(args.data.resolve()),
@@ -192,9 +266,21 @@ def main() -> int:
         "phases": "ms per step, profiler CPU time of each span (see the module docstring)",
         "results": rows,
     }
+    result["settings"]["threads"] = args.threads
+    if splits:
+        result["thread_split"] = splits
+        result["thread_split_definition"] = (
+            "Amdahl's law through the lowest and highest thread counts: T(t) = serial_ms + parallel_ms_one_thread / t"
+        )
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2))
     print(table(rows))
+    for model, sp in splits.items():
+        st = sp["step"]
+        print(
+            f"{model}: of the step at {sp['threads'][0]} thread(s), {st['serial_ms']:.1f} ms serial and "
+            f"{st['parallel_ms_one_thread']:.1f} ms divided by the threads (T(t) = serial + parallel / t)"
+        )
     ok = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
     if ok:
         print(f"median step samples/s over models: {statistics.median(ok):,.0f}")
