@@ -20,10 +20,10 @@ The phases are CPU time of spans, so they sum to the step's time within the prof
 ``profiled_ms`` beside the unprofiled ``step_ms``). Run on a quiet machine: the figures of one run are comparable
 with each other, not with another day's (these machines differ by up to 35%).
 
-``--threads 1,2``: each model once per intra-op thread count (a row each), and from the lowest and highest counts
-its ``thread_split``: the step (and each phase) as ``T(t) = serial + parallel / t`` (Amdahl's law through the two
-points), i.e. how much of the step the added threads do not shorten: the chain of small operators and Python that
-runs on one core while the others wait.
+``--threads 1,2 [--rounds R]``: each model once per intra-op thread count, the counts alternating R times (a row
+each), and from the lowest and highest counts' median runs its ``thread_split``: the step (and each phase) as
+``T(t) = serial + parallel / t`` (Amdahl's law through the two medians), i.e. how much of the step the added threads
+do not shorten: the chain of small operators and Python that runs on one core while the others wait.
 """
 
 from __future__ import annotations
@@ -152,7 +152,11 @@ def profile_model(
         )
         out["top_ops_ms"] = {e.key: e.self_cpu_time_total / k for e in ops[:8]}
 
-    launch(on_rank, 1, run)
+    before = torch.get_num_threads()
+    try:
+        launch(on_rank, 1, run)
+    finally:  # the process's own count again: a later call without `threads` must not inherit this one's
+        torch.set_num_threads(before)
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from benchmarks.step_profile import PHASES, _applies, profile_model, table, thread_split
 
 
@@ -17,8 +19,10 @@ def test_overrides_go_to_the_models_that_have_them():
 def test_profile_phases_are_measured(tiny_data, tmp_path):
     rows = []
     for model, sets in (("din", ["model.seq_len=20"]), ("sim_soft", ["model.max_len=40", "model.short_len=10"])):
+        before = torch.get_num_threads()
         row = profile_model(model, tiny_data, ["data.batch_size=64", *sets], 2, 1, tmp_path, threads=1)
         assert row["threads"] == 1  # the step ran on the threads asked for, not the trainer's default
+        assert torch.get_num_threads() == before  # and the process's count is back
         assert row["samples_per_s"] > 0 and row["loader_samples_per_s"] > 0 and row["step_ms"] > 0
         assert set(row["phases_ms"]) == set(PHASES)
         assert all(math.isfinite(v) and v >= 0 for v in row["phases_ms"].values())
