@@ -190,7 +190,11 @@ class CTRModel(nn.Module):
         if self.item_rows is not None or self.sid_embedding is not None:
             ids, sid = self._item_ids(ids, JaggedTensor)
 
-        def kjt(feats: list[str]) -> KeyedJaggedTensor:
+        def kjt(feats: list[str], collection: Any) -> KeyedJaggedTensor:
+            # a collection that looks up on one rank (`ctr.train.local_lookup`) takes its own feature order unpermuted
+            order = getattr(collection, "ctr_feature_order", None)
+            if order is not None and sorted(order) == sorted(feats):
+                feats = order
             jts = [ids[f.removesuffix(ATT_SUFFIX) if f.endswith(ATT_SUFFIX) else f] for f in feats]
             return KeyedJaggedTensor(
                 keys=list(feats),
@@ -199,10 +203,11 @@ class CTRModel(nn.Module):
             )
 
         if self.att_embedding is None:
-            out = self.embedding(kjt(self.embedded_features))
+            out = self.embedding(kjt(self.embedded_features, self.embedding))
         else:
             main = [f for f in self.embedded_features if f not in self._att_features]
-            out = {**self.embedding(kjt(main)), **self.att_embedding(kjt(self._att_features))}
+            att = self.att_embedding(kjt(self._att_features, self.att_embedding))
+            out = {**self.embedding(kjt(main, self.embedding)), **att}
         if sid is not None:
             out = self._pool_sid(out, ids, *sid, JaggedTensor)
         return out

@@ -155,12 +155,7 @@ class _Rows:
         batch = (offsets.numel() - 1) // n_features
         bounds = offsets[::batch] if batch else offsets.new_zeros(n_features + 1)
         indices = indices[: int(bounds[-1])].long()
-        # per feature: its table's rows, its first row in the flat weights and in the flat momentum (exact Adagrad
-        # keeps a value per weight, row-wise Adagrad one per row, SGD none); spread over the look-ups in one pass
-        per = {"adagrad": dim, "adam": dim, "rowwise_adagrad": 1}.get(name)
-        table_rows = torch.tensor([tbe.embedding_specs[t][0] for t in tbe.feature_table_map])
-        w_base = tbe.weights_offsets // dim
-        m_base = tbe.momentum1_offsets // per if per else w_base
+        table_rows, w_base, m_base = _bases(tbe, name, dim)
         found = _places(indices, bounds, table_rows, w_base, m_base)  # one pass where built
         if found is not None:
             weight, momentum, i = found
@@ -180,7 +175,22 @@ class _Rows:
             )
         self.name, self.dim = name, dim
         self.weight, self.momentum = weight, momentum
-        self.same_rows = torch.equal(w_base, m_base)  # the momentum's rows are the weights' (`momentum` = `weight`)
+        self.same_rows = tbe._ctr_same_rows  # the momentum's rows are the weights' (`momentum` = `weight`)
+
+
+def _bases(tbe: Any, name: str, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per feature of `tbe`: its table's rows, its first row in the flat weights and in the flat momentum (exact
+    Adagrad keeps a value per weight, row-wise Adagrad one per row, SGD none), as int64; fixed for a TBE, so built
+    on its first look-up and kept (with whether the two bases agree, ``_ctr_same_rows``)."""
+    bases = getattr(tbe, "_ctr_bases", None)
+    if bases is None:
+        per = {"adagrad": dim, "adam": dim, "rowwise_adagrad": 1}.get(name)
+        table_rows = torch.tensor([tbe.embedding_specs[t][0] for t in tbe.feature_table_map], dtype=torch.int64)
+        w_base = (tbe.weights_offsets // dim).to(torch.int64).contiguous()
+        m_base = (tbe.momentum1_offsets // per).to(torch.int64).contiguous() if per else w_base
+        bases = tbe._ctr_bases = (table_rows, w_base, m_base)
+        tbe._ctr_same_rows = torch.equal(w_base, m_base)
+    return bases
 
 
 def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:

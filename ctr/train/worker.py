@@ -28,7 +28,7 @@ from ..config import ConfigError, TrainConfig
 from ..malloc import keep_freed_memory
 from ..models import ModelParams
 from ..runs import JsonlLog, build_model, write_seen
-from . import checkpoint, cpu_tables
+from . import checkpoint, cpu_tables, local_lookup
 from .distributed import DistContext, copy_local_state, full_state_dict, local_state
 from .setup import (
     SingleRankWrapper,
@@ -124,6 +124,7 @@ class Training:
             self.dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, data_parallel_wrapper=one_rank)
         # how the sequence tables' look-up and fused update run on this rank (the run summary says it)
         self.cpu_table_groups = cpu_tables.install(self.dmp) if cfg.optim.sparse_cpu_kernel == "torch" else 0
+        self.local_lookups = local_lookup.install(self.dmp, ctx.world_size)  # one rank: no input/output dist
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters(), include=False)]
         self.dense_opt = dense_optimizer(cfg, self.dense_params)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.dense_opt, gamma=cfg.optim.lr_decay_per_epoch)
@@ -405,6 +406,8 @@ class Training:
             "dataset_fingerprint": self.info.fingerprint,
             # table groups whose look-up and fused update ran in ctr.train.cpu_tables (the rest: FBGEMM's kernels)
             "cpu_table_groups": self.cpu_table_groups,
+            # embedding collections looked up without TorchRec's distribution steps (one rank: ctr.train.local_lookup)
+            "local_lookups": self.local_lookups,
         }
         (self.run_dir / runs.SUMMARY).write_text(json.dumps(summary, indent=2))
         log.info("training done: %s", summary)
