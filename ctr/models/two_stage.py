@@ -81,7 +81,7 @@ from ..modules.gsu import Selection, lengths_to_offsets, to_slots
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
 from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams, check_dare_att_dim
-from .slots import fixed_slots, tail_rows, window_rows, without_short
+from .slots import tail_rows, window_rows, without_short
 from .stage_input import LongRows, StageInput
 
 ATT_SOURCES = ("item", "cate", "long_item", "long_cate", "short_item", "short_cate")
@@ -364,7 +364,6 @@ class TwoStageModel(CTRModel):
             short_rows = tail_rows(emb, offsets, self.p.short_len, self.p.dare, pairs)  # type: ignore[arg-type]
         else:
             short_rows = window_rows(emb, self.p.short_len, self.p.dare)
-        short_ids, _ = fixed_slots(ids["short_item"], self.p.short_len)
         return StageInput(
             batch=batch,
             emb=emb,
@@ -375,7 +374,8 @@ class TwoStageModel(CTRModel):
             long_rows=long_rows,
             long_offsets=offsets,
             short_rows=short_rows,
-            short_ids=short_ids,
+            short_item=ids["short_item"],
+            short_len=self.p.short_len,
             extras=extras,
             lc=self.length_context(batch),
             esu_out=esu_out,
