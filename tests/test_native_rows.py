@@ -156,28 +156,52 @@ def test_sum_rows_value_and_gradient():
 
 
 def test_the_sparse_update_sums_each_rows_gradients_natively(monkeypatch):
-    """`cpu_tables._update` sums the gradients of each distinct row through `index_add_rows` (the same sum as
-    PyTorch's ``index_add_``; `tests/test_cpu_tables.py` holds the update itself against FBGEMM's)."""
+    """`cpu_tables._update` sums the gradients of each distinct row through `index_add_blocks` (the same sum as
+    PyTorch's ``index_add_``; `tests/test_cpu_tables.py` holds the update itself against FBGEMM's), over the blocks
+    the look-up's outputs left, a block without gradient (None) adding nothing."""
     from ctr.train import cpu_tables
 
     seen = []
-    original = native.index_add_rows
+    original = native.index_add_blocks
 
-    def spy(src, index, rows):
-        seen.append((src.shape, rows))
-        return original(src, index, rows)
+    def spy(srcs, sizes, index, rows, d):
+        seen.append(([None if s is None else tuple(s.shape) for s in srcs], list(sizes), rows, d))
+        return original(srcs, sizes, index, rows, d)
 
-    monkeypatch.setattr(cpu_tables.native, "index_add_rows", spy)
+    monkeypatch.setattr(cpu_tables.native, "index_add_blocks", spy)
     tbe = _FakeTbe(rows=6, dim=4)
     indices = torch.tensor([5, 1, 5, 0, 1, 5])
     rows = cpu_tables._Rows(tbe, "sgd", indices, torch.tensor([0, 3, 6]))
     grad = torch.arange(24.0).view(6, 4)
     before = tbe.weights_host.clone().view(6, 4)
-    cpu_tables._update(tbe, rows, grad)
-    assert seen == [((6, 4), 3)]
+    cpu_tables._update(tbe, rows, [grad[:2].reshape(1, 8), None, grad[3:]], [2, 1, 3])
+    assert seen == [([(1, 8), None, (3, 4)], [2, 1, 3], 3, 4)]
     expected = before.clone()
-    expected.index_add_(0, indices, grad, alpha=-0.5)
+    used = torch.tensor([0, 1, 3, 4, 5])
+    expected.index_add_(0, indices[used], grad[used], alpha=-0.5)
     torch.testing.assert_close(tbe.weights_host.view(6, 4), expected)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_index_add_blocks_is_index_add_of_the_blocks_in_order(native_on, monkeypatch):
+    """Bit for bit the sum `index_add_rows` gives the concatenated blocks (each row's terms in the same order), a None
+    block as zeros; on one thread and on two (above the parallel threshold)."""
+    monkeypatch.setattr(native, "_use", native_on)
+    gen = torch.Generator().manual_seed(3)
+    for n, d in ((300, 5), (70_000, 64)):
+        index = torch.randint(0, n // 7, (n,), generator=gen)
+        a, b = torch.randn(n // 3, d, generator=gen), torch.randn(n - n // 3 - 11, d, generator=gen)
+        sizes = [a.shape[0], 11, b.shape[0]]
+        whole = torch.cat([a, torch.zeros(11, d), b])
+        expected = native.index_add_rows(whole, index, n // 7)
+        saved = torch.get_num_threads()
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                got = native.index_add_blocks([a.reshape(-1), None, b], sizes, index, n // 7, d)
+                assert torch.equal(got, expected), (n, d, threads)
+        finally:
+            torch.set_num_threads(saved)
 
 
 class _FakeTbe:

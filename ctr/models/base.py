@@ -78,6 +78,28 @@ def check_dare_att_dim(dare: bool, att_dim: int | None, lain: bool) -> None:
         raise ValueError("dare_att_dim with LAIN is not supported (LAIN's prompts have the representation width)")
 
 
+class Embeddings(dict):
+    """feature -> JaggedTensor of embeddings, as a collection's look-up returns them, with ``pairs``: for
+    ``(f_item, f_cate)`` features looked up side by side (`ctr.train.local_lookup`), their ``[e(item); e(cate)]``
+    rows ``[N, 2d]`` as one tensor, whose halves are the two features' values. `pair_values` reads it without the
+    concatenation (and without the gradient's split back into the halves)."""
+
+    def __init__(self, *args: Any, pairs: dict[tuple[str, str], torch.Tensor] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.pairs: dict[tuple[str, str], torch.Tensor] = dict(pairs or {})
+
+
+def pair_values(emb: dict[str, Any], item: str, cate: str) -> torch.Tensor:
+    """``[e(item); e(cate)]`` of two features with the same lengths, ``[N, 2d]``: the looked-up pair where the
+    look-up laid it out (`Embeddings.pairs`), else the concatenation of their values."""
+    pairs = getattr(emb, "pairs", None)
+    if pairs:
+        block = pairs.get((item, cate))
+        if block is not None:
+            return block
+    return torch.cat([emb[item].values(), emb[cate].values()], dim=-1)
+
+
 @dataclass
 class ModelOutput:
     logit: torch.Tensor  # [B], pre-sigmoid
@@ -181,6 +203,19 @@ class CTRModel(nn.Module):
             feats = feats + [SID_TABLE]
         return feats
 
+    def embedding_pairs(self) -> list[tuple[str, str]]:
+        """The ``(f_item, f_cate)`` features read together as ``[e(item); e(cate)]`` (`pair_values`): every item
+        feature with its category feature of the same prefix (and DARE suffix), both looked up."""
+        feats = set(self.embedding_features())
+        pairs = []
+        for f in self.embedding_features():
+            base, suffix = (f.removesuffix(ATT_SUFFIX), ATT_SUFFIX) if f.endswith(ATT_SUFFIX) else (f, "")
+            if base == "item" or base.endswith("_item"):
+                cate = base.removesuffix("item") + "cate" + suffix
+                if cate in feats:
+                    pairs.append((f, cate))
+        return pairs
+
     def embed(self, ids: dict[str, Any]) -> dict[str, Any]:
         """Look up every embedding feature (DARE's ``*_att`` from their source ids) in one collection call;
         ``ids``: feature -> JaggedTensor of ids (``batch.sparse.to_dict()``, possibly with some replaced)."""
@@ -207,7 +242,8 @@ class CTRModel(nn.Module):
         else:
             main = [f for f in self.embedded_features if f not in self._att_features]
             att = self.att_embedding(kjt(self._att_features, self.att_embedding))
-            out = {**self.embedding(kjt(main, self.embedding)), **att}
+            rep = self.embedding(kjt(main, self.embedding))
+            out = Embeddings({**rep, **att}, pairs={**getattr(rep, "pairs", {}), **getattr(att, "pairs", {})})
         if sid is not None:
             out = self._pool_sid(out, ids, *sid, JaggedTensor)
         return out
@@ -273,6 +309,13 @@ class CTRModel(nn.Module):
     def single(jt: Any) -> torch.Tensor:
         """A feature with exactly one id per sample -> [B, dim]."""
         return jt.values()
+
+    @staticmethod
+    def pair_jagged(emb: dict[str, Any], item: str, cate: str) -> Any:
+        """``[e(item); e(cate)]`` of two features as one JaggedTensor (`pair_values`; the lengths are item's)."""
+        from torchrec.sparse.jagged_tensor import JaggedTensor
+
+        return JaggedTensor(values=pair_values(emb, item, cate), lengths=emb[item].lengths())
 
     @staticmethod
     def padded(jt: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,7 +81,15 @@ from ..modules.attention import BilinearAttention, DienDinAttention, masked_soft
 from ..modules.augru import AUGRU, InterestExtractor
 from ..modules.lain import LainConditioner, LainParams, prepend_prompts
 from ..modules.mlp import MLP
-from .base import CTRModel, ModelOutput, ModelParams, check_dare_att_dim, register, register_lain_variant
+from .base import (
+    CTRModel,
+    ModelOutput,
+    ModelParams,
+    check_dare_att_dim,
+    pair_values,
+    register,
+    register_lain_variant,
+)
 
 
 class DIENParams(ModelParams):
@@ -166,9 +174,7 @@ class DIEN(CTRModel):
         return (SequenceView("hist", self.params.seq_len, negatives=True),)  # type: ignore[attr-defined]
 
     def _behaviors(self, emb: dict, prefix: str, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        item, mask = self.padded(emb[f"{prefix}_item{suffix}"], self.p.seq_len)
-        cate, _ = self.padded(emb[f"{prefix}_cate{suffix}"], self.p.seq_len)
-        return torch.cat([item, cate], dim=-1), mask
+        return self.padded(self.pair_jagged(emb, f"{prefix}_item{suffix}", f"{prefix}_cate{suffix}"), self.p.seq_len)
 
     def auxiliary_loss(
         self, states: torch.Tensor, clicked: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor
@@ -204,7 +210,7 @@ class DIEN(CTRModel):
         if self.lain is not None:
             return self._forward_lain(batch)
         emb = self.embed(batch.sparse.to_dict()) if self.p.dare else self.lookup(batch)
-        target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
+        target = pair_values(emb, "item", "cate")
         beh, mask = self._behaviors(emb, "hist")
         interests = self.extractor(beh, mask)  # [B, L, H]
         extras = {}
@@ -212,7 +218,7 @@ class DIEN(CTRModel):
             neg, _ = self._behaviors(emb, "hist_neg")
             extras["aux"] = self.auxiliary_loss(interests, beh, neg, mask)
         if self.p.dare:  # DARE: relevance in the attention space, the AUGRU integrates the interest states
-            query = torch.cat([self.single(emb["item_att"]), self.single(emb["cate_att"])], dim=-1)
+            query = pair_values(emb, "item_att", "cate_att")
             _, att = self.attention(query, self._behaviors(emb, "hist", suffix="_att")[0], mask)
         else:
             _, att = self.attention(target, interests, mask)
@@ -232,7 +238,7 @@ class DIEN(CTRModel):
         """`forward` with LAIN's prompts before the behaviors and its conditioned, tempered attention."""
         assert self.lain is not None
         emb = self.lookup(batch)
-        target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
+        target = pair_values(emb, "item", "cate")
         beh, mask = self._behaviors(emb, "hist")
         length = batch.dense["hist_len"]
         h = self.lain.encode(length)

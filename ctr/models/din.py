@@ -70,6 +70,7 @@ from .base import (
     ModelOutput,
     ModelParams,
     check_dare_att_dim,
+    pair_values,
     register,
     register_lain_variant,
     register_sid_variant,
@@ -139,25 +140,22 @@ class DIN(CTRModel):
 
     def forward(self, batch: Batch) -> ModelOutput:
         emb = self.embed(batch.sparse.to_dict()) if self.p.dare else self.lookup(batch)
-        target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
+        target = pair_values(emb, "item", "cate")
         if self.p.dare:  # DARE: attention embeddings score, representation embeddings are pooled
-            item, mask = self.padded(emb["hist_item"], self.p.seq_len)
-            cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)
-            keys = torch.cat([self.padded(emb["hist_item_att"], self.p.seq_len)[0],
-                              self.padded(emb["hist_cate_att"], self.p.seq_len)[0]], dim=-1)  # fmt: skip
-            query = torch.cat([self.single(emb["item_att"]), self.single(emb["cate_att"])], dim=-1)
-            pooled, _ = self.attention(query, keys, mask, values=torch.cat([item, cate], dim=-1))
+            values, mask = self.padded(self.pair_jagged(emb, "hist_item", "hist_cate"), self.p.seq_len)
+            keys, _ = self.padded(self.pair_jagged(emb, "hist_item_att", "hist_cate_att"), self.p.seq_len)
+            query = pair_values(emb, "item_att", "cate_att")
+            pooled, _ = self.attention(query, keys, mask, values=values)
         elif self.lain is not None and self.lain.active:  # switched off: the backbone's own path below
             pooled = self._lain_attention(emb, target, batch.dense["hist_len"])
         elif self.p.backend != "module":
-            hist_item = emb["hist_item"]
-            keys = torch.cat([hist_item.values(), emb["hist_cate"].values()], dim=-1)
-            offsets = lengths_to_offsets(hist_item.lengths())
+            keys = pair_values(emb, "hist_item", "hist_cate")
+            offsets = lengths_to_offsets(emb["hist_item"].lengths())
             pooled = self.attention.forward_jagged(
                 target, keys, offsets, max_len=self.p.seq_len, backend=self.p.backend
             )
         else:  # the behaviors as rows: the same function as on their padded layout, without building it
-            keys = torch.cat([emb["hist_item"].values(), emb["hist_cate"].values()], dim=-1)
+            keys = pair_values(emb, "hist_item", "hist_cate")
             flat, rows = self.window_rows(emb["hist_item"], self.p.seq_len)
             pooled, _ = self.attention.forward_rows(target, keys, flat, rows)
         x = torch.cat([pooled, target, pooled * target, *self.context_vector(emb)], dim=-1)
@@ -169,9 +167,7 @@ class DIN(CTRModel):
     def _lain_attention(self, emb: dict, target: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """DinAttention.forward with LAIN's prompts, QK conditioning and temperature (see the module docstring)."""
         assert self.lain is not None
-        item, mask = self.padded(emb["hist_item"], self.p.seq_len)
-        cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)
-        keys = torch.cat([item, cate], dim=-1)
+        keys, mask = self.padded(self.pair_jagged(emb, "hist_item", "hist_cate"), self.p.seq_len)
         return lain_din_attention(self.attention, self.lain, self.lain.encode(length), length, target, keys, mask)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..modules.gsu import gather_rows, to_slots
-from .base import ATT_SUFFIX
+from .base import ATT_SUFFIX, pair_values
 
 
 def fixed_slots(jt: Any, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,11 +22,12 @@ def fixed_slots(jt: Any, width: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PairJT:
-    """The minimal JaggedTensor interface `fixed_slots` needs, over ``[e(item); e(cate)]``."""
+    """The minimal JaggedTensor interface `fixed_slots` needs, over ``[e(item); e(cate)]`` (`pair_values`) of the
+    features ``item`` and ``cate`` of ``emb``."""
 
-    def __init__(self, item: Any, cate: Any) -> None:
-        self._values = torch.cat([item.values(), cate.values()], dim=-1)
-        self._lengths = item.lengths()
+    def __init__(self, emb: dict[str, Any], item: str, cate: str) -> None:
+        self._values = pair_values(emb, item, cate)
+        self._lengths = emb[item].lengths()
 
     def values(self) -> torch.Tensor:
         return self._values
@@ -109,10 +110,8 @@ def tail_rows(
     # backward)
 
     def pair(suffix: str) -> torch.Tensor:
-        item, cate = emb[f"long_item{suffix}"].values(), emb[f"long_cate{suffix}"].values()
-        if tail is not None:
-            item, cate = gather_rows(item, tail), gather_rows(cate, tail)
-        return torch.cat([item, cate], dim=-1)
+        values = pair_values(emb, f"long_item{suffix}", f"long_cate{suffix}")
+        return values if tail is None else gather_rows(values, tail)
 
     values = pair("")
     return ShortRows(values, pair(ATT_SUFFIX) if dare else values, rows, mask)
@@ -135,7 +134,7 @@ def window_rows(emb: dict[str, Any], width: int, dare: bool) -> ShortRows:
 
 
 def pair_jt(emb: dict[str, Any], prefix: str, suffix: str) -> PairJT:
-    return PairJT(emb[f"{prefix}item{suffix}"], emb[f"{prefix}cate{suffix}"])
+    return PairJT(emb, f"{prefix}item{suffix}", f"{prefix}cate{suffix}")
 
 
 __all__ = ["PairJT", "ShortRows", "fixed_slots", "pair_jt", "tail_rows", "window_rows", "without_short"]

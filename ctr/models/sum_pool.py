@@ -13,7 +13,7 @@ import torch
 from features.loader import Batch, SequenceView
 
 from ..modules.mlp import MLP
-from .base import CTRModel, ModelOutput, ModelParams, register
+from .base import CTRModel, ModelOutput, ModelParams, pair_values, register
 
 
 class SumPoolParams(ModelParams):
@@ -48,8 +48,8 @@ class SumPool(CTRModel):
 
     def forward(self, batch: Batch) -> ModelOutput:
         emb = self.lookup(batch)
-        target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)
-        seq = torch.cat([emb["hist_item"].values(), emb["hist_cate"].values()], dim=-1)
+        target = pair_values(emb, "item", "cate")
+        seq = pair_values(emb, "hist_item", "hist_cate")
         lengths = batch.dense["hist_lengths"]
         segment = torch.repeat_interleave(torch.arange(batch.size, device=seq.device), lengths)
         pooled = seq.new_zeros(batch.size, seq.shape[-1]).index_add_(0, segment, seq)

@@ -35,7 +35,7 @@ from ..modules.dense_embedding import DenseEmbedding
 from ..modules.esu import TemporalTargetAttention, time_gap_bucket
 from ..modules.gsu import to_slots
 from ..modules.mlp import MLP
-from .base import CTRModel, ModelOutput, ModelParams, register
+from .base import CTRModel, ModelOutput, ModelParams, pair_values, register
 
 
 class TINParams(ModelParams):
@@ -95,10 +95,9 @@ class TIN(CTRModel):
 
     def forward(self, batch: Batch) -> ModelOutput:
         emb = self.lookup(batch)
-        target = torch.cat([self.single(emb["item"]), self.single(emb["cate"])], dim=-1)  # [B, 2d]
-        item, mask = self.padded(emb["hist_item"], self.p.seq_len)
-        cate, _ = self.padded(emb["hist_cate"], self.p.seq_len)
-        u = self.attention(target, torch.cat([item, cate], dim=-1), mask, self.temporal_index(batch, mask))
+        target = pair_values(emb, "item", "cate")  # [B, 2d]
+        keys, mask = self.padded(self.pair_jagged(emb, "hist_item", "hist_cate"), self.p.seq_len)
+        u = self.attention(target, keys, mask, self.temporal_index(batch, mask))
         x = torch.cat([u, target, u * target, *self.context_vector(emb)], dim=-1)
         logit = self.tower(self.input_norm(x)).squeeze(-1)
         if self.item_bias is not None:

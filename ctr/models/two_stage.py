@@ -80,7 +80,7 @@ from ..modules.esu import MultiHeadTargetAttention
 from ..modules.gsu import Selection, lengths_to_offsets, to_slots
 from ..modules.lain import LainConditioner, LainParams, lain_din_attention, prepend_prompts
 from ..modules.mlp import MLP
-from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams, check_dare_att_dim
+from .base import ATT_SUFFIX, CTRModel, ModelOutput, ModelParams, check_dare_att_dim, pair_values
 from .slots import tail_rows, window_rows, without_short
 from .stage_input import LongRows, StageInput
 
@@ -270,10 +270,12 @@ class TwoStageModel(CTRModel):
 
     def pair(self, emb: dict[str, Any], prefix: str, att: bool = False) -> torch.Tensor:
         """``[e(item); e(cate)]`` of a feature pair, jagged values ``[N, 2d]`` (``prefix`` "" for the target)."""
-        return torch.cat(self.pair_parts(emb, prefix, att), dim=-1)
+        suffix = ATT_SUFFIX if att and self.p.dare else ""
+        return pair_values(emb, f"{prefix}item{suffix}", f"{prefix}cate{suffix}")
 
     def pair_parts(self, emb: dict[str, Any], prefix: str, att: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """`pair`'s two halves as looked up, ``(e(item) [N, d], e(cate) [N, d])``, for readers that need no copy."""
+        """`pair`'s two halves as looked up, ``(e(item) [N, d], e(cate) [N, d])``, for readers that need no copy
+        (where the look-up laid the pair out side by side, the halves are its column views)."""
         suffix = ATT_SUFFIX if att and self.p.dare else ""
         return emb[f"{prefix}item{suffix}"].values(), emb[f"{prefix}cate{suffix}"].values()
 

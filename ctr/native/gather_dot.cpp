@@ -87,14 +87,17 @@ at::Tensor segment_dots(at::TensorList parts, const at::Tensor& queries, const a
               "ctr_native segment_dots: offsets must be a contiguous int64 [B + 1] tensor");
   const int64_t total = parts[0].size(0);
   std::vector<const float*> ptr;
-  std::vector<int64_t> width, start;
+  std::vector<int64_t> width, stride, start;
   int64_t w = 0;
   for (const at::Tensor& t : parts) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.is_contiguous() &&
-                    t.size(0) == total,
-                "ctr_native segment_dots: every block must be a contiguous float32 [N, D_p] CPU tensor of N rows");
+    // each row's values contiguous, rows any stride apart (the item and category halves of a looked-up pair)
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == total &&
+                    (t.stride(1) == 1 || t.size(1) <= 1) && t.stride(0) >= t.size(1),
+                "ctr_native segment_dots: every block must be a float32 [N, D_p] CPU tensor of N rows, each row's "
+                "values contiguous");
     ptr.push_back(t.data_ptr<float>());
     width.push_back(t.size(1));
+    stride.push_back(t.stride(0));
     start.push_back(w);
     w += t.size(1);
   }
@@ -114,7 +117,7 @@ at::Tensor segment_dots(at::TensorList parts, const at::Tensor& queries, const a
       for (int64_t j = 0; j < nq; ++j) {
         const float* qj = q + (s * nq + j) * d;
         float acc = 0.0f;
-        for (int64_t p = 0; p < n_parts; ++p) acc += ctr_native::dot(ptr[p] + i * width[p], qj + start[p], width[p]);
+        for (int64_t p = 0; p < n_parts; ++p) acc += ctr_native::dot(ptr[p] + i * stride[p], qj + start[p], width[p]);
         op[i * nq + j] = acc;
       }
     }

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -50,15 +51,17 @@ inline void add_row(float* __restrict dst, const float* __restrict row, int64_t 
   for (int64_t j = 0; j < d; ++j) dst[j] += row[j];
 }
 
-at::Tensor index_add_rows(const at::Tensor& src, const at::Tensor& index, int64_t rows) {
-  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 2 && src.is_contiguous(),
-              "ctr_native index_add_rows: src must be a contiguous float32 [N, D] CPU tensor");
-  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 &&
-                  index.is_contiguous() && index.size(0) == src.size(0),
-              "ctr_native index_add_rows: index must be a contiguous int64 [N] CPU tensor, one per row of src");
-  TORCH_CHECK(rows >= 0, "ctr_native index_add_rows: rows must be >= 0, got ", rows);
-  const int64_t n = src.size(0), d = src.size(1);
-  at::Tensor out = at::empty({rows, d}, src.options());  // each part zeroes its own rows below
+// one block of consecutive source rows: its rows (null: zeros, nothing added), the first index it binds, its count
+struct Block {
+  const float* src;
+  int64_t first, count;
+};
+
+// out[index[i]] += (row i of the blocks, in order) into a zero [rows, d] block
+at::Tensor add_blocks(const std::vector<Block>& blocks, const at::Tensor& index, int64_t rows, int64_t d,
+                      const at::TensorOptions& opt) {
+  const int64_t n = index.size(0);
+  at::Tensor out = at::empty({rows, d}, opt);  // each part zeroes its own rows below
   const int64_t* ix = index.data_ptr<int64_t>();
   // every index checked before any row is added: the range, then the first bad one
   const auto [lo_ix, hi_ix] = n > 0 ? value_range(ix, n) : std::pair<int64_t, int64_t>{0, 0};
@@ -66,7 +69,6 @@ at::Tensor index_add_rows(const at::Tensor& src, const at::Tensor& index, int64_
     TORCH_CHECK(ix[i] >= 0 && ix[i] < rows, "ctr_native index_add_rows: index ", ix[i], " at row ", i,
                 " is outside the ", rows, " rows of the result");
   }
-  const float* s = src.data_ptr<float>();
   float* o = out.data_ptr<float>();
   // each thread owns a range of destination rows and adds, in index order, the source rows bound there: every
   // destination's terms in the same order on any thread count. One thread below 4M source floats: every thread
@@ -74,21 +76,64 @@ at::Tensor index_add_rows(const at::Tensor& src, const at::Tensor& index, int64_
   // rows, so that two threads took longer than one there (88K rows of 16: 0.57 ms on two, 0.30 on one; 1M rows of
   // 32: 23.8 on two, 26.8 on one)
   const int64_t parts = n * d < kParallelAddFloats ? 1 : std::min<int64_t>(at::get_num_threads(), rows);
+  const auto add_part = [&](int64_t lo, int64_t hi) {
+    std::fill(o + lo * d, o + hi * d, 0.0f);
+    for (const Block& b : blocks) {
+      if (b.src == nullptr) continue;
+      const int64_t* bx = ix + b.first;
+      for (int64_t i = 0; i < b.count; ++i) {
+        if (parts == 1 || (bx[i] >= lo && bx[i] < hi)) add_row(o + bx[i] * d, b.src + i * d, d);
+      }
+    }
+  };
   if (parts == 1) {
-    std::fill(o, o + rows * d, 0.0f);
-    for (int64_t i = 0; i < n; ++i) add_row(o + ix[i] * d, s + i * d, d);
+    add_part(0, rows);
     return out;
   }
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t lo = rows * p / parts, hi = rows * (p + 1) / parts;
-      std::fill(o + lo * d, o + hi * d, 0.0f);
-      for (int64_t i = 0; i < n; ++i) {
-        if (ix[i] >= lo && ix[i] < hi) add_row(o + ix[i] * d, s + i * d, d);
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p) add_part(rows * p / parts, rows * (p + 1) / parts);
   });
   return out;
+}
+
+void check_index(const at::Tensor& index, int64_t n, int64_t rows) {
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 &&
+                  index.is_contiguous() && index.size(0) == n,
+              "ctr_native index_add_rows: index must be a contiguous int64 [N] CPU tensor, one per source row");
+  TORCH_CHECK(rows >= 0, "ctr_native index_add_rows: rows must be >= 0, got ", rows);
+}
+
+at::Tensor index_add_rows(const at::Tensor& src, const at::Tensor& index, int64_t rows) {
+  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 2 && src.is_contiguous(),
+              "ctr_native index_add_rows: src must be a contiguous float32 [N, D] CPU tensor");
+  check_index(index, src.size(0), rows);
+  return add_blocks({{src.data_ptr<float>(), 0, src.size(0)}}, index, rows, src.size(1), src.options());
+}
+
+// `index_add_rows` over the rows of several blocks in order (block k: `sizes[k]` rows of `d`; an undefined block
+// adds nothing): the sparse update's gradients as its look-up's outputs left them, without concatenating them first
+at::Tensor index_add_blocks(const std::vector<std::optional<at::Tensor>>& srcs, at::IntArrayRef sizes,
+                            const at::Tensor& index, int64_t rows, int64_t d) {
+  TORCH_CHECK(srcs.size() == sizes.size(), "ctr_native index_add_blocks: ", srcs.size(), " blocks, ", sizes.size(),
+              " sizes");
+  std::vector<Block> blocks;
+  int64_t first = 0;
+  for (size_t k = 0; k < srcs.size(); ++k) {
+    const float* p = nullptr;
+    if (srcs[k].has_value() && srcs[k]->defined()) {
+      const at::Tensor& t = *srcs[k];
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                      t.numel() == sizes[k] * d,
+                  "ctr_native index_add_blocks: block ", k, " must be a contiguous float32 CPU tensor of ", sizes[k],
+                  " x ", d, " values, got ", t.sizes());
+      p = t.data_ptr<float>();
+    }
+    TORCH_CHECK(sizes[k] >= 0, "ctr_native index_add_blocks: block ", k, " has ", sizes[k], " rows");
+    blocks.push_back({p, first, sizes[k]});
+    first += sizes[k];
+  }
+  check_index(index, first, rows);
+  return add_blocks(blocks, index, rows, d, at::TensorOptions().dtype(at::kFloat));
 }
 
 // (distinct values of x in order of first occurrence [U], inverse [N]: x[i] == unique[inverse[i]])
@@ -319,6 +364,7 @@ std::vector<at::Tensor> lookup_rows(const at::Tensor& indices, const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
   m.def("lookup_rows(Tensor indices, Tensor bounds, Tensor table_rows, Tensor w_base, Tensor m_base) -> Tensor[]");
   m.def("index_add_rows(Tensor src, Tensor index, int rows) -> Tensor");
+  m.def("index_add_blocks(Tensor?[] srcs, int[] sizes, Tensor index, int rows, int d) -> Tensor");
   m.def("unique_inverse(Tensor x) -> Tensor[]");
   m.def(
       "adagrad_rows(Tensor(a!) weights, Tensor(b!) momentum, Tensor rows, Tensor m_rows, Tensor grad, float lr, "
@@ -330,6 +376,7 @@ TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
 
 TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {
   m.impl("index_add_rows", &index_add_rows);
+  m.impl("index_add_blocks", &index_add_blocks);
   m.impl("unique_inverse", &unique_inverse);
   m.impl("lookup_rows", &lookup_rows);
   m.impl("adagrad_rows", &adagrad_rows);

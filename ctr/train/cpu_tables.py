@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -193,14 +193,16 @@ def _bases(tbe: Any, name: str, dim: int) -> tuple[torch.Tensor, torch.Tensor, t
     return bases
 
 
-def _update(tbe: Any, rows: _Rows, grad: torch.Tensor) -> None:
-    """FBGEMM's CPU update (`rows.name`), applied to each distinct row once with the sum of its gradients."""
+def _update(tbe: Any, rows: _Rows, grads: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> None:
+    """FBGEMM's CPU update (`rows.name`), applied to each distinct row once with the sum of its gradients; the
+    look-ups' gradients come in blocks of ``sizes`` rows in look-up order (None: a block without gradient, zeros)."""
     with torch.no_grad(), torch.profiler.record_function(UPDATE_SPAN):
         name = rows.name
-        grad = grad.reshape(-1, rows.dim).float()
         found = native.unique_inverse(rows.weight)  # the distinct rows, without a sort
         unique, inverse = found if found is not None else torch.unique(rows.weight, return_inverse=True)
-        g = native.index_add_rows(grad, inverse, unique.numel())  # one pass, not index_add_'s sort of the index
+        grads = [None if g is None else g.float() for g in grads]
+        # one pass in look-up order, not index_add_'s sort of the index, nor a concatenation of the blocks
+        g = native.index_add_blocks(grads, sizes, inverse, unique.numel(), rows.dim)
         weights = tbe.weights_host.view(-1, rows.dim)
         lr = float(tbe.learning_rate_tensor)
         if name == "sgd":
@@ -292,8 +294,47 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
-        _update(ctx.tbe, ctx.rows, grad)
+        _update(ctx.tbe, ctx.rows, [grad], [ctx.rows.weight.numel()])
         return None, None, None
+
+
+class _BlockLookup(torch.autograd.Function):
+    """`_Lookup` with its rows as several outputs, one per block of consecutive look-ups (``sizes``): each reader's
+    gradient reaches the update where it lies, without the concatenation a split of one output costs backward."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any,
+        placeholder: torch.Tensor,
+        tbe: Any,
+        rows: _Rows,
+        sizes: list[int],  # noqa: ARG004
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.tbe, ctx.rows, ctx.sizes = tbe, rows, sizes
+        weights = tbe.weights_host.detach().view(-1, rows.dim)
+        return tuple(weights.index_select(0, part) for part in rows.weight.split(sizes))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[None, None, None, None]:
+        _update(ctx.tbe, ctx.rows, grads, ctx.sizes)
+        return None, None, None, None
+
+
+def lookup_blocks(
+    tbe: Any, indices: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor | None, sizes: list[int]
+) -> tuple[torch.Tensor, ...] | None:
+    """The rows of a TBE this module trains (`install_tbe`; else None) in blocks: its look-ups (``indices`` and
+    ``offsets`` as its forward takes them) taken in ``order`` (a permutation of their positions; None: as they come)
+    and cut into blocks of ``sizes`` rows, each ``[sizes[k], D]``. The update is the TBE's, on the same rows: each
+    distinct row's gradients are summed in their order in ``order``
+    (`ctr.train.local_lookup` lays item and category rows out side by side, ``[n, 2D]``, this way)."""
+    name = getattr(tbe, "_ctr_update", None)
+    if not name:
+        return None
+    rows = _Rows(tbe, name, indices, offsets.long())
+    if order is not None:
+        rows.weight, rows.momentum = rows.weight.index_select(0, order), rows.momentum.index_select(0, order)
+    return _BlockLookup.apply(tbe.placeholder_autograd_tensor, tbe, rows, sizes)
 
 
 def _forward(self: Any, indices: torch.Tensor, offsets: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

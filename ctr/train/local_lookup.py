@@ -56,6 +56,8 @@ def _forward(self: Any, features: Any) -> dict[str, Any]:
     """The collection's look-up on one rank (see the module docstring): feature -> JaggedTensor of embeddings."""
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
+    from ..models.base import Embeddings
+
     if features.variable_stride_per_key() or features.weights_or_none() is not None:
         return self._ctr_torchrec_forward(features)
     keys = tuple(features.keys())
@@ -67,7 +69,7 @@ def _forward(self: Any, features: Any) -> dict[str, Any]:
         order = self._ctr_orders[keys] = (index, torch.tensor(index, dtype=torch.int32, device=features.device()))
     if order[0] != list(range(len(keys))):
         features = features.permute(*order)
-    out: dict[str, Any] = {}
+    out = Embeddings()
     stride = features.stride()
     lengths = features.lengths().view(-1, stride) if stride else features.lengths().view(len(keys), 0)
     per_key = features.length_per_key()
@@ -75,16 +77,77 @@ def _forward(self: Any, features: Any) -> dict[str, Any]:
     for emb, names in self._ctr_groups:
         n = len(names)
         group = features if n == len(keys) else features.split([start, n, len(keys) - start - n])[1]
-        rows = emb(group)
-        for i, (name, part) in enumerate(zip(names, rows.split(per_key[start : start + n]), strict=True)):
-            out[name] = JaggedTensor(values=part, lengths=lengths[start + i])
+        blocks = _blocks(self, emb, group, names, per_key[start : start + n], lengths[start : start + n], out)
+        if blocks is None:  # a table group this path does not train (`ctr.train.cpu_tables`): its own module
+            rows = emb(group)
+            for i, (name, part) in enumerate(zip(names, rows.split(per_key[start : start + n]), strict=True)):
+                out[name] = JaggedTensor(values=part, lengths=lengths[start + i])
         start += n
     return out
 
 
-def install(module: torch.nn.Module, world_size: int) -> int:
+def _blocks(
+    self: Any, emb: Any, group: Any, names: list[str], counts: list[int], lengths: torch.Tensor, out: Any
+) -> bool | None:
+    """One table group's rows through `cpu_tables.lookup_blocks`, into ``out``: a feature alone, or a pair
+    (``ctr_pairs``, same lengths in this batch) side by side as ``[n, 2D]`` (its rows interleaved in the look-up
+    order: each table's rows keep their relative order, so the update sums each row's gradients as before);
+    None where the group's TBE does not train through `cpu_tables`."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from . import cpu_tables
+
+    firsts = [0]
+    for c in counts[:-1]:
+        firsts.append(firsts[-1] + c)
+    pos = {f: i for i, f in enumerate(names)}
+    partner: dict[int, tuple[int, int]] = {}  # the pair's first position in the group -> (item position, cate's)
+    for a, b in self.ctr_pairs:
+        ia, ib = pos.get(a), pos.get(b)
+        if ia is None or ib is None or counts[ia] != counts[ib] or not torch.equal(lengths[ia], lengths[ib]):
+            continue
+        partner[min(ia, ib)] = (ia, ib)
+    layout: list[tuple[int, ...]] = []
+    taken: set[int] = set()
+    for i in range(len(names)):
+        if i in taken:
+            continue
+        pair = partner.get(i)
+        if pair is not None and not taken.intersection(pair):
+            layout.append(pair)
+            taken.update(pair)
+        else:
+            layout.append((i,))
+            taken.add(i)
+    order = None
+    if any(len(b) == 2 for b in layout):
+        parts = []
+        for b in layout:
+            spans = [torch.arange(firsts[i], firsts[i] + counts[i]) for i in b]
+            parts.append(spans[0] if len(b) == 1 else torch.stack(spans, dim=1).reshape(-1))
+        order = torch.cat(parts)
+    sizes = [sum(counts[i] for i in b) for b in layout]
+    tbe = emb.emb_module
+    found = cpu_tables.lookup_blocks(tbe, group.values(), group.offsets(), order, sizes)
+    if found is None:
+        return None
+    dim = found[0].shape[1] if found else 0
+    for b, rows in zip(layout, found, strict=True):
+        if len(b) == 1:
+            out[names[b[0]]] = JaggedTensor(values=rows, lengths=lengths[b[0]])
+            continue
+        block = rows.view(-1, 2 * dim)
+        (ia, ib) = b
+        out[names[ia]] = JaggedTensor(values=block[:, :dim], lengths=lengths[ia])
+        out[names[ib]] = JaggedTensor(values=block[:, dim:], lengths=lengths[ib])
+        out.pairs[(names[ia], names[ib])] = block
+    return True
+
+
+def install(module: torch.nn.Module, world_size: int, pairs: list[tuple[str, str]] | None = None) -> int:
     """Give every sharded embedding collection under `module` the one-rank look-up where it applies (one rank, the
-    layout `_groups` accepts); returns how many have it."""
+    layout `_groups` accepts), with the model's feature ``pairs`` (`CTRModel.embedding_pairs`) laid out side by
+    side; returns how many have it."""
     if world_size != 1:
         return 0
     n = 0
@@ -99,6 +162,7 @@ def install(module: torch.nn.Module, world_size: int) -> int:
         m._ctr_groups = groups
         m.ctr_feature_order = [f for _, fs in groups for f in fs]
         m._ctr_orders = {}
+        m.ctr_pairs = list(pairs or [])
         m.forward = types.MethodType(_forward, m)
         n += 1
     if n:

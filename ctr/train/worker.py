@@ -124,7 +124,8 @@ class Training:
             self.dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, data_parallel_wrapper=one_rank)
         # how the sequence tables' look-up and fused update run on this rank (the run summary says it)
         self.cpu_table_groups = cpu_tables.install(self.dmp) if cfg.optim.sparse_cpu_kernel == "torch" else 0
-        self.local_lookups = local_lookup.install(self.dmp, ctx.world_size)  # one rank: no input/output dist
+        # one rank: no input/output dist, the model's item/category pairs side by side
+        self.local_lookups = local_lookup.install(self.dmp, ctx.world_size, model.embedding_pairs())
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters(), include=False)]
         self.dense_opt = dense_optimizer(cfg, self.dense_params)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.dense_opt, gamma=cfg.optim.lr_decay_per_epoch)
