@@ -333,7 +333,9 @@ def lookup_blocks(
         return None
     rows = _Rows(tbe, name, indices, offsets.long())
     if order is not None:
-        rows.weight, rows.momentum = rows.weight.index_select(0, order), rows.momentum.index_select(0, order)
+        rows.weight = rows.weight.index_select(0, order)
+        # (the momentum's places are read only where they are not the weights' own rows: `_update`'s m_rows)
+        rows.momentum = rows.weight if rows.same_rows else rows.momentum.index_select(0, order)
     return _BlockLookup.apply(tbe.placeholder_autograd_tensor, tbe, rows, sizes)
 
 

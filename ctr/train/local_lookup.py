@@ -123,8 +123,11 @@ def _blocks(
     if any(len(b) == 2 for b in layout):
         parts = []
         for b in layout:
-            spans = [torch.arange(firsts[i], firsts[i] + counts[i]) for i in b]
-            parts.append(spans[0] if len(b) == 1 else torch.stack(spans, dim=1).reshape(-1))
+            if len(b) == 1:
+                parts.append(torch.arange(firsts[b[0]], firsts[b[0]] + counts[b[0]]))
+            else:  # item row j then category row j: [f_item + j, f_cate + j]
+                pair_firsts = torch.tensor([firsts[b[0]], firsts[b[1]]])
+                parts.append((torch.arange(counts[b[0]]).unsqueeze(1) + pair_firsts).reshape(-1))
         order = torch.cat(parts)
     sizes = [sum(counts[i] for i in b) for b in layout]
     tbe = emb.emb_module
