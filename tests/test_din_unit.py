@@ -211,3 +211,42 @@ def test_backward_needs_the_sigmoids_forward_kept():
     no_keep = torch.ops.ctr_native.din_unit_forward(keys, flat, query, rows, qpart, w_kp, [], [], [alpha], w_out, 0.0,
                                                     [], [], 1e-8, False)  # fmt: skip
     assert len(no_keep) == 5 and torch.equal(no_keep[0], res[0])  # evaluation keeps nothing, same scores
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("extra", [False, True])
+def test_pooling_in_the_unit_is_the_unit_then_weighted_pool_bit_for_bit(threads, extra):
+    """`forward_rows` without softmax pooling the keys (`din_unit(pool=True)`: the sum in the scores' pass, its
+    gradient inside the unit's backward) against the unit's scores then `weighted_pool`: the pooled sums, the scores,
+    the keys', queries' and every parameter's gradient equal bit for bit (the pooling's share of the keys' gradient
+    rounded as autograd's separate term was), with and without a gradient reaching the scores themselves."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        unit, ref = _pair((80, 40), 32, seed=5)
+        mask = _mask(260, 20, seed=5)
+        rows = torch.arange(260).unsqueeze(1).expand(260, 20)[mask]
+        keys = torch.randn(int(mask.sum()) + 7, 32)
+        flat = torch.sort(torch.randperm(keys.shape[0])[: rows.numel()]).values  # some rows unread
+        q = torch.randn(260, 32)
+        g, gs = torch.randn(260, 32), torch.randn(rows.numel())
+        outs = []
+        for module, fused in ((unit, True), (ref, False)):
+            k, qq = keys.clone().requires_grad_(), q.clone().requires_grad_()
+            if fused:
+                found = module._pooled_rows(qq, k, flat, rows)
+                assert found is not None
+                pooled, s = found
+            else:
+                s = module.scores_rows(qq, k, flat, rows)
+                pooled = native.weighted_pool(s, k, flat, rows, 260)
+            loss = (pooled * g).sum() + ((s * gs).sum() if extra else 0.0)
+            loss.backward()
+            grads = [p.grad for p in module.parameters()]
+            outs.append((pooled.detach(), s.detach(), k.grad, qq.grad, grads, [b.clone() for b in module.buffers()]))
+        (p1, s1, k1, q1, w1, b1), (p2, s2, k2, q2, w2, b2) = outs
+        for a, b in ((p1, p2), (s1, s2), (k1, k2), (q1, q2), *zip(w1, w2, strict=True), *zip(b1, b2, strict=True)):
+            assert torch.equal(a, b)
+        assert k1[~torch.isin(torch.arange(keys.shape[0]), flat)].abs().max() == 0  # unread rows: no gradient
+    finally:
+        torch.set_num_threads(saved)

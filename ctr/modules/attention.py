@@ -141,24 +141,40 @@ class DinAttention(nn.Module):
         positions) of samples ``rows [N]`` (nondecreasing): `scores` without the padded layout. The keys may be the
         rows of a jagged block as they come (``flat`` every position, or a tail of each sample's), so no padded
         copy is built and none is read back in the backward."""
-        d = keys.shape[1]
         if flat.numel() == 0:
             return keys.new_zeros(0)
-        first = self.linears[0]
-        w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
-        w_kp = torch.cat([w_k - w_d, w_p], dim=1)
-        q_share = F.linear(query, w_q + w_d, first.bias)
+        q_share, w_kp = self._first_layer(query, keys.shape[1])
         compiled = self._compiled_rows is not None and self.training and torch.is_grad_enabled()
         if self.activation == "dice" and not compiled:  # the unit in cache-sized blocks (ctr/native/din_unit.cpp)
             s = native.din_unit(keys, flat, query, rows, q_share, w_kp, self.linears[1:], self.acts, self.out)
             if s is not None:
-                return s
+                return s  # type: ignore[return-value]
         k = native.gather_rows(keys, flat)
         q_part = native.gather_rows(q_share, rows)
         q = native.gather_rows(query, rows)
         if compiled:
             return self._run_compiled(q_part, q, k, w_kp)
         return self._rows(q_part, q, k, w_kp)
+
+    def _first_layer(self, query: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer on ``[q; k; q − k; q ⊙ k]`` split into the query's share ``[B, H_1]`` (with the bias) and
+        the weight ``[H_1, 2d]`` on ``[k; q ⊙ k]``."""
+        first = self.linears[0]
+        w_q, w_k, w_d, w_p = first.weight.split(d, dim=1)
+        return F.linear(query, w_q + w_d, first.bias), torch.cat([w_k - w_d, w_p], dim=1)
+
+    def _pooled_rows(
+        self, query: torch.Tensor, keys: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`forward_rows` without softmax, pooling the keys themselves, in one native op: the unit's scores and their
+        weighted sum of the keys (`din_unit(pool=True)`: the sum in the scores' pass, its gradient in the unit's
+        backward, no second gradient of the keys for autograd to add); None where it does not apply."""
+        compiled = self._compiled_rows is not None and self.training and torch.is_grad_enabled()
+        if self.softmax or self.activation != "dice" or compiled or flat.numel() == 0:
+            return None
+        q_share, w_kp = self._first_layer(query, keys.shape[1])
+        found = native.din_unit(keys, flat, query, rows, q_share, w_kp, self.linears[1:], self.acts, self.out, True)
+        return found  # type: ignore[return-value]
 
     def _rows(self, q_part: torch.Tensor, q: torch.Tensor, k: torch.Tensor, w_kp: torch.Tensor) -> torch.Tensor:
         """The unit from the first layer's behavior share on: gathered rows [N, ...] -> scores [N]."""
@@ -217,6 +233,10 @@ class DinAttention(nn.Module):
         or each sample's tail) the zero-filled ``[B, L, D]`` copy, its read-back in the backward and the padded
         positions' share of the pooling are skipped. A sample without rows pools to zeros."""
         b = query.shape[0]
+        if values is None or values is keys:
+            fused = self._pooled_rows(query, keys, flat, rows)
+            if fused is not None:
+                return fused
         s = self.scores_rows(query, keys, flat, rows)
         weights = segment_softmax(s * self.scale, rows, b) if self.softmax else s
         v = keys if values is None else values

@@ -21,27 +21,37 @@ from . import applies
 class _DinUnit(torch.autograd.Function):
     """The scores [N], computed by `din_unit_forward` before the call (``pack``: its outputs), with their backward:
     gradients for the keys (all M rows, zero where unread), the queries, the first layer's per-sample share
-    ``qpart``, every weight, bias and Dice's α."""
+    ``qpart``, every weight, bias and Dice's α. With ``pack``'s pooled sums (`din_unit(pool=True)`): (pooled [B, D],
+    scores), the pooling's gradient taken in the same backward (no second [M, D] gradient of the keys to add)."""
 
     @staticmethod
     def forward(ctx, pack, flat, rows, layers, keys, query, qpart, w1, w_out, b_out, *rest):  # type: ignore[no-untyped-def]
         ws, alphas = rest[: layers - 1], rest[2 * layers - 2 :]
-        scores, pre, mean, invstd, sig = pack
-        ctx.save_for_backward(keys, flat, query, rows, w1, w_out, *ws, *alphas, *pre, *mean, *invstd, *sig)
-        ctx.layers, ctx.b_shape = layers, b_out.shape
-        return scores
+        scores, pre, mean, invstd, sig, pooled = pack
+        saved = (scores,) if pooled is not None else ()
+        ctx.save_for_backward(keys, flat, query, rows, w1, w_out, *ws, *alphas, *pre, *mean, *invstd, *sig, *saved)
+        ctx.layers, ctx.b_shape, ctx.pooled = layers, b_out.shape, pooled is not None
+        return scores if pooled is None else (pooled, scores)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+    def backward(ctx, *grads):  # type: ignore[no-untyped-def]
         layers = ctx.layers
         keys, flat, query, rows, w1, w_out, *rest = ctx.saved_tensors
         ws, alphas = rest[: layers - 1], rest[layers - 1 : 2 * layers - 1]
         pre, mean, invstd, sig = (
             rest[2 * layers - 1 + i * layers : 2 * layers - 1 + (i + 1) * layers] for i in range(4)
         )
+        gpooled, scores = None, None
+        if ctx.pooled:
+            gpooled, grad = grads
+            scores = rest[-1]
+            grad = scores.new_zeros(scores.shape) if grad is None else grad
+            gpooled = None if gpooled is None else gpooled.contiguous()
+        else:
+            (grad,) = grads
         g = torch.ops.ctr_native.din_unit_backward(
             grad.contiguous(), keys, flat, query, rows, w1, list(ws), list(alphas), w_out, list(pre), list(mean),
-            list(invstd), list(sig),
+            list(invstd), list(sig), gpooled, scores,
         )  # fmt: skip
         gkeys, gquery, gqpart, gw1 = g[:4]
         gws, gbs = g[4 : 3 + layers], g[3 + layers : 2 + 2 * layers]
@@ -78,8 +88,10 @@ def din_unit(
     linears: Sequence[nn.Linear],
     dices: Sequence[nn.Module],
     out: nn.Linear,
-) -> torch.Tensor | None:
-    """The unit's scores [N] natively, or None where the caller must run its eager form.
+    pool: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """The unit's scores [N] natively, or None where the caller must run its eager form; with ``pool``, (DIN's
+    weighted sum of the keys by the scores [B, D], as `weighted_pool` gives it, the scores).
 
     ``keys [M, D]`` (a padded block's rows), ``flat [N]`` the real rows' positions in it (increasing), ``rows [N]``
     their samples (nondecreasing), ``query [B, D]``, ``qpart [B, H_1]`` the first layer's per-sample share with its
@@ -121,16 +133,18 @@ def din_unit(
             )
         res = torch.ops.ctr_native.din_unit_forward(
             keys, flat, query, rows, qpart, w_kp, [w.detach() for w in ws], [b.detach() for b in bs],
-            [a.detach() for a in alphas], w_out.detach().contiguous(), float(out.bias), *stats, eps, grad,
+            [a.detach() for a in alphas], w_out.detach().contiguous(), float(out.bias), *stats, eps, grad, pool,
         )  # fmt: skip
         scores, pre = res[0], res[1 : 1 + layers]
         mean, invstd = res[1 + layers : 1 + 2 * layers], res[1 + 2 * layers : 1 + 3 * layers]
-        var, sig = res[1 + 3 * layers : 1 + 4 * layers], res[1 + 4 * layers :]  # sig: each Dice's σ (with grad)
+        var = res[1 + 3 * layers : 1 + 4 * layers]
+        sig = res[1 + 4 * layers : 1 + 4 * layers + (layers if grad else 0)]  # sig: each Dice's σ (with grad)
+        pooled = res[-1] if pool else None
         if training:
             _update_running(norms, mean, var, n)
     if not grad:
-        return scores
-    pack = (scores, pre, mean, invstd, sig)
+        return scores if pooled is None else (pooled, scores)
+    pack = (scores, pre, mean, invstd, sig, pooled)
     return _DinUnit.apply(pack, flat, rows, layers, keys, query, qpart, w_kp, w_out, out.bias, *ws, *bs, *alphas)
 
 

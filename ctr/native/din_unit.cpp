@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 // MKL's (or any BLAS's) Fortran sgemm, which libtorch_cpu exports where torch is built with it; weak, so that a
@@ -158,7 +159,7 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
                                          const at::Tensor& rows, const at::Tensor& qpart, const at::Tensor& w1,
                                          at::TensorList ws, at::TensorList bs, at::TensorList alphas,
                                          const at::Tensor& w_out, double b_out, at::TensorList means,
-                                         at::TensorList invstds, double eps, bool keep) {
+                                         at::TensorList invstds, double eps, bool keep, bool pool) {
   using namespace din_unit_impl;
   const Shapes s = check_inputs(keys, flat, query, rows, w1, ws, alphas, w_out);
   const int64_t n = s.n, d = s.d, layers = static_cast<int64_t>(s.h.size());
@@ -176,6 +177,8 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
     for (int64_t l = 0; l < layers; ++l) sig.push_back(at::empty({n, s.h[l]}, opt));
   }
   at::Tensor scores = at::empty({n}, opt);
+  // with `pool`, DIN's weighted sum too, Σ_i s_i k_i per sample, in the scores' pass (`weighted_pool` in row order)
+  at::Tensor pooled = pool ? at::zeros({s.b, d}, opt) : at::Tensor();
   const std::vector<int64_t> bounds = sample_groups(rows.data_ptr<int64_t>(), n);
   const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
   const float *kp = keys.data_ptr<float>(), *qp = query.data_ptr<float>(), *qpp = qpart.data_ptr<float>(),
@@ -214,6 +217,10 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
               for (int64_t i = 0; i < nb; ++i) {
                 out[i] = static_cast<float>(b_out) + ctr_native::dot(in.data() + i * hin, w, hin);
               }
+              if (pool) {  // each sample within one group: its sum in row order, on one thread
+                float* pp = pooled.data_ptr<float>();
+                for (int64_t i = r0; i < r1; ++i) ctr_native::axpy(pp + rp[i] * d, out[i - r0], kp + fp[i] * d, d);
+              }
               continue;
             }
             float* x = pre[l].data_ptr<float>() + r0 * hout;
@@ -248,6 +255,7 @@ std::vector<at::Tensor> din_unit_forward(const at::Tensor& keys, const at::Tenso
   }
   std::vector<at::Tensor> out{scores};
   for (auto* v : {&pre, &mean, &invstd, &var, &sig}) out.insert(out.end(), v->begin(), v->end());
+  if (pool) out.push_back(pooled);
   return out;
 }
 
@@ -257,7 +265,8 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
                                           const at::Tensor& query, const at::Tensor& rows, const at::Tensor& w1,
                                           at::TensorList ws, at::TensorList alphas, const at::Tensor& w_out,
                                           at::TensorList pre, at::TensorList mean, at::TensorList invstd,
-                                          at::TensorList sig) {
+                                          at::TensorList sig, const std::optional<at::Tensor>& gpooled,
+                                          const std::optional<at::Tensor>& scores) {
   using namespace din_unit_impl;
   const Shapes s = check_inputs(keys, flat, query, rows, w1, ws, alphas, w_out);
   const int64_t n = s.n, d = s.d, layers = static_cast<int64_t>(s.h.size());
@@ -277,10 +286,29 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   const auto opt = keys.options();
   const std::vector<int64_t> bounds = sample_groups(rows.data_ptr<int64_t>(), n);
   const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
-  const float *kp = keys.data_ptr<float>(), *qp = query.data_ptr<float>(), *gp = grad.data_ptr<float>(),
-              *wo = w_out.data_ptr<float>();
+  const float *kp = keys.data_ptr<float>(), *qp = query.data_ptr<float>(), *wo = w_out.data_ptr<float>();
   const int64_t *fp = flat.data_ptr<int64_t>(), *rp = rows.data_ptr<int64_t>();
   const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
+  // with the pooling's gradient (`pool` forward): the scores' gradient gains <g_b, k_i> (the weighted sum's), and the
+  // keys' its s_i g_b, added where the first layer writes them (below) instead of by autograd over another [M, D]
+  const bool pooled = gpooled.has_value() && gpooled->defined();
+  at::Tensor geff = grad;
+  const float *gpp = nullptr, *sc = nullptr;
+  if (pooled) {
+    check_float(*gpooled, 2, "gpooled");
+    TORCH_CHECK(gpooled->size(0) == s.b && gpooled->size(1) == d && scores.has_value() && scores->defined(),
+                "ctr_native din_unit: gpooled must be [B, D], with the forward's scores");
+    check_float(*scores, 1, "scores");
+    TORCH_CHECK(scores->size(0) == n, "ctr_native din_unit: scores must be [N]");
+    gpp = gpooled->data_ptr<float>();
+    sc = scores->data_ptr<float>();
+    geff = grad.clone();
+    float* ge = geff.data_ptr<float>();
+    at::parallel_for(0, n, 2048, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) ge[i] += ctr_native::dot(gpp + rp[i] * d, kp + fp[i] * d, d);
+    });
+  }
+  const float* gp = geff.data_ptr<float>();
 
   // the last hidden layer's Dice sums, its gradient being grad ⊗ w_out, with w_out's and b_out's gradients
   const int64_t hl = s.h.back();
@@ -414,6 +442,9 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
             }
             unit_first_layer::backward(nb, krow.data(), gkrow.data(), dx.data(), mt.data(), wpt.data(), qp + b * d,
                                        d, h0, pk, pw, gq + b * d);
+            if (pooled) {
+              for (int64_t i = 0; i < nb; ++i) ctr_native::add_scaled(gkrow[i], sc[r0 + i], gpp + b * d, d);
+            }
           }
         }
       }
@@ -434,11 +465,12 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
 TORCH_LIBRARY_FRAGMENT(ctr_native, m) {
   m.def(
       "din_unit_forward(Tensor keys, Tensor flat, Tensor query, Tensor rows, Tensor qpart, Tensor w1, Tensor[] ws, "
-      "Tensor[] bs, Tensor[] alphas, Tensor w_out, float b_out, Tensor[] means, Tensor[] invstds, float eps, bool keep) "
-      "-> Tensor[]");
+      "Tensor[] bs, Tensor[] alphas, Tensor w_out, float b_out, Tensor[] means, Tensor[] invstds, float eps, bool keep, "
+      "bool pool=False) -> Tensor[]");
   m.def(
       "din_unit_backward(Tensor grad, Tensor keys, Tensor flat, Tensor query, Tensor rows, Tensor w1, Tensor[] ws, "
-      "Tensor[] alphas, Tensor w_out, Tensor[] pre, Tensor[] mean, Tensor[] invstd, Tensor[] sig) -> Tensor[]");
+      "Tensor[] alphas, Tensor w_out, Tensor[] pre, Tensor[] mean, Tensor[] invstd, Tensor[] sig, "
+      "Tensor? gpooled=None, Tensor? scores=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ctr_native, CPU, m) {

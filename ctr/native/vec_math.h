@@ -42,4 +42,21 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return acc;
 }
 
+// o += a x over n floats: a weighted sum's step (`weighted_pool.cpp`, DIN's unit with its pooling)
+inline void axpy(float* __restrict o, float a, const float* __restrict x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) o[j] += a * x[j];
+}
+
+// o += (a x), the product rounded before the sum (never one fused multiply-add): a gradient that autograd would
+// add as a separate term (`din_unit.cpp` adds its pooling's share to the keys' gradient so), so the sum is the same
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+inline void add_scaled(float* __restrict o, float a, const float* __restrict x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float t = a * x[j];
+    o[j] = o[j] + t;
+  }
+}
+
 }  // namespace ctr_native

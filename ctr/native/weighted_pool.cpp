@@ -63,9 +63,7 @@ at::Tensor weighted_pool_forward(const at::Tensor& w, const at::Tensor& values, 
     for (int64_t s = s0; s < s1; ++s) {
       float* __restrict o = op + s * d;
       for (int64_t i = starts[s]; i < starts[s + 1]; ++i) {
-        const float* __restrict v = vp + fp[i] * d;
-        const float a = wp[i];
-        for (int64_t j = 0; j < d; ++j) o[j] += a * v[j];
+        ctr_native::axpy(o, wp[i], vp + fp[i] * d, d);
       }
     }
   });
