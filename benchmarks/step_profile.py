@@ -127,9 +127,7 @@ def profile_model(
                 with record_function("phase:backward+sparse"):
                     total.backward()
                 with record_function("phase:dense optimizer"):
-                    if tr.cfg.optim.clip_norm:
-                        torch.nn.utils.clip_grad_norm_(tr.dense_params, tr.cfg.optim.clip_norm)
-                    tr.dense_opt.step()
+                    tr.dense_step()
         k = len(timed) * 1e3  # us -> ms per step
         lookup = _span_total(prof, "phase:lookup") / k
         fwd = _span_total(prof, "phase:forward+lookup") / k

@@ -31,6 +31,7 @@ from ..runs import JsonlLog, build_model, write_seen
 from . import checkpoint, cpu_tables, local_lookup
 from .distributed import DistContext, copy_local_state, full_state_dict, local_state
 from .setup import (
+    DenseStep,
     SingleRankWrapper,
     compile_units,
     dense_optimizer,
@@ -128,6 +129,7 @@ class Training:
         self.local_lookups = local_lookup.install(self.dmp, ctx.world_size, model.embedding_pairs())
         self.dense_params = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters(), include=False)]
         self.dense_opt = dense_optimizer(cfg, self.dense_params)
+        self.dense_step = DenseStep(self.dense_params, self.dense_opt, cfg.optim.clip_norm or 0.0)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.dense_opt, gamma=cfg.optim.lr_decay_per_epoch)
 
     def _build_loaders(self) -> None:
@@ -291,9 +293,7 @@ class Training:
                 total = total * weight
             self.dense_opt.zero_grad(set_to_none=True)
             total.backward()
-        if self.cfg.optim.clip_norm:
-            torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.optim.clip_norm)
-        self.dense_opt.step()
+        self.dense_step()  # clipping (optim.clip_norm) and the dense optimizer's step
         self.state["step"] += 1
         self.state["batch_in_epoch"] += 1
         return terms, n_local
