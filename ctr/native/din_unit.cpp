@@ -20,7 +20,12 @@
 // samples' gradients of qpart and the queries alone, and the column sums and weight gradients are added group by
 // group in order, so the result does not depend on the thread count. `flat` must be strictly increasing and `rows`
 // nondecreasing (the real positions of a row-major [B, L] mask, as `DinAttention.scores` builds them).
-// tests/test_din_unit.py holds the scores, every gradient and the running statistics to the eager module's.
+// With `pool` (`DinAttention.forward_rows` without softmax, pooling the keys themselves), the scores' pass also sums
+// Σ_i s_i k_i per sample, and backward takes that sum's gradient where the unit already reads and writes the rows:
+// <g_b, k_i> joins the scores' gradient in the last layer's pass, s_i g_b the keys' where the first layer writes them
+// (rounded as autograd's separate term was): no pooling op, and no second [M, D] gradient of the keys to add.
+// tests/test_din_unit.py holds the scores, every gradient and the running statistics to the eager module's, and the
+// pooled form to the unit then `weighted_pool` bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -292,8 +297,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
   // with the pooling's gradient (`pool` forward): the scores' gradient gains <g_b, k_i> (the weighted sum's), and the
   // keys' its s_i g_b, added where the first layer writes them (below) instead of by autograd over another [M, D]
   const bool pooled = gpooled.has_value() && gpooled->defined();
-  at::Tensor geff = grad;
-  const float *gpp = nullptr, *sc = nullptr;
+  const float *gpp = nullptr, *sc = nullptr, *gp = grad.data_ptr<float>();
   if (pooled) {
     check_float(*gpooled, 2, "gpooled");
     TORCH_CHECK(gpooled->size(0) == s.b && gpooled->size(1) == d && scores.has_value() && scores->defined(),
@@ -302,13 +306,11 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
     TORCH_CHECK(scores->size(0) == n, "ctr_native din_unit: scores must be [N]");
     gpp = gpooled->data_ptr<float>();
     sc = scores->data_ptr<float>();
-    geff = grad.clone();
-    float* ge = geff.data_ptr<float>();
-    at::parallel_for(0, n, 2048, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) ge[i] += ctr_native::dot(gpp + rp[i] * d, kp + fp[i] * d, d);
-    });
   }
-  const float* gp = geff.data_ptr<float>();
+  // row i's score gradient, read in the last layer's pass only (with the pooling, plus <g_b, k_i> computed there)
+  const auto grad_at = [&](int64_t i) {
+    return pooled ? gp[i] + ctr_native::dot(gpp + rp[i] * d, kp + fp[i] * d, d) : gp[i];
+  };
 
   // the last hidden layer's Dice sums, its gradient being grad ⊗ w_out, with w_out's and b_out's gradients
   const int64_t hl = s.h.back();
@@ -330,9 +332,10 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
           std::fill(acc.begin(), acc.end(), 0.0f);
           double bias = 0.0;
           for (int64_t i = r0; i < r1; ++i) {
-            last_sums_row(x + i * hl, sp + i * hl, gp[i], wo, a, mp, ip, acc.data(), acc.data() + hl,
+            const float g_i = grad_at(i);
+            last_sums_row(x + i * hl, sp + i * hl, g_i, wo, a, mp, ip, acc.data(), acc.data() + hl,
                           acc.data() + 2 * hl, acc.data() + 3 * hl, alp + i * hl, hl);
-            bias += gp[i];
+            bias += g_i;
           }
           double* pp = part.data() + gi * (4 * hl + 1);
           for (int64_t j = 0; j < 4 * hl; ++j) pp[j] += acc[j];
