@@ -162,13 +162,13 @@ def test_the_sparse_update_sums_each_rows_gradients_natively(monkeypatch):
     from ctr.train import cpu_tables
 
     seen = []
-    original = native.index_add_blocks
+    original = cpu_tables._index_add_blocks
 
     def spy(srcs, sizes, index, rows, d):
         seen.append(([None if s is None else tuple(s.shape) for s in srcs], list(sizes), rows, d))
         return original(srcs, sizes, index, rows, d)
 
-    monkeypatch.setattr(cpu_tables.native, "index_add_blocks", spy)
+    monkeypatch.setattr(cpu_tables, "_index_add_blocks", spy)
     tbe = _FakeTbe(rows=6, dim=4)
     indices = torch.tensor([5, 1, 5, 0, 1, 5])
     rows = cpu_tables._Rows(tbe, "sgd", indices, torch.tensor([0, 3, 6]))
@@ -184,8 +184,10 @@ def test_the_sparse_update_sums_each_rows_gradients_natively(monkeypatch):
 
 @pytest.mark.parametrize("native_on", [True, False])
 def test_index_add_blocks_is_index_add_of_the_blocks_in_order(native_on, monkeypatch):
-    """Bit for bit the sum `index_add_rows` gives the concatenated blocks (each row's terms in the same order), a None
-    block as zeros; on one thread and on two (above the parallel threshold)."""
+    """`cpu_tables._index_add_blocks`: bit for bit the sum `index_add_rows` gives the concatenated blocks (each
+    row's terms in the same order), a None block as zeros; on one thread and on two (above the parallel threshold)."""
+    from ctr.train import cpu_tables
+
     monkeypatch.setattr(native, "_use", native_on)
     gen = torch.Generator().manual_seed(3)
     for n, d in ((300, 5), (70_000, 64)):
@@ -198,7 +200,7 @@ def test_index_add_blocks_is_index_add_of_the_blocks_in_order(native_on, monkeyp
         try:
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                got = native.index_add_blocks([a.reshape(-1), None, b], sizes, index, n // 7, d)
+                got = cpu_tables._index_add_blocks([a.reshape(-1), None, b], sizes, index, n // 7, d)
                 assert torch.equal(got, expected), (n, d, threads)
         finally:
             torch.set_num_threads(saved)

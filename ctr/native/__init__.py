@@ -33,7 +33,6 @@ import platform
 import shutil
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -411,21 +410,6 @@ def index_add_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.T
     if src.dim() == 2 and index.dim() == 1 and index.device.type == "cpu" and applies(src):
         return torch.ops.ctr_native.index_add_rows(src.contiguous(), index.to(torch.int64).contiguous(), int(rows))
     return src.new_zeros(rows, *src.shape[1:]).index_add_(0, index, src)
-
-
-def index_add_blocks(
-    srcs: Sequence[torch.Tensor | None], sizes: Sequence[int], index: torch.Tensor, rows: int, d: int
-) -> torch.Tensor:
-    """`index_add_rows` of the blocks' rows in order (block k: ``sizes[k]`` rows of ``d`` floats, any shape; None
-    adds nothing but binds its ``sizes[k]`` indices): the sparse update's gradients as the look-up's outputs left
-    them, not concatenated first. Natively where it applies, else PyTorch's on the concatenation."""
-    parts = [s.reshape(-1, d) for s in srcs if s is not None]
-    if index.dim() == 1 and index.device.type == "cpu" and applies(*parts):
-        blocks = [None if s is None else s.reshape(-1, d).contiguous() for s in srcs]
-        return torch.ops.ctr_native.index_add_blocks(blocks, list(sizes), index.to(torch.int64).contiguous(), rows, d)
-    ref = next(iter(parts), index.new_zeros(0, d, dtype=torch.float32))
-    full = torch.cat([ref.new_zeros(n, d) if s is None else s.reshape(-1, d) for s, n in zip(srcs, sizes, strict=True)])
-    return full.new_zeros(rows, d).index_add_(0, index, full)
 
 
 def unique_inverse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

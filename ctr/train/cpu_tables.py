@@ -193,6 +193,22 @@ def _bases(tbe: Any, name: str, dim: int) -> tuple[torch.Tensor, torch.Tensor, t
     return bases
 
 
+def _index_add_blocks(
+    srcs: Sequence[torch.Tensor | None], sizes: Sequence[int], index: torch.Tensor, rows: int, d: int
+) -> torch.Tensor:
+    """`native.index_add_rows` of the blocks' rows in order (block k: ``sizes[k]`` rows of ``d`` floats, any shape;
+    None adds nothing but binds its ``sizes[k]`` indices): the look-up's gradients as its outputs left them, not
+    concatenated first (`index_add_blocks` in ``index_add.cpp``); PyTorch's on the concatenation where it does not
+    apply."""
+    parts = [s.reshape(-1, d) for s in srcs if s is not None]
+    if index.dim() == 1 and index.device.type == "cpu" and native.applies(*parts):
+        blocks = [None if s is None else s.reshape(-1, d).contiguous() for s in srcs]
+        return torch.ops.ctr_native.index_add_blocks(blocks, list(sizes), index.to(torch.int64).contiguous(), rows, d)
+    ref = next(iter(parts), index.new_zeros(0, d, dtype=torch.float32))
+    full = torch.cat([ref.new_zeros(n, d) if s is None else s.reshape(-1, d) for s, n in zip(srcs, sizes, strict=True)])
+    return full.new_zeros(rows, d).index_add_(0, index, full)
+
+
 def _update(tbe: Any, rows: _Rows, grads: Sequence[torch.Tensor | None], sizes: Sequence[int]) -> None:
     """FBGEMM's CPU update (`rows.name`), applied to each distinct row once with the sum of its gradients; the
     look-ups' gradients come in blocks of ``sizes`` rows in look-up order (None: a block without gradient, zeros)."""
@@ -202,7 +218,7 @@ def _update(tbe: Any, rows: _Rows, grads: Sequence[torch.Tensor | None], sizes: 
         unique, inverse = found if found is not None else torch.unique(rows.weight, return_inverse=True)
         grads = [None if g is None else g.float() for g in grads]
         # one pass in look-up order, not index_add_'s sort of the index, nor a concatenation of the blocks
-        g = native.index_add_blocks(grads, sizes, inverse, unique.numel(), rows.dim)
+        g = _index_add_blocks(grads, sizes, inverse, unique.numel(), rows.dim)
         weights = tbe.weights_host.view(-1, rows.dim)
         lr = float(tbe.learning_rate_tensor)
         if name == "sgd":
