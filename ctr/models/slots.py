@@ -21,21 +21,6 @@ def fixed_slots(jt: Any, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return to_slots(jt.values(), mask), mask
 
 
-class PairJT:
-    """The minimal JaggedTensor interface `fixed_slots` needs, over ``[e(item); e(cate)]`` (`pair_values`) of the
-    features ``item`` and ``cate`` of ``emb``."""
-
-    def __init__(self, emb: dict[str, Any], item: str, cate: str) -> None:
-        self._values = pair_values(emb, item, cate)
-        self._lengths = emb[item].lengths()
-
-    def values(self) -> torch.Tensor:
-        return self._values
-
-    def lengths(self) -> torch.Tensor:
-        return self._lengths
-
-
 def without_short(ids: dict[str, Any]) -> dict[str, Any]:
     """``ids`` with the short view's features emptied (no row looked up for them; `TwoStageModel.short_in_prefix`)."""
     from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -120,21 +105,17 @@ def tail_rows(
 def window_rows(emb: dict[str, Any], width: int, dare: bool) -> ShortRows:
     """The short view's own rows (``short_item`` / ``short_cate``, at most ``width`` per sample: the loader's
     window) as `ShortRows`."""
-    pair = pair_jt(emb, "short_", "")
-    lengths = pair.lengths().long()
+    lengths = emb["short_item"].lengths().long()
     _, mask, rows = _window(lengths, width)
-    values = pair.values()
+    values = pair_values(emb, "short_item", "short_cate")
     if rows.numel() != values.shape[0]:
         raise ValueError(
             f"the short view holds {values.shape[0]} behaviors but its {width}-wide window {rows.numel()}: a sample "
             f"has more than short_len behaviors in it (the loader reads at most short_len; a batch built elsewhere "
             f"must do the same)"
         )
-    return ShortRows(values, pair_jt(emb, "short_", ATT_SUFFIX).values() if dare else values, rows, mask)
+    att = pair_values(emb, f"short_item{ATT_SUFFIX}", f"short_cate{ATT_SUFFIX}") if dare else values
+    return ShortRows(values, att, rows, mask)
 
 
-def pair_jt(emb: dict[str, Any], prefix: str, suffix: str) -> PairJT:
-    return PairJT(emb, f"{prefix}item{suffix}", f"{prefix}cate{suffix}")
-
-
-__all__ = ["PairJT", "ShortRows", "fixed_slots", "pair_jt", "tail_rows", "window_rows", "without_short"]
+__all__ = ["ShortRows", "fixed_slots", "tail_rows", "window_rows", "without_short"]

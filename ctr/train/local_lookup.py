@@ -77,8 +77,7 @@ def _forward(self: Any, features: Any) -> dict[str, Any]:
     for emb, names in self._ctr_groups:
         n = len(names)
         group = features if n == len(keys) else features.split([start, n, len(keys) - start - n])[1]
-        blocks = _blocks(self, emb, group, names, per_key[start : start + n], lengths[start : start + n], out)
-        if blocks is None:  # a table group this path does not train (`ctr.train.cpu_tables`): its own module
+        if not _blocks(self, emb, group, names, per_key[start : start + n], lengths[start : start + n], out):  # a table group this path does not train (`ctr.train.cpu_tables`): its own module
             rows = emb(group)
             for i, (name, part) in enumerate(zip(names, rows.split(per_key[start : start + n]), strict=True)):
                 out[name] = JaggedTensor(values=part, lengths=lengths[start + i])
@@ -88,11 +87,11 @@ def _forward(self: Any, features: Any) -> dict[str, Any]:
 
 def _blocks(
     self: Any, emb: Any, group: Any, names: list[str], counts: list[int], lengths: torch.Tensor, out: Any
-) -> bool | None:
+) -> bool:
     """One table group's rows through `cpu_tables.lookup_blocks`, into ``out``: a feature alone, or a pair
     (``ctr_pairs``, same lengths in this batch) side by side as ``[n, 2D]`` (its rows interleaved in the look-up
     order: each table's rows keep their relative order, so the update sums each row's gradients as before);
-    None where the group's TBE does not train through `cpu_tables`."""
+    False where the group's TBE does not train through `cpu_tables` (nothing written)."""
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
     from . import cpu_tables
@@ -133,7 +132,7 @@ def _blocks(
     tbe = emb.emb_module
     found = cpu_tables.lookup_blocks(tbe, group.values(), group.offsets(), order, sizes)
     if found is None:
-        return None
+        return False
     dim = found[0].shape[1] if found else 0
     for b, rows in zip(layout, found, strict=True):
         if len(b) == 1:
