@@ -77,10 +77,12 @@ def _forward(self: Any, features: Any) -> dict[str, Any]:
     for emb, names in self._ctr_groups:
         n = len(names)
         group = features if n == len(keys) else features.split([start, n, len(keys) - start - n])[1]
-        if not _blocks(self, emb, group, names, per_key[start : start + n], lengths[start : start + n], out):  # a table group this path does not train (`ctr.train.cpu_tables`): its own module
+        counts, group_lengths = per_key[start : start + n], lengths[start : start + n]
+        # a table group this path does not train (`ctr.train.cpu_tables`): its own module
+        if not _blocks(self, emb, group, names, counts, group_lengths, out):
             rows = emb(group)
-            for i, (name, part) in enumerate(zip(names, rows.split(per_key[start : start + n]), strict=True)):
-                out[name] = JaggedTensor(values=part, lengths=lengths[start + i])
+            for name, part, length in zip(names, rows.split(counts), group_lengths, strict=True):
+                out[name] = JaggedTensor(values=part, lengths=length)
         start += n
     return out
 
