@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 SAMPLE_KEYS = ("user_idx", "item_idx", "cate_idx", "ts", "label", "hist_len")
 
 
+NEGATIVE_SAMPLING = ("popularity", "uniform")  # SequenceView.negative_sampling
+NEGATIVE_ROUNDS = 8  # redraws of a sampled negative that is one of the sample's window items (per distribution)
+
+
 @dataclass(frozen=True)
 class SequenceView:
     """The last `length` behaviors of each sample's prefix, under the name `name`."""
@@ -66,9 +70,19 @@ class SequenceView:
     name: str
     length: int
     negatives: bool = False  # also sample one non-clicked item per position (DIEN's auxiliary loss)
+    # how the negatives are drawn: "popularity" (each item as often as it occurs among the training period's
+    # behaviors, as DIEN's official code draws from its list of every review) or "uniform" over the catalog
+    negative_sampling: str = "popularity"
     btype: bool = False  # also the behavior types, `<view>_btype` (zeros when the dataset has none; TWIN's cross bias)
     # the history as TWIN-V2's virtual items (`features.clusters`): clusters then singletons, `<view>_size` = n_c
     clusters: bool = False
+
+    def __post_init__(self) -> None:
+        if self.negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(
+                f"view {self.name!r}: negative_sampling must be one of {NEGATIVE_SAMPLING}, "
+                f"got {self.negative_sampling!r}"
+            )
 
 
 # `data.num_workers: null` loads in the training process when a rank has at most this many cores. Measured on 2
@@ -156,6 +170,7 @@ class BatchAssembler:
         self._store = store
         self.n_items = info.vocab_sizes["item"]
         self._item_cate: np.ndarray | None = None
+        self._cdf: np.ndarray | None = None  # popularity_cdf
 
     @property
     def store(self) -> SequenceStore:
@@ -163,30 +178,66 @@ class BatchAssembler:
             self._store = SequenceStore.open(self.info.data_dir)
         return self._store
 
-    def negatives(self, item: np.ndarray, lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def negatives(
+        self, item: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, sampling: str = "uniform"
+    ) -> np.ndarray:
         """One sampled negative per behavior of a view (``item`` jagged by ``lengths``): an item the user did not
-        interact with in the window (none of the sample's items there), drawn uniformly over the catalog.
+        interact with in the window (none of the sample's items there), drawn by `sampling`: ``uniform`` over the
+        catalog, or ``popularity``, each item with the probability of its share of the training period's
+        behaviors (`popularity_cdf`).
 
-        A draw that hits one of the window's items is drawn again, up to `NEGATIVE_ROUNDS` times (a window of L
-        items out of N leaves a clash after r rounds with probability (L/N)^r); the very rare one left is shifted to
-        the next item id that is not the same position's behavior."""
+        A draw that hits one of the window's items is drawn again, up to `NEGATIVE_ROUNDS` times from the same
+        distribution (a window holding a share p of it leaves a clash after r rounds with probability p^r), then
+        up to as many times uniformly (a window of a few very popular items); the very rare one left is shifted
+        to the next item id that is not the same position's behavior."""
         span = max(1, self.n_items - FIRST_IDX)
         sample = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
         # (sample, item) keys of the window, sorted: a draw clashes when its own key is found there. One sort and a
         # binary search per draw (np.unique + np.isin sorted the window and then both arrays again every round)
         window = np.sort(sample * self.n_items + item)
-        neg = rng.integers(FIRST_IDX, self.n_items, size=item.shape[0]).astype(np.int32)
+        cdf = self.popularity_cdf() if sampling == "popularity" else None
+
+        def draw(size: int, by_popularity: bool) -> np.ndarray:
+            if by_popularity and cdf is not None:
+                return np.searchsorted(cdf, rng.integers(0, cdf[-1], size=size), side="right").astype(np.int32)
+            return rng.integers(FIRST_IDX, self.n_items, size=size).astype(np.int32)
+
+        neg = draw(item.shape[0], True)
         todo = np.arange(neg.shape[0])  # the draws still to check: all, then the ones redrawn
-        for _ in range(NEGATIVE_ROUNDS):
+        rounds = NEGATIVE_ROUNDS if cdf is None else 2 * NEGATIVE_ROUNDS
+        for r in range(rounds):
             if todo.size == 0 or window.size == 0:
                 break
             key = sample[todo] * self.n_items + neg[todo]
             at = np.minimum(np.searchsorted(window, key), window.size - 1)
             todo = todo[window[at] == key]
-            neg[todo] = rng.integers(FIRST_IDX, self.n_items, size=todo.size)
+            neg[todo] = draw(todo.size, r + 1 < NEGATIVE_ROUNDS)
         same = neg == item
         neg[same] = FIRST_IDX + (neg[same] - FIRST_IDX + 1) % span
         return neg
+
+    def popularity_cdf(self) -> np.ndarray | None:
+        """The cumulative behavior counts of the item ids (int64 [n_items]; ids below `FIRST_IDX`, padding and out of
+        vocabulary, count 0) over the training period: the stored behaviors before the validation split's first
+        timestamp, so no count comes from the samples a model is evaluated on. None when that period has no
+        behavior (then negatives are drawn uniformly, with a warning). Counted once per dataset build
+        (`SequenceStore.item_counts` keeps them in the store's cache)."""
+        if self._cdf is None:
+            split = self.info.manifest.get("split", {})
+            before = split.get("valid_start_ts") if isinstance(split, dict) else None
+            if before is None:
+                log.warning("%s: no valid_start_ts in the manifest; popularity negatives count every behavior",
+                            self.info.data_dir)  # fmt: skip
+            counts = self.store.item_counts(self.n_items, None if before is None else int(before))
+            counts[:FIRST_IDX] = 0
+            cdf = np.cumsum(counts)
+            if cdf.size == 0 or cdf[-1] == 0:
+                log.warning("%s: no behavior before the validation split; negatives are drawn uniformly",
+                            self.info.data_dir)  # fmt: skip
+                self._cdf = np.zeros(0, np.int64)
+            else:
+                self._cdf = cdf
+        return self._cdf if self._cdf.size else None
 
     @property
     def cluster_store(self) -> ClusterStore:
@@ -243,7 +294,7 @@ class BatchAssembler:
                 out[f"{v.name}_btype"] = btype
             if v.negatives:
                 if self.sample_negatives:
-                    neg = self.negatives(item, n, rng)
+                    neg = self.negatives(item, n, rng, v.negative_sampling)
                 else:  # evaluation: no draw (the auxiliary loss is a training loss), empty lists
                     neg = np.zeros(0, np.int32)
                     out[f"{v.name}_neg_lengths"] = np.zeros(len(n), np.int32)
@@ -255,9 +306,6 @@ class BatchAssembler:
         """The behavior types of store rows `idx` (zeros where the dataset has none)."""
         btype = self.store.btype
         return np.asarray(btype[idx]) if btype is not None else np.zeros(len(idx), np.int8)
-
-
-NEGATIVE_ROUNDS = 8  # redraws of a sampled negative that is one of the sample's window items
 
 
 class SampleStream(IterableDataset):

@@ -10,6 +10,7 @@
       ts.npy        int64 [n_behaviors]
       btype.npy     int8  [n_behaviors]        (when the dataset has btype)
       meta.json     which build of the dataset the cache belongs to
+      item_counts-<ts>.npy  int64 [n_items]    behaviors per item before ts (`SequenceStore.item_counts`, on use)
 
 The arrays are opened memory-mapped, so DataLoader workers (and several ranks on one host) share one copy through
 the page cache, and a 100M-behavior store does not have to fit in each process. The cache is written aside and
@@ -36,6 +37,7 @@ from .dataset import read_manifest, sequences_dir
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+COUNT_CHUNK = 1 << 24  # rows of the store read at a time by `SequenceStore.item_counts`
 _COLUMNS = {"item_idx": np.int32, "cate_idx": np.int32, "ts": np.int64, "btype": np.int8}
 
 
@@ -79,6 +81,7 @@ class SequenceStore:
     cate_idx: np.ndarray
     ts: np.ndarray
     btype: np.ndarray | None
+    cache: Path | None = None  # the cache folder the arrays were opened from (None: arrays given directly)
 
     @property
     def n_behaviors(self) -> int:
@@ -86,6 +89,37 @@ class SequenceStore:
 
     def user_length(self, user_idx: np.ndarray) -> np.ndarray:
         return self.offsets[user_idx + 1] - self.offsets[user_idx]
+
+    def item_counts(self, n_items: int, before_ts: int | None, chunk: int = COUNT_CHUNK) -> np.ndarray:
+        """int64 [n_items]: how many stored behaviors of each item id are strictly before ``before_ts`` (every
+        behavior when None). One pass over the store in chunks of `chunk` rows (a billion-behavior store is not
+        copied whole); kept in the cache folder, so the loader's workers and later runs read it instead."""
+        tag = "all" if before_ts is None else str(int(before_ts))
+        path = None if self.cache is None else self.cache / f"item_counts-{tag}.npy"
+        if path is not None and path.exists():
+            counts = np.load(path)
+            if counts.shape == (n_items,):
+                return counts
+        counts = np.zeros(n_items, dtype=np.int64)
+        for start in range(0, self.n_behaviors, chunk):
+            item = np.asarray(self.item_idx[start : start + chunk])
+            if before_ts is not None:
+                item = item[np.asarray(self.ts[start : start + chunk]) < before_ts]
+            if item.size and (item.min() < 0 or item.max() >= n_items):
+                raise ValueError(
+                    f"{self.cache}: item_idx outside [0, {n_items}) in the sequence store; the store and the "
+                    "manifest's vocabulary come from different builds: rebuild the dataset"
+                )
+            counts += np.bincount(item, minlength=n_items)
+        if path is not None:  # written aside and moved into place: a reader never sees half a file
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+            try:
+                np.save(tmp, counts)
+                os.replace(tmp, path)
+            except OSError as e:  # a read-only dataset: counted again by the next reader
+                log.warning("could not keep the item counts at %s (%s); they are counted again next time", path, e)
+                tmp.unlink(missing_ok=True)
+        return counts
 
     @classmethod
     def open(cls, data_dir: Path | str, cache_dir: Path | str | None = None) -> SequenceStore:
@@ -116,6 +150,7 @@ class SequenceStore:
             cate_idx=arrays["cate_idx"],
             ts=arrays["ts"],
             btype=arrays.get("btype"),
+            cache=cache,
         )
 
 

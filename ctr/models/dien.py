@@ -24,9 +24,13 @@ Defaults and where they come from (paper = the AAAI paper; official = mouna99/di
 * ``aux_alpha: 1.0`` (official; the paper's α is a hyper-parameter). The paper sums over t and averages over
   samples; we take the mean over every real (sample, t) pair, as the brief asks (the official code's mean divides by
   B × (L − 1), padding included). FuxiCTR's default is 0 (no auxiliary loss).
-* Negatives (the loader, `features.loader.BatchAssembler.negatives`): for every behavior, an item drawn uniformly
-  from the catalog that is none of the sample's window items (the paper samples "from the item set except the
-  clicked"); drawn in training only (evaluation batches carry empty negatives).
+* ``aux_negatives: popularity`` (official): for every behavior, an item that is none of the sample's window items,
+  drawn with the probability of its share of the training period's behaviors (`features.loader.BatchAssembler.
+  negatives`). The paper samples "from the item set except the clicked" without naming a distribution; the
+  official ``data_iterator.py`` draws uniformly from ``mid_list_for_random``, one entry per line of
+  ``reviews-info``, i.e. each item as often as it was reviewed (over every review there, the test period's too;
+  here only behaviors before the validation split count). ``uniform``: uniformly over the catalog. Drawn in
+  training only (evaluation batches carry empty negatives).
 * ``attention: bilinear`` (paper Eq. 5, FuxiCTR's default). ``attention: din`` is the official
   ``din_fcn_attention``: query ``PReLU(Dense_H(e_a))``, activation unit ``attention_hidden`` [80, 40] with
   ``attention_activation`` sigmoid, masked softmax, no scaling.
@@ -99,6 +103,7 @@ class DIENParams(ModelParams):
     gru_hidden: int | None = None  # None = 2 * embedding_dim (required by aux_net: dot); after aux_* for its check
     aux_hidden: list[int] = [100, 50]  # aux_net: mlp (official)
     aux_activation: str = "sigmoid"
+    aux_negatives: Literal["popularity", "uniform"] = "popularity"  # how the auxiliary loss's negatives are drawn
     attention: Literal["bilinear", "din"] = "bilinear"
     attention_hidden: list[int] = [80, 40]  # attention: din (official)
     attention_activation: Literal["sigmoid", "relu", "prelu", "dice"] = "sigmoid"
@@ -171,7 +176,8 @@ class DIEN(CTRModel):
             self.lain = LainConditioner(params.lain, {"hist": (d, h)}, d, info.median_hist_len)
 
     def views(self) -> tuple[SequenceView, ...]:
-        return (SequenceView("hist", self.params.seq_len, negatives=True),)  # type: ignore[attr-defined]
+        p: DIENParams = self.params  # type: ignore[assignment]  (set by CTRModel before it asks for the views)
+        return (SequenceView("hist", p.seq_len, negatives=True, negative_sampling=p.aux_negatives),)
 
     def _behaviors(self, emb: dict, prefix: str, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         return self.padded(self.pair_jagged(emb, f"{prefix}_item{suffix}", f"{prefix}_cate{suffix}"), self.p.seq_len)
