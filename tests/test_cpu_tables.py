@@ -275,16 +275,21 @@ def test_training_matches_fbgemms_kernels(tiny_data, tmp_path, model, nproc):
     """`ctr train` with the tables on this module's path and on FBGEMM's: the same model after the same steps (one
     rank, tables placed whole; two ranks, tables sharded by rows). The dense part trains with SGD here: Adam turns
     the rounding noise of a gradient that is zero in exact arithmetic (a bias before a batch norm) into steps of
-    its full learning rate, which would compare the noise, not the update."""
+    its full learning rate, which would compare the noise, not the update. The tables' Adagrad does the same, more
+    mildly, to a weight whose gradients nearly cancel (DIEN's popular items, read as behaviors and drawn as
+    negatives in one step: the two kernels sum the same terms in another order, and the step divides that sum by
+    the root of its own squares), so the tables' weights are held to half a percent of one step of their learning
+    rate, and the optimizer's states, where the kernels' arithmetic shows, to a relative 1e-3 down to 1e-14."""
     from ctr.config import resolve_train_config
     from ctr.train.checkpoint import latest_complete, load_rank
     from ctr.train.trainer import train
 
-    states = {}
+    states, lr = {}, 0.0
     for kernel in ("torch", "fbgemm"):
         sets = ["data.num_workers=0", "data.batch_size=64", "train.max_steps=6", "train.validation=false",
                 "optim.dense=sgd", "optim.dense_lr=0.05", f"optim.sparse_cpu_kernel={kernel}"]  # fmt: skip
         cfg, _ = resolve_train_config(model, None, sets)
+        lr = float(cfg.optim.sparse_lr)
         run = train(tiny_data, tmp_path / kernel, cfg, nproc=nproc)
         groups = json.loads((run / "train_summary.json").read_text())["cpu_table_groups"]
         assert (groups > 0) == (kernel == "torch"), (kernel, groups)
@@ -296,8 +301,11 @@ def test_training_matches_fbgemms_kernels(tiny_data, tmp_path, model, nproc):
         ours, ref = states["torch"][rank], states["fbgemm"][rank]
         for part in ("model", "sparse_opt"):
             for key, a, b in _tensors(ours[part], ref[part]):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {part} {key}")
-                compared += part == "sparse_opt" or "embedding" in key
+                table = part == "model" and "embedding" in key
+                rtol, atol = (1e-3, 1e-14) if part == "sparse_opt" else (1e-4, 5e-3 * lr if table else 1e-5)
+                where = f"rank {rank} {key}"
+                torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, w=where: f"{w}: {m}")
+                compared += part == "sparse_opt" or table
     assert compared >= 2 * nproc  # the tables and their Adagrad states were among them
 
 
