@@ -50,17 +50,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .clusters import ClusterStore
 from .dataset import DatasetInfo, samples_dir
+from .negatives import NEGATIVE_SAMPLING, PopularityTable, sample_negatives, training_popularity
 from .procs import die_with_parent, exit_when_gone
-from .schema import FIRST_IDX
 from .sequence_store import SequenceStore, ragged_ranges, row_tails
 
 log = logging.getLogger(__name__)
 
 SAMPLE_KEYS = ("user_idx", "item_idx", "cate_idx", "ts", "label", "hist_len")
-
-
-NEGATIVE_SAMPLING = ("popularity", "uniform")  # SequenceView.negative_sampling
-NEGATIVE_ROUNDS = 8  # redraws of a sampled negative that is one of the sample's window items (per distribution)
 
 
 @dataclass(frozen=True)
@@ -170,7 +166,7 @@ class BatchAssembler:
         self._store = store
         self.n_items = info.vocab_sizes["item"]
         self._item_cate: np.ndarray | None = None
-        self._cdf: np.ndarray | None = None  # popularity_cdf
+        self._popularity: PopularityTable | bool | None = None  # popularity(): False when there is none
 
     @property
     def store(self) -> SequenceStore:
@@ -181,63 +177,15 @@ class BatchAssembler:
     def negatives(
         self, item: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, sampling: str = "uniform"
     ) -> np.ndarray:
-        """One sampled negative per behavior of a view (``item`` jagged by ``lengths``): an item the user did not
-        interact with in the window (none of the sample's items there), drawn by `sampling`: ``uniform`` over the
-        catalog, or ``popularity``, each item with the probability of its share of the training period's
-        behaviors (`popularity_cdf`).
+        """One sampled negative per behavior of a view, by `sampling` (`features.negatives.sample_negatives`)."""
+        table = self.popularity() if sampling == "popularity" else None
+        return sample_negatives(item, lengths, rng, self.n_items, table)
 
-        A draw that hits one of the window's items is drawn again, up to `NEGATIVE_ROUNDS` times from the same
-        distribution (a window holding a share p of it leaves a clash after r rounds with probability p^r), then
-        up to as many times uniformly (a window of a few very popular items); the very rare one left is shifted
-        to the next item id that is not the same position's behavior."""
-        span = max(1, self.n_items - FIRST_IDX)
-        sample = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-        # (sample, item) keys of the window, sorted: a draw clashes when its own key is found there. One sort and a
-        # binary search per draw (np.unique + np.isin sorted the window and then both arrays again every round)
-        window = np.sort(sample * self.n_items + item)
-        cdf = self.popularity_cdf() if sampling == "popularity" else None
-
-        def draw(size: int, by_popularity: bool) -> np.ndarray:
-            if by_popularity and cdf is not None:
-                return np.searchsorted(cdf, rng.integers(0, cdf[-1], size=size), side="right").astype(np.int32)
-            return rng.integers(FIRST_IDX, self.n_items, size=size).astype(np.int32)
-
-        neg = draw(item.shape[0], True)
-        todo = np.arange(neg.shape[0])  # the draws still to check: all, then the ones redrawn
-        rounds = NEGATIVE_ROUNDS if cdf is None else 2 * NEGATIVE_ROUNDS
-        for r in range(rounds):
-            if todo.size == 0 or window.size == 0:
-                break
-            key = sample[todo] * self.n_items + neg[todo]
-            at = np.minimum(np.searchsorted(window, key), window.size - 1)
-            todo = todo[window[at] == key]
-            neg[todo] = draw(todo.size, r + 1 < NEGATIVE_ROUNDS)
-        same = neg == item
-        neg[same] = FIRST_IDX + (neg[same] - FIRST_IDX + 1) % span
-        return neg
-
-    def popularity_cdf(self) -> np.ndarray | None:
-        """The cumulative behavior counts of the item ids (int64 [n_items]; ids below `FIRST_IDX`, padding and out of
-        vocabulary, count 0) over the training period: the stored behaviors before the validation split's first
-        timestamp, so no count comes from the samples a model is evaluated on. None when that period has no
-        behavior (then negatives are drawn uniformly, with a warning). Counted once per dataset build
-        (`SequenceStore.item_counts` keeps them in the store's cache)."""
-        if self._cdf is None:
-            split = self.info.manifest.get("split", {})
-            before = split.get("valid_start_ts") if isinstance(split, dict) else None
-            if before is None:
-                log.warning("%s: no valid_start_ts in the manifest; popularity negatives count every behavior",
-                            self.info.data_dir)  # fmt: skip
-            counts = self.store.item_counts(self.n_items, None if before is None else int(before))
-            counts[:FIRST_IDX] = 0
-            cdf = np.cumsum(counts)
-            if cdf.size == 0 or cdf[-1] == 0:
-                log.warning("%s: no behavior before the validation split; negatives are drawn uniformly",
-                            self.info.data_dir)  # fmt: skip
-                self._cdf = np.zeros(0, np.int64)
-            else:
-                self._cdf = cdf
-        return self._cdf if self._cdf.size else None
+    def popularity(self) -> PopularityTable | None:
+        """The training period's item popularity (`features.negatives.training_popularity`), read once."""
+        if self._popularity is None:
+            self._popularity = training_popularity(self.info, self.store) or False
+        return self._popularity or None
 
     @property
     def cluster_store(self) -> ClusterStore:

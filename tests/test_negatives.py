@@ -12,6 +12,7 @@ from ctr.config import ConfigError, resolve_train_config
 from ctr.models import get_model_class
 from features.dataset import DatasetInfo, sequences_dir
 from features.loader import BatchAssembler, SequenceView
+from features.negatives import PopularityTable
 from features.schema import FIRST_IDX
 from features.sequence_store import SequenceStore
 
@@ -100,9 +101,11 @@ def test_popularity_negatives_avoid_a_window_of_popular_items(tiny_data):
     and are drawn again uniformly; no negative is one of the window's items."""
     info = DatasetInfo.load(tiny_data)
     asm = BatchAssembler(info, (SequenceView("hist", 50, negatives=True),))
-    cdf = asm.popularity_cdf()
-    assert cdf is not None and cdf[FIRST_IDX - 1] == 0
-    counts = np.diff(cdf, prepend=0)
+    table = asm.popularity()
+    assert table is not None and table.ids.min() >= FIRST_IDX  # padding and out of vocabulary count 0
+    counts = np.zeros(asm.n_items, np.int64)
+    counts[table.ids] = np.diff(table.cdf, prepend=0)
+    cdf = np.cumsum(counts)
     order = np.argsort(-counts, kind="stable")
     top = order[: int(np.searchsorted(np.cumsum(counts[order]) / cdf[-1], 0.8)) + 1]
     assert len(top) < asm.n_items // 3
@@ -131,3 +134,28 @@ def test_dien_views_carry_the_choice(info, sampling):
 
     (view,) = build(info, "dien", aux_negatives=sampling).views()
     assert view.negatives and view.negative_sampling == sampling
+
+
+def test_popularity_table_is_the_whole_catalog_search():
+    """The bucketed search finds the item `np.searchsorted(cdf, p, "right")` finds, for every position kind: Zipf
+    counts (a few huge, a long tail), counts of 0 to 2 (flat runs of zeros), rare spikes among zeros."""
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        n = int(rng.integers(1, 3000))
+        kind = trial % 3
+        if kind == 0:
+            counts = np.minimum(rng.zipf(1.3, n), 10**6)
+        elif kind == 1:
+            counts = rng.integers(0, 3, n)
+        else:
+            counts = rng.integers(0, 1000, n) * (rng.random(n) < 0.05)
+        table = PopularityTable.from_counts(counts)
+        if counts.sum() == 0:
+            assert table is None
+            continue
+        cdf = np.cumsum(counts)  # the whole catalog's, zeros included
+        edges = cdf[:-1][cdf[:-1] < cdf[-1]]  # every item's first position
+        p = np.concatenate([rng.integers(0, cdf[-1], 3000), [0, cdf[-1] - 1], edges, np.maximum(edges - 1, 0)])
+        np.testing.assert_array_equal(table.items_at(p), np.searchsorted(cdf, p, side="right"))
+    with pytest.raises(ValueError):
+        PopularityTable.from_counts(np.array([1, -1]))
