@@ -25,8 +25,8 @@ Defaults and where they come from (paper = the AAAI paper; official = mouna99/di
   samples; we take the mean over every real (sample, t) pair, as the brief asks (the official code's mean divides by
   B × (L − 1), padding included). FuxiCTR's default is 0 (no auxiliary loss).
 * ``aux_negatives: popularity`` (official): for every behavior, an item that is none of the sample's window items,
-  drawn with the probability of its share of the training period's behaviors (`features.loader.BatchAssembler.
-  negatives`). The paper samples "from the item set except the clicked" without naming a distribution; the
+  drawn with the probability of its share of the training period's behaviors (`features.negatives`, by the
+  loader). The paper samples "from the item set except the clicked" without naming a distribution; the
   official ``data_iterator.py`` draws uniformly from ``mid_list_for_random``, one entry per line of
   ``reviews-info``, i.e. each item as often as it was reviewed (over every review there, the test period's too;
   here only behaviors before the validation split count). ``uniform``: uniformly over the catalog. Drawn in
