@@ -166,7 +166,8 @@ class BatchAssembler:
         self._store = store
         self.n_items = info.vocab_sizes["item"]
         self._item_cate: np.ndarray | None = None
-        self._popularity: PopularityTable | bool | None = None  # popularity(): False when there is none
+        self._popularity: PopularityTable | None = None  # popularity(), once read (None too when there is none)
+        self._popularity_read = False
 
     @property
     def store(self) -> SequenceStore:
@@ -174,18 +175,16 @@ class BatchAssembler:
             self._store = SequenceStore.open(self.info.data_dir)
         return self._store
 
-    def negatives(
-        self, item: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, sampling: str = "uniform"
-    ) -> np.ndarray:
+    def negatives(self, item: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, sampling: str) -> np.ndarray:
         """One sampled negative per behavior of a view, by `sampling` (`features.negatives.sample_negatives`)."""
         table = self.popularity() if sampling == "popularity" else None
         return sample_negatives(item, lengths, rng, self.n_items, table)
 
     def popularity(self) -> PopularityTable | None:
         """The training period's item popularity (`features.negatives.training_popularity`), read once."""
-        if self._popularity is None:
-            self._popularity = training_popularity(self.info, self.store) or False
-        return self._popularity or None
+        if not self._popularity_read:
+            self._popularity, self._popularity_read = training_popularity(self.info, self.store), True
+        return self._popularity
 
     @property
     def cluster_store(self) -> ClusterStore:
