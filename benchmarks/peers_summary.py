@@ -1,0 +1,181 @@
+"""`benchmarks/peers.py`'s results at a glance: every row of one or more runs held against the side-by-side target
+(ours at least ``--target`` times FuxiCTR's training samples/s, test AUC not worse beyond the paired interval), as a
+Markdown table, a JSON summary and a bar chart.
+
+    python benchmarks/peers_summary.py movielens=benchmarks/results/peers-movielens-X.json \\
+        demo-L50=benchmarks/results/peers-demo-L50-X.json [--target 2.0] [--json OUT.json] [--plot OUT.png]
+
+Each argument is ``LABEL=FILE`` (or a bare FILE, labelled by its name). Per row:
+
+* speed: ``ratio`` = ours / FuxiCTR samples/s (each side's median logged window after the first, as peers.py
+  measures them, both in the one run); ``met`` where ratio >= target;
+* quality: ``ahead`` where the 95% paired-bootstrap interval of ours − FuxiCTR in test AUC lies above 0, ``behind``
+  where it lies below 0, ``level`` where it holds 0 (``unpaired`` where the two prediction sets could not be paired);
+  the GAUC interval is shown beside it with the same words;
+* ``meets``: speed met and AUC not behind.
+
+Nothing is re-measured here: the figures are the runs', and a row is only as current as the run it comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TARGET = 2.0  # issue 16: at least twice FuxiCTR's training samples/s
+
+
+def quality_verdict(q: dict[str, Any] | None, metric: str) -> str:
+    """``ahead`` / ``behind`` / ``level`` from the paired interval of ours − FuxiCTR, ``unpaired`` without one."""
+    if not q or not q.get("paired") or metric not in q:
+        return "unpaired"
+    d = q[metric]
+    if d["lo"] > 0:
+        return "ahead"
+    if d["hi"] < 0:
+        return "behind"
+    return "level"
+
+
+def summarize(label: str, result: dict[str, Any], target: float = TARGET) -> list[dict[str, Any]]:
+    """One summary row per row of a peers.py result (its ``results`` list), in the run's order."""
+    rows = []
+    settings = result.get("settings", {})
+    for r in result["results"]:
+        ours, fx = r["ours"], r["fuxictr"]
+        ratio = ours["samples_per_s"] / fx["samples_per_s"]
+        q = r.get("quality_delta")
+        auc, gauc = quality_verdict(q, "auc"), quality_verdict(q, "gauc")
+        rows.append({
+            "dataset": label,
+            "max_len": settings.get("max_len"),
+            "model": r["model"],
+            "ours_as": r["ours_variant"],
+            "fuxictr": r["variant"],
+            "ours_samples_per_s": ours["samples_per_s"],
+            "fuxictr_samples_per_s": fx["samples_per_s"],
+            "ratio": ratio,
+            "ours_auc": ours["metrics"]["auc"],
+            "fuxictr_auc": fx["metrics"]["auc"],
+            "auc_delta": q.get("auc") if q and q.get("paired") else None,
+            "gauc_delta": q.get("gauc") if q and q.get("paired") else None,
+            "speed": "met" if ratio >= target else "not met",
+            "auc": auc,
+            "gauc": gauc,
+            "meets": ratio >= target and auc in ("ahead", "level"),
+        })  # fmt: skip
+    return rows
+
+
+def _interval(d: dict[str, float] | None) -> str:
+    if d is None:
+        return "-"
+    return f"{d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+
+
+def markdown(rows: list[dict[str, Any]], target: float = TARGET) -> str:
+    """The summary as one Markdown table, a line per row, and a last line counting the rows that meet the target."""
+    head = (
+        "| data | model | ours as | FuxiCTR | ours / FuxiCTR samples/s | ratio | AUC ours − FuxiCTR "
+        f"| GAUC ours − FuxiCTR | ≥ {target:g}x, AUC not behind |\n|---|---|---|---|---:|---:|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {r['ours_as']} | {r['fuxictr']} | "
+            f"{r['ours_samples_per_s']:,.0f} / {r['fuxictr_samples_per_s']:,.0f} | {r['ratio']:.2f}x | "
+            f"{_interval(r['auc_delta'])} {r['auc']} | {_interval(r['gauc_delta'])} {r['gauc']} | "
+            f"{'yes' if r['meets'] else 'no: ' + _why_not(r)} |"
+        )
+    met = sum(r["meets"] for r in rows)
+    return head + "\n".join(lines) + f"\n\n{met} of {len(rows)} rows meet the target."
+
+
+def _why_not(r: dict[str, Any]) -> str:
+    why = []
+    if r["speed"] != "met":
+        why.append(f"{r['ratio']:.2f}x")
+    if r["auc"] not in ("ahead", "level"):
+        why.append(f"AUC {r['auc']}")
+    return ", ".join(why)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, target: float = TARGET) -> None:
+    """One panel per dataset: a bar per row (ours / FuxiCTR samples/s), the target as a line, the bar's colour the
+    AUC verdict and its label the AUC difference; hatched where the speed target is missed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colors = {"ahead": "#2e7d32", "level": "#7f8c8d", "behind": "#c62828", "unpaired": "#bdbdbd"}
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    tallest = max(sum(r["dataset"] == d for r in rows) for d in datasets)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 0.42 * tallest + 1.8), squeeze=False)
+    top = max(max(r["ratio"] for r in rows), target) * 1.45
+    for ax, name in zip(axes[0], datasets, strict=True):
+        sub = [r for r in rows if r["dataset"] == name][::-1]
+        labels = [f"{r['model']} ({r['ours_as']}) vs FuxiCTR {r['fuxictr']}" for r in sub]
+        y = range(len(sub))
+        for i, r in zip(y, sub, strict=True):
+            ax.barh(i, r["ratio"], color=colors[r["auc"]], hatch=None if r["speed"] == "met" else "//",
+                    edgecolor="black", linewidth=0.5)  # fmt: skip
+            delta = r["auc_delta"]
+            note = f"{r['ratio']:.2f}x" + (f", AUC {delta['delta']:+.3f}" if delta else "")
+            ax.text(r["ratio"] + top * 0.01, i, note, va="center", fontsize=8)
+        ax.axvline(target, color="black", linestyle="--", linewidth=1)
+        ax.set_yticks(list(y), labels, fontsize=8)
+        ax.set_xlim(0, top)
+        ax.set_xlabel("ours / FuxiCTR training samples/s (same run)")
+        ax.set_title(name)
+        ax.grid(True, axis="x", alpha=0.3)
+    handles = [Patch(facecolor=c, edgecolor="black", label=f"AUC {k} (paired 95% interval)") for k, c in colors.items()
+               if any(r["auc"] == k for r in rows)]  # fmt: skip
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label=f"below {target:g}x"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(f"Side by side with FuxiCTR 2.3.10: speed ratio (dashed: {target:g}x) and AUC verdict")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_source(arg: str) -> tuple[str, Path]:
+    """``LABEL=FILE`` or ``FILE`` (labelled by its stem)."""
+    label, sep, file = arg.partition("=")
+    if not sep:
+        return Path(arg).stem, Path(arg)
+    return label, Path(file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="LABEL=FILE or FILE: a benchmarks/peers.py results JSON")
+    p.add_argument("--target", type=float, default=TARGET, help="the speed ratio a row must reach (default 2)")
+    p.add_argument("--json", type=Path, help="write the summary rows here")
+    p.add_argument("--plot", type=Path, help="write the bar chart here (PNG)")
+    args = p.parse_args(argv)
+    rows = []
+    for arg in args.results:
+        label, file = parse_source(arg)
+        if not file.is_file():
+            p.error(f"{file}: no such results file (a benchmarks/peers.py --results output)")
+        result = json.loads(file.read_text())
+        if "results" not in result:
+            p.error(f"{file}: not a benchmarks/peers.py result (no 'results' list)")
+        rows += [{**r, "source": str(file)} for r in summarize(label, result, args.target)]
+    print(markdown(rows, args.target))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"target": args.target, "rows": rows}, indent=1) + "\n")
+    if args.plot:
+        plot(rows, args.plot, args.target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
