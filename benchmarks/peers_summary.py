@@ -5,7 +5,7 @@ Markdown table, a JSON summary and a bar chart.
     python benchmarks/peers_summary.py movielens=benchmarks/results/peers-movielens-X.json \\
         demo-L50=benchmarks/results/peers-demo-L50-X.json [--target 2.0] [--json OUT.json] [--plot OUT.png]
 
-Each argument is ``LABEL=FILE`` (or a bare FILE, labelled by its name). Per row:
+Each argument is ``LABEL=FILE`` (or a bare FILE, labelled by its name; a label may hold ``=``). Per row:
 
 * speed: ``ratio`` = ours / FuxiCTR samples/s (each side's median logged window after the first, as peers.py
   measures them, both in the one run); ``met`` where ratio >= target;
@@ -145,11 +145,12 @@ def plot(rows: list[dict[str, Any]], path: Path, target: float = TARGET) -> None
 
 
 def parse_source(arg: str) -> tuple[str, Path]:
-    """``LABEL=FILE`` or ``FILE`` (labelled by its stem)."""
-    label, sep, file = arg.partition("=")
-    if not sep:
-        return Path(arg).stem, Path(arg)
-    return label, Path(file)
+    """``LABEL=FILE`` or ``FILE`` (labelled by its stem); the label may hold ``=`` itself (``demo L=50=FILE``): it
+    ends at the first ``=`` after which an existing file is named."""
+    for i, ch in enumerate(arg):
+        if ch == "=" and Path(arg[i + 1 :]).is_file():
+            return arg[:i], Path(arg[i + 1 :])
+    return Path(arg).stem, Path(arg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers_summary import main, markdown, quality_verdict, summarize  # noqa: E402
+from benchmarks.peers_summary import main, markdown, parse_source, quality_verdict, summarize  # noqa: E402
 
 
 def _delta(delta: float, lo: float, hi: float) -> dict[str, float | bool]:
@@ -86,6 +86,15 @@ def test_command_writes_table_json_and_chart(tmp_path, capsys):
     assert summary["target"] == 2.0 and len(summary["rows"]) == 7
     assert summary["rows"][0]["source"] == str(a) and summary["rows"][5]["max_len"] == 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_labels_may_hold_equals(tmp_path):
+    f = tmp_path / "r.json"
+    f.write_text("{}")
+    assert parse_source(f"demo L=50={f}") == ("demo L=50", f)
+    assert parse_source(f"ml={f}") == ("ml", f)
+    assert parse_source(str(f)) == ("r", f)
+    assert parse_source("x=missing.json") == ("x=missing", Path("x=missing.json"))  # no file: named as given
 
 
 def test_command_refuses_what_is_not_a_result(tmp_path):
