@@ -40,8 +40,11 @@ def quality_verdict(q: dict[str, Any] | None, metric: str) -> str:
     return "level"
 
 
-def summarize(label: str, result: dict[str, Any], target: float = TARGET) -> list[dict[str, Any]]:
-    """One summary row per row of a peers.py result (its ``results`` list), in the run's order."""
+def summarize(
+    label: str, result: dict[str, Any], target: float = TARGET, source: str | None = None
+) -> list[dict[str, Any]]:
+    """One summary row per row of a peers.py result (its ``results`` list), in the run's order; ``source``: the
+    results file it came from (the table's ``run`` column), so rows of several runs under one label stay apart."""
     rows = []
     settings = result.get("settings", {})
     for r in result["results"]:
@@ -66,6 +69,7 @@ def summarize(label: str, result: dict[str, Any], target: float = TARGET) -> lis
             "auc": auc,
             "gauc": gauc,
             "meets": ratio >= target and auc in ("ahead", "level"),
+            "source": source,
         })  # fmt: skip
     return rows
 
@@ -80,7 +84,7 @@ def markdown(rows: list[dict[str, Any]], target: float = TARGET) -> str:
     """The summary as one Markdown table, a line per row, and a last line counting the rows that meet the target."""
     head = (
         "| data | model | ours as | FuxiCTR | ours / FuxiCTR samples/s | ratio | AUC ours − FuxiCTR "
-        f"| GAUC ours − FuxiCTR | ≥ {target:g}x, AUC not behind |\n|---|---|---|---|---:|---:|---|---|---|\n"
+        f"| GAUC ours − FuxiCTR | ≥ {target:g}x, AUC not behind | run |\n|---|---|---|---|---:|---:|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -88,7 +92,7 @@ def markdown(rows: list[dict[str, Any]], target: float = TARGET) -> str:
             f"| {r['dataset']} | {r['model']} | {r['ours_as']} | {r['fuxictr']} | "
             f"{r['ours_samples_per_s']:,.0f} / {r['fuxictr_samples_per_s']:,.0f} | {r['ratio']:.2f}x | "
             f"{_interval(r['auc_delta'])} {r['auc']} | {_interval(r['gauc_delta'])} {r['gauc']} | "
-            f"{'yes' if r['meets'] else 'no: ' + _why_not(r)} |"
+            f"{'yes' if r['meets'] else 'no: ' + _why_not(r)} | {Path(r['source']).stem if r['source'] else '-'} |"
         )
     met = sum(r["meets"] for r in rows)
     return head + "\n".join(lines) + f"\n\n{met} of {len(rows)} rows meet the target."
@@ -115,12 +119,16 @@ def plot(rows: list[dict[str, Any]], path: Path, target: float = TARGET) -> None
     colors = {"ahead": "#2e7d32", "level": "#7f8c8d", "behind": "#c62828", "unpaired": "#bdbdbd"}
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     tallest = max(sum(r["dataset"] == d for r in rows) for d in datasets)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 0.42 * tallest + 1.8), squeeze=False)
-    top = max(max(r["ratio"] for r in rows), target) * 1.45
-    for ax, name in zip(axes[0], datasets, strict=True):
+    ncols = min(2, len(datasets))
+    nrows = -(-len(datasets) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.2 * ncols, (0.36 * tallest + 1.3) * nrows + 0.6), squeeze=False)
+    for ax in axes.flat[len(datasets) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, datasets, strict=False):
         sub = [r for r in rows if r["dataset"] == name][::-1]
+        top = max(max(r["ratio"] for r in sub), target) * 1.5  # each panel its own scale: 2x must stay readable
         labels = [f"{r['model']} ({r['ours_as']}) vs FuxiCTR {r['fuxictr']}" for r in sub]
-        y = range(len(sub))
+        y = range(tallest - len(sub), tallest)  # a shorter panel's rows at its top
         for i, r in zip(y, sub, strict=True):
             ax.barh(i, r["ratio"], color=colors[r["auc"]], hatch=None if r["speed"] == "met" else "//",
                     edgecolor="black", linewidth=0.5)  # fmt: skip
@@ -129,6 +137,7 @@ def plot(rows: list[dict[str, Any]], path: Path, target: float = TARGET) -> None
             ax.text(r["ratio"] + top * 0.01, i, note, va="center", fontsize=8)
         ax.axvline(target, color="black", linestyle="--", linewidth=1)
         ax.set_yticks(list(y), labels, fontsize=8)
+        ax.set_ylim(-0.6, tallest - 0.4)
         ax.set_xlim(0, top)
         ax.set_xlabel("ours / FuxiCTR training samples/s (same run)")
         ax.set_title(name)
@@ -138,7 +147,7 @@ def plot(rows: list[dict[str, Any]], path: Path, target: float = TARGET) -> None
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label=f"below {target:g}x"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(f"Side by side with FuxiCTR 2.3.10: speed ratio (dashed: {target:g}x) and AUC verdict")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(file.read_text())
         if "results" not in result:
             p.error(f"{file}: not a benchmarks/peers.py result (no 'results' list)")
-        rows += [{**r, "source": str(file)} for r in summarize(label, result, args.target)]
+        rows += summarize(label, result, args.target, source=str(file))
     print(markdown(rows, args.target))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

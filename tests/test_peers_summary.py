@@ -72,6 +72,8 @@ def test_markdown_says_why_a_row_misses():
     assert "| no: AUC behind |" in text and "| no: 1.90x |" in text and "| no: AUC unpaired |" in text
     assert "+0.0100 [+0.0020, +0.0200] ahead" in text
     assert text.endswith("2 of 5 rows meet the target.")
+    assert lines[2].endswith("| yes | - |")  # no source given: no run named
+    assert markdown(summarize("ml", RESULT, source="/x/peers-ml-1.json")).splitlines()[2].endswith("| peers-ml-1 |")
 
 
 def test_command_writes_table_json_and_chart(tmp_path, capsys):
@@ -82,6 +84,7 @@ def test_command_writes_table_json_and_chart(tmp_path, capsys):
     assert main([f"movielens={a}", str(b), "--json", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
     assert "3 of 7 rows meet the target." in printed and "| peers-demo | dien |" in printed
+    assert "| yes | a |" in printed  # each row names its run
     summary = json.loads(out.read_text())
     assert summary["target"] == 2.0 and len(summary["rows"]) == 7
     assert summary["rows"][0]["source"] == str(a) and summary["rows"][5]["max_len"] == 1000
