@@ -25,6 +25,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # run as a script or imported as benchmarks.peers_summary: the sibling module either way
+    sys.path.insert(0, str(HERE))
+
+from peers_report import delta_text  # noqa: E402
+
 TARGET = 2.0  # issue 16: at least twice FuxiCTR's training samples/s
 
 
@@ -63,8 +69,7 @@ def summarize(
             "ratio": ratio,
             "ours_auc": ours["metrics"]["auc"],
             "fuxictr_auc": fx["metrics"]["auc"],
-            "auc_delta": q.get("auc") if q and q.get("paired") else None,
-            "gauc_delta": q.get("gauc") if q and q.get("paired") else None,
+            "quality_delta": q,
             "speed": "met" if ratio >= target else "not met",
             "auc": auc,
             "gauc": gauc,
@@ -74,10 +79,10 @@ def summarize(
     return rows
 
 
-def _interval(d: dict[str, float] | None) -> str:
-    if d is None:
-        return "-"
-    return f"{d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+def _quality_cell(r: dict[str, Any], metric: str) -> str:
+    """``+0.0123 [+0.0050, +0.0190] ahead``: the paired interval (peers.py's own text) and its verdict."""
+    text = delta_text(r["quality_delta"], metric)
+    return text if r[metric] == "unpaired" else f"{text} {r[metric]}"
 
 
 def markdown(rows: list[dict[str, Any]], target: float = TARGET) -> str:
@@ -91,7 +96,7 @@ def markdown(rows: list[dict[str, Any]], target: float = TARGET) -> str:
         lines.append(
             f"| {r['dataset']} | {r['model']} | {r['ours_as']} | {r['fuxictr']} | "
             f"{r['ours_samples_per_s']:,.0f} / {r['fuxictr_samples_per_s']:,.0f} | {r['ratio']:.2f}x | "
-            f"{_interval(r['auc_delta'])} {r['auc']} | {_interval(r['gauc_delta'])} {r['gauc']} | "
+            f"{_quality_cell(r, 'auc')} | {_quality_cell(r, 'gauc')} | "
             f"{'yes' if r['meets'] else 'no: ' + _why_not(r)} | {Path(r['source']).stem if r['source'] else '-'} |"
         )
     met = sum(r["meets"] for r in rows)
@@ -132,8 +137,9 @@ def plot(rows: list[dict[str, Any]], path: Path, target: float = TARGET) -> None
         for i, r in zip(y, sub, strict=True):
             ax.barh(i, r["ratio"], color=colors[r["auc"]], hatch=None if r["speed"] == "met" else "//",
                     edgecolor="black", linewidth=0.5)  # fmt: skip
-            delta = r["auc_delta"]
-            note = f"{r['ratio']:.2f}x" + (f", AUC {delta['delta']:+.3f}" if delta else "")
+            note = f"{r['ratio']:.2f}x"
+            if r["auc"] != "unpaired":
+                note += f", AUC {r['quality_delta']['auc']['delta']:+.3f}"
             ax.text(r["ratio"] + top * 0.01, i, note, va="center", fontsize=8)
         ax.axvline(target, color="black", linestyle="--", linewidth=1)
         ax.set_yticks(list(y), labels, fontsize=8)
