@@ -12,6 +12,10 @@ sparse optimizer, loader); rounds alternate so that the machine's drift over the
 ratio reported is of the medians over rounds. ``--threads``: intra-op threads of both sides (the trainer uses 2 on a
 2-core machine). ``--set``: config overrides, each given to the models whose config has its key.
 
+``--before-env`` / ``--after-env KEY=VALUE`` (repeatable): environment of one side's processes, e.g. an A/B of the
+native operators' instruction set in one checkout (``--before-env LIFELONG_CTR_NATIVE_ISA=avx2``; `--before`
+defaults to this checkout).
+
 The machine must be quiet; only the same run's before/after ratios mean anything.
 """
 
@@ -44,12 +48,17 @@ print("RESULT " + json.dumps({"step_ms": out["step_ms"], "samples_per_s": out["s
 """
 
 
-def measure(checkout: Path, model: str, args: argparse.Namespace) -> float:
-    """ms per step of `model` in `checkout` (a process of its own)."""
+def measure(checkout: Path, model: str, args: argparse.Namespace, extra_env: list[str] | None = None) -> float:
+    """ms per step of `model` in `checkout` (a process of its own; ``extra_env``: KEY=VALUE pairs for it)."""
     sets = [f"data.batch_size={args.batch_size}", "data.num_workers=1", *args.set]
     cmd = [sys.executable, "-c", MEASURE, str(checkout.resolve()), model, args.data, str(args.steps),
            str(args.warmup), str(args.threads), *sets]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for pair in extra_env or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            sys.exit(f"an environment setting is KEY=VALUE, got {pair!r}")
+        env[key] = value
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode != 0 or not line:
@@ -59,7 +68,9 @@ def measure(checkout: Path, model: str, args: argparse.Namespace) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", type=Path, required=True, help="the checkout before the change")
+    parser.add_argument("--before", type=Path, default=ROOT, help="the checkout before the change (default: this one)")
+    parser.add_argument("--before-env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--after-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--after", type=Path, default=ROOT)
     parser.add_argument("--data", required=True, help="a dataset directory built by `ctr build`")
     parser.add_argument("--models", default="din,sim_soft")
@@ -77,7 +88,8 @@ def main() -> int:
     for r in range(args.rounds):
         for m in models:
             for side in ("before", "after"):
-                times[m][side].append(round(measure(getattr(args, side), m, args), 2))
+                env = getattr(args, f"{side}_env")
+                times[m][side].append(round(measure(getattr(args, side), m, args, env), 2))
             print(f"round {r + 1}/{args.rounds} {m:10s} before {times[m]['before'][-1]:7.2f} ms  "
                   f"after {times[m]['after'][-1]:7.2f} ms", flush=True)  # fmt: skip
     rows = []
@@ -91,6 +103,8 @@ def main() -> int:
     result = {
         "before": revs["before"],
         "after": revs["after"],
+        "before_env": args.before_env,
+        "after_env": args.after_env,
         "data": args.data,
         "settings": {
             "batch_size": args.batch_size,

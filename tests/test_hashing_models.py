@@ -115,6 +115,36 @@ def test_bucket_pool_native_is_the_eager_form(num_hashes, bits):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_hashes, bits", [(2, 4), (3, 20)])
+def test_bucket_pool_native_pools_the_hashed_rows_themselves(num_hashes, bits):
+    """SDIM without DARE hashes and pools the same rows (one tensor, with gradient): the fused native pass reads each
+    row once and gives the eager form's pooled values and the rows' gradients (the hash has none)."""
+    from ctr import native
+
+    gen = torch.Generator().manual_seed(7 * num_hashes + bits)
+    lengths = random_lengths(gen)
+    lengths[1] = 0
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    pool = SimHashBucketPool(24, num_hashes, bits, seed=3)
+    target = torch.randn(len(lengths), 24, generator=gen)
+    rows = torch.randn(int(offsets[-1]), 24, generator=gen)
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    rows[1::3] = target[sample[1::3]]  # a third of the rows are their target: every function matches them
+    runs = []
+    try:
+        for on in (True, False):
+            native.set_enabled(on)
+            x = rows.clone().requires_grad_()
+            out = pool(target, x, offsets)
+            (out * torch.linspace(-1, 1, 24)).sum().backward()
+            runs.append((out.detach(), x.grad))
+    finally:
+        native.set_enabled(True)
+    for got, want in zip(runs[0], runs[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert float(runs[0][1][1::3].abs().sum()) > 0  # the matching rows have a gradient
+
+
 def test_bucket_pool_gradient_reaches_the_pooled_values():
     pool = SimHashBucketPool(4, 2, 2, seed=0)
     offsets = lengths_to_offsets(torch.tensor([3, 0, 5]))

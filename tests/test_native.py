@@ -188,6 +188,28 @@ def test_the_virtualenvs_ninja_is_put_on_path_when_none_is(monkeypatch):
     assert shutil.which("ninja") is not None
 
 
+@pytest.mark.parametrize(
+    "cpu, ceiling, name",
+    [("AVX512", None, "avx512"), ("AVX512", "avx2", "avx2"), ("AVX512", "generic", "generic"), ("AVX2", None, "avx2"),
+     ("AVX2", "avx512", "avx2"), ("DEFAULT", None, "generic")],
+)  # fmt: skip
+def test_the_build_targets_the_instruction_set_torch_dispatches_to_or_the_ceiling(monkeypatch, cpu, ceiling, name):
+    """The build's name and flags follow torch's CPU capability (AVX-512 registers in DIN's unit's tiles where torch
+    dispatches to AVX-512), never above it, and at most `LIFELONG_CTR_NATIVE_ISA`; an unknown ceiling is refused."""
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: cpu)
+    if ceiling is None:
+        monkeypatch.delenv(native.ISA_ENV, raising=False)
+    else:
+        monkeypatch.setenv(native.ISA_ENV, ceiling)
+    got, flags = native._build_flags()
+    assert got == f"ctr_native_{name}"
+    assert ("-mavx512f" in flags) == (name == "avx512") and ("-mavx2" in flags) == (name != "generic")
+    monkeypatch.setenv(native.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="LIFELONG_CTR_NATIVE_ISA"):
+        native._build_flags()
+
+
 @pytest.mark.parametrize("parts", [1, 2, 3, 64])
 def test_the_build_groups_every_source_into_one_unit_per_core(tmp_path, parts):
     """Each source is in exactly one translation unit, included by its own path; one per source where cores allow."""

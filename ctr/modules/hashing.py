@@ -123,18 +123,18 @@ class SimHashBucketPool(nn.Module):
         """``[B, D]``: target ``[B, D']`` and behaviors jagged ``[total_L, D']`` by ``offsets [B + 1]`` are hashed;
         ``values`` (default: the behaviors) ``[total_L, D]`` are pooled and keep their gradient (the hash has none)."""
         values = behaviors if values is None else values
+        if not self.normalize:
+            # the mean over functions of the bucket sums is one weighted sum per sample, w_i = the share of the
+            # functions that put behavior i in its target's bucket: natively, the shares and the sum in one pass over
+            # the rows (`native.simhash_pool`), not a gather of the (row, function) matches and a sum by slot whose
+            # backward scatters
+            pooled = native.simhash_pool(target, behaviors, offsets, self.rotation, values)
+            if pooled is not None:
+                return pooled
         b, n = target.shape[0], behaviors.shape[0]
         sample = torch.repeat_interleave(
             torch.arange(b, device=target.device), offsets[1:] - offsets[:-1], output_size=n
         )
-        if not self.normalize and native.applies(values):
-            # the mean over functions of the bucket sums is one weighted sum per sample, w_i = the share of the
-            # functions that put behavior i in its target's bucket: one pass each way (`native.weighted_pool`), not a
-            # gather of the (row, function) matches and a sum by slot whose backward scatters
-            w = self.match_share(target, behaviors, offsets, sample)
-            pooled = native.weighted_pool(w, values, torch.arange(n, device=values.device), sample, b)
-            assert pooled is not None  # it runs wherever `applies` holds
-            return pooled
         # same bucket: [N, m]. Compared as bucket ids (all bits equal), the target's gathered as [B, m] int64: a gather
         # of the [B, m, bits] bool bits took 2.5 ms at 43K behaviors (PyTorch's bool index_select is not vectorized)
         match = self.buckets(behaviors) == self.buckets(target).index_select(0, sample)

@@ -41,6 +41,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "LIFELONG_CTR_NATIVE"
+ISA_ENV = "LIFELONG_CTR_NATIVE_ISA"  # at most this instruction set (`_build_flags`)
 HERE = Path(__file__).resolve().parent
 SOURCES = (
     HERE / "dice.cpp",
@@ -77,7 +78,9 @@ def enabled_by_env() -> bool:
 
 
 def _build_flags() -> tuple[str, list[str]]:
-    """The extension's name and compiler flags: vector instructions by the CPU torch itself dispatches to.
+    """The extension's name and compiler flags: vector instructions by the CPU torch itself dispatches to (AVX-512,
+    AVX2 or none), or fewer with ``LIFELONG_CTR_NATIVE_ISA=avx2`` or ``generic`` (an A/B of the instruction sets on
+    one machine: ``benchmarks/step_ab.py --before-env LIFELONG_CTR_NATIVE_ISA=avx2``).
 
     The name carries the instruction set, so a cache shared by machines of different CPUs keeps one build each.
     """
@@ -85,9 +88,19 @@ def _build_flags() -> tuple[str, list[str]]:
     capability = "generic"
     if platform.machine().lower() in ("x86_64", "amd64"):
         cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2" or "DEFAULT"
+        ceiling = os.environ.get(ISA_ENV, "").strip().lower()
+        if ceiling not in ("", "avx512", "avx2", "generic"):
+            raise ValueError(f"{ISA_ENV}={ceiling!r}: expected avx512, avx2 or generic (or unset: the CPU's)")
+        if ceiling == "generic":
+            cap = "DEFAULT"
+        elif ceiling == "avx2" and cap == "AVX512":
+            cap = "AVX2"
         if cap in ("AVX2", "AVX512"):
             flags += ["-mavx2", "-mfma"]
             capability = "avx2"
+        if cap == "AVX512":  # the tiles of DIN's unit's first layer in 16-float registers (unit_first_layer.h)
+            flags += ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]
+            capability = "avx512"
     return f"ctr_native_{capability}", flags
 
 
@@ -489,5 +502,6 @@ def kmeans_tree(x: np.ndarray, max_size: int, seed: int, iters: int, branching: 
 
 
 from .activation_unit import din_unit as din_unit  # noqa: E402  (these use `applies` above)
+from .activation_unit import simhash_pool as simhash_pool  # noqa: E402
 from .activation_unit import weighted_pool as weighted_pool  # noqa: E402
 from .attention_rows import attention_rows as attention_rows  # noqa: E402

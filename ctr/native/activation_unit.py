@@ -177,6 +177,41 @@ class _WeightedPool(torch.autograd.Function):
         return (gw if need_w else None), (gv if need_v else None), None, None, None
 
 
+class _SimHashPool(torch.autograd.Function):
+    """SDIM's ``u_b = Σ_i share_i v_i`` with the shares computed from the hashed rows in the same pass
+    (`simhash.cpp`); only the values have a gradient."""
+
+    @staticmethod
+    def forward(ctx, values, keys, target, offsets, rotation):  # type: ignore[no-untyped-def]
+        pooled, share = torch.ops.ctr_native.simhash_pool_forward(keys, target, offsets, rotation, values)
+        ctx.save_for_backward(share, offsets)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        share, offsets = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        gv = torch.ops.ctr_native.simhash_pool_backward(grad.contiguous(), share, offsets)
+        return gv, None, None, None, None
+
+
+def simhash_pool(
+    target: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, rotation: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor | None:
+    """``[B, Dv]``: per sample, the sum of its rows of ``values [N, Dv]`` weighted by the share of the SimHash functions
+    (``rotation [m, D, bits]``) under which the row's key (``keys [N, D]``, jagged by ``offsets [B + 1]``) has its
+    target's (``target [B, D]``) code, natively; the keys and targets without gradient. None where the caller must
+    run its eager form."""
+    if values.dim() != 2 or not applies(values, keys, target, rotation):
+        return None
+    same = keys is values
+    values = values.contiguous()
+    keys = values.detach() if same else keys.detach().contiguous()  # the same rows: each read once
+    target, offsets = target.detach().contiguous(), offsets.long().contiguous()
+    return _SimHashPool.apply(values, keys, target, offsets, rotation.contiguous())
+
+
 def weighted_pool(
     w: torch.Tensor, values: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, b: int
 ) -> torch.Tensor | None:

@@ -365,7 +365,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
     const float *xp = pre[l - 1].data_ptr<float>(), *ap = alphas[l - 1].data_ptr<float>(),
                 *mpp = mean[l - 1].data_ptr<float>(), *ipp = invstd[l - 1].data_ptr<float>(),
                 *spp = sig[l - 1].data_ptr<float>();
-    std::vector<float> wpad(static_cast<size_t>(ho * unit_first_layer::pad16(hi)));
+    std::vector<float> wpad(static_cast<size_t>(ho * unit_first_layer::pad_slab(hi)));
     unit_first_layer::pad_columns(ws[l - 1].data_ptr<float>(), ho, hi, wpad.data());
     const float* gyp = gy.data_ptr<float>();
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
@@ -413,7 +413,7 @@ std::vector<at::Tensor> din_unit_backward(const at::Tensor& grad, const at::Tens
     next = upto + 1;
   }
   {
-    const int64_t hp = unit_first_layer::pad16(h0), dp = unit_first_layer::pad16(d);
+    const int64_t hp = unit_first_layer::pad_slab(h0), dp = unit_first_layer::pad_slab(d);
     std::vector<float> wpt(static_cast<size_t>(d * hp));
     unit_first_layer::transpose_weights(w1.data_ptr<float>(), h0, d, nullptr, wpt.data());
     std::vector<float> part_k(static_cast<size_t>(groups * d * hp), 0.0f), part_p(part_k.size(), 0.0f);

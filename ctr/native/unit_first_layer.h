@@ -18,57 +18,77 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-// an 8-float vector type: one AVX register, two SSE or NEON ones where the build targets no AVX (the functions taking
-// and returning it are inline, so GCC's warning that such a build passes them differently does not apply; it comes
-// at the end of the translation unit, hence not popped)
+// the vector type of the tiles: one AVX-512 register (16 floats) where the build targets AVX-512 (`ctr.native`'s
+// flags follow the instruction set torch dispatches to), else 8 floats, one AVX register (two SSE or NEON ones where
+// the build targets no AVX; the functions taking and returning it are inline, so GCC's warning that such a build
+// passes them differently does not apply; it comes at the end of the translation unit, hence not popped)
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 namespace unit_first_layer {
 
-typedef float v8 __attribute__((vector_size(32)));
+#if defined(__AVX512F__)
+#define CTR_UNIT_LANES 16
+#else
+#define CTR_UNIT_LANES 8
+#endif
+constexpr int kLanes = CTR_UNIT_LANES;
+typedef float vec __attribute__((vector_size(CTR_UNIT_LANES * 4)));
 
-inline v8 load8(const float* p) {
-  v8 r;
+inline vec loadv(const float* p) {
+  vec r;
   std::memcpy(&r, p, sizeof(r));
   return r;
 }
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
-inline v8 fma8(v8 a, v8 b, v8 c) {
-#if defined(__FMA__)
-  return reinterpret_cast<v8>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
-                                              reinterpret_cast<__m256>(c)));
+inline void storev(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+inline vec splat(float x) { return vec{} + x; }
+inline vec fmav(vec a, vec b, vec c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vec>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                               reinterpret_cast<__m512>(c)));
+#elif defined(__FMA__)
+  return reinterpret_cast<vec>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                               reinterpret_cast<__m256>(c)));
 #else
   return a * b + c;
 #endif
 }
-inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+// the lanes' sum in a fixed order: halves added until four lanes are left, then ((l0 + l1) + (l2 + l3))
+inline float hsum(vec v) {
+  float l[kLanes];
+  storev(l, v);
+  for (int w = kLanes / 2; w >= 4; w /= 2) {
+    for (int j = 0; j < w; ++j) l[j] += l[j + w];
+  }
+  return (l[0] + l[1]) + (l[2] + l[3]);
+}
 
-constexpr int kTile = 6;   // rows of a register tile
-constexpr int kSlab = 16;  // its columns (two vectors)
+constexpr int kTile = 6;            // rows of a register tile
+constexpr int kSlab = 2 * kLanes;  // its columns (two vectors): 16 with AVX, 32 with AVX-512
 
-inline int64_t pad16(int64_t n) { return (n + kSlab - 1) / kSlab * kSlab; }
+inline int64_t pad_slab(int64_t n) { return (n + kSlab - 1) / kSlab * kSlab; }
 
-// acc[r] = Σ_k a(r, k) b[k, 0:16] for r < R, b's rows ldb apart
+// acc[r] = Σ_k a(r, k) b[k, 0:kSlab] for r < R, b's rows ldb apart; with V = 1 the slab's first vector only (its
+// second half past the matrix's last column: acc[r][1] = 0, no multiply-adds on the zero padding)
 // (the sums in locals, copied out at the end: summed into `acc` itself, which the epilogue reads by reference, the
 // compiler stored every accumulator on every step, a third of the speed)
-template <int R, typename A>
-inline void tile(int64_t kd, const A& a, const float* __restrict b, int64_t ldb, v8 (&acc)[kTile][2]) {
-  v8 c0[R], c1[R];
-  for (int r = 0; r < R; ++r) c0[r] = c1[r] = splat8(0.0f);
+template <int R, int V, typename A>
+inline void tile(int64_t kd, const A& a, const float* __restrict b, int64_t ldb, vec (&acc)[kTile][2]) {
+  vec c0[R], c1[R];
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = splat(0.0f);
   for (int64_t k = 0; k < kd; ++k) {
-    const v8 b0 = load8(b + k * ldb), b1 = load8(b + k * ldb + 8);
+    const vec b0 = loadv(b + k * ldb);
+    const vec b1 = V == 2 ? loadv(b + k * ldb + kLanes) : splat(0.0f);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      const v8 av = splat8(a(r, k));
-      c0[r] = fma8(av, b0, c0[r]);
-      c1[r] = fma8(av, b1, c1[r]);
+      const vec av = splat(a(r, k));
+      c0[r] = fmav(av, b0, c0[r]);
+      if (V == 2) c1[r] = fmav(av, b1, c1[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -77,48 +97,60 @@ inline void tile(int64_t kd, const A& a, const float* __restrict b, int64_t ldb,
   }
 }
 
-// every row tile of `rows` rows (the last one shorter) and slab of `slabs`: tile, then epi(row0, R, slab, acc)
+template <int V, typename A>
+inline void tile_rows(int n, int64_t kd, const A& a, const float* b, int64_t ldb, vec (&acc)[kTile][2]) {
+  switch (n) {
+    case 6: return tile<6, V>(kd, a, b, ldb, acc);
+    case 5: return tile<5, V>(kd, a, b, ldb, acc);
+    case 4: return tile<4, V>(kd, a, b, ldb, acc);
+    case 3: return tile<3, V>(kd, a, b, ldb, acc);
+    case 2: return tile<2, V>(kd, a, b, ldb, acc);
+    default: return tile<1, V>(kd, a, b, ldb, acc);
+  }
+}
+
+// every row tile of `rows` rows (the last one shorter) and slab of the `cols` columns (b's rows zero from `cols` to
+// pad_slab(cols)): tile, then epi(row0, R, slab, acc); a last slab of at most kLanes columns through a one-vector
+// tile (with AVX-512's 32-column slabs, H = 80 is two slabs and a half)
 template <typename A, typename E>
-inline void tiles(int64_t rows, int64_t slabs, int64_t kd, const A& a, const float* b, int64_t ldb, const E& epi) {
-  v8 acc[kTile][2];
+inline void tiles(int64_t rows, int64_t cols, int64_t kd, const A& a, const float* b, int64_t ldb, const E& epi) {
+  vec acc[kTile][2];
+  const int64_t slabs = pad_slab(cols) / kSlab;
   for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
     const auto ar = [&](int r, int64_t k) { return a(r0 + r, k); };
     for (int64_t s = 0; s < slabs; ++s) {
       const float* bs = b + s * kSlab;
-      switch (n) {
-        case 6: tile<6>(kd, ar, bs, ldb, acc); break;
-        case 5: tile<5>(kd, ar, bs, ldb, acc); break;
-        case 4: tile<4>(kd, ar, bs, ldb, acc); break;
-        case 3: tile<3>(kd, ar, bs, ldb, acc); break;
-        case 2: tile<2>(kd, ar, bs, ldb, acc); break;
-        default: tile<1>(kd, ar, bs, ldb, acc); break;
+      if (cols - s * kSlab <= kLanes) {
+        tile_rows<1>(n, kd, ar, bs, ldb, acc);
+      } else {
+        tile_rows<2>(n, kd, ar, bs, ldb, acc);
       }
       epi(r0, n, s, acc);
     }
   }
 }
 
-// a tile's row (16 values) into o, of which the first `valid` are kept (the last slab of a width not a multiple of 16)
-inline void store_row(float* o, const v8 (&row)[2], int64_t valid) {
+// a tile's row (kSlab values) into o, of which the first `valid` are kept (the last slab of a width not a multiple of kSlab)
+inline void store_row(float* o, const vec (&row)[2], int64_t valid) {
   if (valid >= kSlab) {
-    store8(o, row[0]);
-    store8(o + 8, row[1]);
+    storev(o, row[0]);
+    storev(o + kLanes, row[1]);
     return;
   }
   float v[kSlab];
-  store8(v, row[0]);
-  store8(v + 8, row[1]);
+  storev(v, row[0]);
+  storev(v + kLanes, row[1]);
   for (int64_t j = 0; j < valid; ++j) o[j] = v[j];
 }
 
-// c = a b for a [rows, k] (rows lda apart) and b [k, pad16(n)] (zero past column n): through the tile, for the
+// c = a b for a [rows, k] (rows lda apart) and b [k, pad_slab(n)] (zero past column n): through the tile, for the
 // products whose inner dimension is too short for BLAS to run near its rate (a hidden layer's backward, k = 40)
 inline void product(int64_t rows, int64_t k, int64_t n, const float* a, int64_t lda, const float* b, float* c,
                     int64_t ldc) {
-  const int64_t np = pad16(n);
+  const int64_t np = pad_slab(n);
   const auto aa = [&](int64_t r, int64_t kk) { return a[r * lda + kk]; };
-  tiles(rows, np / kSlab, k, aa, b, np, [&](int64_t r0, int nr, int64_t s, v8 (&acc)[kTile][2]) {
+  tiles(rows, n, k, aa, b, np, [&](int64_t r0, int nr, int64_t s, vec (&acc)[kTile][2]) {
     const int64_t c0 = s * kSlab;
     for (int r = 0; r < nr; ++r) {
       store_row(c + (r0 + r) * ldc + c0, acc[r], n - c0);
@@ -126,9 +158,9 @@ inline void product(int64_t rows, int64_t k, int64_t n, const float* a, int64_t 
   });
 }
 
-// w [k, n] into wp [k, pad16(n)], the columns past n zero
+// w [k, n] into wp [k, pad_slab(n)], the columns past n zero
 inline void pad_columns(const float* w, int64_t k, int64_t n, float* wp) {
-  const int64_t np = pad16(n);
+  const int64_t np = pad_slab(n);
   for (int64_t i = 0; i < k; ++i) {
     std::copy_n(w + i * n, n, wp + i * np);
     std::fill(wp + i * np + n, wp + (i + 1) * np, 0.0f);
@@ -138,7 +170,7 @@ inline void pad_columns(const float* w, int64_t k, int64_t n, float* wp) {
 // The layer's weights rearranged once per pass: wkt[p, c] = W_k'[c, p], wpt[p, c] = W_p[c, p] ([D, Hp], columns
 // from H to Hp zero), from w1 = [W_k', W_p] ([H, 2D]); wkt may be null (backward needs W_pᵀ alone)
 inline void transpose_weights(const float* w1, int64_t h, int64_t d, float* wkt, float* wpt) {
-  const int64_t hp = pad16(h);
+  const int64_t hp = pad_slab(h);
   if (wkt != nullptr) std::fill(wkt, wkt + d * hp, 0.0f);
   std::fill(wpt, wpt + d * hp, 0.0f);
   for (int64_t c = 0; c < h; ++c) {
@@ -161,7 +193,7 @@ inline void sample_matrix(const float* __restrict wkt, const float* __restrict w
 // M_bᵀ ([H, Dp], columns from D to Dp zero) from w1 directly
 inline void sample_matrix_t(const float* __restrict w1, const float* __restrict q, int64_t h, int64_t d,
                             float* __restrict mt) {
-  const int64_t dp = pad16(d);
+  const int64_t dp = pad_slab(d);
   for (int64_t c = 0; c < h; ++c) {
     const float* __restrict wk = w1 + c * 2 * d;
     const float* __restrict wp = wk + d;
@@ -175,33 +207,33 @@ inline void sample_matrix_t(const float* __restrict w1, const float* __restrict 
 // of x added to sum and sq ([Hp] each). keys: the sample's key rows (krow[i], D floats each); m: M_b.
 inline void forward(int64_t rows, const float* const* krow, const float* m, const float* __restrict qpart,
                     int64_t d, int64_t h, float* x, float* __restrict sum, float* __restrict sq) {
-  const int64_t hp = pad16(h);
+  const int64_t hp = pad_slab(h);
   const auto a = [&](int64_t r, int64_t k) { return krow[r][k]; };
-  tiles(rows, hp / kSlab, d, a, m, hp, [&](int64_t r0, int n, int64_t s, v8 (&acc)[kTile][2]) {
+  tiles(rows, h, d, a, m, hp, [&](int64_t r0, int n, int64_t s, vec (&acc)[kTile][2]) {
     const int64_t c0 = s * kSlab;
     if (c0 + kSlab <= h) {
-      const v8 q0 = load8(qpart + c0), q1 = load8(qpart + c0 + 8);
-      v8 s0 = load8(sum + c0), s1 = load8(sum + c0 + 8), t0 = load8(sq + c0), t1 = load8(sq + c0 + 8);
+      const vec q0 = loadv(qpart + c0), q1 = loadv(qpart + c0 + kLanes);
+      vec s0 = loadv(sum + c0), s1 = loadv(sum + c0 + kLanes), t0 = loadv(sq + c0), t1 = loadv(sq + c0 + kLanes);
       for (int r = 0; r < n; ++r) {
-        const v8 x0 = acc[r][0] + q0, x1 = acc[r][1] + q1;
+        const vec x0 = acc[r][0] + q0, x1 = acc[r][1] + q1;
         float* xr = x + (r0 + r) * h + c0;
-        store8(xr, x0);
-        store8(xr + 8, x1);
+        storev(xr, x0);
+        storev(xr + kLanes, x1);
         s0 += x0;
         s1 += x1;
-        t0 = fma8(x0, x0, t0);
-        t1 = fma8(x1, x1, t1);
+        t0 = fmav(x0, x0, t0);
+        t1 = fmav(x1, x1, t1);
       }
-      store8(sum + c0, s0);
-      store8(sum + c0 + 8, s1);
-      store8(sq + c0, t0);
-      store8(sq + c0 + 8, t1);
+      storev(sum + c0, s0);
+      storev(sum + c0 + kLanes, s1);
+      storev(sq + c0, t0);
+      storev(sq + c0 + kLanes, t1);
       return;
     }
     for (int r = 0; r < n; ++r) {  // the last, partial slab
       float v[kSlab];
-      store8(v, acc[r][0]);
-      store8(v + 8, acc[r][1]);
+      storev(v, acc[r][0]);
+      storev(v + kLanes, acc[r][1]);
       for (int64_t j = 0; c0 + j < h; ++j) {
         const float xv = v[j] + qpart[c0 + j];
         x[(r0 + r) * h + c0 + j] = xv;
@@ -218,10 +250,10 @@ inline void forward(int64_t rows, const float* const* krow, const float* m, cons
 inline void backward(int64_t rows, const float* const* krow, float* const* gkrow, const float* dx, const float* mt,
                      const float* __restrict wpt, const float* __restrict q, int64_t d, int64_t h, float* gwkt,
                      float* gwpt, float* __restrict gq) {
-  const int64_t hp = pad16(h), dp = pad16(d);
+  const int64_t hp = pad_slab(h), dp = pad_slab(d);
   // dk_i = M_b dx_i: rows i, inner dimension c (H), columns p (Dp)
   const auto adx = [&](int64_t r, int64_t k) { return dx[r * hp + k]; };
-  tiles(rows, dp / kSlab, h, adx, mt, dp, [&](int64_t r0, int n, int64_t s, v8 (&acc)[kTile][2]) {
+  tiles(rows, d, h, adx, mt, dp, [&](int64_t r0, int n, int64_t s, vec (&acc)[kTile][2]) {
     const int64_t p0 = s * kSlab;
     for (int r = 0; r < n; ++r) {
       store_row(gkrow[r0 + r] + p0, acc[r], d - p0);
@@ -229,24 +261,24 @@ inline void backward(int64_t rows, const float* const* krow, float* const* gkrow
   });
   // dM_b[p, c] = Σ_i k_i[p] dx_i[c]: rows p (D), inner dimension i, columns c (Hp)
   const auto ak = [&](int64_t r, int64_t k) { return krow[k][r]; };
-  v8 dq[kTile];
-  tiles(d, hp / kSlab, rows, ak, dx, hp, [&](int64_t p0, int n, int64_t s, v8 (&acc)[kTile][2]) {
+  vec dq[kTile];
+  tiles(d, h, rows, ak, dx, hp, [&](int64_t p0, int n, int64_t s, vec (&acc)[kTile][2]) {
     const int64_t c0 = s * kSlab;
     if (s == 0) {
-      for (int r = 0; r < n; ++r) dq[r] = splat8(0.0f);
+      for (int r = 0; r < n; ++r) dq[r] = splat(0.0f);
     }
     for (int r = 0; r < n; ++r) {
       const int64_t o = (p0 + r) * hp + c0;
-      const v8 qv = splat8(q[p0 + r]);
-      store8(gwkt + o, load8(gwkt + o) + acc[r][0]);
-      store8(gwkt + o + 8, load8(gwkt + o + 8) + acc[r][1]);
-      store8(gwpt + o, fma8(qv, acc[r][0], load8(gwpt + o)));
-      store8(gwpt + o + 8, fma8(qv, acc[r][1], load8(gwpt + o + 8)));
-      dq[r] = fma8(load8(wpt + o), acc[r][0], dq[r]);
-      dq[r] = fma8(load8(wpt + o + 8), acc[r][1], dq[r]);
+      const vec qv = splat(q[p0 + r]);
+      storev(gwkt + o, loadv(gwkt + o) + acc[r][0]);
+      storev(gwkt + o + kLanes, loadv(gwkt + o + kLanes) + acc[r][1]);
+      storev(gwpt + o, fmav(qv, acc[r][0], loadv(gwpt + o)));
+      storev(gwpt + o + kLanes, fmav(qv, acc[r][1], loadv(gwpt + o + kLanes)));
+      dq[r] = fmav(loadv(wpt + o), acc[r][0], dq[r]);
+      dq[r] = fmav(loadv(wpt + o + kLanes), acc[r][1], dq[r]);
     }
     if ((s + 1) * kSlab == hp) {
-      for (int r = 0; r < n; ++r) gq[p0 + r] += hsum8(dq[r]);
+      for (int r = 0; r < n; ++r) gq[p0 + r] += hsum(dq[r]);
     }
   });
 }
@@ -263,7 +295,7 @@ inline int64_t sample_end(const int64_t* rows, int64_t i0, int64_t end) {
 inline void forward_pass(const float* kp, const float* qp, const float* qpp, const int64_t* fp, const int64_t* rp,
                          const std::vector<int64_t>& bounds, const float* w1, int64_t d, int64_t h, int64_t chunk,
                          float* x, std::vector<double>& part) {
-  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1, hp = pad16(h);
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1, hp = pad_slab(h);
   std::vector<float> wkt(static_cast<size_t>(d * hp)), wpt(static_cast<size_t>(d * hp));
   transpose_weights(w1, h, d, wkt.data(), wpt.data());
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
