@@ -73,10 +73,26 @@ def _kill_tree(proc: psutil.Process) -> None:
             pass
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo; None elsewhere): these machines are drawn from several kinds."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine_info() -> dict:
-    """Where a benchmark ran (kept with its results)."""
+    """Where a benchmark ran (kept with its results): the CPU and the vector instructions torch dispatches to (and
+    `ctr.native` builds for) too, since runs on different kinds of machine are not comparable."""
+    import torch
+
     return {
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -4,6 +4,7 @@ model (the figures are the benchmark's; here: every phase is measured, the table
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -58,3 +59,16 @@ def test_thread_split_recovers_serial_and_parallel_shares():
     # each count's median run: an outlier round moves nothing
     noisy = thread_split([run(1), run(1), {**run(1), "step_ms": 99.0}], [run(2), {**run(2), "step_ms": 1.0}, run(2)])
     assert noisy["runs"] == [3, 3] and math.isclose(noisy["step"]["serial_ms"], 10.0, abs_tol=1e-3)
+
+
+def test_results_name_the_kind_of_machine():
+    """Every benchmark's results say which CPU and which vector instructions torch dispatched to: machines of
+    different kinds are drawn, and their figures are not comparable."""
+    from benchmarks._common import machine_info
+
+    info = machine_info()
+    assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["cpus"] and "cpu" in info
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        assert info["cpu"]
