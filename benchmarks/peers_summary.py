@@ -25,11 +25,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # run as a script or imported as benchmarks.peers_summary: the sibling module either way
-    sys.path.insert(0, str(HERE))
-
-from peers_report import delta_text  # noqa: E402
+# the sibling module, as a package's (imported as benchmarks.peers_summary) or from the script's own folder (run as a
+# script): putting benchmarks/ on the path of an importing process would let its kernels.py (the kernel benchmark)
+# shadow the `kernels` package the models import
+if __package__:
+    from benchmarks.peers_report import delta_text
+else:
+    from peers_report import delta_text
 
 TARGET = 2.0  # issue 16: at least twice FuxiCTR's training samples/s
 
