@@ -82,22 +82,31 @@ def test_bucket_pool_matches_brute_force(num_hashes, bits, normalize):
     assert pool.buckets(behaviors).max() < 2**bits
 
 
+def _hash_case(
+    seed: int, empty: int, dim: int, num_hashes: int, bits: int, pool_seed: int, own: slice
+) -> tuple[torch.Generator, SimHashBucketPool, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random jagged rows (sample `empty` without any) and targets for a bucket pool; the rows at `own` are copies of
+    their sample's target. Returns the generator to draw more from, the pool, targets, rows and offsets."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = random_lengths(gen)
+    lengths[empty] = 0
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    pool = SimHashBucketPool(dim, num_hashes, bits, seed=pool_seed)
+    target = torch.randn(len(lengths), dim, generator=gen)
+    rows = torch.randn(int(offsets[-1]), dim, generator=gen)
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    rows[own] = target[sample[own]]
+    return gen, pool, target, rows, offsets
+
+
 @pytest.mark.parametrize("num_hashes, bits", [(1, 3), (2, 4), (4, 4), (3, 20), (5, 40)])
 def test_bucket_pool_native_is_the_eager_form(num_hashes, bits):
     """The share of matching functions from `simhash.cpp` (each width of its register blocks) and the weighted pool
     after it: the eager codes' share, the same pooled values and gradients."""
     from ctr import native
 
-    gen = torch.Generator().manual_seed(num_hashes + bits)
-    lengths = random_lengths(gen)
-    lengths[0] = 0
-    offsets = lengths_to_offsets(torch.tensor(lengths))
-    pool = SimHashBucketPool(37, num_hashes, bits, seed=2)
-    target = torch.randn(len(lengths), 37, generator=gen)
-    behaviors = torch.randn(int(offsets[-1]), 37, generator=gen)
     # half the behaviors are a target's own embedding: every function matches them
-    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    behaviors[::2] = target[sample[::2]]
+    gen, pool, target, behaviors, offsets = _hash_case(num_hashes + bits, 0, 37, num_hashes, bits, 2, slice(0, None, 2))
     values = torch.randn(int(offsets[-1]), 6, generator=gen)
     runs = []
     try:
@@ -121,15 +130,8 @@ def test_bucket_pool_native_pools_the_hashed_rows_themselves(num_hashes, bits):
     row once and gives the eager form's pooled values and the rows' gradients (the hash has none)."""
     from ctr import native
 
-    gen = torch.Generator().manual_seed(7 * num_hashes + bits)
-    lengths = random_lengths(gen)
-    lengths[1] = 0
-    offsets = lengths_to_offsets(torch.tensor(lengths))
-    pool = SimHashBucketPool(24, num_hashes, bits, seed=3)
-    target = torch.randn(len(lengths), 24, generator=gen)
-    rows = torch.randn(int(offsets[-1]), 24, generator=gen)
-    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    rows[1::3] = target[sample[1::3]]  # a third of the rows are their target: every function matches them
+    # a third of the rows are their target: every function matches them
+    _, pool, target, rows, offsets = _hash_case(7 * num_hashes + bits, 1, 24, num_hashes, bits, 3, slice(1, None, 3))
     runs = []
     try:
         for on in (True, False):
