@@ -61,10 +61,11 @@ def profile_model(
     work: Path,
     profile_steps: bool = True,
     threads: int | None = None,
+    top: int = 8,
 ) -> dict[str, Any]:
     """Loader throughput, step time and the step's phases for one model (runs on rank 0 of a 1-process group).
     ``profile_steps=False``: the step time alone (no loader-alone pass, no profiler; `cost_curve.py`). ``threads``:
-    the step's intra-op threads (default: the trainer's, the cores per rank)."""
+    the step's intra-op threads (default: the trainer's, the cores per rank). ``top``: how many operators (by self time) the row keeps."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -148,7 +149,7 @@ def profile_model(
             key=lambda e: e.self_cpu_time_total,
             reverse=True,
         )
-        out["top_ops_ms"] = {e.key: e.self_cpu_time_total / k for e in ops[:8]}
+        out["top_ops_ms"] = {e.key: e.self_cpu_time_total / k for e in ops[:top]}
 
     before = torch.get_num_threads()
     try:
@@ -223,6 +224,7 @@ def main() -> int:
         help="with --threads: run the thread counts this many times, alternating (a row each; the split from each "
         "count's median)",
     )  # fmt: skip
+    parser.add_argument("--top", type=int, default=8, help="operators kept per row, by self time")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lifelong-ctr-step-profile"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "step-profile.json")
     args = parser.parse_args()
@@ -251,7 +253,7 @@ def main() -> int:
             for t in counts:
                 print(f"[profile] {model}" + (f" on {t} threads" if t else ""), flush=True)
                 try:
-                    row = profile_model(model, args.data.resolve(), own, args.steps, args.warmup, args.work, True, t)
+                    row = profile_model(model, args.data.resolve(), own, args.steps, args.warmup, args.work, True, t, args.top)
                 except Exception as e:  # one model's failure is reported in its row, the others still run
                     row = {"model": model, "threads": t, "error": f"{type(e).__name__}: {e}"}
                 mine.append(row)

@@ -6,7 +6,9 @@ long history:
 
 with m = ``num_hashes`` SimHash functions of τ = ``hash_bits`` bits each (bucket = the code read as an integer), over
 the whole searched prefix; the short DIN branch and the tower are the two-stage frame's. The paper shows the bucket
-sum approximates target attention with the kernel (1 − θ/π)^τ.
+sum approximates target attention with the kernel (1 − θ/π)^τ. Its models share everything but the long-term module,
+the short-term interest by DIN (§4.4, §5.2); FuxiCTR's SDIM has its LongCTR zoo's multi-head target attention there
+instead (``short_attention: mhta``).
 
 Choices and where the sources differ:
 
