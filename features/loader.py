@@ -384,6 +384,11 @@ def _worker_init(client_pid: int, _worker_id: int) -> None:
     exit_when_gone(client_pid)
 
 
+def _owned_int64(a: np.ndarray) -> bool:
+    """Whether torch can take ``a`` as it is: int64, contiguous and writable (not a view of a Parquet buffer)."""
+    return a.dtype == np.int64 and a.flags.c_contiguous and a.flags.writeable
+
+
 def _as_is(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return arrays
 
@@ -411,15 +416,18 @@ class BatchCollator:
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         size = len(arrays["label"])
-        values, lengths = [], []
-        for name in self.features:
-            v, n = self._jagged(arrays, name, size)
-            values.append(torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)))
-            lengths.append(torch.from_numpy(np.ascontiguousarray(n, dtype=np.int32)))
+        parts = [self._jagged(arrays, name, size) for name in self.features]
+        # every feature's ids written once into the KeyedJaggedTensor's one buffer (int32 ids widened on the way),
+        # instead of an int64 copy of each then their concatenation
+        values = np.empty(sum(len(v) for v, _ in parts), dtype=np.int64)
+        lengths = np.empty(len(parts) * size, dtype=np.int32)
+        at = 0
+        for i, (v, n) in enumerate(parts):
+            values[at : at + len(v)] = v
+            lengths[i * size : (i + 1) * size] = n
+            at += len(v)
         sparse = KeyedJaggedTensor(
-            keys=self.features,
-            values=torch.cat(values) if values else torch.zeros(0, dtype=torch.int64),
-            lengths=torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.int32),
+            keys=self.features, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
         )
         dense: dict[str, torch.Tensor] = {
             "label": torch.from_numpy(arrays["label"].astype(np.float32)),
@@ -432,7 +440,8 @@ class BatchCollator:
             dense["p_true"] = torch.from_numpy(arrays["p_true"].astype(np.float64))
         for view in self.views:
             dense[f"{view}_lengths"] = torch.from_numpy(arrays[f"{view}_lengths"].astype(np.int64))
-            dense[f"{view}_ts_gap"] = torch.from_numpy(arrays[f"{view}_ts_gap"].astype(np.int64))
+            gap = arrays[f"{view}_ts_gap"]  # the loader's own int64 array: no copy (a read-only one is copied)
+            dense[f"{view}_ts_gap"] = torch.from_numpy(gap if _owned_int64(gap) else gap.astype(np.int64))
             for extra in ("btype", "size"):
                 if f"{view}_{extra}" in arrays:
                     dense[f"{view}_{extra}"] = torch.from_numpy(arrays[f"{view}_{extra}"].astype(np.int64))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from features.loader import (
+    BatchCollator,
     DatasetInfo,
     LoaderConfig,
     SampleStream,
@@ -112,6 +113,46 @@ def test_a_view_read_as_the_tail_of_a_longer_one_is_the_view_read_alone(tiny_dat
                 assert torch.equal(a.dense[k], b.dense[k]), (v.name, k)
     gaps = together[0].dense
     assert torch.equal(gaps["same_ts_gap"], gaps["long_ts_gap"]) and (gaps["short_ts_gap"] > 0).all()
+
+
+def test_collator_lays_out_every_feature_as_given():
+    """The collator writes each feature's ids (int32 or int64, read-only Parquet views too) into the one int64 buffer
+    of the KeyedJaggedTensor, in `features` order, each with its lengths; a view's int64 gaps are taken as they are
+    where torch can share them and copied where they are read-only."""
+    views = (SequenceView("long", 10), SequenceView("short", 3))
+    b = 3
+    ro = np.array([7, 8, 9], dtype=np.int64)
+    ro.flags.writeable = False  # as pyarrow's zero-copy columns arrive
+    gap = np.arange(1, 7, dtype=np.int64)
+    arrays = {
+        "label": np.array([1, 0, 1], np.int8),
+        "hist_len": np.array([2, 0, 4], np.int64),
+        "ts": ro,
+        "user_idx": ro,
+        "item_idx": np.array([4, 5, 6], np.int32),
+        "cate_idx": ro,
+        "long_item": np.array([11, 12, 13, 14, 15, 16], np.int32),
+        "long_cate": np.array([1, 2, 1, 2, 1, 2], np.int32),
+        "long_lengths": np.array([2, 0, 4], np.int32),
+        "long_ts_gap": gap,
+        "short_item": np.array([11, 12, 14, 15, 16], np.int32),
+        "short_cate": np.array([1, 2, 2, 1, 2], np.int32),
+        "short_lengths": np.array([2, 0, 3], np.int32),
+        "short_ts_gap": ro[[0, 1, 2, 0, 1]],
+    }
+    arrays["short_ts_gap"].flags.writeable = False
+    names = sparse_feature_names(views, [])
+    batch = BatchCollator(names, views)(arrays)
+    kjt = batch.sparse
+    assert kjt.keys() == names and kjt.values().dtype == torch.int64 and kjt.lengths().dtype == torch.int32
+    for f in names:
+        col = arrays[f] if f.startswith(("long", "short")) else arrays[f"{f}_idx"]
+        n = arrays[f"{f.split('_')[0]}_lengths"] if f.startswith(("long", "short")) else np.ones(b, np.int32)
+        assert kjt[f].values().tolist() == col.tolist(), f
+        assert kjt[f].lengths().tolist() == n.tolist(), f
+    assert np.shares_memory(batch.dense["long_ts_gap"].numpy(), gap)  # the loader's own array, not copied
+    short_gap = batch.dense["short_ts_gap"]
+    assert short_gap.tolist() == arrays["short_ts_gap"].tolist() and short_gap.numpy().flags.writeable
 
 
 def test_negatives_differ_from_positives(tiny_data):
