@@ -7,7 +7,8 @@ sparse optimizer and loader as `ctr train`).
 
 Per model, after `--warmup` steps on prefetched batches (so the loader is not in the step time):
 
-* ``loader``: samples/s of the loader alone (its worker process decoding and padding batches, nothing else).
+* ``loader``: samples/s of the loader alone (reading, decoding and padding batches, nothing else; in the training
+  process or its worker, as `data.num_workers` decides: in the process on 2 cores), over ``3 x steps`` batches.
 * ``step``: ms per step and samples/s of the steps alone (prefetched batches), without the profiler.
 * the phases of the profiled steps, in ms per step (profiler CPU time of each span, on the main thread):
   ``lookup`` (the sharded EmbeddingCollection's forward: input split, the fbgemm lookup, the output's jagged
