@@ -66,7 +66,8 @@ def profile_model(
 ) -> dict[str, Any]:
     """Loader throughput, step time and the step's phases for one model (runs on rank 0 of a 1-process group).
     ``profile_steps=False``: the step time alone (no loader-alone pass, no profiler; `cost_curve.py`). ``threads``:
-    the step's intra-op threads (default: the trainer's, the cores per rank). ``top``: how many operators (by self time) the row keeps."""
+    the step's intra-op threads (default: the trainer's, the cores per rank). ``top``: how many operators (by self
+    time) the row keeps."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -254,7 +255,9 @@ def main() -> int:
             for t in counts:
                 print(f"[profile] {model}" + (f" on {t} threads" if t else ""), flush=True)
                 try:
-                    row = profile_model(model, args.data.resolve(), own, args.steps, args.warmup, args.work, True, t, args.top)
+                    row = profile_model(
+                        model, args.data.resolve(), own, args.steps, args.warmup, args.work, True, t, args.top
+                    )
                 except Exception as e:  # one model's failure is reported in its row, the others still run
                     row = {"model": model, "threads": t, "error": f"{type(e).__name__}: {e}"}
                 mine.append(row)
