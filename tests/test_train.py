@@ -198,6 +198,11 @@ def test_launch_with_a_relative_run_directory(tmp_path, monkeypatch):
 
 
 def _rank_dies(ctx, how: str) -> None:
+    import torch.distributed as dist
+
+    # both ranks past the process group's set-up first: rank 0 has nothing else to do, and leaving at once could close
+    # its connections while rank 1 is still pairing with it (rank 1 then fails in init, not by the death named here)
+    dist.barrier()
     if ctx.rank == 1:
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
