@@ -384,11 +384,6 @@ def _worker_init(client_pid: int, _worker_id: int) -> None:
     exit_when_gone(client_pid)
 
 
-def _owned_int64(a: np.ndarray) -> bool:
-    """Whether torch can take ``a`` as it is: int64, contiguous and writable (not a view of a Parquet buffer)."""
-    return a.dtype == np.int64 and a.flags.c_contiguous and a.flags.writeable
-
-
 def _as_is(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return arrays
 
@@ -440,8 +435,9 @@ class BatchCollator:
             dense["p_true"] = torch.from_numpy(arrays["p_true"].astype(np.float64))
         for view in self.views:
             dense[f"{view}_lengths"] = torch.from_numpy(arrays[f"{view}_lengths"].astype(np.int64))
-            gap = arrays[f"{view}_ts_gap"]  # the loader's own int64 array: no copy (a read-only one is copied)
-            dense[f"{view}_ts_gap"] = torch.from_numpy(gap if _owned_int64(gap) else gap.astype(np.int64))
+            gap = arrays[f"{view}_ts_gap"]  # the loader's own int64 array as it is; a read-only (Parquet) one copied
+            owned = gap.dtype == np.int64 and gap.flags.c_contiguous and gap.flags.writeable
+            dense[f"{view}_ts_gap"] = torch.from_numpy(gap if owned else gap.astype(np.int64))
             for extra in ("btype", "size"):
                 if f"{view}_{extra}" in arrays:
                     dense[f"{view}_{extra}"] = torch.from_numpy(arrays[f"{view}_{extra}"].astype(np.int64))
