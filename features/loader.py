@@ -435,9 +435,8 @@ class BatchCollator:
             dense["p_true"] = torch.from_numpy(arrays["p_true"].astype(np.float64))
         for view in self.views:
             dense[f"{view}_lengths"] = torch.from_numpy(arrays[f"{view}_lengths"].astype(np.int64))
-            gap = arrays[f"{view}_ts_gap"]  # the loader's own int64 array as it is; a read-only (Parquet) one copied
-            owned = gap.dtype == np.int64 and gap.flags.c_contiguous and gap.flags.writeable
-            dense[f"{view}_ts_gap"] = torch.from_numpy(gap if owned else gap.astype(np.int64))
+            # the loader's own int64 gaps as they are; a read-only (Parquet) or other-typed array copied
+            dense[f"{view}_ts_gap"] = torch.from_numpy(np.require(arrays[f"{view}_ts_gap"], np.int64, ("C", "W")))
             for extra in ("btype", "size"):
                 if f"{view}_{extra}" in arrays:
                     dense[f"{view}_{extra}"] = torch.from_numpy(arrays[f"{view}_{extra}"].astype(np.int64))
