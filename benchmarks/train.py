@@ -6,6 +6,10 @@ rank. Samples/s is the trainer's own figure (samples of every rank over wall tim
 over the logged windows after the first (which carries start-up). Validation is capped to one batch.
 
     python benchmarks/train.py --data DATA_DIR [--models sum_pool din dien] [--lengths 50 1000] [--nprocs 1 2]
+        [--steps 60] [--batch-size 256] [--workers N]
+
+Batches are assembled where `ctr train` puts them by default (`data.num_workers: null`: in the training process on
+machines with at most 2 cores per rank, a worker process on bigger ones); ``--workers N`` sets it for every run.
 
 With no --data it generates and builds the demo world into --out first. Writes benchmarks/results/train.json and
 prints a Markdown table.
@@ -28,7 +32,9 @@ def _ctr() -> str:
     return str(Path(sys.executable).with_name("ctr"))
 
 
-def bench_one(data: Path, out: Path, model: str, length: int, nproc: int, steps: int, batch: int) -> dict:
+def bench_one(
+    data: Path, out: Path, model: str, length: int, nproc: int, steps: int, batch: int, workers: int | None
+) -> dict:
     run = out / f"{model}-L{length}-n{nproc}"
     shutil.rmtree(run, ignore_errors=True)
     log_every = max(1, steps // 6)
@@ -56,9 +62,9 @@ def bench_one(data: Path, out: Path, model: str, length: int, nproc: int, steps:
         "train.eval_every=1000000000",
         "--set",
         "train.eval_max_batches=1",
-        "--set",
-        "data.num_workers=1",
     ]
+    if workers is not None:  # default: the trainer's own rule (in the training process on <= 2 cores per rank)
+        cmd += ["--set", f"data.num_workers={workers}"]
     measured = run_measured(cmd, out / f"{run.name}.log")
     recs = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     sps = [r["samples_per_s"] for r in recs if r["kind"] == "train"][1:]
@@ -84,6 +90,9 @@ def main() -> int:
     parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data.num_workers for every run (default: the trainer's own rule)"
+    )
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     args = parser.parse_args()
 
@@ -101,12 +110,13 @@ def main() -> int:
     for model in args.models:
         for length in args.lengths:
             for nproc in args.nprocs:
-                r = bench_one(data, out, model, length, nproc, args.steps, args.batch_size)
+                r = bench_one(data, out, model, length, nproc, args.steps, args.batch_size, args.workers)
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     result = {
         "machine": machine_info(),
         "dataset": str(data),
+        "workers": args.workers,
         "results": rows,
     }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

@@ -45,9 +45,9 @@ PRELOAD = [
 MAX_DEFAULT_JOBS = 4  # beyond a few jobs, memory (each holds its own tables and loader) matters more than cores
 
 # Seconds each model's job took in a full demo on 2 cores (two jobs side by side, 1 thread each; the sixteenth
-# fresh-clone run in the README). Used only to start the longest jobs first, so that the last minutes are not one long
-# job alone on one core while the other idles (longest-first list scheduling); in alphabetical order DiffuMIN (the
-# longest) started third and TWIN ended the demo alone. A model not listed starts first.
+# fresh-clone run, `docs/performance-log.md`). Used only to start the longest jobs first, so that the last minutes
+# are not one long job alone on one core while the other idles (longest-first list scheduling); in alphabetical
+# order DiffuMIN (the longest) started third and TWIN ended the demo alone. A model not listed starts first.
 DEMO_SECONDS = {
     "diffumin": 184, "r2led_lain": 77, "r2led": 69, "twin": 65, "sim_soft_lain": 56, "twin_v2": 54,
     "sim_soft": 50, "muse_lain": 50, "sdim": 47, "eta": 46, "muse": 43, "dien_lain": 34, "dien": 33,

@@ -158,8 +158,8 @@ def compile_units(model: torch.nn.Module, mode: bool | str, planned_steps: int, 
 
     ``true`` compiles, ``false`` does not, ``auto`` compiles on the CPU when the run plans at least
     `COMPILE_AUTO_MIN_STEPS` steps per rank, except the Dice units where the native operators (`ctr.native`) run:
-    DIN's step on MovieLens at batch 1,024 took 51 ms compiled against 61 eager (README, "What bounds each model
-    now"), and compiling took 3 to 8 s here, so short runs (the demo's, the tests') stay eager; the native Dice is as
+    DIN's step on MovieLens at batch 1,024 took 51 ms compiled against 61 eager (`docs/performance-log.md`, "A seventh
+    round"), and compiling took 3 to 8 s here, so short runs (the demo's, the tests') stay eager; the native Dice is as
     fast as the compiled unit (41.0 to 48.5 ms against 42.5 to 50.4, the unit alone, three alternating rounds)
     without the compilation. On CUDA ``auto`` stays eager: not measured there.
     """
