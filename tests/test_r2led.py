@@ -405,3 +405,38 @@ def test_semantic_route_scores_a_table_of_the_same_vectors(info):
             model.rp.__dict__["routes"], model.route_k = saved
     assert torch.equal(got.positions, want.positions)
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("params", [{}, {"share_route_attention": True}, {"time_buckets": 0}])
+def test_routes_and_short_branch_on_rows_train_the_same(info, monkeypatch, params):
+    """Each route's ESU and the short branch run on the behaviors as rows (`R2LED.route_rows`, `short_interest`):
+    the logits, the loss and every gradient (the embedding tables' included) equal those of the slots' form."""
+    from ctr.models.r2led import R2LED
+
+    runs = []
+    for slots in (False, True):
+        if slots:
+            monkeypatch.setattr(R2LED, "route_rows", lambda self, inp: None)
+            monkeypatch.setattr(
+                R2LED,
+                "short_interest",
+                lambda self, inp: self.attend_short(None, inp.target, inp.short, inp.short_mask),
+            )
+        model = build(info, **params).train()
+        batch = batches(info, model, 1)[0]
+        if not slots:
+            inp = model.prepare_routes(batch)
+            assert model.route_rows(inp) is not None  # the rows' form runs here (native operators)
+            assert (inp.long_mask.sum(1) > 0).any() and (~inp.long_mask).any()
+        out = model(batch)
+        loss = sum(model.loss(out, batch).values())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((out.logit.detach(), loss.detach(), grads))
+    (logit, loss, grads), (logit1, loss1, grads1) = runs
+    torch.testing.assert_close(logit, logit1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads1.keys()
+    assert any("route_attention" in n for n in grads) and any("embedding" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads1[n], rtol=1e-4, atol=1e-6, msg=n)
