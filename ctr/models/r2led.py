@@ -61,11 +61,10 @@ from torch import nn
 from features.dataset import DatasetInfo
 from features.loader import Batch
 
-from .. import native
 from ..modules.attention import DinAttention
 from ..modules.esu import MultiHeadTargetAttention, TimeGapEmbedding
 from ..modules.gsu import CosineGSU, Selection, gsu_topk, lengths_to_offsets
-from ..modules.sid_routes import PrefixGSU, RouteFusion, SIDFusion, prefix_codes, vector_topk
+from ..modules.sid_routes import PrefixGSU, RouteFusion, SIDFusion, prefix_codes, rows_by_route, vector_topk
 from .base import ModelOutput, register, register_lain_variant
 from .two_stage import LengthContext, TwoStageModel, TwoStageParams, to_slots
 
@@ -383,15 +382,12 @@ class R2LED(TwoStageModel):
         n_rows = inp.long_rows.shape[0]
         if inp.lc is not None or n_rows == 0:
             return None
-        width = inp.long_mask.shape[1]
-        ends = torch.tensor([hi for _, hi in inp.slices[:-1]], dtype=torch.int64, device=inp.long_dest.device)
-        route = torch.bucketize(inp.long_dest % width, ends, right=True)  # each row's route
-        order = torch.argsort(route, stable=True)  # route by route, each route's rows sample by sample as before
-        counts = torch.bincount(route, minlength=len(inp.slices)).tolist()
-        a = native.gather_rows(inp.long_rows, order).split(counts)
+        (rows, gap), counts = rows_by_route(
+            [inp.long_rows, inp.long_gap_rows], inp.long_dest, inp.long_mask.shape[1], [hi for _, hi in inp.slices]
+        )
+        a = rows.split(counts)
         x: list[torch.Tensor | None] = [None] * len(counts)
         if self.time is not None:
-            gap = inp.long_gap_rows.index_select(0, order)
             x = list(self.time(gap, torch.ones(gap.shape, dtype=torch.bool, device=gap.device)).split(counts))
         outs, nonempty = [], []
         for r, (lo, hi) in enumerate(inp.slices):

@@ -88,6 +88,20 @@ def vector_topk(
     return Selection(positions, scores)
 
 
+def rows_by_route(
+    values: list[torch.Tensor], dest: torch.Tensor, width: int, route_ends: list[int]
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The rows of the real slots of a ``[B, width]`` selection, given in row-major order (``dest [N]``: their flat
+    positions; route r holds the columns ``[route_ends[r - 1], route_ends[r])``), regrouped route by route with each
+    route's rows sample by sample as before: each of ``values`` (``[N, ...]``) gathered once in that order (its
+    backward the native row sum), and the rows per route, to split them with."""
+    ends = torch.tensor(route_ends[:-1], dtype=torch.int64, device=dest.device)
+    route = torch.bucketize(dest % width, ends, right=True)  # each row's route
+    order = torch.argsort(route, stable=True)
+    counts = torch.bincount(route, minlength=len(route_ends)).tolist()
+    return [native.gather_rows(v, order) for v in values], counts
+
+
 class PrefixGSU(nn.Module):
     """One SID-granularity route: behaviors whose SID prefix equals the target's (see the module docstring)."""
 
@@ -242,6 +256,7 @@ class RouteFusion(nn.Module):
 
 
 __all__ = [
+    "rows_by_route",
     "PrefixGSU",
     "RouteFusion",
     "SIDFusion",
