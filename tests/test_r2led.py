@@ -348,6 +348,15 @@ def test_sid_fusion_once_per_key_equals_per_row():
         assert e_uni.grad[rows[1:]].abs().sum() == 0  # the first row of each key takes it all
 
 
+def step_of(model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step's logits, loss and every parameter's gradient."""
+    out = model(batch)
+    loss = sum(model.loss(out, batch).values())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logit.detach(), loss.detach(), grads
+
+
 def test_sid_fusion_once_per_item_trains_the_same(info, monkeypatch):
     """R2LED fuses each distinct (item, category) once: the logits, the loss and every gradient (the embedding
     tables' included) equal those of the fusion computed row by row, on a training batch with repeated items."""
@@ -359,11 +368,7 @@ def test_sid_fusion_once_per_item_trains_the_same(info, monkeypatch):
         batch = batches(info, model, 1)[0]
         items = batch.sparse.to_dict()["short_item"].values()
         assert items.unique().numel() < items.numel()  # the batch repeats items
-        out = model(batch)
-        loss = sum(model.loss(out, batch).values())
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        runs.append((out.logit.detach(), loss.detach(), grads))
+        runs.append(step_of(model, batch))
     (logit, loss, grads), (logit1, loss1, grads1) = runs
     torch.testing.assert_close(logit, logit1, rtol=0, atol=1e-6)
     torch.testing.assert_close(loss, loss1, rtol=0, atol=1e-6)
@@ -428,11 +433,7 @@ def test_routes_and_short_branch_on_rows_train_the_same(info, monkeypatch, param
             inp = model.prepare_routes(batch)
             assert model.route_rows(inp) is not None  # the rows' form runs here (native operators)
             assert (inp.long_mask.sum(1) > 0).any() and (~inp.long_mask).any()
-        out = model(batch)
-        loss = sum(model.loss(out, batch).values())
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        runs.append((out.logit.detach(), loss.detach(), grads))
+        runs.append(step_of(model, batch))
     (logit, loss, grads), (logit1, loss1, grads1) = runs
     torch.testing.assert_close(logit, logit1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=1e-6)
