@@ -454,3 +454,35 @@ def test_native_gather_dot_checks_ids_and_thread_count():
     bad[5] = 100
     with pytest.raises(RuntimeError, match="id 100 at behavior 5 is outside the table's 100 rows"):
         native.gather_dot(table, bad, query, offsets, False)
+
+
+@pytest.mark.parametrize("shape", [(37, 50, 32), (5, 2, 8), (4, 1, 8), (0, 6, 8), (3, 7, 12)])
+def test_next_dots_is_the_eager_form(shape):
+    """DIEN's auxiliary dots (`ctr.modules.augru.next_dots`) natively: each state against the next clicked and next
+    sampled behavior, the same values (to the sums' rounding) and the same three gradients as the sliced products."""
+    from ctr.modules.augru import next_dots
+
+    torch.manual_seed(0)
+    blocks = [torch.randn(*shape) for _ in range(3)]
+    b, length = shape[0], shape[1]
+    grads = [torch.randn(b, length - 1), torch.randn(b, length - 1)]
+    runs = []
+    for on in (True, False):
+        native.set_enabled(on)
+        leaves = [x.clone().requires_grad_() for x in blocks]
+        pos, neg = next_dots(*leaves)
+        assert pos.shape == neg.shape == (b, length - 1)
+        ((pos * grads[0]).sum() + (neg * grads[1]).sum()).backward()
+        runs.append(([pos.detach(), neg.detach()], [x.grad for x in leaves]))
+    (out, g), (out_eager, g_eager) = runs
+    for a, e in zip(out, out_eager, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    for a, e in zip(g, g_eager, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)  # the same products, the same sums
+
+
+def test_next_dots_falls_back_where_it_does_not_apply():
+    native.set_enabled(True)
+    h = torch.randn(2, 4, 3, dtype=torch.float64)
+    assert native.next_dots(h, h, h) is None  # not float32
+    assert native.next_dots(h.float(), h.float()[:, :3], h.float()) is None  # shapes differ

@@ -82,7 +82,7 @@ from features.loader import Batch, SequenceView
 
 from ..modules.activations import BatchNorm1dAnySize
 from ..modules.attention import BilinearAttention, DienDinAttention, masked_softmax
-from ..modules.augru import AUGRU, InterestExtractor
+from ..modules.augru import AUGRU, InterestExtractor, next_dots
 from ..modules.lain import LainConditioner, LainParams, prepend_prompts
 from ..modules.mlp import MLP
 from .base import (
@@ -190,13 +190,12 @@ class DIEN(CTRModel):
         states [B, L, H], clicked / sampled [B, L, 2d], mask [B, L]; the pair (t, t+1) is real when t+1 is.
         """
         valid = mask[:, 1:]
-        h, pos, neg = states[:, :-1], clicked[:, 1:], sampled[:, 1:]
         if self.aux_mlp is None:
             # over every pair, padding included, then masked: a boolean gather's backward is a serial scatter on
             # the CPU, dearer than the few padded dot products it would save
-            pos_logit, neg_logit = (h * pos).sum(-1), (h * neg).sum(-1)
+            pos_logit, neg_logit = next_dots(states, clicked, sampled)
         else:  # the MLP runs on the real pairs only
-            h, pos, neg = h[valid], pos[valid], neg[valid]
+            h, pos, neg = states[:, :-1][valid], clicked[:, 1:][valid], sampled[:, 1:][valid]
             pos_logit = self.aux_mlp(torch.cat([h, pos], dim=-1)).squeeze(-1)
             neg_logit = self.aux_mlp(torch.cat([h, neg], dim=-1)).squeeze(-1)
         # −log σ(x) = softplus(−x), −log(1 − σ(x)) = softplus(x)

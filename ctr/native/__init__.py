@@ -57,6 +57,7 @@ SOURCES = (
     HERE / "weighted_pool.cpp",
     HERE / "attention_rows.cpp",
     HERE / "simhash.cpp",
+    HERE / "next_dots.cpp",
 )
 HEADERS = (HERE / "vec_math.h", HERE / "dice_rows.h", HERE / "unit_first_layer.h")
 STALE_LOCK_S = 600.0
@@ -445,4 +446,5 @@ from .attention_rows import attention_rows as attention_rows  # noqa: E402
 from .rows import _GatherRows as _GatherRows  # noqa: E402
 from .rows import gather_rows as gather_rows  # noqa: E402
 from .rows import index_add_rows as index_add_rows  # noqa: E402
+from .rows import next_dots as next_dots  # noqa: E402
 from .rows import sum_rows as sum_rows  # noqa: E402

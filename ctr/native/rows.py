@@ -1,6 +1,7 @@
 """Sums and gathers of rows by index with their gradients (`index_add.cpp`): `index_add_rows` (one pass in index
 order, not PyTorch's sort of the index), `gather_rows` (an ``index_select`` whose backward is that sum) and
-`sum_rows` (the sum, differentiable). Called as ``ctr.native.<name>``; each runs PyTorch's form where the native one
+`sum_rows` (the sum, differentiable); and DIEN's auxiliary dot products of each state with the next behaviors,
+`next_dots` (`next_dots.cpp`). Called as ``ctr.native.<name>``; each runs PyTorch's form where the native one
 does not apply (`ctr.native.applies`)."""
 
 from __future__ import annotations
@@ -71,3 +72,30 @@ def sum_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
     if src.dim() == 2 and index.dim() == 1 and index.device.type == "cpu" and applies(src):
         return _SumRows.apply(src, index, int(rows))
     return src.new_zeros(rows, *src.shape[1:]).index_add(0, index, src)
+
+
+class _NextDots(torch.autograd.Function):
+    """`next_dots` natively (`next_dots.cpp`): forward one pass over the three blocks, backward one more."""
+
+    @staticmethod
+    def forward(ctx, h, clicked, sampled):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(h, clicked, sampled)
+        pos, neg = torch.ops.ctr_native.next_dots_forward(h, clicked, sampled)
+        return pos, neg
+
+    @staticmethod
+    def backward(ctx, gpos, gneg):  # type: ignore[no-untyped-def]
+        h, clicked, sampled = ctx.saved_tensors
+        # (an output the loss does not read arrives as zeros: autograd materializes them)
+        dh, dc, ds = torch.ops.ctr_native.next_dots_backward(gpos.contiguous(), gneg.contiguous(), h, clicked, sampled)
+        return dh, dc, ds
+
+
+def next_dots(
+    h: torch.Tensor, clicked: torch.Tensor, sampled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(<h[:, t], clicked[:, t + 1]>, <h[:, t], sampled[:, t + 1]>)`` over t < L − 1, each ``[B, L − 1]``, for
+    ``[B, L, H]`` blocks of one shape, natively (`next_dots.cpp`); None where the caller must run its PyTorch form."""
+    if h.dim() != 3 or clicked.shape != h.shape or sampled.shape != h.shape or not applies(h, clicked, sampled):
+        return None
+    return _NextDots.apply(h.contiguous(), clicked.contiguous(), sampled.contiguous())
