@@ -236,7 +236,9 @@ def main() -> int:
 
     from benchmarks._common import machine_info
 
-    sets = [f"data.batch_size={args.batch_size}", "data.num_workers=1", *args.set]
+    # the loader where `ctr train` puts it (`data.num_workers: null`: in the training process on <= 2 cores per rank);
+    # `--set data.num_workers=N` places it otherwise
+    sets = [f"data.batch_size={args.batch_size}", *args.set]
     counts: list[int | None] = [None]
     if args.threads:
         try:
