@@ -328,10 +328,11 @@ class R2LED(TwoStageModel):
         # embed (with gradient) only the retrieved behaviors (row-major over [B, ΣK]: grouped by sample)
         picked = dict(ids)
         n = mask.sum(1).int()
+        dest = mask.reshape(-1).nonzero().squeeze(1)  # the real slots' flat positions
+        picked_rows = rows.reshape(-1).index_select(0, dest)  # their rows in the `long` view
         for f in ("long_item", "long_cate"):
-            picked[f] = JaggedTensor(values=ids[f].values()[rows[mask]], lengths=n)
+            picked[f] = JaggedTensor(values=ids[f].values().index_select(0, picked_rows), lengths=n)
         emb = self.embed(picked)
-        dest = mask.reshape(-1).nonzero().squeeze(1)
         s = self.rp.short_len
         short_lengths = emb["short_item"].lengths().long()
         short_mask = torch.arange(s, device=mask.device).unsqueeze(0) < short_lengths.unsqueeze(1)
@@ -349,7 +350,7 @@ class R2LED(TwoStageModel):
             target=target,
             long_rows=long_real,
             long_dest=dest,
-            long_gap_rows=batch.dense["long_ts_gap"].index_select(0, rows.reshape(-1).index_select(0, dest)),
+            long_gap_rows=batch.dense["long_ts_gap"].index_select(0, picked_rows),
             long_mask=mask,
             short_rows=short_real,
             short_lengths=short_lengths,
@@ -379,8 +380,7 @@ class R2LED(TwoStageModel):
         with the time-gap embeddings or each route's slice of them (and the backward of each: a zero-filled
         ``[B, ΣK, 2d + t]`` per route, summed). The same function (`tests/test_r2led.py`); None where it does not run
         (LAIN's prompts and τ, no native op), and the slots run."""
-        n_rows = inp.long_rows.shape[0]
-        if inp.lc is not None or n_rows == 0:
+        if inp.lc is not None or inp.long_rows.shape[0] == 0:
             return None
         (rows, gap), counts = rows_by_route(
             [inp.long_rows, inp.long_gap_rows], inp.long_dest, inp.long_mask.shape[1], [hi for _, hi in inp.slices]

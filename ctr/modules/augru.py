@@ -37,7 +37,7 @@ def next_dots(h: torch.Tensor, clicked: torch.Tensor, sampled: torch.Tensor) -> 
     """DIEN's auxiliary logits with ``aux_net: dot``: each state against the next clicked and the next sampled
     behavior, ``(<h_t, e_{t+1}>, <h_t, ê_{t+1}>)`` for t < L − 1, each ``[B, L − 1]`` (``h``, ``clicked``,
     ``sampled``: ``[B, L, H]``). Natively where it applies (`ctr.native.next_dots`: one pass each way, no slices of
-    the three blocks), else the readable form below; the same values and gradients (`tests/test_dien.py`)."""
+    the three blocks), else the readable form below; the same values and gradients (`tests/test_native.py`)."""
     found = native.next_dots(h, clicked, sampled)
     if found is not None:
         return found

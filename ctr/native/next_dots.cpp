@@ -8,7 +8,7 @@
 // and two sums forward, four products and an addition backward: about a dozen passes over 6.5 MB blocks at B 1,024,
 // L 50, H 32. Here forward reads the three blocks once and backward reads them once and writes their gradients once.
 // Whole samples are the parallel work items, so the results do not depend on the thread count.
-// tests/test_dien.py holds it to the eager form.
+// tests/test_native.py holds it to the eager form.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
